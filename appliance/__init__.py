@@ -1,0 +1,2 @@
+"""Cell appliance service."""
+__version__ = "0.1.0"

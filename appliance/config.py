@@ -1,0 +1,245 @@
+"""The one typed configuration of a Cell node.
+
+Read once, in this order: built-in defaults < ``config.toml`` (in the config
+directory) < environment. This module is the only reader of ``os.environ`` and
+of the config file; everything else receives a frozen :class:`Settings`.
+A bad value stops start-up with a message naming the key; it is never
+silently replaced by a default.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from appliance.errors import ConfigError
+
+# Hard ceilings of the appliance. Config and licenses may lower limits, never
+# raise them past these (threat T-DOS-1).
+HARD_RUN_TIMEOUT_MS = 60_000
+HARD_MEMORY_MB = 4096
+HARD_OUTPUT_BYTES = 16 * 1024 * 1024
+HARD_BODY_BYTES = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path = Path(".synapse")
+    config_dir: Path = Path("/etc/synapse")
+    license_path: Path = Path("/etc/synapse/license.json")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    rate_limit_rps: float = 20.0
+    rate_limit_burst: int = 40
+    egress: str = "off"
+    egress_allow: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
+    telemetry: str = "off"
+    workers: int = 2
+    queue_max: int = 64
+    run_timeout_ms: int = 10_000
+    run_timeout_ceiling_ms: int = HARD_RUN_TIMEOUT_MS
+    kill_grace_ms: int = 1_000
+    memory_mb: int = 256
+    memory_ceiling_mb: int = 2048
+    output_cap_bytes: int = 1024 * 1024
+    module_max_bytes: int = 8 * 1024 * 1024
+    max_body_bytes: int = HARD_BODY_BYTES
+    cell_timeout_ms: int = 300_000
+    cell_timeout_ceiling_ms: int = 24 * 3600 * 1000
+    warm_python: int = 2
+    warm_javascript: int = 2
+    max_cells_per_worker: int = 200
+    node_id: str = ""
+    module_cache: Path | None = None
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.root / "sandbox_volumes"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "db" / "cell.sqlite"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.module_cache or (self.root / "cache" / "modules")
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def mirror_dir(self) -> Path:
+        return self.root / "mirror"
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return replace(self, **changes)
+
+
+def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def parse(key: str, raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise ConfigError(key, f"expected an integer, got {raw!r}")
+        if isinstance(raw, int):
+            value = raw
+        else:
+            text = str(raw).strip()
+            if not text.isascii() or not text.lstrip("-").isdigit():
+                raise ConfigError(key, f"expected an integer, got {raw!r}")
+            value = int(text)
+        if not lo <= value <= hi:
+            raise ConfigError(key, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float) -> Callable[[str, Any], float]:
+    def parse(key: str, raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise ConfigError(key, f"expected a number, got {raw!r}")
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"expected a number, got {raw!r}") from None
+        if value != value or not lo <= value <= hi:  # NaN compares false
+            raise ConfigError(key, f"must be between {lo} and {hi}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str, Any], str]:
+    def parse(key: str, raw: Any) -> str:
+        value = str(raw).strip().lower()
+        if value not in options:
+            raise ConfigError(key, f"must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _path(key: str, raw: Any) -> Path:
+    text = str(raw)
+    if not text or "\x00" in text:
+        raise ConfigError(key, "must be a non-empty path")
+    return Path(text)
+
+
+def _host(key: str, raw: Any) -> str:
+    text = str(raw).strip()
+    if not text:
+        raise ConfigError(key, "must not be empty")
+    return text
+
+
+def _list(key: str, raw: Any) -> tuple[str, ...]:
+    items = raw if isinstance(raw, list) else str(raw).split(",")
+    return tuple(str(i).strip() for i in items if str(i).strip())
+
+
+def _networks(key: str, raw: Any) -> tuple[str, ...]:
+    items = _list(key, raw)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(key, f"{item!r} is not an IP address or network") from None
+    return items
+
+
+def _hostnames(key: str, raw: Any) -> tuple[str, ...]:
+    items = tuple(i.lower() for i in _list(key, raw))
+    for item in items:
+        if not all(c.isalnum() or c in "-." for c in item) or not item.isascii():
+            raise ConfigError(key, f"{item!r} is not a plain host name")
+    return items
+
+
+# field name -> (environment variable, toml key, parser)
+_FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
+    "root": ("SYNAPSE_ROOT", "root", _path),
+    "license_path": ("SYNAPSE_LICENSE", "license", _path),
+    "host": ("SYNAPSE_HOST", "host", _host),
+    "port": ("SYNAPSE_PORT", "port", _int(0, 65535)),
+    "rate_limit_rps": ("SYNAPSE_RATE_LIMIT_RPS", "rate_limit_rps", _float(0.1, 100_000)),
+    "rate_limit_burst": ("SYNAPSE_RATE_LIMIT_BURST", "rate_limit_burst", _int(1, 1_000_000)),
+    "egress": ("SYNAPSE_EGRESS", "egress", _choice("off", "on")),
+    "egress_allow": ("SYNAPSE_EGRESS_ALLOW", "egress_allow", _hostnames),
+    "trusted_proxies": ("SYNAPSE_TRUSTED_PROXIES", "trusted_proxies", _networks),
+    "telemetry": ("SYNAPSE_TELEMETRY", "telemetry", _choice("off", "on")),
+    "workers": ("SYNAPSE_WORKERS", "workers", _int(1, 256)),
+    "queue_max": ("SYNAPSE_QUEUE_MAX", "queue_max", _int(0, 100_000)),
+    "run_timeout_ms": ("SYNAPSE_RUN_TIMEOUT_MS", "run_timeout_ms", _int(10, HARD_RUN_TIMEOUT_MS)),
+    "kill_grace_ms": ("SYNAPSE_KILL_GRACE_MS", "kill_grace_ms", _int(100, 10_000)),
+    "memory_mb": ("SYNAPSE_MEMORY_MB", "memory_mb", _int(16, HARD_MEMORY_MB)),
+    "memory_ceiling_mb": ("SYNAPSE_MEMORY_CEILING_MB", "memory_ceiling_mb", _int(16, HARD_MEMORY_MB)),
+    "output_cap_bytes": ("SYNAPSE_OUTPUT_CAP_BYTES", "output_cap_bytes", _int(1024, HARD_OUTPUT_BYTES)),
+    "module_max_bytes": ("SYNAPSE_MODULE_MAX_BYTES", "module_max_bytes", _int(1024, HARD_BODY_BYTES)),
+    "cell_timeout_ms": ("SYNAPSE_CELL_TIMEOUT_MS", "cell_timeout_ms", _int(1000, 24 * 3600 * 1000)),
+    "warm_python": ("SYNAPSE_WARM_PYTHON", "warm_python", _int(0, 64)),
+    "warm_javascript": ("SYNAPSE_WARM_JAVASCRIPT", "warm_javascript", _int(0, 64)),
+    "max_cells_per_worker": ("SYNAPSE_MAX_CELLS_PER_WORKER", "max_cells_per_worker", _int(1, 100_000)),
+    "node_id": ("SYNAPSE_NODE_ID", "node_id", _host),
+    "module_cache": ("SYNAPSE_MODULE_CACHE", "module_cache", _path),
+}
+
+
+def default_root(installed: bool) -> Path:
+    return Path("/var/lib/synapse") if installed else Path(".synapse")
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None, *, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """Defaults < config.toml < environment < explicit overrides (tests, CLI flags)."""
+    env = dict(os.environ if env is None else env)
+    config_dir = _path("SYNAPSE_CONFIG_DIR", env.get("SYNAPSE_CONFIG_DIR", "/etc/synapse"))
+    values: dict[str, Any] = {
+        "config_dir": config_dir,
+        "license_path": config_dir / "license.json",
+        "workers": max(1, os.cpu_count() or 1),
+    }
+    toml_file = config_dir / "config.toml"
+    file_values: dict[str, Any] = {}
+    if toml_file.is_file():
+        try:
+            file_values = tomllib.loads(toml_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(str(toml_file), f"cannot be read: {exc}") from None
+        known = {toml_key for _, toml_key, _ in _FIELDS.values()}
+        unknown = sorted(set(file_values) - known)
+        if unknown:
+            raise ConfigError(str(toml_file), f"unknown keys: {', '.join(unknown)}")
+    for name, (env_key, toml_key, parse) in _FIELDS.items():
+        if toml_key in file_values:
+            values[name] = parse(f"{toml_file}:{toml_key}", file_values[toml_key])
+        if env_key in env:
+            values[name] = parse(env_key, env[env_key])
+    for name, value in (overrides or {}).items():
+        if name in _FIELDS:
+            values[name] = _FIELDS[name][2](name, value) if isinstance(value, str) else value
+        else:
+            values[name] = value
+    settings = Settings(**values)
+    if settings.memory_mb > settings.memory_ceiling_mb:
+        raise ConfigError("SYNAPSE_MEMORY_MB", "is above SYNAPSE_MEMORY_CEILING_MB")
+    if not settings.node_id:
+        settings = replace(settings, node_id=_node_id(settings))
+    return settings
+
+
+def _node_id(settings: Settings) -> str:
+    """A short, stable id for this node, derived from its data root (cell ids carry it)."""
+    import hashlib
+
+    try:
+        machine = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        machine = ""
+    digest = hashlib.sha256(f"{machine}|{settings.root.resolve()}".encode()).hexdigest()
+    return digest[:8]
