@@ -1,0 +1,42 @@
+"""The run context a host function sees.
+
+Host functions are defined once on a shared Linker, so they cannot close over
+one run's state. wasmtime calls them synchronously on the thread that called
+into the guest, and each Store is only ever driven by one thread, so a
+thread-local "current run" is exact: the runner sets it before entering the
+guest and clears it after.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.runtime.governor import Governor
+
+
+@dataclass
+class RunContext:
+    governor: "Governor"
+    volume: Any = None  # appliance.confine.Volume of the cell, for host_fs_*
+    egress: Any = None  # appliance.policy.egress.EgressPolicy, for host_fetch
+    tenant_id: str = ""
+    cell_id: str = ""
+    denials: list[dict[str, str]] = field(default_factory=list)
+
+    def deny(self, threat: str, function: str, reason: str) -> None:
+        # Bounded: a guest looping on denied calls must not grow host memory.
+        if len(self.denials) < 100:
+            self.denials.append({"threat": threat, "function": function, "reason": reason})
+
+
+_local = threading.local()
+
+
+def current() -> RunContext | None:
+    return getattr(_local, "ctx", None)
+
+
+def enter(ctx: RunContext | None) -> None:
+    _local.ctx = ctx

@@ -1,0 +1,142 @@
+"""The wasmtime Engine and the compiled-module cache (threat T-CACHE-1).
+
+Compiling the numpy-capable CPython takes minutes and gigabytes; loading its
+serialized form takes milliseconds. But a ``.cwasm`` file is native code that
+wasmtime maps and runs as it finds it: loading a tampered one is code
+execution in the host. So the cache directory must be 0700 and owned by us,
+every file's SHA-256 is recorded when it is written, and it is checked again
+before every ``deserialize_file``. A mismatch is never loaded: the file is
+discarded and the module compiled afresh.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable
+
+import wasmtime
+
+# Engine settings are part of the cache key: a .cwasm only loads into an
+# engine configured exactly like the one that wrote it.
+ENGINE_TAG = "epoch1-fuel0"
+WASMTIME_VERSION = getattr(wasmtime, "__version__", None) or "49.0.0"
+
+
+def make_engine() -> wasmtime.Engine:
+    cfg = wasmtime.Config()
+    cfg.epoch_interruption = True  # wall-clock limits (T-DOS-1)
+    cfg.consume_fuel = False  # epochs suffice for wall-clock; fuel costs 15-35 % more
+    return wasmtime.Engine(cfg)
+
+
+class CacheError(Exception):
+    pass
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _ensure_private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"module cache {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise CacheError(f"module cache {path} is owned by uid {st.st_uid}, not us ({os.getuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+class ModuleCache:
+    """Serialized modules keyed by source sha256 + wasmtime version + engine settings."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        _ensure_private_dir(self.directory)
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def _paths(self, source_sha256: str) -> tuple[Path, Path]:
+        stem = f"{source_sha256}-{WASMTIME_VERSION}-{ENGINE_TAG}"
+        return self.directory / f"{stem}.cwasm", self.directory / f"{stem}.json"
+
+    def load(
+        self,
+        engine: wasmtime.Engine,
+        source_sha256: str,
+        compile_source: Callable[[], wasmtime.Module],
+        progress: Callable[[str], None] | None = None,
+    ) -> wasmtime.Module:
+        cwasm, meta = self._paths(source_sha256)
+        with self._lock:
+            module = self._load_checked(engine, cwasm, meta)
+            if module is not None:
+                self.hits += 1
+                return module
+            self.misses += 1
+            if progress:
+                progress(f"compiling module {source_sha256[:12]} (once per machine)")
+            module = compile_source()
+            self._store(module, cwasm, meta)
+            return module
+
+    def _load_checked(self, engine: wasmtime.Engine, cwasm: Path, meta: Path) -> wasmtime.Module | None:
+        try:
+            st = os.lstat(cwasm)
+            recorded = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return None
+        # T-CACHE-1: only a regular file of ours, not writable by others, whose
+        # bytes still hash to what we recorded when we wrote it.
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+            return None
+        if not isinstance(recorded, dict) or recorded.get("size") != st.st_size:
+            return None
+        if _sha256_file(cwasm) != recorded.get("sha256"):
+            cwasm.unlink(missing_ok=True)
+            return None
+        try:
+            return wasmtime.Module.deserialize_file(engine, str(cwasm))
+        except wasmtime.WasmtimeError:
+            return None
+
+    def _store(self, module: wasmtime.Module, cwasm: Path, meta: Path) -> None:
+        data = bytes(module.serialize())
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".cwasm")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, cwasm)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        record = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, meta)
+
+    def entries(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for meta in sorted(self.directory.glob("*.json")):
+            try:
+                record = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                continue
+            out.append({"name": meta.stem, **record})
+        return out

