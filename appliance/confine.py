@@ -1,0 +1,673 @@
+"""Confined file access to one cell volume: the adapter under host_fs_* and the files API.
+
+Every operation starts from a directory fd of the volume root and resolves the
+guest's components (from ``appliance.policy.paths.split_guest_path``) beneath
+it, never through a host path string, so no check-then-use gap exists.
+
+* Resolution uses ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+  RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)``. Where openat2 is missing (ENOSYS,
+  EPERM from seccomp, another OS) a walker opens one component at a time with
+  ``O_NOFOLLOW`` and checks each step stays on the volume's device. Both refuse
+  a symlink anywhere in the path (T-PATH-2).
+* Every open carries ``O_CLOEXEC | O_NOCTTY | O_NONBLOCK | O_NOFOLLOW`` (FIFOs
+  cannot hang a worker), and ``fstat`` must show a regular file with
+  ``st_nlink == 1`` or a directory; anything else is "denied" (T-PATH-1).
+* Creation opens the *parent* confined and creates the leaf with
+  ``O_CREAT | O_EXCL | O_NOFOLLOW`` relative to it, so a dangling symlink or a
+  symlinked parent cannot redirect a write (the original canonicalize bug).
+* Writes go to a fresh temp file (``.cell-tmp-<random>``, 0600) in the target's
+  directory, are fsynced and ``renameat`` into place: atomic, and a leaf swapped
+  for a symlink meanwhile is replaced, never followed. Temps are removed on failure.
+* Paths are strings, parsed here with ``allow_data_prefix=True`` ("a/b", "/data/a/b").
+  ``Entry.path`` is relative to the volume with no leading slash ("" is the root).
+* ``read_bytes`` returns at most ``max_bytes`` (the size is in ``stat``).
+* ``list_dir`` and ``usage_bytes`` skip symlinks, special files, hard-linked
+  files, names the path policy refuses and other mounts; ``exists`` is False for them.
+* The root fd is ``O_CLOEXEC``: an exec'd child never inherits it; a forked
+  worker shares it and may keep using it (each process calls ``close``).
+
+``ConfinementError.code`` and the guest ABI return codes (``errno_code``):
+
+======================  ====  =============================================
+code                    ABI   meaning
+======================  ====  =============================================
+denied                  -1    policy: bad syntax, symlink, escape, special
+                              file, hard link, other mount, permission
+not_found               -2    no such file or directory
+invalid                 -3    bad argument (negative length, bad id, ...)
+not_a_directory         -3    a component that must be a directory is not
+io                      -4    any other failure
+not_empty               -4    directory not empty (remove without recursive)
+too_large               -5    over ``max_file_bytes``, quota, EFBIG
+is_a_directory          -6    a file operation named a directory
+exists                  -7    target exists (mkdir without parents, rename)
+======================  ====  =============================================
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import secrets
+import stat as st
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from appliance.policy.paths import PathRejected, join_components, split_guest_path
+
+ERRNO_CODES: dict[str, int] = {
+    "denied": -1, "not_found": -2, "invalid": -3, "not_a_directory": -3, "io": -4,
+    "not_empty": -4, "too_large": -5, "is_a_directory": -6, "exists": -7,
+}
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+_O_NOCTTY = getattr(os, "O_NOCTTY", 0)
+# openat2 refuses anything but these next to O_PATH.
+_PATH_FLAGS = _O_PATH | os.O_CLOEXEC | os.O_NOFOLLOW
+_DIR_PATH_FLAGS = _PATH_FLAGS | os.O_DIRECTORY
+_SAFE = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | _O_NOCTTY
+_DIR_READ_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _SAFE
+_RESOLVE = 0x08 | 0x04 | 0x02 | 0x01  # BENEATH | NO_SYMLINKS | NO_MAGICLINKS | NO_XDEV
+_SYS_OPENAT2 = 437  # same number on x86_64 and aarch64
+_RENAME_NOREPLACE = 1
+_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_TMP_PREFIX = ".cell-tmp-"
+_CHUNK = 1 << 20
+
+
+class ConfinementError(Exception):
+    """An operation on a volume failed; ``code`` is a key of ``ERRNO_CODES``."""
+
+    def __init__(self, code: str, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason or code
+
+    @property
+    def errno_code(self) -> int:
+        return ERRNO_CODES.get(self.code, -4)
+
+
+class BadPath(ConfinementError):
+    """The path's syntax was refused (HTTP 400); ``reason`` is the policy's reason."""
+
+    def __init__(self, rejected: PathRejected) -> None:
+        super().__init__("denied", rejected.message, reason=rejected.reason)
+
+
+_ERRNO_MAP: dict[int, tuple[str, str]] = {
+    errno.ELOOP: ("denied", "symlink"),  # T-PATH-2: a symlink in the path
+    errno.EXDEV: ("denied", "escape"),  # T-PATH-1: resolution left the volume or its mount
+    errno.ENXIO: ("denied", "special_file"), errno.ENODEV: ("denied", "special_file"),
+    errno.EACCES: ("denied", "permission"), errno.EPERM: ("denied", "permission"),
+    errno.ENOENT: ("not_found", "not_found"), errno.ENOTDIR: ("not_a_directory", "not_a_directory"),
+    errno.EISDIR: ("is_a_directory", "is_a_directory"), errno.EEXIST: ("exists", "exists"),
+    errno.ENOTEMPTY: ("not_empty", "not_empty"), errno.EINVAL: ("invalid", "invalid"),
+    errno.ENAMETOOLONG: ("invalid", "too_long"), errno.EFBIG: ("too_large", "too_large"),
+    errno.EDQUOT: ("too_large", "quota"),
+}
+
+
+def _mapped(exc: OSError) -> ConfinementError:
+    code, reason = _ERRNO_MAP.get(exc.errno or 0, ("io", "io"))
+    return ConfinementError(code, f"{reason.replace('_', ' ')}", reason=reason)
+
+
+def _denied(reason: str) -> ConfinementError:
+    return ConfinementError("denied", f"denied: {reason.replace('_', ' ')}", reason=reason)
+
+
+def _enc(name: str) -> bytes:
+    return os.fsencode(name)
+
+
+def _kind(s: os.stat_result) -> Literal["file", "dir"]:
+    """Only plain files and directories exist for a guest (T-PATH-1)."""
+    if st.S_ISDIR(s.st_mode):
+        return "dir"
+    if st.S_ISREG(s.st_mode):
+        # T-PATH-1: a second name may be a hard link to a file outside.
+        if s.st_nlink != 1:
+            raise _denied("hard_link")
+        return "file"
+    raise _denied("symlink" if st.S_ISLNK(s.st_mode) else "special_file")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    path: str
+    type: Literal["file", "dir"]
+    size: int
+    modified_time: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "path": self.path, "type": self.type,
+                "size": self.size, "modified_time": self.modified_time}
+
+
+def _entry(comps: tuple[str, ...], s: os.stat_result) -> Entry:
+    kind = _kind(s)
+    when = datetime.fromtimestamp(s.st_mtime, tz=timezone.utc).isoformat(timespec="milliseconds")
+    return Entry(comps[-1] if comps else "", join_components(comps), kind,
+                 s.st_size if kind == "file" else 0, when.replace("+00:00", "Z"))
+
+
+class _Openat2:
+    def __init__(self) -> None:
+        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
+        self._syscall.restype = ctypes.c_long
+
+    def __call__(self, dirfd: int, path: bytes, flags: int) -> int:
+        how = (ctypes.c_uint64 * 3)(flags, 0, _RESOLVE)
+        for _ in range(16):
+            fd = self._syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(dirfd), ctypes.c_char_p(path),
+                               ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+            if fd >= 0:
+                return int(fd)
+            err = ctypes.get_errno()
+            # EAGAIN: the kernel saw a concurrent rename and refuses to guess; retry.
+            if err not in (errno.EINTR, errno.EAGAIN):
+                break
+        raise OSError(err, os.strerror(err))
+
+
+def _renameat2_noreplace(src_fd: int, src: bytes, dst_fd: int, dst: bytes) -> bool:
+    """True when done; False when renameat2 is unavailable here."""
+    func = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if func is None:
+        return False
+    if func(src_fd, ctypes.c_char_p(src), dst_fd, ctypes.c_char_p(dst), ctypes.c_uint(_RENAME_NOREPLACE)) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False  # EINVAL: the file system may not support the flag; the caller re-checks
+    raise OSError(err, os.strerror(err))
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _rmtree_at(parent_fd: int, name: bytes, dev: int) -> None:
+    """Remove ``name`` under ``parent_fd`` without following any symlink (T-PATH-2).
+
+    Iterative (deep guest trees cannot exhaust the Python stack); a subdirectory
+    is opened O_NOFOLLOW and must be on ``dev``, so a symlink is unlinked, never
+    followed, and a mount inside is refused rather than emptied.
+    """
+    stack: list[tuple[int, bytes, int]] = []
+    try:
+        top = os.open(name, _DIR_READ_FLAGS, dir_fd=parent_fd)
+        stack.append((parent_fd, name, top))
+        if os.fstat(top).st_dev != dev:
+            raise _denied("escape")
+        while stack:
+            _, _, dfd = stack[-1]
+            child: tuple[int, bytes, int] | None = None
+            with os.scandir(dfd) as it:
+                for item in it:
+                    raw = _enc(item.name)
+                    if not item.is_dir(follow_symlinks=False):
+                        os.unlink(raw, dir_fd=dfd)
+                        continue
+                    cfd = os.open(raw, _DIR_READ_FLAGS, dir_fd=dfd)
+                    if os.fstat(cfd).st_dev != dev:
+                        os.close(cfd)
+                        raise _denied("escape")  # T-PATH-2: never empty another mount
+                    child = (dfd, raw, cfd)
+                    break
+            if child is not None:
+                stack.append(child)
+                continue
+            pfd, pname, dfd = stack.pop()
+            os.close(dfd)
+            os.rmdir(pname, dir_fd=pfd)
+    except OSError as exc:
+        raise _mapped(exc) from None
+    finally:
+        _close_all([fd for _, _, fd in stack])
+
+
+class Volume:
+    """One cell volume, reached only through a directory fd of its root.
+
+    ``Volume(path)`` opens ``path`` with O_NOFOLLOW on its last component only;
+    callers holding ids should prefer ``open_volume``, which walks
+    ``volumes_root/tenant/cell`` one no-follow step at a time.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, resolver: Literal["auto", "openat2", "walk"] = "auto",
+                 max_file_bytes: int | None = None) -> None:
+        path = os.fspath(root)
+        if not os.path.isabs(path):
+            raise ValueError("volume root must be an absolute path")
+        self._setup(os.open(path, _DIR_READ_FLAGS), resolver, max_file_bytes)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, resolver: Literal["auto", "openat2", "walk"] = "auto",
+                max_file_bytes: int | None = None) -> Volume:
+        """Adopt (and later close) an open directory fd of a volume root."""
+        self = cls.__new__(cls)
+        self._setup(fd, resolver, max_file_bytes)
+        return self
+
+    def _setup(self, fd: int, resolver: str, max_file_bytes: int | None) -> None:
+        self._fd = fd
+        s = os.fstat(fd)
+        # T-TENANT-1: a volume owned by another uid is not one we created.
+        if not st.S_ISDIR(s.st_mode) or (hasattr(os, "geteuid") and s.st_uid != os.geteuid()):
+            self.close()
+            raise _denied("not_owned")
+        self._dev = s.st_dev
+        self.max_file_bytes = max_file_bytes
+        self._openat2: _Openat2 | None = None
+        if resolver != "walk" and sys.platform == "linux":
+            try:
+                probe = _Openat2()
+                os.close(probe(fd, b".", _DIR_PATH_FLAGS))
+                self._openat2 = probe
+            except (OSError, AttributeError):
+                pass  # ENOSYS, seccomp EPERM, old kernel: use the walker
+        if resolver == "openat2" and self._openat2 is None:
+            self.close()
+            raise OSError(errno.ENOSYS, "openat2 is not available")
+        self.resolver = "openat2" if self._openat2 is not None else "walk"
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- resolution ---------------------------------------------------------
+
+    def _parse(self, path: str, *, allow_root: bool = False) -> tuple[str, ...]:
+        try:
+            return split_guest_path(path, allow_data_prefix=True, allow_root=allow_root)
+        except PathRejected as exc:
+            raise BadPath(exc) from None
+
+    def _root(self) -> int:
+        if self._fd < 0:
+            raise ConfinementError("io", "volume is closed")
+        return self._fd
+
+    def _open(self, comps: tuple[str, ...], flags: int) -> int:
+        """Open ``comps`` beneath the root; raises OSError."""
+        root = self._root()
+        if self._openat2 is not None:
+            return self._openat2(root, _enc("/".join(comps) or "."), flags)
+        return self._walk(comps, flags)
+
+    def _walk(self, comps: tuple[str, ...], flags: int) -> int:
+        """Fallback resolver: one O_NOFOLLOW openat per component (T-PATH-2)."""
+        cur = self._root()
+        held: list[int] = []
+        try:
+            for name in comps[:-1]:
+                cur = os.open(_enc(name), _DIR_PATH_FLAGS, dir_fd=cur)
+                held.append(cur)
+                self._same_dev(cur)
+            fd = os.open(_enc(comps[-1]) if comps else b".", flags | os.O_NOFOLLOW, dir_fd=cur)
+            try:
+                self._same_dev(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            return fd
+        finally:
+            _close_all(held)
+
+    def _same_dev(self, fd: int) -> None:
+        if os.fstat(fd).st_dev != self._dev:  # T-PATH-2: a mount inside the volume
+            raise OSError(errno.EXDEV, "crosses a mount point")
+
+    def _open_checked(self, comps: tuple[str, ...], flags: int) -> tuple[int, os.stat_result]:
+        """Open and fstat; only a single-link regular file or a directory survives (T-PATH-1)."""
+        try:
+            fd = self._open(comps, flags)
+        except OSError as exc:
+            raise self._explain(comps, exc) from None
+        try:
+            s = os.fstat(fd)
+            _kind(s)
+            return fd, s
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _explain(self, comps: tuple[str, ...], exc: OSError) -> ConfinementError:
+        # O_NOFOLLOW|O_DIRECTORY on a symlink reports ENOTDIR; say "denied" instead.
+        if exc.errno == errno.ENOTDIR:
+            for i in range(1, len(comps) + 1):
+                try:
+                    if st.S_ISLNK(self._lstat(comps[:i]).st_mode):
+                        return _denied("symlink")
+                except (OSError, ConfinementError):
+                    break
+        return _mapped(exc)
+
+    def _lstat(self, comps: tuple[str, ...]) -> os.stat_result:
+        parent = self._open_parent(comps)
+        try:
+            return os.stat(_enc(comps[-1]), dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+
+    def _open_parent(self, comps: tuple[str, ...], *, create: bool = False) -> int:
+        """An O_PATH fd of the leaf's directory, resolved (or made) confined."""
+        if not create:
+            fd, _ = self._open_checked(comps[:-1], _DIR_PATH_FLAGS)
+            return fd
+        cur = os.dup(self._root())
+        try:
+            for name in comps[:-1]:
+                try:
+                    os.mkdir(_enc(name), 0o700, dir_fd=cur)
+                except FileExistsError:
+                    pass  # whatever is there is checked by the O_NOFOLLOW open below
+                nxt = os.open(_enc(name), _DIR_PATH_FLAGS, dir_fd=cur)
+                os.close(cur)
+                cur = nxt
+                self._same_dev(cur)
+            return cur
+        except OSError as exc:
+            os.close(cur)
+            raise self._explain(comps[:-1], exc) from None
+
+    # -- operations ---------------------------------------------------------
+
+    def read_bytes(self, path: str, max_bytes: int) -> bytes:
+        """The first ``max_bytes`` bytes of a regular file (less at EOF)."""
+        comps = self._parse(path)
+        if max_bytes < 0:
+            raise ConfinementError("invalid", "max_bytes must not be negative")
+        fd, s = self._open_checked(comps, os.O_RDONLY | _SAFE)
+        try:
+            if st.S_ISDIR(s.st_mode):
+                raise ConfinementError("is_a_directory", "is a directory")
+            chunks: list[bytes] = []
+            left = max_bytes
+            while left > 0:
+                chunk = os.read(fd, min(left, _CHUNK))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                left -= len(chunk)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise _mapped(exc) from None
+        finally:
+            os.close(fd)
+
+    def write_bytes(self, path: str, data: bytes, *, make_parents: bool = False) -> int:
+        """Replace (or create) a file atomically; returns ``len(data)``."""
+        comps = self._parse(path)
+        if self.max_file_bytes is not None and len(data) > self.max_file_bytes:
+            raise ConfinementError("too_large", "file is larger than the limit")
+        parent = self._open_parent(comps, create=make_parents)
+        leaf, tmp = _enc(comps[-1]), b""
+        try:
+            try:
+                old = os.stat(leaf, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                if st.S_ISDIR(old.st_mode):
+                    raise ConfinementError("is_a_directory", "is a directory")
+                _kind(old)  # T-PATH-1/2: never write "through" a symlink, FIFO or hard link
+            for _ in range(8):
+                tmp = _enc(_TMP_PREFIX + secrets.token_hex(8))
+                try:
+                    # O_EXCL|O_NOFOLLOW: a planted name (even a dangling symlink) fails, never redirects.
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, 0o600, dir_fd=parent)
+                    break
+                except FileExistsError:
+                    tmp = b""
+            else:
+                raise ConfinementError("io", "could not create a temporary file")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # rename replaces a name, never follows it: a leaf swapped for a symlink meanwhile is replaced.
+            os.rename(tmp, leaf, src_dir_fd=parent, dst_dir_fd=parent)
+            tmp = b""
+            return len(data)
+        except OSError as exc:
+            raise _mapped(exc) from None
+        finally:
+            if tmp:
+                try:
+                    os.unlink(tmp, dir_fd=parent)
+                except OSError:
+                    pass
+            os.close(parent)
+
+    def stat(self, path: str) -> Entry:
+        comps = self._parse(path, allow_root=True)
+        fd, s = self._open_checked(comps, _PATH_FLAGS)
+        os.close(fd)
+        return _entry(comps, s)
+
+    def exists(self, path: str) -> bool:
+        """False for missing names and for what the guest may not see; bad syntax raises BadPath."""
+        try:
+            self.stat(path)
+            return True
+        except BadPath:
+            raise
+        except ConfinementError as exc:
+            if exc.code == "io":
+                raise
+            return False
+
+    def list_dir(self, path: str = "") -> list[Entry]:
+        comps = self._parse(path, allow_root=True)
+        fd, s = self._open_checked(comps, _DIR_READ_FLAGS)
+        try:
+            if not st.S_ISDIR(s.st_mode):
+                raise ConfinementError("not_a_directory", "not a directory")
+            out: list[Entry] = []
+            with os.scandir(fd) as it:
+                for item in it:
+                    try:
+                        if split_guest_path(item.name) != (item.name,) or item.name.startswith(_TMP_PREFIX):
+                            continue
+                        es = item.stat(follow_symlinks=False)
+                        if es.st_dev == self._dev:
+                            out.append(_entry((*comps, item.name), es))
+                    except (PathRejected, ConfinementError, OSError):
+                        continue  # T-PATH-1: symlinks, specials, odd names stay invisible
+            return sorted(out, key=lambda e: e.name)
+        except OSError as exc:
+            raise _mapped(exc) from None
+        finally:
+            os.close(fd)
+
+    def make_dir(self, path: str, parents: bool = True) -> Entry:
+        comps = self._parse(path)
+        if parents:
+            os.close(self._open_parent((*comps, "x"), create=True))
+        else:
+            parent = self._open_parent(comps)
+            try:
+                os.mkdir(_enc(comps[-1]), 0o700, dir_fd=parent)
+            except OSError as exc:
+                raise _mapped(exc) from None
+            finally:
+                os.close(parent)
+        return self.stat(path)
+
+    def remove(self, path: str, recursive: bool = False) -> None:
+        """Unlink a file (or a stray symlink itself); remove a directory, recursively if asked."""
+        comps = self._parse(path)
+        parent = self._open_parent(comps)
+        leaf = _enc(comps[-1])
+        try:
+            if not st.S_ISDIR(os.stat(leaf, dir_fd=parent, follow_symlinks=False).st_mode):
+                os.unlink(leaf, dir_fd=parent)  # unlink removes the name, never its target
+            elif recursive:
+                _rmtree_at(parent, leaf, self._dev)
+            else:
+                os.rmdir(leaf, dir_fd=parent)
+        except OSError as exc:
+            raise _mapped(exc) from None
+        finally:
+            os.close(parent)
+
+    def rename(self, old: str, new: str) -> Entry:
+        src, dst = self._parse(old), self._parse(new)
+        src_fd = self._open_parent(src)
+        try:
+            dst_fd = self._open_parent(dst)
+        except BaseException:
+            os.close(src_fd)
+            raise
+        try:
+            _kind(os.stat(_enc(src[-1]), dir_fd=src_fd, follow_symlinks=False))  # T-PATH-1
+            if not _renameat2_noreplace(src_fd, _enc(src[-1]), dst_fd, _enc(dst[-1])):
+                # No RENAME_NOREPLACE here: check, then rename. Both names are confined,
+                # so the window can only replace a name inside this volume.
+                try:
+                    os.stat(_enc(dst[-1]), dir_fd=dst_fd, follow_symlinks=False)
+                    raise ConfinementError("exists", "target exists")
+                except FileNotFoundError:
+                    os.rename(_enc(src[-1]), _enc(dst[-1]), src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        except OSError as exc:
+            raise _mapped(exc) from None
+        finally:
+            _close_all([src_fd, dst_fd])
+        return self.stat(new)
+
+    def usage_bytes(self) -> int:
+        """Total size of the regular files, each inode once; symlinks and mounts not followed."""
+        total, seen = 0, set[tuple[int, int]]()
+        stack = [os.open(b".", _DIR_READ_FLAGS, dir_fd=self._root())]
+        try:
+            while stack:
+                dfd = stack.pop()
+                try:
+                    with os.scandir(dfd) as it:
+                        for item in it:
+                            s = item.stat(follow_symlinks=False)
+                            if st.S_ISREG(s.st_mode) and (s.st_dev, s.st_ino) not in seen:
+                                seen.add((s.st_dev, s.st_ino))
+                                total += s.st_size
+                            elif st.S_ISDIR(s.st_mode) and s.st_dev == self._dev:
+                                try:
+                                    stack.append(os.open(_enc(item.name), _DIR_READ_FLAGS, dir_fd=dfd))
+                                except OSError:
+                                    continue  # swapped for a symlink meanwhile: not followed
+                finally:
+                    os.close(dfd)
+        finally:
+            _close_all(stack)
+        return total
+
+
+def _check_id(kind: str, value: str) -> None:
+    # T-TENANT-1: ids become one path component each; nothing else may get in.
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise ConfinementError("invalid", f"bad {kind} id", reason="bad_id")
+
+
+def _owned_dir_at(parent_fd: int, name: str, *, create: bool) -> int:
+    """Open (or make, 0700) one directory under ``parent_fd`` without following symlinks."""
+    raw = _enc(name)
+    try:
+        if create:
+            try:
+                os.mkdir(raw, 0o700, dir_fd=parent_fd)
+            except FileExistsError:
+                pass
+        fd = os.open(raw, _DIR_READ_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        raise (_denied("symlink") if exc.errno in (errno.ENOTDIR, errno.ELOOP) else _mapped(exc)) from None
+    s = os.fstat(fd)
+    if s.st_uid != os.geteuid() or s.st_dev != os.fstat(parent_fd).st_dev:
+        os.close(fd)
+        raise _denied("not_owned")  # T-TENANT-1: someone else's directory, or a mount
+    if create and st.S_IMODE(s.st_mode) != 0o700:
+        os.fchmod(fd, 0o700)  # tenant data is private to the appliance's uid
+    return fd
+
+
+def _open_volumes_root(volumes_root: Path, *, create: bool) -> int:
+    if create:
+        os.makedirs(volumes_root, mode=0o700, exist_ok=True)
+    fd = os.open(volumes_root, _DIR_READ_FLAGS)
+    if os.fstat(fd).st_uid != os.geteuid():
+        os.close(fd)
+        raise _denied("not_owned")
+    return fd
+
+
+def create_volume(volumes_root: Path, tenant_id: str, cell_id: str) -> Path:
+    """Make ``volumes_root/tenant/cell`` (0700 each) with fd-relative, no-follow steps."""
+    _check_id("tenant", tenant_id)
+    _check_id("cell", cell_id)
+    fds = [_open_volumes_root(volumes_root, create=True)]
+    try:
+        fds.append(_owned_dir_at(fds[-1], tenant_id, create=True))
+        fds.append(_owned_dir_at(fds[-1], cell_id, create=True))
+    finally:
+        _close_all(fds)
+    return Path(volumes_root) / tenant_id / cell_id
+
+
+def open_volume(volumes_root: Path, tenant_id: str, cell_id: str, *,
+                resolver: Literal["auto", "openat2", "walk"] = "auto", max_file_bytes: int | None = None) -> Volume:
+    """Open an existing volume through the same no-follow walk (a symlinked tenant dir is refused)."""
+    _check_id("tenant", tenant_id)
+    _check_id("cell", cell_id)
+    root = _open_volumes_root(volumes_root, create=False)
+    try:
+        tenant = _owned_dir_at(root, tenant_id, create=False)
+    finally:
+        os.close(root)
+    try:
+        cell = _owned_dir_at(tenant, cell_id, create=False)
+    finally:
+        os.close(tenant)
+    return Volume.from_fd(cell, resolver=resolver, max_file_bytes=max_file_bytes)
+
+
+def remove_volume(volumes_root: Path, tenant_id: str, cell_id: str) -> bool:
+    """Delete a cell's volume without following symlinks; False if it did not exist."""
+    _check_id("tenant", tenant_id)
+    _check_id("cell", cell_id)
+    root = _open_volumes_root(volumes_root, create=False)
+    try:
+        tenant = _owned_dir_at(root, tenant_id, create=False)
+    except ConfinementError as exc:
+        if exc.code == "not_found":
+            return False
+        raise
+    finally:
+        os.close(root)
+    try:
+        s = os.stat(_enc(cell_id), dir_fd=tenant, follow_symlinks=False)
+        if not st.S_ISDIR(s.st_mode):
+            raise _denied("symlink" if st.S_ISLNK(s.st_mode) else "special_file")
+        _rmtree_at(tenant, _enc(cell_id), os.fstat(tenant).st_dev)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(tenant)
