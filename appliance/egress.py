@@ -1,0 +1,342 @@
+"""The I/O half of ``host_fetch``: resolve once, check, connect to that IP.
+
+Threats: T-SSRF-1 (internal/metadata egress) and T-SSRF-2 (DNS rebinding and
+redirects). The rules live in :mod:`appliance.policy.egress`; this module
+makes sure the address that was checked is the address that is connected to:
+
+* the host is resolved exactly once per hop, every answer is checked, and the
+  socket is connected to one of those validated IPs by this module — no HTTP
+  library gets a host name it could resolve again (T-SSRF-2);
+* redirects are followed by hand, at most :data:`MAX_REDIRECTS`, and every
+  ``Location`` goes through the full parse/resolve/check again (T-SSRF-2);
+* the whole exchange runs against one monotonic ``deadline``; the response
+  head is capped at 64 KiB and the body at ``max_bytes`` (<= 10,000,000).
+  A body larger than the cap FAILS with ``too_large`` (never truncated: a
+  guest must not mistake a partial document for the whole one).
+
+Non-2xx final statuses are returned, not raised: the guest sees the status.
+The default resolver (``getaddrinfo``) cannot be interrupted, so the deadline
+is only checked around it; the worker's wall-clock kill is the backstop.
+
+``address_check`` is a TEST-ONLY hook that lets a test admit its loopback
+server; the appliance never passes it and the default is the deny table.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Callable
+
+from appliance.policy.egress import (
+    EgressDenied,
+    EgressPolicy,
+    IPAddress,
+    Target,
+    address_denied,
+    check_resolved,
+    parse_target,
+)
+
+__all__ = ["EgressDenied", "EgressError", "FetchResult", "Resolver", "Connector", "fetch", "MAX_BYTES_CEILING"]
+
+MAX_BYTES_CEILING = 10_000_000
+HEAD_CAP = 64 * 1024
+MAX_REDIRECTS = 3
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_MAX_INTERIM = 5
+_RECV = 16 * 1024
+_MAX_WAIT = 3600.0
+
+Resolver = Callable[[str, int], list[str]]
+Connector = Callable[[str, int, float], socket.socket]
+
+
+class EgressError(Exception):
+    """The fetch failed after the policy allowed it.
+
+    ``reason``: timeout, resolve, connect, tls, protocol, too_large.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    status: int
+    body: bytes
+    final_url: str
+
+
+def default_resolver(host: str, port: int) -> list[str]:
+    """All addresses of ``host``; numeric service so no services lookup."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICSERV)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise EgressError("resolve", f"cannot resolve {host}: {exc}") from None
+    return [str(info[4][0]) for info in infos]
+
+
+def default_connector(ip: str, port: int, timeout: float) -> socket.socket:
+    """Connect to an IP literal; no name ever reaches the socket layer."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect((ip, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Reader:
+    """Buffered reads against the deadline, with hard byte ceilings."""
+
+    def __init__(self, sock: socket.socket, deadline: float, clock: Callable[[], float]) -> None:
+        self.sock, self.deadline, self.clock = sock, deadline, clock
+        self.buf = bytearray()
+        self.eof = False
+
+    def _fill(self, want: int = _RECV) -> None:
+        remaining = _remaining(self.deadline, self.clock, "reading")
+        try:
+            self.sock.settimeout(remaining)
+            # Never ask for more than the caller may keep: the buffer stays
+            # within max_bytes plus the head cap.
+            chunk = self.sock.recv(max(1, min(_RECV, want)))
+        except (socket.timeout, TimeoutError):
+            raise EgressError("timeout", "deadline passed while reading") from None
+        except ssl.SSLError as exc:
+            raise EgressError("tls", str(exc)) from None
+        except OSError as exc:
+            raise EgressError("connect", f"read failed: {exc}") from None
+        if not chunk:
+            self.eof = True
+        self.buf += chunk
+
+    def line(self, cap: int) -> bytes:
+        while True:
+            pos = self.buf.find(b"\n", 0, cap + 1)
+            if pos != -1:
+                out = bytes(self.buf[: pos + 1])
+                del self.buf[: pos + 1]
+                return out
+            if len(self.buf) > cap:
+                raise EgressError("protocol", "response line too long")
+            if self.eof:
+                raise EgressError("protocol", "connection closed mid-line")
+            self._fill(cap + 1 - len(self.buf))
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if self.eof:
+                raise EgressError("protocol", "connection closed mid-body")
+            self._fill(n - len(self.buf))
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def until_close(self, cap: int) -> bytes:
+        while not self.eof:
+            if len(self.buf) > cap:
+                raise EgressError("too_large", f"body exceeds {cap} bytes")  # T-DOS
+            self._fill(cap + 1 - len(self.buf))
+        if len(self.buf) > cap:
+            raise EgressError("too_large", f"body exceeds {cap} bytes")
+        return bytes(self.buf)
+
+
+def _read_head(reader: _Reader) -> tuple[int, dict[str, list[str]]]:
+    budget = HEAD_CAP
+    for _ in range(_MAX_INTERIM + 1):
+        status_line = reader.line(budget)
+        budget -= len(status_line)
+        parts = status_line.rstrip(b"\r\n").split(b" ", 2)
+        if len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1") or not (
+            len(parts[1]) == 3 and parts[1].isdigit()
+        ):
+            raise EgressError("protocol", "malformed status line")
+        status = int(parts[1])
+        headers: dict[str, list[str]] = {}
+        while True:
+            raw = reader.line(budget)
+            budget -= len(raw)
+            text = raw.rstrip(b"\r\n")
+            if not text:
+                break
+            if text[:1] in (b" ", b"\t") or b":" not in text:
+                raise EgressError("protocol", "malformed or folded header line")
+            name, _, value = text.partition(b":")
+            key = name.decode("latin-1").strip().lower()
+            headers.setdefault(key, []).append(value.decode("latin-1").strip())
+        if status >= 200:
+            return status, headers
+    raise EgressError("protocol", "too many interim responses")
+
+
+def _read_chunked(reader: _Reader, cap: int) -> bytes:
+    body = bytearray()
+    while True:
+        size_text = reader.line(4096).rstrip(b"\r\n").split(b";", 1)[0].strip()
+        if not size_text or len(size_text) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
+            raise EgressError("protocol", "bad chunk size")
+        size = int(size_text, 16)
+        if size == 0:
+            budget = HEAD_CAP
+            while True:  # trailers, bounded like the head
+                trailer = reader.line(budget)
+                budget -= len(trailer)
+                if not trailer.rstrip(b"\r\n"):
+                    return bytes(body)
+        if len(body) + size > cap:
+            raise EgressError("too_large", f"body exceeds {cap} bytes")
+        body += reader.exactly(size)
+        if reader.exactly(2) != b"\r\n":
+            raise EgressError("protocol", "chunk not followed by CRLF")
+
+
+def _read_body(reader: _Reader, status: int, headers: dict[str, list[str]], cap: int) -> bytes:
+    if status in (204, 304):
+        return b""
+    te = headers.get("transfer-encoding")
+    cl = headers.get("content-length")
+    if te is not None:
+        if cl is not None or [v.lower() for v in te] != ["chunked"]:
+            raise EgressError("protocol", "unsupported or ambiguous Transfer-Encoding")
+        return _read_chunked(reader, cap)
+    if cl is not None:
+        values = {v for item in cl for v in (p.strip() for p in item.split(","))}
+        if len(values) != 1 or not all(v.isdigit() and len(v) <= 19 for v in values):
+            raise EgressError("protocol", "bad Content-Length")
+        length = int(values.pop())
+        if length > cap:
+            raise EgressError("too_large", f"Content-Length {length} exceeds {cap} bytes")
+        return reader.exactly(length)
+    return reader.until_close(cap)
+
+
+def _remaining(deadline: float, clock: Callable[[], float], what: str) -> float:
+    remaining = deadline - clock()
+    if remaining <= 0:
+        raise EgressError("timeout", f"deadline passed before {what}")
+    return min(remaining, _MAX_WAIT)  # settimeout overflows on absurd deadlines
+
+
+def _connect(
+    target: Target, addresses: list[IPAddress], connector: Connector, deadline: float, clock: Callable[[], float]
+) -> socket.socket:
+    last: Exception | None = None
+    for ip in addresses:  # every one was validated; try them in order
+        timeout = _remaining(deadline, clock, "connect")
+        try:
+            # T-SSRF-2: connect to the checked IP, never to the name.
+            return connector(ip.compressed, target.port, timeout)
+        except OSError as exc:  # includes TimeoutError
+            last = exc
+    _remaining(deadline, clock, "connect")
+    raise EgressError("connect", f"could not connect to {target.host}: {last}")
+
+
+def _exchange(
+    sock: socket.socket, target: Target, max_bytes: int, deadline: float, clock: Callable[[], float]
+) -> tuple[int, dict[str, list[str]], bytes]:
+    try:
+        return _exchange_on(sock, target, max_bytes, deadline, clock)
+    finally:
+        sock.close()  # the raw socket; after a TLS wrap it is detached and this is a no-op
+
+
+def _exchange_on(
+    sock: socket.socket, target: Target, max_bytes: int, deadline: float, clock: Callable[[], float]
+) -> tuple[int, dict[str, list[str]], bytes]:
+    if target.scheme == "https":
+        try:
+            sock.settimeout(_remaining(deadline, clock, "TLS handshake"))
+            # Certificate and host name are verified against the URL host.
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=target.host)
+        except (socket.timeout, TimeoutError):
+            raise EgressError("timeout", "deadline passed during TLS handshake") from None
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            raise EgressError("tls", str(exc)) from None
+    # Path and host were validated free of CR/LF/space: no header injection.
+    request = (
+        f"GET {target.path_and_query} HTTP/1.1\r\n"
+        f"Host: {target.host_header}\r\n"
+        "User-Agent: cell-host-fetch/1\r\n"
+        "Accept-Encoding: identity\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode("ascii")
+    try:
+        sock.settimeout(_remaining(deadline, clock, "sending the request"))
+        sock.sendall(request)
+    except (socket.timeout, TimeoutError):
+        raise EgressError("timeout", "deadline passed while sending") from None
+    except OSError as exc:
+        raise EgressError("connect", f"send failed: {exc}") from None
+    reader = _Reader(sock, deadline, clock)
+    try:
+        status, headers = _read_head(reader)
+        if status in REDIRECT_STATUSES:
+            return status, headers, b""  # redirect bodies are never read
+        return status, headers, _read_body(reader, status, headers, max_bytes)
+    finally:
+        sock.close()
+
+
+def _plain_location(location: str) -> bool:
+    return all(0x20 < ord(ch) < 0x7F and ch != "\\" for ch in location)
+
+
+def fetch(
+    url: str,
+    *,
+    policy: EgressPolicy,
+    max_bytes: int,
+    deadline: float,
+    resolver: Resolver | None = None,
+    connector: Connector | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    address_check: Callable[[IPAddress], str | None] = address_denied,
+) -> FetchResult:
+    """GET ``url`` under ``policy``; raise EgressDenied or EgressError."""
+    resolve = resolver or default_resolver
+    connect = connector or default_connector
+    cap = max(0, min(int(max_bytes), MAX_BYTES_CEILING))  # T-DOS: hard ceiling
+    current = url
+    for hop in range(MAX_REDIRECTS + 1):
+        target = parse_target(current, policy)  # T-SSRF-1, again on every hop (T-SSRF-2)
+        _remaining(deadline, clock, "resolving")
+        if target.is_ip_literal:
+            answers = [target.host]  # already checked; re-checked below anyway
+        else:
+            try:
+                answers = list(resolve(target.host, target.port))  # T-SSRF-2: once per hop
+            except EgressError:
+                raise
+            except (OSError, UnicodeError, ValueError, TypeError) as exc:
+                raise EgressError("resolve", f"cannot resolve {target.host}: {exc}") from None
+        # T-SSRF-1: every answer must pass before any connection is made.
+        addresses = check_resolved(target.host, answers, policy, address_check=address_check)
+        sock = _connect(target, addresses, connect, deadline, clock)
+        status, headers, body = _exchange(sock, target, cap, deadline, clock)
+        if status not in REDIRECT_STATUSES:
+            return FetchResult(status, body, target.url)
+        locations = headers.get("location", [])
+        if len(locations) != 1 or not locations[0]:
+            raise EgressError("protocol", f"redirect {status} without a single Location")
+        if hop == MAX_REDIRECTS:
+            break
+        if not _plain_location(locations[0]):
+            # T-SSRF-2: urljoin silently drops tabs/newlines and leading
+            # spaces; refuse instead of fetching a URL nobody wrote.
+            raise EgressDenied("bad_url", "redirect Location has control, space, backslash or non-ASCII")
+        # T-SSRF-2: a relative Location is resolved against this hop's URL and
+        # then goes through parse/resolve/check like the first URL did.
+        current = urllib.parse.urljoin(target.url, locations[0])
+    raise EgressDenied("too_many_redirects", f"more than {MAX_REDIRECTS} redirects")
