@@ -1,0 +1,404 @@
+"""The license adapter: reads the file, remembers the clock, answers "which tier?".
+
+Pure verification lives in ``appliance.license.verify``; this module owns the
+I/O around it:
+
+* reads ``Settings.license_path`` (``$SYNAPSE_LICENSE``, default
+  ``/etc/synapse/license.json``), at most 64 KiB;
+* re-reads it when its inode, size or mtime change (checked at most once per
+  ``poll_interval`` on access) or after SIGHUP, without a restart;
+* keeps the last good license when a new file is refused, and says why;
+* persists the clock high-water mark in the ``license_state`` table of
+  ``Settings.db_path`` so a clock wound back survives a reboot (T-LIC-1).
+
+No license, or no acceptable one, is the free tier.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
+
+from appliance.config import HARD_MEMORY_MB, Settings
+from appliance.license.machine import machine_fingerprint
+from appliance.license.verify import (
+    CLOCK_SKEW,
+    MAX_FILE_BYTES,
+    License,
+    LicenseRejected,
+    Limits,
+    check_license,
+    days_left,
+    effective_limits,
+    format_time,
+    load_trusted_keys,
+    parse_license,
+    tier_allows,
+    warnings_for,
+)
+
+log = logging.getLogger("appliance.license")
+
+# Ceilings no license can lift. Memory is config's HARD_MEMORY_MB; the rate and
+# cell ceilings are the largest values config itself accepts (T-DOS-1).
+HARD_CEILINGS = Limits(rate_limit_rps=100_000.0, max_cells=100_000, max_memory_mb=HARD_MEMORY_MB)
+# Persisting every access would write on each request; a minute of lag is far
+# inside CLOCK_SKEW, so it cannot hide a rollback.
+_HIGH_WATER_WRITE_EVERY = timedelta(seconds=60)
+_SCHEMA_SQL = "CREATE TABLE IF NOT EXISTS license_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+_HIGH_WATER_KEY = "high_water_ms"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def embedded_license_keys() -> dict[str, bytes]:
+    """The vendor's production license keys, shipped as package data."""
+    text = resources.files("appliance").joinpath("data/trusted_keys.json").read_text(encoding="utf-8")
+    return load_trusted_keys(text, "license")
+
+
+def _to_ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def _from_ms(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+
+
+def read_high_water(db_path: Path) -> datetime | None:
+    """The persisted high-water mark, read-only; None when there is no database yet."""
+    if not db_path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("SELECT value FROM license_state WHERE key = ?", (_HIGH_WATER_KEY,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError:  # no table yet: nothing was ever recorded
+        return None
+    return _from_ms(row[0]) if row else None
+
+
+class HighWaterStore:
+    """The latest time this appliance has seen, in one row of ``license_state``."""
+
+    def __init__(self, db_path: Path) -> None:
+        self._db_path = db_path
+        db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conn = self._connect()
+        try:
+            conn.execute(_SCHEMA_SQL)
+        finally:
+            conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._db_path, timeout=5, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    def get(self) -> datetime | None:
+        conn = self._connect()
+        try:
+            row = conn.execute("SELECT value FROM license_state WHERE key = ?", (_HIGH_WATER_KEY,)).fetchone()
+        finally:
+            conn.close()
+        return _from_ms(row[0]) if row else None
+
+    def raise_to(self, when: datetime) -> None:
+        # max() inside the upsert: two processes racing can only move it forward.
+        conn = self._connect()
+        try:
+            conn.execute(
+                "INSERT INTO license_state (key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                (_HIGH_WATER_KEY, _to_ms(when)),
+            )
+        finally:
+            conn.close()
+
+
+@dataclass(frozen=True)
+class LicenseState:
+    """What the appliance honours right now."""
+
+    tier: str
+    license: License | None
+    reason_code: str | None
+    reason: str | None
+    warnings: tuple[str, ...] = ()
+
+
+_FileSig = tuple[int, int, int, int, int]
+
+
+def _sig(st: os.stat_result) -> _FileSig:
+    # ctime too: chmod/chown (fixing permissions) and rename change it, not mtime.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class LicenseManager:
+    """One per process, built once by the service factory and shared by all threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        keys: dict[str, bytes] | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        machine_id: str | None = None,
+        revocations: Callable[[str], bool] | None = None,
+        revoked_keys: Callable[[str], bool] | None = None,
+        skew: timedelta = CLOCK_SKEW,
+        poll_interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._path = settings.license_path
+        # None means production: only the embedded vendor keys (DESIGN §8);
+        # tests inject their own, verification itself never gets weaker.
+        self._keys = embedded_license_keys() if keys is None else dict(keys)
+        self._clock = clock
+        self._machine_id = machine_fingerprint() if machine_id is None else machine_id
+        self._is_revoked = revocations
+        self._is_key_revoked = revoked_keys
+        self._skew = skew
+        self._poll_interval = poll_interval
+        self._monotonic = monotonic
+        self._lock = threading.RLock()
+        self._reload_requested = False
+        self._high_water_store = HighWaterStore(settings.db_path)
+        self._high_water = self._high_water_store.get()
+        self._high_water_written = self._high_water
+        self._file_sig: _FileSig | None = None
+        self._file_missing = True
+        self._file_license: License | None = None
+        self._file_error: LicenseRejected | None = None
+        self._last_good: License | None = None
+        self._logged_rejection: tuple[_FileSig | None, str] | None = None
+        self._last_check = float("-inf")
+        self._state = LicenseState("free", None, "no_license", "No license loaded yet.")
+        self.reload(force=True)
+
+    @property
+    def machine_id(self) -> str | None:
+        return self._machine_id
+
+    # -- reloading -----------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Signal-safe: only sets a flag; the next access re-reads the file."""
+        self._reload_requested = True
+
+    def install_sighup_handler(self) -> None:
+        """Make SIGHUP re-read the license on next access. Call from the main thread.
+
+        The handler only sets a flag: it may run while this thread holds the
+        manager's lock, so it must not take it. A previous Python handler
+        (config reload, say) is still called.
+        """
+        previous = signal.getsignal(signal.SIGHUP)
+
+        def on_sighup(signum: int, frame: FrameType | None) -> None:
+            self._reload_requested = True
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGHUP, on_sighup)
+
+    def reload(self, force: bool = False) -> LicenseState:
+        """Re-read the file if it changed (always, with force) and re-evaluate."""
+        with self._lock:
+            self._last_check = self._monotonic()
+            try:
+                st = os.stat(self._path)
+            except FileNotFoundError:
+                self._file_missing = True
+                self._file_sig = None
+                self._file_license = None
+                self._file_error = None
+            except OSError as exc:  # e.g. the directory is not readable by the service user
+                already = self._file_error is not None and self._file_error.code == "unreadable"
+                self._file_sig = None
+                if force or not already:
+                    self._set_file_error(LicenseRejected("unreadable", self._unreadable(exc)))
+            else:
+                sig = _sig(st)
+                if not stat.S_ISREG(st.st_mode):
+                    # A FIFO would block the reader forever; a directory is a mistake.
+                    if force or sig != self._file_sig:
+                        self._file_sig = sig
+                        self._set_file_error(
+                            LicenseRejected("unreadable", f"The license path {self._path} is not a regular file.")
+                        )
+                elif force or sig != self._file_sig:
+                    self._load(sig)
+            self._state = self._evaluate()
+            return self._state
+
+    def _unreadable(self, exc: OSError) -> str:
+        return f"The license file {self._path} cannot be read ({exc.strerror or exc}); check its permissions."
+
+    def _set_file_error(self, error: LicenseRejected) -> None:
+        self._file_missing = False
+        self._file_license = None
+        self._file_error = error
+
+    def _load(self, sig: _FileSig) -> None:
+        # Remember the sig even on failure: retry when the file changes, not every second.
+        self._file_sig = sig
+        try:
+            with open(self._path, "rb") as fh:
+                # Describe the file actually read, in case it was replaced after stat().
+                self._file_sig = _sig(os.fstat(fh.fileno()))
+                data = fh.read(MAX_FILE_BYTES + 1)
+        except OSError as exc:
+            self._set_file_error(LicenseRejected("unreadable", self._unreadable(exc)))
+            return
+        try:
+            lic = parse_license(data, self._keys, is_key_revoked=self._is_key_revoked)
+        except LicenseRejected as exc:
+            self._set_file_error(exc)
+            return
+        self._file_missing = False
+        self._file_license = lic
+        self._file_error = None
+        log.info("license file %s read: %s, tier %s, licensee %r", self._path, lic.license_id, lic.tier, lic.licensee)
+
+    # -- evaluation ----------------------------------------------------------
+
+    def _check(self, lic: License, now: datetime) -> LicenseRejected | None:
+        try:
+            check_license(
+                lic,
+                now=now,
+                machine_id=self._machine_id,
+                is_revoked=self._is_revoked,
+                high_water=self._high_water,
+                skew=self._skew,
+            )
+        except LicenseRejected as exc:
+            return exc
+        return None
+
+    def _evaluate(self) -> LicenseState:
+        now = self._clock()
+        if self._file_missing:
+            # Removing the file is the operator's choice: back to free, and
+            # the old license is not resurrected by a later bad file.
+            self._last_good = None
+            state = LicenseState(
+                "free", None, "no_license", f"No license file at {self._path}; running the free tier."
+            )
+        else:
+            rejection = self._file_error
+            if self._file_license is not None:
+                rejection = self._check(self._file_license, now)
+                if rejection is None:
+                    self._last_good = self._file_license
+            if rejection is not None and (self._file_sig, rejection.code) != self._logged_rejection:
+                # Once per file and reason: polling must not repeat it every second.
+                self._logged_rejection = (self._file_sig, rejection.code)
+                log.warning("license file %s refused (%s): %s", self._path, rejection.code, rejection.reason)
+            if rejection is None and self._file_license is not None:
+                lic = self._file_license
+                state = LicenseState(lic.tier, lic, None, None, tuple(warnings_for(lic, now)))
+            elif (
+                rejection is not None
+                and self._last_good is not None
+                and self._last_good is not self._file_license
+                and self._check(self._last_good, now) is None
+            ):
+                lic = self._last_good
+                kept = (
+                    f"The license file {self._path} was refused ({rejection.code}): {rejection.reason} "
+                    f"Still using the previous license {lic.license_id}."
+                )
+                state = LicenseState(lic.tier, lic, None, None, (kept, *warnings_for(lic, now)))
+            else:
+                assert rejection is not None
+                state = LicenseState(
+                    "free", None, rejection.code, f"{rejection.reason} Running the free tier."
+                )
+        self._remember(now)
+        if (state.tier, state.reason_code, state.license and state.license.license_id) != (
+            self._state.tier,
+            self._state.reason_code,
+            self._state.license and self._state.license.license_id,
+        ):
+            level = logging.WARNING if state.reason_code not in (None, "no_license") else logging.INFO
+            log.log(level, "license tier is now %s%s", state.tier, f": {state.reason}" if state.reason else "")
+        return state
+
+    def _remember(self, now: datetime) -> None:
+        # T-LIC-1: the high-water mark only moves forward.
+        if self._high_water is None or now > self._high_water:
+            self._high_water = now
+        written = self._high_water_written
+        if written is None or self._high_water - written >= _HIGH_WATER_WRITE_EVERY:
+            try:
+                self._high_water_store.raise_to(self._high_water)
+                self._high_water_written = self._high_water
+            except sqlite3.Error as exc:
+                log.warning("cannot persist the license clock high-water mark: %s", exc)
+
+    # -- queries -------------------------------------------------------------
+
+    def current(self) -> LicenseState:
+        """The state now; re-checks file and clock at most once per poll_interval."""
+        if self._reload_requested or self._monotonic() - self._last_check >= self._poll_interval:
+            with self._lock:
+                force, self._reload_requested = self._reload_requested, False
+                return self.reload(force=force)
+        return self._state
+
+    def allows(self, feature: str) -> bool:
+        """True when the honoured license grants ``feature`` (e.g. "load_weights")."""
+        state = self.current()
+        return tier_allows(state.tier, state.license.features if state.license else (), feature)
+
+    def config_limits(self) -> Limits:
+        s = self._settings
+        return Limits(
+            rate_limit_rps=s.rate_limit_rps,
+            max_cells=s.max_cells_per_worker * s.workers,
+            max_memory_mb=s.memory_ceiling_mb,
+        )
+
+    def effective_limits(self, config: Limits | None = None) -> Limits:
+        """min(config, license, hard ceilings); the free tier gets min(config, hard)."""
+        state = self.current()
+        return effective_limits(
+            config or self.config_limits(), state.license.limits if state.license else None, HARD_CEILINGS
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The license part of GET /v1/status."""
+        state = self.current()
+        lic = state.license
+        now = self._clock()
+        return {
+            "tier": state.tier,
+            "licensee": lic.licensee if lic else None,
+            "license_id": lic.license_id if lic else None,
+            "expires_at": format_time(lic.expires_at) if lic else None,
+            "days_left": days_left(lic, now) if lic else None,
+            "features": list(lic.features) if lic else [],
+            "limits": lic.limits.as_dict() if lic else None,
+            "effective_limits": self.effective_limits().as_dict(),
+            "warnings": list(state.warnings),
+            "reason_code": state.reason_code,
+            "reason": state.reason,
+        }

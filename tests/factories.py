@@ -1,0 +1,85 @@
+"""Builders for signed test artefacts (licenses now; registry bundles and receipts later).
+
+Every key here is made on the spot (or from a fixed, public, test-only seed
+for reproducible parametrization); no vendor private key exists in this
+repository, and production verification is never weakened to accept these:
+tests inject the matching public keys instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from appliance.license.issue import encode_document, sign_payload
+from appliance.license.verify import key_id_for
+
+# The instant license tests pretend it is; licenses below are valid around it.
+NOW = datetime(2027, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+DROP = object()  # pass as an override value to remove a payload field
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    signing_key: SigningKey
+    public_key: bytes
+    key_id: str
+
+    @property
+    def keys(self) -> dict[str, bytes]:
+        """The trusted-keys mapping a verifier under test receives."""
+        return {self.key_id: self.public_key}
+
+
+def make_keypair(seed: bytes | str | None = None) -> KeyPair:
+    """A throw-away Ed25519 key pair; a seed label makes it reproducible."""
+    if seed is None:
+        signing_key = SigningKey.generate()
+    else:
+        label = seed.encode() if isinstance(seed, str) else seed
+        signing_key = SigningKey(hashlib.sha256(b"cell-test-key/" + label).digest())
+    public = bytes(signing_key.verify_key)
+    return KeyPair(signing_key, public, key_id_for(public))
+
+
+def stamp(value: datetime) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_payload(**overrides: Any) -> dict[str, Any]:
+    """A valid cell-license/1 payload around NOW; overrides replace fields (DROP removes)."""
+    payload: dict[str, Any] = {
+        "schema": "cell-license/1",
+        "license_id": "lic-test-0001",
+        "licensee": "Example Labs GmbH",
+        "tier": "pro",
+        "features": ["load_weights", "host_mcp_call"],
+        "limits": {"rate_limit_rps": 50, "max_cells": 100, "max_memory_mb": 1024},
+        "issued_at": stamp(NOW - timedelta(days=1)),
+        "not_before": stamp(NOW - timedelta(days=1)),
+        "expires_at": stamp(NOW + timedelta(days=365)),
+    }
+    for key, value in overrides.items():
+        if value is DROP:
+            payload.pop(key, None)
+        else:
+            payload[key] = value
+    return payload
+
+
+def make_document(signing_key: SigningKey, key_id: str, **payload_overrides: Any) -> dict[str, Any]:
+    return sign_payload(make_payload(**payload_overrides), signing_key, key_id)
+
+
+def make_license(signing_key: SigningKey, key_id: str, **payload_overrides: Any) -> bytes:
+    """License file bytes signed by ``signing_key``; no validation, so tests can sign bad payloads."""
+    return encode_document(make_document(signing_key, key_id, **payload_overrides))
+
+
+def compact(doc: dict[str, Any]) -> bytes:
+    """Whitespace-free file bytes, so every byte of the file is significant."""
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
