@@ -286,6 +286,7 @@ class LicenseManager:
                 now=now,
                 machine_id=self._machine_id,
                 is_revoked=self._is_revoked,
+                is_key_revoked=self._is_key_revoked,
                 high_water=self._high_water,
                 skew=self._skew,
             )

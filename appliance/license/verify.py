@@ -406,10 +406,16 @@ def check_license(
     now: datetime,
     machine_id: str | None,
     is_revoked: Callable[[str], bool] | None = None,
+    is_key_revoked: Callable[[str], bool] | None = None,
     high_water: datetime | None = None,
     skew: timedelta = CLOCK_SKEW,
 ) -> None:
-    """The checks that depend on the clock, this machine and the trust registry."""
+    """The checks that depend on the clock, this machine and the trust registry.
+
+    ``is_key_revoked`` is asked again here (``parse_license`` asked it first)
+    because a long-running service must drop a license whose signing key the
+    registry revokes later, without waiting for the file to change.
+    """
     check_clock(now, high_water, skew)
     # T-LIC-1: a license dated after "now" means the clock or the file lies.
     if lic.issued_at > now + skew:
@@ -438,6 +444,10 @@ def check_license(
             "ask the vendor for a license issued to this fingerprint.",
         )
     # T-LIC-1: revoked in the trust registry (refund, leak, abuse).
+    if is_key_revoked is not None and _ask(is_key_revoked, lic.key_id, "signing key"):
+        raise LicenseRejected(
+            "key_revoked", f"The key {lic.key_id} that signed this license has been revoked in the trust registry."
+        )
     if is_revoked is not None and _ask(is_revoked, lic.license_id, "license"):
         raise LicenseRejected(
             "revoked", f"The license {lic.license_id} has been revoked by the vendor in the trust registry."

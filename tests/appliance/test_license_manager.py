@@ -243,6 +243,18 @@ def test_T_LIC_1_revoked_signing_key_refused(settings: Settings, clock: FakeCloc
     assert m.current().reason_code == "key_revoked"
 
 
+def test_T_LIC_1_signing_key_revoked_while_running_drops_license(
+    settings: Settings, clock: FakeClock, tick: FakeMonotonic
+) -> None:
+    revoked_keys: set[str] = set()
+    write(settings.license_path, signed())
+    m = manager(settings, clock, tick, revoked_keys=revoked_keys.__contains__)
+    assert m.current().tier == "pro"
+    revoked_keys.add(KP.key_id)
+    tick.value += 1.01
+    assert (m.current().tier, m.current().reason_code) == ("free", "key_revoked")
+
+
 @pytest.fixture
 def restore_sighup() -> Iterator[None]:
     previous = signal.getsignal(signal.SIGHUP)
