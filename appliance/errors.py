@@ -21,6 +21,11 @@ class CellError(Exception):
             self.code = code
         self.retry_after = retry_after
 
+    def with_status(self, status: int) -> "CellError":
+        """Carry a status decided elsewhere (e.g. by a worker) across the boundary."""
+        self.status = status if 400 <= status <= 599 else 500
+        return self
+
 
 class BadRequest(CellError):
     status = 400

@@ -1,0 +1,226 @@
+"""Cells: the service behind the v1 API (no Flask here).
+
+Owns the mapping of cells to worker processes, runs code through the pool,
+and writes the receipt of every run before the answer leaves (DESIGN §7).
+"""
+from __future__ import annotations
+
+import secrets
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from appliance.config import Settings
+from appliance.errors import BadRequest, CellError, Conflict, NotFound
+from appliance.receipts import v1
+from appliance.receipts.store import ReceiptStore
+from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool
+from appliance.storage import CellRecord, Store, Tenant
+
+LANGUAGES = {"python3": {"python", "python3", "py"}, "javascript": {"javascript", "js"}, "wasm": {"wasm", "wat"}}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Binding:
+    worker: int
+    generation: int
+
+
+class CellService:
+    def __init__(self, settings: Settings, store: Store, pool: WorkerPool, receipts: ReceiptStore,
+                 egress: dict[str, Any] | None = None, pro_allowed: Callable[[], bool] = lambda: False) -> None:
+        self.settings = settings
+        self.store = store
+        self.pool = pool
+        self.receipts = receipts
+        self.egress = egress
+        self.pro_allowed = pro_allowed
+        self._bindings: dict[str, Binding] = {}
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
+        self.runs = 0
+
+    # -- helpers ---------------------------------------------------------
+    def volume_path(self, tenant_id: str, cell_id: str) -> str:
+        return str(self.settings.volumes_dir / tenant_id / cell_id)
+
+    def new_cell_id(self) -> str:
+        return f"c{self.settings.node_id}-{secrets.token_hex(10)}"
+
+    def cell(self, tenant: Tenant, cell_id: str) -> CellRecord:
+        # T-TENANT-1: another tenant's cell is indistinguishable from no cell.
+        record = self.store.get_cell(cell_id, tenant.id) if isinstance(cell_id, str) and len(cell_id) <= 64 else None
+        if record is None:
+            raise NotFound("no such cell", code="cell_not_found")
+        return record
+
+    # -- lifecycle -------------------------------------------------------
+    def create(self, tenant: Tenant, template: str, timeout_ms: int, persistent: bool, metadata: dict[str, str],
+               envs: dict[str, str], memory_mb: int) -> CellRecord:
+        created = now_ms()
+        record = CellRecord(self.new_cell_id(), tenant.id, template, created, timeout_ms, created + timeout_ms,
+                            persistent, metadata, envs, memory_mb)
+        volume = self.volume_path(tenant.id, record.id)
+        if template in ("python3", "javascript"):
+            handle = self.pool.pick_for_cell()
+            msg = {"op": "bind", "cell_id": record.id, "template": template, "volume": volume, "envs": envs, "memory_mb": memory_mb}
+            reply = self._call(handle, msg, None)
+            if reply.get("type") != "ok":
+                raise CellError(reply.get("message", "could not start the cell"), code=reply.get("code", "internal"))
+            with self._lock:
+                handle.cells.add(record.id)
+                self._bindings[record.id] = Binding(handle.index, handle.generation)
+        else:
+            from appliance.confine import create_volume
+
+            create_volume(self.settings.volumes_dir, tenant.id, record.id)
+        self.store.add_cell(record)
+        return record
+
+    def delete(self, tenant: Tenant, cell_id: str) -> None:
+        record = self.cell(tenant, cell_id)
+        self._drop(record)
+
+    def _drop(self, record: CellRecord) -> None:
+        with self._lock:
+            binding = self._bindings.pop(record.id, None)
+            self._lost.discard(record.id)
+        if binding is not None:
+            handle = self.pool.worker(binding.worker)
+            handle.cells.discard(record.id)
+            if handle.generation == binding.generation:
+                try:
+                    self._call(handle, {"op": "drop", "cell_id": record.id}, None)
+                except (WorkerLost, CellError):
+                    pass
+        self.store.delete_cell(record.id)
+        shutil.rmtree(self.volume_path(record.tenant_id, record.id), ignore_errors=True)
+
+    def set_timeout(self, tenant: Tenant, cell_id: str, timeout_ms: int) -> CellRecord:
+        record = self.cell(tenant, cell_id)
+        record.timeout_ms = timeout_ms
+        record.expires_at = now_ms() + timeout_ms
+        self.store.touch_cell(record.id, record.expires_at, timeout_ms)
+        return record
+
+    def reap_expired(self) -> int:
+        expired = self.store.expired_cells(now_ms())
+        for record in expired:
+            self._drop(record)
+        return len(expired)
+
+    # -- runs ------------------------------------------------------------
+    def _call(self, handle: Any, msg: dict[str, Any], deadline_s: float | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+        try:
+            return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk)
+        except WorkerLost:
+            self._mark_lost(handle.index)
+            raise
+
+    def _mark_lost(self, index: int) -> None:
+        with self._lock:
+            for cell_id, binding in list(self._bindings.items()):
+                if binding.worker == index and binding.generation != self.pool.generation_of(index):
+                    self._lost.add(cell_id)
+                    del self._bindings[cell_id]
+
+    def exec_in_cell(self, tenant: Tenant, cell_id: str, code: bytes, is_text: bool, language: str | None,
+                     on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None) -> dict[str, Any]:
+        record = self.cell(tenant, cell_id)
+        if language is not None and language not in LANGUAGES[record.template]:
+            raise BadRequest(f"this cell runs {record.template}, not {language!r}", code="language_mismatch")
+        with self._lock:
+            if cell_id in self._lost:
+                # State is gone with the worker that held it; say so once.
+                self._lost.discard(cell_id)
+                lost = True
+            else:
+                lost = False
+            binding = self._bindings.get(cell_id)
+        if lost:
+            raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, its files are kept. "
+                           "The next run starts a fresh interpreter.", code="cell_lost")
+        if binding is None or self.pool.generation_of(binding.worker) != binding.generation:
+            handle = self.pool.pick_for_cell() if record.template != "wasm" else self.pool.pick_for_run()
+            if record.template != "wasm":
+                with self._lock:
+                    self._bindings[cell_id] = Binding(handle.index, handle.generation)
+                    handle.cells.add(cell_id)
+        else:
+            handle = self.pool.worker(binding.worker)
+        run_timeout = min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms)
+        msg = {
+            "op": "exec", "cell_id": cell_id if record.template != "wasm" else None, "template": record.template,
+            "code": code, "is_text": is_text, "timeout_ms": run_timeout, "memory_mb": record.memory_mb,
+            "volume": self.volume_path(tenant.id, cell_id), "stream": on_chunk is not None, "tenant_id": tenant.id,
+            "envs": record.envs, "persistent": record.persistent, "egress": self.egress, "pro": self.pro_allowed(),
+            "known_session": binding is not None,
+        }
+        answer = self._run(handle, msg, tenant, cell_id, record.template, code, run_timeout, on_chunk)
+        record.expires_at = now_ms() + record.timeout_ms
+        self.store.touch_cell(cell_id, record.expires_at)
+        return answer
+
+    def execute_once(self, tenant: Tenant, template: str, code: bytes, is_text: bool, stdin: bytes | None,
+                     timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+        handle = self.pool.pick_for_run()
+        run_timeout = min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms)
+        msg = {
+            "op": "exec", "cell_id": None, "template": template, "code": code, "is_text": is_text,
+            "timeout_ms": run_timeout, "memory_mb": memory_mb or self.settings.memory_mb, "volume": None,
+            "stream": on_chunk is not None, "tenant_id": tenant.id, "stdin": stdin, "egress": self.egress,
+            "pro": self.pro_allowed(),
+        }
+        return self._run(handle, msg, tenant, None, template, code, run_timeout, on_chunk)
+
+    def _run(self, handle: Any, msg: dict[str, Any], tenant: Tenant, cell_id: str | None, template: str,
+             code: bytes, run_timeout_ms: int, on_chunk: ChunkCallback | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        execution_id = str(uuid.uuid4())
+        try:
+            reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
+        except WorkerLost as e:
+            overran = "deadline" in str(e)
+            outcome = {"exit_code": -1, "status": "timeout" if overran else "killed", "stdout": "", "stderr": "",
+                       "truncated": False, "restarted": False, "note": str(e), "denials": []}
+            if cell_id is not None:
+                with self._lock:
+                    self._lost.discard(cell_id)  # this answer already says the state is gone
+        else:
+            if reply.get("type") == "error":
+                raise CellError(reply.get("message", "run failed"), code=reply.get("code", "internal")).with_status(int(reply.get("status", 500)))
+            outcome = reply["outcome"]
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.runs += 1
+        receipt = self.receipts.append(
+            execution_id=execution_id, tenant_id=tenant.id, cell_id=cell_id, template=template,
+            code_hash=v1.code_hash(code),
+            result_hash=v1.result_hash(exit_code=outcome["exit_code"], status=outcome["status"],
+                                       stderr=outcome["stderr"], stdout=outcome["stdout"]),
+            timestamp_ms=now_ms(),
+        )
+        answer = {
+            "execution_id": execution_id,
+            "stdout": outcome["stdout"],
+            "stderr": outcome["stderr"],
+            "exit_code": outcome["exit_code"],
+            "status": outcome["status"],
+            "latency_ms": latency_ms,
+            "truncated": outcome["truncated"],
+            "receipt": receipt,
+        }
+        if cell_id is not None:
+            answer["cell_id"] = cell_id
+            answer["restarted"] = bool(outcome.get("restarted"))
+        if outcome.get("note"):
+            answer["note"] = outcome["note"]
+        if outcome.get("denials"):
+            answer["denials"] = outcome["denials"]
+        return answer

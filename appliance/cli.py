@@ -1,0 +1,167 @@
+"""The operator's command line: ``cell serve|warm|tenant|receipts|license``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.config import ConfigError, Settings, load_settings
+
+DEV_KEY_FILE = "dev-api-key"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    env = dict(os.environ)
+    if getattr(args, "dev", False):
+        env.setdefault("SYNAPSE_ROOT", ".synapse")
+        env.setdefault("SYNAPSE_CONFIG_DIR", str(Path(env["SYNAPSE_ROOT"]) / "etc"))
+    if getattr(args, "host", None):
+        overrides["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    settings = load_settings(env, overrides=overrides)
+    return settings.with_overrides(root=settings.root.absolute())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from waitress.server import create_server
+
+    from appliance.services import build_services, ensure_default_tenant
+    from appliance.web.app import create_app
+
+    settings = _settings(args)
+    started = time.monotonic()
+    print(f"cell: data under {settings.root}; starting {settings.workers} worker(s)", flush=True)
+    print("cell: the first start compiles the guest runtimes (about 2 minutes and 2.5 GB of memory, once per machine)", flush=True)
+    services = build_services(settings, progress=lambda m: print(f"cell: {m}", flush=True))
+    key = ensure_default_tenant(services)
+    key_file = settings.root / DEV_KEY_FILE
+    if key is not None and args.dev:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+    if key is None and args.dev and key_file.is_file():
+        key = key_file.read_text().strip()
+    services.start_background()
+    app = create_app(services)
+    server = create_server(app, host=settings.host, port=settings.port, threads=16,
+                           max_request_body_size=settings.max_body_bytes + 1024, ident="cell")
+    port = server.effective_port  # type: ignore[union-attr]
+    url = f"http://{settings.host}:{port}"
+    print(f"cell: serving on {url} (ready in {time.monotonic() - started:.2f}s)", flush=True)
+    if key:
+        print(f"cell: API key of tenant 'default': {key}", flush=True)
+        print("cell: try it:", flush=True)
+        print(f"  curl -s -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+              f"-d '{{\"template\":\"python3\",\"code\":\"print(1+1)\"}}' {url}/v1/execute", flush=True)
+    elif not args.dev:
+        print("cell: create a tenant and key with: cell tenant add NAME", flush=True)
+    stop = threading.Event()
+
+    def on_term(signum: int, _frame: Any) -> None:
+        stop.set()
+        server.close()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    try:
+        server.run()
+    except (OSError, ValueError):
+        if not stop.is_set():
+            raise
+    finally:
+        print("cell: shutting down", flush=True)
+        services.close()
+    return 0
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    from appliance.runtime.loader import Runtimes
+
+    settings = _settings(args)
+    settings.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    rt = Runtimes(settings.cache_dir, progress=lambda m: print(f"cell warm: {m}", flush=True))
+    try:
+        for template in ("javascript", "python3"):
+            t = time.monotonic()
+            rt.get(template)
+            print(f"cell warm: {template} ready in {time.monotonic() - t:.1f}s", flush=True)
+    finally:
+        rt.close()
+    return 0
+
+
+def cmd_tenant(args: argparse.Namespace) -> int:
+    from appliance.cells import now_ms
+    from appliance.services import prepare_root
+    from appliance.storage import Store
+
+    settings = _settings(args)
+    prepare_root(settings)
+    store = Store(settings.db_path)
+    try:
+        if args.tenant_cmd == "add":
+            tenant, key = store.add_tenant(args.name, now_ms())
+            print(f"tenant {tenant.id} ({tenant.name}) created")
+            print(f"API key (shown once, store it now): {key}")
+        elif args.tenant_cmd == "list":
+            for t in store.list_tenants():
+                print(f"{t.id}\t{t.name}\t{'revoked' if t.revoked else 'active'}")
+        elif args.tenant_cmd == "revoke":
+            if not store.revoke_tenant(args.tenant_id):
+                print(f"no tenant {args.tenant_id}", file=sys.stderr)
+                return 1
+            print(f"tenant {args.tenant_id} revoked")
+    finally:
+        store.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cell", description="Cell appliance")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--dev", action="store_true", help="data under ./.synapse, print a ready-to-use key")
+    serve.set_defaults(func=cmd_serve)
+    warm = sub.add_parser("warm", help="compile the guest runtimes ahead of time")
+    warm.add_argument("--dev", action="store_true")
+    warm.set_defaults(func=cmd_warm)
+    tenant = sub.add_parser("tenant", help="manage tenants and API keys")
+    tenant.add_argument("--dev", action="store_true")
+    tsub = tenant.add_subparsers(dest="tenant_cmd", required=True)
+    add = tsub.add_parser("add")
+    add.add_argument("name")
+    tsub.add_parser("list")
+    rev = tsub.add_parser("revoke")
+    rev.add_argument("tenant_id")
+    tenant.set_defaults(func=cmd_tenant)
+    for module in ("appliance.receipts.cli", "appliance.license.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+            mod.register(sub)
+        except ImportError:
+            pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"cell: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

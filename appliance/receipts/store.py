@@ -1,0 +1,365 @@
+"""Durable, append-only, hash-chained receipt log in the node database.
+
+One writer connection behind a lock this store owns; each append is one
+``BEGIN IMMEDIATE`` transaction (read tail, insert, commit) so neither two
+threads nor two processes can extend the same tail (threat T-RCPT-1: a
+forked or broken chain). WAL with ``synchronous=FULL``: when ``append``
+returns, the receipt survives a power cut, so the run's answer may be sent.
+Readers use their own read-only connections and never wait for the writer.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from appliance.receipts import merkle, v1
+from appliance.receipts import verify as _verify
+from appliance.receipts.nodekey import NodeKey
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = _verify.EXPORT_FORMAT
+RECEIPT_FIELDS = _verify.RECEIPT_FIELDS
+_COLUMNS = ", ".join(RECEIPT_FIELDS)
+_CHECKPOINT_FIELDS = ("count", "root_hash", "timestamp", "key_id", "signature")
+BUSY_TIMEOUT_S = 30.0
+
+
+class DuplicateReceipt(ValueError):
+    """An execution_id gets exactly one receipt."""
+
+
+class StoreClosed(RuntimeError):
+    pass
+
+
+def _migrations() -> Migrations:
+    """Small named steps, recorded under the "cell.receipts" set in _sqlite_migrations."""
+    m = Migrations("cell.receipts")
+
+    @m(name="0001_receipts")
+    def receipts(db: sqlite_utils.Database) -> None:
+        # UNIQUE(prev_chain_hash): the database itself refuses two rows that
+        # extend the same tail — a fork cannot be committed (T-RCPT-1).
+        db.execute(
+            """CREATE TABLE IF NOT EXISTS receipts (
+                seq INTEGER PRIMARY KEY CHECK (seq >= 1),
+                schema TEXT NOT NULL,
+                execution_id TEXT NOT NULL UNIQUE,
+                tenant_id TEXT NOT NULL,
+                cell_id TEXT,
+                template TEXT NOT NULL,
+                code_hash TEXT NOT NULL CHECK (length(code_hash) = 64),
+                result_hash TEXT NOT NULL CHECK (length(result_hash) = 64),
+                timestamp INTEGER NOT NULL CHECK (timestamp >= 0),
+                receipt_hash TEXT NOT NULL CHECK (length(receipt_hash) = 64),
+                prev_chain_hash TEXT NOT NULL UNIQUE,
+                chain_hash TEXT NOT NULL UNIQUE,
+                signature TEXT NOT NULL,
+                key_id TEXT NOT NULL
+            )"""
+        )
+        db.execute("CREATE INDEX IF NOT EXISTS receipts_tenant_seq ON receipts (tenant_id, seq)")
+
+    @m(name="0002_checkpoints")
+    def checkpoints(db: sqlite_utils.Database) -> None:
+        db.execute(
+            """CREATE TABLE IF NOT EXISTS checkpoints (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                count INTEGER NOT NULL CHECK (count >= 0),
+                root_hash TEXT NOT NULL,
+                timestamp INTEGER NOT NULL,
+                key_id TEXT NOT NULL,
+                signature TEXT NOT NULL
+            )"""
+        )
+
+    @m(name="0003_receipt_keys")
+    def receipt_keys(db: sqlite_utils.Database) -> None:
+        # Every key that ever signed here, so a verifier can follow a key rotation.
+        db.execute(
+            """CREATE TABLE IF NOT EXISTS receipt_keys (
+                key_id TEXT PRIMARY KEY,
+                public_key TEXT NOT NULL,
+                first_used INTEGER NOT NULL
+            )"""
+        )
+
+    @m(name="0004_append_only_triggers")
+    def append_only(db: sqlite_utils.Database) -> None:
+        # Defence in depth against an appliance bug rewriting history (T-RCPT-1);
+        # someone with the file can drop these, which is what verify() is for.
+        for table in ("receipts", "checkpoints"):
+            for op in ("UPDATE", "DELETE"):
+                db.execute(
+                    f"""CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()}
+                        BEFORE {op} ON {table}
+                        BEGIN SELECT RAISE(ABORT, '{table} are append-only (T-RCPT-1)'); END"""
+                )
+
+    return m
+
+
+def _connect(db_path: Path, *, read_only: bool) -> sqlite3.Connection:
+    if read_only:
+        conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True,
+                               timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    else:
+        # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+        conn = sqlite3.connect(str(db_path), timeout=BUSY_TIMEOUT_S,
+                               isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    return conn
+
+
+class ReceiptStore:
+    def __init__(
+        self,
+        db_path: Path,
+        key: NodeKey,
+        *,
+        checkpoint_every: int = 1000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be a non-negative integer (0 disables)")
+        self._path = Path(db_path)
+        self._key = key
+        self._checkpoint_every = checkpoint_every
+        self._clock = clock
+        self._lock = threading.Lock()  # the one writer (STYLE: a lock the store owns)
+        self._frontier = merkle.Frontier()
+        self._readers = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._closed = False
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = _connect(self._path, read_only=False)
+        db = sqlite_utils.Database(self._conn, execute_plugins=False)
+        db.enable_wal()
+        # FULL: the WAL is fsynced at every commit — a receipt that was
+        # answered is never lost to a power cut (issue: durable BEFORE the answer).
+        self._conn.execute("PRAGMA synchronous = FULL")
+        self._write(lambda: (_migrations().apply(db), self._register_key()))
+
+    # -- writer ---------------------------------------------------------------
+
+    def _write(self, body: Callable[[], Any]) -> Any:
+        """Run body in one BEGIN IMMEDIATE transaction, holding the writer lock."""
+        with self._lock:
+            if self._closed:
+                raise StoreClosed("receipt store is closed")
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body()
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            return result
+
+    def _register_key(self) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO receipt_keys (key_id, public_key, first_used) VALUES (?, ?, ?)",
+            (self._key.key_id, self._key.public_key_hex, int(self._clock() * 1000)),
+        )
+
+    def append(
+        self,
+        *,
+        execution_id: str,
+        tenant_id: str,
+        cell_id: str | None,
+        template: str,
+        code_hash: str,
+        result_hash: str,
+        timestamp_ms: int,
+    ) -> dict[str, Any]:
+        """Append one receipt; it is committed and fsynced when this returns."""
+        # Validation happens before the lock: a bad field never costs the writer (T-RCPT-1).
+        rh = v1.receipt_hash(execution_id=execution_id, code_hash=code_hash, result_hash=result_hash,
+                             template=template, timestamp=timestamp_ms)
+        if not isinstance(tenant_id, str) or not tenant_id:
+            raise v1.ReceiptFieldError("tenant_id", "must be a non-empty string")
+        if cell_id is not None and not isinstance(cell_id, str):
+            raise v1.ReceiptFieldError("cell_id", "must be a string or None")
+
+        def body() -> dict[str, Any]:
+            # Tail read and insert in one IMMEDIATE transaction: no other thread
+            # or process can chain onto the same tail (T-RCPT-1 fork).
+            tail = self._conn.execute("SELECT seq, chain_hash FROM receipts ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (tail[0] + 1, tail[1]) if tail else (1, v1.GENESIS)
+            ch = v1.chain_hash(prev, rh)
+            receipt = {
+                "schema": v1.SCHEMA, "execution_id": execution_id, "code_hash": code_hash,
+                "result_hash": result_hash, "template": template, "timestamp": timestamp_ms,
+                "receipt_hash": rh, "seq": seq, "prev_chain_hash": prev, "chain_hash": ch,
+                "signature": base64.b64encode(self._key.sign(ch.encode("ascii"))).decode("ascii"),
+                "key_id": self._key.key_id, "cell_id": cell_id,
+            }
+            self._conn.execute(
+                f"INSERT INTO receipts ({_COLUMNS}, tenant_id) VALUES ({', '.join('?' * len(RECEIPT_FIELDS))}, ?)",
+                (*(receipt[f] for f in RECEIPT_FIELDS), tenant_id),
+            )
+            return receipt
+
+        try:
+            receipt: dict[str, Any] = self._write(body)
+        except sqlite3.IntegrityError as exc:
+            if "execution_id" in str(exc):
+                raise DuplicateReceipt(f"execution_id {execution_id} already has a receipt") from None
+            raise
+        if self._checkpoint_every and receipt["seq"] % self._checkpoint_every == 0:
+            try:
+                self.checkpoint()
+            except (sqlite3.Error, StoreClosed) as exc:
+                # The receipt is already durable; a late checkpoint is retried at the next interval.
+                log.warning("receipt checkpoint at seq %s failed: %s", receipt["seq"], exc)
+        return receipt
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Sign a tree head over every receipt so far (no new row if nothing changed)."""
+
+        def body() -> dict[str, Any]:
+            latest = self._conn.execute(
+                "SELECT count, root_hash, timestamp, key_id, signature FROM checkpoints ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            count = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM receipts").fetchone()[0]
+            if latest is not None and latest[0] == count:
+                return dict(zip(_CHECKPOINT_FIELDS, latest))
+            if self._frontier.count > count:
+                self._frontier = merkle.Frontier()  # the file was replaced under us: start over
+            # Only the rows since the last checkpoint are hashed (rows are append-only).
+            for (rh,) in self._conn.execute(
+                "SELECT receipt_hash FROM receipts WHERE seq > ? AND seq <= ? ORDER BY seq",
+                (self._frontier.count, count),
+            ):
+                self._frontier.push(rh)
+            if self._frontier.count != count:
+                raise RuntimeError(f"receipt seqs are not contiguous up to {count} (T-RCPT-1)")
+            cp: dict[str, Any] = {"count": count, "root_hash": self._frontier.root(),
+                                  "timestamp": int(self._clock() * 1000), "key_id": self._key.key_id}
+            cp["signature"] = base64.b64encode(self._key.sign(v1.checkpoint_message(**cp))).decode("ascii")
+            self._conn.execute(
+                "INSERT INTO checkpoints (count, root_hash, timestamp, key_id, signature) VALUES (?, ?, ?, ?, ?)",
+                tuple(cp[f] for f in _CHECKPOINT_FIELDS),
+            )
+            return cp
+
+        result: dict[str, Any] = self._write(body)
+        return result
+
+    # -- readers --------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreClosed("receipt store is closed")
+        conn: sqlite3.Connection | None = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = _connect(self._path, read_only=True)
+            self._readers.conn = conn
+            with self._lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    def get(self, execution_id: str, tenant_id: str | None = None) -> dict[str, Any] | None:
+        sql, args = f"SELECT {_COLUMNS} FROM receipts WHERE execution_id = ?", [execution_id]
+        if tenant_id is not None:  # another tenant's receipt looks exactly like a missing one
+            sql, args = sql + " AND tenant_id = ?", [*args, tenant_id]
+        row = self._reader().execute(sql, args).fetchone()
+        return dict(zip(RECEIPT_FIELDS, row)) if row else None
+
+    def page(self, *, tenant_id: str | None, after: int | None, limit: int) -> list[dict[str, Any]]:
+        limit = max(1, min(1000, int(limit)))
+        sql, args = f"SELECT {_COLUMNS} FROM receipts WHERE seq > ?", [int(after or 0)]
+        if tenant_id is not None:
+            sql, args = sql + " AND tenant_id = ?", [*args, tenant_id]
+        rows = self._reader().execute(sql + " ORDER BY seq LIMIT ?", [*args, limit]).fetchall()
+        return [dict(zip(RECEIPT_FIELDS, row)) for row in rows]
+
+    def count(self) -> int:
+        # seqs are contiguous from 1, so MAX is the count without a full scan.
+        return int(self._reader().execute("SELECT COALESCE(MAX(seq), 0) FROM receipts").fetchone()[0])
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        row = self._reader().execute(
+            "SELECT count, root_hash, timestamp, key_id, signature FROM checkpoints ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        return dict(zip(_CHECKPOINT_FIELDS, row)) if row else None
+
+    def public_keys(self) -> dict[str, str]:
+        rows = self._reader().execute("SELECT key_id, public_key FROM receipt_keys ORDER BY first_used").fetchall()
+        return {**{k: p for k, p in rows}, self._key.key_id: self._key.public_key_hex}
+
+    def verify(self) -> dict[str, Any]:
+        """Re-check the whole chain, every signature and every checkpoint (T-RCPT-1)."""
+        report = _verify.verify_connection(self._reader(), list(self.public_keys().values()))
+        return {"ok": report.ok, "count": report.count,
+                "first_problem": report.first_problem.as_dict() if report.first_problem else None}
+
+    def export(self, out: IO[str]) -> dict[str, Any]:
+        """Write a JSON Lines export: header, receipts up to a fresh checkpoint, trailer."""
+        cp = self.checkpoint()  # the header's signed head then covers every exported row
+        conn = self._reader()
+        header = {
+            "type": "header", "format": EXPORT_FORMAT, "node_public_key": self._key.public_key_hex,
+            "key_id": self._key.key_id, "keys": self.public_keys(), "schemas": [v1.SCHEMA],
+            "checkpoint": cp, "exported_at": int(self._clock() * 1000),
+        }
+        out.write(_verify.dumps_line(header))
+        head = v1.GENESIS
+        for row in conn.execute(f"SELECT {_COLUMNS} FROM receipts WHERE seq <= ? ORDER BY seq", (cp["count"],)):
+            receipt = dict(zip(RECEIPT_FIELDS, row))
+            head = receipt["chain_hash"]
+            out.write(_verify.dumps_line(receipt))
+        trailer = {"type": "trailer", "count": cp["count"], "last_chain_hash": head}
+        out.write(_verify.dumps_line(trailer))
+        return {"count": cp["count"], "checkpoint": cp, "last_chain_hash": head}
+
+    def export_to(self, path: Path) -> dict[str, Any]:
+        """Export atomically: a reader never sees half a file that looks truncated."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+                summary = self.export(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return summary
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def close(self) -> None:
+        """Sign a final checkpoint (shutdown), then close every connection."""
+        if self._closed:
+            return
+        try:
+            self.checkpoint()
+        except sqlite3.Error as exc:
+            log.warning("final receipt checkpoint failed: %s", exc)
+        with self._lock:
+            self._closed = True
+            for conn in [*self._reader_conns, self._conn]:
+                conn.close()
+            self._reader_conns.clear()
+
+    def __enter__(self) -> ReceiptStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,144 @@
+"""The ``cell`` host functions of the guest ABI (DESIGN §6).
+
+Every function here is reachable by hostile code. Each one:
+- never raises into wasmtime (T-MEM-1 note in STYLE: a raised exception is
+  kept in one process-wide slot and can surface in the wrong thread); it
+  returns a negative code instead;
+- converts every pointer and length to unsigned and bounds-checks it against
+  the guest's memory before reading or writing (T-MEM-1);
+- caps transfers at 10,000,000 bytes (T-DOS-1);
+- resolves paths only through ``appliance.confine.Volume`` (T-PATH-1/2) and
+  URLs only through ``appliance.egress`` (T-SSRF-1/2).
+
+Return codes: bytes transferred (>= 0), or
+  -1 denied by policy (traversal, symlink, special file, SSRF, egress off, license)
+  -2 not found
+  -3 invalid argument (bad pointer or length, not UTF-8, no memory export)
+  -4 I/O or network error
+  -5 too large (response or file over the cap)
+  -6 is a directory
+  -7 already exists
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import wasmtime
+
+from appliance.policy.bounds import MAX_TRANSFER, span
+from appliance.runtime import context
+
+DENIED, NOT_FOUND, INVALID, IO_ERROR, TOO_LARGE = -1, -2, -3, -4, -5
+MAX_PATH_BYTES = 4096
+MAX_URL_BYTES = 2048
+FUNCTIONS = ("host_fs_read", "host_fs_write", "host_fetch")
+
+
+def _memory(caller: wasmtime.Caller) -> Any:
+    mem = caller.get("memory")
+    return mem if isinstance(mem, wasmtime.Memory) else None
+
+
+def _read_text(caller: wasmtime.Caller, mem: Any, ptr: int, length: int, limit: int) -> str | None:
+    where = span(ptr, length, mem.data_len(caller))
+    if where is None or where[1] > limit:
+        return None
+    try:
+        return bytes(mem.read(caller, where[0], where[0] + where[1])).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def host_fs_read(caller: wasmtime.Caller, path_ptr: int, path_len: int, buf_ptr: int, max_len: int) -> int:
+    try:
+        ctx = context.current()
+        mem = _memory(caller)
+        if ctx is None or ctx.volume is None:
+            return DENIED
+        if mem is None:
+            return INVALID
+        path = _read_text(caller, mem, path_ptr, path_len, MAX_PATH_BYTES)
+        buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)  # T-MEM-1, T-DOS-1
+        if path is None or buf is None:
+            return INVALID
+        from appliance.confine import ConfinementError
+
+        try:
+            data = ctx.volume.read_bytes(path, buf[1])
+        except ConfinementError as e:
+            if e.errno_code == DENIED:
+                ctx.deny("T-PATH-1", "host_fs_read", e.code)
+            return int(e.errno_code)
+        mem.write(caller, data, buf[0])
+        return len(data)
+    except Exception:
+        return IO_ERROR
+
+
+def host_fs_write(caller: wasmtime.Caller, path_ptr: int, path_len: int, data_ptr: int, data_len: int) -> int:
+    try:
+        ctx = context.current()
+        mem = _memory(caller)
+        if ctx is None or ctx.volume is None:
+            return DENIED
+        if mem is None:
+            return INVALID
+        path = _read_text(caller, mem, path_ptr, path_len, MAX_PATH_BYTES)
+        src = span(data_ptr, data_len, mem.data_len(caller))  # T-MEM-1: whole span must exist
+        if path is None or src is None:
+            return INVALID
+        if src[1] > MAX_TRANSFER:  # T-DOS-1
+            return TOO_LARGE
+        data = bytes(mem.read(caller, src[0], src[0] + src[1]))
+        from appliance.confine import ConfinementError
+
+        try:
+            return int(ctx.volume.write_bytes(path, data))
+        except ConfinementError as e:
+            if e.errno_code == DENIED:
+                ctx.deny("T-PATH-1", "host_fs_write", e.code)
+            return int(e.errno_code)
+    except Exception:
+        return IO_ERROR
+
+
+def host_fetch(caller: wasmtime.Caller, url_ptr: int, url_len: int, buf_ptr: int, max_len: int) -> int:
+    try:
+        ctx = context.current()
+        mem = _memory(caller)
+        if ctx is None:
+            return DENIED
+        if ctx.egress is None or not getattr(ctx.egress, "enabled", False):
+            ctx.deny("T-SSRF-1", "host_fetch", "egress_off")  # air-gap default
+            return DENIED
+        if mem is None:
+            return INVALID
+        url = _read_text(caller, mem, url_ptr, url_len, MAX_URL_BYTES)
+        buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)
+        if url is None or buf is None:
+            return INVALID
+        from appliance import egress
+        from appliance.policy.egress import EgressDenied
+
+        deadline = time.monotonic() + max(0.0, min(ctx.governor.remaining(), 60.0))
+        try:
+            result = egress.fetch(url, policy=ctx.egress, max_bytes=buf[1], deadline=deadline)
+        except EgressDenied as e:
+            ctx.deny("T-SSRF-1", "host_fetch", e.reason)
+            return DENIED
+        except egress.EgressError as e:
+            return TOO_LARGE if getattr(e, "reason", "") == "too_large" else IO_ERROR
+        body = result.body[: buf[1]]
+        mem.write(caller, body, buf[0])
+        return len(body)
+    except Exception:
+        return IO_ERROR
+
+
+def define(linker: wasmtime.Linker) -> None:
+    i32 = wasmtime.ValType.i32()
+    sig = wasmtime.FuncType([i32] * 4, [i32])
+    linker.define_func("cell", "host_fs_read", sig, host_fs_read, access_caller=True)
+    linker.define_func("cell", "host_fs_write", sig, host_fs_write, access_caller=True)
+    linker.define_func("cell", "host_fetch", sig, host_fetch, access_caller=True)

@@ -1,0 +1,214 @@
+"""The supervisor: a pool of worker processes, from the web process's side.
+
+Guests never run in the web process. Each worker runs one request at a time;
+a request waits for its worker's lock, and when too many already wait the
+pool answers 503 with Retry-After instead of queueing without bound
+(T-DOS-2). The last line of defence for wall-clock limits (T-DOS-1) is here:
+a worker that has not answered by the run's deadline plus a grace period is
+SIGKILLed and replaced; every cell it held is marked lost.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from appliance.config import Settings
+from appliance.errors import Busy, CellError
+from appliance.runtime.worker import worker_main
+
+ChunkCallback = Callable[[int, bytes], None]
+START_TIMEOUT_S = 900.0  # the first start may compile the runtimes (minutes)
+
+
+class WorkerLost(Exception):
+    pass
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    generation: int
+    process: Any
+    conn: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cells: set[str] = field(default_factory=set)
+    busy: bool = False
+    runs: int = 0
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, progress: Callable[[str], None] | None = None) -> None:
+        self.settings = settings
+        self._mp = multiprocessing.get_context("spawn")
+        self._workers: list[WorkerHandle] = []
+        self._waiting = 0
+        self._state_lock = threading.Lock()
+        self._req_ids = itertools.count(1)
+        self._generation = itertools.count(1)
+        self.kills = 0
+        self.progress = progress
+        self.closed = False
+
+    # -- lifecycle -------------------------------------------------------
+    def _config(self, index: int) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "index": index,
+            "cache_dir": str(s.cache_dir),
+            "volumes_dir": str(s.volumes_dir),
+            "memory_mb": s.memory_mb,
+            "output_cap_bytes": s.output_cap_bytes,
+            "module_max_bytes": s.module_max_bytes,
+            "warm_python": s.warm_python,
+            "warm_javascript": s.warm_javascript,
+        }
+
+    def _spawn(self, index: int) -> WorkerHandle:
+        parent, child = self._mp.Pipe(duplex=True)
+        proc = self._mp.Process(target=worker_main, args=(child, self._config(index)), name=f"cell-worker-{index}", daemon=True)
+        proc.start()
+        child.close()
+        handle = WorkerHandle(index=index, generation=next(self._generation), process=proc, conn=parent)
+        return handle
+
+    def _await_ready(self, handle: WorkerHandle, timeout: float) -> None:
+        if not handle.conn.poll(timeout):
+            handle.process.kill()
+            raise RuntimeError(f"worker {handle.index} did not start within {timeout:.0f}s")
+        try:
+            msg = handle.conn.recv()
+        except (EOFError, OSError):
+            raise RuntimeError(f"worker {handle.index} died while starting (exit code {handle.process.exitcode})") from None
+        if msg.get("type") != "ready":
+            raise RuntimeError(f"worker {handle.index} sent {msg!r} instead of ready")
+
+    def start(self) -> None:
+        # The first worker alone compiles any runtime missing from the cache,
+        # so two processes never compile the same multi-GB module at once.
+        first = self._spawn(0)
+        self._await_ready(first, START_TIMEOUT_S)
+        others = [self._spawn(i) for i in range(1, self.settings.workers)]
+        for handle in others:
+            self._await_ready(handle, START_TIMEOUT_S)
+        self._workers = [first, *others]
+
+    def close(self) -> None:
+        self.closed = True
+        for handle in self._workers:
+            try:
+                handle.conn.close()
+            except OSError:
+                pass
+        for handle in self._workers:
+            handle.process.join(timeout=3)
+            if handle.process.is_alive():
+                handle.process.kill()
+                handle.process.join(timeout=2)
+
+    # -- placement -------------------------------------------------------
+    def worker(self, index: int) -> WorkerHandle:
+        return self._workers[index]
+
+    def pick_for_cell(self) -> WorkerHandle:
+        if any(len(w.cells) < self.settings.max_cells_per_worker for w in self._workers):
+            return min(self._workers, key=lambda w: (len(w.cells), w.busy))
+        raise Busy("every worker holds its maximum number of cells", code="capacity", retry_after=5)
+
+    def pick_for_run(self) -> WorkerHandle:
+        idle = [w for w in self._workers if not w.busy]
+        return min(idle or self._workers, key=lambda w: (w.busy, w.runs))
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "workers": len(self._workers),
+            "busy": sum(1 for w in self._workers if w.busy),
+            "waiting": self._waiting,
+            "cells": sum(len(w.cells) for w in self._workers),
+            "kills": self.kills,
+            "pids": [w.process.pid for w in self._workers],
+        }
+
+    # -- calls -----------------------------------------------------------
+    def call(self, handle: WorkerHandle, msg: dict[str, Any], *, deadline_s: float | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+        """Send one request to a worker and wait for its final message.
+
+        ``deadline_s`` is the run's own limit; the worker is killed if it has
+        not answered by then plus the grace period. None = control message.
+        """
+        with self._state_lock:
+            if self._waiting >= self.settings.queue_max + len(self._workers):
+                raise Busy("every worker is busy and the queue is full", retry_after=1)
+            self._waiting += 1
+        try:
+            if not handle.lock.acquire(timeout=30):
+                raise Busy("timed out waiting for a worker", retry_after=1)
+        finally:
+            with self._state_lock:
+                self._waiting -= 1
+        try:
+            current = self._workers[handle.index]
+            if current is not handle:  # replaced while we waited
+                raise WorkerLost("worker was replaced")
+            handle.busy = True
+            handle.runs += 1
+            req_id = next(self._req_ids)
+            msg = dict(msg, req_id=req_id)
+            grace = self.settings.kill_grace_ms / 1000
+            limit = None if deadline_s is None else time.monotonic() + deadline_s + grace
+            try:
+                handle.conn.send(msg)
+                while True:
+                    wait = 60.0 if limit is None else max(0.0, limit - time.monotonic())
+                    if not handle.conn.poll(wait):
+                        self._replace(handle, "overran its deadline")
+                        raise WorkerLost("the worker overran the run's deadline and was replaced")
+                    reply = handle.conn.recv()
+                    if reply.get("req_id") != req_id:
+                        continue
+                    if reply.get("type") == "chunk":
+                        if on_chunk is not None:
+                            on_chunk(reply["fd"], reply["data"])
+                        continue
+                    return reply
+            except (EOFError, OSError, BrokenPipeError):
+                self._replace(handle, "died")
+                raise WorkerLost("the worker died during the run and was replaced") from None
+        finally:
+            handle.busy = False
+            handle.lock.release()
+
+    def _replace(self, handle: WorkerHandle, why: str) -> None:
+        """Kill a worker and start its replacement (called with its lock held)."""
+        self.kills += 1
+        try:
+            handle.process.kill()
+            handle.process.join(timeout=5)
+        except Exception:
+            pass
+        try:
+            handle.conn.close()
+        except OSError:
+            pass
+        new = self._spawn(handle.index)
+        self._workers[handle.index] = new
+        try:
+            self._await_ready(new, START_TIMEOUT_S)
+        except RuntimeError as e:
+            raise CellError(f"worker replacement failed: {e}") from None
+
+    def generation_of(self, index: int) -> int:
+        return self._workers[index].generation
+
+    def check_alive(self) -> None:
+        """Replace workers that died between requests (e.g. killed from outside)."""
+        for handle in list(self._workers):
+            if not handle.process.is_alive() and handle.lock.acquire(blocking=False):
+                try:
+                    if self._workers[handle.index] is handle and not handle.process.is_alive():
+                        self._replace(handle, "died while idle")
+                finally:
+                    handle.lock.release()

@@ -1,0 +1,127 @@
+"""The one object graph: built once from Settings, handed to the app and CLI."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from appliance import __version__
+from appliance.cells import CellService, now_ms
+from appliance.config import Settings
+from appliance.policy.ratelimit import TokenBucketLimiter
+from appliance.receipts.nodekey import NodeKey
+from appliance.receipts.store import ReceiptStore
+from appliance.runtime import templates
+from appliance.runtime.pool import WorkerPool
+from appliance.storage import Store
+
+log = logging.getLogger("cell")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    receipts: ReceiptStore
+    node_key: NodeKey
+    pool: WorkerPool
+    cells: CellService
+    limiter: TokenBucketLimiter
+    license: Any = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def status(self) -> dict[str, Any]:
+        lic = self.license.summary() if self.license is not None else None
+        return {
+            "version": __version__,
+            "node_id": self.settings.node_id,
+            "tier": lic["tier"] if lic else "free",
+            "license": lic,
+            "egress": self.settings.egress,
+            "telemetry": self.settings.telemetry,
+            "node_public_key": self.node_key.public_key_hex,
+            "node_key_id": self.node_key.key_id,
+            "templates": [t["name"] for t in self.templates()],
+            "workers": self.pool.stats(),
+            "receipts": self.receipts.count(),
+        }
+
+    def templates(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for name in ("python3", "javascript"):
+            rt = templates.find_runtime(name)
+            out.append({"name": name, "version": rt.version, "sha256": rt.sha256, "size": rt.wasm.stat().st_size, "license": rt.license})
+        out.append({"name": "wasm", "version": "customer module (WASI preview 1 + cell host functions)", "sha256": None, "size": None, "license": None})
+        return out
+
+    def start_background(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(1.0):
+                try:
+                    self.cells.reap_expired()
+                    self.pool.check_alive()
+                except Exception:
+                    log.exception("background maintenance failed")
+
+        t = threading.Thread(target=loop, name="cell-maintenance", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=3)
+        self.pool.close()
+        try:
+            self.receipts.checkpoint()
+        except Exception:
+            log.exception("final receipt checkpoint failed")
+        self.receipts.close()
+        self.store.close()
+
+
+def prepare_root(settings: Settings) -> None:
+    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir):
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def build_services(settings: Settings, *, license_factory: Callable[[Settings], Any] | None = None,
+                   progress: Callable[[str], None] | None = None) -> Services:
+    prepare_root(settings)
+    store = Store(settings.db_path)
+    node_key = NodeKey.load_or_create(settings.keys_dir)
+    receipts = ReceiptStore(settings.db_path, node_key)
+    lic = None
+    try:
+        if license_factory is not None:
+            lic = license_factory(settings)
+        else:
+            from appliance.license.manager import LicenseManager
+
+            lic = LicenseManager(settings)
+    except Exception as e:  # no license subsystem means the free tier, never a crash
+        log.warning("license subsystem unavailable, running free tier: %s", e)
+    pool = WorkerPool(settings, progress=progress)
+    pool.start()
+    egress = {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow)}
+    pro = (lambda: bool(lic.current().tier in ("pro", "hub"))) if lic is not None else (lambda: False)
+    cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None, pro_allowed=pro)
+    limiter = TokenBucketLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+    services = Services(settings, store, receipts, node_key, pool, cells, limiter, license=lic)
+    return services
+
+
+def ensure_default_tenant(services: Services) -> str | None:
+    """Create a 'default' tenant on first start; return its key once, else None."""
+    if services.store.list_tenants():
+        return None
+    _, key = services.store.add_tenant("default", now_ms(), tenant_id="default")
+    return key
+
+
+def pid_and_time() -> str:
+    return f"pid {os.getpid()} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"

@@ -1,0 +1,160 @@
+"""Tenants and cells in SQLite (sqlite-utils, WAL).
+
+API keys are stored only as SHA-256 digests: they are 256-bit random tokens,
+so a plain digest is enough, and a stolen database reveals no usable key.
+One writer lock per store; readers use their own connection per thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+KEY_PREFIX = "cell_"
+
+
+def hash_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    name: str
+    created_at: int
+    revoked: bool
+
+
+@dataclass
+class CellRecord:
+    id: str
+    tenant_id: str
+    template: str
+    created_at: int
+    timeout_ms: int
+    expires_at: int
+    persistent: bool
+    metadata: dict[str, str]
+    envs: dict[str, str]
+    memory_mb: int
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "cell_id": self.id,
+            "template": self.template,
+            "created_at": self.created_at,
+            "timeout_ms": self.timeout_ms,
+            "expires_at": self.expires_at,
+            "persistent": self.persistent,
+            "metadata": self.metadata,
+            "status": "running",
+        }
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Store:
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._conn = _connect(db_path)
+        self._lock = threading.Lock()
+        self.db = sqlite_utils.Database(self._conn)
+        with self._lock:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS tenants (id TEXT PRIMARY KEY, name TEXT NOT NULL, key_hash TEXT NOT NULL UNIQUE,"
+            " created_at INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0)"
+        )
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS cells (id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(id),"
+            " template TEXT NOT NULL, created_at INTEGER NOT NULL, timeout_ms INTEGER NOT NULL, expires_at INTEGER NOT NULL,"
+            " persistent INTEGER NOT NULL, metadata TEXT NOT NULL, envs TEXT NOT NULL, memory_mb INTEGER NOT NULL)"
+        )
+        self._conn.execute("CREATE INDEX IF NOT EXISTS cells_tenant ON cells(tenant_id)")
+
+    # -- tenants ---------------------------------------------------------
+    def add_tenant(self, name: str, now_ms: int, tenant_id: str | None = None) -> tuple[Tenant, str]:
+        tid = tenant_id or ("t" + secrets.token_hex(6))
+        api_key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO tenants (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)",
+                (tid, name, hash_key(api_key), now_ms),
+            )
+        return Tenant(tid, name, now_ms, False), api_key
+
+    def tenant_for_key(self, api_key: str) -> Tenant | None:
+        digest = hash_key(api_key)
+        row = self._conn.execute("SELECT id, name, created_at, revoked, key_hash FROM tenants WHERE key_hash = ?", (digest,)).fetchone()
+        if row is None or not hmac.compare_digest(row[4], digest) or row[3]:
+            return None
+        return Tenant(row[0], row[1], row[2], bool(row[3]))
+
+    def list_tenants(self) -> list[Tenant]:
+        rows = self._conn.execute("SELECT id, name, created_at, revoked FROM tenants ORDER BY created_at").fetchall()
+        return [Tenant(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+    def revoke_tenant(self, tenant_id: str) -> bool:
+        with self._lock:
+            cur = self._conn.execute("UPDATE tenants SET revoked = 1 WHERE id = ?", (tenant_id,))
+        return cur.rowcount > 0
+
+    # -- cells -----------------------------------------------------------
+    def add_cell(self, cell: CellRecord) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (cell.id, cell.tenant_id, cell.template, cell.created_at, cell.timeout_ms, cell.expires_at,
+                 int(cell.persistent), json.dumps(cell.metadata), json.dumps(cell.envs), cell.memory_mb),
+            )
+
+    def _cell(self, row: tuple[Any, ...]) -> CellRecord:
+        return CellRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), json.loads(row[7]), json.loads(row[8]), row[9])
+
+    def get_cell(self, cell_id: str, tenant_id: str) -> CellRecord | None:
+        row = self._conn.execute("SELECT * FROM cells WHERE id = ? AND tenant_id = ?", (cell_id, tenant_id)).fetchone()
+        return self._cell(row) if row else None
+
+    def list_cells(self, tenant_id: str | None = None) -> list[CellRecord]:
+        if tenant_id is None:
+            rows = self._conn.execute("SELECT * FROM cells ORDER BY created_at").fetchall()
+        else:
+            rows = self._conn.execute("SELECT * FROM cells WHERE tenant_id = ? ORDER BY created_at", (tenant_id,)).fetchall()
+        return [self._cell(r) for r in rows]
+
+    def count_cells(self, tenant_id: str) -> int:
+        return int(self._conn.execute("SELECT COUNT(*) FROM cells WHERE tenant_id = ?", (tenant_id,)).fetchone()[0])
+
+    def touch_cell(self, cell_id: str, expires_at: int, timeout_ms: int | None = None) -> None:
+        with self._lock:
+            if timeout_ms is None:
+                self._conn.execute("UPDATE cells SET expires_at = ? WHERE id = ?", (expires_at, cell_id))
+            else:
+                self._conn.execute("UPDATE cells SET expires_at = ?, timeout_ms = ? WHERE id = ?", (expires_at, timeout_ms, cell_id))
+
+    def delete_cell(self, cell_id: str) -> None:
+        with self._lock:
+            self._conn.execute("DELETE FROM cells WHERE id = ?", (cell_id,))
+
+    def expired_cells(self, now_ms: int) -> list[CellRecord]:
+        rows = self._conn.execute("SELECT * FROM cells WHERE expires_at <= ?", (now_ms,)).fetchall()
+        return [self._cell(r) for r in rows]
+
+    def close(self) -> None:
+        self._conn.close()

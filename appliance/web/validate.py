@@ -1,0 +1,150 @@
+"""Request-body validation for the v1 API. Every field is checked; anything
+unexpected is a 400 with a machine code, never a traceback."""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any
+
+from appliance.config import Settings
+from appliance.errors import BadRequest
+from appliance.runtime.templates import TEMPLATE_ALIASES
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+META_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+MAX_ENVS = 64
+MAX_META = 32
+MAX_VALUE = 4096
+
+
+def obj(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise BadRequest(f"unknown field(s): {', '.join(extra)}", code="unknown_field")
+
+
+def template(value: Any) -> str:
+    if not isinstance(value, str) or value not in TEMPLATE_ALIASES:
+        raise BadRequest("template must be one of python3 (alias python), javascript, wasm", code="unknown_template")
+    return TEMPLATE_ALIASES[value]
+
+
+def int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{name} must be an integer", code="invalid_field")
+    if not lo <= value <= hi:
+        raise BadRequest(f"{name} must be between {lo} and {hi}", code="out_of_range")
+    return value
+
+
+def bool_field(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false", code="invalid_field")
+    return value
+
+
+def string_map(body: dict[str, Any], name: str, key_re: re.Pattern[str], limit: int) -> dict[str, str]:
+    value = body.get(name) or {}
+    if not isinstance(value, dict) or len(value) > limit:
+        raise BadRequest(f"{name} must be an object of at most {limit} string values", code="invalid_field")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str) or not key_re.match(k):
+            raise BadRequest(f"{name}: invalid key {k!r}", code="invalid_field")
+        if not isinstance(v, str) or len(v) > MAX_VALUE or "\x00" in v:
+            raise BadRequest(f"{name}.{k} must be a string without NUL, at most {MAX_VALUE} characters", code="invalid_field")
+        out[k] = v
+    return out
+
+
+def cell_create(body: dict[str, Any], s: Settings) -> dict[str, Any]:
+    unknown_fields(body, {"template", "timeout_ms", "persistent", "metadata", "envs", "memory_mb"})
+    return {
+        "template": template(body.get("template", "python3")),
+        "timeout_ms": int_field(body, "timeout_ms", s.cell_timeout_ms, 1000, s.cell_timeout_ceiling_ms),
+        "persistent": bool_field(body, "persistent", True),
+        "metadata": string_map(body, "metadata", META_KEY, MAX_META),
+        "envs": string_map(body, "envs", ENV_NAME, MAX_ENVS),
+        "memory_mb": int_field(body, "memory_mb", s.memory_mb, 16, s.memory_ceiling_mb),
+    }
+
+
+def code_of(body: dict[str, Any], tmpl: str) -> tuple[bytes, bool]:
+    """(code bytes as hashed in the receipt, whether it is WAT text)."""
+    code, b64 = body.get("code"), body.get("code_b64")
+    if isinstance(code, dict):  # {"code": {"code_b64": ...}} form of DESIGN §5
+        b64, code = code.get("code_b64"), None
+    if (code is None) == (b64 is None):
+        raise BadRequest("give exactly one of code or code_b64", code="invalid_field")
+    if b64 is not None:
+        if tmpl != "wasm":
+            raise BadRequest("code_b64 is only for wasm modules", code="invalid_field")
+        if not isinstance(b64, str):
+            raise BadRequest("code_b64 must be a base64 string", code="invalid_field")
+        try:
+            return base64.b64decode(b64, validate=True), False
+        except (binascii.Error, ValueError):
+            raise BadRequest("code_b64 is not valid base64", code="invalid_base64") from None
+    if not isinstance(code, str):
+        raise BadRequest("code must be a string", code="invalid_field")
+    try:
+        data = code.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("code must be valid UTF-8 text", code="invalid_field") from None
+    return data, tmpl == "wasm"
+
+
+def exec_body(body: dict[str, Any], tmpl: str, s: Settings) -> dict[str, Any]:
+    unknown_fields(body, {"code", "code_b64", "language", "timeout_ms"})
+    language = body.get("language")
+    if language is not None and not isinstance(language, str):
+        raise BadRequest("language must be a string", code="invalid_field")
+    code, is_text = code_of(body, tmpl)
+    return {"code": code, "is_text": is_text, "language": language.lower() if language else None,
+            "timeout_ms": int_field(body, "timeout_ms", s.run_timeout_ms, 10, s.run_timeout_ceiling_ms)}
+
+
+def execute_body(body: dict[str, Any], s: Settings) -> dict[str, Any]:
+    unknown_fields(body, {"template", "code", "code_b64", "stdin", "timeout_ms", "memory_mb", "language"})
+    tmpl = template(body.get("template", body.get("language", "python3")))
+    code, is_text = code_of(body, tmpl)
+    stdin = body.get("stdin")
+    if stdin is not None and (not isinstance(stdin, str) or len(stdin) > 1_000_000):
+        raise BadRequest("stdin must be a string of at most 1,000,000 characters", code="invalid_field")
+    return {
+        "template": tmpl, "code": code, "is_text": is_text,
+        "stdin": stdin.encode("utf-8") if stdin else None,
+        "timeout_ms": int_field(body, "timeout_ms", s.run_timeout_ms, 10, s.run_timeout_ceiling_ms),
+        "memory_mb": int_field(body, "memory_mb", s.memory_mb, 16, s.memory_ceiling_mb),
+    }
+
+
+def file_content(body: dict[str, Any]) -> tuple[str, bytes]:
+    unknown_fields(body, {"path", "content", "encoding"})
+    path, content, encoding = body.get("path"), body.get("content"), body.get("encoding", "utf-8")
+    if not isinstance(path, str):
+        raise BadRequest("path must be a string", code="bad_path")
+    if not isinstance(content, str):
+        raise BadRequest("content must be a string", code="invalid_field")
+    if encoding == "base64":
+        try:
+            return path, base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("content is not valid base64", code="invalid_base64") from None
+    if encoding not in ("utf-8", "utf8", "text"):
+        raise BadRequest("encoding must be utf-8 or base64", code="invalid_field")
+    try:
+        return path, content.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate sent as \ud800 in JSON
+        raise BadRequest("content is not valid UTF-8 text; send it with encoding base64", code="invalid_field") from None
