@@ -17,7 +17,7 @@ from appliance.config import Settings
 from appliance.errors import BadRequest, CellError, Conflict, NotFound
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
-from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool
+from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
 LANGUAGES = {"python3": {"python", "python3", "py"}, "javascript": {"javascript", "js"}, "wasm": {"wasm", "wat"}}
@@ -185,7 +185,16 @@ class CellService:
         started = time.perf_counter()
         execution_id = str(uuid.uuid4())
         try:
-            reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
+            try:
+                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
+            except WorkerReplaced:
+                if cell_id is not None and template != "wasm":
+                    with self._lock:
+                        self._lost.discard(cell_id)
+                    raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, "
+                                   "its files are kept. The next run starts a fresh interpreter.", code="cell_lost") from None
+                handle = self.pool.pick_for_run()  # nothing ran: safe to send once more
+                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
         except WorkerLost as e:
             overran = "deadline" in str(e)
             outcome = {"exit_code": -1, "status": "timeout" if overran else "killed", "stdout": "", "stderr": "",

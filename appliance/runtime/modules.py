@@ -68,6 +68,8 @@ class ModuleRunner:
                 if name in PRO_FUNCTIONS and not pro_allowed:
                     # T-IMPORT-1: Pro host functions need a valid Pro license.
                     raise ModuleRefused(403, "license_required", f"cell.{name} needs a Pro license")
+                if name in PRO_FUNCTIONS:
+                    raise ModuleRefused(400, "not_available", f"cell.{name} is not available on this appliance")
                 if name not in hostfuncs.FUNCTIONS:
                     raise ModuleRefused(400, "unknown_import", f"unknown import cell.{name}")
             elif imp.module != "wasi_snapshot_preview1":

@@ -56,9 +56,10 @@ def trap_status(exc: BaseException, stop_reason: str | None) -> str:
 def exited_status(exit_code: int, stderr: str) -> str:
     if exit_code == 0:
         return "ok"
-    tail = stderr.rstrip().rsplit("\n", 1)[-1] if stderr else ""
+    tail = stderr[-2000:].rstrip().splitlines()[-6:] if stderr else []
     # CPython and QuickJS both survive a refused allocation and report it as
-    # an exception; the run still hit the memory limit.
-    if tail.startswith("MemoryError") or "out of memory" in tail:
+    # an exception (sometimes while failing to print it); the run still hit
+    # the memory limit.
+    if any(line.startswith("MemoryError") or "type name: MemoryError" in line or "out of memory" in line for line in tail):
         return "memory_limit"
     return "error"

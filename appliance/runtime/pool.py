@@ -28,6 +28,10 @@ class WorkerLost(Exception):
     pass
 
 
+class WorkerReplaced(WorkerLost):
+    """The worker was gone before this request was sent: nothing ran."""
+
+
 @dataclass
 class WorkerHandle:
     index: int
@@ -152,7 +156,10 @@ class WorkerPool:
         try:
             current = self._workers[handle.index]
             if current is not handle:  # replaced while we waited
-                raise WorkerLost("worker was replaced")
+                raise WorkerReplaced("worker was replaced")
+            if not handle.process.is_alive():  # died while idle (e.g. killed from outside)
+                self._replace(handle, "died while idle")
+                raise WorkerReplaced("worker had died and was replaced")
             handle.busy = True
             handle.runs += 1
             req_id = next(self._req_ids)
