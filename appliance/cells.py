@@ -45,6 +45,7 @@ class CellService:
         self._bindings: dict[str, Binding] = {}
         self._lost: set[str] = set()
         self._lock = threading.Lock()
+        self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
 
     # -- helpers ---------------------------------------------------------
@@ -59,6 +60,10 @@ class CellService:
         record = self.store.get_cell(cell_id, tenant.id) if isinstance(cell_id, str) and len(cell_id) <= 64 else None
         if record is None:
             raise NotFound("no such cell", code="cell_not_found")
+        with self._lock:
+            live = self._expiry.get(record.id)
+        if live is not None and live[0] > record.expires_at:
+            record.expires_at = live[0]
         return record
 
     # -- lifecycle -------------------------------------------------------
@@ -92,6 +97,7 @@ class CellService:
         with self._lock:
             binding = self._bindings.pop(record.id, None)
             self._lost.discard(record.id)
+            self._expiry.pop(record.id, None)
         if binding is not None:
             handle = self.pool.worker(binding.worker)
             handle.cells.discard(record.id)
@@ -108,13 +114,22 @@ class CellService:
         record.timeout_ms = timeout_ms
         record.expires_at = now_ms() + timeout_ms
         self.store.touch_cell(record.id, record.expires_at, timeout_ms)
+        with self._lock:
+            self._expiry[record.id] = (record.expires_at, now_ms())
         return record
 
     def reap_expired(self) -> int:
-        expired = self.store.expired_cells(now_ms())
-        for record in expired:
+        now = now_ms()
+        dropped = 0
+        for record in self.store.expired_cells(now):
+            with self._lock:
+                live_expiry = self._expiry.get(record.id, (0, 0))[0]
+            if live_expiry > now:  # used since the DB copy was written
+                self.store.touch_cell(record.id, live_expiry)
+                continue
             self._drop(record)
-        return len(expired)
+            dropped += 1
+        return dropped
 
     # -- runs ------------------------------------------------------------
     def _call(self, handle: Any, msg: dict[str, Any], deadline_s: float | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
@@ -164,9 +179,22 @@ class CellService:
             "known_session": binding is not None,
         }
         answer = self._run(handle, msg, tenant, cell_id, record.template, code, run_timeout, on_chunk)
-        record.expires_at = now_ms() + record.timeout_ms
-        self.store.touch_cell(cell_id, record.expires_at)
+        self._touch(record)
         return answer
+
+    def _touch(self, record: CellRecord) -> None:
+        """Push the idle expiry forward; the DB write is throttled (a write per
+        run would cost a disk sync on the hot path), memory is authoritative."""
+        now = now_ms()
+        expires = now + record.timeout_ms
+        with self._lock:
+            _, written = self._expiry.get(record.id, (0, 0))
+            self._expiry[record.id] = (expires, written)
+            due = now - written >= min(5000, record.timeout_ms // 4)
+            if due:
+                self._expiry[record.id] = (expires, now)
+        if due:
+            self.store.touch_cell(record.id, expires)
 
     def execute_once(self, tenant: Tenant, template: str, code: bytes, is_text: bool, stdin: bytes | None,
                      timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:

@@ -55,6 +55,7 @@ class Settings:
     max_cells_per_worker: int = 200
     node_id: str = ""
     module_cache: Path | None = None
+    egress_hosts: Path | None = None
 
     @property
     def volumes_dir(self) -> Path:
@@ -186,7 +187,33 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "max_cells_per_worker": ("SYNAPSE_MAX_CELLS_PER_WORKER", "max_cells_per_worker", _int(1, 100_000)),
     "node_id": ("SYNAPSE_NODE_ID", "node_id", _host),
     "module_cache": ("SYNAPSE_MODULE_CACHE", "module_cache", _path),
+    "egress_hosts": ("SYNAPSE_EGRESS_HOSTS", "egress_hosts", _path),
 }
+
+
+def load_egress_hosts(path: Path | None) -> dict[str, list[str]] | None:
+    """A static name -> addresses map used instead of DNS (air-gapped sites,
+    and the release audit). Answers are still checked against the deny table,
+    so the map can never admit an internal address (T-SSRF-1)."""
+    if path is None:
+        return None
+    import json
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError("SYNAPSE_EGRESS_HOSTS", f"cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(a, str) for a in v) for k, v in raw.items()
+    ):
+        raise ConfigError("SYNAPSE_EGRESS_HOSTS", "must be a JSON object of host name -> list of addresses")
+    for addrs in raw.values():
+        for addr in addrs:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ConfigError("SYNAPSE_EGRESS_HOSTS", f"{addr!r} is not an IP address") from None
+    return {k.lower().rstrip("."): list(v) for k, v in raw.items()}
 
 
 def default_root(installed: bool) -> Path:

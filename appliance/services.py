@@ -107,7 +107,10 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
         log.warning("license subsystem unavailable, running free tier: %s", e)
     pool = WorkerPool(settings, progress=progress)
     pool.start()
-    egress = {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow)}
+    from appliance.config import load_egress_hosts
+
+    egress = {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow),
+              "hosts": load_egress_hosts(settings.egress_hosts)}
     pro = (lambda: bool(lic.current().tier in ("pro", "hub"))) if lic is not None else (lambda: False)
     cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None, pro_allowed=pro)
     limiter = TokenBucketLimiter(settings.rate_limit_rps, settings.rate_limit_burst)

@@ -62,7 +62,10 @@ class CellRecord:
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    # NORMAL in WAL mode survives any process crash; only the last commits
+    # before a power cut can be lost, which is acceptable for tenants and cell
+    # expiry times (receipts use FULL in their own store).
+    conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=30000")
     return conn
 

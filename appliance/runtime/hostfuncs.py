@@ -123,7 +123,7 @@ def host_fetch(caller: wasmtime.Caller, url_ptr: int, url_len: int, buf_ptr: int
 
         deadline = time.monotonic() + max(0.0, min(ctx.governor.remaining(), 60.0))
         try:
-            result = egress.fetch(url, policy=ctx.egress, max_bytes=buf[1], deadline=deadline)
+            result = egress.fetch(url, policy=ctx.egress, max_bytes=buf[1], deadline=deadline, resolver=ctx.resolver)
         except EgressDenied as e:
             ctx.deny("T-SSRF-1", "host_fetch", e.reason)
             return DENIED

@@ -30,6 +30,19 @@ from appliance.runtime.sessions import JsSession, PythonSession
 PR_SET_NO_NEW_PRIVS = 38
 
 
+def static_resolver(hosts: dict[str, list[str]]) -> Any:
+    """Resolve only from the operator's map; anything else is a resolve error."""
+    from appliance.egress import EgressError
+
+    def resolve(host: str, _port: int) -> list[str]:
+        found = hosts.get(host.lower().rstrip("."))
+        if not found:
+            raise EgressError("resolve", f"{host} is not in the egress hosts map")
+        return list(found)
+
+    return resolve
+
+
 def harden_process(max_files: int = 4096) -> dict[str, str]:
     """Defense in depth for a process that runs guests (see SECURITY.md, worker hardening)."""
     done: dict[str, str] = {}
@@ -189,7 +202,10 @@ class Worker:
             try:
                 with Volume(volume) as vol:
                     ctx.volume = vol
-                    ctx.egress = EgressPolicy(enabled=bool(msg["egress"]["enabled"]), allow_hosts=tuple(msg["egress"]["allow_hosts"])) if msg.get("egress") else None
+                    egress = msg.get("egress")
+                    if egress:
+                        ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]))
+                        ctx.resolver = static_resolver(egress["hosts"]) if egress.get("hosts") is not None else None
                     outcome = self.modules.run(module, volume, ctx, timeout_s, memory, cap, sink, msg.get("stdin"))
             finally:
                 if tmp:

@@ -7,7 +7,6 @@ real wasmtime Store through the same ModuleRunner the workers use.
 from __future__ import annotations
 
 import os
-import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,9 @@ from appliance.policy.egress import EgressPolicy
 from appliance.runtime import context
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
+from tests import guests
 
-WASM_DIR = Path(__file__).resolve().parent.parent / "wasm"
+WASM_DIR = guests.WASM_DIR
 PAGE = 65536
 
 
@@ -40,14 +40,8 @@ def volume(tmp_path: Path) -> Iterator[tuple[Path, Volume]]:
     vol.close()
 
 
-def _escape(data: bytes) -> str:
-    return "".join(f"\\{b:02x}" for b in data)
-
-
 def probe(op: int, a: int, b: int, c: int, d: int, payload: bytes = b"") -> bytes:
-    src = (WASM_DIR / "fs_probe.wat").read_text()
-    header = struct.pack("<5I", op, a & 0xFFFFFFFF, b & 0xFFFFFFFF, c & 0xFFFFFFFF, d & 0xFFFFFFFF)
-    return src.replace("__HEADER__", _escape(header)).replace("__PAYLOAD__", _escape(payload)).encode()
+    return guests.probe(op, a, b, c, d, payload).encode()
 
 
 def run(runner: ModuleRunner, wat: bytes, vol_root: Path, vol: Volume | None, *, egress: EgressPolicy | None = None,
