@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, NoReturn
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from tuf.api import exceptions
 from tuf.ngclient.fetcher import FetcherInterface
@@ -128,7 +128,9 @@ class PeerFetcher(FetcherInterface):
     """urllib against one operator-named LAN base URL (``.../mirror/``) and nothing else."""
 
     def __init__(self, base_url: str, limits: FetchLimits | None = None) -> None:
-        self.base_url = check_peer_url(base_url)
+        base = check_peer_url(base_url)
+        # An operator may type just the appliance's address: its mirror lives under /mirror/.
+        self.base_url = base + "mirror/" if urlsplit(base).path == "/" else base
         self.metadata_url = self.base_url + "metadata/"
         self.targets_url = self.base_url + "targets/"
         self._limits = limits or FetchLimits()
