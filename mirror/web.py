@@ -46,6 +46,7 @@ def register_mirror_routes(app: Flask, mirror: Mirror) -> None:
     def nothing() -> Response:
         abort(404)
 
-    app.add_url_rule("/mirror/<path:subpath>", "mirror_file", serve, methods=["GET"])
+    # merge_slashes=False: '/mirror//etc/passwd' is a plain 404, not a redirect.
+    app.add_url_rule("/mirror/<path:subpath>", "mirror_file", serve, methods=["GET"], merge_slashes=False)
     app.add_url_rule("/mirror/", "mirror_index", nothing, methods=["GET"])
     app.add_url_rule("/mirror", "mirror_bare", nothing, methods=["GET"])
