@@ -46,6 +46,7 @@ class ServerProcess:
     root: Path
     proc: subprocess.Popen[str]
     log: list[str] = field(default_factory=list)
+    pump: threading.Thread | None = None
 
     def request(self, method: str, path: str, body: Any = None, key: str | None = None, raw: bytes | None = None,
                 headers: dict[str, str] | None = None, timeout: float = 120) -> tuple[int, Any, dict[str, str]]:
@@ -71,6 +72,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        if self.pump is not None:
+            self.pump.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         return int(self.proc.returncode or 0)
 
 
@@ -113,7 +118,8 @@ def start_server(root: Path | None = None, env: dict[str, str] | None = None, ti
                 ready.set()
         ready.set()
 
-    threading.Thread(target=pump, daemon=True).start()
+    server.pump = threading.Thread(target=pump, daemon=True)
+    server.pump.start()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not ready.wait(0.1):
         pass

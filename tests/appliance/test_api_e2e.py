@@ -296,3 +296,20 @@ def test_status_and_templates(live: ServerProcess) -> None:
     names = {t["name"]: t for t in templates["templates"]}
     assert set(names) == {"python3", "javascript", "wasm"}
     assert len(names["python3"]["sha256"]) == 64
+
+
+def test_t_env_1_guest_sees_only_its_own_environment(live: ServerProcess) -> None:
+    cell = new_cell(live, "python3", envs={"GREETING": "hello"})
+    out = run(live, cell, "import os, sys; print(sorted(os.environ)); print(os.environ['GREETING']); print(sys.stdin.read() == '')")
+    listed, greeting, stdin_empty = out["stdout"].splitlines()
+    import ast
+
+    assert ast.literal_eval(listed) == ["GREETING", "HOME", "PYTHONTZPATH", "TMPDIR"]
+    assert greeting == "hello" and stdin_empty == "True"
+    out = run(live, cell, "import os; print(os.listdir('/'))")
+    assert out["status"] == "error"  # nothing of the host is mounted but /data and the read-only stdlib
+
+
+def test_javascript_cell_envs(live: ServerProcess) -> None:
+    cell = new_cell(live, "javascript", envs={"GREETING": "hej"})
+    assert run(live, cell, "console.log(std.getenv('GREETING'), std.getenv('PATH'))")["stdout"] == "hej undefined\n"

@@ -1,0 +1,65 @@
+"""Back-pressure on a live server: rate limits (429 + Retry-After) and a
+full queue (503 + Retry-After), never a 500 or a hang (T-DOS-2)."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.liveserver import ServerProcess, start_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def limited(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("limited"), env={
+        "SYNAPSE_RATE_LIMIT_RPS": "2", "SYNAPSE_RATE_LIMIT_BURST": "3", "SYNAPSE_WORKERS": "1",
+        "SYNAPSE_WARM_PYTHON": "0", "SYNAPSE_WARM_JAVASCRIPT": "0",
+    })
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def narrow(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("narrow"), env={"SYNAPSE_WORKERS": "1", "SYNAPSE_QUEUE_MAX": "0"})
+    yield srv
+    srv.stop()
+
+
+def test_t_dos_2_rate_limit_answers_429_with_retry_after(limited: ServerProcess) -> None:
+    statuses: list[tuple[int, Any, dict[str, str]]] = [limited.request("GET", "/v1/cells") for _ in range(8)]
+    codes = [s for s, _, _ in statuses]
+    assert codes[:3] == [200, 200, 200] and 429 in codes
+    status, body, headers = next(x for x in statuses if x[0] == 429)
+    assert body["code"] == "rate_limited" and int(headers["Retry-After"]) >= 1
+    time.sleep(1.6)
+    assert limited.request("GET", "/v1/cells")[0] == 200
+
+
+def test_t_dos_2_spoofed_forwarded_for_from_untrusted_peer_is_ignored(limited: ServerProcess) -> None:
+    time.sleep(2)
+    codes = [limited.request("GET", "/v1/cells", headers={"X-Forwarded-For": f"203.0.113.{i}"})[0] for i in range(8)]
+    assert 429 in codes  # a new XFF per request does not buy a new bucket
+
+
+def test_t_dos_2_full_queue_answers_503_not_500(narrow: ServerProcess) -> None:
+    _, cell, _ = narrow.request("POST", "/v1/cells", {"template": "python3"})
+    results: list[int] = []
+
+    def slow() -> None:
+        results.append(narrow.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": "import time; time.sleep(1.5)", "timeout_ms": 5000})[0])
+
+    threads = [threading.Thread(target=slow) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    status, body, headers = narrow.request("POST", "/v1/execute", {"template": "python3", "code": "print(1)"})
+    for t in threads:
+        t.join(timeout=30)
+    assert (status, body["code"]) == (503, "busy") and int(headers["Retry-After"]) >= 1
+    assert sorted(results) == [200, 200]

@@ -1,0 +1,57 @@
+"""One typed config: defaults < config.toml < environment; bad values stop
+start-up with the key named, never silently replaced."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, load_egress_hosts, load_settings
+
+
+def env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"SYNAPSE_CONFIG_DIR": str(tmp_path), **extra}
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = load_settings(env(tmp_path))
+    assert (s.rate_limit_rps, s.egress, s.telemetry, s.host, s.port) == (20.0, "off", "off", "127.0.0.1", 8080)
+    assert s.license_path == tmp_path / "license.json"
+    assert s.db_path == s.root / "db" / "cell.sqlite"
+
+
+def test_environment_beats_file_beats_default(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('rate_limit_rps = 5\negress = "on"\n')
+    s = load_settings(env(tmp_path, SYNAPSE_RATE_LIMIT_RPS="7"))
+    assert (s.rate_limit_rps, s.egress) == (7.0, "on")
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("SYNAPSE_RATE_LIMIT_RPS", "20abc"), ("SYNAPSE_RATE_LIMIT_RPS", "-1"), ("SYNAPSE_RATE_LIMIT_RPS", "nan"),
+        ("SYNAPSE_RATE_LIMIT_RPS", "0"), ("SYNAPSE_EGRESS", "maybe"), ("SYNAPSE_TELEMETRY", "yes"),
+        ("SYNAPSE_PORT", "99999"), ("SYNAPSE_WORKERS", "0"), ("SYNAPSE_MEMORY_MB", "1"),
+        ("SYNAPSE_TRUSTED_PROXIES", "not-an-ip"), ("SYNAPSE_RUN_TIMEOUT_MS", "600000"), ("SYNAPSE_EGRESS_ALLOW", "bad host!"),
+    ],
+)
+def test_bad_value_fails_naming_the_key(tmp_path: Path, key: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env(tmp_path, **{key: value}))
+    assert key in str(info.value)
+
+
+def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("rate_limt_rps = 5\n")
+    with pytest.raises(ConfigError, match="rate_limt_rps"):
+        load_settings(env(tmp_path))
+
+
+def test_egress_hosts_map_must_hold_addresses(tmp_path: Path) -> None:
+    good = tmp_path / "hosts.json"
+    good.write_text('{"Example.COM.": ["93.184.215.14"]}')
+    assert load_egress_hosts(good) == {"example.com": ["93.184.215.14"]}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"x": ["localhost"]}')
+    with pytest.raises(ConfigError, match="SYNAPSE_EGRESS_HOSTS"):
+        load_egress_hosts(bad)

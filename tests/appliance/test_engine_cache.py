@@ -1,0 +1,77 @@
+"""The compiled-module cache refuses tampered native code (T-CACHE-1) and
+runtimes that do not match their pins (T-SUPPLY-1)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import wasmtime
+
+from appliance.runtime import templates
+from appliance.runtime.engine import ModuleCache, make_engine
+
+WAT = '(module (memory (export "memory") 1) (func (export "run") (result i32) i32.const 42))'
+KEY = "ab" * 32
+
+
+def compile_counter(engine: wasmtime.Engine, counter: list[int]) -> wasmtime.Module:
+    counter.append(1)
+    return wasmtime.Module(engine, WAT)
+
+
+def test_cache_hit_after_first_compile(tmp_path: Path) -> None:
+    engine, calls = make_engine(), []
+    cache = ModuleCache(tmp_path / "modules")
+    cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    assert len(calls) == 1 and cache.hits == 1
+    assert oct((tmp_path / "modules").stat().st_mode & 0o777) == "0o700"
+    for f in (tmp_path / "modules").iterdir():
+        assert f.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("tamper", ["flip-byte", "truncate", "replace-meta-hash", "group-writable", "symlink"])
+def test_t_cache_1_tampered_cwasm_is_never_loaded(tmp_path: Path, tamper: str) -> None:
+    engine, calls = make_engine(), []
+    cache = ModuleCache(tmp_path / "modules")
+    cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    cwasm = next((tmp_path / "modules").glob("*.cwasm"))
+    meta = cwasm.with_suffix(".json")
+    if tamper == "flip-byte":
+        data = bytearray(cwasm.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        cwasm.write_bytes(bytes(data))
+    elif tamper == "truncate":
+        cwasm.write_bytes(cwasm.read_bytes()[:100])
+    elif tamper == "replace-meta-hash":
+        record = json.loads(meta.read_text())
+        record["sha256"] = "0" * 64
+        meta.write_text(json.dumps(record))
+    elif tamper == "group-writable":
+        os.chmod(cwasm, 0o664)
+    elif tamper == "symlink":
+        target = tmp_path / "elsewhere.cwasm"
+        target.write_bytes(cwasm.read_bytes())
+        cwasm.unlink()
+        os.symlink(target, cwasm)
+    module = cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    assert len(calls) == 2  # recompiled from the verified source instead
+    store = wasmtime.Store(engine)
+    store.set_epoch_deadline(1 << 30)
+    inst = wasmtime.Instance(store, module, [])
+    assert inst.exports(store)["run"](store) == 42
+
+
+def test_t_supply_1_runtime_not_matching_its_pin_is_refused(tmp_path: Path) -> None:
+    fake = tmp_path / "python-snapshot.wasm"
+    fake.write_bytes(b"\0asm\1\0\0\0")
+    with pytest.raises(templates.RuntimeMissing, match="pinned"):
+        templates.verified_bytes(fake, templates.PY_SNAPSHOT_SHA256)
+
+
+def test_t_supply_1_shipped_runtimes_match_their_pins() -> None:
+    for name in ("python3", "javascript"):
+        rt = templates.find_runtime(name)
+        assert templates.sha256_file(rt.wasm) == rt.sha256
