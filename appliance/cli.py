@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     services.start_background()
     app = create_app(services)
     server = create_server(app, host=settings.host, port=settings.port, threads=16,
-                           max_request_body_size=settings.max_body_bytes + 1024, ident="cell")
+                           max_request_body_size=4 * settings.max_body_bytes, ident="cell")
     port = server.effective_port  # type: ignore[union-attr]
     url = f"http://{settings.host}:{port}"
     print(f"cell: serving on {url} (ready in {time.monotonic() - started:.2f}s)", flush=True)

@@ -1,0 +1,97 @@
+"""Attack corpus for tests/red_team.py: data only.
+
+Each SSRF input must be refused by policy (host_fetch returns -1 with a
+T-SSRF-1 denial) before any connection; each path input must never reach a
+byte outside the cell volume.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+# Names the red-team server resolves from a static map (SYNAPSE_EGRESS_HOSTS),
+# so no DNS query ever leaves the machine.
+EGRESS_HOSTS: dict[str, list[str]] = {
+    "metadata.attacker.example": ["169.254.169.254"],
+    "loop.attacker.example": ["127.0.0.1"],
+    "lan.attacker.example": ["192.168.1.1"],
+    "ten.attacker.example": ["10.10.10.10"],
+    "cgnat.attacker.example": ["100.64.1.1"],
+    "v6loop.attacker.example": ["::1"],
+    "ula.attacker.example": ["fd12:3456::1"],
+    "mapped.attacker.example": ["::ffff:10.0.0.1"],
+    "mixed.attacker.example": ["93.184.215.14", "10.0.0.1"],
+    "mixed6.attacker.example": ["2606:2800:220:1::1", "fe80::1"],
+}
+
+_DENY_ROW_SAMPLES = [
+    "0.0.0.0", "0.1.2.3", "10.0.0.1", "10.255.255.254", "100.64.0.1", "100.127.255.254", "127.0.0.1", "127.255.255.254",
+    "169.254.0.1", "169.254.169.254", "172.16.0.1", "172.31.255.254", "192.0.0.1", "192.0.2.1", "192.88.99.1",
+    "192.168.0.1", "192.168.255.254", "198.18.0.1", "198.19.255.254", "198.51.100.1", "203.0.113.1", "224.0.0.1",
+    "239.255.255.250", "240.0.0.1", "255.255.255.255",
+]
+_DENY_ROW_V6 = [
+    "::", "::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe",
+    "64:ff9b:1::1", "100::1", "2001::1", "2001:db8::1", "2002:7f00:1::", "2002:a9fe:a9fe::", "fc00::1", "fd00:ec2::254",
+    "fe80::1", "fec0::1", "ff02::1", "2001:10::1", "2001:20::1",
+]
+
+
+def _numeric_forms(ip: str) -> list[str]:
+    n = int(ipaddress.IPv4Address(ip))
+    a, b, c, d = (int(x) for x in ip.split("."))
+    return [
+        str(n),  # 2130706433
+        hex(n),  # 0x7f000001
+        f"0{a:o}.{b}.{c}.{d}",  # 0177.0.0.1
+        f"0x{a:x}.{b}.{c}.{d}",  # 0x7f.0.0.1
+        f"{a}.{(b << 16) | (c << 8) | d}",  # 127.1 style
+        f"{a}.{b}.{(c << 8) | d}",
+        f"0x{a:x}.0x{b:x}.0x{c:x}.0x{d:x}",
+        f"{ip}.",  # trailing dot
+        f"0{a:o}.0{b:o}.0{c:o}.0{d:o}",
+    ]
+
+
+def ssrf_urls() -> list[str]:
+    urls: list[str] = []
+    for ip in _DENY_ROW_SAMPLES:
+        urls += [f"http://{ip}/", f"https://{ip}:8443/x"]
+    for ip in _DENY_ROW_V6:
+        urls += [f"http://[{ip}]/"]
+    for ip in ("127.0.0.1", "169.254.169.254", "10.0.0.1", "192.168.1.1"):
+        urls += [f"http://{form}/" for form in _numeric_forms(ip)]
+    urls += [f"http://{name}/" for name in EGRESS_HOSTS]
+    urls += [
+        "http://localhost/", "http://localhost:8080/admin", "http://LocalHost./", "http://sub.localhost/",
+        "http://printer.local/", "http://nas.home.arpa/", "http://db.internal/", "http://metadata/",
+        "http://metadata.google.internal/computeMetadata/v1/", "http://user@169.254.169.254/",
+        "http://user:pass@127.0.0.1:22/", "http://example.com@10.0.0.1/", "http://169.254.169.254#@example.com/",
+        "http://169.254.169.254\\@example.com/", "http://example.com\\@169.254.169.254/", "http:// 169.254.169.254/",
+        "http://169.254.169.254%09/", "http://%31%36%39.254.169.254/", "http://169。254。169。254/",
+        "http://１２７.０.０.１/", "http://[::1%25lo]/", "http://[0:0:0:0:0:ffff:7f00:1]/", "http://[::ffff:7f00:1]/",
+        "file:///etc/passwd", "gopher://127.0.0.1:70/", "ftp://10.0.0.1/", "dict://127.0.0.1:11211/",
+        "ldap://169.254.169.254/", "http://127.0.0.1:0/", "http://127.0.0.1:65536/", "http:///etc/passwd",
+        "http://", "", "javascript:alert(1)", "HTTP://169.254.169.254/", "http://169.254.169.254:80@example.com/",
+        "http://0/", "http://0.0.0.0:8080/", "http://[::]:80/",
+    ]
+    return urls
+
+
+def _deep(n: int, tail: str = "etc/passwd") -> str:
+    return "../" * n + tail
+
+
+def traversal_paths() -> list[str]:
+    paths = [_deep(n) for n in range(1, 13)]
+    paths += [
+        "/etc/passwd", "/etc/shadow", "/proc/self/environ", "/proc/self/mem", "/proc/1/root/etc/passwd",
+        "/dev/zero", "/dev/random", "/dev/stdin", "/sys/kernel/notes", "/root/.ssh/id_rsa",
+        "/data/../etc/passwd", "/data/../../etc/passwd", "/data/./../etc/passwd", "data/../../etc/passwd",
+        "a/../../etc/passwd", "a/b/../../../etc/passwd", "./../etc/passwd", "..", "../", "../.", "...", "..\\..\\etc\\passwd",
+        "\\etc\\passwd", "//etc/passwd", "///etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "..%2f..%2fetc%2fpasswd",
+        "..%252f..%252fetc/passwd", "\u2025/etc/passwd", "\uff0e\uff0e/etc/passwd", "\u2024\u2024/etc/passwd",
+        "etc/passwd\x00.txt", "\x00", "a\x00/../../etc/passwd", "\x1b[31m", "name\x7f", "line\nbreak", "tab\tname",
+        "link-out", "link-out/passwd", "dir-link/secret.txt", "dangling", "a" * 300, ("d/" * 2100) + "x",
+        "/data2/x", "/Data/x", "~/.ssh/id_rsa", "$HOME/x", "..;/etc/passwd",
+    ]
+    return paths
