@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     rev = tsub.add_parser("revoke")
     rev.add_argument("tenant_id")
     tenant.set_defaults(func=cmd_tenant)
-    for module in ("appliance.receipts.cli", "appliance.license.cli"):
+    for module in ("appliance.receipts.cli", "appliance.license.cli", "mirror.cli", "tui.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
             mod.register(sub)

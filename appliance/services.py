@@ -31,11 +31,18 @@ class Services:
     cells: CellService
     limiter: TokenBucketLimiter
     license: Any = None
+    mirror: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def status(self) -> dict[str, Any]:
         lic = self.license.summary() if self.license is not None else None
+        registry: dict[str, Any] | None = None
+        if self.mirror is not None:
+            try:
+                registry = self.mirror.status()
+            except Exception as e:  # an unverifiable registry is reported, never trusted
+                registry = {"error": str(e)[:200]}
         return {
             "version": __version__,
             "node_id": self.settings.node_id,
@@ -48,6 +55,7 @@ class Services:
             "templates": [t["name"] for t in self.templates()],
             "workers": self.pool.stats(),
             "receipts": self.receipts.count(),
+            "registry": registry,
         }
 
     def templates(self) -> list[dict[str, Any]]:
@@ -95,6 +103,13 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
     store = Store(settings.db_path)
     node_key = NodeKey.load_or_create(settings.keys_dir)
     receipts = ReceiptStore(settings.db_path, node_key)
+    mirror = None
+    try:
+        from mirror.registry import Mirror
+
+        mirror = Mirror(settings.mirror_dir)
+    except Exception as e:  # an unusable registry: no revocation list, so Pro licenses are not honoured
+        log.warning("trust registry unavailable: %s", e)
     lic = None
     try:
         if license_factory is not None:
@@ -102,7 +117,10 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
         else:
             from appliance.license.manager import LicenseManager
 
-            lic = LicenseManager(settings)
+            if mirror is not None:
+                lic = LicenseManager(settings, revocations=mirror.is_license_revoked, revoked_keys=mirror.is_key_revoked)
+            else:
+                lic = LicenseManager(settings, revocations=_registry_unavailable, revoked_keys=_registry_unavailable)
     except Exception as e:  # no license subsystem means the free tier, never a crash
         log.warning("license subsystem unavailable, running free tier: %s", e)
     pool = WorkerPool(settings, progress=progress)
@@ -114,8 +132,13 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
     pro = (lambda: bool(lic.current().tier in ("pro", "hub"))) if lic is not None else (lambda: False)
     cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None, pro_allowed=pro)
     limiter = TokenBucketLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-    services = Services(settings, store, receipts, node_key, pool, cells, limiter, license=lic)
+    services = Services(settings, store, receipts, node_key, pool, cells, limiter, license=lic, mirror=mirror)
     return services
+
+
+def _registry_unavailable(_id: str) -> bool:
+    """Fail closed: without a verified registry, revocation cannot be ruled out."""
+    raise RuntimeError("trust registry unavailable")
 
 
 def ensure_default_tenant(services: Services) -> str | None:

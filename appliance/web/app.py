@@ -61,13 +61,15 @@ def create_app(services: Any) -> Flask:
 
     @app.before_request
     def guard() -> None:
-        if not request.path.startswith("/v1"):
+        if not request.path.startswith(("/v1", "/mirror")):
             return
         # T-DOS-2: rate limit per client (XFF only from trusted proxies).
         key = client_key(request.remote_addr or "", request.headers.get("X-Forwarded-For"), s.trusted_proxies)
         allowed, retry = services.limiter.check(key, time.monotonic())
         if not allowed:
             raise RateLimited("too many requests", retry_after=max(1, int(math.ceil(retry))))
+        if not request.path.startswith("/v1"):
+            return  # the mirror is read-only and public to LAN peers
         length = request.content_length
         if length is not None and length > s.max_body_bytes:
             raise PayloadTooLarge(f"request body over {s.max_body_bytes} bytes")
@@ -153,6 +155,10 @@ def create_app(services: Any) -> Flask:
     from appliance.web.files import register_files
 
     register_files(app, services, body)
+    if getattr(services, "mirror", None) is not None:
+        from mirror.web import register_mirror_routes
+
+        register_mirror_routes(app, services.mirror)
 
     # -- receipts --------------------------------------------------------
     @app.get("/v1/receipts/verify")

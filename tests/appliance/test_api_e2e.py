@@ -313,3 +313,17 @@ def test_t_env_1_guest_sees_only_its_own_environment(live: ServerProcess) -> Non
 def test_javascript_cell_envs(live: ServerProcess) -> None:
     cell = new_cell(live, "javascript", envs={"GREETING": "hej"})
     assert run(live, cell, "console.log(std.getenv('GREETING'), std.getenv('PATH'))")["stdout"] == "hej undefined\n"
+
+
+def test_mirror_serves_the_trust_root_read_only(live: ServerProcess) -> None:
+    with urllib.request.urlopen(live.url + "/mirror/metadata/root.json", timeout=10) as resp:
+        root = json.loads(resp.read())
+    assert root["signed"]["_type"] == "root"
+    for bad in ("/mirror/", "/mirror/metadata/", "/mirror/../db/cell.sqlite", "/mirror/metadata/..%2f..%2fdb%2fcell.sqlite"):
+        try:
+            urllib.request.urlopen(live.url + bad, timeout=10)
+            raise AssertionError(f"{bad} was served")
+        except urllib.error.HTTPError as e:
+            assert e.code in (400, 404)
+    _, status, _ = live.request("GET", "/v1/status")
+    assert status["registry"]["root_version"] == 1
