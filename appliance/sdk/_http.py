@@ -124,6 +124,11 @@ class Transport:
     def close(self) -> None:
         self._pool.close()
 
+    def __del__(self) -> None:  # idle kept-alive sockets go with the object
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.close()
+
     def _headers(self, has_body: bool, accept: str = "application/json") -> dict[str, str]:
         headers = {"Authorization": f"Bearer {self.config.api_key}", "Accept": accept, "User-Agent": "cell-sdk-python/1"}
         if has_body:

@@ -3,11 +3,12 @@ E2B's method names. Standard library only."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import threading
 import time
 from types import TracebackType
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from appliance.sdk import _parse
 from appliance.sdk._http import ConnectionConfig, Transport
@@ -84,47 +85,57 @@ class Sandbox:
         """Attach to a running cell; with ``timeout``, also reset its lifetime."""
         transport = Transport(ConnectionConfig.resolve(opts.pop("api_url", None), opts.pop("api_key", None),
                                                        opts.pop("request_timeout", None), opts.pop("retries", None)))
-        info = transport.request("GET", f"/v1/cells/{sandbox_id}")
+        try:
+            info = transport.request("GET", f"/v1/cells/{sandbox_id}")
+        except BaseException:
+            transport.close()
+            raise
         sbx = cls(_attach=info, _transport=transport)
         if timeout is not None:
             sbx.set_timeout(timeout)
         return sbx
 
     @staticmethod
-    def _transport_for(target: Any, opts: dict[str, Any]) -> Transport:
+    @contextlib.contextmanager
+    def _transport_for(target: Any, opts: dict[str, Any]) -> Iterator[Transport]:
         if isinstance(target, Sandbox):
-            return target._http
-        return Transport(ConnectionConfig.resolve(opts.get("api_url"), opts.get("api_key"), opts.get("request_timeout")))
+            yield target._http
+            return
+        http = Transport(ConnectionConfig.resolve(opts.get("api_url"), opts.get("api_key"), opts.get("request_timeout")))
+        try:
+            yield http
+        finally:
+            http.close()
 
     @_class_or_instance
     def kill(target: Any, sandbox_id: str | None = None, **opts: Any) -> bool:  # noqa: N805
         """Delete the cell and its volume. True if it was killed, False if it
         was already gone (E2B's answer)."""
-        http = Sandbox._transport_for(target, opts)
         sid = target.sandbox_id if isinstance(target, Sandbox) else sandbox_id
-        try:
-            http.request("DELETE", f"/v1/cells/{sid}")
-        except NotFoundException:
-            return False
+        with Sandbox._transport_for(target, opts) as http:
+            try:
+                http.request("DELETE", f"/v1/cells/{sid}")
+            except NotFoundException:
+                return False
         return True
 
     @_class_or_instance
     def set_timeout(target: Any, *args: Any, **opts: Any) -> None:  # noqa: N805
         """``sbx.set_timeout(seconds)`` or ``Sandbox.set_timeout(sandbox_id, seconds)``."""
-        http = Sandbox._transport_for(target, opts)
         if isinstance(target, Sandbox):
             sid, seconds = target.sandbox_id, (args[0] if args else opts["timeout"])
         else:
             sid, seconds = (args[0] if args else opts["sandbox_id"]), (args[1] if len(args) > 1 else opts["timeout"])
-        info = http.request("PUT", f"/v1/cells/{sid}/timeout", body={"timeout_ms": _seconds_to_ms(seconds)})
+        with Sandbox._transport_for(target, opts) as http:
+            info = http.request("PUT", f"/v1/cells/{sid}/timeout", body={"timeout_ms": _seconds_to_ms(seconds)})
         if isinstance(target, Sandbox):
             target._info = SandboxInfo.from_wire(info)
 
     @_class_or_instance
     def get_info(target: Any, sandbox_id: str | None = None, **opts: Any) -> SandboxInfo:  # noqa: N805
-        http = Sandbox._transport_for(target, opts)
         sid = target.sandbox_id if isinstance(target, Sandbox) else sandbox_id
-        info = SandboxInfo.from_wire(http.request("GET", f"/v1/cells/{sid}"))
+        with Sandbox._transport_for(target, opts) as http:
+            info = SandboxInfo.from_wire(http.request("GET", f"/v1/cells/{sid}"))
         if isinstance(target, Sandbox):
             target._info = info
         return info
