@@ -67,7 +67,8 @@ def _constraints() -> str:
     lines = set()
     for dist in importlib.metadata.distributions():
         name = dist.metadata["Name"]
-        if name and re.sub(r"[-_.]+", "-", name).lower() != "cell-appliance":
+        # Build tools are not runtime deps: setuptools comes from BUILD_REQUIREMENT.
+        if name and re.sub(r"[-_.]+", "-", name).lower() not in ("cell-appliance", "setuptools", "pip"):
             lines.add(f"{name}=={dist.version}")
     return "\n".join(sorted(lines, key=str.lower)) + "\n"
 
