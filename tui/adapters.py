@@ -230,11 +230,18 @@ class ApplianceConsoleServices:
             "machine_id": self._machine_id if self._machine_id is not None else machine_fingerprint(),
             "high_water": read_high_water(self.settings.db_path),
             "is_revoked": self._revoked_license,
+            "is_key_revoked": self._revoked_key,
         }
 
     def _revoked_license(self, license_id: str) -> bool:
         probe = getattr(self._mirror, "is_license_revoked", None)
-        return bool(probe(license_id)) if callable(probe) else False
+        # Fail closed like the service: without a registry, revocation cannot be ruled out,
+        # and the console must not call "valid" what the service will refuse.
+        return bool(probe(license_id)) if callable(probe) else True
+
+    def _revoked_key(self, key_id: str) -> bool:
+        probe = getattr(self._mirror, "is_key_revoked", None)
+        return bool(probe(key_id)) if callable(probe) else True
 
     def verify_license_file(self, path: Path) -> LicenseCheck:
         return self._check_license(media.read_confined(path, self._roots, "license"))
@@ -295,7 +302,9 @@ class ApplianceConsoleServices:
         templates = tuple(TemplateEntry(str(t.get("name")), str(t.get("version", "")), str(t.get("sha256", "")))
                           for t in raw.get("templates", []))
         version = raw.get("version")
-        return MirrorStatus(True, f"registry version {version}, {len(templates)} template(s)",
+        detail = (f"registry version {version}, {len(templates)} template(s)" if version is not None
+                  else "trust root only: no registry update imported yet")
+        return MirrorStatus(True, detail,
                             version, templates, tuple(str(r) for r in raw.get("revocations", [])))
 
     def preview_mirror_import(self, path: Path) -> ImportPreview:
@@ -398,6 +407,72 @@ def _fields(payload: Any, key_id: Any) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+class RegistryBridge:
+    """Adapts ``mirror.registry.Mirror`` to what the trust screen needs.
+
+    The registry imports atomically (verify + install in one call) and has no
+    dry run, so the preview imports into a throw-away copy of the registry
+    directory: the operator sees the exact changes the registry computed,
+    and the real registry is untouched until they confirm. Apply re-verifies
+    from scratch, so a stick swapped after the preview gains nothing.
+    """
+
+    def __init__(self, mirror: Any) -> None:
+        self._mirror = mirror
+
+    def status(self) -> dict[str, Any]:
+        raw = self._mirror.status()
+        if not raw.get("ok"):
+            raise ServiceError(str(raw.get("error", "the registry cannot be verified")))
+        revoked = [*raw.get("revoked_licenses", []), *(f"key {k}" for k in raw.get("revoked_keys", []))]
+        return {"version": raw.get("targets_version"), "templates": raw.get("templates", []), "revocations": revoked}
+
+    def is_license_revoked(self, license_id: str) -> bool:
+        return bool(self._mirror.is_license_revoked(license_id))
+
+    def is_key_revoked(self, key_id: str) -> bool:
+        return bool(self._mirror.is_key_revoked(key_id))
+
+    def preview_import(self, path: Path) -> dict[str, Any]:
+        import shutil
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="cell-console-preview-") as tmp:
+            copy = Path(tmp) / "mirror"
+            shutil.copytree(self._mirror.root_dir, copy, symlinks=True)
+            scratch = type(self._mirror)(copy, trusted_root=self._mirror.trusted_root)
+            report = scratch.import_path(path)
+        return {"summary": _report_summary(report), "changes": _change_lines(report)}
+
+    def apply_import(self, path: Path) -> dict[str, Any]:
+        report = self._mirror.import_path(path)
+        return {"summary": _report_summary(report), "changes": _change_lines(report)}
+
+
+def _report_summary(report: Any) -> str:
+    if not report.applied:
+        return f"Nothing to do: the registry is already at targets version {report.targets_version}."
+    return f"Verified: root version {report.root_version}, targets version {report.targets_version}."
+
+
+def _change_lines(report: Any) -> list[str]:
+    changes = report.changes.as_dict()
+    return [f"{kind.replace('_', ' ')}: {name}" for kind, names in changes.items() for name in names]
+
+
+def _fail_closed(_id: str) -> bool:
+    """Without a verified registry, revocation cannot be ruled out (as the service does)."""
+    return True
+
+
+def _revoked_license_fn(mirror: RegistryBridge | None) -> Callable[[str], bool]:
+    return mirror.is_license_revoked if mirror is not None else _fail_closed
+
+
+def _revoked_key_fn(mirror: RegistryBridge | None) -> Callable[[str], bool]:
+    return mirror.is_key_revoked if mirror is not None else _fail_closed
+
+
 def open_console_services(settings: Settings, *, media_roots: Sequence[Path] = media.DEFAULT_ROOTS,
                           ) -> ApplianceConsoleServices:
     """The lightweight graph for ``cell console``: storage and license, no worker pool."""
@@ -408,20 +483,20 @@ def open_console_services(settings: Settings, *, media_roots: Sequence[Path] = m
     from appliance.storage import Store
 
     prepare_root(settings)
-    store = Store(settings.db_path)
-    receipts = ReceiptStore(settings.db_path, NodeKey.load_or_create(settings.keys_dir))
-    try:
-        lic: Any = LicenseManager(settings)
-    except Exception as exc:  # same rule as the service: no license subsystem is the free tier
-        log.warning("console: license subsystem unavailable: %s", exc)
-        lic = None
-    mirror = None
+    mirror: RegistryBridge | None = None
     mirror_cls = _load_optional("mirror.registry", "Mirror")
     if mirror_cls is not None:
         try:
-            mirror = mirror_cls(settings)
+            mirror = RegistryBridge(mirror_cls(settings.mirror_dir))
         except Exception as exc:  # a mirror that cannot open is "not available", not a crash
             log.warning("console: mirror unavailable: %s", exc)
+    store = Store(settings.db_path)
+    receipts = ReceiptStore(settings.db_path, NodeKey.load_or_create(settings.keys_dir))
+    try:
+        lic: Any = LicenseManager(settings, revocations=_revoked_license_fn(mirror), revoked_keys=_revoked_key_fn(mirror))
+    except Exception as exc:  # same rule as the service: no license subsystem is the free tier
+        log.warning("console: license subsystem unavailable: %s", exc)
+        lic = None
     installer = None
     installer_cls = _load_optional("installer.console", "ConsoleInstaller")
     if installer_cls is not None:

@@ -32,6 +32,9 @@ class FakeMirror:
     def is_license_revoked(self, license_id: str) -> bool:
         return license_id == "lic-bad"
 
+    def is_key_revoked(self, key_id: str) -> bool:
+        return False
+
     def preview_import(self, path: Path) -> dict[str, Any]:
         return {"summary": "version 3 → 4", "changes": ["add template javascript"]}
 
@@ -163,6 +166,32 @@ def test_bundle_verify_plan_run_and_rollback(console: ApplianceConsoleServices, 
     failed = console.run_install_step(usb / "good.tar", plan[1])
     assert not failed.ok and "disk full" in failed.message
     assert console.rollback_install(usb / "good.tar", [plan[0]]) == ["undid a"]
+
+
+def test_T_LIC_1_without_registry_license_check_fails_closed_like_the_service(tmp_path: Path) -> None:
+    (tmp_path / "lic.json").write_bytes(make_license(KP.signing_key, KP.key_id))
+    settings = Settings(root=tmp_path / "root", config_dir=tmp_path / "etc", node_id="n1")
+    adapter = ApplianceConsoleServices(settings, Store(settings.db_path), ReceiptStore(settings.db_path, NodeKey.generate()),
+                                       media_roots=(tmp_path,), license_keys=KP.keys, clock=lambda: NOW, machine_id=None)
+    try:
+        assert not adapter.verify_license_file(tmp_path / "lic.json").ok
+    finally:
+        adapter.close()
+
+
+def test_real_registry_bridge_status_and_preview_leave_registry_untouched(tmp_path: Path) -> None:
+    registry = pytest.importorskip("mirror.registry")
+    from tui.adapters import RegistryBridge
+
+    bridge = RegistryBridge(registry.Mirror(tmp_path / "mirror"))
+    status = bridge.status()
+    assert set(status) == {"version", "templates", "revocations"}
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*"))
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tarball")
+    with pytest.raises(Exception):
+        bridge.preview_import(junk)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "mirror").rglob("*")) == before
 
 
 def test_mirror_and_installer_missing_degrade_to_not_available(tmp_path: Path) -> None:
