@@ -1,0 +1,8 @@
+"""Operations layer: structured logs, Prometheus metrics, the OpenAPI
+description, `cell doctor`, and backup/restore (DESIGN §10).
+
+Nothing here is built at import time; ``appliance.ops.web.register_ops``
+attaches the per-app pieces to a Flask app and ``appliance.ops.cli.register``
+adds the operator commands.
+"""
+from __future__ import annotations
