@@ -47,6 +47,8 @@ class CellService:
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
+        # Called after every run with a summary (no code, no output): metrics, logs.
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
 
     # -- helpers ---------------------------------------------------------
     def volume_path(self, tenant_id: str, cell_id: str) -> str:
@@ -212,6 +214,7 @@ class CellService:
              code: bytes, run_timeout_ms: int, on_chunk: ChunkCallback | None) -> dict[str, Any]:
         started = time.perf_counter()
         execution_id = str(uuid.uuid4())
+        guest_ms: float | None = None
         try:
             try:
                 reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
@@ -234,6 +237,7 @@ class CellService:
             if reply.get("type") == "error":
                 raise CellError(reply.get("message", "run failed"), code=reply.get("code", "internal")).with_status(int(reply.get("status", 500)))
             outcome = reply["outcome"]
+            guest_ms = reply.get("guest_ms")
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.runs += 1
         receipt = self.receipts.append(
@@ -260,4 +264,14 @@ class CellService:
             answer["note"] = outcome["note"]
         if outcome.get("denials"):
             answer["denials"] = outcome["denials"]
+        event = {"execution_id": execution_id, "tenant_id": tenant.id, "cell_id": cell_id, "template": template,
+                 "status": outcome["status"], "exit_code": outcome["exit_code"], "latency_ms": latency_ms,
+                 "guest_ms": guest_ms,
+                 "code_bytes": len(code), "stdout_bytes": len(outcome["stdout"]), "stderr_bytes": len(outcome["stderr"]),
+                 "truncated": outcome["truncated"], "denials": outcome.get("denials") or [], "receipt_seq": receipt["seq"]}
+        for observe in self.observers:
+            try:
+                observe(event)
+            except Exception:
+                pass  # an observer must never fail a run that already has its receipt
         return answer

@@ -71,6 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    if services.license is not None:
+        services.license.install_sighup_handler()  # SIGHUP re-reads the license without a restart
     try:
         server.run()
     except (OSError, ValueError):

@@ -52,10 +52,12 @@ class Settings:
     cell_timeout_ceiling_ms: int = 24 * 3600 * 1000
     warm_python: int = 2
     warm_javascript: int = 2
+    warm_python_preload: tuple[str, ...] = ()
     max_cells_per_worker: int = 200
     node_id: str = ""
     module_cache: Path | None = None
     egress_hosts: Path | None = None
+    checkpoint_interval_s: int = 300
 
     @property
     def volumes_dir(self) -> Path:
@@ -153,6 +155,14 @@ def _networks(key: str, raw: Any) -> tuple[str, ...]:
     return items
 
 
+def _modules(key: str, raw: Any) -> tuple[str, ...]:
+    items = _list(key, raw)
+    for item in items:
+        if not all(part.isidentifier() for part in item.split(".")):
+            raise ConfigError(key, f"{item!r} is not a Python module name")
+    return items
+
+
 def _hostnames(key: str, raw: Any) -> tuple[str, ...]:
     items = tuple(i.lower() for i in _list(key, raw))
     for item in items:
@@ -184,10 +194,12 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "cell_timeout_ms": ("SYNAPSE_CELL_TIMEOUT_MS", "cell_timeout_ms", _int(1000, 24 * 3600 * 1000)),
     "warm_python": ("SYNAPSE_WARM_PYTHON", "warm_python", _int(0, 64)),
     "warm_javascript": ("SYNAPSE_WARM_JAVASCRIPT", "warm_javascript", _int(0, 64)),
+    "warm_python_preload": ("SYNAPSE_WARM_PYTHON_PRELOAD", "warm_python_preload", _modules),
     "max_cells_per_worker": ("SYNAPSE_MAX_CELLS_PER_WORKER", "max_cells_per_worker", _int(1, 100_000)),
     "node_id": ("SYNAPSE_NODE_ID", "node_id", _host),
     "module_cache": ("SYNAPSE_MODULE_CACHE", "module_cache", _path),
     "egress_hosts": ("SYNAPSE_EGRESS_HOSTS", "egress_hosts", _path),
+    "checkpoint_interval_s": ("SYNAPSE_CHECKPOINT_INTERVAL_S", "checkpoint_interval_s", _int(1, 86400)),
 }
 
 

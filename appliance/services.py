@@ -68,16 +68,26 @@ class Services:
 
     def start_background(self) -> None:
         def loop() -> None:
+            last_checkpoint = time.monotonic()
             while not self._stop.wait(1.0):
                 try:
                     self.cells.reap_expired()
                     self.pool.check_alive()
+                    if time.monotonic() - last_checkpoint >= self.settings.checkpoint_interval_s:
+                        last_checkpoint = time.monotonic()
+                        self._checkpoint_if_grown()
                 except Exception:
                     log.exception("background maintenance failed")
 
         t = threading.Thread(target=loop, name="cell-maintenance", daemon=True)
         t.start()
         self._threads.append(t)
+
+    def _checkpoint_if_grown(self) -> None:
+        """A signed tree head at each interval, when the log grew (T-RCPT-1)."""
+        latest = self.receipts.latest_checkpoint()
+        if latest is None or latest.get("count", 0) < self.receipts.count():
+            self.receipts.checkpoint()
 
     def close(self) -> None:
         self._stop.set()

@@ -69,6 +69,7 @@ class WorkerPool:
             "module_max_bytes": s.module_max_bytes,
             "warm_python": s.warm_python,
             "warm_javascript": s.warm_javascript,
+            "warm_python_preload": list(s.warm_python_preload),
         }
 
     def _spawn(self, index: int) -> WorkerHandle:

@@ -123,6 +123,10 @@ class Worker:
                     shutil.rmtree(path, ignore_errors=True)
                     self.targets[template] = len(self.warm[template])  # stop retrying a broken runtime
                     return False
+                preload = self.cfg.get("warm_python_preload") or []
+                if template == "python3" and preload:
+                    # Pay numpy/pandas import time (~2 s CPU, ~45 MiB) before a client asks.
+                    session.run(("import " + ", ".join(preload)).encode(), 60.0, 1 << 16, None, None)
                 self.warm[template].append((session, path))
                 return True
         return False

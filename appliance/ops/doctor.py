@@ -1,0 +1,280 @@
+"""`cell doctor`: read-only checks of a node, each with the fix.
+
+Each check is a function of (settings, context) returning a ``Check``; none
+writes to the data directory (the license check reads the clock high-water
+mark read-only, the registry is only opened if it already exists).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import stat
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from appliance.config import Settings
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+MIN_FREE_DISK = 512 * 1024 * 1024
+LOW_FREE_DISK = 2 * 1024 * 1024 * 1024
+WORKER_BASE_MB = 200  # an idle worker with its warm interpreters, measured roughly
+EARLIEST_SANE = datetime(2025, 1, 1, tzinfo=timezone.utc)  # older than this build: the clock is wrong
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: str
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        tag = {OK: "[ OK ]", WARN: "[WARN]", FAIL: "[FAIL]"}[self.level]
+        return f"{tag} {self.name}: {self.message}" + (f" -- fix: {self.fix}" if self.fix else "")
+
+
+@dataclass
+class Context:
+    now: datetime
+    license_keys: dict[str, bytes] | None = None  # None: the embedded vendor keys
+    machine_id: str | None = None
+    meminfo: Callable[[], int | None] = lambda: _mem_available()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _private(path: Path, want_dir: bool) -> str | None:
+    """Why ``path`` is not private to this user, or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if want_dir != stat.S_ISDIR(st.st_mode):
+        return "is not a directory" if want_dir else "is not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not {os.geteuid()}"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        return f"has mode {mode:04o} (group/others have access)"
+    return None
+
+
+def check_permissions(s: Settings, ctx: Context) -> Check:
+    # T-TENANT-1 / T-RCPT-1: others must not read volumes or swap the node key.
+    if not s.root.exists():
+        return Check("data dir", FAIL, f"{s.root} does not exist", "start the service once (cell serve) or set SYNAPSE_ROOT")
+    problems: list[str] = []
+    fixes: list[str] = []
+    for path, is_dir in ((s.root, True), (s.volumes_dir, True), (s.db_path.parent, True), (s.keys_dir, True),
+                         (s.keys_dir / "node_ed25519", False)):
+        why = _private(path, is_dir)
+        if why == "missing" and path != s.root:
+            continue  # created at first start
+        if why is not None:
+            problems.append(f"{path} {why}")
+            fixes.append(f"chmod {'700' if is_dir else '600'} {path}")
+    if problems:
+        return Check("data dir", FAIL, "; ".join(problems), "; ".join(fixes))
+    return Check("data dir", OK, f"{s.root} and its key, database and volume directories are private (0700/0600)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_module_cache(s: Settings, ctx: Context) -> Check:
+    # T-CACHE-1: a .cwasm is native code; a tampered one would run in the host.
+    d = s.cache_dir
+    if not d.exists():
+        return Check("module cache", WARN, f"{d} is empty: the first start compiles the runtimes (~2 min, 2.5 GB)",
+                     "run `cell warm` before taking traffic")
+    why = _private(d, True)
+    if why is not None and "mode" in why:
+        st_mode = stat.S_IMODE(os.stat(d).st_mode)
+        if st_mode & 0o022:
+            return Check("module cache", FAIL, f"{d} {why}: others could plant compiled code", f"chmod 700 {d}")
+    bad: list[str] = []
+    count = 0
+    for cwasm in sorted(d.glob("*.cwasm")):
+        count += 1
+        meta = cwasm.with_suffix(".json")
+        try:
+            st = os.lstat(cwasm)
+            recorded = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            bad.append(f"{cwasm.name} (no readable hash record)")
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            bad.append(f"{cwasm.name} (not a private regular file of ours)")
+        elif not isinstance(recorded, dict) or recorded.get("size") != st.st_size or _sha256(cwasm) != recorded.get("sha256"):
+            bad.append(f"{cwasm.name} (hash differs from its record: tampered or corrupt)")
+    if bad:
+        return Check("module cache", FAIL, f"{len(bad)} of {count} compiled modules fail: " + ", ".join(bad),
+                     f"delete them (they are recompiled and re-checked at the next start): rm {d}/<name>.cwasm {d}/<name>.json")
+    if count == 0:
+        return Check("module cache", WARN, f"{d} holds no compiled modules: the first start compiles them (~2 min)",
+                     "run `cell warm` before taking traffic")
+    return Check("module cache", OK, f"{count} compiled modules match their recorded sha256")
+
+
+def check_openat2(s: Settings, ctx: Context) -> Check:
+    from appliance.confine import Volume
+
+    probe_dir = s.volumes_dir if s.volumes_dir.is_dir() else (s.root if s.root.is_dir() else Path("/tmp"))
+    try:
+        with Volume(str(probe_dir.absolute())) as vol:
+            resolver = vol.resolver
+    except Exception as exc:
+        return Check("openat2", WARN, f"could not probe ({type(exc).__name__})", "check that the data dir is ours and readable")
+    if resolver == "openat2":
+        return Check("openat2", OK, "kernel path resolution with RESOLVE_BENEATH is available (T-PATH-1)")
+    return Check("openat2", WARN, "openat2 is unavailable (old kernel or seccomp): paths use the slower step-by-step walker",
+                 "run on Linux 5.6+ and allow the openat2 syscall in the service's seccomp profile")
+
+
+def _revocations(s: Settings) -> tuple[Callable[[str], bool] | None, str]:
+    if not s.mirror_dir.is_dir():
+        return None, "no trust registry yet"
+    try:
+        from mirror.registry import Mirror
+
+        return Mirror(s.mirror_dir).is_license_revoked, ""
+    except Exception as exc:
+        return None, f"trust registry unusable ({type(exc).__name__})"
+
+
+def check_license(s: Settings, ctx: Context) -> Check:
+    from appliance.license.machine import machine_fingerprint
+    from appliance.license.manager import embedded_license_keys, read_high_water
+    from appliance.license.verify import MAX_FILE_BYTES, LicenseRejected, days_left, verify_license
+
+    path = s.license_path
+    if not path.exists():
+        return Check("license", OK, f"no license at {path}: free tier", "")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        return Check("license", FAIL, f"{path} cannot be read ({exc.strerror})", f"chmod 640 {path} and give the service user read access")
+    revoked, note = _revocations(s)
+    try:
+        lic = verify_license(data, keys=embedded_license_keys() if ctx.license_keys is None else ctx.license_keys,
+                             now=ctx.now, machine_id=ctx.machine_id if ctx.machine_id is not None else machine_fingerprint(),
+                             is_revoked=revoked, high_water=read_high_water(s.db_path))
+    except LicenseRejected as exc:
+        return Check("license", FAIL, f"{path} is refused ({exc.code}): {exc.reason} The node runs the free tier.",
+                     "install a valid license: cell license verify FILE, then cell license install FILE")
+    left = days_left(lic, ctx.now)
+    msg = f"{lic.tier} tier for {lic.licensee}, {left} days left" + (f" ({note}: revocations not checked)" if note else "")
+    if left < 30:
+        return Check("license", WARN, msg, "ask the vendor for a renewal and install it with cell license install FILE")
+    return Check("license", OK, msg)
+
+
+def check_registry(s: Settings, ctx: Context) -> Check:
+    if not s.mirror_dir.is_dir():
+        return Check("registry", WARN, "no trust registry yet (installed at first start)", "start the service once")
+    try:
+        from mirror.registry import Mirror
+
+        status = Mirror(s.mirror_dir).status(now=ctx.now)
+    except Exception as exc:
+        return Check("registry", FAIL, f"cannot be opened ({type(exc).__name__}: {str(exc)[:120]})",
+                     "re-import a registry update from the vendor (cell mirror import)")
+    if not status.get("ok"):
+        return Check("registry", FAIL, f"does not verify: {str(status.get('error'))[:160]}",
+                     "re-import a registry update from the vendor (cell mirror import)")
+    days = status.get("days_until_expiry")
+    state = status.get("expiry_state")
+    msg = f"{status.get('expires_role')} metadata expires {status.get('expires')} ({days} days)"
+    if state == "expired":
+        return Check("registry", FAIL, msg + ": expired, Pro licenses are not honoured", "import a fresh registry update (cell mirror import)")
+    if state != "ok":
+        return Check("registry", WARN, msg, "import a fresh registry update soon (cell mirror import)")
+    return Check("registry", OK, msg)
+
+
+def check_resources(s: Settings, ctx: Context) -> Check:
+    target = s.root if s.root.exists() else s.root.absolute().parent
+    free = shutil.disk_usage(target).free
+    need_mb = s.workers * (WORKER_BASE_MB + s.memory_mb)
+    avail = ctx.meminfo()
+    parts = [f"{free / 2**30:.1f} GiB free disk"]
+    if avail is not None:
+        parts.append(f"{avail / 2**20:.0f} MiB memory available for {s.workers} workers x ({WORKER_BASE_MB} + {s.memory_mb}) MiB = {need_mb} MiB")
+    msg = ", ".join(parts)
+    if free < MIN_FREE_DISK:
+        return Check("resources", FAIL, msg + ": receipts cannot be written safely", f"free disk space under {target}")
+    if (avail is not None and avail < need_mb * 2**20) or free < LOW_FREE_DISK:
+        return Check("resources", WARN, msg, "lower SYNAPSE_WORKERS or SYNAPSE_MEMORY_MB, or add memory/disk")
+    return Check("resources", OK, msg)
+
+
+def check_clock(s: Settings, ctx: Context) -> Check:
+    from appliance.license.manager import read_high_water
+
+    now = ctx.now
+    if now < EARLIEST_SANE:
+        return Check("clock", FAIL, f"system time {now:%Y-%m-%d} is before this release", "set the clock (timedatectl set-time, or an NTP source on the LAN)")
+    high = read_high_water(s.db_path)
+    if high is not None and now < high:
+        return Check("clock", FAIL, f"time went backwards: {now:%Y-%m-%dT%H:%M:%SZ} is before the last time seen {high:%Y-%m-%dT%H:%M:%SZ}",
+                     "set the clock forward; licenses are refused until it passes the last time seen")
+    last = _last_receipt_ms(s.db_path)
+    if last is not None and last > now.timestamp() * 1000 + 300_000:
+        return Check("clock", FAIL, "the newest receipt is more than 5 minutes in the future", "set the clock (timedatectl set-time)")
+    return Check("clock", OK, f"{now:%Y-%m-%dT%H:%M:%SZ}, not behind the last time seen or the newest receipt")
+
+
+def _last_receipt_ms(db: Path) -> int | None:
+    if not db.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute("SELECT MAX(timestamp) FROM receipts").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return int(row[0]) if row and row[0] is not None else None
+
+
+CHECKS: tuple[Callable[[Settings, Context], Check], ...] = (
+    check_permissions, check_module_cache, check_openat2, check_license, check_registry, check_resources, check_clock,
+)
+
+
+def run_checks(settings: Settings, ctx: Context) -> list[Check]:
+    out: list[Check] = []
+    for check in CHECKS:
+        try:
+            out.append(check(settings, ctx))
+        except Exception as exc:  # a broken check is reported, never a traceback
+            out.append(Check(check.__name__.removeprefix("check_"), FAIL, f"check failed: {type(exc).__name__}: {str(exc)[:160]}"))
+    return out
+
+
+def exit_code(checks: list[Check]) -> int:
+    return 1 if any(c.level == FAIL for c in checks) else 0

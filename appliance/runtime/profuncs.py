@@ -1,0 +1,188 @@
+"""The Pro ``cell`` host functions: ``load_weights`` and ``host_mcp_call`` (SECURITY.md §3).
+
+Reachable by hostile code exactly like :mod:`appliance.runtime.hostfuncs`, and
+built to the same rules:
+- never raise into wasmtime (an exception there lands in one process-wide slot
+  and was seen surfacing in the wrong thread): every path returns a code;
+- every pointer and length is made unsigned and bounds-checked before use
+  (T-MEM-1); transfers are capped at 10,000,000 bytes (T-DOS-1);
+- denials are recorded with ``ctx.deny`` under their threat id.
+
+``load_weights(name_ptr i32, name_len i32, offset i64, buf_ptr i32, max_len i32) -> i32``
+  Copies up to ``min(max_len, 10,000,000)`` bytes of the weights file ``name``
+  (relative to ``SYNAPSE_ROOT/weights``) starting at byte ``offset``; returns
+  the count, 0 at or past end of file. T-PRO-1: the file is opened through
+  ``appliance.confine.Volume`` (openat2 beneath the weights dir, no symlinks,
+  regular single-link file, O_RDONLY|O_NONBLOCK) and read with ``pread`` on
+  that one fd: nothing is ever opened for writing, and no path string is
+  re-resolved after the checks.
+
+``host_mcp_call(req_ptr i32, req_len i32, buf_ptr i32, max_len i32) -> i32``
+  Request: UTF-8 JSON ``{"server": name, "tool": name, "arguments": {...}}``.
+  Writes the JSON of the ``tools/call`` result and returns its length.
+  T-PRO-2: the server is looked up by name in the operator's table; a request
+  carrying any other field (``url``, ``command`` ...) is denied; the call runs
+  within the run's deadline and the answer is capped at ``max_len``.
+
+Return codes: >= 0 bytes; -1 denied; -2 not found; -3 invalid argument
+(pointer, length, negative offset, bad JSON); -4 I/O, server error or
+timeout; -5 too large; -6 is a directory.
+"""
+from __future__ import annotations
+
+import os
+import stat as st
+import time
+from typing import Any
+
+import wasmtime
+
+from appliance.policy.bounds import MAX_TRANSFER, span
+from appliance.runtime import context
+
+DENIED, NOT_FOUND, INVALID, IO_ERROR, TOO_LARGE, IS_DIR = -1, -2, -3, -4, -5, -6
+MAX_NAME_BYTES = 4096
+HARD_DEADLINE_S = 60.0  # SECURITY.md §4 run ceiling; the run's own deadline is normally shorter
+FUNCTIONS = ("load_weights", "host_mcp_call")
+
+
+def _memory(caller: wasmtime.Caller) -> Any:
+    mem = caller.get("memory")
+    return mem if isinstance(mem, wasmtime.Memory) else None
+
+
+def _read_span(caller: wasmtime.Caller, mem: Any, ptr: int, length: int, limit: int) -> bytes | None:
+    where = span(ptr, length, mem.data_len(caller))  # T-MEM-1: the whole span must exist
+    if where is None or where[1] > limit:
+        return None
+    return bytes(mem.read(caller, where[0], where[0] + where[1]))
+
+
+# -- load_weights --------------------------------------------------------------------
+
+def read_at(volume: Any, name: str, offset: int, max_bytes: int) -> bytes:
+    """Up to ``max_bytes`` of the regular file ``name`` from ``offset`` (b"" past EOF).
+
+    T-PRO-1: uses the Volume's own confined open (the same openat2/no-follow
+    walk and regular-file/one-link check as ``read_bytes``), read-only; raises
+    ``ConfinementError``. ``confine.Volume`` has no positional read, so this is
+    the helper, kept here rather than editing confine.
+    """
+    from appliance import confine
+
+    if offset < 0 or max_bytes < 0:
+        raise confine.ConfinementError("invalid", "negative offset or length")
+    if name.startswith("/"):
+        # Volume accepts "/data/x" as the cell's own view; a weights name is
+        # relative, so an absolute name is refused outright rather than mapped.
+        raise confine.ConfinementError("denied", "absolute path", reason="absolute")
+    comps = volume._parse(name)
+    fd, s = volume._open_checked(comps, os.O_RDONLY | confine._SAFE)  # never a write flag
+    try:
+        if st.S_ISDIR(s.st_mode):
+            raise confine.ConfinementError("is_a_directory", "is a directory")
+        if offset >= s.st_size or max_bytes == 0:
+            return b""  # also keeps absurd offsets (up to 2**63-1) away from pread
+        want = min(max_bytes, s.st_size - offset)
+        chunks: list[bytes] = []
+        while want > 0:
+            chunk = os.pread(fd, min(want, 1 << 20), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            want -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise confine._mapped(exc) from None
+    finally:
+        os.close(fd)
+
+
+def load_weights(caller: wasmtime.Caller, name_ptr: int, name_len: int, offset: int, buf_ptr: int, max_len: int) -> int:
+    try:
+        ctx = context.current()
+        if ctx is None:
+            return DENIED
+        weights = getattr(ctx, "weights", None)
+        if weights is None:
+            ctx.deny("T-PRO-1", "load_weights", "weights_off")  # no weights dir configured
+            return DENIED
+        mem = _memory(caller)
+        if mem is None:
+            return INVALID
+        raw = _read_span(caller, mem, name_ptr, name_len, MAX_NAME_BYTES)
+        buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)  # T-MEM-1, T-DOS-1
+        if raw is None or buf is None:
+            return INVALID
+        if offset < 0:  # i64 arrives signed: a negative offset is a bad argument, never "from the end"
+            return INVALID
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return INVALID
+        from appliance.confine import ConfinementError
+
+        try:
+            data = read_at(weights, name, offset, buf[1])
+        except ConfinementError as e:
+            if e.errno_code == DENIED:
+                ctx.deny("T-PRO-1", "load_weights", e.reason)
+            return int(e.errno_code)
+        mem.write(caller, data, buf[0])
+        return len(data)
+    except Exception:
+        return IO_ERROR
+
+
+# -- host_mcp_call -------------------------------------------------------------------
+
+def host_mcp_call(caller: wasmtime.Caller, req_ptr: int, req_len: int, buf_ptr: int, max_len: int) -> int:
+    try:
+        ctx = context.current()
+        if ctx is None:
+            return DENIED
+        client = getattr(ctx, "mcp", None)
+        if client is None:
+            ctx.deny("T-PRO-2", "host_mcp_call", "mcp_off")  # no servers configured
+            return DENIED
+        mem = _memory(caller)
+        if mem is None:
+            return INVALID
+        raw = _read_span(caller, mem, req_ptr, req_len, MAX_TRANSFER)  # T-MEM-1, T-DOS-1
+        buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)
+        if raw is None or buf is None:
+            return INVALID
+        from appliance.mcp import McpError
+        from appliance.policy.mcp import RequestRejected, parse_request
+
+        try:
+            request = parse_request(raw)
+        except RequestRejected as e:
+            client.refused(ctx.tenant_id, ctx.cell_id, e.reason)  # every call is logged, refused ones too
+            if e.code == DENIED:
+                ctx.deny("T-PRO-2", "host_mcp_call", e.reason)
+            return e.code
+        # T-DOS-1: all MCP I/O ends by the run's deadline (the guest cannot
+        # outlive it inside a host call; the worker would be SIGKILLed).
+        remaining = ctx.governor.remaining() if ctx.governor is not None else HARD_DEADLINE_S
+        deadline = time.monotonic() + max(0.0, min(remaining, HARD_DEADLINE_S))
+        try:
+            out = client.call(request, deadline=deadline, max_bytes=buf[1], tenant_id=ctx.tenant_id, cell_id=ctx.cell_id)
+        except McpError as e:
+            if e.code == DENIED:
+                ctx.deny("T-PRO-2", "host_mcp_call", e.detail or e.reason)
+            return int(e.code)
+        if len(out) > buf[1]:  # the client already refuses this; never write past the guest's buffer
+            return TOO_LARGE
+        mem.write(caller, out, buf[0])
+        return len(out)
+    except Exception:
+        return IO_ERROR
+
+
+def define(linker: wasmtime.Linker) -> None:
+    i32, i64 = wasmtime.ValType.i32(), wasmtime.ValType.i64()
+    linker.define_func("cell", "load_weights", wasmtime.FuncType([i32, i32, i64, i32, i32], [i32]),
+                       load_weights, access_caller=True)
+    linker.define_func("cell", "host_mcp_call", wasmtime.FuncType([i32] * 4, [i32]), host_mcp_call, access_caller=True)
