@@ -268,7 +268,7 @@ class CellService:
                  "status": outcome["status"], "exit_code": outcome["exit_code"], "latency_ms": latency_ms,
                  "guest_ms": guest_ms,
                  "code_bytes": len(code), "stdout_bytes": len(outcome["stdout"]), "stderr_bytes": len(outcome["stderr"]),
-                 "truncated": outcome["truncated"], "denials": outcome.get("denials") or [], "receipt_seq": receipt["seq"]}
+                 "truncated": outcome["truncated"], "denials": outcome.get("denials") or [], "receipt_seq": receipt.get("seq")}
         for observe in self.observers:
             try:
                 observe(event)
