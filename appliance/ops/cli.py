@@ -1,0 +1,83 @@
+"""`cell doctor`, `cell backup --out FILE`, `cell restore FILE` (DESIGN §10).
+
+``register(subparsers)`` adds the commands; each handler returns the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    env = dict(os.environ)
+    if getattr(args, "dev", False):  # same layout as `cell serve --dev`
+        env.setdefault("SYNAPSE_ROOT", ".synapse")
+        env.setdefault("SYNAPSE_CONFIG_DIR", str(Path(env["SYNAPSE_ROOT"]) / "etc"))
+    settings = load_settings(env)
+    return settings.with_overrides(root=settings.root.absolute())
+
+
+def register(subparsers: Any) -> None:
+    doctor = subparsers.add_parser("doctor", help="check this node and explain each fix (exit 0/1)")
+    doctor.add_argument("--dev", action="store_true", help="the ./.synapse data of `cell serve --dev`")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doctor.set_defaults(func=cmd_doctor)
+
+    backup = subparsers.add_parser("backup", help="database (online), node key, config and license into a tar.gz (0600)")
+    backup.add_argument("--out", required=True, type=Path)
+    backup.add_argument("--dev", action="store_true")
+    backup.set_defaults(func=cmd_backup)
+
+    restore = subparsers.add_parser("restore", help="restore a backup onto a stopped appliance")
+    restore.add_argument("file", type=Path)
+    restore.add_argument("--dev", action="store_true")
+    restore.set_defaults(func=cmd_restore)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from appliance.ops.doctor import Context, exit_code, run_checks
+
+    checks = run_checks(_settings(args), Context(now=datetime.now(timezone.utc)))
+    if args.json:
+        print(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        for check in checks:
+            print(check.line())
+    return exit_code(checks)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from appliance.ops.backup import BackupError, create_backup
+
+    try:
+        manifest = create_backup(_settings(args), args.out)
+    except (BackupError, OSError) as exc:
+        print(f"cell backup: {exc}", file=sys.stderr)
+        return 1
+    print(f"cell backup: wrote {args.out} (mode 0600; it holds the node signing key: keep it private)")
+    for name, entry in sorted(manifest["files"].items()):
+        print(f"  {entry['sha256']}  {entry['size']:>12}  {name}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from appliance.ops.backup import BackupError, restore_backup
+
+    try:
+        result = restore_backup(_settings(args), args.file)
+    except (BackupError, OSError) as exc:
+        print(f"cell restore: refused: {exc}", file=sys.stderr)
+        return 1
+    chain = result["chain"]
+    print(f"cell restore: restored {', '.join(result['restored'])}")
+    print(f"cell restore: receipt chain verifies ({chain['count']} receipts, node key {chain['public_key']})")
+    if result["replaced_key"]:
+        print("cell restore: note: the node key differs from the one that was here; auditors need the restored public key")
+    return 0

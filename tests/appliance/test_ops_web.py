@@ -1,0 +1,182 @@
+"""register_ops on a real app (real worker processes): request ids, access and
+run logs, /metrics access rule (T-OPS-1) and the counters a scrape shows."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from appliance.config import load_settings
+from appliance.ops.web import OpsState, register_ops
+from appliance.services import Services, build_services, ensure_default_tenant
+from appliance.web.app import create_app
+from tests.liveserver import shared_cache
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "op-token-for-tests-0123456789"
+DENIED_FETCH = """(module
+  (import "cell" "host_fetch" (func $f (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start") (drop (call $f (i32.const 0) (i32.const 4) (i32.const 0) (i32.const 0)))))"""
+
+
+@dataclass
+class OpsApp:
+    app: Flask
+    client: FlaskClient
+    services: Services
+    state: OpsState
+    key: str
+    log_file: Path
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.log_file.read_text().splitlines()]
+
+
+def build_ops_app(root: Path, **ops: Any) -> tuple[Flask, Services, OpsState, str]:
+    settings = load_settings({
+        "SYNAPSE_ROOT": str(root), "SYNAPSE_CONFIG_DIR": str(root / "etc"),
+        "SYNAPSE_MODULE_CACHE": str(shared_cache()), "SYNAPSE_WORKERS": "1",
+        "SYNAPSE_WARM_PYTHON": "1", "SYNAPSE_WARM_JAVASCRIPT": "0",
+        "SYNAPSE_RATE_LIMIT_RPS": "100000", "SYNAPSE_RATE_LIMIT_BURST": "100000",
+    })
+    services = build_services(settings)
+    key = ensure_default_tenant(services)
+    assert key is not None
+    app = create_app(services)
+    state = register_ops(app, services, **ops)
+    return app, services, state, key
+
+
+@pytest.fixture(scope="module")
+def ops_app(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpsApp]:
+    root = tmp_path_factory.mktemp("ops-app")
+    log_file = root / "log" / "cell.log"
+    app, services, state, key = build_ops_app(root, metrics_token=TOKEN, log_file=log_file, log_stderr=False)
+    try:
+        yield OpsApp(app, app.test_client(), services, state, key, log_file)
+    finally:
+        state.close()
+        services.close()
+
+
+def test_register_ops_is_idempotent(ops_app: OpsApp) -> None:
+    assert register_ops(ops_app.app, ops_app.services) is ops_app.state
+
+
+def test_every_answer_carries_a_request_id_even_a_401(ops_app: OpsApp) -> None:
+    ok = ops_app.client.get("/healthz")
+    denied = ops_app.client.get("/v1/cells", headers={"Authorization": "Bearer wrong"})
+    assert denied.status_code == 401
+    assert len(ok.headers["X-Request-Id"]) == 32 and len(denied.headers["X-Request-Id"]) == 32
+    assert ok.headers["X-Request-Id"] != denied.headers["X-Request-Id"]
+
+
+@pytest.mark.parametrize("incoming, kept", [("trace-42.a_b", True), ("x" * 65, False), ("a b", False), ("a\nb", False)])
+def test_t_log_2_client_request_id_only_kept_when_plain(ops_app: OpsApp, incoming: str, kept: bool) -> None:
+    try:
+        r = ops_app.client.get("/healthz", headers={"X-Request-Id": incoming})
+    except ValueError:  # werkzeug itself refuses a newline in a header
+        assert not kept
+        return
+    assert (r.headers["X-Request-Id"] == incoming) is kept
+
+
+def test_run_writes_request_run_and_denial_lines_and_counts(ops_app: OpsApp) -> None:
+    r = ops_app.client.post("/v1/execute", json={"template": "wasm", "code": DENIED_FETCH}, headers=ops_app.auth())
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    rid = r.headers["X-Request-Id"]
+    lines = [x for x in ops_app.log_lines() if x.get("request_id") == rid]
+    events = {x["event"]: x for x in lines}
+    assert set(events) == {"request", "run", "policy_denial"}
+    run = events["run"]
+    assert run["execution_id"] == body["execution_id"] and run["receipt_seq"] == body["receipt"]["seq"]
+    assert run["tenant_id"] == "default" and run["template"] == "wasm" and run["status"] == body["status"]
+    assert events["policy_denial"] == {**events["policy_denial"], "threat": "T-SSRF-1", "function": "host_fetch",
+                                       "reason": "egress_off", "level": "warning"}
+    req = events["request"]
+    assert req["route"] == "/v1/execute" and req["status"] == 200 and req["bytes_in"] > 0 and req["bytes_out"] > 0
+    assert req["execution_id"] == body["execution_id"]
+    text = ops_app.client.get("/metrics").get_data(as_text=True)
+    assert 'cell_runs_total{status="%s",template="wasm"}' % body["status"] in text
+    assert 'cell_policy_denials_total{function="host_fetch",threat="T-SSRF-1"}' in text
+    assert "cell_receipts_written_total" in text and "cell_run_guest_duration_seconds_bucket" in text
+
+
+def test_metrics_show_the_live_gauges(ops_app: OpsApp) -> None:
+    ops_app.client.post("/v1/cells", json={"template": "wasm"}, headers=ops_app.auth())
+    text = ops_app.client.get("/metrics").get_data(as_text=True)
+    for name in ("cell_workers ", "cell_workers_busy ", "cell_queue_depth ", "cell_live_cells ",
+                 "cell_receipt_chain_length ", "cell_registry_days_left ", "cell_license_tier{",
+                 "cell_http_request_duration_seconds_bucket", "cell_build_info{"):
+        assert name in text, name
+    assert "cell_live_cells 0.0" not in text
+
+
+@pytest.mark.parametrize("remote, headers, status", [
+    ("127.0.0.1", {}, 200),
+    ("::1", {}, 200),
+    ("10.1.2.3", {}, 403),
+    ("10.1.2.3", {"Authorization": f"Bearer {TOKEN}"}, 200),
+    ("10.1.2.3", {"Authorization": f"Bearer {TOKEN}x"}, 403),
+    ("10.1.2.3", {"Authorization": "Bearer "}, 403),
+    # A local reverse proxy relays remote clients from loopback: not local.
+    ("127.0.0.1", {"X-Forwarded-For": "203.0.113.9"}, 403),
+])
+def test_t_ops_1_metrics_only_from_loopback_or_with_the_operator_token(
+        ops_app: OpsApp, remote: str, headers: dict[str, str], status: int) -> None:
+    r = ops_app.client.get("/metrics", headers=headers, environ_base={"REMOTE_ADDR": remote})
+    assert r.status_code == status
+    if status == 403:
+        assert r.get_json() == {"error": r.get_json()["error"], "code": "metrics_forbidden"}
+    else:
+        assert r.headers["Content-Type"].startswith("text/plain")
+
+
+def test_t_ops_1_no_token_configured_means_loopback_only(module_cache: None, tmp_path: Path) -> None:
+    app, services, state, _ = build_ops_app(tmp_path, metrics_token="", log_stderr=False)
+    try:
+        r = app.test_client().get("/metrics", headers={"Authorization": "Bearer "},
+                                  environ_base={"REMOTE_ADDR": "10.0.0.1"})
+        assert r.status_code == 403
+    finally:
+        state.close()
+        services.close()
+
+
+def test_rate_limited_requests_are_counted(ops_app: OpsApp) -> None:
+    state = ops_app.state
+    state.metrics.observe_request("GET", "/v1/cells", 429, 0.001)
+    assert 'cell_rate_limit_rejections_total 1.0' in ops_app.client.get("/metrics").get_data(as_text=True)
+
+
+def test_openapi_is_served_behind_the_api_key(ops_app: OpsApp) -> None:
+    assert ops_app.client.get("/v1/openapi.json").status_code == 401
+    r = ops_app.client.get("/v1/openapi.json", headers=ops_app.auth())
+    assert r.status_code == 200 and r.get_json()["openapi"] == "3.1.0"
+
+
+def test_each_app_has_its_own_registry(ops_app: OpsApp, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    other = Flask("other")
+    fake = SimpleNamespace(settings=ops_app.services.settings.with_overrides(root=tmp_path),
+                           cells=SimpleNamespace(observers=[]), pool=None, store=None, receipts=None)
+    state = register_ops(other, fake, log_stderr=False)
+    try:
+        assert state.metrics.registry is not ops_app.state.metrics.registry
+        text = other.test_client().get("/metrics").get_data(as_text=True)
+        assert "cell_runs_total{" not in text  # no runs here, whatever the other app did
+    finally:
+        state.close()
