@@ -65,9 +65,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("cell: create a tenant and key with: cell tenant add NAME", flush=True)
     stop = threading.Event()
 
-    def on_term(signum: int, _frame: Any) -> None:
-        stop.set()
+    def drain_then_close() -> None:
+        # Stop taking runs, let the running ones finish (up to the longest
+        # allowed run plus grace), then close: no answered run loses its receipt.
+        services.draining.set()
+        limit = time.monotonic() + settings.run_timeout_ceiling_ms / 1000 + settings.kill_grace_ms / 1000 + 1
+        while services.inflight() > 0 and time.monotonic() < limit:
+            time.sleep(0.05)
         server.close()
+
+    def on_term(signum: int, _frame: Any) -> None:
+        if not stop.is_set():
+            stop.set()
+            print("cell: draining (no new runs; waiting for running ones)", flush=True)
+            threading.Thread(target=drain_then_close, name="drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)

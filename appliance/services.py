@@ -32,6 +32,9 @@ class Services:
     limiter: TokenBucketLimiter
     license: Any = None
     mirror: Any = None
+    draining: threading.Event = field(default_factory=threading.Event)
+    _inflight: list[int] = field(default_factory=lambda: [0])
+    _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -57,6 +60,18 @@ class Services:
             "receipts": self.receipts.count(),
             "registry": registry,
         }
+
+    def begin_request(self) -> None:
+        with self._inflight_lock:
+            self._inflight[0] += 1
+
+    def end_request(self) -> None:
+        with self._inflight_lock:
+            self._inflight[0] -= 1
+
+    def inflight(self) -> int:
+        with self._inflight_lock:
+            return self._inflight[0]
 
     def templates(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -18,7 +18,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from appliance import __version__
-from appliance.errors import BadRequest, CellError, NotFound, PayloadTooLarge, RateLimited, Unauthorized
+from appliance.errors import BadRequest, Busy, CellError, NotFound, PayloadTooLarge, RateLimited, Unauthorized
 from appliance.policy.ratelimit import client_key
 from appliance.web import validate
 
@@ -70,6 +70,8 @@ def create_app(services: Any) -> Flask:
             raise RateLimited("too many requests", retry_after=max(1, int(math.ceil(retry))))
         if not request.path.startswith("/v1"):
             return  # the mirror is read-only and public to LAN peers
+        if services.draining.is_set():
+            raise Busy("the appliance is shutting down; retry on another node or after restart", code="draining", retry_after=5)
         length = request.content_length
         if length is not None and length > s.max_body_bytes:
             raise PayloadTooLarge(f"request body over {s.max_body_bytes} bytes")
@@ -80,6 +82,17 @@ def create_app(services: Any) -> Flask:
         if tenant is None:
             raise Unauthorized("unknown or revoked API key", code="bad_key")
         g.tenant = tenant
+
+    @app.before_request
+    def count_in() -> None:
+        if request.path.startswith("/v1"):
+            g.counted = True
+            services.begin_request()
+
+    @app.teardown_request
+    def count_out(_exc: BaseException | None) -> None:
+        if g.pop("counted", False):
+            services.end_request()
 
     def body() -> dict[str, Any]:
         raw = request.get_data(cache=True, parse_form_data=False)  # JSON whatever the Content-Type says
