@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from appliance.config import Settings
-from appliance.errors import BadRequest, CellError, Conflict, NotFound
+from appliance.errors import BadRequest, CellError, Conflict, NotFound, PayloadTooLarge
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
@@ -47,6 +47,7 @@ class CellService:
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
+        self._usage: dict[str, int] = {}  # cell -> bytes in its volume, as last measured
         # Called after every run with a summary (no code, no output): metrics, logs.
         self.observers: list[Callable[[dict[str, Any]], None]] = []
 
@@ -100,6 +101,7 @@ class CellService:
             binding = self._bindings.pop(record.id, None)
             self._lost.discard(record.id)
             self._expiry.pop(record.id, None)
+            self._usage.pop(record.id, None)
         if binding is not None:
             handle = self.pool.worker(binding.worker)
             handle.cells.discard(record.id)
@@ -132,6 +134,42 @@ class CellService:
             self._drop(record)
             dropped += 1
         return dropped
+
+    # -- disk quota (T-DOS-1) ------------------------------------------------
+    def quota_bytes(self) -> int:
+        return self.settings.tenant_quota_mb * 1024 * 1024
+
+    def cell_usage(self, record: CellRecord) -> int:
+        with self._lock:
+            known = self._usage.get(record.id)
+        if known is not None:
+            return known
+        from appliance.confine import ConfinementError, open_volume
+
+        try:
+            with open_volume(self.settings.volumes_dir, record.tenant_id, record.id) as vol:
+                used = vol.usage_bytes()
+        except (ConfinementError, OSError):
+            used = 0
+        with self._lock:
+            self._usage[record.id] = used
+        return used
+
+    def tenant_usage(self, tenant: Tenant) -> int:
+        return sum(self.cell_usage(c) for c in self.store.list_cells(tenant.id))
+
+    def note_usage(self, cell_id: str, used: int | None) -> None:
+        if used is not None:
+            with self._lock:
+                self._usage[cell_id] = used
+
+    def check_quota(self, tenant: Tenant, adding: int = 0) -> int:
+        """Bytes the tenant may still add; refuses when it is already over."""
+        left = self.quota_bytes() - self.tenant_usage(tenant)
+        if left < adding or left < 0:
+            raise PayloadTooLarge(f"tenant disk quota of {self.settings.tenant_quota_mb} MB exceeded; delete files to continue",
+                                  code="quota_exceeded")
+        return left
 
     # -- runs ------------------------------------------------------------
     def _call(self, handle: Any, msg: dict[str, Any], deadline_s: float | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
@@ -173,7 +211,9 @@ class CellService:
         else:
             handle = self.pool.worker(binding.worker)
         run_timeout = min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms)
+        quota_left = self.check_quota(tenant)
         msg = {
+            "quota_left": quota_left,
             "op": "exec", "cell_id": cell_id if record.template != "wasm" else None, "template": record.template,
             "code": code, "is_text": is_text, "timeout_ms": run_timeout, "memory_mb": record.memory_mb,
             "volume": self.volume_path(tenant.id, cell_id), "stream": on_chunk is not None, "tenant_id": tenant.id,
@@ -238,6 +278,8 @@ class CellService:
                 raise CellError(reply.get("message", "run failed"), code=reply.get("code", "internal")).with_status(int(reply.get("status", 500)))
             outcome = reply["outcome"]
             guest_ms = reply.get("guest_ms")
+            if cell_id is not None:
+                self.note_usage(cell_id, reply.get("volume_bytes"))
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.runs += 1
         receipt = self.receipts.append(

@@ -23,6 +23,7 @@ HARD_RUN_TIMEOUT_MS = 60_000
 HARD_MEMORY_MB = 4096
 HARD_OUTPUT_BYTES = 16 * 1024 * 1024
 HARD_BODY_BYTES = 10 * 1024 * 1024
+HARD_QUOTA_MB = 1024 * 1024  # 1 TiB per tenant
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Settings:
     module_cache: Path | None = None
     egress_hosts: Path | None = None
     checkpoint_interval_s: int = 300
+    tenant_quota_mb: int = 1024
 
     @property
     def volumes_dir(self) -> Path:
@@ -200,6 +202,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "module_cache": ("SYNAPSE_MODULE_CACHE", "module_cache", _path),
     "egress_hosts": ("SYNAPSE_EGRESS_HOSTS", "egress_hosts", _path),
     "checkpoint_interval_s": ("SYNAPSE_CHECKPOINT_INTERVAL_S", "checkpoint_interval_s", _int(1, 86400)),
+    "tenant_quota_mb": ("SYNAPSE_TENANT_QUOTA_MB", "tenant_quota_mb", _int(1, HARD_QUOTA_MB)),
 }
 
 

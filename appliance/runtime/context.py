@@ -21,6 +21,7 @@ class RunContext:
     governor: "Governor"
     volume: Any = None  # appliance.confine.Volume of the cell, for host_fs_*
     egress: Any = None  # appliance.policy.egress.EgressPolicy, for host_fetch
+    quota_left: int | None = None  # bytes the tenant may still add (host_fs_write); None = unlimited
     resolver: Any = None  # static name map (SYNAPSE_EGRESS_HOSTS) instead of DNS, or None
     tenant_id: str = ""
     cell_id: str = ""

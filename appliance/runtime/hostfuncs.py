@@ -18,6 +18,7 @@ Return codes: bytes transferred (>= 0), or
   -5 too large (response or file over the cap)
   -6 is a directory
   -7 already exists
+  -8 over the tenant's disk quota
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import wasmtime
 from appliance.policy.bounds import MAX_TRANSFER, span
 from appliance.runtime import context
 
-DENIED, NOT_FOUND, INVALID, IO_ERROR, TOO_LARGE = -1, -2, -3, -4, -5
+DENIED, NOT_FOUND, INVALID, IO_ERROR, TOO_LARGE, OVER_QUOTA = -1, -2, -3, -4, -5, -8
 MAX_PATH_BYTES = 4096
 MAX_URL_BYTES = 2048
 FUNCTIONS = ("host_fs_read", "host_fs_write", "host_fetch")
@@ -90,11 +91,17 @@ def host_fs_write(caller: wasmtime.Caller, path_ptr: int, path_len: int, data_pt
             return INVALID
         if src[1] > MAX_TRANSFER:  # T-DOS-1
             return TOO_LARGE
+        if ctx.quota_left is not None and src[1] > ctx.quota_left:  # T-DOS-1: disk quota
+            ctx.deny("T-DOS-1", "host_fs_write", "quota_exceeded")
+            return OVER_QUOTA
         data = bytes(mem.read(caller, src[0], src[0] + src[1]))
         from appliance.confine import ConfinementError
 
         try:
-            return int(ctx.volume.write_bytes(path, data))
+            written = int(ctx.volume.write_bytes(path, data))
+            if ctx.quota_left is not None:
+                ctx.quota_left -= written
+            return written
         except ConfinementError as e:
             if e.errno_code == DENIED:
                 ctx.deny("T-PATH-1", "host_fs_write", e.code)

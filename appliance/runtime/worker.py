@@ -192,7 +192,8 @@ class Worker:
         sink = self._sink(msg.get("req_id"), bool(msg.get("stream")))
         code: bytes = msg["code"]
         started = time.perf_counter()
-        ctx = context.RunContext(governor=None, tenant_id=msg.get("tenant_id", ""), cell_id=msg.get("cell_id") or "")  # type: ignore[arg-type]
+        ctx = context.RunContext(governor=None, tenant_id=msg.get("tenant_id", ""), cell_id=msg.get("cell_id") or "",  # type: ignore[arg-type]
+                                 quota_left=msg.get("quota_left"))
         if template == "wasm":
             from appliance.confine import Volume
             from appliance.policy.egress import EgressPolicy
@@ -211,10 +212,11 @@ class Worker:
                         ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]))
                         ctx.resolver = static_resolver(egress["hosts"]) if egress.get("hosts") is not None else None
                     outcome = self.modules.run(module, volume, ctx, timeout_s, memory, cap, sink, msg.get("stdin"))
+                    usage = vol.usage_bytes() if not tmp else None
             finally:
                 if tmp:
                     shutil.rmtree(tmp, ignore_errors=True)
-            return self._result(outcome, started)
+            return self._result(outcome, started, usage)
         cell_id = msg.get("cell_id")
         if cell_id is None:  # one-shot: a warm session and its scratch volume, then discarded
             warm = self._take_warm(template, memory, msg.get("envs")) if not msg.get("stdin") else None
@@ -249,10 +251,23 @@ class Worker:
         outcome.restarted = restarted
         if not msg.get("persistent", True) and cell_id in self.sessions:
             self.sessions.pop(cell_id).close()
-        return self._result(outcome, started)
+        return self._result(outcome, started, _volume_usage(msg["volume"]))
 
-    def _result(self, outcome: Any, started: float) -> dict[str, Any]:
-        return {"type": "result", "outcome": outcome.to_wire(), "guest_ms": (time.perf_counter() - started) * 1000}
+    def _result(self, outcome: Any, started: float, volume_bytes: int | None = None) -> dict[str, Any]:
+        guest_ms = (time.perf_counter() - started) * 1000
+        return {"type": "result", "outcome": outcome.to_wire(), "guest_ms": guest_ms, "volume_bytes": volume_bytes}
+
+
+def _volume_usage(path: str) -> int | None:
+    """Bytes in a cell's volume after a run: WASI writes cannot be metered as
+    they happen, so quotas are enforced by measuring afterwards (T-DOS-1)."""
+    from appliance.confine import ConfinementError, Volume
+
+    try:
+        with Volume(path) as vol:
+            return vol.usage_bytes()
+    except (ConfinementError, OSError):
+        return None
 
 
 def worker_main(conn: Connection, config: dict[str, Any]) -> None:

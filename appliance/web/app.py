@@ -110,7 +110,9 @@ def create_app(services: Any) -> Flask:
 
     @app.get("/v1/status")
     def status() -> Response:
-        return jsonify(services.status())
+        answer = services.status()
+        answer["quota"] = {"used_bytes": cells.tenant_usage(g.tenant), "limit_bytes": cells.quota_bytes()}
+        return jsonify(answer)
 
     @app.get("/v1/templates")
     def templates() -> Response:
@@ -129,7 +131,8 @@ def create_app(services: Any) -> Flask:
 
     @app.get("/v1/cells/<cell_id>")
     def get_cell(cell_id: str) -> Response:
-        return jsonify(cells.cell(g.tenant, cell_id).public())
+        record = cells.cell(g.tenant, cell_id)
+        return jsonify({**record.public(), "disk_bytes": cells.cell_usage(record)})
 
     @app.delete("/v1/cells/<cell_id>")
     def delete_cell(cell_id: str) -> Response:

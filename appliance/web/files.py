@@ -62,9 +62,13 @@ def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]
     @app.post("/v1/cells/<cell_id>/files")
     def write_file(cell_id: str) -> Response:
         path, data = validate.file_content(body())
+        record = services.cells.cell(g.tenant, cell_id)
+        services.cells.check_quota(g.tenant, len(data))  # T-DOS-1: per-tenant disk quota
         with volume(cell_id) as vol:
             vol.write_bytes(path, data, make_parents=True)
-            return jsonify(vol.stat(path).as_dict())
+            entry = vol.stat(path).as_dict()
+            services.cells.note_usage(record.id, vol.usage_bytes())
+            return jsonify(entry)
 
     @app.get("/v1/cells/<cell_id>/files")
     def read_file(cell_id: str) -> Response:
@@ -88,6 +92,7 @@ def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]
         path = path_arg()
         with volume(cell_id) as vol:
             vol.remove(path, recursive=request.args.get("recursive") in ("1", "true"))
+            services.cells.note_usage(cell_id, vol.usage_bytes())
         return jsonify({"path": path, "status": "deleted"})
 
     @app.get("/v1/cells/<cell_id>/files/list")

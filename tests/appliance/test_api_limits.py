@@ -63,3 +63,35 @@ def test_t_dos_2_full_queue_answers_503_not_500(narrow: ServerProcess) -> None:
         t.join(timeout=30)
     assert (status, body["code"]) == (503, "busy") and int(headers["Retry-After"]) >= 1
     assert sorted(results) == [200, 200]
+
+
+@pytest.fixture(scope="module")
+def quota(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = start_server(tmp_path_factory.mktemp("quota"), env={"SYNAPSE_TENANT_QUOTA_MB": "1"})
+    yield srv
+    srv.stop()
+
+
+def test_t_dos_1_files_api_write_over_quota_refused(quota: ServerProcess) -> None:
+    _, cell, _ = quota.request("POST", "/v1/cells", {"template": "wasm"})
+    cid = cell["cell_id"]
+    assert quota.request("POST", f"/v1/cells/{cid}/files", {"path": "a.bin", "content": "x" * 600_000})[0] == 200
+    status, body, _ = quota.request("POST", f"/v1/cells/{cid}/files", {"path": "b.bin", "content": "x" * 600_000})
+    assert (status, body["code"]) == (413, "quota_exceeded")
+    _, info, _ = quota.request("GET", f"/v1/cells/{cid}")
+    assert info["disk_bytes"] == 600_000
+    _, status_body, _ = quota.request("GET", "/v1/status")
+    assert status_body["quota"] == {"used_bytes": 600_000, "limit_bytes": 1024 * 1024}
+    assert quota.request("DELETE", f"/v1/cells/{cid}/files?path=a.bin")[0] == 200
+
+
+def test_t_dos_1_guest_writes_over_quota_block_further_runs(quota: ServerProcess) -> None:
+    _, cell, _ = quota.request("POST", "/v1/cells", {"template": "python3"})
+    cid = cell["cell_id"]
+    status, body, _ = quota.request("POST", f"/v1/cells/{cid}/exec", {"code": "open('big.bin', 'wb').write(b'x' * 2_000_000)"})
+    assert status == 200 and body["status"] == "ok"
+    status, body, _ = quota.request("POST", f"/v1/cells/{cid}/exec", {"code": "print(1)"})
+    assert (status, body["code"]) == (413, "quota_exceeded")
+    assert quota.request("DELETE", f"/v1/cells/{cid}/files?path=big.bin")[0] == 200
+    status, body, _ = quota.request("POST", f"/v1/cells/{cid}/exec", {"code": "print(1)"})
+    assert status == 200 and body["stdout"] == "1\n"

@@ -226,3 +226,12 @@ def test_wasi_command_output_captured(runner: ModuleRunner, volume: tuple[Path, 
     ctx = context.RunContext(governor=None, volume=vol)  # type: ignore[arg-type]
     out = runner.run(module, str(root), ctx, 5.0, 64 << 20, 1 << 20, None)
     assert (out.status, out.stdout, out.exit_code) == ("ok", "hello from wasm\n", 0)
+
+
+def test_t_dos_1_host_fs_write_over_quota_returns_minus_8(runner: ModuleRunner, volume: tuple[Path, Volume]) -> None:
+    root, vol = volume
+    module = runner.compile(probe(1, 1024, 5, 2048, 4096, b"q.bin"), True, 8 << 20, False)
+    ctx = context.RunContext(governor=None, volume=vol, quota_left=100)  # type: ignore[arg-type]
+    out = runner.run(module, str(root), ctx, 5.0, 64 << 20, 1 << 20, None)
+    assert out.exit_code == -8 and out.denials[0]["reason"] == "quota_exceeded"
+    assert not (root / "q.bin").exists()
