@@ -21,7 +21,7 @@ OutputHandler = Callable[[OutputMessage], Any]
 DEFAULT_TEMPLATE = "python3"
 # The server's hard ceiling on one run (appliance.config): the HTTP wait for a
 # run without its own timeout must outlast it.
-RUN_CEILING_S = 300.0
+RUN_CEILING_S = 60.0
 LANGUAGE_TEMPLATES = {"python": "python3", "python3": "python3", "py": "python3",
                       "javascript": "javascript", "js": "javascript", "wasm": "wasm", "wat": "wasm"}
 
