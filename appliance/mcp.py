@@ -59,6 +59,30 @@ RESTARTS, RESTART_WINDOW_S = 5, 10.0
 _READ = 64 * 1024
 _MAX_WAIT = 3600.0
 _BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+_PR_SET_PDEATHSIG = 1
+
+
+def _bind_pdeathsig() -> Callable[[], None] | None:
+    """A preexec hook making the server die with the worker (resolved in the parent).
+
+    A worker SIGKILLed by the supervisor (deadline + grace) must not leave a hung
+    server behind as an orphan; a server holding stdin open past EOF would. The
+    hook is one pre-bound libc call (no imports, no allocation of note after fork).
+    """
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return hook
+
+
+_PDEATHSIG = _bind_pdeathsig()
 
 
 class McpError(Exception):
@@ -156,6 +180,7 @@ class _StdioServer:
             self.proc = subprocess.Popen(
                 list(self.cfg.command), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 env=env, cwd=self.cfg.cwd, close_fds=True, start_new_session=True, shell=False,
+                preexec_fn=_PDEATHSIG,
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self.proc = None
@@ -530,7 +555,7 @@ class _HttpServer:
             raise McpError("timeout", "server busy past the deadline")
         try:
             params = {"name": request.tool, "arguments": request.arguments}
-            for attempt in range(2):
+            for _ in range(2):
                 if self.version is None:
                     self._initialize(deadline)
                 try:
