@@ -81,7 +81,8 @@ class CellService:
             msg = {"op": "bind", "cell_id": record.id, "template": template, "volume": volume, "envs": envs, "memory_mb": memory_mb}
             reply = self._call(handle, msg, None)
             if reply.get("type") != "ok":
-                raise CellError(reply.get("message", "could not start the cell"), code=reply.get("code", "internal"))
+                raise CellError(reply.get("message", "could not start the cell"),
+                                code=reply.get("code", "internal")).with_status(int(reply.get("status", 500)))
             with self._lock:
                 handle.cells.add(record.id)
                 self._bindings[record.id] = Binding(handle.index, handle.generation)

@@ -92,6 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         print("cell: shutting down", flush=True)
         services.close()
+        ops = app.extensions.get("cell_ops")
+        if ops is not None:
+            ops.close()  # releases serve.lock and the log file
     return 0
 
 
@@ -157,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     rev = tsub.add_parser("revoke")
     rev.add_argument("tenant_id")
     tenant.set_defaults(func=cmd_tenant)
-    for module in ("appliance.receipts.cli", "appliance.license.cli", "mirror.cli", "tui.cli"):
+    for module in ("appliance.receipts.cli", "appliance.license.cli", "appliance.ops.cli", "mirror.cli", "tui.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
             mod.register(sub)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -60,6 +60,10 @@ class Settings:
     egress_hosts: Path | None = None
     checkpoint_interval_s: int = 300
     tenant_quota_mb: int = 1024
+    metrics_token: str = field(default="", repr=False)
+    log_file: Path | None = None
+    log_level: str = "info"
+    mcp_servers: Path | None = None
 
     @property
     def volumes_dir(self) -> Path:
@@ -76,6 +80,10 @@ class Settings:
     @property
     def keys_dir(self) -> Path:
         return self.root / "keys"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.root / "weights"
 
     @property
     def mirror_dir(self) -> Path:
@@ -142,6 +150,13 @@ def _host(key: str, raw: Any) -> str:
     return text
 
 
+def _secret(key: str, raw: Any) -> str:
+    text = str(raw)
+    if text and (len(text) < 16 or not text.isprintable() or " " in text):
+        raise ConfigError(key, "must be empty or at least 16 printable characters without spaces")
+    return text
+
+
 def _list(key: str, raw: Any) -> tuple[str, ...]:
     items = raw if isinstance(raw, list) else str(raw).split(",")
     return tuple(str(i).strip() for i in items if str(i).strip())
@@ -203,6 +218,10 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "egress_hosts": ("SYNAPSE_EGRESS_HOSTS", "egress_hosts", _path),
     "checkpoint_interval_s": ("SYNAPSE_CHECKPOINT_INTERVAL_S", "checkpoint_interval_s", _int(1, 86400)),
     "tenant_quota_mb": ("SYNAPSE_TENANT_QUOTA_MB", "tenant_quota_mb", _int(1, HARD_QUOTA_MB)),
+    "metrics_token": ("SYNAPSE_METRICS_TOKEN", "metrics_token", _secret),
+    "log_file": ("SYNAPSE_LOG_FILE", "log_file", _path),
+    "mcp_servers": ("SYNAPSE_MCP_SERVERS", "mcp_servers", _path),
+    "log_level": ("SYNAPSE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
 }
 
 

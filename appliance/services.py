@@ -148,6 +148,10 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
                 lic = LicenseManager(settings, revocations=_registry_unavailable, revoked_keys=_registry_unavailable)
     except Exception as e:  # no license subsystem means the free tier, never a crash
         log.warning("license subsystem unavailable, running free tier: %s", e)
+    if settings.mcp_servers is not None:
+        from appliance.mcp import load_config
+
+        load_config(settings.mcp_servers)  # a bad MCP table stops start-up here, not in a worker
     pool = WorkerPool(settings, progress=progress)
     pool.start()
     from appliance.config import load_egress_hosts

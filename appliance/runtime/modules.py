@@ -14,13 +14,13 @@ from typing import Callable
 
 import wasmtime
 
-from appliance.runtime import context, hostfuncs
+from appliance.runtime import context, hostfuncs, profuncs
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.governor import Governor
 from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status
 from appliance.runtime.sessions import GUEST_ENV_BASE
 
-PRO_FUNCTIONS = ("load_weights", "host_mcp_call")
+PRO_FUNCTIONS = profuncs.FUNCTIONS
 
 
 class ModuleRefused(Exception):
@@ -36,6 +36,7 @@ class ModuleRunner:
         self.engine = engine
         self.linker = linker_factory()
         hostfuncs.define(self.linker)
+        profuncs.define(self.linker)  # linked always, reachable only after the license check below
         self._wasi_names: set[str] | None = None
         self._cache: OrderedDict[str, wasmtime.Module] = OrderedDict()
         self._cache_size = cache_size
@@ -68,9 +69,7 @@ class ModuleRunner:
                 if name in PRO_FUNCTIONS and not pro_allowed:
                     # T-IMPORT-1: Pro host functions need a valid Pro license.
                     raise ModuleRefused(403, "license_required", f"cell.{name} needs a Pro license")
-                if name in PRO_FUNCTIONS:
-                    raise ModuleRefused(400, "not_available", f"cell.{name} is not available on this appliance")
-                if name not in hostfuncs.FUNCTIONS:
+                if name not in hostfuncs.FUNCTIONS and name not in PRO_FUNCTIONS:
                     raise ModuleRefused(400, "unknown_import", f"unknown import cell.{name}")
             elif imp.module != "wasi_snapshot_preview1":
                 raise ModuleRefused(400, "unknown_import", f"unknown import {imp.module}.{name}")

@@ -70,6 +70,8 @@ class WorkerPool:
             "warm_python": s.warm_python,
             "warm_javascript": s.warm_javascript,
             "warm_python_preload": list(s.warm_python_preload),
+            "weights_dir": str(s.weights_dir),
+            "mcp_servers": str(s.mcp_servers) if s.mcp_servers else None,
         }
 
     def _spawn(self, index: int) -> WorkerHandle:

@@ -22,6 +22,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import wasmtime
+
 from appliance.runtime import context
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
@@ -78,6 +80,8 @@ class Worker:
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {"python3": collections.deque(), "javascript": collections.deque()}
         self.targets = {"python3": int(config.get("warm_python", 0)), "javascript": int(config.get("warm_javascript", 0))}
         self.default_memory = int(config["memory_mb"]) << 20
+        self.weights = _open_weights(config.get("weights_dir"))
+        self.mcp = _open_mcp(config.get("mcp_servers"))
         for template in ("python3", "javascript"):
             self.runtimes.get(template)
 
@@ -100,6 +104,12 @@ class Worker:
                 reply = self.handle(msg)
             except ModuleRefused as e:
                 reply = {"type": "error", "status": e.status, "code": e.code, "message": e.message}
+            except wasmtime.WasmtimeError as e:
+                if "exceeds memory limits" in str(e) or "memory minimum size" in str(e):
+                    reply = {"type": "error", "status": 400, "code": "memory_too_small",
+                             "message": "memory_mb is below what this template needs to start; raise it"}
+                else:
+                    reply = {"type": "error", "status": 500, "code": "internal", "message": "runtime error"}
             except Exception as e:  # a bug here must not kill the worker's other cells
                 reply = {"type": "error", "status": 500, "code": "internal", "message": type(e).__name__, "trace": traceback.format_exc()[-2000:]}
             reply["req_id"] = msg.get("req_id")
@@ -207,6 +217,8 @@ class Worker:
             try:
                 with Volume(volume) as vol:
                     ctx.volume = vol
+                    if msg.get("pro"):  # Pro host functions see their resources only under a Pro license
+                        ctx.weights, ctx.mcp = self.weights, self.mcp
                     egress = msg.get("egress")
                     if egress:
                         ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]))
@@ -258,6 +270,26 @@ class Worker:
         return {"type": "result", "outcome": outcome.to_wire(), "guest_ms": guest_ms, "volume_bytes": volume_bytes}
 
 
+def _open_weights(path: str | None) -> Any:
+    """The operator's read-only weights directory, if present (T-PRO-1)."""
+    from appliance.confine import ConfinementError, Volume
+
+    if not path or not os.path.isdir(path):
+        return None
+    try:
+        return Volume(path)
+    except (ConfinementError, OSError):
+        return None
+
+
+def _open_mcp(path: str | None) -> Any:
+    if not path:
+        return None
+    from appliance.mcp import McpClient, load_config
+
+    return McpClient(load_config(path))
+
+
 def _volume_usage(path: str) -> int | None:
     """Bytes in a cell's volume after a run: WASI writes cannot be metered as
     they happen, so quotas are enforced by measuring afterwards (T-DOS-1)."""
@@ -286,5 +318,9 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
         shutil.rmtree(worker.pool_root, ignore_errors=True)
         shutil.rmtree(worker.fifo_dir, ignore_errors=True)
         worker.sessions.clear()
+        if worker.mcp is not None:
+            worker.mcp.close()
+        if worker.weights is not None:
+            worker.weights.close()
         worker.runtimes.close()
         os._exit(0)  # skip interpreter teardown: live Stores at exit make wasmtime panic

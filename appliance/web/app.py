@@ -34,7 +34,7 @@ def _error(exc: CellError) -> Response:
 
 
 def create_app(services: Any) -> Flask:
-    app = Flask("cell")
+    app = Flask("cell", static_folder=None)
     s = services.settings
     app.config["MAX_CONTENT_LENGTH"] = s.max_body_bytes  # 413 before the body is read whole (T-DOS-2)
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -196,6 +196,9 @@ def create_app(services: Any) -> Flask:
         nxt = items[-1]["seq"] if items else None
         return jsonify({"receipts": items, "next_after": nxt})
 
+    from appliance.ops.web import register_ops
+
+    register_ops(app, services)  # logs, /metrics, /v1/openapi.json, request ids
     return app
 
 

@@ -327,3 +327,13 @@ def test_mirror_serves_the_trust_root_read_only(live: ServerProcess) -> None:
             assert e.code in (400, 404)
     _, status, _ = live.request("GET", "/v1/status")
     assert status["registry"]["root_version"] == 1
+
+
+@pytest.mark.parametrize("template", ["python3", "javascript"])
+def test_memory_too_small_for_the_runtime_is_400(live: ServerProcess, template: str) -> None:
+    status, body, _ = live.request("POST", "/v1/cells", {"template": template, "memory_mb": 16})
+    assert status in (201, 400), body
+    if status == 400:
+        assert body["code"] == "memory_too_small"
+    status, body, _ = live.request("POST", "/v1/execute", {"template": template, "code": "1", "memory_mb": 16})
+    assert status in (200, 400) and (status == 200 or body["code"] == "memory_too_small"), body

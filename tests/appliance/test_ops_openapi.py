@@ -140,7 +140,7 @@ OPERATIONS = _operations()
 # Found by this test, owned by the runtime: creating a python3/javascript cell
 # (or a one-shot run) with memory_mb below what the interpreter needs answers
 # 500 WasmtimeError instead of a 400. Set False once that is fixed.
-KNOWN_500_SMALL_MEMORY = True
+KNOWN_500_SMALL_MEMORY = False
 _JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**40), st.text(max_size=20))
 JUNK = st.recursive(_JSON_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                         st.dictionaries(st.text(max_size=8), inner, max_size=3)),

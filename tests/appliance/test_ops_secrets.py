@@ -16,8 +16,8 @@ from tests.liveserver import REPO, ServerProcess, shared_cache
 
 pytestmark = pytest.mark.slow
 
-# `cell serve` with register_ops, whether or not create_app already calls it
-# (register_ops is idempotent), logging to a file and to stderr.
+# The same wiring as `cell serve`: create_app registers the ops layer from the
+# settings (SYNAPSE_LOG_FILE, SYNAPSE_METRICS_TOKEN), logging to a file and stderr.
 SERVER = textwrap.dedent("""
     import sys
     from pathlib import Path
@@ -25,14 +25,13 @@ SERVER = textwrap.dedent("""
     from appliance.config import load_settings
     from appliance.services import build_services, ensure_default_tenant
     from appliance.web.app import create_app
-    from appliance.ops.web import register_ops
 
     def main() -> None:
         settings = load_settings()
         services = build_services(settings)
         key = ensure_default_tenant(services)
         app = create_app(services)
-        state = register_ops(app, services, log_file=Path(sys.argv[1]), metrics_token="metrics-secret-token-1234")
+        state = app.extensions["cell_ops"]
         server = create_server(app, host="127.0.0.1", port=0, threads=4)
         print(f"cell: serving on http://127.0.0.1:{server.effective_port}", flush=True)
         print(f"cell: API key of tenant 'default': {key}", flush=True)
@@ -53,6 +52,7 @@ def test_t_log_1_no_secret_in_the_logs_of_a_full_run(module_cache: None, tmp_pat
     log_file = tmp_path / "log" / "cell.log"
     env = dict(os.environ, SYNAPSE_ROOT=str(tmp_path / "root"), SYNAPSE_CONFIG_DIR=str(tmp_path / "root" / "etc"),
                SYNAPSE_MODULE_CACHE=str(shared_cache()), SYNAPSE_WORKERS="1", SYNAPSE_WARM_JAVASCRIPT="0",
+               SYNAPSE_LOG_FILE=str(log_file), SYNAPSE_METRICS_TOKEN="metrics-secret-token-1234",
                PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, str(script), str(log_file)], env=env, cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

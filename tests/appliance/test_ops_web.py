@@ -43,18 +43,20 @@ class OpsApp:
         return [json.loads(x) for x in self.log_file.read_text().splitlines()]
 
 
-def build_ops_app(root: Path, **ops: Any) -> tuple[Flask, Services, OpsState, str]:
+def build_ops_app(root: Path, *, metrics_token: str, log_file: Path | None = None, log_stderr: bool = False) -> tuple[Flask, Services, OpsState, str]:
+    # create_app registers the ops layer from the settings, as `cell serve` does.
     settings = load_settings({
         "SYNAPSE_ROOT": str(root), "SYNAPSE_CONFIG_DIR": str(root / "etc"),
         "SYNAPSE_MODULE_CACHE": str(shared_cache()), "SYNAPSE_WORKERS": "1",
         "SYNAPSE_WARM_PYTHON": "1", "SYNAPSE_WARM_JAVASCRIPT": "0",
         "SYNAPSE_RATE_LIMIT_RPS": "100000", "SYNAPSE_RATE_LIMIT_BURST": "100000",
+        "SYNAPSE_METRICS_TOKEN": metrics_token, **({"SYNAPSE_LOG_FILE": str(log_file)} if log_file else {}),
     })
     services = build_services(settings)
     key = ensure_default_tenant(services)
     assert key is not None
     app = create_app(services)
-    state = register_ops(app, services, **ops)
+    state = app.extensions["cell_ops"]
     return app, services, state, key
 
 

@@ -1,0 +1,128 @@
+"""Pro tier end to end on a live server (T-LIC-1, T-IMPORT-1, T-PRO-1, T-PRO-2).
+
+The server is the real app and worker pool; the only difference from
+production is that the license manager is built with this test's own
+Ed25519 key, injected through the service factory (never by weakening
+verification). Free tier refuses Pro imports before instantiation; a valid
+Pro license installed on disk is picked up without a restart and unlocks
+load_weights and host_mcp_call through a WAT guest; removing it locks them
+again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.appliance.test_profuncs import mcp_probe, weights_probe
+from tests.factories import make_keypair, make_license, stamp
+from tests.liveserver import REPO, ServerProcess, shared_cache
+
+pytestmark = pytest.mark.slow
+
+SERVER = textwrap.dedent("""
+    import sys
+    from waitress.server import create_server
+    from appliance.config import load_settings
+    from appliance.license.manager import LicenseManager
+    from appliance.services import build_services, ensure_default_tenant
+    from appliance.web.app import create_app
+
+    def main() -> None:
+        keys = {sys.argv[1]: bytes.fromhex(sys.argv[2])}
+        settings = load_settings()
+        services = build_services(settings, license_factory=lambda s: LicenseManager(
+            s, keys=keys, revocations=lambda _l: False, revoked_keys=lambda _k: False, poll_interval=0.2))
+        key = ensure_default_tenant(services)
+        app = create_app(services)
+        services.start_background()
+        server = create_server(app, host="127.0.0.1", port=0, threads=4)
+        print(f"cell: serving on http://127.0.0.1:{server.effective_port}", flush=True)
+        print(f"cell: API key of tenant 'default': {key}", flush=True)
+        try:
+            server.run()
+        finally:
+            app.extensions["cell_ops"].close()
+            services.close()
+
+    if __name__ == "__main__":
+        main()
+""")
+
+
+def _wait_tier(srv: ServerProcess, tier: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if srv.request("GET", "/v1/status")[1]["tier"] == tier:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"tier never became {tier}")
+
+
+def test_t_lic_1_pro_license_unlocks_pro_host_functions_without_restart(module_cache: None, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    weights = root / "weights"
+    weights.mkdir(parents=True, mode=0o755)
+    (weights / "model.bin").write_bytes(b"WEIGHTS-0123456789")
+    mcp_table = tmp_path / "mcp.json"
+    mcp_table.write_text(json.dumps({"servers": {"fake": {"command": [sys.executable, str(REPO / "tests" / "mcp_fake_server.py")],
+                                                           "timeout_ms": 3000}}}))
+    script = tmp_path / "serve.py"
+    script.write_text(SERVER)
+    kp = make_keypair("pro-e2e")
+    env = dict(os.environ, SYNAPSE_ROOT=str(root), SYNAPSE_CONFIG_DIR=str(root / "etc"), SYNAPSE_MODULE_CACHE=str(shared_cache()),
+               SYNAPSE_WORKERS="1", SYNAPSE_WARM_PYTHON="0", SYNAPSE_WARM_JAVASCRIPT="0", SYNAPSE_MCP_SERVERS=str(mcp_table),
+               PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(script), kp.key_id, kp.public_key.hex()], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    url = key = ""
+    for line in proc.stdout:
+        if "serving on " in line:
+            url = line.split("serving on ", 1)[1].strip()
+        if "API key of tenant" in line:
+            key = line.rsplit(" ", 1)[1].strip()
+            break
+    srv = ServerProcess(url=url, api_key=key, root=root, proc=proc)  # type: ignore[arg-type]
+    try:
+        assert url and key
+        # Free tier: refused before instantiation, naming the function.
+        status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": weights_probe("model.bin").decode()})
+        assert (status, body["code"]) == (403, "license_required") and "load_weights" in body["error"]
+
+        now = datetime.now(timezone.utc)
+        lic = make_license(kp.signing_key, kp.key_id, issued_at=stamp(now - timedelta(hours=1)),
+                           not_before=stamp(now - timedelta(hours=1)), expires_at=stamp(now + timedelta(days=90)))
+        (root / "etc").mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "license.json").write_bytes(lic)
+        _wait_tier(srv, "pro")
+
+        status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": weights_probe("model.bin", offset=8).decode()})
+        assert status == 200 and body["exit_code"] == 10 and body["stdout"] == "0123456789", body
+        status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": weights_probe("../db/cell.sqlite").decode()})
+        assert status == 200 and body["exit_code"] == -1
+        request = {"server": "fake", "tool": "echo", "arguments": {"hello": "pro"}}
+        status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": mcp_probe(request).decode()})
+        assert status == 200 and body["exit_code"] > 0 and "pro" in body["stdout"], body
+        bad = {"server": "fake", "tool": "echo", "arguments": {}, "url": "http://169.254.169.254/"}
+        status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": mcp_probe(bad).decode()})
+        assert status == 200 and body["exit_code"] == -1
+        t = time.monotonic()
+        status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": mcp_probe({"server": "fake", "tool": "hang", "arguments": {}}).decode(),
+                                                              "timeout_ms": 2000})
+        assert status == 200 and body["exit_code"] == -4 and time.monotonic() - t < 2 + 1.5
+
+        # Removing the license locks the Pro functions again, without a restart.
+        (root / "etc" / "license.json").unlink()
+        _wait_tier(srv, "free")
+        status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": weights_probe("model.bin").decode()})
+        assert (status, body["code"]) == (403, "license_required")
+    finally:
+        srv.stop()
