@@ -5,6 +5,7 @@ and writes the receipt of every run before the answer leaves (DESIGN §7).
 """
 from __future__ import annotations
 
+import logging
 import secrets
 import shutil
 import threading
@@ -19,6 +20,8 @@ from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
+
+log = logging.getLogger("cell.cells")
 
 LANGUAGES = {"python3": {"python", "python3", "py"}, "javascript": {"javascript", "js"}, "wasm": {"wasm", "wat"}}
 
@@ -47,7 +50,8 @@ class CellService:
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
-        self._usage: dict[str, int] = {}  # cell -> bytes in its volume, as last measured
+        self._usage: dict[str, tuple[str, int]] = {}  # cell -> (tenant, bytes in its volume as last measured)
+        self._usage_loaded: set[str] = set()  # tenants whose every cell has been measured once
         # Called after every run with a summary (no code, no output): metrics, logs.
         self.observers: list[Callable[[dict[str, Any]], None]] = []
 
@@ -90,7 +94,13 @@ class CellService:
             from appliance.confine import create_volume
 
             create_volume(self.settings.volumes_dir, tenant.id, record.id)
-        self.store.add_cell(record)
+        with self._lock:
+            self._usage[record.id] = (tenant.id, 0)
+        try:
+            self.store.add_cell(record)
+        except Exception:
+            self._drop(record)  # no session or volume may outlive a cell that was never recorded
+            raise
         return record
 
     def delete(self, tenant: Tenant, cell_id: str) -> None:
@@ -144,7 +154,7 @@ class CellService:
         with self._lock:
             known = self._usage.get(record.id)
         if known is not None:
-            return known
+            return known[1]
         from appliance.confine import ConfinementError, open_volume
 
         try:
@@ -153,16 +163,26 @@ class CellService:
         except (ConfinementError, OSError):
             used = 0
         with self._lock:
-            self._usage[record.id] = used
+            self._usage[record.id] = (record.tenant_id, used)
         return used
 
     def tenant_usage(self, tenant: Tenant) -> int:
-        return sum(self.cell_usage(c) for c in self.store.list_cells(tenant.id))
+        """Sum of the tenant's volumes, from memory (each cell measured once, then
+        after every run or file change): no disk walk on the hot path."""
+        with self._lock:
+            loaded = tenant.id in self._usage_loaded
+        if not loaded:
+            for record in self.store.list_cells(tenant.id):
+                self.cell_usage(record)
+            with self._lock:
+                self._usage_loaded.add(tenant.id)
+        with self._lock:
+            return sum(used for owner, used in self._usage.values() if owner == tenant.id)
 
-    def note_usage(self, cell_id: str, used: int | None) -> None:
+    def note_usage(self, tenant_id: str, cell_id: str, used: int | None) -> None:
         if used is not None:
             with self._lock:
-                self._usage[cell_id] = used
+                self._usage[cell_id] = (tenant_id, used)
 
     def check_quota(self, tenant: Tenant, adding: int = 0) -> int:
         """Bytes the tenant may still add; refuses when it is already over."""
@@ -237,7 +257,12 @@ class CellService:
             if due:
                 self._expiry[record.id] = (expires, now)
         if due:
-            self.store.touch_cell(record.id, expires)
+            try:
+                self.store.touch_cell(record.id, expires)
+            except Exception:
+                # The run already happened and has its receipt: never turn its
+                # answer into an error; memory keeps the expiry meanwhile.
+                log.exception("could not persist the expiry of cell %s", record.id)
 
     def execute_once(self, tenant: Tenant, template: str, code: bytes, is_text: bool, stdin: bytes | None,
                      timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
@@ -280,7 +305,7 @@ class CellService:
             outcome = reply["outcome"]
             guest_ms = reply.get("guest_ms")
             if cell_id is not None:
-                self.note_usage(cell_id, reply.get("volume_bytes"))
+                self.note_usage(tenant.id, cell_id, reply.get("volume_bytes"))
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.runs += 1
         receipt = self.receipts.append(

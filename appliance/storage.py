@@ -71,13 +71,43 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class Store:
+    """One writer connection behind a lock; one reader connection per thread.
+
+    A shared connection used by several threads at once interleaves its
+    statements, and a connection that still holds a read snapshot cannot
+    upgrade to write in WAL mode ("database is locked" without waiting), so
+    reads never run on the writer and every read statement is drained.
+    """
+
     def __init__(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._conn = _connect(db_path)
+        self._path = db_path
+        self._conn = _connect(db_path)  # the writer: only under self._lock
         self._lock = threading.Lock()
+        self._local = threading.local()  # a thread's reader lives and dies with the thread
         self.db = sqlite_utils.Database(self._conn)
         with self._lock:
             self._migrate()
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self._path)
+            conn.execute("PRAGMA query_only=1")
+            self._local.conn = conn
+        cur = conn.execute(sql, params)
+        try:
+            return cur.fetchall()
+        finally:
+            cur.close()
+
+    def _write(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        with self._lock:
+            cur = self._conn.execute(sql, params)
+            try:
+                return int(cur.rowcount)
+            finally:
+                cur.close()
 
     def _migrate(self) -> None:
         self._conn.execute(
@@ -95,69 +125,65 @@ class Store:
     def add_tenant(self, name: str, now_ms: int, tenant_id: str | None = None) -> tuple[Tenant, str]:
         tid = tenant_id or ("t" + secrets.token_hex(6))
         api_key = KEY_PREFIX + secrets.token_urlsafe(32)
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO tenants (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)",
-                (tid, name, hash_key(api_key), now_ms),
-            )
+        self._write("INSERT INTO tenants (id, name, key_hash, created_at) VALUES (?, ?, ?, ?)",
+                    (tid, name, hash_key(api_key), now_ms))
         return Tenant(tid, name, now_ms, False), api_key
 
     def tenant_for_key(self, api_key: str) -> Tenant | None:
         digest = hash_key(api_key)
-        row = self._conn.execute("SELECT id, name, created_at, revoked, key_hash FROM tenants WHERE key_hash = ?", (digest,)).fetchone()
+        rows = self._read("SELECT id, name, created_at, revoked, key_hash FROM tenants WHERE key_hash = ?", (digest,))
+        row = rows[0] if rows else None
         if row is None or not hmac.compare_digest(row[4], digest) or row[3]:
             return None
         return Tenant(row[0], row[1], row[2], bool(row[3]))
 
     def list_tenants(self) -> list[Tenant]:
-        rows = self._conn.execute("SELECT id, name, created_at, revoked FROM tenants ORDER BY created_at").fetchall()
+        rows = self._read("SELECT id, name, created_at, revoked FROM tenants ORDER BY created_at")
         return [Tenant(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def revoke_tenant(self, tenant_id: str) -> bool:
-        with self._lock:
-            cur = self._conn.execute("UPDATE tenants SET revoked = 1 WHERE id = ?", (tenant_id,))
-        return cur.rowcount > 0
+        return self._write("UPDATE tenants SET revoked = 1 WHERE id = ?", (tenant_id,)) > 0
 
     # -- cells -----------------------------------------------------------
     def add_cell(self, cell: CellRecord) -> None:
-        with self._lock:
-            self._conn.execute(
-                "INSERT INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (cell.id, cell.tenant_id, cell.template, cell.created_at, cell.timeout_ms, cell.expires_at,
-                 int(cell.persistent), json.dumps(cell.metadata), json.dumps(cell.envs), cell.memory_mb),
-            )
+        self._write("INSERT INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (cell.id, cell.tenant_id, cell.template, cell.created_at, cell.timeout_ms, cell.expires_at,
+                     int(cell.persistent), json.dumps(cell.metadata), json.dumps(cell.envs), cell.memory_mb))
 
     def _cell(self, row: tuple[Any, ...]) -> CellRecord:
         return CellRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), json.loads(row[7]), json.loads(row[8]), row[9])
 
     def get_cell(self, cell_id: str, tenant_id: str) -> CellRecord | None:
-        row = self._conn.execute("SELECT * FROM cells WHERE id = ? AND tenant_id = ?", (cell_id, tenant_id)).fetchone()
-        return self._cell(row) if row else None
+        rows = self._read("SELECT * FROM cells WHERE id = ? AND tenant_id = ?", (cell_id, tenant_id))
+        return self._cell(rows[0]) if rows else None
 
     def list_cells(self, tenant_id: str | None = None) -> list[CellRecord]:
         if tenant_id is None:
-            rows = self._conn.execute("SELECT * FROM cells ORDER BY created_at").fetchall()
+            rows = self._read("SELECT * FROM cells ORDER BY created_at")
         else:
-            rows = self._conn.execute("SELECT * FROM cells WHERE tenant_id = ? ORDER BY created_at", (tenant_id,)).fetchall()
+            rows = self._read("SELECT * FROM cells WHERE tenant_id = ? ORDER BY created_at", (tenant_id,))
         return [self._cell(r) for r in rows]
 
     def count_cells(self, tenant_id: str) -> int:
-        return int(self._conn.execute("SELECT COUNT(*) FROM cells WHERE tenant_id = ?", (tenant_id,)).fetchone()[0])
+        return int(self._read("SELECT COUNT(*) FROM cells WHERE tenant_id = ?", (tenant_id,))[0][0])
 
     def touch_cell(self, cell_id: str, expires_at: int, timeout_ms: int | None = None) -> None:
-        with self._lock:
-            if timeout_ms is None:
-                self._conn.execute("UPDATE cells SET expires_at = ? WHERE id = ?", (expires_at, cell_id))
-            else:
-                self._conn.execute("UPDATE cells SET expires_at = ?, timeout_ms = ? WHERE id = ?", (expires_at, timeout_ms, cell_id))
+        if timeout_ms is None:
+            self._write("UPDATE cells SET expires_at = ? WHERE id = ?", (expires_at, cell_id))
+        else:
+            self._write("UPDATE cells SET expires_at = ?, timeout_ms = ? WHERE id = ?", (expires_at, timeout_ms, cell_id))
 
     def delete_cell(self, cell_id: str) -> None:
-        with self._lock:
-            self._conn.execute("DELETE FROM cells WHERE id = ?", (cell_id,))
+        self._write("DELETE FROM cells WHERE id = ?", (cell_id,))
 
     def expired_cells(self, now_ms: int) -> list[CellRecord]:
-        rows = self._conn.execute("SELECT * FROM cells WHERE expires_at <= ?", (now_ms,)).fetchall()
+        rows = self._read("SELECT * FROM cells WHERE expires_at <= ?", (now_ms,))
         return [self._cell(r) for r in rows]
 
     def close(self) -> None:
-        self._conn.close()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        with self._lock:
+            self._conn.close()

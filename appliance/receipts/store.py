@@ -138,6 +138,9 @@ class ReceiptStore:
         self._checkpoint_every = checkpoint_every
         self._clock = clock
         self._lock = threading.Lock()  # the one writer (STYLE: a lock the store owns)
+        self._queue_lock = threading.Lock()  # group commit: appends waiting for the next transaction
+        self._pending: list[dict[str, Any]] = []
+        self._leading = False
         self._frontier = merkle.Frontier()
         self._readers = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
@@ -194,31 +197,11 @@ class ReceiptStore:
         if cell_id is not None and not isinstance(cell_id, str):
             raise v1.ReceiptFieldError("cell_id", "must be a string or None")
 
-        def body() -> dict[str, Any]:
-            # Tail read and insert in one IMMEDIATE transaction: no other thread
-            # or process can chain onto the same tail (T-RCPT-1 fork).
-            tail = self._conn.execute("SELECT seq, chain_hash FROM receipts ORDER BY seq DESC LIMIT 1").fetchone()
-            seq, prev = (tail[0] + 1, tail[1]) if tail else (1, v1.GENESIS)
-            ch = v1.chain_hash(prev, rh)
-            receipt = {
-                "schema": v1.SCHEMA, "execution_id": execution_id, "code_hash": code_hash,
-                "result_hash": result_hash, "template": template, "timestamp": timestamp_ms,
-                "receipt_hash": rh, "seq": seq, "prev_chain_hash": prev, "chain_hash": ch,
-                "signature": base64.b64encode(self._key.sign(ch.encode("ascii"))).decode("ascii"),
-                "key_id": self._key.key_id, "cell_id": cell_id,
-            }
-            self._conn.execute(
-                f"INSERT INTO receipts ({_COLUMNS}, tenant_id) VALUES ({', '.join('?' * len(RECEIPT_FIELDS))}, ?)",
-                (*(receipt[f] for f in RECEIPT_FIELDS), tenant_id),
-            )
-            return receipt
-
-        try:
-            receipt: dict[str, Any] = self._write(body)
-        except sqlite3.IntegrityError as exc:
-            if "execution_id" in str(exc):
-                raise DuplicateReceipt(f"execution_id {execution_id} already has a receipt") from None
-            raise
+        receipt = self._commit_grouped({
+            "execution_id": execution_id, "code_hash": code_hash, "result_hash": result_hash,
+            "template": template, "timestamp": timestamp_ms, "receipt_hash": rh, "cell_id": cell_id,
+            "tenant_id": tenant_id,
+        })
         if self._checkpoint_every and receipt["seq"] % self._checkpoint_every == 0:
             try:
                 self.checkpoint()
@@ -226,6 +209,80 @@ class ReceiptStore:
                 # The receipt is already durable; a late checkpoint is retried at the next interval.
                 log.warning("receipt checkpoint at seq %s failed: %s", receipt["seq"], exc)
         return receipt
+
+    def _commit_grouped(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Group commit: appends that arrive while a commit is in flight are
+        written together in the next transaction, with one fsync for all of
+        them. Each caller returns only once its own batch is durable, so the
+        rule "receipt on disk before the answer" holds; the chain order is
+        the commit order (T-RCPT-1)."""
+        slot: dict[str, Any] = {"item": item, "done": threading.Event()}
+        with self._queue_lock:
+            self._pending.append(slot)
+            lead = not self._leading
+            if lead:
+                self._leading = True
+        if lead:
+            while True:
+                with self._queue_lock:
+                    batch, self._pending = self._pending, []
+                    if not batch:
+                        self._leading = False
+                        break
+                self._commit_batch(batch)
+        slot["done"].wait()
+        if "error" in slot:
+            raise slot["error"]
+        result: dict[str, Any] = slot["receipt"]
+        return result
+
+    def _commit_batch(self, batch: list[dict[str, Any]]) -> None:
+        def body() -> list[dict[str, Any]]:
+            # Tail read and inserts in one IMMEDIATE transaction: no other
+            # thread or process can chain onto the same tail (T-RCPT-1 fork).
+            tail = self._conn.execute("SELECT seq, chain_hash FROM receipts ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (tail[0], tail[1]) if tail else (0, v1.GENESIS)
+            out: list[dict[str, Any]] = []
+            for slot in batch:
+                it = slot["item"]
+                self._conn.execute("SAVEPOINT one")
+                ch = v1.chain_hash(prev, it["receipt_hash"])
+                receipt = {
+                    "schema": v1.SCHEMA, "execution_id": it["execution_id"], "code_hash": it["code_hash"],
+                    "result_hash": it["result_hash"], "template": it["template"], "timestamp": it["timestamp"],
+                    "receipt_hash": it["receipt_hash"], "seq": seq + 1, "prev_chain_hash": prev, "chain_hash": ch,
+                    "signature": base64.b64encode(self._key.sign(ch.encode("ascii"))).decode("ascii"),
+                    "key_id": self._key.key_id, "cell_id": it["cell_id"],
+                }
+                try:
+                    self._conn.execute(
+                        f"INSERT INTO receipts ({_COLUMNS}, tenant_id) VALUES ({', '.join('?' * len(RECEIPT_FIELDS))}, ?)",
+                        (*(receipt[f] for f in RECEIPT_FIELDS), it["tenant_id"]),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    # Only this item fails (e.g. a duplicate execution_id); the rest of the batch goes on.
+                    self._conn.execute("ROLLBACK TO one")
+                    self._conn.execute("RELEASE one")
+                    if "execution_id" in str(exc):
+                        slot["error"] = DuplicateReceipt(f"execution_id {it['execution_id']} already has a receipt")
+                    else:
+                        slot["error"] = exc
+                    continue
+                self._conn.execute("RELEASE one")
+                seq, prev = seq + 1, ch
+                slot["receipt"] = receipt
+                out.append(receipt)
+            return out
+
+        try:
+            self._write(body)
+        except BaseException as exc:  # the whole batch failed: every caller hears why
+            for slot in batch:
+                slot.pop("receipt", None)
+                slot.setdefault("error", exc)
+        finally:
+            for slot in batch:
+                slot["done"].set()
 
     def checkpoint(self) -> dict[str, Any]:
         """Sign a tree head over every receipt so far (no new row if nothing changed)."""
