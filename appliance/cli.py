@@ -172,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from appliance.services import UnsafeDataDir
+
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, UnsafeDataDir) as e:
         print(f"cell: {e}", file=sys.stderr)
         return 2
 
