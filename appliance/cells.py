@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from appliance.config import Settings
-from appliance.errors import BadRequest, CellError, Conflict, NotFound, PayloadTooLarge
+from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound, PayloadTooLarge
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
@@ -52,6 +52,9 @@ class CellService:
         self.runs = 0
         self._usage: dict[str, tuple[str, int]] = {}  # cell -> (tenant, bytes in its volume as last measured)
         self._usage_loaded: set[str] = set()  # tenants whose every cell has been measured once
+        # (rate, max_cells, max_memory_mb) in force; the service wires the license in.
+        self.limits: Callable[[], tuple[float, int, int]] = lambda: (
+            settings.rate_limit_rps, settings.max_cells_per_worker * settings.workers, settings.memory_ceiling_mb)
         # Called after every run with a summary (no code, no output): metrics, logs.
         self.observers: list[Callable[[dict[str, Any]], None]] = []
 
@@ -74,8 +77,19 @@ class CellService:
         return record
 
     # -- lifecycle -------------------------------------------------------
+    def check_memory(self, memory_mb: int) -> None:
+        ceiling = self.limits()[2]
+        if memory_mb > ceiling:
+            raise BadRequest(f"memory_mb {memory_mb} is above the {ceiling} MB allowed by this appliance's license and "
+                             "configuration", code="out_of_range")
+
     def create(self, tenant: Tenant, template: str, timeout_ms: int, persistent: bool, metadata: dict[str, str],
                envs: dict[str, str], memory_mb: int) -> CellRecord:
+        self.check_memory(memory_mb)
+        max_cells = self.limits()[1]
+        if self.store.count_all_cells() >= max_cells:
+            raise Forbidden(f"this appliance already runs its maximum of {max_cells} cells (license and configuration); "
+                            "delete a cell or raise the limit", code="cell_limit")
         created = now_ms()
         record = CellRecord(self.new_cell_id(), tenant.id, template, created, timeout_ms, created + timeout_ms,
                             persistent, metadata, envs, memory_mb)
@@ -266,6 +280,7 @@ class CellService:
 
     def execute_once(self, tenant: Tenant, template: str, code: bytes, is_text: bool, stdin: bytes | None,
                      timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+        self.check_memory(memory_mb or self.settings.memory_mb)
         handle = self.pool.pick_for_run()
         run_timeout = min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms)
         msg = {

@@ -36,6 +36,7 @@ class Services:
     draining: threading.Event = field(default_factory=threading.Event)
     _inflight: list[int] = field(default_factory=lambda: [0])
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
+    _limiters: dict[str, Any] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -61,6 +62,41 @@ class Services:
             "receipts": self.receipts.count(),
             "registry": registry,
         }
+
+    def limits(self) -> tuple[float, int, int]:
+        """(rate_limit_rps, max_cells, max_memory_mb) in force: min(config,
+        license, hard ceilings) — a license can lower or raise within the
+        appliance's ceilings, never past them."""
+        s = self.settings
+        if self.license is not None:
+            try:
+                lim = self.license.effective_limits()
+                return float(lim.rate_limit_rps), int(lim.max_cells), int(lim.max_memory_mb)
+            except Exception:
+                log.exception("license limits unavailable; using the configuration")
+        return s.rate_limit_rps, s.max_cells_per_worker * s.workers, s.memory_ceiling_mb
+
+    def tier(self) -> str:
+        if self.license is None:
+            return "free"
+        try:
+            return str(self.license.current().tier)
+        except Exception:
+            return "free"
+
+    def limiter_for(self, rate: float) -> TokenBucketLimiter:
+        """The per-client bucket set at the rate in force (rebuilt when a new
+        license changes it)."""
+        with self._inflight_lock:
+            if self._limiters.get("rate") != rate:
+                self._limiters["rate"] = rate
+                self._limiters["ip"] = TokenBucketLimiter(rate, max(self.settings.rate_limit_burst, int(rate * 2)))
+                self._limiters["tenant"] = TokenBucketLimiter(rate, max(self.settings.rate_limit_burst, int(rate * 2)))
+            return self._limiters["ip"]  # type: ignore[no-any-return]
+
+    def tenant_limiter(self) -> TokenBucketLimiter:
+        with self._inflight_lock:
+            return self._limiters["tenant"]  # type: ignore[no-any-return]
 
     def begin_request(self) -> None:
         with self._inflight_lock:
@@ -183,6 +219,7 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
     cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None, pro_allowed=pro)
     limiter = TokenBucketLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
     services = Services(settings, store, receipts, node_key, pool, cells, limiter, license=lic, mirror=mirror)
+    cells.limits = services.limits
     return services
 
 

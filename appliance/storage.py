@@ -164,6 +164,9 @@ class Store:
             rows = self._read("SELECT * FROM cells WHERE tenant_id = ? ORDER BY created_at", (tenant_id,))
         return [self._cell(r) for r in rows]
 
+    def count_all_cells(self) -> int:
+        return int(self._read("SELECT COUNT(*) FROM cells")[0][0])
+
     def count_cells(self, tenant_id: str) -> int:
         return int(self._read("SELECT COUNT(*) FROM cells WHERE tenant_id = ?", (tenant_id,))[0][0])
 

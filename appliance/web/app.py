@@ -65,7 +65,8 @@ def create_app(services: Any) -> Flask:
             return
         # T-DOS-2: rate limit per client (XFF only from trusted proxies).
         key = client_key(request.remote_addr or "", request.headers.get("X-Forwarded-For"), s.trusted_proxies)
-        allowed, retry = services.limiter.check(key, time.monotonic())
+        rate = services.limits()[0]
+        allowed, retry = services.limiter_for(rate).check(key, time.monotonic())
         if not allowed:
             raise RateLimited("too many requests", retry_after=max(1, int(math.ceil(retry))))
         if not request.path.startswith("/v1"):
@@ -82,6 +83,11 @@ def create_app(services: Any) -> Flask:
         if tenant is None:
             raise Unauthorized("unknown or revoked API key", code="bad_key")
         g.tenant = tenant
+        if services.tier() == "hub":
+            # Hub: tenants share the node, so each tenant also gets its own bucket (T-DOS-2).
+            allowed, retry = services.tenant_limiter().check("tenant:" + tenant.id, time.monotonic())
+            if not allowed:
+                raise RateLimited("this tenant is over its request rate", retry_after=max(1, int(math.ceil(retry))))
 
     @app.before_request
     def count_in() -> None:

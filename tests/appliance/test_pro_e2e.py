@@ -68,8 +68,9 @@ def _wait_tier(srv: ServerProcess, tier: str, timeout: float = 10) -> None:
 
 def test_t_lic_1_pro_license_unlocks_pro_host_functions_without_restart(module_cache: None, tmp_path: Path) -> None:
     root = tmp_path / "root"
+    root.mkdir(mode=0o700)  # the data root is private (start-up refuses anything looser)
     weights = root / "weights"
-    weights.mkdir(parents=True, mode=0o755)
+    weights.mkdir(mode=0o755)
     (weights / "model.bin").write_bytes(b"WEIGHTS-0123456789")
     mcp_table = tmp_path / "mcp.json"
     mcp_table.write_text(json.dumps({"servers": {"fake": {"command": [sys.executable, str(REPO / "tests" / "mcp_fake_server.py")],
@@ -98,7 +99,8 @@ def test_t_lic_1_pro_license_unlocks_pro_host_functions_without_restart(module_c
         assert (status, body["code"]) == (403, "license_required") and "load_weights" in body["error"]
 
         now = datetime.now(timezone.utc)
-        lic = make_license(kp.signing_key, kp.key_id, issued_at=stamp(now - timedelta(hours=1)),
+        lic = make_license(kp.signing_key, kp.key_id, limits={"rate_limit_rps": 500, "max_cells": 2, "max_memory_mb": 1024},
+                           issued_at=stamp(now - timedelta(hours=1)),
                            not_before=stamp(now - timedelta(hours=1)), expires_at=stamp(now + timedelta(days=90)))
         (root / "etc").mkdir(parents=True, exist_ok=True)
         (root / "etc" / "license.json").write_bytes(lic)
@@ -118,6 +120,16 @@ def test_t_lic_1_pro_license_unlocks_pro_host_functions_without_restart(module_c
         status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": mcp_probe({"server": "fake", "tool": "hang", "arguments": {}}).decode(),
                                                               "timeout_ms": 2000})
         assert status == 200 and body["exit_code"] == -4 and time.monotonic() - t < 2 + 1.5
+
+        # The license's limits apply on top of the configuration.
+        status, body, _ = srv.request("POST", "/v1/cells", {"template": "wasm", "memory_mb": 1500})
+        assert (status, body["code"]) == (400, "out_of_range") and "1024" in body["error"]
+        assert srv.request("POST", "/v1/cells", {"template": "wasm"})[0] == 201
+        assert srv.request("POST", "/v1/cells", {"template": "wasm"})[0] == 201
+        status, body, _ = srv.request("POST", "/v1/cells", {"template": "wasm"})
+        assert (status, body["code"]) == (403, "cell_limit")
+        _, st, _ = srv.request("GET", "/v1/status")
+        assert st["license"]["effective_limits"]["max_cells"] == 2
 
         # Removing the license locks the Pro functions again, without a restart.
         (root / "etc" / "license.json").unlink()
