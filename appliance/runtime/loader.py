@@ -30,7 +30,9 @@ def _deny_host_call(*_args: int) -> int:
 
 
 class Runtimes:
-    def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None,
+                 registry_hashes: Callable[[str], set[str]] | None = None) -> None:
+        self.registry_hashes = registry_hashes
         self.engine = make_engine()
         self.cache = ModuleCache(cache_dir)
         self.cache_root = Path(cache_dir).parent
@@ -53,12 +55,19 @@ class Runtimes:
 
     def _load(self, template: str) -> Loaded:
         runtime = templates.find_runtime(template)
+        # T-SUPPLY-1: the file that is installed now must be the pinned one, or
+        # one the verified trust registry lists for this template.
+        actual = templates.sha256_file(runtime.wasm)
+        if actual != runtime.sha256:
+            trusted = self.registry_hashes(template) if self.registry_hashes is not None else set()
+            if actual not in trusted:
+                raise templates.TemplateUntrusted(template, actual)
 
         def compile_source() -> wasmtime.Module:
-            data = templates.verified_bytes(runtime.wasm, runtime.sha256)
+            data = templates.verified_bytes(runtime.wasm, actual)
             return wasmtime.Module(self.engine, data)
 
-        module = self.cache.load(self.engine, runtime.sha256, compile_source, self.progress)
+        module = self.cache.load(self.engine, actual, compile_source, self.progress)
         linker = self.base_linker()
         stdlib_dir = None
         if template == "python3":

