@@ -293,6 +293,22 @@ def main(argv: list[str] | None = None) -> int:
         if verdict.get("ok") is not True:
             failures.append(f"receipt chain does not verify: {verdict}")
 
+        # -- /metrics, scraped from loopback, must count what happened -----
+        import urllib.request
+
+        with urllib.request.urlopen(server.url + "/metrics", timeout=30) as resp:
+            exposition = resp.read().decode()
+        metric_runs = sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+                          if line.startswith("cell_runs_total{"))
+        metric_receipts = sum(float(line.rsplit(" ", 1)[1]) for line in exposition.splitlines()
+                              if line.startswith("cell_receipts_written_total "))
+        chain_count = int(verdict.get("count", -1))
+        print(f"metrics:         cell_runs_total {metric_runs:.0f}, cell_receipts_written_total {metric_receipts:.0f}, "
+              f"receipt chain {chain_count}, answered here {len(tally.execution_ids)}")
+        if not (metric_runs == metric_receipts == chain_count >= len(tally.execution_ids)):
+            failures.append(f"/metrics does not match the runs made: runs {metric_runs}, receipts {metric_receipts}, "
+                            f"chain {chain_count}, answered {len(tally.execution_ids)}")
+
         # -- close every cell --------------------------------------------
         def kill(cell: CellState) -> bool:
             try:
