@@ -94,12 +94,27 @@ class WorkerPool:
         if msg.get("type") != "ready":
             raise RuntimeError(f"worker {handle.index} sent {msg!r} instead of ready")
 
+    def _cache_warm(self) -> bool:
+        from appliance.runtime import templates
+        from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
+
+        for pin in (templates.PY_SNAPSHOT_SHA256, templates.QJS_SHA256):
+            stem = self.settings.cache_dir / f"{pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
+            if not (stem.with_suffix(".cwasm").is_file() and stem.with_suffix(".json").is_file()):
+                return False
+        return True
+
     def start(self) -> None:
-        # The first worker alone compiles any runtime missing from the cache,
-        # so two processes never compile the same multi-GB module at once.
+        # With a cold cache the first worker alone compiles the runtimes, so two
+        # processes never compile the same multi-GB module at once; with a warm
+        # cache every worker starts at the same time.
+        warm = self._cache_warm()
         first = self._spawn(0)
-        self._await_ready(first, START_TIMEOUT_S)
+        if not warm:
+            self._await_ready(first, START_TIMEOUT_S)
         others = [self._spawn(i) for i in range(1, self.settings.workers)]
+        if warm:
+            self._await_ready(first, START_TIMEOUT_S)
         for handle in others:
             self._await_ready(handle, START_TIMEOUT_S)
         self._workers = [first, *others]
