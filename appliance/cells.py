@@ -46,7 +46,9 @@ class CellService:
         self.egress = egress
         self.pro_allowed = pro_allowed
         self._bindings: dict[str, Binding] = {}
-        self._lost: set[str] = set()
+        # After a restart no interpreter state survives: each persistent cell
+        # says so once (409 cell_lost), exactly as after a worker was replaced.
+        self._lost: set[str] = {c.id for c in store.list_cells() if c.template != "wasm"}
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0

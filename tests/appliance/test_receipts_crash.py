@@ -57,3 +57,19 @@ def test_t_rcpt_1_sigkill_mid_load_loses_no_answered_receipt(module_cache: None,
         assert status == 200 and verdict["ok"] is True and verdict["count"] >= len(answered)
     finally:
         again.stop()
+
+
+def test_cells_after_a_restart_say_cell_lost_once_and_keep_their_files(module_cache: None, tmp_path: Path) -> None:
+    root = tmp_path / "restart"
+    srv = start_server(root)
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "python3", "timeout_ms": 600000})
+    srv.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": "v = 1; open('kept.txt', 'w').write('yes')"})
+    srv.stop()
+    again = start_server(root)
+    try:
+        status, body, _ = again.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": "print(v)"})
+        assert (status, body["code"]) == (409, "cell_lost")
+        status, body, _ = again.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": "print(open('kept.txt').read())"})
+        assert status == 200 and body["stdout"] == "yes\n"
+    finally:
+        again.stop()
