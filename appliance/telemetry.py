@@ -23,12 +23,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Callable
+
+from appliance.fileio import write_atomic
 
 REPORT_SCHEMA = "cell-telemetry/1"
 KNOWN_TEMPLATES = ("python3", "javascript", "wasm")
@@ -104,19 +105,7 @@ def aggregate(
 
 def _write_private(path: Path, data: bytes) -> None:
     """Atomic write with mode 0600 set on the fd, so the umask cannot widen it."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, CONSENT_FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data, CONSENT_FILE_MODE)
 
 
 class TelemetryStore:

@@ -14,17 +14,16 @@ never create or write the node database, which belongs to the service user.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from appliance.config import Settings, load_settings
+from appliance.fileio import write_atomic as _write_atomic
 from appliance.license.issue import DEFAULT_LIMITS, build_payload, issue_license, load_signing_key
 from appliance.license.machine import machine_fingerprint
 from appliance.license.manager import embedded_license_keys, read_high_water, utc_now
@@ -197,25 +196,7 @@ def _verify(args: argparse.Namespace, deps: _Deps) -> int:
 def write_atomic(path: Path, data: bytes, mode: int = LICENSE_FILE_MODE) -> None:
     """Write via a temp file in the same directory and rename, so the service
     never reads half a license (it would keep the old one, but say so)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)  # explicit: the umask must not decide who reads a license
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename itself
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    _write_atomic(path, data, mode, dir_mode=None)  # the umask must not decide who reads a license
 
 
 def _install(args: argparse.Namespace, deps: _Deps) -> int:

@@ -32,6 +32,7 @@ from typing import IO, Any
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.fileio import sha256_file
 
 FORMAT = "cell-backup/1"
 MANIFEST = "manifest.json"
@@ -68,14 +69,6 @@ def _targets(s: Settings) -> dict[str, Path]:
     }
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _online_copy(db: Path, dest: Path) -> None:
     src = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
@@ -108,7 +101,7 @@ def create_backup(s: Settings, out: Path, *, now: float | None = None) -> dict[s
         manifest = {
             "format": FORMAT, "version": __version__, "node_id": s.node_id,
             "created_at": int((now if now is not None else time.time()) * 1000),
-            "files": {name: {"sha256": _sha256_file(p), "size": p.stat().st_size} for name, p in staged.items()},
+            "files": {name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in staged.items()},
         }
         fd, tmp_out = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
         try:

@@ -6,7 +6,6 @@ mark read-only, the registry is only opened if it already exists).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
+
+from appliance.fileio import sha256_file
 
 from appliance.config import Settings
 
@@ -95,14 +96,6 @@ def check_permissions(s: Settings, ctx: Context) -> Check:
     return Check("data dir", OK, f"{s.root} and its key, database and volume directories are private (0700/0600)")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_module_cache(s: Settings, ctx: Context) -> Check:
     # T-CACHE-1: a .cwasm is native code; a tampered one would run in the host.
     d = s.cache_dir
@@ -127,7 +120,7 @@ def check_module_cache(s: Settings, ctx: Context) -> Check:
             continue
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
             bad.append(f"{cwasm.name} (not a private regular file of ours)")
-        elif not isinstance(recorded, dict) or recorded.get("size") != st.st_size or _sha256(cwasm) != recorded.get("sha256"):
+        elif not isinstance(recorded, dict) or recorded.get("size") != st.st_size or sha256_file(cwasm) != recorded.get("sha256"):
             bad.append(f"{cwasm.name} (hash differs from its record: tampered or corrupt)")
     if bad:
         return Check("module cache", FAIL, f"{len(bad)} of {count} compiled modules fail: " + ", ".join(bad),

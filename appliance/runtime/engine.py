@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
 
 import wasmtime
+
+from appliance.fileio import sha256_file, write_atomic
 
 # Engine settings are part of the cache key: a .cwasm only loads into an
 # engine configured exactly like the one that wrote it.
@@ -36,14 +37,6 @@ def make_engine() -> wasmtime.Engine:
 
 class CacheError(Exception):
     pass
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _ensure_private_dir(path: Path) -> None:
@@ -103,7 +96,7 @@ class ModuleCache:
             return None
         if not isinstance(recorded, dict) or recorded.get("size") != st.st_size:
             return None
-        if _sha256_file(cwasm) != recorded.get("sha256"):
+        if sha256_file(cwasm) != recorded.get("sha256"):
             cwasm.unlink(missing_ok=True)
             return None
         try:
@@ -113,23 +106,9 @@ class ModuleCache:
 
     def _store(self, module: wasmtime.Module, cwasm: Path, meta: Path) -> None:
         data = bytes(module.serialize())
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".cwasm")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, cwasm)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(cwasm, data, 0o600)
         record = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, meta)
+        write_atomic(meta, json.dumps(record).encode(), 0o600)
 
     def entries(self) -> list[dict[str, object]]:
         out: list[dict[str, object]] = []

@@ -93,12 +93,7 @@ def find_runtime(template: str) -> Runtime:
     raise RuntimeMissing(f"no runtime for template {template!r}")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from appliance.fileio import sha256_file  # noqa: E402  (re-exported: templates.sha256_file)
 
 
 def verified_bytes(path: Path, expected: str) -> bytes:
