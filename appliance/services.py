@@ -34,6 +34,7 @@ class Services:
     license: Any = None
     mirror: Any = None
     draining: threading.Event = field(default_factory=threading.Event)
+    incident: threading.Event = field(default_factory=threading.Event)
     _inflight: list[int] = field(default_factory=lambda: [0])
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
     _limiters: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +124,9 @@ class Services:
             last_checkpoint = time.monotonic()
             while not self._stop.wait(1.0):
                 try:
+                    from appliance.ops.incident import in_incident
+
+                    (self.incident.set if in_incident(self.settings) else self.incident.clear)()
                     self.cells.reap_expired()
                     self.pool.check_alive()
                     if time.monotonic() - last_checkpoint >= self.settings.checkpoint_interval_s:

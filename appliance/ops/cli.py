@@ -40,6 +40,18 @@ def register(subparsers: Any) -> None:
     restore.add_argument("--dev", action="store_true")
     restore.set_defaults(func=cmd_restore)
 
+    incident = subparsers.add_parser("incident", help="take the node out of rotation and snapshot it for investigation")
+    isub = incident.add_subparsers(dest="incident_cmd", required=True)
+    snap = isub.add_parser("snapshot", help="stop new runs, then write a tarball of db, config, logs, cache manifest, volumes list")
+    snap.add_argument("--out", required=True, type=Path)
+    snap.add_argument("--with-volume-contents", action="store_true", help="include the cells' files, not only their hashes")
+    snap.add_argument("--reason", default="")
+    snap.add_argument("--dev", action="store_true")
+    snap.set_defaults(func=cmd_incident_snapshot)
+    clr = isub.add_parser("clear", help="put the node back into rotation")
+    clr.add_argument("--dev", action="store_true")
+    clr.set_defaults(func=cmd_incident_clear)
+
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     from appliance.ops.doctor import Context, exit_code, run_checks
@@ -80,4 +92,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
     print(f"cell restore: receipt chain verifies ({chain['count']} receipts, node key {chain['public_key']})")
     if result["replaced_key"]:
         print("cell restore: note: the node key differs from the one that was here; auditors need the restored public key")
+    return 0
+
+
+def cmd_incident_snapshot(args: argparse.Namespace) -> int:
+    from appliance.ops.incident import snapshot
+
+    report = snapshot(_settings(args), args.out, with_contents=args.with_volume_contents, reason=args.reason)
+    print(f"node out of rotation (new runs answer 503 incident); snapshot {report['out']}: "
+          f"{report['files']} files, {report['volumes_listed']} volume entries, {report['seconds']} s")
+    print("put it back with: cell incident clear")
+    return 0
+
+
+def cmd_incident_clear(args: argparse.Namespace) -> int:
+    from appliance.ops.incident import clear
+
+    print("back in rotation" if clear(_settings(args)) else "the node was not out of rotation")
     return 0

@@ -71,6 +71,8 @@ def create_app(services: Any) -> Flask:
             raise RateLimited("too many requests", retry_after=max(1, int(math.ceil(retry))))
         if not request.path.startswith("/v1"):
             return  # the mirror is read-only and public to LAN peers
+        if services.incident.is_set():
+            raise Busy("this node is out of rotation for an incident investigation", code="incident", retry_after=60)
         if services.draining.is_set():
             raise Busy("the appliance is shutting down; retry on another node or after restart", code="draining", retry_after=5)
         length = request.content_length
@@ -111,7 +113,9 @@ def create_app(services: Any) -> Flask:
         return validate.obj(data)
 
     @app.get("/healthz")
-    def healthz() -> Response:
+    def healthz() -> Response | tuple[Response, int]:
+        if services.incident.is_set():
+            return jsonify({"status": "incident"}), 503  # a proxy takes the node out of rotation
         return jsonify({"status": "ok"})
 
     @app.get("/v1/status")
