@@ -311,7 +311,7 @@ class CellService:
                 reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
         except WorkerLost as e:
             overran = "deadline" in str(e)
-            outcome = {"exit_code": -1, "status": "timeout" if overran else "killed", "stdout": "", "stderr": "",
+            outcome: dict[str, Any] = {"exit_code": -1, "status": "timeout" if overran else "killed", "stdout": "", "stderr": "",
                        "truncated": False, "restarted": False, "note": str(e), "denials": []}
             if cell_id is not None:
                 with self._lock:

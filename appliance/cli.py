@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ConfigError, Settings, load_settings
+from appliance.config import Settings, load_settings
+from appliance.errors import ConfigError
 
 DEV_KEY_FILE = "dev-api-key"
 
@@ -31,7 +32,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from waitress.server import create_server
+    from waitress.server import create_server  # type: ignore[import-untyped]
 
     from appliance.services import build_services, ensure_default_tenant
     from appliance.web.app import create_app
@@ -53,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(services)
     server = create_server(app, host=settings.host, port=settings.port, threads=16,
                            max_request_body_size=4 * settings.max_body_bytes, ident="cell")
-    port = server.effective_port  # type: ignore[union-attr]
+    port = server.effective_port
     url = f"http://{settings.host}:{port}"
     print(f"cell: serving on {url} (ready in {time.monotonic() - started:.2f}s)", flush=True)
     if key:

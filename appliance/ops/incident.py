@@ -90,7 +90,7 @@ def snapshot(s: Settings, out: Path, *, with_contents: bool = False, reason: str
             for entry in volumes:
                 if "sha256" in entry:
                     members[f"volumes/{entry['path']}"] = s.volumes_dir / entry["path"]
-        manifest = {"kind": "cell-incident-snapshot", "version": __version__, "node_id": s.node_id,
+        manifest: dict[str, Any] = {"kind": "cell-incident-snapshot", "version": __version__, "node_id": s.node_id,
                     "created_at": int(started), "reason": reason[:500], "with_volume_contents": with_contents,
                     "files": {}}
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -152,7 +152,11 @@ class ReceiptStore:
         # FULL: the WAL is fsynced at every commit — a receipt that was
         # answered is never lost to a power cut (issue: durable BEFORE the answer).
         self._conn.execute("PRAGMA synchronous = FULL")
-        self._write(lambda: (_migrations().apply(db), self._register_key()))
+        def setup() -> None:
+            _migrations().apply(db)
+            self._register_key()
+
+        self._write(setup)
 
     # -- writer ---------------------------------------------------------------
 
@@ -338,7 +342,8 @@ class ReceiptStore:
 
     def page(self, *, tenant_id: str | None, after: int | None, limit: int) -> list[dict[str, Any]]:
         limit = max(1, min(1000, int(limit)))
-        sql, args = f"SELECT {_COLUMNS} FROM receipts WHERE seq > ?", [int(after or 0)]
+        sql = f"SELECT {_COLUMNS} FROM receipts WHERE seq > ?"
+        args: list[int | str] = [int(after or 0)]
         if tenant_id is not None:
             sql, args = sql + " AND tenant_id = ?", [*args, tenant_id]
         rows = self._reader().execute(sql + " ORDER BY seq LIMIT ?", [*args, limit]).fetchall()

@@ -312,7 +312,8 @@ def _load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         raise _fail("bad_checkpoint", f"{path}: {exc}") from None
     if isinstance(cp, dict) and isinstance(cp.get("checkpoint"), dict):
         cp = cp["checkpoint"]  # accept a saved export header too
-    return cp
+    checkpoint: dict[str, Any] = cp
+    return checkpoint
 
 
 def verify_export(path: str | Path, *, public_keys: Sequence[str] | None = None,

@@ -11,6 +11,7 @@ from typing import Callable
 
 import wasmtime
 
+from appliance.fileio import sha256_file
 from appliance.runtime import templates, wasi_shadow
 from appliance.runtime.engine import ModuleCache, make_engine
 from appliance.runtime.governor import EpochTicker
@@ -57,7 +58,7 @@ class Runtimes:
         runtime = templates.find_runtime(template)
         # T-SUPPLY-1: the file that is installed now must be the pinned one, or
         # one the verified trust registry lists for this template.
-        actual = templates.sha256_file(runtime.wasm)
+        actual = sha256_file(runtime.wasm)
         if actual != runtime.sha256:
             trusted = self.registry_hashes(template) if self.registry_hashes is not None else set()
             if actual not in trusted:

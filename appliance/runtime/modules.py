@@ -48,7 +48,7 @@ class ModuleRunner:
         module = self._cache.get(key)
         if module is None:
             try:
-                binary = wasmtime.wat2wasm(source.decode("utf-8")) if is_text else source
+                binary = bytes(wasmtime.wat2wasm(source.decode("utf-8"))) if is_text else source
                 module = wasmtime.Module(self.engine, binary)
             except UnicodeDecodeError:
                 raise ModuleRefused(400, "invalid_module", "WAT text must be UTF-8") from None

@@ -199,7 +199,8 @@ class WorkerPool:
                         if on_chunk is not None:
                             on_chunk(reply["fd"], reply["data"])
                         continue
-                    return reply
+                    answer: dict[str, Any] = reply
+                    return answer
             except (EOFError, OSError, BrokenPipeError):
                 self._replace(handle, "died")
                 raise WorkerLost("the worker died during the run and was replaced") from None

@@ -17,7 +17,7 @@ import secrets
 import tempfile
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import wasmtime
 
@@ -29,6 +29,20 @@ from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_stat
 
 MASK32 = 0xFFFFFFFF
 GUEST_ENV_BASE = (("HOME", "/data"), ("TMPDIR", "/data"), ("PYTHONTZPATH", ""))
+
+
+def _export_func(exports: Any, name: str) -> wasmtime.Func:
+    item = exports[name]
+    if not isinstance(item, wasmtime.Func):
+        raise RuntimeError(f"runtime export {name!r} is not a function")
+    return item
+
+
+def _export_memory(exports: Any) -> wasmtime.Memory:
+    item = exports["memory"]
+    if not isinstance(item, wasmtime.Memory):
+        raise RuntimeError("runtime export 'memory' is not a memory")
+    return item
 
 
 def _wasi(volume: str, envs: dict[str, str] | None, capture: Capture, argv: list[str]) -> wasmtime.WasiConfig:
@@ -57,9 +71,9 @@ class PythonSession:
         self.store.set_wasi(w)
         self.instance = loaded.pre.instantiate(self.store)
         ex = self.instance.exports(self.store)
-        self._turn = ex["turn"]
-        self._alloc = ex["host_alloc"]
-        self._memory = ex["memory"]
+        self._turn = _export_func(ex, "turn")
+        self._alloc = _export_func(ex, "host_alloc")
+        self._memory = _export_memory(ex)
         self.alive = True
         self.runs = 0
         # The first turn pays ~15 ms of interpreter warm-up; do it now, and
@@ -205,8 +219,8 @@ class JsSession:
             store.set_wasi(w)
             inst = self._loaded.pre.instantiate(store)
             ex = inst.exports(store)
-            ex["_initialize"](store)
-            mem, malloc = ex["memory"], ex["malloc"]
+            _export_func(ex, "_initialize")(store)
+            mem, malloc = _export_memory(ex), _export_func(ex, "malloc")
             marker = self.capture.marker.decode()  # type: ignore[union-attr]
             args = [b"qjs", b"--std", b"-e", JS_BOOT.encode(), marker.encode()]
             ptrs = []
@@ -216,7 +230,7 @@ class JsSession:
                 ptrs.append(p)
             arr = malloc(store, 4 * len(ptrs)) & MASK32
             mem.write(store, b"".join(p.to_bytes(4, "little") for p in ptrs), arr)
-            ex["qjs_init_argv"](store, len(ptrs), arr)
+            _export_func(ex, "qjs_init_argv")(store, len(ptrs), arr)
             self._error = "the boot loop ended"
         except (wasmtime.Trap, wasmtime.WasmtimeError, RuntimeError, OSError) as e:
             self._error = str(e).split("\n", 1)[0][:300]

@@ -253,11 +253,13 @@ class Worker:
                 shutil.rmtree(path, ignore_errors=True)
             outcome.session_alive = False
             return self._result(outcome, started)
-        session = self.sessions.get(cell_id)
+        existing = self.sessions.get(cell_id)
         restarted = False
-        if session is None or not session.alive:
-            if session is not None:
-                session.close()
+        if existing is not None and existing.alive:
+            session = existing
+        else:
+            if existing is not None:
+                existing.close()
             volume = msg["volume"]
             os.makedirs(volume, mode=0o700, exist_ok=True)
             session = self._new_session(template, volume, memory, msg.get("envs"))

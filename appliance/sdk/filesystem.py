@@ -32,8 +32,8 @@ class Filesystem:
         query = {"path": _volume_path(path), **extra}
         return self._sbx._http.request("GET", self._base() + suffix, query=query, timeout=request_timeout)
 
-    def read(self, path: str, format: Literal["text", "bytes"] = "text", request_timeout: float | None = None) -> Any:
-        """The file's content: ``str`` (format ``"text"``) or ``bytes``."""
+    def read(self, path: str, format: Literal["text", "bytes", "stream"] = "text", request_timeout: float | None = None) -> Any:
+        """The file's content: ``str`` (format ``"text"``), ``bytes``, or an iterator of bytes (``"stream"``)."""
         if format not in ("text", "bytes", "stream"):
             raise InvalidArgumentException(f"format must be text or bytes, not {format!r}", code="invalid_field")
         data = self._get("", path, request_timeout, **({"encoding": "base64"} if format != "text" else {}))
@@ -48,7 +48,7 @@ class Filesystem:
     def write(self, path: str, data: str | bytes | IO[Any], request_timeout: float | None = None) -> WriteInfo:
         """Create or replace a file (parent directories are made)."""
         if hasattr(data, "read"):
-            data = data.read()  # type: ignore[union-attr]
+            data = data.read()
         if isinstance(data, str):
             body: dict[str, Any] = {"path": _volume_path(path), "content": data}
         elif isinstance(data, (bytes, bytearray, memoryview)):
