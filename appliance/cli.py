@@ -83,8 +83,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    services.settings_loader = lambda: _settings(args)
+    # SIGHUP re-reads config.toml/environment (applied by the maintenance loop)
+    # and, through the license manager's chained handler, the license file.
+    signal.signal(signal.SIGHUP, lambda _s, _f: services.reload_requested.set())
     if services.license is not None:
-        services.license.install_sighup_handler()  # SIGHUP re-reads the license without a restart
+        services.license.install_sighup_handler()
     try:
         server.run()
     except (OSError, ValueError):

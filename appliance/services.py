@@ -6,12 +6,12 @@ import os
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 from appliance import __version__
 from appliance.cells import CellService, now_ms
-from appliance.config import Settings
+from appliance.config import Settings, load_egress_hosts
 from appliance.policy.ratelimit import TokenBucketLimiter
 from appliance.receipts.nodekey import NodeKey
 from appliance.receipts.store import ReceiptStore
@@ -20,6 +20,12 @@ from appliance.runtime.pool import WorkerPool
 from appliance.storage import Store
 
 log = logging.getLogger("cell")
+
+# Settings a running node may change on SIGHUP; the rest need a restart.
+LIVE_SETTINGS = frozenset({
+    "rate_limit_rps", "rate_limit_burst", "egress", "egress_allow", "egress_hosts", "telemetry",
+    "run_timeout_ms", "memory_mb", "cell_timeout_ms", "tenant_quota_mb", "checkpoint_interval_s",
+})
 
 
 @dataclass
@@ -38,6 +44,8 @@ class Services:
     _inflight: list[int] = field(default_factory=lambda: [0])
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
     _limiters: dict[str, Any] = field(default_factory=dict)
+    reload_requested: threading.Event = field(default_factory=threading.Event)
+    settings_loader: Callable[[], Settings] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -63,6 +71,36 @@ class Services:
             "receipts": self.receipts.count(),
             "registry": registry,
         }
+
+    def reload_config(self) -> list[str]:
+        """SIGHUP: re-read config.toml and the environment. Settings that are
+        safe to change live take effect now; the others are reported as
+        needing a restart. A bad file keeps the running configuration."""
+        if self.settings_loader is None:
+            return []
+        try:
+            new = self.settings_loader()
+            egress_hosts = load_egress_hosts(new.egress_hosts)
+        except Exception as e:
+            log.error("config reload refused, keeping the running configuration: %s", e)
+            return [f"refused: {e}"]
+        old = self.settings
+        changed_live = {k: getattr(new, k) for k in LIVE_SETTINGS if getattr(new, k) != getattr(old, k)}
+        needs_restart = sorted(f.name for f in fields(old)
+                               if f.name not in LIVE_SETTINGS and getattr(new, f.name) != getattr(old, f.name))
+        if changed_live:
+            updated = replace(old, **changed_live)
+            self.settings = updated
+            self.cells.settings = updated
+            self.pool.settings = updated
+            egress = {"enabled": updated.egress == "on", "allow_hosts": list(updated.egress_allow), "hosts": egress_hosts}
+            self.cells.egress = egress if egress["enabled"] else None
+            with self._inflight_lock:
+                self._limiters.clear()  # rebuilt at the new rate on the next request
+        for name in needs_restart:
+            log.warning("config reload: %s changed but takes effect only after a restart", name)
+        log.info("config reloaded: %s", ", ".join(sorted(changed_live)) or "nothing changed live")
+        return sorted(changed_live) + [f"restart needed: {n}" for n in needs_restart]
 
     def limits(self) -> tuple[float, int, int]:
         """(rate_limit_rps, max_cells, max_memory_mb) in force: min(config,
@@ -124,6 +162,9 @@ class Services:
             last_checkpoint = time.monotonic()
             while not self._stop.wait(1.0):
                 try:
+                    if self.reload_requested.is_set():
+                        self.reload_requested.clear()
+                        self.reload_config()
                     from appliance.ops.incident import in_incident
 
                     (self.incident.set if in_incident(self.settings) else self.incident.clear)()
@@ -215,8 +256,6 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
         load_config(settings.mcp_servers)  # a bad MCP table stops start-up here, not in a worker
     pool = WorkerPool(settings, progress=progress)
     pool.start()
-    from appliance.config import load_egress_hosts
-
     egress = {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow),
               "hosts": load_egress_hosts(settings.egress_hosts)}
     pro = (lambda: bool(lic.current().tier in ("pro", "hub"))) if lic is not None else (lambda: False)
