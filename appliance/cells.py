@@ -49,6 +49,7 @@ class CellService:
         # After a restart no interpreter state survives: each persistent cell
         # says so once (409 cell_lost), exactly as after a worker was replaced.
         self._lost: set[str] = {c.id for c in store.list_cells() if c.template != "wasm"}
+        self._records: dict[str, CellRecord] = {}  # cells this process has looked up (it is their only writer)
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
@@ -68,9 +69,17 @@ class CellService:
         return f"c{self.settings.node_id}-{secrets.token_hex(10)}"
 
     def cell(self, tenant: Tenant, cell_id: str) -> CellRecord:
-        # T-TENANT-1: another tenant's cell is indistinguishable from no cell.
-        record = self.store.get_cell(cell_id, tenant.id) if isinstance(cell_id, str) and len(cell_id) <= 64 else None
+        if not isinstance(cell_id, str) or len(cell_id) > 64:
+            raise NotFound("no such cell", code="cell_not_found")
+        with self._lock:
+            record = self._records.get(cell_id)
         if record is None:
+            record = self.store.get_cell(cell_id, tenant.id)
+            if record is not None:
+                with self._lock:
+                    self._records[cell_id] = record
+        # T-TENANT-1: another tenant's cell is indistinguishable from no cell.
+        if record is None or record.tenant_id != tenant.id:
             raise NotFound("no such cell", code="cell_not_found")
         with self._lock:
             live = self._expiry.get(record.id)
@@ -114,6 +123,8 @@ class CellService:
             self._usage[record.id] = (tenant.id, 0)
         try:
             self.store.add_cell(record)
+            with self._lock:
+                self._records[record.id] = record
         except Exception:
             self._drop(record)  # no session or volume may outlive a cell that was never recorded
             raise
@@ -129,6 +140,7 @@ class CellService:
             self._lost.discard(record.id)
             self._expiry.pop(record.id, None)
             self._usage.pop(record.id, None)
+            self._records.pop(record.id, None)
         if binding is not None:
             handle = self.pool.worker(binding.worker)
             handle.cells.discard(record.id)

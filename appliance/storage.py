@@ -12,6 +12,7 @@ import json
 import secrets
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import sqlite_utils
 
 KEY_PREFIX = "cell_"
+AUTH_CACHE_S = 2.0
 
 
 def hash_key(api_key: str) -> str:
@@ -85,6 +87,10 @@ class Store:
         self._conn = _connect(db_path)  # the writer: only under self._lock
         self._lock = threading.Lock()
         self._local = threading.local()  # a thread's reader lives and dies with the thread
+        # Key digest -> (tenant or None, expiry): one DB read per key per AUTH_CACHE_S
+        # instead of one per request. A revocation from this process clears it;
+        # one from another process (the CLI) applies within AUTH_CACHE_S.
+        self._auth_cache: dict[str, tuple[Tenant | None, float]] = {}
         self.db = sqlite_utils.Database(self._conn)
         with self._lock:
             self._migrate()
@@ -131,6 +137,17 @@ class Store:
 
     def tenant_for_key(self, api_key: str) -> Tenant | None:
         digest = hash_key(api_key)
+        now = time.monotonic()
+        cached = self._auth_cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        tenant = self._lookup_key(digest)
+        if len(self._auth_cache) > 10_000:  # bounded: unknown keys must not grow it forever
+            self._auth_cache.clear()
+        self._auth_cache[digest] = (tenant, now + AUTH_CACHE_S)
+        return tenant
+
+    def _lookup_key(self, digest: str) -> Tenant | None:
         rows = self._read("SELECT id, name, created_at, revoked, key_hash FROM tenants WHERE key_hash = ?", (digest,))
         row = rows[0] if rows else None
         if row is None or not hmac.compare_digest(row[4], digest) or row[3]:
@@ -142,7 +159,9 @@ class Store:
         return [Tenant(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def revoke_tenant(self, tenant_id: str) -> bool:
-        return self._write("UPDATE tenants SET revoked = 1 WHERE id = ?", (tenant_id,)) > 0
+        done = self._write("UPDATE tenants SET revoked = 1 WHERE id = ?", (tenant_id,)) > 0
+        self._auth_cache.clear()
+        return done
 
     # -- cells -----------------------------------------------------------
     def add_cell(self, cell: CellRecord) -> None:

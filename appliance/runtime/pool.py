@@ -136,14 +136,22 @@ class WorkerPool:
     def worker(self, index: int) -> WorkerHandle:
         return self._workers[index]
 
+    def _alive(self) -> list[WorkerHandle]:
+        """Workers whose process still runs (a dead one is replaced by the
+        maintenance loop or the next call on it); all of them if none is."""
+        alive = [w for w in self._workers if w.process.is_alive()]
+        return alive or list(self._workers)
+
     def pick_for_cell(self) -> WorkerHandle:
-        if any(len(w.cells) < self.settings.max_cells_per_worker for w in self._workers):
-            return min(self._workers, key=lambda w: (len(w.cells), w.busy))
+        candidates = [w for w in self._alive() if len(w.cells) < self.settings.max_cells_per_worker]
+        if candidates:
+            return min(candidates, key=lambda w: (len(w.cells), w.busy))
         raise Busy("every worker holds its maximum number of cells", code="capacity", retry_after=5)
 
     def pick_for_run(self) -> WorkerHandle:
-        idle = [w for w in self._workers if not w.busy]
-        return min(idle or self._workers, key=lambda w: (w.busy, w.runs))
+        alive = self._alive()
+        idle = [w for w in alive if not w.busy]
+        return min(idle or alive, key=lambda w: (w.busy, w.runs))
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -221,11 +229,18 @@ class WorkerPool:
         except OSError:
             pass
         new = self._spawn(handle.index)
+        # Publish the new worker only with its lock held until it is ready: a
+        # request that picks it waits, instead of reading the pipe at the same
+        # time as the readiness check (two readers would steal each other's
+        # messages).
+        new.lock.acquire()
         self._workers[handle.index] = new
         try:
             self._await_ready(new, START_TIMEOUT_S)
         except RuntimeError as e:
             raise CellError(f"worker replacement failed: {e}") from None
+        finally:
+            new.lock.release()
 
     def generation_of(self, index: int) -> int:
         return self._workers[index].generation
