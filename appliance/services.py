@@ -36,14 +36,15 @@ class Services:
     node_key: NodeKey
     pool: WorkerPool
     cells: CellService
-    limiter: TokenBucketLimiter
     license: Any = None
     mirror: Any = None
     draining: threading.Event = field(default_factory=threading.Event)
     incident: threading.Event = field(default_factory=threading.Event)
     _inflight: list[int] = field(default_factory=lambda: [0])
     _inflight_lock: threading.Lock = field(default_factory=threading.Lock)
-    _limiters: dict[str, Any] = field(default_factory=dict)
+    _rate: float | None = None
+    _ip_limiter: TokenBucketLimiter | None = None
+    _tenant_limiter: TokenBucketLimiter | None = None
     reload_requested: threading.Event = field(default_factory=threading.Event)
     settings_loader: Callable[[], Settings] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -96,7 +97,7 @@ class Services:
             egress = {"enabled": updated.egress == "on", "allow_hosts": list(updated.egress_allow), "hosts": egress_hosts}
             self.cells.egress = egress if egress["enabled"] else None
             with self._inflight_lock:
-                self._limiters.clear()  # rebuilt at the new rate on the next request
+                self._rate = None  # buckets are rebuilt at the new rate on the next request
         for name in needs_restart:
             log.warning("config reload: %s changed but takes effect only after a restart", name)
         log.info("config reloaded: %s", ", ".join(sorted(changed_live)) or "nothing changed live")
@@ -127,15 +128,16 @@ class Services:
         """The per-client bucket set at the rate in force (rebuilt when a new
         license changes it)."""
         with self._inflight_lock:
-            if self._limiters.get("rate") != rate:
-                self._limiters["rate"] = rate
-                self._limiters["ip"] = TokenBucketLimiter(rate, max(self.settings.rate_limit_burst, int(rate * 2)))
-                self._limiters["tenant"] = TokenBucketLimiter(rate, max(self.settings.rate_limit_burst, int(rate * 2)))
-            return self._limiters["ip"]  # type: ignore[no-any-return]
+            if self._rate != rate or self._ip_limiter is None or self._tenant_limiter is None:
+                self._rate = rate
+                self._ip_limiter = TokenBucketLimiter(rate, self.settings.rate_limit_burst)
+                self._tenant_limiter = TokenBucketLimiter(rate, self.settings.rate_limit_burst)
+            return self._ip_limiter
 
     def tenant_limiter(self) -> TokenBucketLimiter:
+        limiter = self.limiter_for(self.limits()[0])  # makes sure both exist at the current rate
         with self._inflight_lock:
-            return self._limiters["tenant"]  # type: ignore[no-any-return]
+            return self._tenant_limiter or limiter
 
     def begin_request(self) -> None:
         with self._inflight_lock:
@@ -260,8 +262,7 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
               "hosts": load_egress_hosts(settings.egress_hosts)}
     pro = (lambda: bool(lic.current().tier in ("pro", "hub"))) if lic is not None else (lambda: False)
     cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None, pro_allowed=pro)
-    limiter = TokenBucketLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-    services = Services(settings, store, receipts, node_key, pool, cells, limiter, license=lic, mirror=mirror)
+    services = Services(settings, store, receipts, node_key, pool, cells, license=lic, mirror=mirror)
     cells.limits = services.limits
     return services
 
