@@ -40,7 +40,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     started = time.monotonic()
     print(f"cell: data under {settings.root}; starting {settings.workers} worker(s)", flush=True)
-    print("cell: the first start compiles the guest runtimes (about 2 minutes and 2.5 GB of memory, once per machine)", flush=True)
+    from appliance.runtime.pool import cache_is_warm
+
+    if not cache_is_warm(settings):
+        print("cell: first start on this machine: compiling the guest runtimes "
+              "(about 2 minutes and 2.5 GB of memory, once per machine)", flush=True)
     services = build_services(settings, progress=lambda m: print(f"cell: {m}", flush=True))
     key = ensure_default_tenant(services)
     key_file = settings.root / DEV_KEY_FILE

@@ -24,6 +24,18 @@ ChunkCallback = Callable[[int, bytes], None]
 START_TIMEOUT_S = 900.0  # the first start may compile the runtimes (minutes)
 
 
+def cache_is_warm(settings: Settings) -> bool:
+    """True when both shipped runtimes are already compiled for this engine."""
+    from appliance.runtime import templates
+    from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
+
+    for pin in (templates.PY_SNAPSHOT_SHA256, templates.QJS_SHA256):
+        stem = settings.cache_dir / f"{pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
+        if not (stem.with_suffix(".cwasm").is_file() and stem.with_suffix(".json").is_file()):
+            return False
+    return True
+
+
 class WorkerLost(Exception):
     pass
 
@@ -95,14 +107,7 @@ class WorkerPool:
             raise RuntimeError(f"worker {handle.index} sent {msg!r} instead of ready")
 
     def _cache_warm(self) -> bool:
-        from appliance.runtime import templates
-        from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
-
-        for pin in (templates.PY_SNAPSHOT_SHA256, templates.QJS_SHA256):
-            stem = self.settings.cache_dir / f"{pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
-            if not (stem.with_suffix(".cwasm").is_file() and stem.with_suffix(".json").is_file()):
-                return False
-        return True
+        return cache_is_warm(self.settings)
 
     def start(self) -> None:
         # With a cold cache the first worker alone compiles the runtimes, so two
