@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     rev = tsub.add_parser("revoke")
     rev.add_argument("tenant_id")
     tenant.set_defaults(func=cmd_tenant)
-    for module in ("appliance.receipts.cli", "appliance.license.cli", "appliance.ops.cli", "mirror.cli", "tui.cli"):
+    for module in ("appliance.status_cli", "appliance.receipts.cli", "appliance.license.cli", "appliance.ops.cli",
+                   "mirror.cli", "tui.cli"):
         try:
             mod = __import__(module, fromlist=["register"])
             mod.register(sub)
