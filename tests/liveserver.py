@@ -61,8 +61,9 @@ class ServerProcess:
                 text = resp.read().decode()
                 return resp.status, _json(text), dict(resp.headers)
         except urllib.error.HTTPError as e:
-            text = e.read().decode()
-            return e.code, _json(text), dict(e.headers)
+            with e:  # an error response still holds its socket: close it (no ResourceWarning)
+                text = e.read().decode()
+                return e.code, _json(text), dict(e.headers)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:

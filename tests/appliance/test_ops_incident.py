@@ -41,6 +41,7 @@ def test_incident_snapshot_stops_new_runs_and_captures_the_node(module_cache: No
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(srv.url + "/healthz", timeout=10)
         assert info.value.code == 503
+        info.value.close()
         assert oct(out.stat().st_mode & 0o777) == "0o600"
         with tarfile.open(out) as tar:
             names = set(tar.getnames())
