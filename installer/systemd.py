@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from installer.layout import UNIT_NAME, Layout
+from installer.layout import UNIT_NAME as UNIT_NAME, Layout
 
 DEFAULT_MEMORY_MAX = "6G"
 

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, Signer
@@ -99,14 +100,14 @@ class VendorRepo:
         self.metadata = self.dir / "metadata"
         self.targets = self.dir / "targets"
 
-    def _write(self, md: Metadata, *names: str) -> bytes:
+    def _write(self, md: Metadata[Any], *names: str) -> bytes:
         data = md.to_bytes(JSONSerializer(compact=False))
         self.metadata.mkdir(parents=True, exist_ok=True)
         for name in names:
             (self.metadata / name).write_bytes(data)
         return data
 
-    def _load(self, name: str) -> Metadata | None:
+    def _load(self, name: str) -> Metadata[Any] | None:
         p = self.metadata / name
         return Metadata.from_bytes(p.read_bytes()) if p.is_file() else None
 
@@ -177,7 +178,7 @@ class VendorRepo:
         """Write targets, snapshot and timestamp (each one version up unless ``versions`` says otherwise)."""
         now = now or datetime.now(timezone.utc)
         exp = {r: (expires or {}).get(r, now + DEFAULT_LIFETIMES[r]) for r in ROLES}
-        consistent = self.root().consistent_snapshot
+        consistent = bool(self.root().consistent_snapshot)
         blobs: list[tuple[str, bytes, dict[str, str]]] = [
             (t.target, t.path.read_bytes(), {"template": t.template, "version": t.version, "abi": t.abi})
             for t in templates
@@ -207,7 +208,7 @@ class VendorRepo:
 
     def _sign_write(self, signed: Targets | Snapshot | Timestamp, signers: Signer | Sequence[Signer],
                     versioned: bool) -> bytes:
-        md = Metadata(signed)
+        md: Metadata[Any] = Metadata(signed)
         for signer in _as_list(signers):
             md.sign(signer, append=True)
         names = [f"{signed.type}.json"] + ([f"{signed.version}.{signed.type}.json"] if versioned else [])

@@ -6,6 +6,8 @@ footer, and nothing depends on colour or a mouse.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import App
 from textual.binding import Binding
 
@@ -36,7 +38,8 @@ class CellConsole(App[None]):
     TITLE = "Cell console"
     CSS = CSS
     # Digits, not F-keys: a serial console or a bare SSH client may not send F-keys.
-    BINDINGS = [Binding(key, f"switch_mode('{mode}')", title, show=False) for key, mode, title in NAV] + [
+    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
+        *(Binding(key, f"switch_mode('{mode}')", title, show=False) for key, mode, title in NAV),
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
     ]
     MODES = {

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance.config import ConfigError, load_settings
+from appliance.config import load_settings
+from appliance.errors import ConfigError
 
 
 def register(subparsers: Any) -> None:

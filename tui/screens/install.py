@@ -7,6 +7,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.widgets import DataTable, OptionList, ProgressBar, Static
 
@@ -166,7 +167,7 @@ class InstallScreen(ConsoleScreen):
 
     def _set_status(self, index: int, text: Text) -> None:
         table = self.query_one("#steps", DataTable)
-        table.update_cell_at((index, 2), text)
+        table.update_cell_at(Coordinate(index, 2), text)
 
     @on(StepStarted)
     def _started(self, message: StepStarted) -> None:

@@ -45,7 +45,7 @@ def explanation() -> Text:
 class TelemetryScreen(ConsoleScreen):
     MODE = "telemetry"
     BINDINGS = [
-        Binding("c", "toggle", "Consent on/off"),
+        Binding("c", "toggle_consent", "Consent on/off"),
         Binding("e", "export", "Export spool"),
         Binding("g", "reload", "Refresh"),
         Binding("q", "app.quit", "Quit"),
@@ -85,7 +85,7 @@ class TelemetryScreen(ConsoleScreen):
         preview.append(json.dumps(message.preview, indent=1, sort_keys=True))
         self.query_one("#preview", Static).update(preview)
 
-    def action_toggle(self) -> None:
+    def action_toggle_consent(self) -> None:
         if self.state is None:
             return
         turn_on = not self.state.consent
