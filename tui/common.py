@@ -93,6 +93,16 @@ class ConsoleScreen(Screen[None]):
             return
         self.post_message(reply(result))
 
+    def show_files(self, files: list[MediaFile], empty: str | None = None) -> list[MediaFile]:
+        """Fill the #files list from a media scan and focus it; say ``empty`` when none was found."""
+        options = self.query_one("#files", OptionList)
+        options.clear_options()
+        options.add_options(file_options(files))
+        if not files and empty:
+            self.say(empty)
+        options.focus()
+        return files
+
     @on(ActionFailed)
     def _show_failure(self, message: ActionFailed) -> None:
         self.say(message.error, error=True)

@@ -11,7 +11,7 @@ from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.widgets import DataTable, OptionList, ProgressBar, Static
 
-from tui.common import ActionFailed, ConfirmScreen, ConsoleScreen, FilesFound, file_options
+from tui.common import ActionFailed, ConfirmScreen, ConsoleScreen, FilesFound
 from tui.services import BundleCheck, MediaFile, PlanStep, ServiceError, StepResult
 
 
@@ -79,13 +79,7 @@ class InstallScreen(ConsoleScreen):
 
     @on(FilesFound)
     def _found(self, message: FilesFound) -> None:
-        self.files = message.files
-        options = self.query_one("#files", OptionList)
-        options.clear_options()
-        options.add_options(file_options(self.files))
-        if not self.files:
-            self.say("No bundle found under the removable-media roots. Insert the stick, press g.")
-        options.focus()
+        self.files = self.show_files(message.files, "No bundle found under the removable-media roots. Insert the stick, press g.")
 
     @on(OptionList.OptionSelected, "#files")
     def _chosen(self, event: OptionList.OptionSelected) -> None:

@@ -8,7 +8,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import DataTable, OptionList, Static
 
-from tui.common import ConfirmScreen, ConsoleScreen, FilesFound, file_options
+from tui.common import ConfirmScreen, ConsoleScreen, FilesFound
 from tui.services import ImportPreview, MediaFile, MirrorStatus
 
 
@@ -78,11 +78,7 @@ class TrustScreen(ConsoleScreen):
 
     @on(FilesFound)
     def _found(self, message: FilesFound) -> None:
-        self.files = message.files
-        options = self.query_one("#files", OptionList)
-        options.clear_options()
-        options.add_options(file_options(self.files))
-        options.focus()
+        self.files = self.show_files(message.files)
 
     @on(OptionList.OptionSelected, "#files")
     def _chosen(self, event: OptionList.OptionSelected) -> None:
