@@ -179,7 +179,9 @@ def parse_status_line(line: bytes) -> tuple[str, int]:
     code, _, reason = rest.partition(b" ")
     if version not in (b"HTTP/1.0", b"HTTP/1.1") or not sp:
         raise _protocol("malformed status line")
-    if len(code) != 3 or not code.isdigit() or not b"100" <= code <= b"599" or _has_ctl(reason):
+    # Below 100 some readers see an interim answer and others a final one:
+    # refused. 600-999 are final answers (RFC 9110 says: handle like a 5xx).
+    if len(code) != 3 or not code.isdigit() or code < b"100" or _has_ctl(reason):
         raise _protocol("malformed status line")
     return version.decode("ascii"), int(code)
 

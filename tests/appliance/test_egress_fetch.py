@@ -282,6 +282,11 @@ def test_non_2xx_status_is_returned(conn_factory: list[FakeConnector]) -> None:
     assert (result.status, result.body) == (404, b"missing")
 
 
+def test_status_over_599_is_returned_like_any_final_status(conn_factory: list[FakeConnector]) -> None:
+    result = run("http://8.8.8.8/", FakeResolver({}), _connector(conn_factory, ok(b"no", "999 Request denied")))
+    assert (result.status, result.body) == (999, b"no")
+
+
 def test_t_dos_1_deadline_already_passed_nothing_happens(conn_factory: list[FakeConnector]) -> None:
     resolver, connector = FakeResolver({"a.example.com": [["8.8.8.8"]]}), _connector(conn_factory, ok())
     with pytest.raises(EgressError) as info:

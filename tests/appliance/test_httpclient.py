@@ -112,7 +112,7 @@ RESPONSE_ATTACKS = [
     Answer("status-http-2", "T-PRO-2", b"HTTP/2 200 OK\r\nContent-Length: %d\r\n\r\n" % N + BODY, says="status line"),
     Answer("status-lowercase", "T-PRO-2", b"http/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % N + BODY,
            says="status line"),
-    Answer("status-999", "T-PRO-2", b"HTTP/1.1 999 Nine\r\nContent-Length: %d\r\n\r\n" % N + BODY, says="status line"),
+    Answer("status-below-100", "T-PRO-2", b"HTTP/1.1 099 Early\r\n\r\n" + _cl(b"%d" % N), says="status line"),
     Answer("status-no-code", "T-PRO-2", b"HTTP/1.1 OK\r\nContent-Length: %d\r\n\r\n" % N + BODY, says="status line"),
     Answer("ssh-banner", "T-PRO-2", b"SSH-2.0-OpenSSH_9.6\r\n\r\n", says="status line"),
     # -- chunks ----------------------------------------------------------------------------
