@@ -95,3 +95,11 @@ def traversal_paths() -> list[str]:
         "/data2/x", "/Data/x", "~/.ssh/id_rsa", "$HOME/x", "..;/etc/passwd",
     ]
     return paths
+
+
+def trailing_slash_paths() -> list[str]:
+    """T-PATH-1: directory forms of a regular file (POSIX ENOTDIR); never the file."""
+    forms = ["{}/", "{}//", "{}///", "{}/.", "{}/./", "{}/.//", "./{}/", "/data/{}/", "/data/{}/."]
+    return [form.format(name) for name in ("notes.txt", "dir/notes.txt") for form in forms] + [
+        "dir/./notes.txt/", "dir//notes.txt//",
+    ]

@@ -101,6 +101,9 @@ def cmd_incident_snapshot(args: argparse.Namespace) -> int:
     report = snapshot(_settings(args), args.out, with_contents=args.with_volume_contents, reason=args.reason)
     print(f"node out of rotation (new runs answer 503 incident); snapshot {report['out']}: "
           f"{report['files']} files, {report['volumes_listed']} volume entries, {report['seconds']} s")
+    if report["volume_errors"] or report["volumes_truncated"]:
+        print(f"volumes: {report['volume_errors']} entries could not be read (listed with an error)"
+              + (", listing truncated" if report["volumes_truncated"] else ""))
     print("put it back with: cell incident clear")
     return 0
 

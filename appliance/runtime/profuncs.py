@@ -76,8 +76,9 @@ def read_at(volume: Any, name: str, offset: int, max_bytes: int) -> bytes:
         # Volume accepts "/data/x" as the cell's own view; a weights name is
         # relative, so an absolute name is refused outright rather than mapped.
         raise confine.ConfinementError("denied", "absolute path", reason="absolute")
-    comps = volume._parse(name)
-    fd, s = volume._open_checked(comps, os.O_RDONLY | confine._SAFE)  # never a write flag
+    guest = volume._parse(name)  # T-PRO-1 / T-PATH-1: "model.bin/" is not_a_directory, never the file
+    fd, s = volume._open_checked(guest.components, os.O_RDONLY | confine._SAFE,  # never a write flag
+                                 dir_only=guest.dir_only)
     try:
         if st.S_ISDIR(s.st_mode):
             raise confine.ConfinementError("is_a_directory", "is a directory")

@@ -314,6 +314,15 @@ def test_t_pro_1_directory_and_missing(runner: ModuleRunner, cell_root: Path, we
     assert run(runner, weights_probe("nothere/x.bin"), cell_root, weights=weights[1]).code == -2
 
 
+@pytest.mark.parametrize("name", ["model.bin/", "model.bin//", "model.bin/.", "llama/shard-0.bin/"])
+def test_t_pro_1_trailing_slash_on_weights_file_refused(runner: ModuleRunner, cell_root: Path,
+                                                        weights: tuple[Path, Volume], name: str) -> None:
+    # T-PATH-1 through load_weights: "model.bin/" is ENOTDIR (-3), never the file's bytes.
+    r = run(runner, weights_probe(name), cell_root, weights=weights[1])
+    assert r.code == -3 and r.stdout == ""
+    assert run(runner, weights_probe("llama/"), cell_root, weights=weights[1]).code == -6
+
+
 def test_t_pro_1_writes_impossible(runner: ModuleRunner, cell_root: Path, weights: tuple[Path, Volume]) -> None:
     root, vol = weights
     target = root / "model.bin"
