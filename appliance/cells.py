@@ -18,13 +18,11 @@ from appliance.config import Settings
 from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound, PayloadTooLarge
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
-from appliance.runtime import protocol
+from appliance.runtime import protocol, templates
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
 log = logging.getLogger("cell.cells")
-
-LANGUAGES = {"python3": {"python", "python3", "py"}, "javascript": {"javascript", "js"}, "wasm": {"wasm", "wat"}}
 
 
 def now_ms() -> int:
@@ -49,7 +47,7 @@ class CellService:
         self._bindings: dict[str, Binding] = {}
         # After a restart no interpreter state survives: each persistent cell
         # says so once (409 cell_lost), exactly as after a worker was replaced.
-        self._lost: set[str] = {c.id for c in store.list_cells() if c.template != "wasm"}
+        self._lost: set[str] = {c.id for c in store.list_cells() if templates.get(c.template).interpreter}
         self._records: dict[str, CellRecord] = {}  # cells this process has looked up (it is their only writer)
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
@@ -106,7 +104,7 @@ class CellService:
         record = CellRecord(self.new_cell_id(), tenant.id, template, created, timeout_ms, created + timeout_ms,
                             persistent, metadata, envs, memory_mb)
         volume = self.volume_path(tenant.id, record.id)
-        if template in ("python3", "javascript"):
+        if templates.get(template).interpreter:
             handle = self.pool.pick_for_cell()
             bind = protocol.BindRequest(0, cell_id=record.id, template=template, volume=volume, envs=dict(envs), memory_mb=memory_mb)
             reply = self._call(handle, bind, None)
@@ -239,7 +237,8 @@ class CellService:
     def exec_in_cell(self, tenant: Tenant, cell_id: str, code: bytes, is_text: bool, language: str | None,
                      on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None) -> dict[str, Any]:
         record = self.cell(tenant, cell_id)
-        if language is not None and language not in LANGUAGES[record.template]:
+        tmpl = templates.get(record.template)
+        if language is not None and language not in tmpl.languages:
             raise BadRequest(f"this cell runs {record.template}, not {language!r}", code="language_mismatch")
         with self._lock:
             if cell_id in self._lost:
@@ -253,8 +252,8 @@ class CellService:
             raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, its files are kept. "
                            "The next run starts a fresh interpreter.", code="cell_lost")
         if binding is None or self.pool.generation_of(binding.worker) != binding.generation:
-            handle = self.pool.pick_for_cell() if record.template != "wasm" else self.pool.pick_for_run()
-            if record.template != "wasm":
+            handle = self.pool.pick_for_cell() if tmpl.interpreter else self.pool.pick_for_run()
+            if tmpl.interpreter:
                 self.pool.assign(handle, cell_id)
                 with self._lock:
                     self._bindings[cell_id] = Binding(handle.index, handle.generation)
@@ -262,7 +261,7 @@ class CellService:
             handle = self.pool.worker(binding.worker)
         msg = self._exec_request(
             tenant, record.template, code, is_text, timeout_ms, record.memory_mb, on_chunk,
-            cell_id=cell_id if record.template != "wasm" else None, volume=self.volume_path(tenant.id, cell_id),
+            cell_id=cell_id if tmpl.interpreter else None, volume=self.volume_path(tenant.id, cell_id),
             envs=record.envs, persistent=record.persistent, known_session=binding is not None,
             quota_left=self.check_quota(tenant))
         answer = self._run(handle, msg, tenant, cell_id, on_chunk)
@@ -323,7 +322,7 @@ class CellService:
             try:
                 reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
             except WorkerReplaced:
-                if cell_id is not None and template != "wasm":
+                if cell_id is not None and templates.get(template).interpreter:
                     with self._lock:
                         self._lost.discard(cell_id)
                     raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, "

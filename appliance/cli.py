@@ -13,6 +13,7 @@ from typing import Any
 
 from appliance.config import Settings, load_settings
 from appliance.errors import ConfigError
+from appliance.runtime import templates
 
 DEV_KEY_FILE = "dev-api-key"
 
@@ -114,7 +115,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
     settings.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     rt = Runtimes(settings.cache_dir, progress=lambda m: print(f"cell warm: {m}", flush=True))
     try:
-        for template in ("javascript", "python3"):
+        for template in (t.name for t in templates.with_runtime()):
             t = time.monotonic()
             rt.get(template)
             print(f"cell warm: {template} ready in {time.monotonic() - t:.1f}s", flush=True)

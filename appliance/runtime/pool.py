@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from appliance.config import Settings
 from appliance.errors import Busy, CellError
-from appliance.runtime import protocol
+from appliance.runtime import protocol, templates
 from appliance.runtime.protocol import ProtocolError, Reply, Request
 from appliance.runtime.worker import worker_main
 
@@ -31,11 +31,10 @@ MAX_STALE_FRAMES = 16
 
 def cache_is_warm(settings: Settings) -> bool:
     """True when both shipped runtimes are already compiled for this engine."""
-    from appliance.runtime import templates
     from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
 
-    for pin in (templates.PY_SNAPSHOT_SHA256, templates.QJS_SHA256):
-        stem = settings.cache_dir / f"{pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
+    for t in templates.with_runtime():
+        stem = settings.cache_dir / f"{t.pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
         if not (stem.with_suffix(".cwasm").is_file() and stem.with_suffix(".json").is_file()):
             return False
     return True
@@ -86,9 +85,8 @@ class WorkerPool:
             "memory_mb": s.memory_mb,
             "output_cap_bytes": s.output_cap_bytes,
             "module_max_bytes": s.module_max_bytes,
-            "warm_python": s.warm_python,
-            "warm_javascript": s.warm_javascript,
-            "warm_python_preload": list(s.warm_python_preload),
+            "warm": {t.name: int(getattr(s, t.warm_setting)) for t in templates.interpreters() if t.warm_setting},
+            "preload": {t.name: list(getattr(s, t.preload_setting)) for t in templates.interpreters() if t.preload_setting},
             "weights_dir": str(s.weights_dir),
             "mirror_dir": str(s.mirror_dir),
             "mcp_servers": str(s.mcp_servers) if s.mcp_servers else None,

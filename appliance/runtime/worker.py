@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import importlib
 import os
 import resource
 import shutil
@@ -28,8 +29,9 @@ import wasmtime
 from appliance.runtime import context, protocol
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
+from appliance.runtime import templates
 from appliance.runtime.templates import RuntimeMissing
-from appliance.runtime.sessions import JsSession, PythonSession
+from appliance.runtime.sessions import Session
 
 PR_SET_NO_NEW_PRIVS = 38
 # A request carries at most a 10 MB module or code body (base64) plus small fields.
@@ -78,16 +80,18 @@ class Worker:
         self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=_registry_hashes(config.get("mirror_dir")))
         self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
-        self.sessions: dict[str, PythonSession | JsSession] = {}
+        self.sessions: dict[str, Session] = {}
         self.pool_root = Path(config["volumes_dir"]) / ".pool" / f"w{config['index']}-{os.getpid()}"
         self.pool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
-        self.warm: dict[str, collections.deque[tuple[Any, str]]] = {"python3": collections.deque(), "javascript": collections.deque()}
-        self.targets = {"python3": int(config.get("warm_python", 0)), "javascript": int(config.get("warm_javascript", 0))}
+        interpreters = [t.name for t in templates.interpreters()]
+        self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
+        self.targets = {name: int(config.get("warm", {}).get(name, 0)) for name in interpreters}
+        self.preload: dict[str, list[str]] = {k: list(v) for k, v in config.get("preload", {}).items()}
         self.default_memory = int(config["memory_mb"]) << 20
         self.weights = _open_weights(config.get("weights_dir"))
         self.mcp = _open_mcp(config.get("mcp_servers"))
-        for template in ("python3", "javascript"):
+        for template in interpreters:
             try:
                 self.runtimes.get(template)
             except RuntimeMissing as e:  # that template is refused; the others keep working
@@ -132,13 +136,12 @@ class Worker:
             return protocol.ErrorReply(req_id, 500, "internal", type(e).__name__, traceback.format_exc()[-2000:])
 
     # -- warm pool -------------------------------------------------------
-    def _new_session(self, template: str, volume: str, memory: int, envs: dict[str, str] | None) -> PythonSession | JsSession:
+    def _new_session(self, template: str, volume: str, memory: int, envs: dict[str, str] | None) -> Session:
         if template in self.untrusted:
             raise ModuleRefused(403, "template_untrusted", self.untrusted[template])
         loaded = self.runtimes.get(template)
-        if template == "python3":
-            return PythonSession(loaded, volume, memory, envs)
-        return JsSession(loaded, volume, memory, envs, self.fifo_dir)
+        session: Session = session_class(template)(loaded, volume, memory, envs, self.fifo_dir)
+        return session
 
     def _refill_one(self) -> bool:
         for template, target in self.targets.items():
@@ -151,8 +154,8 @@ class Worker:
                     shutil.rmtree(path, ignore_errors=True)
                     self.targets[template] = len(self.warm[template])  # stop retrying a broken runtime
                     return False
-                preload = self.cfg.get("warm_python_preload") or []
-                if template == "python3" and preload:
+                preload = self.preload.get(template) or []
+                if preload:
                     # Pay numpy/pandas import time (~2 s CPU, ~45 MiB) before a client asks.
                     session.run(("import " + ", ".join(preload)).encode(), 60.0, 1 << 16, None, None)
                 self.warm[template].append((session, path))
@@ -222,7 +225,7 @@ class Worker:
             ctx=context.RunContext(governor=None, tenant_id=msg.tenant_id, cell_id=msg.cell_id or "",  # type: ignore[arg-type]
                                    quota_left=msg.quota_left),
         )
-        if msg.template == "wasm":
+        if not templates.get(msg.template).interpreter:
             outcome, usage = self._exec_module(msg, run)
         elif msg.cell_id is None:
             outcome, usage = self._exec_once(msg, run)
@@ -311,6 +314,15 @@ class _RunParams:
     cap: int
     sink: Any
     ctx: context.RunContext
+
+
+def session_class(template: str) -> Any:
+    """The interpreter session class the registry names for ``template``."""
+    ref = templates.get(template).session
+    if ref is None:
+        raise ValueError(f"template {template!r} has no interpreter session")
+    module_name, _, class_name = ref.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _registry_hashes(mirror_dir: str | None) -> Any:
