@@ -445,6 +445,32 @@ class Volume:
 
     # -- operations ---------------------------------------------------------
 
+    def read_at(self, path: str, offset: int, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of a regular file from ``offset`` (b"" past EOF), read-only."""
+        if offset < 0 or max_bytes < 0:
+            raise ConfinementError("invalid", "negative offset or length")
+        guest = self._parse(path)  # T-PRO-1 / T-PATH-1: "model.bin/" is not_a_directory, never the file
+        fd, s = self._open_checked(guest.components, os.O_RDONLY | _SAFE, dir_only=guest.dir_only)  # never a write flag
+        try:
+            if st.S_ISDIR(s.st_mode):
+                raise ConfinementError("is_a_directory", "is a directory")
+            if offset >= s.st_size or max_bytes == 0:
+                return b""  # also keeps absurd offsets (up to 2**63-1) away from pread
+            want = min(max_bytes, s.st_size - offset)
+            chunks: list[bytes] = []
+            while want > 0:
+                chunk = os.pread(fd, min(want, _CHUNK), offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
+                want -= len(chunk)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise _mapped(exc) from None
+        finally:
+            os.close(fd)
+
     def read_bytes(self, path: str, max_bytes: int) -> bytes:
         """The first ``max_bytes`` bytes of a regular file (less at EOF)."""
         guest = self._parse(path)

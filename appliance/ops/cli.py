@@ -12,16 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Settings, load_settings
+from appliance.config import Settings, settings_for_command
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    env = dict(os.environ)
-    if getattr(args, "dev", False):  # same layout as `cell serve --dev`
-        env.setdefault("SYNAPSE_ROOT", ".synapse")
-        env.setdefault("SYNAPSE_CONFIG_DIR", str(Path(env["SYNAPSE_ROOT"]) / "etc"))
-    settings = load_settings(env)
-    return settings.with_overrides(root=settings.root.absolute())
+    return settings_for_command(dev=bool(getattr(args, "dev", False)))  # same layout as `cell serve --dev`
 
 
 def register(subparsers: Any) -> None:

@@ -71,9 +71,10 @@ class Runtimes:
         module = self.cache.load(self.engine, actual, compile_source, self.progress)
         linker = self.base_linker()
         stdlib_dir = None
-        if template == "python3":
-            i32 = wasmtime.ValType.i32()
-            linker.define_func("host", "call", wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
+        i32 = wasmtime.ValType.i32()
+        for module_name, name in runtime.stub_imports:
+            linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
+        if runtime.stdlib_zip is not None:
             stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
         pre = linker.instantiate_pre(module)
         return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir)

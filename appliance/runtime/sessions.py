@@ -17,7 +17,7 @@ import secrets
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import wasmtime
 
@@ -28,6 +28,19 @@ from appliance.runtime.loader import Loaded
 from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status
 
 MASK32 = 0xFFFFFFFF
+
+
+class Session(Protocol):
+    """What the worker needs of an interpreter session. A class named by a
+    template record is built as ``cls(loaded, volume, memory_bytes, envs,
+    scratch_dir)``."""
+    alive: bool
+
+    def run(self, code: bytes, timeout_s: float, cap: int, sink: ChunkSink | None,
+            ctx: context.RunContext | None) -> Outcome: ...
+
+    def close(self) -> None: ...
+
 GUEST_ENV_BASE = (("HOME", "/data"), ("TMPDIR", "/data"), ("PYTHONTZPATH", ""))
 
 
@@ -58,9 +71,8 @@ def _wasi(volume: str, envs: dict[str, str] | None, capture: Capture, argv: list
 
 
 class PythonSession:
-    template = "python3"
-
-    def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None) -> None:
+    def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
+                 scratch_dir: str | None = None) -> None:
         self.capture = Capture()
         self.store = wasmtime.Store(loaded.engine)
         self.store.set_limits(memory_size=memory_bytes)
@@ -166,8 +178,6 @@ JS_BOOT = r"""
 
 class JsSession:
     """QuickJS-NG reactor driven by a boot loop reading cells from a FIFO."""
-
-    template = "javascript"
 
     def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None, fifo_dir: str) -> None:
         self.capture = Capture()
