@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -162,14 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     rev = tsub.add_parser("revoke")
     rev.add_argument("tenant_id")
     tenant.set_defaults(func=cmd_tenant)
-    for module in ("appliance.status_cli", "appliance.receipts.cli", "appliance.license.cli", "appliance.ops.cli",
-                   "mirror.cli", "tui.cli"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-            mod.register(sub)
-        except ImportError:
-            pass
+    for module in SUBCOMMANDS:  # part of the appliance: a failure to import is a bug, and shows
+        importlib.import_module(module).register(sub)
+    try:
+        importlib.import_module(CONSOLE).register(sub)
+    except ImportError as e:  # the console is optional to the core, but never silently missing
+        broken = sub.add_parser("console", help="the operator console (unavailable: see `cell console`)")
+        broken.set_defaults(func=lambda _args, why=f"{type(e).__name__}: {e}": _console_unavailable(why))
     return parser
+
+
+# Subcommands that live beside the core; the console (package ``tui``) plugs in
+# here by name only, so nothing in the appliance imports it.
+SUBCOMMANDS = ("appliance.status_cli", "appliance.receipts.cli", "appliance.license.cli", "appliance.ops.cli", "mirror.cli")
+CONSOLE = "tui.cli"
+
+
+def _console_unavailable(why: str) -> int:
+    print(f"cell console: the operator console could not be loaded ({why}); "
+          "reinstall the appliance or run `cell doctor`", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

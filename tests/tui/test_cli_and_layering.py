@@ -74,3 +74,17 @@ def test_console_builds_light_services_from_settings(tmp_path: Path, monkeypatch
     assert services.settings.root == tmp_path / "root"
     assert seen["status"]["workers"] == {"configured": services.settings.workers}
     assert services.media_files("license") == []
+
+
+def test_cell_console_fails_loudly_when_the_console_cannot_import(tmp_path: Path) -> None:
+    # A console package that raises on import (a broken install) must not make
+    # `cell console` vanish from the CLI: it answers with the reason and exit 1.
+    (tmp_path / "tui").mkdir()
+    (tmp_path / "tui" / "__init__.py").write_text("")
+    (tmp_path / "tui" / "cli.py").write_text("raise ImportError('textual is missing')\n")
+    code = "import sys; from appliance.cli import main; sys.exit(main(['console']))"
+    env_path = f"{tmp_path}:{REPO}"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1, done.stderr
+    assert "console could not be loaded" in done.stderr and "textual is missing" in done.stderr
