@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from appliance.config import Settings
+from appliance.license.verify import Limits, config_limits
 from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound, PayloadTooLarge
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
@@ -54,9 +55,8 @@ class CellService:
         self.runs = 0
         self._usage: dict[str, tuple[str, int]] = {}  # cell -> (tenant, bytes in its volume as last measured)
         self._usage_loaded: set[str] = set()  # tenants whose every cell has been measured once
-        # (rate, max_cells, max_memory_mb) in force; the service wires the license in.
-        self.limits: Callable[[], tuple[float, int, int]] = lambda: (
-            settings.rate_limit_rps, settings.max_cells_per_worker * settings.workers, settings.memory_ceiling_mb)
+        # The limits in force; the service wires the license in.
+        self.limits: Callable[[], Limits] = lambda: config_limits(settings)
         # Called after every run with a summary (no code, no output): metrics, logs.
         self.observers: list[Callable[[dict[str, Any]], None]] = []
 
@@ -88,7 +88,7 @@ class CellService:
 
     # -- lifecycle -------------------------------------------------------
     def check_memory(self, memory_mb: int) -> None:
-        ceiling = self.limits()[2]
+        ceiling = self.limits().max_memory_mb
         if memory_mb > ceiling:
             raise BadRequest(f"memory_mb {memory_mb} is above the {ceiling} MB allowed by this appliance's license and "
                              "configuration", code="out_of_range")
@@ -96,7 +96,7 @@ class CellService:
     def create(self, tenant: Tenant, template: str, timeout_ms: int, persistent: bool, metadata: dict[str, str],
                envs: dict[str, str], memory_mb: int) -> CellRecord:
         self.check_memory(memory_mb)
-        max_cells = self.limits()[1]
+        max_cells = self.limits().max_cells
         if self.store.count_all_cells() >= max_cells:
             raise Forbidden(f"this appliance already runs its maximum of {max_cells} cells (license and configuration); "
                             "delete a cell or raise the limit", code="cell_limit")

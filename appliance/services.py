@@ -12,6 +12,7 @@ from typing import Any, Callable
 from appliance import __version__
 from appliance.cells import CellService, now_ms
 from appliance.config import Settings, load_egress_hosts
+from appliance.license.verify import Limits, config_limits
 from appliance.policy.ratelimit import TokenBucketLimiter
 from appliance.receipts.nodekey import NodeKey
 from appliance.receipts.store import ReceiptStore
@@ -103,18 +104,16 @@ class Services:
         log.info("config reloaded: %s", ", ".join(sorted(changed_live)) or "nothing changed live")
         return sorted(changed_live) + [f"restart needed: {n}" for n in needs_restart]
 
-    def limits(self) -> tuple[float, int, int]:
-        """(rate_limit_rps, max_cells, max_memory_mb) in force: min(config,
-        license, hard ceilings) — a license can lower or raise within the
-        appliance's ceilings, never past them."""
-        s = self.settings
+    def limits(self) -> Limits:
+        """The limits in force: min(config, license, hard ceilings) — a license
+        can lower or raise within the appliance's ceilings, never past them."""
         if self.license is not None:
             try:
-                lim = self.license.effective_limits()
-                return float(lim.rate_limit_rps), int(lim.max_cells), int(lim.max_memory_mb)
+                lim: Limits = self.license.effective_limits()
+                return lim
             except Exception:
                 log.exception("license limits unavailable; using the configuration")
-        return s.rate_limit_rps, s.max_cells_per_worker * s.workers, s.memory_ceiling_mb
+        return config_limits(self.settings)
 
     def tier(self) -> str:
         if self.license is None:
@@ -135,7 +134,7 @@ class Services:
             return self._ip_limiter
 
     def tenant_limiter(self) -> TokenBucketLimiter:
-        limiter = self.limiter_for(self.limits()[0])  # makes sure both exist at the current rate
+        limiter = self.limiter_for(self.limits().rate_limit_rps)  # makes sure both exist at the current rate
         with self._inflight_lock:
             return self._tenant_limiter or limiter
 

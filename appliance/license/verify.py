@@ -83,6 +83,12 @@ class Limits:
         }
 
 
+def config_limits(settings: Any) -> Limits:
+    """The limits the configuration alone allows (no license in force)."""
+    return Limits(float(settings.rate_limit_rps), int(settings.max_cells_per_worker * settings.workers),
+                  int(settings.memory_ceiling_mb))
+
+
 @dataclass(frozen=True)
 class License:
     """A license whose signature verified and whose payload is well-formed.

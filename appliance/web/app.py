@@ -65,7 +65,7 @@ def create_app(services: Any) -> Flask:
             return
         # T-DOS-2: rate limit per client (XFF only from trusted proxies).
         key = client_key(request.remote_addr or "", request.headers.get("X-Forwarded-For"), s.trusted_proxies)
-        rate = services.limits()[0]
+        rate = services.limits().rate_limit_rps
         allowed, retry = services.limiter_for(rate).check(key, time.monotonic())
         if not allowed:
             raise RateLimited("too many requests", retry_after=max(1, int(math.ceil(retry))))
