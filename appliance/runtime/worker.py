@@ -78,7 +78,6 @@ class Worker:
         self.sessions: dict[str, PythonSession | JsSession] = {}
         self.pool_root = Path(config["volumes_dir"]) / ".pool" / f"w{config['index']}-{os.getpid()}"
         self.pool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {"python3": collections.deque(), "javascript": collections.deque()}
         self.targets = {"python3": int(config.get("warm_python", 0)), "javascript": int(config.get("warm_javascript", 0))}
         self.default_memory = int(config["memory_mb"]) << 20
@@ -128,7 +127,7 @@ class Worker:
         loaded = self.runtimes.get(template)
         if template == "python3":
             return PythonSession(loaded, volume, memory, envs)
-        return JsSession(loaded, volume, memory, envs, self.fifo_dir)
+        return JsSession(loaded, volume, memory, envs)
 
     def _refill_one(self) -> bool:
         for template, target in self.targets.items():
@@ -343,7 +342,6 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
                 session.close()
                 shutil.rmtree(path, ignore_errors=True)
         shutil.rmtree(worker.pool_root, ignore_errors=True)
-        shutil.rmtree(worker.fifo_dir, ignore_errors=True)
         worker.sessions.clear()
         if worker.mcp is not None:
             worker.mcp.close()
