@@ -17,41 +17,14 @@ import pytest
 
 from tests.liveserver import ServerProcess
 from tests.procwatch import thread_cpu, tree_bytes, watch_after_answer, worker_pids
+from tests.redteam_corpus import JS_FORGED_END, JS_FORGED_MARKER, JS_IMITATE_IDLE_READ, JS_KEEP_WORKING
 
 pytestmark = pytest.mark.slow
 
 LIMIT_MS = 1500
 
-# After its forgery the guest appends 4 KiB to /data every ~2 ms and spins
-# in between: if it ran on after its answer, both CPU and /data would show it.
-KEEP_WORKING = """
-const f = std.open("grow.bin", "a");
-const chunk = "x".repeat(4096);
-for (;;) { f.puts(chunk); f.flush(); const t = Date.now(); while (Date.now() - t < 2) {} }
-"""
-
-# The end-of-run marker used to be the last argv entry, on stderr followed
-# by the exit status; a guest could read it from scriptArgs.
-FORGE_STDERR = """
-for (const a of scriptArgs) std.err.puts(a + "0\\n");
-std.err.puts("\\x1ecell-end-0123456789abcdef:0\\n");
-std.err.flush();
-"""
-FORGE_STDOUT = """
-for (const a of scriptArgs) std.out.puts(a + "0\\n");
-std.out.puts("\\x1ecell-end-0123456789abcdef:0\\n");
-std.out.flush();
-"""
-# Reading fd 0 itself (the command channel) in any shape but the boot
-# loop's stops the interpreter at once.
-READ_STDIN = "std.in.getline();\n"
-
-ATTACKS = [
-    # id, guest code, expected status, whether the run lasts until its deadline
-    pytest.param(FORGE_STDERR + KEEP_WORKING, "timeout", True, "stderr", id="forged-marker-on-stderr"),
-    pytest.param(FORGE_STDOUT + KEEP_WORKING, "timeout", True, "stdout", id="forged-marker-on-stdout"),
-    pytest.param(READ_STDIN + KEEP_WORKING, "error", False, None, id="reads-its-command-channel"),
-]
+ATTACKS = [pytest.param(code, expected, to_deadline, stream, id=name)
+           for name, code, expected, to_deadline, stream in JS_FORGED_END]
 
 
 def new_cell(live: ServerProcess) -> tuple[str, Path]:
@@ -89,7 +62,7 @@ def test_t_dos_1_js_forged_end_of_run_no_guest_code_after_answer(live: ServerPro
         # The forged marker ended nothing: the run lasted to its deadline...
         assert LIMIT_MS / 1000 - 0.05 <= elapsed < LIMIT_MS / 1000 + 1.5, elapsed
         # ...and the marker is the guest's output like any other bytes.
-        assert stream is not None and "\x1ecell-end-0123456789abcdef:0\n" in body[stream]
+        assert stream is not None and JS_FORGED_MARKER in body[stream]
     else:
         assert elapsed < LIMIT_MS / 1000, elapsed
     again, _ = timed_exec(live, cid, "1+1")
@@ -102,7 +75,7 @@ def test_t_dos_1_js_imitated_idle_read_parks_the_guest(live: ServerProcess) -> N
     runs under that run's armed deadline."""
     cid, volume = new_cell(live)
     pids = worker_pids(live)
-    body, elapsed = timed_exec(live, cid, "os.read(0, new ArrayBuffer(9), 0, 8);\n" + KEEP_WORKING)
+    body, elapsed = timed_exec(live, cid, JS_IMITATE_IDLE_READ + JS_KEEP_WORKING)
     assert (body["status"], body["exit_code"]) == ("ok", 0) and elapsed < LIMIT_MS / 1000
     assert_quiet_after_answer(live, volume, pids)
     assert not (volume / "grow.bin").exists()  # not one instruction after the parked read
