@@ -59,7 +59,7 @@ class CommandChannel:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: collections.deque[memoryview] = collections.deque()
         self.governor: Governor | None = None
         self.fd_read: wasmtime.Func | None = None  # wasmtime's fd_read, via attach()
         self._idle = False
@@ -76,8 +76,9 @@ class CommandChannel:
         with self._cond:
             if self._dead or self._closed or not self._idle:
                 raise ChannelClosed("the session is not waiting for a cell")
-            self._chunks.append(b"%08x" % len(body))
-            self._chunks.append(body)
+            self._chunks.append(memoryview(b"%08x" % len(body)))
+            if body:
+                self._chunks.append(memoryview(body))
             self._idle = False
             self.idle_rc = None
             self.foreign_read = False
@@ -124,12 +125,12 @@ class CommandChannel:
                 if not self._chunks:
                     self._stop_now(caller)
                     return None
-            first = self._chunks[0]
+            first = self._chunks[0]  # a header or a source, never both in one read
             if len(first) <= capacity:
                 self._chunks.popleft()
-                return first
+                return bytes(first)
             self._chunks[0] = first[capacity:]
-            return first[:capacity]
+            return bytes(first[:capacity])
 
     def _stop_now(self, caller: wasmtime.Caller) -> None:
         if self.governor is not None:

@@ -137,15 +137,17 @@ class PythonSession:
 
 # The boot loop, evaluated before any guest code. It reads each cell from fd 0,
 # which the host serves (command_channel.py): an 8-hex-digit length, then the
-# cell's source as ASCII JSON. Its read of the next header is how the host
-# learns that the guest is idle (T-DOS-1); asking for 8 bytes after a cell
-# that completed and 9 after one that threw carries the exit status. Nothing
-# the guest writes ends a run. The helpers are captured up front so that a
-# cell that replaces JSON.parse & co. breaks only its own session.
+# cell's source as ASCII JSON (one read; QuickJS has no native UTF-8 decoder
+# for a buffer, and reading through std.in would cost a host call per KiB).
+# Its read of the next header is how the host learns that the guest is idle
+# (T-DOS-1); asking for 8 bytes after a cell that completed and 9 after one
+# that threw carries the exit status. Nothing the guest writes ends a run.
+# The helpers are captured up front, so a cell that replaces JSON.parse & co.
+# breaks only its own session.
 JS_BOOT = r"""
 (function () {
-  const rd = os.read, ev = std.evalScript, err = std.err, out = std.out;
-  const log = console.log, parse = JSON.parse, chr = String.fromCharCode;
+  const rd = os.read, ev = std.evalScript, err = std.err, out = std.out, log = console.log;
+  const parse = JSON.parse, chr = String.fromCharCode, join = Array.prototype.join;
   const apply = Reflect.apply, toInt = parseInt, min = Math.min, U8 = Uint8Array, AB = ArrayBuffer;
   try { os.chdir('/data'); } catch (e) {}
   const hdr = new AB(9);
@@ -159,11 +161,11 @@ JS_BOOT = r"""
       if (!(k > 0)) return;
       off += k;
     }
-    let text = "";
-    for (let i = 0; i < n; i += 8192) text += apply(chr, null, new U8(body, i, min(8192, n - i)));
+    const parts = [];
+    for (let i = 0, j = 0; i < n; i += 8192) parts[j++] = apply(chr, null, new U8(body, i, min(8192, n - i)));
     rc = 0;
     try {
-      const v = ev(parse(text));
+      const v = ev(parse(apply(join, parts, [""])));
       if (v !== undefined) log(v);
     } catch (e) {
       rc = 1;
