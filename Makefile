@@ -20,8 +20,14 @@ run: $(STAMP)
 warm: $(STAMP)
 	$(PY) -m appliance.cli warm --dev
 
+# Tests build guest-made trees deeper than Python's recursion limit; pytest's
+# own clean-up of old temp dirs would crash on them, so the suite gets a temp
+# root of its own that rm (iterative) empties before each run.
+TEST_TMP ?= /tmp/cell-tests-$(shell id -u)
+
 test: $(STAMP)
-	$(PY) -m pytest
+	rm -rf $(TEST_TMP)
+	$(PY) -m pytest --basetemp=$(TEST_TMP)
 
 secret-scan:
 	@! git grep -nE "sk_live_[a-zA-Z0-9]{8,}|e2b_[a-f0-9]{40}|password\s*=\s*\"" -- .

@@ -11,19 +11,18 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from appliance.config import Settings
 from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound, PayloadTooLarge
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
+from appliance.runtime import protocol, templates
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
 log = logging.getLogger("cell.cells")
-
-LANGUAGES = {"python3": {"python", "python3", "py"}, "javascript": {"javascript", "js"}, "wasm": {"wasm", "wat"}}
 
 
 def now_ms() -> int:
@@ -48,7 +47,7 @@ class CellService:
         self._bindings: dict[str, Binding] = {}
         # After a restart no interpreter state survives: each persistent cell
         # says so once (409 cell_lost), exactly as after a worker was replaced.
-        self._lost: set[str] = {c.id for c in store.list_cells() if c.template != "wasm"}
+        self._lost: set[str] = {c.id for c in store.list_cells() if templates.get(c.template).interpreter}
         self._records: dict[str, CellRecord] = {}  # cells this process has looked up (it is their only writer)
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
@@ -105,15 +104,14 @@ class CellService:
         record = CellRecord(self.new_cell_id(), tenant.id, template, created, timeout_ms, created + timeout_ms,
                             persistent, metadata, envs, memory_mb)
         volume = self.volume_path(tenant.id, record.id)
-        if template in ("python3", "javascript"):
+        if templates.get(template).interpreter:
             handle = self.pool.pick_for_cell()
-            msg = {"op": "bind", "cell_id": record.id, "template": template, "volume": volume, "envs": envs, "memory_mb": memory_mb}
-            reply = self._call(handle, msg, None)
-            if reply.get("type") != "ok":
-                raise CellError(reply.get("message", "could not start the cell"),
-                                code=reply.get("code", "internal")).with_status(int(reply.get("status", 500)))
+            bind = protocol.BindRequest(0, cell_id=record.id, template=template, volume=volume, envs=dict(envs), memory_mb=memory_mb)
+            reply = self._call(handle, bind, None)
+            if not isinstance(reply, protocol.OkReply):
+                raise _refusal(reply, "could not start the cell")
+            self.pool.assign(handle, record.id)
             with self._lock:
-                handle.cells.add(record.id)
                 self._bindings[record.id] = Binding(handle.index, handle.generation)
         else:
             from appliance.confine import create_volume
@@ -142,11 +140,11 @@ class CellService:
             self._usage.pop(record.id, None)
             self._records.pop(record.id, None)
         if binding is not None:
+            self.pool.release(binding.worker, record.id)
             handle = self.pool.worker(binding.worker)
-            handle.cells.discard(record.id)
             if handle.generation == binding.generation:
                 try:
-                    self._call(handle, {"op": "drop", "cell_id": record.id}, None)
+                    self._call(handle, protocol.DropRequest(0, cell_id=record.id), None)
                 except (WorkerLost, CellError):
                     pass
         self.store.delete_cell(record.id)
@@ -221,7 +219,8 @@ class CellService:
         return left
 
     # -- runs ------------------------------------------------------------
-    def _call(self, handle: Any, msg: dict[str, Any], deadline_s: float | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+    def _call(self, handle: Any, msg: protocol.Request, deadline_s: float | None,
+              on_chunk: ChunkCallback | None = None) -> protocol.Reply:
         try:
             return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk)
         except WorkerLost:
@@ -238,7 +237,8 @@ class CellService:
     def exec_in_cell(self, tenant: Tenant, cell_id: str, code: bytes, is_text: bool, language: str | None,
                      on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None) -> dict[str, Any]:
         record = self.cell(tenant, cell_id)
-        if language is not None and language not in LANGUAGES[record.template]:
+        tmpl = templates.get(record.template)
+        if language is not None and language not in tmpl.languages:
             raise BadRequest(f"this cell runs {record.template}, not {language!r}", code="language_mismatch")
         with self._lock:
             if cell_id in self._lost:
@@ -252,24 +252,19 @@ class CellService:
             raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, its files are kept. "
                            "The next run starts a fresh interpreter.", code="cell_lost")
         if binding is None or self.pool.generation_of(binding.worker) != binding.generation:
-            handle = self.pool.pick_for_cell() if record.template != "wasm" else self.pool.pick_for_run()
-            if record.template != "wasm":
+            handle = self.pool.pick_for_cell() if tmpl.interpreter else self.pool.pick_for_run()
+            if tmpl.interpreter:
+                self.pool.assign(handle, cell_id)
                 with self._lock:
                     self._bindings[cell_id] = Binding(handle.index, handle.generation)
-                    handle.cells.add(cell_id)
         else:
             handle = self.pool.worker(binding.worker)
-        run_timeout = min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms)
-        quota_left = self.check_quota(tenant)
-        msg = {
-            "quota_left": quota_left,
-            "op": "exec", "cell_id": cell_id if record.template != "wasm" else None, "template": record.template,
-            "code": code, "is_text": is_text, "timeout_ms": run_timeout, "memory_mb": record.memory_mb,
-            "volume": self.volume_path(tenant.id, cell_id), "stream": on_chunk is not None, "tenant_id": tenant.id,
-            "envs": record.envs, "persistent": record.persistent, "egress": self.egress, "pro": self.pro_allowed(),
-            "known_session": binding is not None,
-        }
-        answer = self._run(handle, msg, tenant, cell_id, record.template, code, run_timeout, on_chunk)
+        msg = self._exec_request(
+            tenant, record.template, code, is_text, timeout_ms, record.memory_mb, on_chunk,
+            cell_id=cell_id if tmpl.interpreter else None, volume=self.volume_path(tenant.id, cell_id),
+            envs=record.envs, persistent=record.persistent, known_session=binding is not None,
+            quota_left=self.check_quota(tenant))
+        answer = self._run(handle, msg, tenant, cell_id, on_chunk)
         self._touch(record)
         return answer
 
@@ -296,17 +291,30 @@ class CellService:
                      timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
         self.check_memory(memory_mb or self.settings.memory_mb)
         handle = self.pool.pick_for_run()
-        run_timeout = min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms)
-        msg = {
-            "op": "exec", "cell_id": None, "template": template, "code": code, "is_text": is_text,
-            "timeout_ms": run_timeout, "memory_mb": memory_mb or self.settings.memory_mb, "volume": None,
-            "stream": on_chunk is not None, "tenant_id": tenant.id, "stdin": stdin, "egress": self.egress,
-            "pro": self.pro_allowed(),
-        }
-        return self._run(handle, msg, tenant, None, template, code, run_timeout, on_chunk)
+        msg = self._exec_request(tenant, template, code, is_text, timeout_ms, memory_mb or self.settings.memory_mb,
+                                 on_chunk, stdin=stdin)
+        return self._run(handle, msg, tenant, None, on_chunk)
 
-    def _run(self, handle: Any, msg: dict[str, Any], tenant: Tenant, cell_id: str | None, template: str,
-             code: bytes, run_timeout_ms: int, on_chunk: ChunkCallback | None) -> dict[str, Any]:
+    def _exec_request(self, tenant: Tenant, template: str, code: bytes, is_text: bool, timeout_ms: int | None,
+                      memory_mb: int, on_chunk: ChunkCallback | None, *, cell_id: str | None = None,
+                      volume: str | None = None, envs: dict[str, str] | None = None, persistent: bool = True,
+                      known_session: bool = False, quota_left: int | None = None,
+                      stdin: bytes | None = None) -> protocol.ExecRequest:
+        """The one place a run request is built, for cells and one-shot runs alike."""
+        egress = None
+        if self.egress is not None:
+            egress = protocol.EgressSpec(enabled=bool(self.egress["enabled"]), allow_hosts=list(self.egress["allow_hosts"]),
+                                         hosts=self.egress.get("hosts"))
+        return protocol.ExecRequest(
+            0, template=template, code=code, is_text=is_text,
+            timeout_ms=min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms),
+            memory_mb=memory_mb, tenant_id=tenant.id, cell_id=cell_id, volume=volume, stream=on_chunk is not None,
+            envs=dict(envs or {}), persistent=persistent, known_session=known_session, egress=egress,
+            pro=self.pro_allowed(), quota_left=quota_left, stdin=stdin)
+
+    def _run(self, handle: Any, msg: protocol.ExecRequest, tenant: Tenant, cell_id: str | None,
+             on_chunk: ChunkCallback | None) -> dict[str, Any]:
+        template, code, run_timeout_ms = msg.template, msg.code, msg.timeout_ms
         started = time.perf_counter()
         execution_id = str(uuid.uuid4())
         guest_ms: float | None = None
@@ -314,7 +322,7 @@ class CellService:
             try:
                 reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
             except WorkerReplaced:
-                if cell_id is not None and template != "wasm":
+                if cell_id is not None and templates.get(template).interpreter:
                     with self._lock:
                         self._lost.discard(cell_id)
                     raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, "
@@ -329,12 +337,12 @@ class CellService:
                 with self._lock:
                     self._lost.discard(cell_id)  # this answer already says the state is gone
         else:
-            if reply.get("type") == "error":
-                raise CellError(reply.get("message", "run failed"), code=reply.get("code", "internal")).with_status(int(reply.get("status", 500)))
-            outcome = reply["outcome"]
-            guest_ms = reply.get("guest_ms")
+            if not isinstance(reply, protocol.RunReply):
+                raise _refusal(reply, "run failed")
+            outcome = asdict(reply.outcome)
+            guest_ms = reply.guest_ms
             if cell_id is not None:
-                self.note_usage(tenant.id, cell_id, reply.get("volume_bytes"))
+                self.note_usage(tenant.id, cell_id, reply.volume_bytes)
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.runs += 1
         receipt = self.receipts.append(
@@ -372,3 +380,10 @@ class CellService:
             except Exception:
                 pass  # an observer must never fail a run that already has its receipt
         return answer
+
+
+def _refusal(reply: protocol.Reply, default: str) -> CellError:
+    """A worker's refusal as the client's error; any other answer is a bug."""
+    if isinstance(reply, protocol.ErrorReply):
+        return CellError(reply.message or default, code=reply.code).with_status(reply.status)
+    return CellError(f"{default}: the worker answered {type(reply).__name__}", code="internal")

@@ -11,24 +11,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Settings, load_settings
+from appliance.config import Settings, settings_for_command
 from appliance.errors import ConfigError
+from appliance.runtime import templates
 
 DEV_KEY_FILE = "dev-api-key"
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {}
-    env = dict(os.environ)
-    if getattr(args, "dev", False):
-        env.setdefault("SYNAPSE_ROOT", ".synapse")
-        env.setdefault("SYNAPSE_CONFIG_DIR", str(Path(env["SYNAPSE_ROOT"]) / "etc"))
-    if getattr(args, "host", None):
-        overrides["host"] = args.host
-    if getattr(args, "port", None) is not None:
-        overrides["port"] = args.port
-    settings = load_settings(env, overrides=overrides)
-    return settings.with_overrides(root=settings.root.absolute())
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The settings a `cell` subcommand runs with (its --dev, --host, --port)."""
+    return settings_for_command(dev=bool(getattr(args, "dev", False)), host=getattr(args, "host", None),
+                                port=getattr(args, "port", None))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -37,7 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from appliance.services import build_services, ensure_default_tenant
     from appliance.web.app import create_app
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     started = time.monotonic()
     print(f"cell: data under {settings.root}; starting {settings.workers} worker(s)", flush=True)
     from appliance.runtime.pool import cache_is_warm
@@ -87,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    services.settings_loader = lambda: _settings(args)
+    services.settings_loader = lambda: settings_from_args(args)
     # SIGHUP re-reads config.toml/environment (applied by the maintenance loop)
     # and, through the license manager's chained handler, the license file.
     signal.signal(signal.SIGHUP, lambda _s, _f: services.reload_requested.set())
@@ -110,11 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_warm(args: argparse.Namespace) -> int:
     from appliance.runtime.loader import Runtimes
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     settings.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     rt = Runtimes(settings.cache_dir, progress=lambda m: print(f"cell warm: {m}", flush=True))
     try:
-        for template in ("javascript", "python3"):
+        for template in (t.name for t in templates.with_runtime()):
             t = time.monotonic()
             rt.get(template)
             print(f"cell warm: {template} ready in {time.monotonic() - t:.1f}s", flush=True)
@@ -128,7 +121,7 @@ def cmd_tenant(args: argparse.Namespace) -> int:
     from appliance.services import prepare_root
     from appliance.storage import Store
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     prepare_root(settings)
     store = Store(settings.db_path)
     try:

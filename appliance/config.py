@@ -294,6 +294,22 @@ def load_settings(
     return settings
 
 
+def settings_for_command(*, dev: bool = False, host: str | None = None, port: int | None = None) -> Settings:
+    """Settings for a `cell` command: the environment, plus the ./.synapse
+    layout of `cell serve --dev` when ``dev``, and any bind flags."""
+    env = dict(os.environ)
+    if dev:
+        env.setdefault("SYNAPSE_ROOT", ".synapse")
+        env.setdefault("SYNAPSE_CONFIG_DIR", str(Path(env["SYNAPSE_ROOT"]) / "etc"))
+    overrides: dict[str, Any] = {}
+    if host:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    settings = load_settings(env, overrides=overrides)
+    return settings.with_overrides(root=settings.root.absolute())
+
+
 def _node_id(settings: Settings) -> str:
     """A short, stable id for this node, derived from its data root (cell ids carry it)."""
     import hashlib

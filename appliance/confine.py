@@ -21,6 +21,12 @@ it, never through a host path string, so no check-then-use gap exists.
 * Paths are strings, parsed here with ``allow_data_prefix=True`` ("a/b", "/data/a/b").
   ``Entry.path`` is relative to the volume with no leading slash ("" is the root).
 * ``read_bytes`` returns at most ``max_bytes`` (the size is in ``stat``).
+* A path in directory form (``notes.txt/``, ``notes.txt/.``; see
+  ``GuestPath.dir_only``) answers only with a directory: a regular file there
+  is ``not_a_directory`` (reason ``trailing_slash``, ABI -3), as POSIX ENOTDIR,
+  with either resolver and for every operation (T-PATH-1).
+* ``open_dir_fd``/``open_file_fd`` give trusted host walkers (the incident
+  snapshot) the same confined opener for names read from the volume itself.
 * ``list_dir`` and ``usage_bytes`` skip symlinks, special files, hard-linked
   files, names the path policy refuses and other mounts; ``exists`` is False for them.
 * The root fd is ``O_CLOEXEC``: an exec'd child never inherits it; a forked
@@ -58,7 +64,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from appliance.policy.paths import PathRejected, join_components, split_guest_path
+from appliance.policy.paths import GuestPath, PathRejected, join_components, parse_guest_path, split_guest_path
 
 ERRNO_CODES: dict[str, int] = {
     "denied": -1, "not_found": -2, "invalid": -3, "not_a_directory": -3, "io": -4,
@@ -77,6 +83,7 @@ _RENAME_NOREPLACE = 1
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TMP_PREFIX = ".cell-tmp-"
 _CHUNK = 1 << 20
+_OPENAT2_MAX_PATH = 4095  # PATH_MAX less the NUL; a longer relative path goes to the walker
 
 
 class ConfinementError(Exception):
@@ -120,6 +127,11 @@ def _mapped(exc: OSError) -> ConfinementError:
 
 def _denied(reason: str) -> ConfinementError:
     return ConfinementError("denied", f"denied: {reason.replace('_', ' ')}", reason=reason)
+
+
+def _trailing_slash() -> ConfinementError:
+    # T-PATH-1: "notes.txt/" names a directory or nothing; POSIX answers ENOTDIR.
+    return ConfinementError("not_a_directory", "path ends with '/' but names a file", reason="trailing_slash")
 
 
 def _enc(name: str) -> bytes:
@@ -293,9 +305,9 @@ class Volume:
 
     # -- resolution ---------------------------------------------------------
 
-    def _parse(self, path: str, *, allow_root: bool = False) -> tuple[str, ...]:
+    def _parse(self, path: str, *, allow_root: bool = False) -> GuestPath:
         try:
-            return split_guest_path(path, allow_data_prefix=True, allow_root=allow_root)
+            return parse_guest_path(path, allow_data_prefix=True, allow_root=allow_root)
         except PathRejected as exc:
             raise BadPath(exc) from None
 
@@ -307,20 +319,29 @@ class Volume:
     def _open(self, comps: tuple[str, ...], flags: int) -> int:
         """Open ``comps`` beneath the root; raises OSError."""
         root = self._root()
-        if self._openat2 is not None:
-            return self._openat2(root, _enc("/".join(comps) or "."), flags)
+        rel = _enc("/".join(comps) or ".")
+        if self._openat2 is not None and len(rel) <= _OPENAT2_MAX_PATH:
+            return self._openat2(root, rel, flags)
+        # No openat2, or a tree deeper than PATH_MAX (only host walkers get
+        # there: guest strings stop at 4096 bytes): the no-follow walk.
         return self._walk(comps, flags)
 
     def _walk(self, comps: tuple[str, ...], flags: int) -> int:
-        """Fallback resolver: one O_NOFOLLOW openat per component (T-PATH-2)."""
-        cur = self._root()
-        held: list[int] = []
+        """Fallback resolver: one O_NOFOLLOW openat per component (T-PATH-2).
+
+        Holds at most two descriptors whatever the depth: each step closes the
+        directory it came from (a 1,200-deep guest tree must not exhaust fds).
+        """
+        cur = -1  # -1: still at the root fd, which is not ours to close
         try:
             for name in comps[:-1]:
-                cur = os.open(_enc(name), _DIR_PATH_FLAGS, dir_fd=cur)
-                held.append(cur)
+                nxt = os.open(_enc(name), _DIR_PATH_FLAGS, dir_fd=self._root() if cur < 0 else cur)
+                if cur >= 0:
+                    os.close(cur)
+                cur = nxt
                 self._same_dev(cur)
-            fd = os.open(_enc(comps[-1]) if comps else b".", flags | os.O_NOFOLLOW, dir_fd=cur)
+            fd = os.open(_enc(comps[-1]) if comps else b".", flags | os.O_NOFOLLOW,
+                         dir_fd=self._root() if cur < 0 else cur)
             try:
                 self._same_dev(fd)
             except OSError:
@@ -328,21 +349,29 @@ class Volume:
                 raise
             return fd
         finally:
-            _close_all(held)
+            if cur >= 0:
+                os.close(cur)
 
     def _same_dev(self, fd: int) -> None:
         if os.fstat(fd).st_dev != self._dev:  # T-PATH-2: a mount inside the volume
             raise OSError(errno.EXDEV, "crosses a mount point")
 
-    def _open_checked(self, comps: tuple[str, ...], flags: int) -> tuple[int, os.stat_result]:
-        """Open and fstat; only a single-link regular file or a directory survives (T-PATH-1)."""
+    def _open_checked(self, comps: tuple[str, ...], flags: int, *,
+                      dir_only: bool = False) -> tuple[int, os.stat_result]:
+        """Open and fstat; only a single-link regular file or a directory survives (T-PATH-1).
+
+        ``dir_only`` (the path ended in "/" or "/."): only a directory survives.
+        The check is on the opened fd, so it holds for both resolvers and no
+        rename between lookup and check can slip a file through.
+        """
         try:
             fd = self._open(comps, flags)
         except OSError as exc:
             raise self._explain(comps, exc) from None
         try:
             s = os.fstat(fd)
-            _kind(s)
+            if _kind(s) != "dir" and dir_only:
+                raise _trailing_slash()  # T-PATH-1: "notes.txt/" is never the file
             return fd, s
         except BaseException:
             os.close(fd)
@@ -387,14 +416,67 @@ class Volume:
             os.close(cur)
             raise self._explain(comps[:-1], exc) from None
 
+    # -- the same opener for trusted host walkers (incident snapshot) ----------
+
+    def open_dir_fd(self, names: tuple[str, ...]) -> int:
+        """A read fd of the directory ``names`` (entries read from this volume, not a guest string).
+
+        Resolved like every guest path: beneath the root, no symlink anywhere,
+        same mount (T-PATH-1/2). The caller closes it.
+        """
+        fd, s = self._open_checked(_host_names(names), _DIR_READ_FLAGS)
+        if not st.S_ISDIR(s.st_mode):
+            os.close(fd)
+            raise ConfinementError("not_a_directory", "not a directory")
+        return fd
+
+    def open_file_fd(self, names: tuple[str, ...]) -> tuple[int, os.stat_result]:
+        """A read-only fd and its fstat for the single-link regular file ``names``.
+
+        The guest may swap the name for a symlink, FIFO or hard link at any
+        moment; whatever the fd ends up naming was checked on the fd itself
+        (T-PATH-2). The caller closes it.
+        """
+        fd, s = self._open_checked(_host_names(names), os.O_RDONLY | _SAFE)
+        if st.S_ISDIR(s.st_mode):
+            os.close(fd)
+            raise ConfinementError("is_a_directory", "is a directory")
+        return fd, s
+
     # -- operations ---------------------------------------------------------
+
+    def read_at(self, path: str, offset: int, max_bytes: int) -> bytes:
+        """Up to ``max_bytes`` of a regular file from ``offset`` (b"" past EOF), read-only."""
+        if offset < 0 or max_bytes < 0:
+            raise ConfinementError("invalid", "negative offset or length")
+        guest = self._parse(path)  # T-PRO-1 / T-PATH-1: "model.bin/" is not_a_directory, never the file
+        fd, s = self._open_checked(guest.components, os.O_RDONLY | _SAFE, dir_only=guest.dir_only)  # never a write flag
+        try:
+            if st.S_ISDIR(s.st_mode):
+                raise ConfinementError("is_a_directory", "is a directory")
+            if offset >= s.st_size or max_bytes == 0:
+                return b""  # also keeps absurd offsets (up to 2**63-1) away from pread
+            want = min(max_bytes, s.st_size - offset)
+            chunks: list[bytes] = []
+            while want > 0:
+                chunk = os.pread(fd, min(want, _CHUNK), offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset += len(chunk)
+                want -= len(chunk)
+            return b"".join(chunks)
+        except OSError as exc:
+            raise _mapped(exc) from None
+        finally:
+            os.close(fd)
 
     def read_bytes(self, path: str, max_bytes: int) -> bytes:
         """The first ``max_bytes`` bytes of a regular file (less at EOF)."""
-        comps = self._parse(path)
+        guest = self._parse(path)
         if max_bytes < 0:
             raise ConfinementError("invalid", "max_bytes must not be negative")
-        fd, s = self._open_checked(comps, os.O_RDONLY | _SAFE)
+        fd, s = self._open_checked(guest.components, os.O_RDONLY | _SAFE, dir_only=guest.dir_only)
         try:
             if st.S_ISDIR(s.st_mode):
                 raise ConfinementError("is_a_directory", "is a directory")
@@ -414,7 +496,10 @@ class Volume:
 
     def write_bytes(self, path: str, data: bytes, *, make_parents: bool = False) -> int:
         """Replace (or create) a file atomically; returns ``len(data)``."""
-        comps = self._parse(path)
+        guest = self._parse(path)
+        comps = guest.components
+        if guest.dir_only:
+            self._refuse_dir_form_write(comps)
         if self.max_file_bytes is not None and len(data) > self.max_file_bytes:
             raise ConfinementError("too_large", "file is larger than the limit")
         parent = self._open_parent(comps, create=make_parents)
@@ -459,11 +544,26 @@ class Volume:
                     pass
             os.close(parent)
 
-    def stat(self, path: str) -> Entry:
-        comps = self._parse(path, allow_root=True)
-        fd, s = self._open_checked(comps, _PATH_FLAGS)
+    def _refuse_dir_form_write(self, comps: tuple[str, ...]) -> None:
+        """A write names a file, so "x/" is always refused, before anything is created (T-PATH-1).
+
+        An existing directory answers ``is_a_directory`` (as without the slash);
+        a file or nothing answers ``trailing_slash``; a symlink stays ``denied``.
+        """
+        try:
+            fd, _ = self._open_checked(comps, _PATH_FLAGS, dir_only=True)
+        except ConfinementError as exc:
+            if exc.code != "not_found":
+                raise
+            raise _trailing_slash() from None
         os.close(fd)
-        return _entry(comps, s)
+        raise ConfinementError("is_a_directory", "is a directory")
+
+    def stat(self, path: str) -> Entry:
+        guest = self._parse(path, allow_root=True)
+        fd, s = self._open_checked(guest.components, _PATH_FLAGS, dir_only=guest.dir_only)
+        os.close(fd)
+        return _entry(guest.components, s)
 
     def exists(self, path: str) -> bool:
         """False for missing names and for what the guest may not see; bad syntax raises BadPath."""
@@ -478,8 +578,9 @@ class Volume:
             return False
 
     def list_dir(self, path: str = "") -> list[Entry]:
-        comps = self._parse(path, allow_root=True)
-        fd, s = self._open_checked(comps, _DIR_READ_FLAGS)
+        guest = self._parse(path, allow_root=True)
+        comps = guest.components
+        fd, s = self._open_checked(comps, _DIR_READ_FLAGS, dir_only=guest.dir_only)
         try:
             if not st.S_ISDIR(s.st_mode):
                 raise ConfinementError("not_a_directory", "not a directory")
@@ -501,7 +602,7 @@ class Volume:
             os.close(fd)
 
     def make_dir(self, path: str, parents: bool = True) -> Entry:
-        comps = self._parse(path)
+        comps = self._parse(path).components  # "dir/" is the ordinary form here
         if parents:
             os.close(self._open_parent((*comps, "x"), create=True))
         else:
@@ -516,10 +617,13 @@ class Volume:
 
     def remove(self, path: str, recursive: bool = False) -> None:
         """Unlink a file (or a stray symlink itself); remove a directory, recursively if asked."""
-        comps = self._parse(path)
+        guest = self._parse(path)
+        comps = guest.components
         parent = self._open_parent(comps)
         leaf = _enc(comps[-1])
         try:
+            if guest.dir_only and not st.S_ISDIR(os.stat(leaf, dir_fd=parent, follow_symlinks=False).st_mode):
+                raise _trailing_slash()  # T-PATH-1: "notes.txt/" never unlinks the file
             if not st.S_ISDIR(os.stat(leaf, dir_fd=parent, follow_symlinks=False).st_mode):
                 os.unlink(leaf, dir_fd=parent)  # unlink removes the name, never its target
             elif recursive:
@@ -532,7 +636,8 @@ class Volume:
             os.close(parent)
 
     def rename(self, old: str, new: str) -> Entry:
-        src, dst = self._parse(old), self._parse(new)
+        src_path, dst_path = self._parse(old), self._parse(new)
+        src, dst = src_path.components, dst_path.components
         src_fd = self._open_parent(src)
         try:
             dst_fd = self._open_parent(dst)
@@ -540,7 +645,9 @@ class Volume:
             os.close(src_fd)
             raise
         try:
-            _kind(os.stat(_enc(src[-1]), dir_fd=src_fd, follow_symlinks=False))  # T-PATH-1
+            kind = _kind(os.stat(_enc(src[-1]), dir_fd=src_fd, follow_symlinks=False))  # T-PATH-1
+            if not (src_path.admits(kind == "dir") and dst_path.admits(kind == "dir")):
+                raise _trailing_slash()  # T-PATH-1: "a.txt/" never names the file a.txt
             if not _renameat2_noreplace(src_fd, _enc(src[-1]), dst_fd, _enc(dst[-1])):
                 # No RENAME_NOREPLACE here: check, then rename. Both names are confined,
                 # so the window can only replace a name inside this volume.
@@ -579,6 +686,14 @@ class Volume:
         finally:
             _close_all(stack)
         return total
+
+
+def _host_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Names a host walker read from a directory: one component each, never "." or ".." (T-PATH-1)."""
+    for name in names:
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\x00" in name:
+            raise ConfinementError("invalid", "not a directory entry name", reason="bad_name")
+    return tuple(names)
 
 
 def _check_id(kind: str, value: str) -> None:

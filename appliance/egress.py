@@ -9,10 +9,12 @@ makes sure the address that was checked is the address that is connected to:
   library gets a host name it could resolve again (T-SSRF-2);
 * redirects are followed by hand, at most :data:`MAX_REDIRECTS`, and every
   ``Location`` goes through the full parse/resolve/check again (T-SSRF-2);
-* the whole exchange runs against one monotonic ``deadline``; the response
-  head is capped at 64 KiB and the body at ``max_bytes`` (<= 10,000,000).
-  A body larger than the cap FAILS with ``too_large`` (never truncated: a
-  guest must not mistake a partial document for the whole one).
+* the whole exchange runs against one monotonic ``deadline``; the answer is
+  read by :mod:`appliance.httpclient` (the reader ``host_mcp_call`` uses too):
+  head capped at 64 KiB and 100 fields, ambiguous framing refused, body capped
+  at ``max_bytes`` (<= 10,000,000). A body larger than the cap FAILS with
+  ``too_large`` (never truncated: a guest must not mistake a partial document
+  for the whole one).
 
 Non-2xx final statuses are returned, not raised: the guest sees the status.
 The default resolver (``getaddrinfo``) cannot be interrupted, so the deadline
@@ -24,12 +26,12 @@ server; the appliance never passes it and the default is the deny table.
 from __future__ import annotations
 
 import socket
-import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
 
+from appliance import httpclient
 from appliance.policy.egress import (
     EgressDenied,
     EgressPolicy,
@@ -43,12 +45,12 @@ from appliance.policy.egress import (
 __all__ = ["EgressDenied", "EgressError", "FetchResult", "Resolver", "Connector", "fetch", "MAX_BYTES_CEILING"]
 
 MAX_BYTES_CEILING = 10_000_000
-HEAD_CAP = 64 * 1024
 MAX_REDIRECTS = 3
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_MAX_INTERIM = 5
-_RECV = 16 * 1024
 _MAX_WAIT = 3600.0
+# host_fetch has always called a failed send or recv "connect"; the other
+# reader reasons (timeout, tls, protocol, too_large) keep their names.
+_REASONS = {"io": "connect"}
 
 Resolver = Callable[[str, int], list[str]]
 Connector = Callable[[str, int, float], socket.socket]
@@ -95,132 +97,6 @@ def default_connector(ip: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
-class _Reader:
-    """Buffered reads against the deadline, with hard byte ceilings."""
-
-    def __init__(self, sock: socket.socket, deadline: float, clock: Callable[[], float]) -> None:
-        self.sock, self.deadline, self.clock = sock, deadline, clock
-        self.buf = bytearray()
-        self.eof = False
-
-    def _fill(self, want: int = _RECV) -> None:
-        remaining = _remaining(self.deadline, self.clock, "reading")
-        try:
-            self.sock.settimeout(remaining)
-            # Never ask for more than the caller may keep: the buffer stays
-            # within max_bytes plus the head cap.
-            chunk = self.sock.recv(max(1, min(_RECV, want)))
-        except (socket.timeout, TimeoutError):
-            raise EgressError("timeout", "deadline passed while reading") from None
-        except ssl.SSLError as exc:
-            raise EgressError("tls", str(exc)) from None
-        except OSError as exc:
-            raise EgressError("connect", f"read failed: {exc}") from None
-        if not chunk:
-            self.eof = True
-        self.buf += chunk
-
-    def line(self, cap: int) -> bytes:
-        while True:
-            pos = self.buf.find(b"\n", 0, cap + 1)
-            if pos != -1:
-                out = bytes(self.buf[: pos + 1])
-                del self.buf[: pos + 1]
-                return out
-            if len(self.buf) > cap:
-                raise EgressError("protocol", "response line too long")
-            if self.eof:
-                raise EgressError("protocol", "connection closed mid-line")
-            self._fill(cap + 1 - len(self.buf))
-
-    def exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if self.eof:
-                raise EgressError("protocol", "connection closed mid-body")
-            self._fill(n - len(self.buf))
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def until_close(self, cap: int) -> bytes:
-        while not self.eof:
-            if len(self.buf) > cap:
-                raise EgressError("too_large", f"body exceeds {cap} bytes")  # T-DOS
-            self._fill(cap + 1 - len(self.buf))
-        if len(self.buf) > cap:
-            raise EgressError("too_large", f"body exceeds {cap} bytes")
-        return bytes(self.buf)
-
-
-def _read_head(reader: _Reader) -> tuple[int, dict[str, list[str]]]:
-    budget = HEAD_CAP
-    for _ in range(_MAX_INTERIM + 1):
-        status_line = reader.line(budget)
-        budget -= len(status_line)
-        parts = status_line.rstrip(b"\r\n").split(b" ", 2)
-        if len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1") or not (
-            len(parts[1]) == 3 and parts[1].isdigit()
-        ):
-            raise EgressError("protocol", "malformed status line")
-        status = int(parts[1])
-        headers: dict[str, list[str]] = {}
-        while True:
-            raw = reader.line(budget)
-            budget -= len(raw)
-            text = raw.rstrip(b"\r\n")
-            if not text:
-                break
-            if text[:1] in (b" ", b"\t") or b":" not in text:
-                raise EgressError("protocol", "malformed or folded header line")
-            name, _, value = text.partition(b":")
-            key = name.decode("latin-1").strip().lower()
-            headers.setdefault(key, []).append(value.decode("latin-1").strip())
-        if status >= 200:
-            return status, headers
-    raise EgressError("protocol", "too many interim responses")
-
-
-def _read_chunked(reader: _Reader, cap: int) -> bytes:
-    body = bytearray()
-    while True:
-        size_text = reader.line(4096).rstrip(b"\r\n").split(b";", 1)[0].strip()
-        if not size_text or len(size_text) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
-            raise EgressError("protocol", "bad chunk size")
-        size = int(size_text, 16)
-        if size == 0:
-            budget = HEAD_CAP
-            while True:  # trailers, bounded like the head
-                trailer = reader.line(budget)
-                budget -= len(trailer)
-                if not trailer.rstrip(b"\r\n"):
-                    return bytes(body)
-        if len(body) + size > cap:
-            raise EgressError("too_large", f"body exceeds {cap} bytes")
-        body += reader.exactly(size)
-        if reader.exactly(2) != b"\r\n":
-            raise EgressError("protocol", "chunk not followed by CRLF")
-
-
-def _read_body(reader: _Reader, status: int, headers: dict[str, list[str]], cap: int) -> bytes:
-    if status in (204, 304):
-        return b""
-    te = headers.get("transfer-encoding")
-    cl = headers.get("content-length")
-    if te is not None:
-        if cl is not None or [v.lower() for v in te] != ["chunked"]:
-            raise EgressError("protocol", "unsupported or ambiguous Transfer-Encoding")
-        return _read_chunked(reader, cap)
-    if cl is not None:
-        values = {v for item in cl for v in (p.strip() for p in item.split(","))}
-        if len(values) != 1 or not all(v.isdigit() and len(v) <= 19 for v in values):
-            raise EgressError("protocol", "bad Content-Length")
-        length = int(values.pop())
-        if length > cap:
-            raise EgressError("too_large", f"Content-Length {length} exceeds {cap} bytes")
-        return reader.exactly(length)
-    return reader.until_close(cap)
-
-
 def _remaining(deadline: float, clock: Callable[[], float], what: str) -> float:
     remaining = deadline - clock()
     if remaining <= 0:
@@ -245,25 +121,21 @@ def _connect(
 
 def _exchange(
     sock: socket.socket, target: Target, max_bytes: int, deadline: float, clock: Callable[[], float]
-) -> tuple[int, dict[str, list[str]], bytes]:
+) -> tuple[httpclient.Head, bytes]:
     try:
         return _exchange_on(sock, target, max_bytes, deadline, clock)
+    except httpclient.HttpError as exc:
+        raise EgressError(_REASONS.get(exc.reason, exc.reason), exc.message) from None
     finally:
         sock.close()  # the raw socket; after a TLS wrap it is detached and this is a no-op
 
 
 def _exchange_on(
     sock: socket.socket, target: Target, max_bytes: int, deadline: float, clock: Callable[[], float]
-) -> tuple[int, dict[str, list[str]], bytes]:
+) -> tuple[httpclient.Head, bytes]:
     if target.scheme == "https":
-        try:
-            sock.settimeout(_remaining(deadline, clock, "TLS handshake"))
-            # Certificate and host name are verified against the URL host.
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=target.host)
-        except (socket.timeout, TimeoutError):
-            raise EgressError("timeout", "deadline passed during TLS handshake") from None
-        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
-            raise EgressError("tls", str(exc)) from None
+        # Certificate and host name are verified against the URL host.
+        sock = httpclient.start_tls(sock, target.host, deadline, clock)
     # Path and host were validated free of CR/LF/space: no header injection.
     request = (
         f"GET {target.path_and_query} HTTP/1.1\r\n"
@@ -273,18 +145,14 @@ def _exchange_on(
         "Connection: close\r\n\r\n"
     ).encode("ascii")
     try:
-        sock.settimeout(_remaining(deadline, clock, "sending the request"))
-        sock.sendall(request)
-    except (socket.timeout, TimeoutError):
-        raise EgressError("timeout", "deadline passed while sending") from None
-    except OSError as exc:
-        raise EgressError("connect", f"send failed: {exc}") from None
-    reader = _Reader(sock, deadline, clock)
-    try:
-        status, headers = _read_head(reader)
-        if status in REDIRECT_STATUSES:
-            return status, headers, b""  # redirect bodies are never read
-        return status, headers, _read_body(reader, status, headers, max_bytes)
+        httpclient.send_all(sock, request, deadline, clock)
+        # The answer is read by the one bounded HTTP/1.1 reader (caps, strict
+        # framing, the deadline on every recv: T-DOS-1).
+        reader = httpclient.Reader(sock, deadline, clock)
+        head = httpclient.read_head(reader)
+        if head.status in REDIRECT_STATUSES:
+            return head, b""  # redirect bodies are never read
+        return head, httpclient.read_body(reader, head, max_bytes)
     finally:
         sock.close()
 
@@ -324,12 +192,12 @@ def fetch(
         # T-SSRF-1: every answer must pass before any connection is made.
         addresses = check_resolved(target.host, answers, policy, address_check=address_check)
         sock = _connect(target, addresses, connect, deadline, clock)
-        status, headers, body = _exchange(sock, target, cap, deadline, clock)
-        if status not in REDIRECT_STATUSES:
-            return FetchResult(status, body, target.url)
-        locations = headers.get("location", [])
+        head, body = _exchange(sock, target, cap, deadline, clock)
+        if head.status not in REDIRECT_STATUSES:
+            return FetchResult(head.status, body, target.url)
+        locations = head.all("location")
         if len(locations) != 1 or not locations[0]:
-            raise EgressError("protocol", f"redirect {status} without a single Location")
+            raise EgressError("protocol", f"redirect {head.status} without a single Location")
         if hop == MAX_REDIRECTS:
             break
         if not _plain_location(locations[0]):

@@ -19,7 +19,9 @@ does the I/O and keeps these promises:
 * **Size.** At most ``max_bytes + OVERHEAD`` bytes of one answer are ever
   buffered. Past that the call fails with ``too_large`` (never truncated) and
   the stdio server is killed (the rest of its answer is still in the pipe);
-  an HTTP connection is simply closed.
+  an HTTP connection is simply closed. HTTP answers are read by
+  :mod:`appliance.httpclient`, the bounded reader ``host_fetch`` uses too
+  (head caps, strict framing, the deadline on every recv).
 * **Restarts are budgeted** (``RESTARTS`` per ``RESTART_WINDOW_S`` per server):
   a guest calling a tool that crashes its server cannot turn the worker into
   a fork loop.
@@ -36,7 +38,6 @@ import os
 import select
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -44,6 +45,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any, Callable
 
+from appliance import httpclient
 from appliance.policy import mcp as policy
 from appliance.policy.mcp import McpConfig, McpRequest, ServerConfig
 
@@ -53,8 +55,7 @@ log = logging.getLogger("cell.mcp")
 
 MAX_BYTES_CEILING = 10_000_000  # SECURITY.md §6: the per-call transfer ceiling
 OVERHEAD = 64 * 1024  # JSON-RPC envelope allowance on top of the guest's max_len
-INIT_CAP = 1 << 20  # initialize result, server notifications, HTTP head
-HEAD_CAP = 64 * 1024
+INIT_CAP = 1 << 20  # initialize result and server notifications
 RESTARTS, RESTART_WINDOW_S = 5, 10.0
 _READ = 64 * 1024
 _MAX_WAIT = 3600.0
@@ -291,123 +292,6 @@ class _StdioServer:
 
 # -- HTTP ------------------------------------------------------------------------------
 
-class _Conn:
-    """A socket read against the deadline, with a byte budget."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock, self.deadline = sock, deadline
-        self.buf = bytearray()
-        self.eof = False
-
-    def fill(self, want: int) -> None:
-        try:
-            self.sock.settimeout(_remaining(self.deadline))
-            chunk = self.sock.recv(max(1, min(_READ, want)))
-        except (socket.timeout, TimeoutError):
-            raise McpError("timeout", "deadline passed while reading") from None
-        except OSError:
-            raise McpError("io", "read failed") from None
-        if not chunk:
-            self.eof = True
-        self.buf += chunk
-
-    def line(self, cap: int) -> bytes:
-        while True:
-            pos = self.buf.find(b"\n", 0, cap + 1)
-            if pos != -1:
-                out = bytes(self.buf[: pos + 1])
-                del self.buf[: pos + 1]
-                return out
-            if len(self.buf) > cap:
-                raise McpError("protocol", "line too long")
-            if self.eof:
-                raise McpError("protocol", "connection closed mid-line")
-            self.fill(cap + 1 - len(self.buf))
-
-    def take(self, n: int) -> bytes:
-        """Up to n buffered-or-received bytes (b"" at EOF)."""
-        if not self.buf and not self.eof:
-            self.fill(n)
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-
-def _head(conn: _Conn) -> tuple[int, dict[str, str]]:
-    budget = HEAD_CAP
-    for _ in range(6):  # interim 1xx answers, bounded
-        status_line = conn.line(budget)
-        budget -= len(status_line)
-        parts = status_line.rstrip(b"\r\n").split(b" ", 2)
-        if len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1") or not (len(parts[1]) == 3 and parts[1].isdigit()):
-            raise McpError("protocol", "malformed status line")
-        headers: dict[str, str] = {}
-        while True:
-            raw = conn.line(budget)
-            budget -= len(raw)
-            text = raw.rstrip(b"\r\n")
-            if not text:
-                break
-            if text[:1] in (b" ", b"\t") or b":" not in text:
-                raise McpError("protocol", "malformed header")
-            name, _, value = text.partition(b":")
-            key = name.decode("latin-1").strip().lower()
-            if key in headers and key in ("content-length", "transfer-encoding", "content-type", "mcp-session-id"):
-                raise McpError("protocol", f"repeated {key}")
-            headers[key] = value.decode("latin-1").strip()
-        if int(parts[1]) >= 200:
-            return int(parts[1]), headers
-    raise McpError("protocol", "too many interim responses")
-
-
-def _body(conn: _Conn, headers: dict[str, str], limit: int) -> Iterator[bytes]:
-    """The body in pieces; raises too_large once more than ``limit`` bytes would be kept."""
-    te, cl = headers.get("transfer-encoding"), headers.get("content-length")
-    total = 0
-    if te is not None:
-        if cl is not None or te.lower() != "chunked":
-            raise McpError("protocol", "unsupported Transfer-Encoding")
-        while True:
-            size_text = conn.line(4096).rstrip(b"\r\n").split(b";", 1)[0].strip()
-            if not size_text or len(size_text) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size_text):
-                raise McpError("protocol", "bad chunk size")
-            left = int(size_text, 16)
-            if left == 0:
-                return
-            if total + left > limit:
-                raise McpError("too_large", "answer over the cap")  # before reading it
-            total += left
-            while left:
-                piece = conn.take(left)
-                if not piece:
-                    raise McpError("protocol", "closed mid-chunk")
-                left -= len(piece)
-                yield piece
-            if conn.line(8) not in (b"\r\n", b"\n"):
-                raise McpError("protocol", "chunk not followed by CRLF")
-    elif cl is not None:
-        if not cl.isdigit() or len(cl) > 19:
-            raise McpError("protocol", "bad Content-Length")
-        left = int(cl)
-        if left > limit:
-            raise McpError("too_large", "Content-Length over the cap")  # T-DOS-1: nothing read
-        while left:
-            piece = conn.take(left)
-            if not piece:
-                raise McpError("protocol", "closed mid-body")
-            left -= len(piece)
-            yield piece
-    else:
-        while True:
-            piece = conn.take(_READ)
-            if not piece:
-                return
-            total += len(piece)
-            if total > limit:
-                raise McpError("too_large", "answer over the cap")
-            yield piece
-
-
 def _sse_messages(pieces: Iterator[bytes]) -> Iterator[Any]:
     """JSON messages from a ``text/event-stream`` body, one per event."""
     buf = bytearray()
@@ -457,17 +341,10 @@ class _HttpServer:
             raise McpError("io", "connect failed") from None
         if not self.cfg.tls:
             return sock
-        try:
-            sock.settimeout(_remaining(deadline))
-            return ssl.create_default_context().wrap_socket(sock, server_hostname=self.cfg.host)
-        except (socket.timeout, TimeoutError):
-            sock.close()
-            raise McpError("timeout", "TLS handshake timed out") from None
-        except (ssl.SSLError, OSError):
-            sock.close()
-            raise McpError("io", "TLS failed") from None
+        return httpclient.start_tls(sock, self.cfg.host, deadline)  # closes sock if it fails
 
-    def _post(self, body: bytes, want_id: int | None, deadline: float, limit: int) -> tuple[int, dict[str, str], Any]:
+    def _post(self, body: bytes, want_id: int | None, deadline: float, limit: int) -> tuple[int, str | None, Any]:
+        """(HTTP status, Mcp-Session-Id, the answer to ``want_id`` or None)."""
         host = f"[{self.cfg.host}]" if ":" in self.cfg.host else self.cfg.host
         lines = [f"POST {self.cfg.path} HTTP/1.1", f"Host: {host}:{self.cfg.port}",
                  "Content-Type: application/json", "Accept: application/json, text/event-stream",
@@ -478,35 +355,38 @@ class _HttpServer:
             lines.append(f"MCP-Protocol-Version: {self.version}")
         lines += [f"{k}: {v}" for k, v in self.cfg.headers]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        sock = self._connect(deadline)
         try:
+            sock = self._connect(deadline)
             try:
-                sock.settimeout(_remaining(deadline))
-                sock.sendall(head + body)
-            except (socket.timeout, TimeoutError):
-                raise McpError("timeout", "deadline passed while sending") from None
-            except OSError:
-                raise McpError("io", "send failed") from None
-            conn = _Conn(sock, deadline)
-            status, headers = _head(conn)
-            if status != 200 or want_id is None:
-                return status, headers, None  # 3xx included: never followed (T-PRO-2)
-            ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-            pieces = _body(conn, headers, limit)
-            if ctype == "text/event-stream":
-                for msg in _sse_messages(pieces):
-                    try:
-                        kind = policy.classify(msg)
-                    except policy.ProtocolError as exc:
-                        raise McpError("protocol", str(exc)) from None
-                    if kind == "response" and msg.get("id") == want_id and not isinstance(msg.get("id"), bool):
-                        return status, headers, msg  # stop reading: the stream may stay open
-                raise McpError("protocol", "event stream ended without the answer")
-            if ctype != "application/json":
-                raise McpError("protocol", "unexpected content type")
-            return status, headers, _parse(b"".join(pieces))
-        finally:
-            sock.close()
+                return self._exchange(sock, head + body, want_id, deadline, limit)
+            finally:
+                sock.close()
+        except httpclient.HttpError as exc:
+            # The one bounded HTTP/1.1 reader (T-DOS-1, T-PRO-2): caps, strict framing, deadline.
+            raise McpError("io" if exc.reason == "tls" else exc.reason, exc.message) from None
+
+    def _exchange(self, sock: socket.socket, request: bytes, want_id: int | None, deadline: float,
+                  limit: int) -> tuple[int, str | None, Any]:
+        httpclient.send_all(sock, request, deadline)
+        reader = httpclient.Reader(sock, deadline)
+        answer = httpclient.read_head(reader)
+        session = answer.one("mcp-session-id")
+        if answer.status != 200 or want_id is None:
+            return answer.status, session, None  # 3xx included: never followed (T-PRO-2)
+        ctype = (answer.one("content-type") or "").split(";", 1)[0].strip().lower()
+        pieces = httpclient.body(reader, answer, limit)
+        if ctype == "text/event-stream":
+            for msg in _sse_messages(pieces):
+                try:
+                    kind = policy.classify(msg)
+                except policy.ProtocolError as exc:
+                    raise McpError("protocol", str(exc)) from None
+                if kind == "response" and msg.get("id") == want_id and not isinstance(msg.get("id"), bool):
+                    return answer.status, session, msg  # stop reading: the stream may stay open
+            raise McpError("protocol", "event stream ended without the answer")
+        if ctype != "application/json":
+            raise McpError("protocol", "unexpected content type")
+        return answer.status, session, _parse(b"".join(pieces))
 
     def _rpc(self, method: str, params: dict[str, Any], deadline: float, limit: int) -> dict[str, Any]:
         msg_id = self.next_id
@@ -529,7 +409,7 @@ class _HttpServer:
         self.session = self.version = None
         msg_id = self.next_id
         self.next_id += 1
-        status, headers, msg = self._post(policy.rpc_request(msg_id, "initialize", policy.initialize_params()),
+        status, session, msg = self._post(policy.rpc_request(msg_id, "initialize", policy.initialize_params()),
                                           msg_id, deadline, INIT_CAP)
         if status != 200:
             raise McpError("server_error", f"initialize: HTTP {status}")
@@ -541,7 +421,6 @@ class _HttpServer:
             raise McpError("protocol", f"initialize: {exc}") from None
         except policy.RpcError as exc:
             raise McpError("server_error", f"initialize: {exc}") from None
-        session = headers.get("mcp-session-id")
         if session is not None and not (0 < len(session) <= 256 and all(0x21 <= ord(c) <= 0x7E for c in session)):
             raise McpError("protocol", "bad Mcp-Session-Id")  # it is echoed in a header: no CR/LF
         self.session, self.version = session, version

@@ -153,10 +153,13 @@ class Services:
 
     def templates(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for name in ("python3", "javascript"):
-            rt = templates.find_runtime(name)
-            out.append({"name": name, "version": rt.version, "sha256": rt.sha256, "size": rt.wasm.stat().st_size, "license": rt.license})
-        out.append({"name": "wasm", "version": "customer module (WASI preview 1 + cell host functions)", "sha256": None, "size": None, "license": None})
+        for t in templates.all_templates():
+            if t.runtime is None:
+                out.append({"name": t.name, "version": t.description, "sha256": None, "size": None, "license": None})
+                continue
+            rt = t.runtime()
+            out.append({"name": t.name, "version": rt.version, "sha256": rt.sha256, "size": rt.wasm.stat().st_size,
+                        "license": rt.license})
         return out
 
     def start_background(self) -> None:

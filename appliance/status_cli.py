@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any
 
 from appliance import __version__
-from appliance.config import Settings
+from appliance.config import Settings, settings_for_command
 
 
 def node_status(s: Settings) -> dict[str, Any]:
@@ -50,9 +50,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from appliance.cli import _settings
-
-    status = node_status(_settings(args))
+    status = node_status(settings_for_command(dev=bool(getattr(args, "dev", False))))
     if args.json:
         print(json.dumps(status, indent=2, default=str))
         return 0

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from appliance.fileio import write_atomic
+from appliance.runtime import templates
 
 REPORT_SCHEMA = "cell-telemetry/1"
-KNOWN_TEMPLATES = ("python3", "javascript", "wasm")
+KNOWN_TEMPLATES = tuple(t.name for t in templates.all_templates())
 KNOWN_STATUSES = ("ok", "error", "timeout", "memory_limit", "output_limit", "killed")
 KNOWN_TIERS = ("free", "pro", "hub")
 PERCENTILES = (50, 90, 99)

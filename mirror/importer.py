@@ -138,7 +138,7 @@ def run_import(mirror: Mirror, fetcher: FetcherInterface, source: str, *,
     now = now or datetime.now(timezone.utc)
     limits = limits or ImportLimits()
     with mirror.lock():
-        mirror._collect(keep=set())  # leftovers of an import that was killed
+        mirror.collect_leftovers(keep=set())  # leftovers of an import that was killed
         old: LoadedState = mirror.state()
         old_gen = mirror.generations_dir / old.generation
         work = mirror.new_workdir()
@@ -203,7 +203,7 @@ def _build(mirror: Mirror, fetcher: FetcherInterface, source: str, old: LoadedSt
 
 def _probe(mirror: Mirror, work: Path) -> LoadedState:
     try:
-        return mirror._load_dir(work, work.name)
+        return mirror.load_dir(work, work.name)
     except UntrustedState as exc:
         raise ImportRefused(str(exc)) from exc
 

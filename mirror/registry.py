@@ -158,7 +158,7 @@ class Mirror:
             if self.current_generation() != name:
                 shutil.rmtree(final, ignore_errors=True)
             raise
-        self._collect(keep={name})
+        self.collect_leftovers(keep={name})
         return name
 
     def _activate(self, name: str) -> None:
@@ -171,7 +171,7 @@ class Mirror:
             raise
         fsync_path(self.root_dir, directory=True)
 
-    def _collect(self, keep: set[str]) -> None:
+    def collect_leftovers(self, keep: set[str]) -> None:
         """Drop half-built work dirs and all but the current and one previous generation."""
         if not self.generations_dir.is_dir():
             return
@@ -237,9 +237,9 @@ class Mirror:
     def _load(self, generation: str | None) -> LoadedState:
         if generation is None:
             raise MirrorError(f"{self.root_dir} has no registry installed")
-        return self._load_dir(self.generations_dir / generation, generation)
+        return self.load_dir(self.generations_dir / generation, generation)
 
-    def _load_dir(self, gen: Path, generation: str) -> LoadedState:
+    def load_dir(self, gen: Path, generation: str) -> LoadedState:
         md = gen / "metadata"
         hist = md / "root_history"
         versions = sorted(int(p.name.split(".")[0]) for p in hist.glob("*.root.json") if p.name.split(".")[0].isdigit())

@@ -7,23 +7,32 @@ throws the corpus of tests/redteam_corpus.py at it:
 
   ssrf      >= 100 URLs through a WAT guest's host_fetch: each denied by policy
   paths     >= 50 paths through host_fs_read, host_fs_write and the files API
+  trailing  "notes.txt/" and its kin through both host functions and every
+            files route: not_a_directory (-3 / 400), never the file; "dir/" works
   dos       spin, sleep, memory growth, output flood, deep recursion, huge
             module, 10,000 tiny host calls: each ends in its limit, the server
             keeps answering; a JavaScript guest forging the end of its run
             gets no early answer and runs no instruction after its answer
   tenants   another tenant's cells, files and receipts are 404
   requests  oversized and malformed requests get clear 4xx errors, never 500
+  incident  `cell incident snapshot --with-volume-contents` while the volume
+            holds links to the node key and a thread swaps a file with such a
+            link: the key's bytes and hash never reach the tarball
 
 Exits non-zero on any failure; prints a table of counts per family.
 """
 from __future__ import annotations
 
+import ctypes
+import gzip
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,7 +46,7 @@ from tests import guests  # noqa: E402
 from tests.liveserver import ServerProcess, start_server  # noqa: E402
 from tests.procwatch import thread_cpu, tree_bytes, watch_after_answer, worker_pids  # noqa: E402
 from tests.redteam_corpus import (EGRESS_HOSTS, JS_FORGED_END, JS_FORGED_MARKER, JS_IMITATE_IDLE_READ,  # noqa: E402
-                                  JS_KEEP_WORKING, ssrf_urls, traversal_paths)
+                                  JS_KEEP_WORKING, ssrf_urls, trailing_slash_paths, traversal_paths)
 
 tally: Counter[str] = Counter()
 failures: list[str] = []
@@ -96,6 +105,100 @@ def paths(srv: ServerProcess) -> None:
         record("paths", (code in (400, 404) or not must_refuse) and "REDTEAM-SECRET" not in json.dumps(body), f"files GET {path!r} -> {code}")
         code, body, _ = srv.request("POST", f"/v1/cells/{cid}/files", {"path": path, "content": "PWNED"})
         record("paths", untouched() and (code in (400, 404, 409, 413) or not must_refuse), f"files POST {path!r} -> {code}")
+
+
+def trailing(srv: ServerProcess) -> None:
+    # T-PATH-1: a trailing slash on a regular file is ENOTDIR, never the file.
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "wasm"})
+    files = f"/v1/cells/{cell['cell_id']}/files"
+    for name in ("notes.txt", "dir/notes.txt"):
+        srv.request("POST", files, {"path": name, "content": "REDTEAM-NOTES"})
+
+    def intact() -> bool:
+        return all(srv.request("GET", f"{files}?path={quote(n)}")[1] == {"content": "REDTEAM-NOTES"}
+                   for n in ("notes.txt", "dir/notes.txt"))
+
+    for path in trailing_slash_paths():
+        q = quote(path, safe="")
+        _, body, _ = srv.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": guests.read_probe(path)})
+        record("trailing", body.get("exit_code") == -3, f"host_fs_read {path!r} -> {body.get('exit_code')}")
+        _, body, _ = srv.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": guests.write_probe(path, b"PWNED")})
+        record("trailing", body.get("exit_code") == -3 and intact(), f"host_fs_write {path!r} -> {body.get('exit_code')}")
+        for method, url, payload in (("GET", f"{files}?path={q}", None), ("POST", files, {"path": path, "content": "PWNED"}),
+                                     ("GET", f"{files}/info?path={q}", None), ("GET", f"{files}/list?path={q}", None),
+                                     ("DELETE", f"{files}?path={q}", None),
+                                     ("POST", f"{files}/rename", {"old_path": path, "new_path": "moved.txt"})):
+            code, body, _ = srv.request(method, url, payload)
+            ok = (code, body.get("code") if isinstance(body, dict) else None) == (400, "not_a_directory")
+            record("trailing", ok and "REDTEAM-NOTES" not in json.dumps(body) and intact(), f"files {method} {url[-40:]} {path!r} -> {code}")
+        code, body, _ = srv.request("GET", f"{files}/exists?path={q}")
+        record("trailing", (code, body) == (200, {"exists": False}), f"files exists {path!r} -> {code} {body}")
+    code, body, _ = srv.request("POST", f"{files}/mkdir", {"path": "made/"})
+    record("trailing", code == 200 and body.get("type") == "dir", f"mkdir 'made/' -> {code}")
+    code, body, _ = srv.request("GET", f"{files}/list?path=dir/")
+    record("trailing", code == 200 and [f["name"] for f in body.get("files", [])] == ["notes.txt"], f"list 'dir/' -> {code}")
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """renameat2(RENAME_EXCHANGE): what a guest's rename loop does, atomically."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, bytes(a), -100, bytes(b), 2) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def incident_snapshot(srv: ServerProcess) -> None:
+    # T-PATH-2: the snapshot reads volumes a still-running guest controls.
+    # Runs last: it takes the node out of rotation, and puts it back after.
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "wasm"})
+    volume = srv.root / "sandbox_volumes" / "default" / cell["cell_id"]
+    key = srv.root / "keys" / "node_ed25519"
+    secret = key.read_bytes()
+    marks = (secret, hashlib.sha256(secret).hexdigest().encode())
+    (volume / "public.txt").write_text("public")
+    os.symlink(key, volume / "key-link")
+    os.symlink(key.parent, volume / "keys-dir")
+    os.link(key, volume / "key-hardlink")
+    (volume / "swap.txt").write_text("public")
+    os.symlink(key, volume / "swap.txt_alt")
+    env = dict(os.environ, SYNAPSE_ROOT=str(srv.root), SYNAPSE_CONFIG_DIR=str(srv.root / "etc"))
+    stop = threading.Event()
+    swaps = 0
+
+    def guest() -> None:
+        nonlocal swaps
+        while not stop.is_set():
+            _exchange(volume / "swap.txt", volume / "swap.txt_alt")
+            swaps += 1
+
+    thread = threading.Thread(target=guest, daemon=True)
+    thread.start()
+    try:
+        for attempt in range(3):
+            out = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "incident.tar.gz"
+            proc = subprocess.run([sys.executable, "-m", "appliance.cli", "incident", "snapshot", "--out", str(out),
+                                   "--with-volume-contents", "--reason", "red team"], env=env, cwd=REPO,
+                                  capture_output=True, text=True, timeout=300)
+            raw = gzip.decompress(out.read_bytes()) if proc.returncode == 0 else b""
+            record("incident", proc.returncode == 0, f"snapshot {attempt} ran: {proc.stderr[-200:]}")
+            record("incident", bool(raw) and not any(m in raw for m in marks),
+                   f"snapshot {attempt}: node key bytes or hash absent (swaps so far {swaps})")
+            record("incident", b"volumes/default/" + cell["cell_id"].encode() + b"/public.txt" in raw,
+                   f"snapshot {attempt}: the volume's own files are archived")
+    finally:
+        stop.set()
+        thread.join()
+        for name in ("key-link", "keys-dir", "key-hardlink", "swap.txt", "swap.txt_alt"):
+            (volume / name).unlink()  # the key is one-link again
+    subprocess.run([sys.executable, "-m", "appliance.cli", "incident", "clear"], env=env, cwd=REPO,
+                   capture_output=True, text=True, timeout=60, check=True)
+    deadline = time.monotonic() + 10
+    status = 503
+    while time.monotonic() < deadline and status == 503:
+        status = srv.request("GET", "/v1/cells")[0]
+        if status == 503:
+            time.sleep(0.1)
+    record("incident", status == 200, f"back in rotation after clear -> {status}")
 
 
 DOS_CASES = [
@@ -224,11 +327,14 @@ def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
     hosts.write_text(json.dumps(EGRESS_HOSTS))
-    print(f"Cell red team: {len(ssrf_urls())} SSRF inputs, {len(traversal_paths())} path inputs, {len(DOS_CASES) + len(JS_FORGED_END) + 2} DoS guests")
+    print(f"Cell red team: {len(ssrf_urls())} SSRF inputs, {len(traversal_paths())} path inputs, "
+          f"{len(trailing_slash_paths())} trailing-slash inputs, {len(DOS_CASES) + len(JS_FORGED_END) + 2} DoS guests")
     srv = start_server(env={"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_HOSTS": str(hosts)})
     try:
-        for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)), ("dos", lambda: dos(srv)),
-                           ("tenants", lambda: tenants(srv)), ("requests", lambda: requests(srv))):
+        for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)),
+                           ("trailing", lambda: trailing(srv)), ("dos", lambda: dos(srv)),
+                           ("tenants", lambda: tenants(srv)), ("requests", lambda: requests(srv)),
+                           ("incident", lambda: incident_snapshot(srv))):
             t = time.monotonic()
             fn()
             print(f"  {family:9} pass {tally[family + ':pass']:4}  fail {tally[family + ':fail']:3}  ({time.monotonic() - t:.1f}s)")

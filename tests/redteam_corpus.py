@@ -97,6 +97,14 @@ def traversal_paths() -> list[str]:
     return paths
 
 
+def trailing_slash_paths() -> list[str]:
+    """T-PATH-1: directory forms of a regular file (POSIX ENOTDIR); never the file."""
+    forms = ["{}/", "{}//", "{}///", "{}/.", "{}/./", "{}/.//", "./{}/", "/data/{}/", "/data/{}/."]
+    return [form.format(name) for name in ("notes.txt", "dir/notes.txt") for form in forms] + [
+        "dir/./notes.txt/", "dir//notes.txt//",
+    ]
+
+
 # T-DOS-1: a JavaScript guest forging the end of its run, then working on.
 # After its forgery the guest appends 4 KiB to /data every ~2 ms and spins in
 # between: if it ran on after its answer, worker CPU and /data would show it.

@@ -12,16 +12,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from appliance.config import Settings, load_settings
+from appliance.config import Settings, settings_for_command
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    env = dict(os.environ)
-    if getattr(args, "dev", False):  # same layout as `cell serve --dev`
-        env.setdefault("SYNAPSE_ROOT", ".synapse")
-        env.setdefault("SYNAPSE_CONFIG_DIR", str(Path(env["SYNAPSE_ROOT"]) / "etc"))
-    settings = load_settings(env)
-    return settings.with_overrides(root=settings.root.absolute())
+    return settings_for_command(dev=bool(getattr(args, "dev", False)))  # same layout as `cell serve --dev`
 
 
 def register(subparsers: Any) -> None:
@@ -101,6 +96,9 @@ def cmd_incident_snapshot(args: argparse.Namespace) -> int:
     report = snapshot(_settings(args), args.out, with_contents=args.with_volume_contents, reason=args.reason)
     print(f"node out of rotation (new runs answer 503 incident); snapshot {report['out']}: "
           f"{report['files']} files, {report['volumes_listed']} volume entries, {report['seconds']} s")
+    if report["volume_errors"] or report["volumes_truncated"]:
+        print(f"volumes: {report['volume_errors']} entries could not be read (listed with an error)"
+              + (", listing truncated" if report["volumes_truncated"] else ""))
     print("put it back with: cell incident clear")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance import __version__
+from appliance.runtime import templates
 
 JSON = "application/json"
 
@@ -63,7 +64,8 @@ def _query(name: str, schema: dict[str, Any], required: bool = False, descriptio
 
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string", "maxLength": 4096}}
-_TEMPLATE = {"type": "string", "enum": ["python3", "python", "javascript", "wasm"]}
+_TEMPLATE = {"type": "string", "enum": sorted(templates.aliases())}
+_LANGUAGE = {"type": "string", "enum": sorted({lang for t in templates.all_templates() for lang in t.languages})}
 
 
 def _schemas() -> dict[str, Any]:
@@ -111,7 +113,7 @@ def _schemas() -> dict[str, Any]:
         },
         "Execute": {
             "type": "object", "additionalProperties": False,
-            "properties": {"template": _TEMPLATE, "language": _TEMPLATE, "code": {"type": "string"},
+            "properties": {"template": _TEMPLATE, "language": _LANGUAGE, "code": {"type": "string"},
                            "code_b64": {"type": "string", "contentEncoding": "base64"},
                            "stdin": {"type": "string", "maxLength": 1_000_000},
                            "timeout_ms": {"type": "integer", "minimum": 10}, "memory_mb": {"type": "integer", "minimum": 16}},

@@ -19,6 +19,12 @@ Decisions, each one deliberate:
   born, and no legitimate client needs it.
 * ``.`` components and empty components (``a//b``, trailing ``/``) are
   dropped: they cannot move the path anywhere.
+* But a path that *ends* in ``/`` or ``/.`` (``notes.txt/``, ``notes.txt//``,
+  ``notes.txt/.``) is in directory form: POSIX says it names a directory or
+  nothing, and opening a regular file that way is ``ENOTDIR``. Dropping the
+  slash would quietly turn it into the file (T-PATH-1), so
+  ``parse_guest_path`` keeps that fact as ``GuestPath.dir_only`` and the
+  adapter refuses a non-directory leaf for it (``GuestPath.admits``).
 * Absolute paths are rejected, except ``/data`` and ``/data/...`` when the
   caller passes ``allow_data_prefix=True`` (the guest sees its volume at
   ``/data``; the files API accepts that form). ``/data2/x``, ``//data/x`` and
@@ -86,6 +92,37 @@ def _is_confusable(component: str) -> bool:
     return folded in (".", "..") or "/" in folded or "\\" in folded
 
 
+class GuestPath:
+    """A parsed guest path: its components and whether it was written in directory form.
+
+    A plain class, not a NamedTuple or dataclass: this module imports nothing
+    beyond ``unicodedata`` (the layering test checks it).
+    """
+
+    __slots__ = ("components", "dir_only")
+
+    def __init__(self, components: tuple[str, ...], dir_only: bool) -> None:
+        self.components = components
+        # True when the path ends in "/" or "/." ("notes.txt/", "dir/."): it may
+        # only name a directory (T-PATH-1: never read as the file before the slash).
+        self.dir_only = dir_only
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GuestPath):
+            return NotImplemented
+        return (self.components, self.dir_only) == (other.components, other.dir_only)
+
+    def __hash__(self) -> int:
+        return hash((self.components, self.dir_only))
+
+    def __repr__(self) -> str:
+        return f"GuestPath({self.components!r}, dir_only={self.dir_only!r})"
+
+    def admits(self, is_dir: bool) -> bool:
+        """Whether a leaf of that kind may answer this path (POSIX: else ENOTDIR)."""
+        return is_dir or not self.dir_only
+
+
 def split_guest_path(
     path: str, *, allow_data_prefix: bool = False, allow_root: bool = False
 ) -> tuple[str, ...]:
@@ -93,13 +130,21 @@ def split_guest_path(
 
     Raises ``PathRejected`` for anything outside the rules in the module
     docstring. The result never contains ``""``, ``"."``, ``".."``, ``"/"``,
-    ``"\\\\"``, NUL or a control character.
+    ``"\\\\"``, NUL or a control character. Callers that open what the path
+    names use ``parse_guest_path``, which also keeps the trailing-slash form.
     """
+    return parse_guest_path(path, allow_data_prefix=allow_data_prefix, allow_root=allow_root).components
+
+
+def parse_guest_path(
+    path: str, *, allow_data_prefix: bool = False, allow_root: bool = False
+) -> GuestPath:
+    """``split_guest_path`` plus ``dir_only``: did the path end in ``/`` or ``/.``?"""
     if not isinstance(path, str):
         raise PathRejected("type", "path must be a string")
     if path == "":
         if allow_root:
-            return ()
+            return GuestPath((), False)
         raise PathRejected("empty", "path is empty")
     # T-PATH-1: NUL truncates the path in every C API below us.
     if "\x00" in path:
@@ -131,7 +176,10 @@ def split_guest_path(
             raise PathRejected("absolute", "absolute paths are not allowed")
 
     components: list[str] = []
-    for component in rest.split("/"):
+    parts = rest.split("/")
+    # T-PATH-1: "x/", "x//", "x/." and "x/./" name a directory, never the file x.
+    dir_only = (len(parts) > 1 and parts[-1] in ("", ".")) or parts == ["."]
+    for component in parts:
         if component in ("", "."):
             continue
         # T-PATH-1 / T-TENANT-1: ".." is never resolved, only refused.
@@ -147,7 +195,7 @@ def split_guest_path(
 
     if not components and not allow_root:
         raise PathRejected("empty", "path names the volume root")
-    return tuple(components)
+    return GuestPath(tuple(components), dir_only)
 
 
 def join_components(components: tuple[str, ...]) -> str:

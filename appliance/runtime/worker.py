@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import importlib
 import os
 import resource
 import shutil
@@ -18,19 +19,23 @@ import threading
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import wasmtime
 
-from appliance.runtime import context
+from appliance.runtime import context, protocol
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
+from appliance.runtime import templates
 from appliance.runtime.templates import RuntimeMissing
-from appliance.runtime.sessions import JsSession, PythonSession
+from appliance.runtime.sessions import Session
 
 PR_SET_NO_NEW_PRIVS = 38
+# A request carries at most a 10 MB module or code body (base64) plus small fields.
+MAX_REQUEST_FRAME = 64 << 20
 
 
 def static_resolver(hosts: dict[str, list[str]]) -> Any:
@@ -75,59 +80,68 @@ class Worker:
         self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=_registry_hashes(config.get("mirror_dir")))
         self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
-        self.sessions: dict[str, PythonSession | JsSession] = {}
+        self.sessions: dict[str, Session] = {}
         self.pool_root = Path(config["volumes_dir"]) / ".pool" / f"w{config['index']}-{os.getpid()}"
         self.pool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.warm: dict[str, collections.deque[tuple[Any, str]]] = {"python3": collections.deque(), "javascript": collections.deque()}
-        self.targets = {"python3": int(config.get("warm_python", 0)), "javascript": int(config.get("warm_javascript", 0))}
+        self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
+        interpreters = [t.name for t in templates.interpreters()]
+        self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
+        self.targets = {name: int(config.get("warm", {}).get(name, 0)) for name in interpreters}
+        self.preload: dict[str, list[str]] = {k: list(v) for k, v in config.get("preload", {}).items()}
         self.default_memory = int(config["memory_mb"]) << 20
         self.weights = _open_weights(config.get("weights_dir"))
         self.mcp = _open_mcp(config.get("mcp_servers"))
-        for template in ("python3", "javascript"):
+        for template in interpreters:
             try:
                 self.runtimes.get(template)
             except RuntimeMissing as e:  # that template is refused; the others keep working
                 self.untrusted[template] = str(e)
                 self.targets[template] = 0
 
-    # -- messaging -------------------------------------------------------
-    def send(self, msg: dict[str, Any]) -> None:
+    # -- messaging (typed frames, no pickle: appliance/runtime/protocol.py) ----
+    def send(self, msg: Any) -> None:
+        frame = protocol.encode(msg)
         with self._send_lock:
-            self.conn.send(msg)
+            self.conn.send_bytes(frame)
 
     def serve(self) -> None:
-        self.send({"type": "ready", "pid": os.getpid()})
+        self.send(protocol.Ready(pid=os.getpid()))
         while True:
             if not self.conn.poll(0):
                 if self._refill_one():
                     continue
             try:
-                msg = self.conn.recv()
+                frame = self.conn.recv_bytes(MAX_REQUEST_FRAME)
             except (EOFError, OSError):
                 return
             try:
-                reply = self.handle(msg)
-            except ModuleRefused as e:
-                reply = {"type": "error", "status": e.status, "code": e.code, "message": e.message}
-            except wasmtime.WasmtimeError as e:
-                if "exceeds memory limits" in str(e) or "memory minimum size" in str(e):
-                    reply = {"type": "error", "status": 400, "code": "memory_too_small",
-                             "message": "memory_mb is below what this template needs to start; raise it"}
-                else:
-                    reply = {"type": "error", "status": 500, "code": "internal", "message": "runtime error"}
-            except Exception as e:  # a bug here must not kill the worker's other cells
-                reply = {"type": "error", "status": 500, "code": "internal", "message": type(e).__name__, "trace": traceback.format_exc()[-2000:]}
-            reply["req_id"] = msg.get("req_id")
-            self.send(reply)
+                request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
+            except protocol.ProtocolError:
+                return  # only the supervisor writes here: a bad frame means it is gone or broken
+            self.send(self.answer(request))
+
+    def answer(self, request: protocol.Request) -> Any:
+        """Handle one request; every failure becomes an error reply."""
+        req_id = request.req_id
+        try:
+            return self.handle(request)
+        except ModuleRefused as e:
+            return protocol.ErrorReply(req_id, e.status, e.code, e.message[:protocol.MAX_TEXT])
+        except wasmtime.WasmtimeError as e:
+            if "exceeds memory limits" in str(e) or "memory minimum size" in str(e):
+                return protocol.ErrorReply(req_id, 400, "memory_too_small",
+                                           "memory_mb is below what this template needs to start; raise it")
+            return protocol.ErrorReply(req_id, 500, "internal", "runtime error")
+        except Exception as e:  # a bug here must not kill the worker's other cells
+            return protocol.ErrorReply(req_id, 500, "internal", type(e).__name__, traceback.format_exc()[-2000:])
 
     # -- warm pool -------------------------------------------------------
-    def _new_session(self, template: str, volume: str, memory: int, envs: dict[str, str] | None) -> PythonSession | JsSession:
+    def _new_session(self, template: str, volume: str, memory: int, envs: dict[str, str] | None) -> Session:
         if template in self.untrusted:
             raise ModuleRefused(403, "template_untrusted", self.untrusted[template])
         loaded = self.runtimes.get(template)
-        if template == "python3":
-            return PythonSession(loaded, volume, memory, envs)
-        return JsSession(loaded, volume, memory, envs)
+        session: Session = session_class(template)(loaded, volume, memory, envs, self.fifo_dir)
+        return session
 
     def _refill_one(self) -> bool:
         for template, target in self.targets.items():
@@ -140,8 +154,8 @@ class Worker:
                     shutil.rmtree(path, ignore_errors=True)
                     self.targets[template] = len(self.warm[template])  # stop retrying a broken runtime
                     return False
-                preload = self.cfg.get("warm_python_preload") or []
-                if template == "python3" and preload:
+                preload = self.preload.get(template) or []
+                if preload:
                     # Pay numpy/pandas import time (~2 s CPU, ~45 MiB) before a client asks.
                     session.run(("import " + ", ".join(preload)).encode(), 60.0, 1 << 16, None, None)
                 self.warm[template].append((session, path))
@@ -154,28 +168,26 @@ class Worker:
         return self.warm[template].popleft()
 
     # -- requests --------------------------------------------------------
-    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
-        op = msg.get("op")
-        if op == "bind":
-            return self._bind(msg)
-        if op == "exec":
-            return self._exec(msg)
-        if op == "drop":
-            session = self.sessions.pop(msg["cell_id"], None)
+    def handle(self, request: protocol.Request) -> Any:
+        if isinstance(request, protocol.ExecRequest):
+            return self._exec(request)
+        if isinstance(request, protocol.BindRequest):
+            return self._bind(request)
+        if isinstance(request, protocol.DropRequest):
+            session = self.sessions.pop(request.cell_id, None)
             if session is not None:
                 session.close()
-            return {"type": "ok"}
-        if op == "stats":
-            return {"type": "stats", "sessions": len(self.sessions), "warm": {k: len(v) for k, v in self.warm.items()},
-                    "cache_hits": self.runtimes.cache.hits, "cache_misses": self.runtimes.cache.misses}
-        if op == "ping":
-            return {"type": "pong"}
-        return {"type": "error", "status": 400, "code": "bad_op", "message": f"unknown op {op!r}"}
+            return protocol.OkReply(request.req_id)
+        if isinstance(request, protocol.StatsRequest):
+            return protocol.StatsReply(request.req_id, sessions=len(self.sessions),
+                                       warm={k: len(v) for k, v in self.warm.items()},
+                                       cache_hits=self.runtimes.cache.hits, cache_misses=self.runtimes.cache.misses)
+        return protocol.Pong(request.req_id)
 
-    def _bind(self, msg: dict[str, Any]) -> dict[str, Any]:
-        template, volume = msg["template"], msg["volume"]
-        memory = int(msg.get("memory_mb") or self.cfg["memory_mb"]) << 20
-        envs = msg.get("envs") or None
+    def _bind(self, msg: protocol.BindRequest) -> protocol.OkReply:
+        template, volume = msg.template, msg.volume
+        memory = int(msg.memory_mb or self.cfg["memory_mb"]) << 20
+        envs = msg.envs or None
         warm = None if os.path.exists(volume) else self._take_warm(template, memory, envs)
         if warm is not None:
             session, path = warm
@@ -186,72 +198,92 @@ class Worker:
         else:
             os.makedirs(volume, mode=0o700, exist_ok=True)
             session = self._new_session(template, volume, memory, envs)
-        self.sessions[msg["cell_id"]] = session
-        return {"type": "ok", "warm": warm is not None}
+        self.sessions[msg.cell_id] = session
+        return protocol.OkReply(msg.req_id, warm=warm is not None)
 
-    def _sink(self, req_id: Any, stream: bool) -> Any:
+    def _sink(self, req_id: int, stream: bool) -> Any:
         if not stream:
             return None
 
         def sink(fd: int, data: bytes) -> None:
             try:
-                self.send({"type": "chunk", "req_id": req_id, "fd": fd, "data": data})
+                self.send(protocol.RunChunk(req_id, fd, data))
             except Exception:
                 pass
 
         return sink
 
-    def _exec(self, msg: dict[str, Any]) -> dict[str, Any]:
-        template = msg["template"]
-        timeout_s = max(0.01, int(msg["timeout_ms"]) / 1000)
-        memory = int(msg.get("memory_mb") or self.cfg["memory_mb"]) << 20
-        cap = int(self.cfg["output_cap_bytes"])
-        sink = self._sink(msg.get("req_id"), bool(msg.get("stream")))
-        code: bytes = msg["code"]
+    def _exec(self, msg: protocol.ExecRequest) -> protocol.RunReply:
+        """One run, in one of three modes: a wasm module, a one-shot
+        interpreter, or a cell's persistent interpreter."""
         started = time.perf_counter()
-        ctx = context.RunContext(governor=None, tenant_id=msg.get("tenant_id", ""), cell_id=msg.get("cell_id") or "",  # type: ignore[arg-type]
-                                 quota_left=msg.get("quota_left"))
-        if template == "wasm":
-            from appliance.confine import Volume
-            from appliance.policy.egress import EgressPolicy
+        run = _RunParams(
+            timeout_s=max(0.01, msg.timeout_ms / 1000),
+            memory=int(msg.memory_mb or self.cfg["memory_mb"]) << 20,
+            cap=int(self.cfg["output_cap_bytes"]),
+            sink=self._sink(msg.req_id, msg.stream),
+            ctx=context.RunContext(governor=None, tenant_id=msg.tenant_id, cell_id=msg.cell_id or "",  # type: ignore[arg-type]
+                                   quota_left=msg.quota_left),
+        )
+        if not templates.get(msg.template).interpreter:
+            outcome, usage = self._exec_module(msg, run)
+        elif msg.cell_id is None:
+            outcome, usage = self._exec_once(msg, run)
+        else:
+            outcome, usage = self._exec_in_cell(msg, msg.cell_id, run)
+        guest_ms = (time.perf_counter() - started) * 1000
+        return protocol.RunReply(msg.req_id, outcome=protocol.RunOutcome(**outcome.to_wire()), guest_ms=guest_ms,
+                                 volume_bytes=usage)
 
-            module = self.modules.compile(code, bool(msg.get("is_text")), int(self.cfg["module_max_bytes"]), bool(msg.get("pro")))
-            volume = msg.get("volume")
-            tmp = None
-            if not volume:
-                tmp = tempfile.mkdtemp(dir=self.pool_root)
-                volume = tmp
-            try:
-                with Volume(volume) as vol:
-                    ctx.volume = vol
-                    if msg.get("pro"):  # Pro host functions see their resources only under a Pro license
-                        ctx.weights, ctx.mcp = self.weights, self.mcp
-                    egress = msg.get("egress")
-                    if egress:
-                        ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]))
-                        ctx.resolver = static_resolver(egress["hosts"]) if egress.get("hosts") is not None else None
-                    outcome = self.modules.run(module, volume, ctx, timeout_s, memory, cap, sink, msg.get("stdin"))
-                    usage = vol.usage_bytes() if not tmp else None
-            finally:
-                if tmp:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            return self._result(outcome, started, usage)
-        cell_id = msg.get("cell_id")
-        if cell_id is None:  # one-shot: a warm session and its scratch volume, then discarded
-            warm = self._take_warm(template, memory, msg.get("envs")) if not msg.get("stdin") else None
-            if warm is None:
-                path = str(self.pool_root / uuid.uuid4().hex)
-                os.mkdir(path, 0o700)
-                session = self._new_session(template, path, memory, msg.get("envs"))
-            else:
-                session, path = warm
-            try:
-                outcome = session.run(code, timeout_s, cap, sink, ctx)
-            finally:
-                session.close()
-                shutil.rmtree(path, ignore_errors=True)
-            outcome.session_alive = False
-            return self._result(outcome, started)
+    def _exec_module(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, int | None]:
+        """A raw wasm module: compiled (cached), run once against the cell's volume or a scratch one."""
+        from appliance.confine import Volume
+        from appliance.policy.egress import EgressPolicy
+
+        module = self.modules.compile(msg.code, msg.is_text, int(self.cfg["module_max_bytes"]), msg.pro)
+        volume = msg.volume
+        tmp = None
+        if not volume:
+            tmp = tempfile.mkdtemp(dir=self.pool_root)
+            volume = tmp
+        ctx = run.ctx
+        try:
+            with Volume(volume) as vol:
+                ctx.volume = vol
+                if msg.pro:  # Pro host functions see their resources only under a Pro license
+                    ctx.weights, ctx.mcp = self.weights, self.mcp
+                if msg.egress is not None:
+                    ctx.egress = EgressPolicy(enabled=msg.egress.enabled, allow_hosts=tuple(msg.egress.allow_hosts))
+                    ctx.resolver = static_resolver(msg.egress.hosts) if msg.egress.hosts is not None else None
+                outcome = self.modules.run(module, volume, ctx, run.timeout_s, run.memory, run.cap, run.sink, msg.stdin)
+                usage = vol.usage_bytes() if not tmp else None
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return outcome, usage
+
+    def _exec_once(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, int | None]:
+        """A one-shot run: a warm session and its scratch volume, then discarded."""
+        envs = msg.envs or None
+        warm = self._take_warm(msg.template, run.memory, envs) if not msg.stdin else None
+        if warm is None:
+            path = str(self.pool_root / uuid.uuid4().hex)
+            os.mkdir(path, 0o700)
+            session = self._new_session(msg.template, path, run.memory, envs)
+        else:
+            session, path = warm
+        try:
+            outcome = session.run(msg.code, run.timeout_s, run.cap, run.sink, run.ctx)
+        finally:
+            session.close()
+            shutil.rmtree(path, ignore_errors=True)
+        outcome.session_alive = False
+        return outcome, None
+
+    def _exec_in_cell(self, msg: protocol.ExecRequest, cell_id: str, run: _RunParams) -> tuple[Any, int | None]:
+        """A run in the cell's own interpreter, started afresh if it is gone."""
+        if not msg.volume:
+            raise ValueError("a cell run needs the cell's volume")
         existing = self.sessions.get(cell_id)
         restarted = False
         if existing is not None and existing.alive:
@@ -259,24 +291,38 @@ class Worker:
         else:
             if existing is not None:
                 existing.close()
-            volume = msg["volume"]
-            os.makedirs(volume, mode=0o700, exist_ok=True)
-            session = self._new_session(template, volume, memory, msg.get("envs"))
+            os.makedirs(msg.volume, mode=0o700, exist_ok=True)
+            session = self._new_session(msg.template, msg.volume, run.memory, msg.envs or None)
             self.sessions[cell_id] = session
-            restarted = bool(msg.get("known_session"))
-        outcome = session.run(code, timeout_s, cap, sink, ctx)
+            restarted = msg.known_session
+        outcome = session.run(msg.code, run.timeout_s, run.cap, run.sink, run.ctx)
         if not outcome.session_alive:
             session.close()
             self.sessions.pop(cell_id, None)
             outcome.note = "the interpreter was stopped; the next run in this cell starts a fresh one (files are kept)"
         outcome.restarted = restarted
-        if not msg.get("persistent", True) and cell_id in self.sessions:
+        if not msg.persistent and cell_id in self.sessions:
             self.sessions.pop(cell_id).close()
-        return self._result(outcome, started, _volume_usage(msg["volume"]))
+        return outcome, _volume_usage(msg.volume)
 
-    def _result(self, outcome: Any, started: float, volume_bytes: int | None = None) -> dict[str, Any]:
-        guest_ms = (time.perf_counter() - started) * 1000
-        return {"type": "result", "outcome": outcome.to_wire(), "guest_ms": guest_ms, "volume_bytes": volume_bytes}
+
+@dataclass
+class _RunParams:
+    """What every run mode needs, worked out once from the request."""
+    timeout_s: float
+    memory: int
+    cap: int
+    sink: Any
+    ctx: context.RunContext
+
+
+def session_class(template: str) -> Any:
+    """The interpreter session class the registry names for ``template``."""
+    ref = templates.get(template).session
+    if ref is None:
+        raise ValueError(f"template {template!r} has no interpreter session")
+    module_name, _, class_name = ref.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def _registry_hashes(mirror_dir: str | None) -> Any:
@@ -342,6 +388,7 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
                 session.close()
                 shutil.rmtree(path, ignore_errors=True)
         shutil.rmtree(worker.pool_root, ignore_errors=True)
+        shutil.rmtree(worker.fifo_dir, ignore_errors=True)
         worker.sessions.clear()
         if worker.mcp is not None:
             worker.mcp.close()

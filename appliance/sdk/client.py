@@ -6,7 +6,7 @@ from typing import Any
 
 from appliance.sdk._http import ConnectionConfig, Transport
 from appliance.sdk.models import Execution
-from appliance.sdk.sandbox import LANGUAGE_TEMPLATES, RUN_CEILING_S, _code_body, execution_from_answer
+from appliance.sdk.sandbox import DEFAULT_TEMPLATE, LANGUAGE_TEMPLATES, RUN_CEILING_S, _code_body, execution_from_answer
 
 
 class CellClient:
@@ -23,7 +23,7 @@ class CellClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def execute(self, code: str | bytes, template: str = "python3", *, stdin: str | None = None, timeout: float | None = None,
+    def execute(self, code: str | bytes, template: str = DEFAULT_TEMPLATE, *, stdin: str | None = None, timeout: float | None = None,
                 memory_mb: int | None = None) -> Execution:
         """Run once in a throw-away cell (``POST /v1/execute``); sent once, never retried after it may have run."""
         tmpl = LANGUAGE_TEMPLATES.get(template, template)

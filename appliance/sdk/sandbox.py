@@ -22,6 +22,9 @@ DEFAULT_TEMPLATE = "python3"
 # The server's hard ceiling on one run (appliance.config): the HTTP wait for a
 # run without its own timeout must outlast it.
 RUN_CEILING_S = 60.0
+# Every template name, alias and language -> its template. The SDK installs
+# without the appliance, so this mirrors appliance.runtime.templates.REGISTRY;
+# tests/appliance/test_template_registry.py keeps the two equal.
 LANGUAGE_TEMPLATES = {"python": "python3", "python3": "python3", "py": "python3",
                       "javascript": "javascript", "js": "javascript", "wasm": "wasm", "wat": "wasm"}
 

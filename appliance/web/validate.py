@@ -9,7 +9,7 @@ from typing import Any
 
 from appliance.config import Settings
 from appliance.errors import BadRequest
-from appliance.runtime.templates import TEMPLATE_ALIASES
+from appliance.runtime import templates
 
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 META_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -31,9 +31,21 @@ def unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
 
 
 def template(value: Any) -> str:
-    if not isinstance(value, str) or value not in TEMPLATE_ALIASES:
-        raise BadRequest("template must be one of python3 (alias python), javascript, wasm", code="unknown_template")
-    return TEMPLATE_ALIASES[value]
+    if not isinstance(value, str) or value not in templates.aliases():
+        raise BadRequest(f"template must be one of {templates.described()}", code="unknown_template")
+    return templates.aliases()[value]
+
+
+def template_or_language(body: dict[str, Any]) -> str:
+    """/v1/execute names its template, or only the language of its code."""
+    if "template" in body or "language" not in body:
+        return template(body.get("template", templates.DEFAULT))
+    language = body["language"]
+    try:
+        return templates.for_language(language.lower()).name if isinstance(language, str) else template(language)
+    except templates.UnknownTemplate:
+        raise BadRequest(f"language {language[:40]!r} is not offered; templates are {templates.described()}",
+                         code="unknown_template") from None
 
 
 def int_field(body: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
@@ -71,7 +83,7 @@ def string_map(body: dict[str, Any], name: str, key_re: re.Pattern[str], limit: 
 def cell_create(body: dict[str, Any], s: Settings) -> dict[str, Any]:
     unknown_fields(body, {"template", "timeout_ms", "persistent", "metadata", "envs", "memory_mb"})
     return {
-        "template": template(body.get("template", "python3")),
+        "template": template(body.get("template", templates.DEFAULT)),
         "timeout_ms": int_field(body, "timeout_ms", s.cell_timeout_ms, 1000, s.cell_timeout_ceiling_ms),
         "persistent": bool_field(body, "persistent", True),
         "metadata": string_map(body, "metadata", META_KEY, MAX_META),
@@ -88,7 +100,7 @@ def code_of(body: dict[str, Any], tmpl: str) -> tuple[bytes, bool]:
     if (code is None) == (b64 is None):
         raise BadRequest("give exactly one of code or code_b64", code="invalid_field")
     if b64 is not None:
-        if tmpl != "wasm":
+        if templates.get(tmpl).interpreter:
             raise BadRequest("code_b64 is only for wasm modules", code="invalid_field")
         if not isinstance(b64, str):
             raise BadRequest("code_b64 must be a base64 string", code="invalid_field")
@@ -102,7 +114,7 @@ def code_of(body: dict[str, Any], tmpl: str) -> tuple[bytes, bool]:
         data = code.encode("utf-8")
     except UnicodeEncodeError:
         raise BadRequest("code must be valid UTF-8 text", code="invalid_field") from None
-    return data, tmpl == "wasm"
+    return data, not templates.get(tmpl).interpreter
 
 
 def exec_body(body: dict[str, Any], tmpl: str, s: Settings) -> dict[str, Any]:
@@ -117,7 +129,7 @@ def exec_body(body: dict[str, Any], tmpl: str, s: Settings) -> dict[str, Any]:
 
 def execute_body(body: dict[str, Any], s: Settings) -> dict[str, Any]:
     unknown_fields(body, {"template", "code", "code_b64", "stdin", "timeout_ms", "memory_mb", "language"})
-    tmpl = template(body.get("template", body.get("language", "python3")))
+    tmpl = template_or_language(body)
     code, is_text = code_of(body, tmpl)
     stdin = body.get("stdin")
     if stdin is not None and (not isinstance(stdin, str) or len(stdin) > 1_000_000):

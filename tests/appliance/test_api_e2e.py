@@ -122,6 +122,49 @@ def test_t_path_1_files_api_traversal_refused(live: ServerProcess, path: str) ->
     assert status == 400
 
 
+TRAILING_FILE_FORMS = ["notes.txt/", "notes.txt//", "notes.txt/.", "notes.txt/./", "/data/notes.txt/",
+                       "dir/notes.txt/", "dir/notes.txt/."]
+
+
+def test_t_path_1_files_api_trailing_slash_on_file_refused(live: ServerProcess) -> None:
+    # T-PATH-1: "notes.txt/" is 400 not_a_directory (as "notes.txt/x" is), never the file.
+    cell = new_cell(live, "wasm")
+    files = f"/v1/cells/{cell}/files"
+    for path in ("notes.txt", "dir/notes.txt"):
+        assert live.request("POST", files, {"path": path, "content": "public"})[0] == 200
+    for path in TRAILING_FILE_FORMS:
+        q = urllib.request.quote(path, safe="")
+        for method, url, body in (("GET", f"{files}?path={q}", None), ("POST", files, {"path": path, "content": "PWNED"}),
+                                  ("GET", f"{files}/info?path={q}", None), ("GET", f"{files}/list?path={q}", None),
+                                  ("DELETE", f"{files}?path={q}", None),
+                                  ("POST", f"{files}/rename", {"old_path": path, "new_path": "moved.txt"})):
+            status, answer, _ = live.request(method, url, body)
+            assert (status, answer.get("code")) == (400, "not_a_directory"), (method, url, path, answer)
+            assert set(answer) == {"error", "code"} and "public" not in json.dumps(answer)
+        status, answer, _ = live.request("GET", f"{files}/exists?path={q}")
+        assert (status, answer) == (200, {"exists": False})
+    for path in ("notes.txt", "dir/notes.txt"):
+        assert live.request("GET", f"{files}?path={path}")[1] == {"content": "public"}
+    status, listing, _ = live.request("GET", f"{files}/list?path=")
+    assert sorted(f["name"] for f in listing["files"]) == ["dir", "notes.txt"]
+
+
+def test_t_path_1_files_api_trailing_slash_on_directory_works(live: ServerProcess) -> None:
+    cell = new_cell(live, "wasm")
+    files = f"/v1/cells/{cell}/files"
+    status, entry, _ = live.request("POST", f"{files}/mkdir", {"path": "made/"})
+    assert (status, entry["type"], entry["path"]) == (200, "dir", "made")
+    assert live.request("POST", files, {"path": "made/f.txt", "content": "x"})[0] == 200
+    for form in ("made/", "made//", "made/.", "/data/made/"):
+        q = urllib.request.quote(form, safe="")
+        status, listing, _ = live.request("GET", f"{files}/list?path={q}")
+        assert status == 200 and [f["name"] for f in listing["files"]] == ["f.txt"]
+        assert live.request("GET", f"{files}/info?path={q}")[1]["type"] == "dir"
+        assert live.request("GET", f"{files}/exists?path={q}")[1] == {"exists": True}
+        status, answer, _ = live.request("GET", f"{files}?path={q}")
+        assert (status, answer["code"]) == (400, "is_a_directory")
+
+
 def test_sse_stream_delivers_output_before_the_run_ends(live: ServerProcess) -> None:
     cell = new_cell(live)
     req = urllib.request.Request(f"{live.url}/v1/cells/{cell}/exec/stream", method="POST",

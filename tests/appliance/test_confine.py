@@ -395,3 +395,157 @@ def test_volume_usable_after_fork(world: World) -> None:
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+# T-PATH-1: "notes.txt/" names a directory or nothing (POSIX ENOTDIR); read as
+# the file it was a quiet way past every check that expects a directory.
+TRAILING_FILE_FORMS = [
+    "notes.txt/", "notes.txt//", "notes.txt/.", "notes.txt/./", "notes.txt/.//", "./notes.txt/",
+    "/data/notes.txt/", "/data/notes.txt/.", "dir/notes.txt/", "dir/notes.txt//", "dir/notes.txt/.",
+    "dir/./notes.txt/", "/data/dir/notes.txt/",
+]
+
+
+def _trailing(call: object, *args: object, **kwargs: object) -> None:
+    with pytest.raises(ConfinementError) as info:
+        call(*args, **kwargs)  # type: ignore[operator]
+    err = info.value
+    assert (err.code, err.reason, err.errno_code) == ("not_a_directory", "trailing_slash", -3), (call, err.code)
+    assert "ends with '/'" in err.message
+
+
+@pytest.fixture
+def notes(world: World) -> World:
+    world.vol.write_bytes("notes.txt", b"public", make_parents=True)
+    world.vol.write_bytes("dir/notes.txt", b"public", make_parents=True)
+    world.vol.write_bytes("other.txt", b"other")
+    return world
+
+
+@pytest.mark.parametrize("path", TRAILING_FILE_FORMS)
+def test_t_path_1_trailing_slash_on_file_refused(notes: World, path: str) -> None:
+    vol = notes.vol
+    _trailing(vol.read_bytes, path, 100)
+    _trailing(vol.write_bytes, path, b"pwn")
+    _trailing(vol.write_bytes, path, b"pwn", make_parents=True)
+    _trailing(vol.stat, path)
+    assert vol.exists(path) is False  # as for "notes.txt/x": what stat refuses does not exist
+    with pytest.raises(ConfinementError) as info:
+        vol.list_dir(path)
+    assert (info.value.code, info.value.errno_code) == ("not_a_directory", -3)
+    _trailing(vol.remove, path)
+    _trailing(vol.remove, path, recursive=True)
+    _trailing(vol.rename, path, "moved.txt")
+    _trailing(vol.rename, "other.txt", path)
+    for call, args in ((vol.make_dir, (path,)), (vol.make_dir, (path, False))):
+        with pytest.raises(ConfinementError) as info:
+            call(*args)  # type: ignore[operator]
+        assert info.value.code in ("not_a_directory", "exists")
+    # nothing changed, moved or was created
+    assert (notes.path / "notes.txt").read_bytes() == b"public"
+    assert (notes.path / "dir" / "notes.txt").read_bytes() == b"public"
+    assert (notes.path / "other.txt").read_bytes() == b"other"
+    assert sorted(os.listdir(notes.path)) == ["dir", "notes.txt", "other.txt"]
+    assert os.listdir(notes.path / "dir") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("path", ["new.txt/", "new.txt/.", "dir/new.txt//", "deep/er/new.txt/"])
+def test_t_path_1_trailing_slash_write_creates_nothing(notes: World, path: str) -> None:
+    _trailing(notes.vol.write_bytes, path, b"x")
+    _trailing(notes.vol.write_bytes, path, b"x", make_parents=True)
+    with pytest.raises(ConfinementError) as info:
+        notes.vol.read_bytes(path, 10)
+    assert info.value.code == "not_found"
+    assert sorted(os.listdir(notes.path)) == ["dir", "notes.txt", "other.txt"]
+    assert os.listdir(notes.path / "dir") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("path", ["link/", "link/.", "up/", "up/secret.txt/"])
+def test_t_path_2_trailing_slash_does_not_follow_a_symlink(world: World, path: str) -> None:
+    os.symlink(world.outside / "secret.txt", world.path / "link")
+    os.symlink(world.outside, world.path / "up")
+    vol = world.vol
+    _denied(vol.read_bytes, path, 100)
+    _denied(vol.write_bytes, path, b"pwn")
+    _denied(vol.stat, path)
+    _denied(vol.list_dir, path)
+    assert vol.exists(path) is False
+    assert sorted(os.listdir(world.outside)) == ["secret.txt"]
+    assert (world.outside / "secret.txt").read_bytes() == SECRET
+
+
+@pytest.mark.parametrize("form", ["{}/", "{}//", "{}/.", "/data/{}/", "./{}/./"])
+def test_t_path_1_trailing_slash_on_directory_still_works(notes: World, form: str) -> None:
+    vol = notes.vol
+    assert vol.make_dir(form.format("made")).type == "dir"
+    assert (notes.path / "made").is_dir()
+    assert vol.make_dir(form.format("a/b/c")).path == "a/b/c"
+    assert [e.name for e in vol.list_dir(form.format("dir"))] == ["notes.txt"]
+    assert vol.stat(form.format("dir")).type == "dir" and vol.exists(form.format("dir"))
+    with pytest.raises(ConfinementError) as info:
+        vol.read_bytes(form.format("dir"), 10)
+    assert (info.value.code, info.value.errno_code) == ("is_a_directory", -6)
+    with pytest.raises(ConfinementError) as info:
+        vol.write_bytes(form.format("dir"), b"x", make_parents=True)
+    assert (info.value.code, info.value.errno_code) == ("is_a_directory", -6)
+    assert vol.rename(form.format("made"), form.format("renamed")).type == "dir"
+    vol.remove(form.format("renamed"))
+    vol.remove(form.format("a"), recursive=True)
+    assert sorted(os.listdir(notes.path)) == ["dir", "notes.txt", "other.txt"]
+
+
+def make_deep_tree(root: Path, depth: int, payload: bytes) -> None:
+    """``root/d/d/.../d/f`` (``depth`` directories) built one fd-relative step at a time.
+
+    ``os.makedirs`` recurses once per level and overflows the stack at this depth.
+    """
+    cur = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", 0o700, dir_fd=cur)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=cur)
+            os.close(cur)
+            cur = nxt
+        fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=cur)
+        os.write(fd, payload)
+        os.close(fd)
+    finally:
+        os.close(cur)
+
+
+def _fd_ceiling(extra: int) -> tuple[int, int]:
+    import resource
+
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    highest = max(int(n) for n in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + extra, old[1]))
+    return old
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_t_path_2_deep_tree_resolves_with_bounded_descriptors(world: World) -> None:
+    import resource
+
+    deep = ("d/" * 1200).rstrip("/")
+    make_deep_tree(world.path, 1200, b"bottom")
+    old = _fd_ceiling(16)  # the walker used to hold one fd per level: 1,200 here
+    try:
+        assert world.vol.read_bytes(deep + "/f", 10) == b"bottom"
+        assert world.vol.stat(deep + "/").type == "dir"
+        _trailing(world.vol.read_bytes, deep + "/f/", 10)
+        fd = world.vol.open_dir_fd(tuple(deep.split("/")))
+        os.close(fd)
+        fd, s = world.vol.open_file_fd((*deep.split("/"), "f"))
+        os.close(fd)
+        assert s.st_size == 6
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, old)
+        world.vol.remove("d", recursive=True)  # iterative; shutil.rmtree would recurse 1,200 deep
+
+
+@pytest.mark.parametrize("names", [("..",), ("a/b",), ("",), (".",), ("a\x00",), ("ok", "..")])
+def test_t_path_1_host_walker_names_checked(world: World, names: tuple[str, ...]) -> None:
+    for call in (world.vol.open_dir_fd, world.vol.open_file_fd):
+        with pytest.raises(ConfinementError) as info:
+            call(names)  # type: ignore[operator]
+        assert (info.value.code, info.value.reason) == ("invalid", "bad_name")

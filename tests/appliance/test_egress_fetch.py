@@ -21,6 +21,18 @@ import pytest
 from appliance.egress import MAX_BYTES_CEILING, EgressError, FetchResult, Resolver, fetch
 from appliance.policy.egress import EgressDenied, EgressPolicy, IPAddress, address_denied
 from tests.appliance.test_egress_policy import ATTACKS, Attack
+from tests.appliance.test_httpclient import (  # noqa: F401 - wire is a fixture
+    ACCEPTED,
+    ACCEPTED_BODY,
+    DEADLINE_S,
+    LIMIT,
+    RESPONSE_ATTACKS,
+    Answer,
+    Wire,
+    check_refused,
+    ids,
+    wire,
+)
 
 ON = EgressPolicy(enabled=True)
 LONG = 1e12  # a deadline that never arrives under the fixed fake clock
@@ -222,51 +234,40 @@ def test_t_ssrf_1_every_answer_validated_then_fallback(conn_factory: list[FakeCo
     assert result.status == 200
 
 
-# --- caps: body size (T-DOS) and deadline
+# --- the answer: the shared reader's attack table (tests/appliance/test_httpclient.py), through fetch
 
 
-def test_body_cap_content_length_refused_without_reading(conn_factory: list[FakeConnector]) -> None:
-    connector = _connector(conn_factory, b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 10)
-    with pytest.raises(EgressError) as info:
-        run("http://8.8.8.8/", FakeResolver({}), connector, max_bytes=1000)
-    assert info.value.reason == "too_large"
+@pytest.mark.parametrize("answer", RESPONSE_ATTACKS, ids=ids(RESPONSE_ATTACKS))
+def test_t_dos_1_host_fetch_refuses_malformed_answer(answer: Answer, wire: Wire) -> None:
+    def attempt() -> FetchResult:
+        return fetch("http://8.8.8.8/", policy=ON, max_bytes=LIMIT, deadline=time.monotonic() + answer.deadline_s,
+                     resolver=FakeResolver({}), connector=lambda ip, port, t: wire.connect(answer))
+
+    check_refused(answer, attempt, EgressError)
 
 
-def test_body_cap_read_until_close(conn_factory: list[FakeConnector]) -> None:
-    connector = _connector(conn_factory, b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 5000)
-    with pytest.raises(EgressError) as info:
-        run("http://8.8.8.8/", FakeResolver({}), connector, max_bytes=1000)
-    assert info.value.reason == "too_large"
+@pytest.mark.parametrize("answer", ACCEPTED, ids=ids(ACCEPTED))
+def test_host_fetch_accepts_well_formed_answer(answer: Answer, wire: Wire) -> None:
+    result = fetch("http://8.8.8.8/", policy=ON, max_bytes=LIMIT, deadline=time.monotonic() + DEADLINE_S,
+                   resolver=FakeResolver({}), connector=lambda ip, port, t: wire.connect(answer))
+    assert (result.status, result.body) == (200, ACCEPTED_BODY[answer.name])
 
 
-def test_body_exactly_at_cap_is_returned(conn_factory: list[FakeConnector]) -> None:
+# --- caps: body size (T-DOS-1) and deadline
+
+
+def test_t_dos_1_body_exactly_at_cap_is_returned(conn_factory: list[FakeConnector]) -> None:
     connector = _connector(conn_factory, b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 1000)
     result = run("http://8.8.8.8/", FakeResolver({}), connector, max_bytes=1000)
     assert result.body == b"x" * 1000
 
 
-def test_body_cap_chunked(conn_factory: list[FakeConnector]) -> None:
-    body = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"200\r\n" + b"y" * 512 + b"\r\n" * 1
-    connector = _connector(conn_factory, body + b"200\r\n" + b"y" * 512 + b"\r\n0\r\n\r\n")
-    with pytest.raises(EgressError) as info:
-        run("http://8.8.8.8/", FakeResolver({}), connector, max_bytes=1000)
-    assert info.value.reason == "too_large"
-
-
-def test_max_bytes_clamped_to_ceiling(conn_factory: list[FakeConnector]) -> None:
+def test_t_dos_1_max_bytes_clamped_to_ceiling(conn_factory: list[FakeConnector]) -> None:
     head = f"HTTP/1.1 200 OK\r\nContent-Length: {MAX_BYTES_CEILING + 1}\r\n\r\n".encode()
     connector = _connector(conn_factory, head)
     with pytest.raises(EgressError) as info:
         run("http://8.8.8.8/", FakeResolver({}), connector, max_bytes=2**40)
     assert info.value.reason == "too_large"
-
-
-def test_header_cap(conn_factory: list[FakeConnector]) -> None:
-    head = b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n"
-    connector = _connector(conn_factory, head)
-    with pytest.raises(EgressError) as info:
-        run("http://8.8.8.8/", FakeResolver({}), connector)
-    assert info.value.reason == "protocol"
 
 
 def test_chunked_body_decoded(conn_factory: list[FakeConnector]) -> None:
@@ -275,35 +276,18 @@ def test_chunked_body_decoded(conn_factory: list[FakeConnector]) -> None:
     assert result.body == b"hello world"
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-        b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
-        b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n",
-        b"HTTP/2 200 OK\r\n\r\n",
-        b"SSH-2.0-OpenSSH\r\n\r\n",
-        b"",
-    ],
-)
-def test_malformed_responses_are_protocol_errors(raw: bytes, conn_factory: list[FakeConnector]) -> None:
-    with pytest.raises(EgressError) as info:
-        run("http://8.8.8.8/", FakeResolver({}), _connector(conn_factory, raw))
-    assert info.value.reason == "protocol"
-
-
 def test_non_2xx_status_is_returned(conn_factory: list[FakeConnector]) -> None:
     raw = b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n" + ok(b"missing", "404 Not Found")
     result = run("http://8.8.8.8/", FakeResolver({}), _connector(conn_factory, raw))
     assert (result.status, result.body) == (404, b"missing")
 
 
-def test_deadline_already_passed_nothing_happens(conn_factory: list[FakeConnector]) -> None:
+def test_status_over_599_is_returned_like_any_final_status(conn_factory: list[FakeConnector]) -> None:
+    result = run("http://8.8.8.8/", FakeResolver({}), _connector(conn_factory, ok(b"no", "999 Request denied")))
+    assert (result.status, result.body) == (999, b"no")
+
+
+def test_t_dos_1_deadline_already_passed_nothing_happens(conn_factory: list[FakeConnector]) -> None:
     resolver, connector = FakeResolver({"a.example.com": [["8.8.8.8"]]}), _connector(conn_factory, ok())
     with pytest.raises(EgressError) as info:
         run("http://a.example.com/", resolver, connector, deadline=10.0, clock=lambda: 10.0)
@@ -311,23 +295,10 @@ def test_deadline_already_passed_nothing_happens(conn_factory: list[FakeConnecto
     assert resolver.calls == [] and connector.calls == []
 
 
-def test_connect_timeout_is_remaining_time(conn_factory: list[FakeConnector]) -> None:
+def test_t_dos_1_connect_timeout_is_remaining_time(conn_factory: list[FakeConnector]) -> None:
     connector = _connector(conn_factory, ok())
     run("http://8.8.8.8/", FakeResolver({}), connector, deadline=107.5, clock=lambda: 100.0)
     assert connector.calls[0][2] == pytest.approx(7.5)
-
-
-def test_deadline_enforced_while_reading(conn_factory: list[FakeConnector]) -> None:
-    connector = _connector(conn_factory)  # only used to close the peer afterwards
-    ours, peer = socket.socketpair()  # a peer that never finishes the body
-    peer.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
-    connector.peers.append(peer)
-    started = time.monotonic()
-    with pytest.raises(EgressError) as info:
-        fetch("http://8.8.8.8/", policy=ON, max_bytes=1000, deadline=started + 0.3,
-              resolver=FakeResolver({}), connector=lambda ip, port, t: ours)
-    assert info.value.reason == "timeout"
-    assert time.monotonic() - started < 2.0
 
 
 def test_resolver_and_connect_failures_are_typed(conn_factory: list[FakeConnector]) -> None:

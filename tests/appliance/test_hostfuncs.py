@@ -124,6 +124,47 @@ def test_t_path_2_write_through_dangling_symlink_denied(runner: ModuleRunner, vo
     assert not target.exists()
 
 
+# T-PATH-1: "notes.txt/" names a directory or nothing; the file is never read
+# or replaced through it. Both resolvers: openat2 and the no-follow walker.
+TRAILING_FILE_FORMS = ["notes.txt/", "notes.txt//", "notes.txt/.", "notes.txt/./", "/data/notes.txt/",
+                       "dir/notes.txt/", "dir/notes.txt/.", "new.txt/"]
+
+
+@pytest.fixture(params=["openat2", "walk"])
+def notes_volume(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, Volume]]:
+    root = tmp_path / "vol"
+    (root / "dir").mkdir(mode=0o700, parents=True)
+    (root / "notes.txt").write_bytes(b"public-notes")
+    (root / "dir" / "notes.txt").write_bytes(b"public-notes")
+    with Volume(str(root), resolver=request.param) as vol:
+        assert vol.resolver == request.param
+        yield root, vol
+
+
+@pytest.mark.parametrize("path", TRAILING_FILE_FORMS)
+def test_t_path_1_host_fs_trailing_slash_on_file_refused(runner: ModuleRunner, notes_volume: tuple[Path, Volume],
+                                                         path: str) -> None:
+    root, vol = notes_volume
+    p = path.encode()
+    code, _, _ = run(runner, probe(0, 1024, len(p), 4096, 4096, p), root, vol)
+    assert code == (-2 if path.startswith("new") else -3)  # ENOTDIR, as POSIX; a missing name is -2
+    code, _, _ = run(runner, probe(1, 1024, len(p), 1024 + len(p), 5, p + b"PWNED"), root, vol)
+    assert code == -3
+    assert (root / "notes.txt").read_bytes() == b"public-notes"
+    assert (root / "dir" / "notes.txt").read_bytes() == b"public-notes"
+    assert sorted(os.listdir(root)) == ["dir", "notes.txt"] and os.listdir(root / "dir") == ["notes.txt"]
+
+
+@pytest.mark.parametrize("path", ["dir/", "dir//", "dir/.", "/data/dir/"])
+def test_t_path_1_host_fs_trailing_slash_on_directory_is_a_directory(runner: ModuleRunner,
+                                                                     notes_volume: tuple[Path, Volume], path: str) -> None:
+    root, vol = notes_volume
+    p = path.encode()
+    assert run(runner, probe(0, 1024, len(p), 4096, 4096, p), root, vol)[0] == -6
+    assert run(runner, probe(1, 1024, len(p), 1024 + len(p), 5, p + b"PWNED"), root, vol)[0] == -6
+    assert os.listdir(root / "dir") == ["notes.txt"]
+
+
 def test_host_fs_write_then_read_roundtrip(runner: ModuleRunner, volume: tuple[Path, Volume]) -> None:
     root, vol = volume
     data = b"notes.txt" + b"hello host"

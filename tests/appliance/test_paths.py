@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from appliance.policy.paths import MAX_PATH_BYTES, REASONS, PathRejected, split_guest_path
+from appliance.policy.paths import MAX_PATH_BYTES, REASONS, GuestPath, PathRejected, parse_guest_path, split_guest_path
 
 DATA = {"allow_data_prefix": True}
 
@@ -127,6 +127,51 @@ def test_t_path_1_components_never_escape(path: str) -> None:
     for comp in split_guest_path(path, allow_data_prefix=True, allow_root=True):
         assert comp not in ("", ".", "..")
         assert "/" not in comp and "\\" not in comp and "\x00" not in comp
+
+
+# T-PATH-1: a path ending in "/" or "/." names a directory or nothing (POSIX
+# ENOTDIR for a file). (input, keyword arguments, components, dir_only)
+DIR_FORMS: list[tuple[str, dict[str, bool], tuple[str, ...], bool]] = [
+    ("notes.txt/", {}, ("notes.txt",), True),
+    ("notes.txt//", {}, ("notes.txt",), True),
+    ("notes.txt///", {}, ("notes.txt",), True),
+    ("notes.txt/.", {}, ("notes.txt",), True),
+    ("notes.txt/./", {}, ("notes.txt",), True),
+    ("notes.txt/./.", {}, ("notes.txt",), True),
+    ("notes.txt/.//", {}, ("notes.txt",), True),
+    ("./notes.txt/", {}, ("notes.txt",), True),
+    ("dir/notes.txt/", {}, ("dir", "notes.txt"), True),
+    ("dir//notes.txt//", {}, ("dir", "notes.txt"), True),
+    ("dir/./notes.txt/.", {}, ("dir", "notes.txt"), True),
+    ("/data/notes.txt/", DATA, ("notes.txt",), True),
+    ("/data/dir/notes.txt/.", DATA, ("dir", "notes.txt"), True),
+    ("dir/", {}, ("dir",), True),
+    # not directory form: a "." or "" in the middle moves nothing
+    ("notes.txt", {}, ("notes.txt",), False),
+    ("./notes.txt", {}, ("notes.txt",), False),
+    ("dir/./notes.txt", {}, ("dir", "notes.txt"), False),
+    ("dir//notes.txt", {}, ("dir", "notes.txt"), False),
+    ("/data/notes.txt", DATA, ("notes.txt",), False),
+    ("notes.txt.", {}, ("notes.txt.",), False),
+    ("notes.txt/..txt", {}, ("notes.txt", "..txt"), False),
+]
+
+
+@pytest.mark.parametrize(("path", "kwargs", "components", "dir_only"), DIR_FORMS, ids=[repr(d[0]) for d in DIR_FORMS])
+def test_t_path_1_trailing_slash_form_is_kept(path: str, kwargs: dict[str, bool], components: tuple[str, ...],
+                                               dir_only: bool) -> None:
+    parsed = parse_guest_path(path, **kwargs)
+    assert parsed == GuestPath(components, dir_only)
+    assert split_guest_path(path, **kwargs) == components  # the old view is unchanged
+    assert parsed.admits(is_dir=True) is True
+    assert parsed.admits(is_dir=False) is (not dir_only)  # a file never answers "x/"
+
+
+@pytest.mark.parametrize("path", ["notes.txt/..", "notes.txt/../", "/data/notes.txt/../x"])
+def test_t_path_1_trailing_dotdot_still_refused(path: str) -> None:
+    with pytest.raises(PathRejected) as info:
+        parse_guest_path(path, allow_data_prefix=True)
+    assert info.value.reason == "dotdot"
 
 
 def test_t_path_1_length_limit_is_inclusive() -> None:

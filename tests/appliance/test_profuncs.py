@@ -36,6 +36,17 @@ from appliance.policy import mcp as mcp_policy
 from appliance.runtime import context, hostfuncs, modules, profuncs
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
+from tests.appliance.test_httpclient import (
+    ACCEPTED,
+    ACCEPTED_BODY,
+    DEADLINE_S,
+    LIMIT,
+    RESPONSE_ATTACKS,
+    Answer,
+    check_refused,
+    ids,
+    serve,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = REPO / "tests" / "mcp_fake_server.py"
@@ -301,6 +312,15 @@ def test_t_pro_1_directory_and_missing(runner: ModuleRunner, cell_root: Path, we
     assert run(runner, weights_probe("llama"), cell_root, weights=weights[1]).code == -6
     assert run(runner, weights_probe("nothere.bin"), cell_root, weights=weights[1]).code == -2
     assert run(runner, weights_probe("nothere/x.bin"), cell_root, weights=weights[1]).code == -2
+
+
+@pytest.mark.parametrize("name", ["model.bin/", "model.bin//", "model.bin/.", "llama/shard-0.bin/"])
+def test_t_pro_1_trailing_slash_on_weights_file_refused(runner: ModuleRunner, cell_root: Path,
+                                                        weights: tuple[Path, Volume], name: str) -> None:
+    # T-PATH-1 through load_weights: "model.bin/" is ENOTDIR (-3), never the file's bytes.
+    r = run(runner, weights_probe(name), cell_root, weights=weights[1])
+    assert r.code == -3 and r.stdout == ""
+    assert run(runner, weights_probe("llama/"), cell_root, weights=weights[1]).code == -6
 
 
 def test_t_pro_1_writes_impossible(runner: ModuleRunner, cell_root: Path, weights: tuple[Path, Volume]) -> None:
@@ -653,6 +673,8 @@ class FakeHttpMcp(http.server.ThreadingHTTPServer):
         self.requests: list[dict[str, Any]] = []
         self.sessions: set[str] = set()
         self.expire_next = False
+        self.answer: Answer | None = None  # what the "raw" tool plays on the wire
+        self.stop = threading.Event()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # a client closing mid-answer is the point of several tests
@@ -756,6 +778,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._json(200, {"result": result})
         elif tool == "status500":
             self._json(500, {"error": "boom"})
+        elif tool == "raw" and self.server.answer is not None:
+            self.close_connection = True
+            serve(self.connection, self.server.answer, self.server.stop)
 
     def _flood(self, mb: int) -> None:
         for _ in range(mb):
@@ -773,6 +798,7 @@ def http_server() -> Iterator[FakeHttpMcp]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield server
+    server.stop.set()
     server.shutdown()
     server.server_close()
 
@@ -861,6 +887,33 @@ def test_t_pro_2_http_malformed_response_is_minus_4(runner: ModuleRunner, cell_r
                                                     tool: str) -> None:
     assert call(runner, cell_root, http_client, "web", tool).code == -4
     assert call(runner, cell_root, http_client, "web", "echo").code > 0
+
+
+def _raw_call(server: FakeHttpMcp, answer: Answer, deadline_s: float) -> bytes:
+    """One tools/call whose HTTP answer is ``answer``, through a fresh client (so the call's id is 2)."""
+    server.answer = answer
+    c = make_client({"web": {"url": server.url + "/mcp"}})
+    try:
+        # max_bytes + OVERHEAD is the body cap: the same LIMIT the table uses on every path.
+        return c.call(mcp_policy.McpRequest("web", "raw", {}), deadline=time.monotonic() + deadline_s,
+                      max_bytes=LIMIT - mcp.OVERHEAD)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("answer", RESPONSE_ATTACKS, ids=ids(RESPONSE_ATTACKS))
+def test_t_pro_2_http_refuses_malformed_answer(http_server: FakeHttpMcp, answer: Answer) -> None:
+    # The shared reader's attack table (tests/appliance/test_httpclient.py) as the tools/call answer.
+    err = check_refused(answer, lambda: _raw_call(http_server, answer, answer.deadline_s), mcp.McpError, "detail")
+    assert isinstance(err, mcp.McpError) and err.code == (-5 if answer.reason == "too_large" else -4)
+    assert [q["msg"].get("method") for q in http_server.requests] == [
+        "initialize", "notifications/initialized", "tools/call"]  # refused at the answer, not before
+
+
+@pytest.mark.parametrize("answer", ACCEPTED, ids=ids(ACCEPTED))
+def test_host_mcp_call_http_accepts_well_formed_answer(http_server: FakeHttpMcp, answer: Answer) -> None:
+    assert ACCEPTED_BODY[answer.name].startswith(b'{"jsonrpc":"2.0","id":2,')
+    assert json.loads(_raw_call(http_server, answer, DEADLINE_S)) == {"content": [], "isError": False}
 
 
 def test_t_pro_2_http_server_down_is_minus_4(runner: ModuleRunner, cell_root: Path) -> None:

@@ -57,6 +57,7 @@ def test_t_supply_1_runtime_listed_by_the_verified_registry_is_accepted(tmp_path
 
 def test_t_supply_1_worker_refuses_runs_of_an_untrusted_template(module_cache: None, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.runtime.protocol import ExecRequest
     from appliance.runtime.worker import Worker
 
     tampered = tmp_path / "qjs.wasm"
@@ -70,10 +71,12 @@ def test_t_supply_1_worker_refuses_runs_of_an_untrusted_template(module_cache: N
     try:
         assert "javascript" in worker.untrusted and "python3" not in worker.untrusted
         with pytest.raises(ModuleRefused) as info:
-            worker.handle({"op": "exec", "template": "javascript", "code": b"1", "timeout_ms": 1000, "cell_id": None})
+            worker.handle(ExecRequest(1, template="javascript", code=b"1", is_text=True, timeout_ms=1000, memory_mb=256,
+                                      tenant_id="t"))
         assert (info.value.status, info.value.code) == (403, "template_untrusted")
-        ok = worker.handle({"op": "exec", "template": "python3", "code": b"print(1)", "timeout_ms": 5000, "cell_id": None})
-        assert ok["outcome"]["stdout"] == "1\n"
+        ok = worker.handle(ExecRequest(2, template="python3", code=b"print(1)", is_text=True, timeout_ms=5000,
+                                       memory_mb=256, tenant_id="t"))
+        assert ok.outcome.stdout == "1\n"
     finally:
         worker.runtimes.close()
         parent.close()

@@ -1,0 +1,153 @@
+"""T-PROTO-1: the supervisor never trusts a worker's bytes.
+
+Frames between the web process and workers are typed JSON, never pickles;
+every frame a worker sends is decoded and checked, and a malformed one costs
+the worker its life while the run is answered with its receipt.
+"""
+from __future__ import annotations
+
+import functools
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.cells import CellService
+from appliance.config import load_settings
+from appliance.receipts import v1
+from appliance.receipts.nodekey import NodeKey
+from appliance.receipts.store import ReceiptStore
+from appliance.runtime import protocol
+from appliance.runtime.pool import WorkerPool
+from appliance.storage import Store
+from tests import hostile_workers
+
+MAX = protocol.max_frame_bytes(1 << 20)
+
+SAMPLES: list[Any] = [
+    protocol.BindRequest(1, cell_id="c1", template="python3", volume="/v/t/c1", memory_mb=256, envs={"A": "b"}),
+    protocol.ExecRequest(2, template="python3", code=b"\x00print(1)\xff", is_text=False, timeout_ms=500, memory_mb=64,
+                         tenant_id="t", cell_id="c1", volume="/v", stream=True, envs={"K": "V"},
+                         egress=protocol.EgressSpec(True, ["example.org"], {"example.org": ["203.0.113.5"]}),
+                         pro=True, quota_left=10, stdin=b"in"),
+    protocol.DropRequest(3, cell_id="c1"),
+    protocol.StatsRequest(4),
+    protocol.PingRequest(5),
+    protocol.Ready(pid=42),
+    protocol.RunChunk(6, fd=2, data=b"\x00\x01err"),
+    protocol.RunReply(7, outcome=protocol.RunOutcome(1, "error", "out\x00", "Traceback", True, False, True, "note",
+                                                     [{"kind": "path", "detail": "x"}]), guest_ms=1.25, volume_bytes=9),
+    protocol.ErrorReply(8, 403, "template_untrusted", "no", trace=None),
+    protocol.OkReply(9, warm=True),
+    protocol.StatsReply(10, sessions=1, warm={"python3": 2}, cache_hits=3, cache_misses=0),
+    protocol.Pong(11),
+]
+
+
+@pytest.mark.parametrize("message", SAMPLES, ids=lambda m: type(m).__name__)
+def test_t_proto_1_every_message_round_trips(message: Any) -> None:
+    requests = tuple(protocol.TO_WORKER.values())
+    table = protocol.TO_WORKER if isinstance(message, requests) else protocol.FROM_WORKER
+    assert protocol.decode(protocol.encode(message), table, MAX) == message
+
+
+HOSTILE_FRAMES: list[tuple[str, bytes]] = [
+    ("pickle", pickle.dumps({"type": "ready", "pid": 1})),
+    ("not_utf8", b"\xff\xfe{}"),
+    ("empty", b""),
+    ("not_an_object", b"[1]"),
+    ("string", b'"ready"'),
+    ("no_type", b'{"pid": 1}'),
+    ("type_not_string", b'{"type": 1, "pid": 1}'),
+    ("unknown_type", b'{"type": "exec", "req_id": 1}'),  # a request type is not a reply
+    ("missing_field", b'{"type": "ready"}'),
+    ("extra_field", b'{"type": "ready", "pid": 1, "__class__": "os.system"}'),
+    ("bool_as_int", b'{"type": "ready", "pid": true}'),
+    ("float_as_int", b'{"type": "ready", "pid": 1.5}'),
+    ("huge_int", b'{"type": "ready", "pid": 1' + b"0" * 30 + b"}"),
+    ("nan", b'{"type": "result", "req_id": 1, "guest_ms": NaN, "outcome": {}}'),
+    ("infinity", b'{"type": "pong", "req_id": Infinity}'),
+    ("deep_nesting", b'{"type": "pong", "req_id": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+    ("bytes_not_base64", b'{"type": "chunk", "req_id": 1, "fd": 1, "data": "!!"}'),
+    ("bytes_as_list", b'{"type": "chunk", "req_id": 1, "fd": 1, "data": [104, 105]}'),
+    ("chunk_fd_0", b'{"type": "chunk", "req_id": 1, "fd": 0, "data": ""}'),
+    ("chunk_fd_3", b'{"type": "chunk", "req_id": 1, "fd": 3, "data": ""}'),
+    ("error_status_200", b'{"type": "error", "req_id": 1, "status": 200, "code": "ok", "message": ""}'),
+    ("error_code_markup", b'{"type": "error", "req_id": 1, "status": 500, "code": "<script>", "message": ""}'),
+    ("error_huge_message", b'{"type": "error", "req_id": 1, "status": 500, "code": "x", "message": "'
+     + b"a" * (protocol.MAX_TEXT + 1) + b'"}'),
+    ("unknown_status", b'{"type": "result", "req_id": 1, "guest_ms": 1, "outcome": {"exit_code": 0, "status": "fine", '
+     b'"stdout": "", "stderr": "", "truncated": false}}'),
+    ("outcome_not_object", b'{"type": "result", "req_id": 1, "guest_ms": 1, "outcome": "ok"}'),
+    ("negative_volume", b'{"type": "result", "req_id": 1, "guest_ms": 1, "volume_bytes": -1, "outcome": {"exit_code": 0, '
+     b'"status": "ok", "stdout": "", "stderr": "", "truncated": false}}'),
+    ("denials_wrong_shape", b'{"type": "result", "req_id": 1, "guest_ms": 1, "outcome": {"exit_code": 0, "status": "ok", '
+     b'"stdout": "", "stderr": "", "truncated": false, "denials": [{"a": 1}]}}'),
+    ("map_with_int_values", b'{"type": "stats", "req_id": 1, "sessions": 1, "warm": {"python3": "2"}, "cache_hits": 0, '
+     b'"cache_misses": 0}'),
+]
+
+
+@pytest.mark.parametrize(("name", "frame"), HOSTILE_FRAMES, ids=[n for n, _ in HOSTILE_FRAMES])
+def test_t_proto_1_hostile_frames_are_refused(name: str, frame: bytes) -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(frame, protocol.FROM_WORKER, MAX)
+
+
+def test_t_proto_1_oversized_frame_is_refused_before_parsing() -> None:
+    frame = b'{"type": "pong", "req_id": 1, "pad": "' + b"a" * 2048 + b'"}'
+    with pytest.raises(protocol.ProtocolError, match="exceeds"):
+        protocol.decode(frame, protocol.FROM_WORKER, 1024)
+
+
+def test_t_proto_1_encode_refuses_what_is_not_a_message() -> None:
+    with pytest.raises(TypeError):
+        protocol.encode({"type": "ready", "pid": 1})
+
+
+# -- the pool and the cell service against a compromised worker ----------------
+
+ATTACKS = ["pickle", "pickled_dict", "not_utf8", "not_an_object", "unknown_type", "missing_field", "extra_field",
+           "wrong_type_stdout", "bool_as_int", "unknown_status", "error_claims_success", "nan", "deep_nesting",
+           "bad_chunk_fd", "bad_base64", "chunk_flood", "stale_flood", "huge_length"]
+
+
+@pytest.fixture
+def hostile_service(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    attack: str = request.param
+    sentinel = tmp_path / "unpickled"
+    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path / "root"), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"),
+                              "SYNAPSE_WORKERS": "1"})
+    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir):
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = Store(settings.db_path)
+    receipts = ReceiptStore(settings.db_path, NodeKey.generate())
+    pool = WorkerPool(settings, target=functools.partial(hostile_workers.hostile_worker, attack=attack,
+                                                         sentinel=str(sentinel)))
+    pool.start()
+    cells = CellService(settings, store, pool, receipts)
+    tenant, _ = store.add_tenant("t", 0, tenant_id="t")
+    try:
+        yield cells, tenant, sentinel
+    finally:
+        pool.close()
+        receipts.close()
+        store.close()
+
+
+@pytest.mark.parametrize("hostile_service", ATTACKS, indirect=True)
+def test_t_proto_1_malformed_worker_frame_replaces_worker_and_run_keeps_receipt(hostile_service: Any) -> None:
+    cells, tenant, sentinel = hostile_service
+    pid_before = cells.pool.stats()["pids"][0]
+    answer = cells.execute_once(tenant, "python3", b"print(1)", True, None, 2000, None, on_chunk=lambda fd, data: None)
+    # The run is answered as killed (never the worker's forged "ok"), with its receipt on disk.
+    assert answer["status"] == "killed"
+    assert answer["stdout"] == ""
+    stored = cells.receipts.get(answer["execution_id"], tenant.id)
+    assert stored is not None
+    assert stored["result_hash"] == v1.result_hash(exit_code=-1, status="killed", stderr="", stdout="")
+    # The worker was replaced, and nothing it sent was executed.
+    assert cells.pool.kills == 1
+    assert cells.pool.stats()["pids"][0] != pid_before
+    assert not sentinel.exists()
