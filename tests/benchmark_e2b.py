@@ -151,7 +151,6 @@ class Engine:
 
         self.root = root
         self.rt = Runtimes(shared_cache())
-        self.fifo_dir = tempfile.mkdtemp(prefix="fifo-", dir=root)
 
     def volume(self) -> str:
         return tempfile.mkdtemp(prefix="vol-", dir=self.root)
@@ -161,7 +160,7 @@ class Engine:
 
         if template == "python3":
             return PythonSession(self.rt.get("python3"), self.volume(), 256 << 20)
-        return JsSession(self.rt.get("javascript"), self.volume(), 256 << 20, None, self.fifo_dir)
+        return JsSession(self.rt.get("javascript"), self.volume(), 256 << 20, None)
 
     def wasm_run(self, wat: str) -> int:
         import wasmtime

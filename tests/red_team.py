@@ -11,7 +11,8 @@ throws the corpus of tests/redteam_corpus.py at it:
             files route: not_a_directory (-3 / 400), never the file; "dir/" works
   dos       spin, sleep, memory growth, output flood, deep recursion, huge
             module, 10,000 tiny host calls: each ends in its limit, the server
-            keeps answering
+            keeps answering; a JavaScript guest forging the end of its run
+            gets no early answer and runs no instruction after its answer
   tenants   another tenant's cells, files and receipts are 404
   requests  oversized and malformed requests get clear 4xx errors, never 500
   incident  `cell incident snapshot --with-volume-contents` while the volume
@@ -43,7 +44,9 @@ sys.path.insert(0, str(REPO))
 
 from tests import guests  # noqa: E402
 from tests.liveserver import ServerProcess, start_server  # noqa: E402
-from tests.redteam_corpus import EGRESS_HOSTS, ssrf_urls, trailing_slash_paths, traversal_paths  # noqa: E402
+from tests.procwatch import thread_cpu, tree_bytes, watch_after_answer, worker_pids  # noqa: E402
+from tests.redteam_corpus import (EGRESS_HOSTS, JS_FORGED_END, JS_FORGED_MARKER, JS_IMITATE_IDLE_READ,  # noqa: E402
+                                  JS_KEEP_WORKING, ssrf_urls, trailing_slash_paths, traversal_paths)
 
 tally: Counter[str] = Counter()
 failures: list[str] = []
@@ -226,6 +229,43 @@ def dos(srv: ServerProcess) -> None:
     huge = "(module (memory (export \"memory\") 1) (func (export \"run\") (result i32) i32.const 0) (data (i32.const 0) \"" + "A" * (9 * 1024 * 1024) + "\"))"
     status, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": huge})
     record("dos", status == 413 and body.get("code") == "module_too_large", f"huge module -> {status} {body.get('code')}")
+    forged_end(srv)
+
+
+def forged_end(srv: ServerProcess, limit: float = 2.0) -> None:
+    """T-DOS-1: forged end-of-run signals in a persistent JavaScript cell.
+    After each answer the worker's threads and the cell's volume are watched
+    for 2 s: a guest still running would burn CPU and grow /data."""
+    pids = worker_pids(srv)
+
+    def attempt(cid: str, code: str) -> tuple[dict[str, Any], float]:
+        t = time.monotonic()
+        _, body, _ = srv.request("POST", f"/v1/cells/{cid}/exec", {"code": code, "timeout_ms": int(limit * 1000)})
+        return body, time.monotonic() - t
+
+    def quiet(name: str, volume: Path) -> None:
+        after = watch_after_answer(pids, volume, thread_cpu(pids), tree_bytes(volume))
+        record("dos", after.volume_growth == 0 and after.busiest_thread_s <= 0.3,
+               f"{name}: after its answer +{after.volume_growth} bytes in /data, {after.busiest_thread_s:.2f} s CPU on a worker thread")
+
+    for name, code, expected, to_deadline, stream in JS_FORGED_END:
+        _, cell, _ = srv.request("POST", "/v1/cells", {"template": "javascript"})
+        volume = srv.root / "sandbox_volumes" / "default" / cell["cell_id"]
+        body, elapsed = attempt(cell["cell_id"], code)
+        in_time = limit - 0.05 <= elapsed < limit + 1.5 if to_deadline else elapsed < limit
+        shown = stream is None or JS_FORGED_MARKER in str(body.get(stream))
+        record("dos", body.get("status") == expected and in_time and shown and "receipt" in body,
+               f"js-{name}: {body.get('status')} in {elapsed:.2f}s")
+        quiet(f"js-{name}", volume)
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "javascript"})
+    volume = srv.root / "sandbox_volumes" / "default" / cell["cell_id"]
+    body, elapsed = attempt(cell["cell_id"], JS_IMITATE_IDLE_READ + JS_KEEP_WORKING)
+    record("dos", body.get("status") == "ok" and elapsed < limit, f"js-imitated-idle-read: {body.get('status')} in {elapsed:.2f}s")
+    quiet("js-imitated-idle-read (parked)", volume)
+    body, elapsed = attempt(cell["cell_id"], "1+1")
+    record("dos", body.get("status") == "timeout" and elapsed < limit + 1.5,
+           f"js-imitated-idle-read, next cell: {body.get('status')} in {elapsed:.2f}s")
+    quiet("js-imitated-idle-read (woken)", volume)
 
 
 def tenants(srv: ServerProcess) -> None:
@@ -288,7 +328,7 @@ def main(argv: list[str]) -> int:
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
     hosts.write_text(json.dumps(EGRESS_HOSTS))
     print(f"Cell red team: {len(ssrf_urls())} SSRF inputs, {len(traversal_paths())} path inputs, "
-          f"{len(trailing_slash_paths())} trailing-slash inputs, {len(DOS_CASES) + 1} DoS guests")
+          f"{len(trailing_slash_paths())} trailing-slash inputs, {len(DOS_CASES) + len(JS_FORGED_END) + 2} DoS guests")
     srv = start_server(env={"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_HOSTS": str(hosts)})
     try:
         for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)),

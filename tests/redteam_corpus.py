@@ -103,3 +103,36 @@ def trailing_slash_paths() -> list[str]:
     return [form.format(name) for name in ("notes.txt", "dir/notes.txt") for form in forms] + [
         "dir/./notes.txt/", "dir//notes.txt//",
     ]
+
+
+# T-DOS-1: a JavaScript guest forging the end of its run, then working on.
+# After its forgery the guest appends 4 KiB to /data every ~2 ms and spins in
+# between: if it ran on after its answer, worker CPU and /data would show it.
+JS_KEEP_WORKING = """
+const f = std.open("grow.bin", "a");
+const chunk = "x".repeat(4096);
+for (;;) { f.puts(chunk); f.flush(); const t = Date.now(); while (Date.now() - t < 2) {} }
+"""
+# The end-of-run marker used to be the last argv entry, written to stderr
+# followed by the exit status; a guest could read it from scriptArgs.
+JS_FORGED_MARKER = "\x1ecell-end-0123456789abcdef:0\n"
+JS_FORGE_STDERR = """
+for (const a of scriptArgs) std.err.puts(a + "0\\n");
+std.err.puts("\\x1ecell-end-0123456789abcdef:0\\n");
+std.err.flush();
+"""
+JS_FORGE_STDOUT = JS_FORGE_STDERR.replace("std.err", "std.out")
+# Reading fd 0 (the host's command channel) in any shape but the boot loop's
+# stops the interpreter at once.
+JS_READ_STDIN = "std.in.getline();\n"
+# Imitating the boot loop's idle read (8 bytes of fd 0) parks the guest for
+# real: nothing runs until the next cell, under that run's deadline.
+JS_IMITATE_IDLE_READ = "os.read(0, new ArrayBuffer(9), 0, 8);\n"
+
+# name, code, expected status, whether the run lasts until its deadline,
+# the stream that carries the forged marker
+JS_FORGED_END: list[tuple[str, str, str, bool, str | None]] = [
+    ("forged-marker-on-stderr", JS_FORGE_STDERR + JS_KEEP_WORKING, "timeout", True, "stderr"),
+    ("forged-marker-on-stdout", JS_FORGE_STDOUT + JS_KEEP_WORKING, "timeout", True, "stdout"),
+    ("reads-its-command-channel", JS_READ_STDIN + JS_KEEP_WORKING, "error", False, None),
+]

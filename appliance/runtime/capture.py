@@ -5,6 +5,10 @@ its own worker threads, synchronously with the guest's write: by the time a
 guest call returns, every byte it wrote has been delivered here. The writers
 never raise; past the cap they keep the first ``cap`` bytes, mark the run
 truncated and ask the governor to stop the guest.
+
+Output is only ever output: no byte a guest writes is read as a signal to
+the host (a JavaScript run ends when the host sees the guest idle, see
+command_channel.py; T-DOS-1).
 """
 from __future__ import annotations
 
@@ -24,10 +28,6 @@ class Capture:
         self.truncated = False
         self.sink: ChunkSink | None = None
         self.governor: Governor | None = None
-        self.marker: bytes | None = None  # end-of-run marker on stderr (JS sessions)
-        self.marker_seen = threading.Event()
-        self.marker_rc: int | None = None
-        self._marker_tail = bytearray()
         self.active = False
 
     def reset(self, cap: int, sink: ChunkSink | None, governor: Governor | None) -> None:
@@ -37,9 +37,6 @@ class Capture:
             self.truncated = False
             self.sink = sink
             self.governor = governor
-            self.marker_seen.clear()
-            self.marker_rc = None
-            self._marker_tail = bytearray()
             self.active = True
 
     def writer(self, fd: int) -> Callable[[bytes], int]:
@@ -56,8 +53,6 @@ class Capture:
         sink = None
         chunk = b""
         with self._lock:
-            if fd == 2 and self.marker is not None:
-                data = self._strip_marker(data)
             if not data or not self.active:
                 return
             buf = self._bufs[fd]
@@ -75,31 +70,6 @@ class Capture:
             sink = self.sink
         if sink is not None and chunk:
             sink(fd, chunk)
-
-    def _strip_marker(self, data: bytes) -> bytes:
-        assert self.marker is not None
-        joined = bytes(self._marker_tail) + data
-        idx = joined.find(self.marker)
-        if idx < 0:
-            # Hold back a possible partial marker at the end of this write.
-            keep = 0
-            for k in range(min(len(self.marker) - 1, len(joined)), 0, -1):
-                if self.marker.startswith(joined[-k:]):
-                    keep = k
-                    break
-            self._marker_tail = bytearray(joined[len(joined) - keep :]) if keep else bytearray()
-            return joined[: len(joined) - keep]
-        end = joined.find(b"\n", idx)
-        if end < 0:
-            self._marker_tail = bytearray(joined[idx:])
-            return joined[:idx]
-        try:
-            self.marker_rc = int(joined[idx + len(self.marker) : end])
-        except ValueError:
-            self.marker_rc = 1
-        self._marker_tail = bytearray()
-        self.marker_seen.set()
-        return joined[:idx] + joined[end + 1 :]
 
     def finish(self) -> tuple[str, str, bool]:
         with self._lock:

@@ -67,6 +67,12 @@ class Governor:
             self.stop_reason = reason
         self.deadline = 0.0
 
+    def stop_now(self, caller: wasmtime.Caller, reason: str) -> None:
+        """Stop from inside a host call on the Store's own thread: the guest
+        traps at its very next epoch check, not at the next tick (T-DOS-1)."""
+        self.stop(reason)
+        ffi.wasmtime_context_set_epoch_deadline(caller._context(), 0)
+
     def remaining(self) -> float:
         deadline = self.deadline
         if deadline is None:

@@ -12,7 +12,7 @@ from typing import Callable
 import wasmtime
 
 from appliance.fileio import sha256_file
-from appliance.runtime import templates, wasi_shadow
+from appliance.runtime import command_channel, templates, wasi_shadow
 from appliance.runtime.engine import ModuleCache, make_engine
 from appliance.runtime.governor import EpochTicker
 
@@ -24,6 +24,7 @@ class Loaded:
     module: wasmtime.Module
     pre: wasmtime.InstancePre
     stdlib_dir: Path | None
+    fd_read_trampoline: wasmtime.Module | None = None  # JavaScript: see command_channel.attach
 
 
 def _deny_host_call(*_args: int) -> int:
@@ -71,13 +72,20 @@ class Runtimes:
         module = self.cache.load(self.engine, actual, compile_source, self.progress)
         linker = self.base_linker()
         stdlib_dir = None
+        trampoline = None
         i32 = wasmtime.ValType.i32()
         for module_name, name in runtime.stub_imports:
             linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
         if runtime.stdlib_zip is not None:
             stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
+        if runtime.command_channel:
+            # T-DOS-1: fd 0 is the host's command channel; the end of a run is
+            # the guest parked in its read, never bytes the guest wrote.
+            command_channel.define_command_channel(linker)
+            trampoline = command_channel.compile_trampoline(self.engine)
         pre = linker.instantiate_pre(module)
-        return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir)
+        return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir,
+                      fd_read_trampoline=trampoline)
 
     def close(self) -> None:
         self.ticker.close()

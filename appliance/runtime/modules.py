@@ -17,7 +17,7 @@ import wasmtime
 from appliance.runtime import context, hostfuncs, profuncs
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.governor import Governor
-from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status
+from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_cause, trap_status
 from appliance.runtime.sessions import GUEST_ENV_BASE
 
 PRO_FUNCTIONS = profuncs.FUNCTIONS
@@ -143,8 +143,7 @@ class ModuleRunner:
 
 
 def _first_line(text: str) -> str:
-    if "Caused by:" in text:  # wasmtime puts the reason after the backtrace
-        text = text.split("Caused by:", 1)[1]
+    text = trap_cause(text)  # wasmtime puts the reason after the backtrace of guest-named functions
     for line in text.splitlines():
         if line.strip():
             return line.strip()[:300]

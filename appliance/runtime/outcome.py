@@ -45,12 +45,19 @@ def trap_status(exc: BaseException, stop_reason: str | None) -> str:
         return "timeout"
     if stop_reason is not None:
         return "killed"
-    text = str(exc).lower()
-    if isinstance(exc, wasmtime.Trap) and exc.trap_code in (wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS,):
-        return "error"
+    if isinstance(exc, wasmtime.Trap) and exc.trap_code is not None:
+        return "error"  # a wasm trap (unreachable, out-of-bounds access, ...) is never a memory limit
+    text = trap_cause(str(exc)).lower()
     if "out of memory" in text or "memory limit" in text or "resource limit" in text:
         return "memory_limit"
     return "error"
+
+
+def trap_cause(text: str) -> str:
+    """wasmtime's own reason for a trap: what follows the last "Caused by:".
+    The backtrace before it lists function names from the guest's name
+    section, which the guest chooses (T-DOS-1: no status from guest bytes)."""
+    return text.rsplit("Caused by:", 1)[-1]
 
 
 def exited_status(exit_code: int, stderr: str) -> str:

@@ -4,7 +4,8 @@ A session is one guest instance kept across runs, so variables, imports and
 functions survive between ``exec`` calls. Each session's Store is driven by
 exactly one thread: Python sessions by the worker's dispatcher thread,
 JavaScript sessions by a thread of their own (QuickJS has no eval export, so
-a boot script loops reading cells from a FIFO on stdin and evaluates them).
+a boot script loops reading cells from stdin, which the host serves, and
+evaluates them; see command_channel.py).
 
 A trap ends a session for good (the interpreter's state is unsound); the
 worker replaces it and the result says so.
@@ -12,17 +13,14 @@ worker replaces it and the result says so.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import tempfile
 import threading
-import time
 from typing import Any, Callable, Protocol
 
 import wasmtime
 
-from appliance.runtime import context
+from appliance.runtime import command_channel, context
 from appliance.runtime.capture import Capture, ChunkSink
+from appliance.runtime.command_channel import ChannelClosed, CommandChannel
 from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor
 from appliance.runtime.loader import Loaded
 from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status
@@ -149,90 +147,99 @@ class PythonSession:
         self.__dict__.pop("store", None)
 
 
+# The boot loop, evaluated before any guest code. It reads each cell from fd 0,
+# which the host serves (command_channel.py): an 8-hex-digit length, then the
+# cell's source as ASCII JSON (one read; QuickJS has no native UTF-8 decoder
+# for a buffer, and reading through std.in would cost a host call per KiB).
+# Its read of the next header is how the host learns that the guest is idle
+# (T-DOS-1); asking for 8 bytes after a cell that completed and 9 after one
+# that threw carries the exit status. Nothing the guest writes ends a run.
+# The helpers are captured up front, so a cell that replaces JSON.parse & co.
+# breaks only its own session.
 JS_BOOT = r"""
 (function () {
-  const M = scriptArgs[scriptArgs.length - 1];
-  const ev = std.evalScript;
-  const inp = std.in, err = std.err, out = std.out;
+  const rd = os.read, ev = std.evalScript, err = std.err, out = std.out, log = console.log;
+  const parse = JSON.parse, chr = String.fromCharCode, join = Array.prototype.join;
+  const apply = Reflect.apply, toInt = parseInt, min = Math.min, U8 = Uint8Array, AB = ArrayBuffer;
   try { os.chdir('/data'); } catch (e) {}
+  const hdr = new AB(9);
+  let rc = 0;
   while (true) {
-    const hdr = inp.getline();
-    if (hdr === null) break;
-    const code = inp.readAsString(parseInt(hdr, 10));
-    let rc = 0;
+    if (rd(0, hdr, 0, 8 + rc) !== 8) return;
+    const n = toInt(apply(chr, null, new U8(hdr, 0, 8)), 16);
+    const body = new AB(n);
+    for (let off = 0; off < n; ) {
+      const k = rd(0, body, off, n - off);
+      if (!(k > 0)) return;
+      off += k;
+    }
+    const parts = [];
+    for (let i = 0, j = 0; i < n; i += 8192) parts[j++] = apply(chr, null, new U8(body, i, min(8192, n - i)));
+    rc = 0;
     try {
-      const v = ev(code);
-      if (v !== undefined) console.log(v);
+      const v = ev(parse(apply(join, parts, [""])));
+      if (v !== undefined) log(v);
     } catch (e) {
       rc = 1;
-      let text = String(e);
-      if (e && e.stack) text += "\n" + e.stack;
-      err.puts(text + "\n");
+      let t;
+      try {
+        t = String(e);
+        if (e && e.stack) t += "\n" + e.stack;
+      } catch (e2) {
+        t = "uncaught exception";
+      }
+      err.puts(t + "\n");
     }
     out.flush(); err.flush();
-    err.puts(M + rc + "\n"); err.flush();
   }
 })();
 """
 
+# After a deadline the governor stops the guest at its next epoch tick; this
+# is how long a run waits for that trap (or the guest's idle read) to land.
+JS_STOP_GRACE = 1.0
+JS_FOREIGN_READ = ("cell: this code read stdin, which carries the session's own commands in a JavaScript cell; "
+                   "the interpreter was stopped\n")
+
 
 class JsSession:
-    """QuickJS-NG reactor driven by a boot loop reading cells from a FIFO."""
+    """QuickJS-NG reactor driven by a boot loop reading cells from the host's fd 0."""
 
-    def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None, fifo_dir: str) -> None:
+    def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None,
+                 scratch_dir: str | None = None) -> None:  # scratch_dir: unused, fd 0 needs no FIFO
         self.capture = Capture()
-        nonce = secrets.token_hex(8)
-        self.capture.marker = f"\x1ecell-end-{nonce}:".encode()
+        self.channel = CommandChannel()
         self._loaded = loaded
         self._volume = volume
         self._memory_bytes = memory_bytes
         self._envs = envs
-        self._dir = tempfile.mkdtemp(prefix="js-", dir=fifo_dir)
-        self._fifo = os.path.join(self._dir, "in")
-        os.mkfifo(self._fifo, 0o600)
         self.governor: Governor | None = None
-        self._ready = threading.Event()
-        self._dead = threading.Event()
         self._error: str | None = None
-        self._wfd: int | None = None
         self.alive = True
         self.runs = 0
         self._thread = threading.Thread(target=self._main, name="js-session", daemon=True)
         self._thread.start()
-        self._open_writer(deadline=time.monotonic() + 5)
-        boot = self.run(b"undefined", 10.0, 1 << 16, None, None)
-        if boot.status != "ok":
+        if not self.channel.wait_settled(10.0) or not self.channel.idle:
             self.close()
-            raise RuntimeError(f"javascript session failed to start: {boot.stderr.strip()[-300:] or self._error}")
-        self.runs = 0
-
-    def _open_writer(self, deadline: float) -> None:
-        while time.monotonic() < deadline and not self._dead.is_set():
-            try:
-                fd = os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            except OSError:
-                time.sleep(0.001)
-                continue
-            os.set_blocking(fd, True)
-            self._wfd = fd
-            return
-        raise RuntimeError(f"javascript session did not start: {self._error}")
+            raise RuntimeError(f"javascript session failed to start: {self._error or 'no boot loop'}")
 
     def _main(self) -> None:
+        command_channel.bind(self.channel)
         try:
             store = wasmtime.Store(self._loaded.engine)
             store.set_limits(memory_size=self._memory_bytes)
             self.governor = Governor(store)
+            self.channel.governor = self.governor
             context.enter(context.RunContext(governor=self.governor))
-            w = _wasi(self._volume, self._envs, self.capture, ["qjs"])
-            w.stdin_file = self._fifo  # blocks until the writer opens the FIFO
-            store.set_wasi(w)
+            store.set_wasi(_wasi(self._volume, self._envs, self.capture, ["qjs"]))
             inst = self._loaded.pre.instantiate(store)
             ex = inst.exports(store)
             _export_func(ex, "_initialize")(store)
             mem, malloc = _export_memory(ex), _export_func(ex, "malloc")
-            marker = self.capture.marker.decode()  # type: ignore[union-attr]
-            args = [b"qjs", b"--std", b"-e", JS_BOOT.encode(), marker.encode()]
+            if self._loaded.fd_read_trampoline is None:
+                raise RuntimeError("javascript runtime loaded without its command channel")
+            command_channel.attach(self.channel, store, mem, self._loaded.fd_read_trampoline)
+            args = [b"qjs", b"--std", b"-e", JS_BOOT.encode()]
             ptrs = []
             for a in args:
                 p = malloc(store, len(a) + 1) & MASK32
@@ -246,65 +253,55 @@ class JsSession:
             self._error = str(e).split("\n", 1)[0][:300]
         finally:
             self.alive = False
-            self._dead.set()
-            self.capture.marker_seen.set()  # wake a waiting run
+            self.channel.mark_dead()  # wake a waiting run
+            command_channel.bind(None)
             context.enter(None)
 
     def run(self, code: bytes, timeout_s: float, cap: int, sink: ChunkSink | None, ctx: context.RunContext | None) -> Outcome:
-        if not self.alive or self._wfd is None or self.governor is None:
+        if not self.alive or self.governor is None:
             raise RuntimeError("session is closed")
-        gov = self.governor
+        gov, chan = self.governor, self.channel
         self.capture.reset(cap, sink, gov)
+        # T-DOS-1: the deadline is armed before the guest can leave its parked
+        # read, and stays armed until the host sees it parked again.
         gov.arm(timeout_s)
+        body = json.dumps(code.decode("utf-8", "replace")).encode("ascii")
         try:
-            os.write(self._wfd, str(len(code)).encode() + b"\n")
-            view = memoryview(code)
-            while view:
-                n = os.write(self._wfd, view)
-                view = view[n:]
-        except OSError:
-            pass
-        # The guest may block in a host call (e.g. reading stdin itself),
-        # where no epoch reaches it: at the deadline, close its stdin so the
-        # read returns and the governor's trap fires (T-DOS-1).
-        finished = self.capture.marker_seen.wait(timeout_s + 0.05)
-        if not finished:
+            chan.submit(body)
+        except ChannelClosed:
+            pass  # the session died since its last run: reported below
+        settled = chan.wait_settled(timeout_s + 0.05)
+        if not settled:
             gov.stop(STOP_TIMEOUT)
-            self._close_writer()
-            self.capture.marker_seen.wait(1.0)
+            chan.wait_settled(JS_STOP_GRACE)
+        idle = chan.idle
         stop_reason = gov.stop_reason
-        gov.disarm()
+        if idle:
+            gov.disarm()  # the guest's thread is inside our fd_read until the next submit()
+        # Otherwise the governor stays stopped: a guest thread still alive
+        # traps at its next epoch check and never runs unbounded (T-DOS-1).
         self.runs += 1
         out, err, truncated = self.capture.finish()
-        rc = self.capture.marker_rc
-        if rc is None:  # the session died: trap, limit or deadline
+        if not idle:  # the session died: trap, limit, deadline or a read of fd 0
             self.alive = False
-            status = trap_status(RuntimeError(self._error or ""), stop_reason or ("timeout" if not finished else None))
+            if chan.foreign_read and not truncated:
+                return Outcome(NO_EXIT, "error", out, err + JS_FOREIGN_READ, truncated, session_alive=False)
+            status = trap_status(RuntimeError(self._error or ""), stop_reason or ("timeout" if not settled else None))
             if status == "error" and self._error and "out of memory" in self._error.lower():
                 status = "memory_limit"
             return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False)
+        if stop_reason == STOP_TIMEOUT and not truncated:  # parked only after its deadline
+            return Outcome(NO_EXIT, "timeout", out, err, truncated, session_alive=True)
+        rc = chan.idle_rc or 0
         status = "output_limit" if truncated else exited_status(rc, err)
         return Outcome(rc, status, out, err, truncated, session_alive=True)
-
-    def _close_writer(self) -> None:
-        fd, self._wfd = self._wfd, None
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def close(self) -> None:
         self.alive = False
         if self.governor is not None:
             self.governor.stop(STOP_CANCEL)
-        self._close_writer()
+        self.channel.close()
         self._thread.join(timeout=2)
-        for path in (self._fifo, self._dir):
-            try:
-                (os.unlink if path == self._fifo else os.rmdir)(path)
-            except OSError:
-                pass
 
 
 SessionFactory = Callable[[str, dict[str, str] | None], "PythonSession | JsSession"]

@@ -42,6 +42,10 @@ class Runtime:
     stdlib_sha256: str | None = None
     # Functions the runtime imports that Cell answers with -1 (no tools offered).
     stub_imports: tuple[tuple[str, str], ...] = ()
+    # fd 0 is the host's command channel (command_channel.py): a boot loop in
+    # the guest reads its cells there, and a run ends when it is parked in
+    # that read (T-DOS-1).
+    command_channel: bool = False
 
 
 PY_SNAPSHOT_SHA256 = "879bdb628a1a799dc3a6d1a645fee0f88944bf4cdf5e1628e0e1d2b4b33d28d3"
@@ -100,6 +104,7 @@ def _qjs_runtime() -> Runtime:
         wasm=_qjs_wasm(),
         sha256=QJS_SHA256,
         license="MIT (QuickJS-NG)",
+        command_channel=True,
     )
 
 

@@ -229,6 +229,25 @@ def test_t_dos_1_deep_recursion_traps(runner: ModuleRunner, volume: tuple[Path, 
     assert status == "error"
 
 
+# A trap's text lists the guest's own function names (its name section) before
+# wasmtime's reason: the run status and the "trap:" line come from the reason only.
+NAMED_TRAPS = [
+    pytest.param('$"out of memory"', id="named-out-of-memory"),
+    pytest.param('$"memory limit Caused by: resource limit"', id="named-fake-cause"),
+]
+
+
+@pytest.mark.parametrize("name", NAMED_TRAPS)
+def test_t_dos_1_trap_status_ignores_guest_function_names(runner: ModuleRunner, volume: tuple[Path, Volume], name: str) -> None:
+    root, vol = volume
+    wat = f'(module (memory (export "memory") 1) (func {name} (export "run") (result i32) unreachable))'.encode()
+    module = runner.compile(wat, True, 8 << 20, False)
+    ctx = context.RunContext(governor=None, volume=vol)  # type: ignore[arg-type]
+    out = runner.run(module, str(root), ctx, 5.0, 64 << 20, 1 << 20, None)
+    assert out.status == "error"
+    assert out.stderr == "trap: wasm trap: wasm `unreachable` instruction executed\n"
+
+
 def test_t_dos_1_ten_thousand_host_calls(runner: ModuleRunner, volume: tuple[Path, Volume]) -> None:
     root, vol = volume
     code, _, denials = run(runner, (WASM_DIR / "many_calls.wat").read_bytes(), root, vol)

@@ -1,0 +1,226 @@
+"""The command channel of a JavaScript session: its fd 0, served by the host.
+
+Threat T-DOS-1 (forged end of run). QuickJS has no eval export, so a boot
+loop inside the guest reads each cell from stdin and evaluates it. The host
+must learn when a cell has finished, and nothing the guest can write may tell
+it: the guest's output, memory, argv, env and files are all the guest's to
+forge (a marker on stderr was forged, the deadline disarmed, and the guest
+kept running after its ``ok``).
+
+So the end of a run is a *state of the guest thread*, observed by the host:
+WASI ``fd_read`` on fd 0 is our host function, not wasmtime's. When the guest
+asks fd 0 for bytes and the host has none left for it, the guest is idle: its
+thread is parked inside this host call and cannot execute one instruction
+until the host hands it the next cell, which the host does only after
+arming that run's deadline. Whoever reads fd 0 - the boot loop or guest code
+- parks the same way; a guest that "ends early" this way has really stopped.
+
+The boot loop's idle read is a single iovec of ``HEADER`` bytes after a cell
+that completed, ``HEADER + 1`` after one that threw: that is how the exit
+status (ok / error) travels. Guest code can imitate that shape, which only
+parks itself with a status of its choosing - the same power ``try``/``catch``
+gives it. A read of any other shape is guest code reading the command
+channel: the host stops the interpreter there (it would otherwise swallow the
+next cell) and the run is an error.
+
+Reads on any other fd go to wasmtime's own ``fd_read``, through a tiny
+per-Store wasm trampoline (WASI functions need a calling instance that
+exports the guest's memory; a host function cannot call them directly).
+"""
+from __future__ import annotations
+
+import collections
+import struct
+import threading
+import wasmtime
+
+from appliance.policy.bounds import span
+from appliance.runtime.governor import STOP_CANCEL, Governor
+
+WASI = "wasi_snapshot_preview1"
+ERRNO_SUCCESS = 0
+ERRNO_FAULT = 21
+ERRNO_INVAL = 28
+ERRNO_IO = 29
+
+HEADER = 8  # the body length, 8 hex digits
+MAX_IOVS = 1024
+MAX_BODY = 0xFFFFFFFF
+
+_local = threading.local()
+
+
+class ChannelClosed(Exception):
+    pass
+
+
+class CommandChannel:
+    """Host side of one session's fd 0; its ``read`` runs on the Store's thread."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._chunks: collections.deque[memoryview] = collections.deque()
+        self.governor: Governor | None = None
+        self.fd_read: wasmtime.Func | None = None  # wasmtime's fd_read, via attach()
+        self._idle = False
+        self._dead = False
+        self._closed = False
+        self.idle_rc: int | None = None
+        self.foreign_read = False
+
+    # -- the run's side (any thread) --------------------------------------
+    def submit(self, body: bytes) -> None:
+        """Hand the parked guest its next cell. Arm the deadline first."""
+        if len(body) > MAX_BODY:
+            raise ValueError("cell too large for the command channel")
+        with self._cond:
+            if self._dead or self._closed or not self._idle:
+                raise ChannelClosed("the session is not waiting for a cell")
+            self._chunks.append(memoryview(b"%08x" % len(body)))
+            if body:
+                self._chunks.append(memoryview(body))
+            self._idle = False
+            self.idle_rc = None
+            self.foreign_read = False
+            self._cond.notify_all()
+
+    def wait_settled(self, timeout: float) -> bool:
+        """True once the guest is parked in its read of fd 0 or its thread ended."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._idle or self._dead, timeout)
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return self._idle and not self._dead
+
+    def mark_dead(self) -> None:
+        with self._cond:
+            self._dead = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    # -- the guest's side (the Store's thread, inside fd_read(0)) ----------
+    def read(self, caller: wasmtime.Caller, capacity: int, single_iov: bool) -> bytes | None:
+        """Bytes for the guest's read of fd 0, or None: stop the guest now."""
+        with self._cond:
+            if not self._chunks:
+                if single_iov and capacity in (HEADER, HEADER + 1):
+                    rc = capacity - HEADER
+                else:
+                    self.foreign_read = True
+                    self._stop_now(caller)
+                    return None
+                # T-DOS-1: the guest is idle from here; the run waiting on us
+                # may answer, because this thread cannot leave this call
+                # before the next submit().
+                self.idle_rc = rc
+                self._idle = True
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: bool(self._chunks) or self._closed)
+                if not self._chunks:
+                    self._stop_now(caller)
+                    return None
+            first = self._chunks[0]  # a header or a source, never both in one read
+            if len(first) <= capacity:
+                self._chunks.popleft()
+                return bytes(first)
+            self._chunks[0] = first[capacity:]
+            return bytes(first[:capacity])
+
+    def _stop_now(self, caller: wasmtime.Caller) -> None:
+        if self.governor is not None:
+            self.governor.stop_now(caller, STOP_CANCEL)
+
+
+# Imports the guest's memory and wasmtime's fd_read, and re-exports both, so
+# that wasmtime's fd_read sees "memory" on its caller.
+TRAMPOLINE_WAT = """
+(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "env" "memory" (memory 0))
+  (export "memory" (memory 0))
+  (func (export "fd_read") (param i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $fd_read))
+"""
+
+
+def compile_trampoline(engine: wasmtime.Engine) -> wasmtime.Module:
+    return wasmtime.Module(engine, TRAMPOLINE_WAT)
+
+
+def attach(channel: CommandChannel, store: wasmtime.Store, memory: wasmtime.Memory, trampoline: wasmtime.Module) -> None:
+    """Give ``channel`` wasmtime's fd_read for ``store`` (after the guest is instantiated)."""
+    linker = wasmtime.Linker(store.engine)
+    linker.define_wasi()
+    linker.define(store, "env", "memory", memory)
+    item = linker.instantiate(store, trampoline).exports(store)["fd_read"]
+    if not isinstance(item, wasmtime.Func):
+        raise RuntimeError("fd_read trampoline has no fd_read export")
+    channel.fd_read = item
+
+
+def bind(channel: CommandChannel | None) -> None:
+    """Make ``channel`` the fd 0 of the Store driven by the calling thread."""
+    _local.channel = channel
+
+
+def _current() -> CommandChannel | None:
+    return getattr(_local, "channel", None)
+
+
+def define_command_channel(linker: wasmtime.Linker) -> None:
+    """Shadow ``fd_read`` on ``linker``, which already has WASI defined."""
+    i32 = wasmtime.ValType.i32()
+
+    def fd_read(caller: wasmtime.Caller, fd: int, iovs_ptr: int, iovs_len: int, nread_ptr: int) -> int:
+        try:
+            channel = _current()
+            if channel is None:
+                return ERRNO_IO  # a Store without a channel is not a JavaScript session
+            if fd != 0:
+                if channel.fd_read is None:
+                    return ERRNO_IO
+                result = channel.fd_read(caller, fd, iovs_ptr, iovs_len, nread_ptr)
+                return int(result) if isinstance(result, int) else ERRNO_IO
+            mem = caller.get("memory")
+            if not isinstance(mem, wasmtime.Memory):
+                return ERRNO_FAULT
+            size = mem.data_len(caller)
+            count = iovs_len & 0xFFFFFFFF
+            if count > MAX_IOVS:
+                return ERRNO_INVAL
+            table = span(iovs_ptr, 8 * count, size)
+            nread = span(nread_ptr, 4, size)
+            if table is None or nread is None:
+                return ERRNO_FAULT
+            raw = bytes(mem.read(caller, table[0], table[0] + table[1]))
+            iovs: list[tuple[int, int]] = []
+            for i in range(count):
+                ptr, length = struct.unpack_from("<II", raw, 8 * i)
+                where = span(ptr, length, size)
+                if where is None:
+                    return ERRNO_FAULT
+                iovs.append(where)
+            data = channel.read(caller, sum(n for _, n in iovs), count == 1)
+            if data is None:
+                mem.write(caller, b"\0\0\0\0", nread[0])
+                return ERRNO_SUCCESS  # end of file; the guest traps at its next epoch check
+            done = 0
+            for ptr, length in iovs:
+                part = data[done : done + length]
+                if part:
+                    mem.write(caller, part, ptr)
+                done += len(part)
+            mem.write(caller, struct.pack("<I", done), nread[0])
+            return ERRNO_SUCCESS
+        except Exception:
+            return ERRNO_IO
+
+    linker.allow_shadowing = True
+    linker.define_func(WASI, "fd_read", wasmtime.FuncType([i32] * 4, [i32]), fd_read, access_caller=True)
+    linker.allow_shadowing = False
