@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -38,13 +39,15 @@ class Binding:
 
 class CellService:
     def __init__(self, settings: Settings, store: Store, pool: WorkerPool, receipts: ReceiptStore,
-                 egress: dict[str, Any] | None = None, pro_allowed: Callable[[], bool] = lambda: False) -> None:
+                 egress: dict[str, Any] | None = None,
+                 pro_features: Callable[[], Collection[str]] = lambda: ()) -> None:
         self.settings = settings
         self.store = store
         self.pool = pool
         self.receipts = receipts
         self.egress = egress
-        self.pro_allowed = pro_allowed
+        # T-LIC-2: the Pro features the license in force grants, asked per run.
+        self.pro_features = pro_features
         self._bindings: dict[str, Binding] = {}
         # After a restart no interpreter state survives: each persistent cell
         # says so once (409 cell_lost), exactly as after a worker was replaced.
@@ -266,7 +269,7 @@ class CellService:
             "op": "exec", "cell_id": cell_id if record.template != "wasm" else None, "template": record.template,
             "code": code, "is_text": is_text, "timeout_ms": run_timeout, "memory_mb": record.memory_mb,
             "volume": self.volume_path(tenant.id, cell_id), "stream": on_chunk is not None, "tenant_id": tenant.id,
-            "envs": record.envs, "persistent": record.persistent, "egress": self.egress, "pro": self.pro_allowed(),
+            "envs": record.envs, "persistent": record.persistent, "egress": self.egress, "features": sorted(self.pro_features()),
             "known_session": binding is not None,
         }
         answer = self._run(handle, msg, tenant, cell_id, record.template, code, run_timeout, on_chunk)
@@ -301,7 +304,7 @@ class CellService:
             "op": "exec", "cell_id": None, "template": template, "code": code, "is_text": is_text,
             "timeout_ms": run_timeout, "memory_mb": memory_mb or self.settings.memory_mb, "volume": None,
             "stream": on_chunk is not None, "tenant_id": tenant.id, "stdin": stdin, "egress": self.egress,
-            "pro": self.pro_allowed(),
+            "features": sorted(self.pro_features()),
         }
         return self._run(handle, msg, tenant, None, template, code, run_timeout, on_chunk)
 

@@ -26,7 +26,7 @@ import wasmtime
 
 from appliance.runtime import context
 from appliance.runtime.loader import Runtimes
-from appliance.runtime.modules import ModuleRefused, ModuleRunner
+from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
 from appliance.runtime.templates import RuntimeMissing
 from appliance.runtime.sessions import JsSession, PythonSession
 
@@ -216,7 +216,10 @@ class Worker:
             from appliance.confine import Volume
             from appliance.policy.egress import EgressPolicy
 
-            module = self.modules.compile(code, bool(msg.get("is_text")), int(self.cfg["module_max_bytes"]), bool(msg.get("pro")))
+            # T-LIC-2: the Pro features the web process found in the license in
+            # force for this run (never anything the guest sent); unknown names drop out.
+            features = frozenset(msg.get("features") or ()) & frozenset(PRO_FUNCTIONS)
+            module = self.modules.compile(code, bool(msg.get("is_text")), int(self.cfg["module_max_bytes"]), features)
             volume = msg.get("volume")
             tmp = None
             if not volume:
@@ -225,8 +228,11 @@ class Worker:
             try:
                 with Volume(volume) as vol:
                     ctx.volume = vol
-                    if msg.get("pro"):  # Pro host functions see their resources only under a Pro license
-                        ctx.weights, ctx.mcp = self.weights, self.mcp
+                    # T-LIC-2: each Pro host function sees its resource only when the license grants its feature.
+                    if "load_weights" in features:
+                        ctx.weights = self.weights
+                    if "host_mcp_call" in features:
+                        ctx.mcp = self.mcp
                     egress = msg.get("egress")
                     if egress:
                         ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+import shutil
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from appliance.receipts.nodekey import NodeKey
 from appliance.receipts.store import ReceiptStore
 from appliance.services import prepare_root
 from appliance.storage import Store
-from tests.factories import NOW, make_keypair, make_license
+from tests.factories import NOW, make_keypair, make_license, make_registry
+from tests.mirror import TOP
 
 BIG_MEMORY = lambda: 64 * 2**30  # noqa: E731 - the host's real memory must not decide these tests
 
@@ -77,11 +79,23 @@ def test_broken_node_names_each_problem(tmp_path: Path) -> None:
 
 def test_valid_license_reports_days_left(tmp_path: Path) -> None:
     settings = fresh_node(tmp_path / "node")
+    shutil.rmtree(settings.mirror_dir)  # replaced by a registry signed with test keys, fresh at NOW
+    registry = make_registry(tmp_path, mirror_dir=settings.mirror_dir, expires=dict.fromkeys(TOP, NOW + timedelta(days=30)))
     pair = make_keypair("doctor")
     settings.config_dir.mkdir(parents=True, exist_ok=True)
     settings.license_path.write_bytes(make_license(pair.signing_key, pair.key_id))
-    check = by_name(settings, ctx(now=NOW, license_keys=pair.keys, machine_id="m"))["license"]
+    check = by_name(settings, ctx(now=NOW, license_keys=pair.keys, machine_id="m", registry_root=registry.trusted_root))["license"]
     assert check.level == OK and "365 days left" in check.message  # type: ignore[attr-defined]
+
+
+def test_t_lic_3_license_without_imported_registry_is_refused(tmp_path: Path) -> None:
+    settings = fresh_node(tmp_path / "node")  # only the trust root: revocations unknown
+    pair = make_keypair("doctor")
+    settings.config_dir.mkdir(parents=True, exist_ok=True)
+    settings.license_path.write_bytes(make_license(pair.signing_key, pair.key_id))
+    checks = by_name(settings, ctx(now=NOW, license_keys=pair.keys, machine_id="m"))
+    assert checks["license"].level == FAIL and "registry_missing" in checks["license"].message  # type: ignore[attr-defined]
+    assert "registry_missing" in checks["registry"].message  # type: ignore[attr-defined]
 
 
 def test_key_file_readable_by_others_fails(tmp_path: Path) -> None:
