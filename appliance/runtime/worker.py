@@ -228,11 +228,7 @@ class Worker:
             try:
                 with Volume(volume) as vol:
                     ctx.volume = vol
-                    # T-LIC-2: each Pro host function sees its resource only when the license grants its feature.
-                    if "load_weights" in features:
-                        ctx.weights = self.weights
-                    if "host_mcp_call" in features:
-                        ctx.mcp = self.mcp
+                    grant_pro_resources(ctx, features, self.weights, self.mcp)
                     egress = msg.get("egress")
                     if egress:
                         ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]))
@@ -284,6 +280,16 @@ class Worker:
     def _result(self, outcome: Any, started: float, volume_bytes: int | None = None) -> dict[str, Any]:
         guest_ms = (time.perf_counter() - started) * 1000
         return {"type": "result", "outcome": outcome.to_wire(), "guest_ms": guest_ms, "volume_bytes": volume_bytes}
+
+
+def grant_pro_resources(ctx: context.RunContext, features: frozenset[str], weights: Any, mcp: Any) -> None:
+    """T-LIC-2: each Pro host function gets its resource only when the license grants its feature.
+
+    The import check already refused modules that use an ungranted function;
+    this keeps the resource itself out of reach as well (defence in depth).
+    """
+    ctx.weights = weights if "load_weights" in features else None
+    ctx.mcp = mcp if "host_mcp_call" in features else None
 
 
 def _registry_hashes(mirror_dir: str | None) -> Any:
