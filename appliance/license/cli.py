@@ -10,12 +10,14 @@ appliance into trusting a key (T-LIC-1).
 
 `show`, `verify` and `install` only read the clock high-water mark; they
 never create or write the node database, which belongs to the service user.
+`clock-reset` (run as the service user) re-signs a mark found tampered with.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +28,13 @@ from appliance.config import Settings, load_settings
 from appliance.fileio import write_atomic as _write_atomic
 from appliance.license.issue import DEFAULT_LIMITS, build_payload, issue_license, load_signing_key
 from appliance.license.machine import machine_fingerprint
-from appliance.license.manager import embedded_license_keys, read_high_water, utc_now
+from appliance.license.manager import (
+    ClockResetRefused,
+    embedded_license_keys,
+    read_high_water,
+    reset_clock_mark,
+    utc_now,
+)
 from appliance.license.verify import (
     MAX_FILE_BYTES,
     TIERS,
@@ -40,6 +48,7 @@ from appliance.license.verify import (
     verify_license,
     warnings_for,
 )
+from appliance.receipts.nodekey import NodeKey, NodeKeyError
 
 LICENSE_FILE_MODE = 0o640
 
@@ -90,6 +99,10 @@ def register(
     install = commands.add_parser("install", help="verify a license file, then install it (mode 0640)")
     install.add_argument("file", type=Path)
     install.set_defaults(func=lambda args: _install(args, deps))
+
+    reset = commands.add_parser("clock-reset",
+                                help="re-sign a clock high-water mark found tampered with, at the current clock")
+    reset.set_defaults(func=lambda args: _clock_reset(args, deps))
 
     issue = commands.add_parser("issue", help="vendor side: sign a new license with a private key")
     issue.add_argument("--signing-key", type=Path, required=True, help="file with the 32-byte seed in hex")
@@ -217,6 +230,20 @@ def _install(args: argparse.Namespace, deps: _Deps) -> int:
         "within a second, or at once on SIGHUP.",
         file=out,
     )
+    return 0
+
+
+def _clock_reset(args: argparse.Namespace, deps: _Deps) -> int:
+    """T-LIC-3: the repair for a deleted or edited clock mark; never lowers an intact one."""
+    settings = deps.get_settings(args)
+    out = deps.stream()
+    try:
+        mark = reset_clock_mark(settings.db_path, NodeKey.load(settings.keys_dir), deps.clock())
+    except (ClockResetRefused, NodeKeyError, sqlite3.Error) as exc:
+        print(f"clock mark not reset: {exc}", file=out)
+        return 1
+    print(f"clock mark re-signed at {format_time(mark)}; send the service SIGHUP (or restart it) to check "
+          "licenses again.", file=out)
     return 0
 
 

@@ -140,7 +140,7 @@ class MarkInspection:
 
 
 def inspect_high_water(conn: sqlite3.Connection, verify_key: VerifyKey, key_id: str,
-                       *, table_existed: bool = True) -> MarkInspection:
+                       *, table_existed: bool = True, expect_row: bool = False) -> MarkInspection:
     """Check the signed mark against the node key and the receipt log (T-LIC-3).
 
     * a row whose signature does not verify (value lowered or edited, or
@@ -148,7 +148,8 @@ def inspect_high_water(conn: sqlite3.Connection, verify_key: VerifyKey, key_id: 
     * no row while the node has history (a receipt, or a mark written by an
       older release) is a deletion; only a node with no history, or the first
       start after an upgrade (``table_existed`` False, an old unsigned mark
-      present), starts without one.
+      present), starts without one; ``expect_row`` (this process wrote or
+      read one) makes any missing row a deletion.
     """
     latest = _select(conn, "SELECT timestamp FROM receipts ORDER BY seq DESC LIMIT 1", ())
     latest_receipt = _from_ms(latest) if latest is not None else None
@@ -171,15 +172,61 @@ def inspect_high_water(conn: sqlite3.Connection, verify_key: VerifyKey, key_id: 
             mark = _from_ms(legacy)  # an older release's mark, never lower than the signed one
         return MarkInspection(mark, None, latest_receipt)
     if table_existed or (legacy is None and latest is not None):
-        if latest is not None or legacy is not None:
+        if expect_row or latest is not None or legacy is not None:
             return MarkInspection(None, "the license clock mark was deleted from the node database "
                                   "although the node has history (receipts or an earlier mark)", latest_receipt)
     return MarkInspection(_from_ms(legacy) if legacy is not None else None, None, latest_receipt)
 
 
+def _write_mark(conn: sqlite3.Connection, key: NodeKey, ms: int) -> None:
+    sig = base64.b64encode(key.sign(mark_message(ms, key.key_id))).decode("ascii")
+    conn.execute("INSERT INTO license_clock (id, high_water_ms, key_id, signature) VALUES (1, ?, ?, ?) "
+                 "ON CONFLICT(id) DO UPDATE SET high_water_ms = excluded.high_water_ms, "
+                 "key_id = excluded.key_id, signature = excluded.signature", (ms, key.key_id, sig))
+
+
+class ClockResetRefused(Exception):
+    """`cell license clock-reset` will not write the mark (it is intact, or the clock is behind the receipts)."""
+
+
+def reset_clock_mark(db_path: Path, node_key: NodeKey, now: datetime, skew: timedelta = CLOCK_SKEW) -> datetime:
+    """Re-sign a clock mark found tampered with, at ``now`` (``cell license clock-reset``, T-LIC-3).
+
+    Refused when the mark is intact (a good mark is never lowered), and when
+    the newest receipt is more than ``skew`` ahead of ``now``: the signed,
+    append-only receipt log then shows the clock was wound back, and a reset
+    must not launder that. The new mark is never below the newest receipt.
+    """
+    conn = sqlite3.connect(db_path, timeout=5, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(_SCHEMA_SQL)
+        conn.execute(_CLOCK_SQL)
+        seen = inspect_high_water(conn, node_key.verify_key, node_key.key_id)
+        if seen.problem is None:
+            raise ClockResetRefused("the clock mark is intact; there is nothing to repair")
+        if seen.latest_receipt is not None and now < seen.latest_receipt - skew:
+            raise ClockResetRefused(f"the clock ({format_time(now)}) is behind the newest receipt "
+                                    f"({format_time(seen.latest_receipt)}); set the clock right first")
+        mark = max(now, seen.latest_receipt) if seen.latest_receipt is not None else now
+        _write_mark(conn, node_key, _to_ms(mark))
+        conn.execute("DELETE FROM license_state WHERE key = ?", (_HIGH_WATER_KEY,))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    finally:
+        conn.close()
+    log.warning("license clock mark re-signed at %s after it was found tampered with (%s)", format_time(mark), seen.problem)
+    return mark
+
+
 def clock_tampered_reason(problem: str) -> str:
     return (f"The license clock record cannot be trusted: {problem}. Pro features are off (free tier) until "
-            "it is repaired: restore the node database from a backup (cell restore), or ask vendor support.")
+            "it is repaired: restore the node database from a backup (cell restore), or run "
+            "`cell license clock-reset` with the clock set right, then send the service SIGHUP.")
 
 
 class HighWaterStore:
@@ -205,6 +252,7 @@ class HighWaterStore:
             seen = inspect_high_water(conn, node_key.verify_key, node_key.key_id, table_existed=existed)
             self.problem = seen.problem
             self._initial = seen.mark
+            self._expect_row = seen.mark is not None
             if seen.problem is None and not existed and seen.mark is not None:
                 self._write(conn, _to_ms(seen.mark))  # upgrade: sign the older release's mark
             if seen.problem is None:
@@ -223,10 +271,7 @@ class HighWaterStore:
         return conn
 
     def _write(self, conn: sqlite3.Connection, ms: int) -> None:
-        sig = base64.b64encode(self._key.sign(mark_message(ms, self._key.key_id))).decode("ascii")
-        conn.execute("INSERT INTO license_clock (id, high_water_ms, key_id, signature) VALUES (1, ?, ?, ?) "
-                     "ON CONFLICT(id) DO UPDATE SET high_water_ms = excluded.high_water_ms, "
-                     "key_id = excluded.key_id, signature = excluded.signature", (ms, self._key.key_id, sig))
+        _write_mark(conn, self._key, ms)
 
     def get(self) -> datetime | None:
         """The mark as found when the store was opened (None: nothing recorded, or tampered)."""
@@ -237,7 +282,7 @@ class HighWaterStore:
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE")  # read, check and write as one step: racing writers only move it up
-            seen = inspect_high_water(conn, self._key.verify_key, self._key.key_id)
+            seen = inspect_high_water(conn, self._key.verify_key, self._key.key_id, expect_row=self._expect_row)
             if seen.problem is not None:
                 conn.execute("ROLLBACK")
                 raise ClockTampered(seen.problem)
@@ -245,6 +290,7 @@ class HighWaterStore:
             if seen.mark is None or ms > _to_ms(seen.mark):
                 self._write(conn, ms)
             conn.execute("COMMIT")
+            self._expect_row = True
         except sqlite3.Error:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -305,8 +351,8 @@ class LicenseManager:
         self._reload_requested = False
         # T-LIC-3: the mark is signed by the node key (the service passes its
         # own; other tools load it), so deleting or lowering it is detected.
-        key = node_key if node_key is not None else NodeKey.load_or_create(settings.keys_dir)
-        self._high_water_store = HighWaterStore(settings.db_path, key)
+        self._node_key = node_key if node_key is not None else NodeKey.load_or_create(settings.keys_dir)
+        self._high_water_store = HighWaterStore(settings.db_path, self._node_key)
         self._clock_problem: str | None = self._high_water_store.problem
         if self._clock_problem is not None:
             log.error("license clock high-water mark tampered with: %s; Pro features are off", self._clock_problem)
@@ -352,6 +398,8 @@ class LicenseManager:
         """Re-read the file if it changed (always, with force) and re-evaluate."""
         with self._lock:
             self._last_check = self._monotonic()
+            if force and self._clock_problem is not None:
+                self._recheck_clock_mark()  # SIGHUP after `cell license clock-reset` or a restore
             try:
                 st = os.stat(self._path)
             except FileNotFoundError:
@@ -377,6 +425,20 @@ class LicenseManager:
                     self._load(sig)
             self._state = self._evaluate()
             return self._state
+
+    def _recheck_clock_mark(self) -> None:
+        try:
+            store = HighWaterStore(self._settings.db_path, self._node_key)
+        except sqlite3.Error as exc:
+            log.warning("cannot re-read the license clock high-water mark: %s", exc)
+            return
+        if store.problem is None:
+            self._high_water_store, self._clock_problem = store, None
+            mark = store.get()
+            if mark is not None and (self._high_water is None or mark > self._high_water):
+                self._high_water = mark
+            self._high_water_written = mark
+            log.warning("license clock high-water mark repaired; licenses are checked again")
 
     def _unreadable(self, exc: OSError) -> str:
         return f"The license file {self._path} cannot be read ({exc.strerror or exc}); check its permissions."
