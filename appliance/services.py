@@ -256,9 +256,11 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
             from appliance.license.manager import LicenseManager
 
             if mirror is not None:
-                lic = LicenseManager(settings, revocations=mirror.is_license_revoked, revoked_keys=mirror.is_key_revoked)
+                lic = LicenseManager(settings, revocations=mirror.is_license_revoked, revoked_keys=mirror.is_key_revoked,
+                                     node_key=node_key)
             else:
-                lic = LicenseManager(settings, revocations=_registry_unavailable, revoked_keys=_registry_unavailable)
+                lic = LicenseManager(settings, revocations=_registry_unavailable, revoked_keys=_registry_unavailable,
+                                     node_key=node_key)
     except Exception as e:  # no license subsystem means the free tier, never a crash
         log.warning("license subsystem unavailable, running free tier: %s", e)
     if settings.mcp_servers is not None:
