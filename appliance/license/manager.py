@@ -121,6 +121,23 @@ def _table_exists(conn: sqlite3.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
 
+def read_clock_problem(db_path: Path, keys_dir: Path) -> str | None:
+    """Why the signed clock mark cannot be believed, or None; read-only (doctor, CLI).
+
+    Raises ``NodeKeyError`` when the node key cannot be read (another user),
+    ``sqlite3.Error`` when the database cannot.
+    """
+    if not db_path.exists():
+        return None
+    key = NodeKey.load(keys_dir)
+    conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        seen = inspect_high_water(conn, key.verify_key, key.key_id, table_existed=_table_exists(conn, "license_clock"))
+    finally:
+        conn.close()
+    return seen.problem
+
+
 def mark_message(high_water_ms: int, key_id: str) -> bytes:
     """The bytes the node key signs for a clock mark (domain-separated from receipts)."""
     return _MARK_LABEL + f"{key_id}|{high_water_ms}".encode("ascii")

@@ -162,18 +162,9 @@ def _revocations(s: Settings, ctx: Context) -> Callable[[str], bool]:
 
 def clock_mark_problem(s: Settings) -> str | None:
     """Why the signed clock high-water mark cannot be believed, or None (read-only, T-LIC-3)."""
-    from appliance.license.manager import _table_exists, inspect_high_water
-    from appliance.receipts.nodekey import NodeKey
+    from appliance.license.manager import read_clock_problem
 
-    if not s.db_path.exists():
-        return None
-    key = NodeKey.load(s.keys_dir)
-    conn = sqlite3.connect(f"{s.db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
-    try:
-        seen = inspect_high_water(conn, key.verify_key, key.key_id, table_existed=_table_exists(conn, "license_clock"))
-    finally:
-        conn.close()
-    return seen.problem
+    return read_clock_problem(s.db_path, s.keys_dir)
 
 
 def check_license(s: Settings, ctx: Context) -> Check:

@@ -320,13 +320,49 @@ def test_t_lic_3_legitimate_marks_are_not_tampering(tmp_path: Path, settings: Se
         assert with_registry(settings, clock, mirror=mirror).current().reason_code == "clock_rollback"
 
 
-def cli(settings: Settings, now: datetime, *argv: str) -> tuple[int, str]:
+def cli(settings: Settings, now: datetime, *argv: str, **deps: Any) -> tuple[int, str]:
     parser = argparse.ArgumentParser(prog="cell")
     out = io.StringIO()
     register(parser.add_subparsers(dest="command", required=True), settings=settings, keys=KP.keys,
-             clock=lambda: now, machine_id=None, out=out)
+             clock=lambda: now, machine_id=None, out=out, **deps)
     args = parser.parse_args(["license", *argv])
     return args.func(args), out.getvalue()
+
+
+@pytest.mark.parametrize("state,code", [
+    pytest.param("no-registry", "registry_missing", id="no-registry-installed"),
+    pytest.param("expired", "registry_expired", id="timestamp-expired"),
+    pytest.param("tampered", "clock_tampered", id="clock-mark-deleted"),
+    pytest.param("fresh", None, id="fresh-registry"),
+])
+def test_t_lic_3_license_cli_refuses_what_the_service_would(tmp_path: Path, settings: Settings, state: str,
+                                                            code: str | None) -> None:
+    """`cell license verify/install` ask the node's registry and clock mark like the service (no injected lookup)."""
+    install_license(settings)
+    candidate = tmp_path / "new.json"
+    candidate.write_bytes(settings.license_path.read_bytes())
+    settings.license_path.unlink()
+    clock = Clock(T0)
+    if state != "no-registry":
+        vendor = Vendor(tmp_path)
+        expires = {"timestamp": T0 + timedelta(hours=1)} if state == "expired" else {}
+        Mirror(settings.mirror_dir, trusted_root=vendor.trusted_root).import_path(vendor.publish(expires=expires))
+        root = vendor.trusted_root
+    else:
+        root = None
+    if state == "tampered":
+        with_registry(settings, clock, mirror=Mirror(settings.mirror_dir, trusted_root=root))
+        add_receipt(settings, T0)
+        _delete(settings)
+    now = T0 + timedelta(hours=2) if state == "expired" else T0
+    code_v, out_v = cli(settings, now, "verify", str(candidate), registry_root=root)
+    code_i, out_i = cli(settings, now, "install", str(candidate), registry_root=root)
+    if code is None:
+        assert (code_v, code_i) == (0, 0), out_v + out_i
+        assert settings.license_path.read_bytes() == candidate.read_bytes()
+    else:
+        assert code_v == 1 and f"REJECTED ({code})" in out_v, out_v
+        assert code_i == 1 and "not installed" in out_i and not settings.license_path.exists()
 
 
 def test_t_lic_3_clock_reset_repairs_only_a_tampered_mark_and_never_below_the_receipts(tmp_path: Path,
