@@ -8,8 +8,10 @@ I/O around it:
 * re-reads it when its inode, size or mtime change (checked at most once per
   ``poll_interval`` on access) or after SIGHUP, without a restart;
 * keeps the last good license when a new file is refused, and says why;
-* persists the clock high-water mark in the ``license_state`` table of
-  ``Settings.db_path`` so a clock wound back survives a reboot (T-LIC-1).
+* persists the clock high-water mark in the ``license_clock`` table of
+  ``Settings.db_path``, signed by the node key, so a clock wound back is
+  caught across a reboot (T-LIC-1) and a deleted or lowered mark is detected
+  and fails closed (T-LIC-3).
 
 No license, or no acceptable one, is the free tier.
 """
@@ -24,12 +26,12 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from collections.abc import Iterable
 from typing import Any, Callable
 
 from nacl.exceptions import BadSignatureError

@@ -157,7 +157,15 @@ def _revocations(s: Settings, ctx: Context) -> Callable[[str], bool]:
             raise RegistryStale("registry_missing", "No trust registry is installed yet, so license revocations are unknown.")
 
         return missing
-    return Mirror(s.mirror_dir, trusted_root=ctx.registry_root, clock=lambda: ctx.now).is_license_revoked
+    try:
+        return Mirror(s.mirror_dir, trusted_root=ctx.registry_root, clock=lambda: ctx.now).is_license_revoked
+    except Exception as exc:  # an unusable registry: the license check says revocation_unavailable
+        error = exc
+
+        def unusable(_license_id: str) -> bool:
+            raise error
+
+        return unusable
 
 
 def clock_mark_problem(s: Settings) -> str | None:
