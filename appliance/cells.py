@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -38,13 +39,15 @@ class Binding:
 
 class CellService:
     def __init__(self, settings: Settings, store: Store, pool: WorkerPool, receipts: ReceiptStore,
-                 egress: dict[str, Any] | None = None, pro_allowed: Callable[[], bool] = lambda: False) -> None:
+                 egress: dict[str, Any] | None = None,
+                 pro_features: Callable[[], Collection[str]] = lambda: ()) -> None:
         self.settings = settings
         self.store = store
         self.pool = pool
         self.receipts = receipts
         self.egress = egress
-        self.pro_allowed = pro_allowed
+        # T-LIC-2: the Pro features the license in force grants, asked per run.
+        self.pro_features = pro_features
         self._bindings: dict[str, Binding] = {}
         # After a restart no interpreter state survives: each persistent cell
         # says so once (409 cell_lost), exactly as after a worker was replaced.
@@ -310,7 +313,7 @@ class CellService:
             timeout_ms=min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms),
             memory_mb=memory_mb, tenant_id=tenant.id, cell_id=cell_id, volume=volume, stream=on_chunk is not None,
             envs=dict(envs or {}), persistent=persistent, known_session=known_session, egress=egress,
-            pro=self.pro_allowed(), quota_left=quota_left, stdin=stdin)
+            features=sorted(self.pro_features()), quota_left=quota_left, stdin=stdin)
 
     def _run(self, handle: Any, msg: protocol.ExecRequest, tenant: Tenant, cell_id: str | None,
              on_chunk: ChunkCallback | None) -> dict[str, Any]:

@@ -123,6 +123,15 @@ class Services:
         except Exception:
             return "free"
 
+    def allows(self, feature: str) -> bool:
+        """True when the license in force grants ``feature``; any failure is "no" (T-LIC-2)."""
+        if self.license is None:
+            return False
+        try:
+            return bool(self.license.allows(feature))
+        except Exception:
+            return False
+
     def limiter_for(self, rate: float) -> TokenBucketLimiter:
         """The per-client bucket set at the rate in force (rebuilt when a new
         license changes it)."""
@@ -249,9 +258,11 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
             from appliance.license.manager import LicenseManager
 
             if mirror is not None:
-                lic = LicenseManager(settings, revocations=mirror.is_license_revoked, revoked_keys=mirror.is_key_revoked)
+                lic = LicenseManager(settings, revocations=mirror.is_license_revoked, revoked_keys=mirror.is_key_revoked,
+                                     node_key=node_key)
             else:
-                lic = LicenseManager(settings, revocations=_registry_unavailable, revoked_keys=_registry_unavailable)
+                lic = LicenseManager(settings, revocations=_registry_unavailable, revoked_keys=_registry_unavailable,
+                                     node_key=node_key)
     except Exception as e:  # no license subsystem means the free tier, never a crash
         log.warning("license subsystem unavailable, running free tier: %s", e)
     if settings.mcp_servers is not None:
@@ -262,8 +273,14 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
     pool.start()
     egress = {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow),
               "hosts": load_egress_hosts(settings.egress_hosts)}
-    pro = (lambda: bool(lic.current().tier in ("pro", "hub"))) if lic is not None else (lambda: False)
-    cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None, pro_allowed=pro)
+    from appliance.license.verify import HOST_FUNCTION_FEATURES
+
+    def pro_features() -> frozenset[str]:
+        # T-LIC-2: each Pro host function only when the license lists its feature.
+        return lic.granted(HOST_FUNCTION_FEATURES) if lic is not None else frozenset()
+
+    cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None,
+                        pro_features=pro_features)
     services = Services(settings, store, receipts, node_key, pool, cells, license=lic, mirror=mirror)
     cells.limits = services.limits
     return services

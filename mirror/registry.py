@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tuf.api.metadata import Metadata, Root
 
@@ -54,6 +54,19 @@ class MirrorError(Exception):
 
 class ImportBusy(MirrorError):
     pass
+
+
+class RegistryStale(MirrorError):
+    """The installed registry cannot vouch that its revocation list is current (T-LIC-3).
+
+    ``registry_code`` is ``registry_missing`` (no update was ever imported)
+    or ``registry_expired`` (its signed metadata has expired); the license
+    check turns it into a refusal with that code.
+    """
+
+    def __init__(self, registry_code: str, message: str) -> None:
+        super().__init__(message)
+        self.registry_code = registry_code
 
 
 def embedded_root() -> bytes:
@@ -93,10 +106,12 @@ class LoadedState:
 class Mirror:
     """The registry in force. Cheap to ask on every request; safe across threads."""
 
-    def __init__(self, root_dir: Path, trusted_root: bytes | None = None) -> None:
+    def __init__(self, root_dir: Path, trusted_root: bytes | None = None,
+                 clock: Callable[[], datetime] | None = None) -> None:
         self.root_dir = Path(root_dir)
         # Tests pass roots made with throw-away keys; production passes None.
         self.trusted_root = trusted_root if trusted_root is not None else embedded_root()
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._cache_key: tuple[Any, ...] | None = None
         self._cache: LoadedState | None = None
         self._cache_lock = threading.Lock()
@@ -276,11 +291,37 @@ class Mirror:
             out.setdefault(t.template, set()).add(t.sha256)
         return out
 
+    def current_revocations(self) -> Revocations:
+        """The revocation list, only while the signed state is fresh (T-LIC-3).
+
+        Templates keep working from an expired state (an air-gapped node must
+        not lose its runtimes because an update is late), but a revocation
+        list nobody has refreshed cannot say a license is still good: not
+        importing updates must not be a way around a revocation. So license
+        lookups raise ``RegistryStale`` when no update was ever imported, or
+        when any top-level role (root, timestamp, snapshot, targets) has
+        expired; the license check then refuses to honour the license.
+        """
+        s = self.state()
+        v = s.verified
+        if v.timestamp is None or v.snapshot is None or v.targets is None:
+            raise RegistryStale("registry_missing",
+                                "No trust registry update has been imported yet (only the trust root is installed), "
+                                "so license revocations are unknown.")
+        roles: dict[str, Any] = {"root": v.root, "timestamp": v.timestamp, "snapshot": v.snapshot, "targets": v.targets}
+        role = min(roles, key=lambda r: roles[r].expires)
+        expires = roles[role].expires
+        if self._clock() >= expires:
+            raise RegistryStale("registry_expired",
+                                f"The trust registry's {role} metadata expired at {_iso(expires)}, "
+                                "so its revocation list may be out of date.")
+        return s.revocations
+
     def is_license_revoked(self, license_id: str) -> bool:
-        return license_id in self.state().revocations.licenses
+        return license_id in self.current_revocations().licenses
 
     def is_key_revoked(self, key_id: str) -> bool:
-        return key_id in self.state().revocations.keys
+        return key_id in self.current_revocations().keys
 
     def template_blob(self, target: str) -> Path | None:
         """Path of a trusted template blob in the state in force (content-addressed)."""
@@ -294,7 +335,7 @@ class Mirror:
 
     def status(self, now: datetime | None = None) -> dict[str, Any]:
         """The figures of `cell mirror status` and GET /v1/status."""
-        now = now or datetime.now(timezone.utc)
+        now = now or self._clock()
         try:
             s = self.state()
         except (MirrorError, UntrustedState, OSError) as exc:

@@ -1,4 +1,4 @@
-"""Builders for signed test artefacts (licenses now; registry bundles and receipts later).
+"""Builders for signed test artefacts: licenses and installed trust registries.
 
 Every key here is made on the spot (or from a fixed, public, test-only seed
 for reproducible parametrization); no vendor private key exists in this
@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nacl.signing import SigningKey
 
 from appliance.license.issue import encode_document, sign_payload
 from appliance.license.verify import key_id_for
+
+if TYPE_CHECKING:
+    from mirror.registry import Mirror
 
 # The instant license tests pretend it is; licenses below are valid around it.
 NOW = datetime(2027, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
@@ -83,3 +88,34 @@ def make_license(signing_key: SigningKey, key_id: str, **payload_overrides: Any)
 def compact(doc: dict[str, Any]) -> bytes:
     """Whitespace-free file bytes, so every byte of the file is significant."""
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def make_registry(
+    tmp: Path,
+    *,
+    expires: Mapping[str, datetime] | None = None,
+    licenses: Sequence[str] = (),
+    revoked_keys: Sequence[str] = (),
+    clock: Callable[[], datetime] | None = None,
+    mirror_dir: Path | None = None,
+) -> Mirror:
+    """An appliance mirror (``tmp/mirror`` unless ``mirror_dir``) with one real TUF update imported.
+
+    The vendor repository is signed with throw-away keys and the mirror is
+    told to trust its root (``Mirror.trusted_root``). ``expires`` sets the
+    role expiries (timestamp, snapshot, targets); python-tuf refuses to
+    import metadata that has already expired by the real clock, so an
+    "expired registry" is built by importing one that expires soon and
+    giving the mirror a ``clock`` past that instant.
+    """
+    from tests.mirror import Vendor
+
+    work = tmp / "registry-vendor"
+    work.mkdir(parents=True, exist_ok=True)
+    vendor = Vendor(work)
+    from mirror.registry import Mirror
+
+    mirror = Mirror(mirror_dir or tmp / "mirror", trusted_root=vendor.trusted_root, clock=clock)
+    mirror.import_path(vendor.publish(licenses=tuple(licenses), revoked_keys=tuple(revoked_keys),
+                                      expires=dict(expires or {})))
+    return mirror

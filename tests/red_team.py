@@ -15,6 +15,9 @@ throws the corpus of tests/redteam_corpus.py at it:
             gets no early answer and runs no instruction after its answer
   tenants   another tenant's cells, files and receipts are 404
   requests  oversized and malformed requests get clear 4xx errors, never 500
+  license   Pro host functions without a license granting their feature are
+            403 license_required, also with a forged license listing every
+            feature in place (T-LIC-1, T-LIC-2)
   incident  `cell incident snapshot --with-volume-contents` while the volume
             holds links to the node key and a thread swaps a file with such a
             link: the key's bytes and hash never reach the tarball
@@ -35,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -323,6 +327,56 @@ def requests(srv: ServerProcess) -> None:
     record("requests", status == 401, f"Basic auth header -> {status}")
 
 
+# T-LIC-2: each Pro host function, with its real and a wrong signature, alone and together.
+PRO_IMPORTS = [
+    ("load_weights", '(import "cell" "load_weights" (func (param i32 i32 i64 i32 i32) (result i32)))'),
+    ("host_mcp_call", '(import "cell" "host_mcp_call" (func (param i32 i32 i32 i32) (result i32)))'),
+    ("load_weights", '(import "cell" "load_weights" (func))'),
+    ("host_mcp_call", '(import "cell" "host_mcp_call" (func (result i32)))'),
+    ("load_weights", '(import "cell" "load_weights" (func (param i32 i32 i64 i32 i32) (result i32)))'
+                     ' (import "cell" "host_mcp_call" (func (param i32 i32 i32 i32) (result i32)))'),
+]
+
+
+def _pro_refused(srv: ServerProcess, label: str) -> None:
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "wasm"})
+    for name, imports in PRO_IMPORTS:
+        wat = f'(module {imports} (memory (export "memory") 1) (func (export "run") (result i32) i32.const 0))'
+        for path in ("/v1/execute", f"/v1/cells/{cell['cell_id']}/exec"):
+            body_in = {"template": "wasm", "code": wat} if path == "/v1/execute" else {"code": wat}
+            status, body, _ = srv.request("POST", path, body_in)
+            ok = status == 403 and body.get("code") == "license_required" and name in str(body.get("error"))
+            record("license", ok, f"{label}: {path} importing {imports[:60]} -> {status} {body}")
+
+
+def licenses(srv: ServerProcess) -> None:
+    _pro_refused(srv, "no license")
+    # A license signed by a key the appliance does not trust, claiming every feature.
+    from tests.factories import make_keypair, make_license, stamp
+
+    attacker = make_keypair()
+    now = datetime.now(timezone.utc)
+    path = srv.root / "etc" / "license.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(make_license(attacker.signing_key, attacker.key_id, tier="hub",
+                                  features=["load_weights", "host_mcp_call", "multi_tenant"],
+                                  issued_at=stamp(now - timedelta(hours=1)), not_before=stamp(now - timedelta(hours=1)),
+                                  expires_at=stamp(now + timedelta(days=30))))
+    try:
+        deadline = time.monotonic() + 10
+        lic: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            lic = srv.request("GET", "/v1/status")[1].get("license") or {}
+            if lic.get("reason_code") == "unknown_key":
+                break
+            time.sleep(0.2)
+        record("license", lic.get("tier") == "free" and lic.get("features") == [] and lic.get("reason_code") == "unknown_key",
+               f"forged license -> {lic}")
+        _pro_refused(srv, "forged license")
+    finally:
+        path.unlink()
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
@@ -334,7 +388,8 @@ def main(argv: list[str]) -> int:
         for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)),
                            ("trailing", lambda: trailing(srv)), ("dos", lambda: dos(srv)),
                            ("tenants", lambda: tenants(srv)), ("requests", lambda: requests(srv)),
-                           ("incident", lambda: incident_snapshot(srv))):
+                           ("license", lambda: licenses(srv)),
+                           ("incident", lambda: incident_snapshot(srv))):  # last: it takes the node out of rotation
             t = time.monotonic()
             fn()
             print(f"  {family:9} pass {tally[family + ':pass']:4}  fail {tally[family + ':fail']:3}  ({time.monotonic() - t:.1f}s)")

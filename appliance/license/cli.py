@@ -4,18 +4,21 @@
 taking the parsed arguments and returning the exit code. The dependencies
 (settings, keys, clock, machine fingerprint, revocation predicate) are bound
 at registration: the production CLI passes nothing and gets the embedded
-vendor keys and the real clock; tests pass their own. There is deliberately
+vendor keys, the real clock and the node's trust registry (refusing with
+``registry_missing``/``registry_expired`` like the service); tests pass their own. There is deliberately
 no command-line flag for trusted keys, so an operator cannot talk the
 appliance into trusting a key (T-LIC-1).
 
 `show`, `verify` and `install` only read the clock high-water mark; they
 never create or write the node database, which belongs to the service user.
+`clock-reset` (run as the service user) re-signs a mark found tampered with.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,7 +29,15 @@ from appliance.config import Settings, load_settings
 from appliance.fileio import write_atomic as _write_atomic
 from appliance.license.issue import DEFAULT_LIMITS, build_payload, issue_license, load_signing_key
 from appliance.license.machine import machine_fingerprint
-from appliance.license.manager import embedded_license_keys, read_high_water, utc_now
+from appliance.license.manager import (
+    ClockResetRefused,
+    clock_tampered_reason,
+    embedded_license_keys,
+    read_clock_problem,
+    read_high_water,
+    reset_clock_mark,
+    utc_now,
+)
 from appliance.license.verify import (
     MAX_FILE_BYTES,
     TIERS,
@@ -40,6 +51,7 @@ from appliance.license.verify import (
     verify_license,
     warnings_for,
 )
+from appliance.receipts.nodekey import NodeKey, NodeKeyError
 
 LICENSE_FILE_MODE = 0o640
 
@@ -52,6 +64,7 @@ class _Deps:
     machine_id: str | None
     revocations: Callable[[str], bool] | None
     out: TextIO | None
+    registry_root: bytes | None = None  # None: the embedded registry trust root
 
     def get_settings(self, args: argparse.Namespace) -> Settings:
         return self.settings or getattr(args, "settings", None) or load_settings()
@@ -61,6 +74,13 @@ class _Deps:
 
     def get_machine_id(self) -> str | None:
         return machine_fingerprint() if self.machine_id is None else self.machine_id
+
+    def get_revocations(self, settings: Settings) -> tuple[Callable[[str], bool] | None, Callable[[str], bool] | None]:
+        """(license lookup, key lookup). Tests inject theirs; otherwise the node's trust
+        registry is asked, read-only, as the service does (T-LIC-3)."""
+        if self.revocations is not None:
+            return self.revocations, None
+        return _registry_lookups(settings, self.clock, self.registry_root)
 
     def stream(self) -> TextIO:
         return self.out or sys.stdout
@@ -75,8 +95,9 @@ def register(
     machine_id: str | None = None,
     revocations: Callable[[str], bool] | None = None,
     out: TextIO | None = None,
+    registry_root: bytes | None = None,
 ) -> None:
-    deps = _Deps(settings, keys, clock, machine_id, revocations, out)
+    deps = _Deps(settings, keys, clock, machine_id, revocations, out, registry_root)
     parser = subparsers.add_parser("license", help="show, verify, install or issue a license")
     commands = parser.add_subparsers(dest="license_command", metavar="COMMAND", required=True)
 
@@ -90,6 +111,10 @@ def register(
     install = commands.add_parser("install", help="verify a license file, then install it (mode 0640)")
     install.add_argument("file", type=Path)
     install.set_defaults(func=lambda args: _install(args, deps))
+
+    reset = commands.add_parser("clock-reset",
+                                help="re-sign a clock high-water mark found tampered with, at the current clock")
+    reset.set_defaults(func=lambda args: _clock_reset(args, deps))
 
     issue = commands.add_parser("issue", help="vendor side: sign a new license with a private key")
     issue.add_argument("--signing-key", type=Path, required=True, help="file with the 32-byte seed in hex")
@@ -113,13 +138,37 @@ def _read(path: Path) -> bytes:
         return fh.read(MAX_FILE_BYTES + 1)  # the verifier refuses anything longer
 
 
+def _registry_lookups(settings: Settings, clock: Callable[[], datetime],
+                      registry_root: bytes | None) -> tuple[Callable[[str], bool], Callable[[str], bool]]:
+    """The registry's revocation lookups, without creating anything: a node with no
+    registry installed answers like a registry to which nothing was imported."""
+    from mirror.registry import CURRENT, Mirror, RegistryStale
+
+    if not os.path.lexists(settings.mirror_dir / CURRENT):
+        def missing(_value: str) -> bool:
+            raise RegistryStale("registry_missing", "No trust registry is installed yet, so license revocations are unknown.")
+
+        return missing, missing
+    mirror = Mirror(settings.mirror_dir, trusted_root=registry_root, clock=clock)
+    return mirror.is_license_revoked, mirror.is_key_revoked
+
+
 def _check(data: bytes, settings: Settings, deps: _Deps) -> License:
+    is_revoked, is_key_revoked = deps.get_revocations(settings)
+    try:
+        problem = read_clock_problem(settings.db_path, settings.keys_dir)
+    except (NodeKeyError, sqlite3.Error):
+        problem = None  # not the service user: the service itself still checks the mark
+    if problem is not None:
+        # T-LIC-3: the service refuses every license while the clock mark is tampered with.
+        raise LicenseRejected("clock_tampered", clock_tampered_reason(problem))
     return verify_license(
         data,
         keys=deps.get_keys(),
         now=deps.clock(),
         machine_id=deps.get_machine_id(),
-        is_revoked=deps.revocations,
+        is_revoked=is_revoked,
+        is_key_revoked=is_key_revoked,
         high_water=read_high_water(settings.db_path),
     )
 
@@ -217,6 +266,20 @@ def _install(args: argparse.Namespace, deps: _Deps) -> int:
         "within a second, or at once on SIGHUP.",
         file=out,
     )
+    return 0
+
+
+def _clock_reset(args: argparse.Namespace, deps: _Deps) -> int:
+    """T-LIC-3: the repair for a deleted or edited clock mark; never lowers an intact one."""
+    settings = deps.get_settings(args)
+    out = deps.stream()
+    try:
+        mark = reset_clock_mark(settings.db_path, NodeKey.load(settings.keys_dir), deps.clock())
+    except (ClockResetRefused, NodeKeyError, sqlite3.Error) as exc:
+        print(f"clock mark not reset: {exc}", file=out)
+        return 1
+    print(f"clock mark re-signed at {format_time(mark)}; send the service SIGHUP (or restart it) to check "
+          "licenses again.", file=out)
     return 0
 
 

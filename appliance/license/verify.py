@@ -40,6 +40,12 @@ CLOCK_SKEW = timedelta(minutes=10)
 EXPIRY_WARNING = timedelta(days=30)
 # Features only the hub tier may use, even when a pro license lists them.
 HUB_ONLY_FEATURES = frozenset({"multi_tenant"})
+# Pro host functions, each unlocked by the feature of the same name (T-LIC-2);
+# appliance.runtime.profuncs.FUNCTIONS is the same tuple (checked by a test).
+HOST_FUNCTION_FEATURES = ("load_weights", "host_mcp_call")
+# Codes a trust-registry lookup may raise through ``registry_code`` when it
+# refuses to answer because its signed state is stale or absent (T-LIC-3).
+REGISTRY_CODES = frozenset({"registry_expired", "registry_missing"})
 
 _FILE_KEYS = frozenset({"payload", "key_id", "signature"})
 _REQUIRED = frozenset(
@@ -277,6 +283,13 @@ def _ask(predicate: Callable[[str], bool], value: str, what: str) -> bool:
     try:
         return bool(predicate(value))
     except Exception as exc:  # noqa: BLE001 - any failure of the registry lookup
+        code = getattr(exc, "registry_code", None)
+        if code in REGISTRY_CODES:
+            # T-LIC-3: the registry is stale or was never imported; revocations
+            # cannot be shown current, so the license is not honoured.
+            raise LicenseRejected(
+                str(code), f"{exc} The license is not honoured until a current trust registry is imported."
+            ) from None
         raise LicenseRejected(
             "revocation_unavailable",
             f"Could not check whether the {what} is revoked ({type(exc).__name__}); "

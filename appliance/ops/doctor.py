@@ -43,6 +43,7 @@ class Check:
 class Context:
     now: datetime
     license_keys: dict[str, bytes] | None = None  # None: the embedded vendor keys
+    registry_root: bytes | None = None  # None: the embedded registry trust root
     machine_id: str | None = None
     meminfo: Callable[[], int | None] = lambda: _mem_available()
     extra: dict[str, Any] = field(default_factory=dict)
@@ -146,15 +147,32 @@ def check_openat2(s: Settings, ctx: Context) -> Check:
                  "run on Linux 5.6+ and allow the openat2 syscall in the service's seccomp profile")
 
 
-def _revocations(s: Settings) -> tuple[Callable[[str], bool] | None, str]:
-    if not s.mirror_dir.is_dir():
-        return None, "no trust registry yet"
-    try:
-        from mirror.registry import Mirror
+def _revocations(s: Settings, ctx: Context) -> Callable[[str], bool]:
+    """The lookup the service uses; it raises (and the license is refused) when the
+    registry is absent, stale or broken, exactly as in the service (T-LIC-3)."""
+    from mirror.registry import Mirror, RegistryStale
 
-        return Mirror(s.mirror_dir).is_license_revoked, ""
-    except Exception as exc:
-        return None, f"trust registry unusable ({type(exc).__name__})"
+    if not s.mirror_dir.is_dir():
+        def missing(_license_id: str) -> bool:
+            raise RegistryStale("registry_missing", "No trust registry is installed yet, so license revocations are unknown.")
+
+        return missing
+    try:
+        return Mirror(s.mirror_dir, trusted_root=ctx.registry_root, clock=lambda: ctx.now).is_license_revoked
+    except Exception as exc:  # an unusable registry: the license check says revocation_unavailable
+        error = exc
+
+        def unusable(_license_id: str) -> bool:
+            raise error
+
+        return unusable
+
+
+def clock_mark_problem(s: Settings) -> str | None:
+    """Why the signed clock high-water mark cannot be believed, or None (read-only, T-LIC-3)."""
+    from appliance.license.manager import read_clock_problem
+
+    return read_clock_problem(s.db_path, s.keys_dir)
 
 
 def check_license(s: Settings, ctx: Context) -> Check:
@@ -170,7 +188,17 @@ def check_license(s: Settings, ctx: Context) -> Check:
             data = fh.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         return Check("license", FAIL, f"{path} cannot be read ({exc.strerror})", f"chmod 640 {path} and give the service user read access")
-    revoked, note = _revocations(s)
+    try:
+        problem = clock_mark_problem(s)
+    except Exception as exc:  # no key or database to check against: say so, do not guess
+        problem = None
+        note = f"clock mark not checked ({type(exc).__name__})"
+    else:
+        note = ""
+    if problem is not None:
+        return Check("license", FAIL, f"refused (clock_tampered): {problem}. The node runs the free tier.",
+                     "restore the node database from a backup (cell restore), or ask vendor support")
+    revoked = _revocations(s, ctx)
     try:
         lic = verify_license(data, keys=embedded_license_keys() if ctx.license_keys is None else ctx.license_keys,
                              now=ctx.now, machine_id=ctx.machine_id if ctx.machine_id is not None else machine_fingerprint(),
@@ -179,7 +207,7 @@ def check_license(s: Settings, ctx: Context) -> Check:
         return Check("license", FAIL, f"{path} is refused ({exc.code}): {exc.reason} The node runs the free tier.",
                      "install a valid license: cell license verify FILE, then cell license install FILE")
     left = days_left(lic, ctx.now)
-    msg = f"{lic.tier} tier for {lic.licensee}, {left} days left" + (f" ({note}: revocations not checked)" if note else "")
+    msg = f"{lic.tier} tier for {lic.licensee}, {left} days left" + (f" ({note})" if note else "")
     if left < 30:
         return Check("license", WARN, msg, "ask the vendor for a renewal and install it with cell license install FILE")
     return Check("license", OK, msg)
@@ -191,7 +219,7 @@ def check_registry(s: Settings, ctx: Context) -> Check:
     try:
         from mirror.registry import Mirror
 
-        status = Mirror(s.mirror_dir).status(now=ctx.now)
+        status = Mirror(s.mirror_dir, trusted_root=ctx.registry_root).status(now=ctx.now)
     except Exception as exc:
         return Check("registry", FAIL, f"cannot be opened ({type(exc).__name__}: {str(exc)[:120]})",
                      "re-import a registry update from the vendor (cell mirror import)")
@@ -202,7 +230,12 @@ def check_registry(s: Settings, ctx: Context) -> Check:
     state = status.get("expiry_state")
     msg = f"{status.get('expires_role')} metadata expires {status.get('expires')} ({days} days)"
     if state == "expired":
-        return Check("registry", FAIL, msg + ": expired, Pro licenses are not honoured", "import a fresh registry update (cell mirror import)")
+        # T-LIC-3: the service refuses licenses (registry_expired) until a fresh update is imported.
+        return Check("registry", FAIL, msg + ": expired, Pro licenses are not honoured (registry_expired)",
+                     "import a fresh registry update (cell mirror import)")
+    if status.get("targets_version") is None:
+        return Check("registry", WARN, "only the trust root is installed: Pro licenses are not honoured (registry_missing)",
+                     "import the registry update shipped with the license (cell mirror import)")
     if state != "ok":
         return Check("registry", WARN, msg, "import a fresh registry update soon (cell mirror import)")
     return Check("registry", OK, msg)
@@ -230,6 +263,15 @@ def check_clock(s: Settings, ctx: Context) -> Check:
     now = ctx.now
     if now < EARLIEST_SANE:
         return Check("clock", FAIL, f"system time {now:%Y-%m-%d} is before this release", "set the clock (timedatectl set-time, or an NTP source on the LAN)")
+    try:
+        problem = clock_mark_problem(s)
+    except Exception as exc:
+        return Check("clock", WARN, f"cannot check the signed clock mark ({type(exc).__name__}: {str(exc)[:120]})",
+                     "run cell doctor as the service user")
+    if problem is not None:
+        # T-LIC-3: a deleted or edited mark could hide a clock wound back.
+        return Check("clock", FAIL, f"{problem}; licenses are refused (clock_tampered)",
+                     "restore the node database from a backup (cell restore), or ask vendor support")
     high = read_high_water(s.db_path)
     if high is not None and now < high:
         return Check("clock", FAIL, f"time went backwards: {now:%Y-%m-%dT%H:%M:%SZ} is before the last time seen {high:%Y-%m-%dT%H:%M:%SZ}",

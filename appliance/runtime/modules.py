@@ -2,14 +2,16 @@
 
 A module is checked before it is instantiated (threat T-IMPORT-1): it may
 import WASI preview 1 and the ``cell`` host functions of the guest ABI, and
-nothing else; a Pro host function without a Pro license is refused before
-the module runs. It must export ``memory`` and ``_start`` or ``run``.
+nothing else; a Pro host function is refused before the module runs unless
+the license in force grants that function's own feature (T-LIC-2). It must
+export ``memory`` and ``_start`` or ``run``.
 Each run gets a fresh Store and instance.
 """
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Callable
 
 import wasmtime
@@ -41,7 +43,13 @@ class ModuleRunner:
         self._cache: OrderedDict[str, wasmtime.Module] = OrderedDict()
         self._cache_size = cache_size
 
-    def compile(self, source: bytes, is_text: bool, max_bytes: int, pro_allowed: bool) -> wasmtime.Module:
+    def compile(self, source: bytes, is_text: bool, max_bytes: int, granted: Collection[str] | bool) -> wasmtime.Module:
+        """Compile (or reuse) a module and check its imports against ``granted``.
+
+        ``granted`` is the set of Pro features the license in force grants
+        (``load_weights``, ``host_mcp_call``); ``True``/``False`` mean all or
+        none of them (tests and the free tier).
+        """
         if len(source) > max_bytes:
             raise ModuleRefused(413, "module_too_large", f"module is {len(source)} bytes; the limit is {max_bytes}")
         key = hashlib.sha256(b"wat:" + source if is_text else b"bin:" + source).hexdigest()
@@ -54,21 +62,24 @@ class ModuleRunner:
                 raise ModuleRefused(400, "invalid_module", "WAT text must be UTF-8") from None
             except wasmtime.WasmtimeError as e:
                 raise ModuleRefused(400, "invalid_module", _first_line(str(e))) from None
-            self._check_shape(module, pro_allowed)
+            self._check_shape(module, granted)
             self._cache[key] = module
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         else:
-            self._check_shape(module, pro_allowed)
+            self._check_shape(module, granted)
         return module
 
-    def _check_shape(self, module: wasmtime.Module, pro_allowed: bool) -> None:
+    def _check_shape(self, module: wasmtime.Module, granted: Collection[str] | bool) -> None:
+        features = frozenset(PRO_FUNCTIONS) if granted is True else frozenset() if granted is False else frozenset(granted)
         for imp in module.imports:
             name = imp.name or ""
             if imp.module == "cell":
-                if name in PRO_FUNCTIONS and not pro_allowed:
-                    # T-IMPORT-1: Pro host functions need a valid Pro license.
-                    raise ModuleRefused(403, "license_required", f"cell.{name} needs a Pro license")
+                if name in PRO_FUNCTIONS and name not in features:
+                    # T-IMPORT-1, T-LIC-2: each Pro host function needs a valid
+                    # pro/hub license that lists its own feature.
+                    raise ModuleRefused(403, "license_required",
+                                        f"cell.{name} needs a Pro license that grants the {name} feature")
                 if name not in hostfuncs.FUNCTIONS and name not in PRO_FUNCTIONS:
                     raise ModuleRefused(400, "unknown_import", f"unknown import cell.{name}")
             elif imp.module != "wasi_snapshot_preview1":

@@ -72,7 +72,7 @@ class ExecRequest:
     persistent: bool = True
     known_session: bool = False
     egress: EgressSpec | None = None
-    pro: bool = False
+    features: list[str] = field(default_factory=list)  # Pro host functions the license grants (T-LIC-2)
     quota_left: int | None = None
     stdin: bytes | None = None
 

@@ -28,7 +28,7 @@ import wasmtime
 
 from appliance.runtime import context, protocol
 from appliance.runtime.loader import Runtimes
-from appliance.runtime.modules import ModuleRefused, ModuleRunner
+from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
 from appliance.runtime import templates
 from appliance.runtime.templates import RuntimeMissing
 from appliance.runtime.sessions import Session
@@ -240,7 +240,10 @@ class Worker:
         from appliance.confine import Volume
         from appliance.policy.egress import EgressPolicy
 
-        module = self.modules.compile(msg.code, msg.is_text, int(self.cfg["module_max_bytes"]), msg.pro)
+        # T-LIC-2: the Pro features the web process found in the license in
+        # force for this run (never anything the guest sent); unknown names drop out.
+        features = frozenset(msg.features) & frozenset(PRO_FUNCTIONS)
+        module = self.modules.compile(msg.code, msg.is_text, int(self.cfg["module_max_bytes"]), features)
         volume = msg.volume
         tmp = None
         if not volume:
@@ -250,8 +253,7 @@ class Worker:
         try:
             with Volume(volume) as vol:
                 ctx.volume = vol
-                if msg.pro:  # Pro host functions see their resources only under a Pro license
-                    ctx.weights, ctx.mcp = self.weights, self.mcp
+                grant_pro_resources(ctx, features, self.weights, self.mcp)
                 if msg.egress is not None:
                     ctx.egress = EgressPolicy(enabled=msg.egress.enabled, allow_hosts=tuple(msg.egress.allow_hosts))
                     ctx.resolver = static_resolver(msg.egress.hosts) if msg.egress.hosts is not None else None
@@ -323,6 +325,16 @@ def session_class(template: str) -> Any:
         raise ValueError(f"template {template!r} has no interpreter session")
     module_name, _, class_name = ref.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def grant_pro_resources(ctx: context.RunContext, features: frozenset[str], weights: Any, mcp: Any) -> None:
+    """T-LIC-2: each Pro host function gets its resource only when the license grants its feature.
+
+    The import check already refused modules that use an ungranted function;
+    this keeps the resource itself out of reach as well (defence in depth).
+    """
+    ctx.weights = weights if "load_weights" in features else None
+    ctx.mcp = mcp if "host_mcp_call" in features else None
 
 
 def _registry_hashes(mirror_dir: str | None) -> Any:

@@ -85,8 +85,9 @@ def create_app(services: Any) -> Flask:
         if tenant is None:
             raise Unauthorized("unknown or revoked API key", code="bad_key")
         g.tenant = tenant
-        if services.tier() == "hub":
-            # Hub: tenants share the node, so each tenant also gets its own bucket (T-DOS-2).
+        if services.allows("multi_tenant"):
+            # Hub multi-tenant mode (a hub license listing multi_tenant, T-LIC-2): tenants
+            # share the node, so each tenant also gets its own bucket (T-DOS-2).
             allowed, retry = services.tenant_limiter().check("tenant:" + tenant.id, time.monotonic())
             if not allowed:
                 raise RateLimited("this tenant is over its request rate", retry_after=max(1, int(math.ceil(retry))))

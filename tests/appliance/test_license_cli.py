@@ -15,6 +15,7 @@ from appliance.config import Settings
 from appliance.license.cli import register
 from appliance.license.machine import fingerprint_from_machine_id
 from appliance.license.manager import HighWaterStore, LicenseManager
+from appliance.receipts.nodekey import NodeKey
 from tests.factories import NOW, make_keypair, make_license, stamp
 
 KP = make_keypair("license-primary")
@@ -31,7 +32,8 @@ def run(settings: Settings, *argv: str, **deps: Any) -> tuple[int, str]:
     parser = argparse.ArgumentParser(prog="cell")
     commands = parser.add_subparsers(dest="command", required=True)
     out = io.StringIO()
-    wiring: dict[str, Any] = {"settings": settings, "keys": KP.keys, "clock": lambda: NOW, "machine_id": MACHINE, "out": out}
+    wiring: dict[str, Any] = {"settings": settings, "keys": KP.keys, "clock": lambda: NOW, "machine_id": MACHINE, "out": out,
+                              "revocations": lambda _license_id: False}  # the registry's own tests: test_license_freshness
     wiring.update(deps)
     register(commands, **wiring)
     args = parser.parse_args(list(argv))
@@ -89,7 +91,7 @@ def test_verify_missing_file_exit_1(settings: Settings, tmp_path: Path) -> None:
 
 
 def test_T_LIC_1_verify_honours_clock_high_water(settings: Settings, tmp_path: Path) -> None:
-    HighWaterStore(settings.db_path).raise_to(NOW + timedelta(days=2))
+    HighWaterStore(settings.db_path, NodeKey.load_or_create(settings.keys_dir)).raise_to(NOW + timedelta(days=2))
     rc, out = run(settings, "license", "verify", str(license_file(tmp_path)))
     assert rc == 1 and "clock_rollback" in out
 

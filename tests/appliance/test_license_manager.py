@@ -1,6 +1,7 @@
 """T-LIC-1 at the adapter: hot reload, last-good fallback, persisted clock high-water mark."""
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import sqlite3
@@ -12,7 +13,8 @@ import pytest
 
 from appliance.config import HARD_MEMORY_MB, Settings
 from appliance.license.machine import fingerprint_from_machine_id
-from appliance.license.manager import HARD_CEILINGS, LicenseManager, read_high_water
+from appliance.license.manager import HARD_CEILINGS, LicenseManager, mark_message, read_high_water
+from appliance.receipts.nodekey import NodeKey
 from appliance.license.verify import Limits
 from tests.factories import NOW, make_keypair, make_license, stamp
 
@@ -333,7 +335,7 @@ def test_T_LIC_1_clock_rollback_detected_across_restart(settings: Settings, cloc
     assert (state.tier, state.reason_code) == ("free", "clock_rollback")
 
 
-def test_high_water_stored_in_license_state_table_and_only_moves_forward(
+def test_high_water_stored_signed_in_license_clock_table_and_only_moves_forward(
     settings: Settings, clock: FakeClock, tick: FakeMonotonic
 ) -> None:
     m = manager(settings, clock, tick)
@@ -345,10 +347,14 @@ def test_high_water_stored_in_license_state_table_and_only_moves_forward(
     m.current()
     conn = sqlite3.connect(settings.db_path)
     try:
-        ((value,),) = conn.execute("SELECT value FROM license_state WHERE key = 'high_water_ms'").fetchall()
+        ((value, key_id, signature),) = conn.execute(
+            "SELECT high_water_ms, key_id, signature FROM license_clock").fetchall()
     finally:
         conn.close()
     assert value == int((NOW + timedelta(hours=2)).timestamp() * 1000)
+    node_key = NodeKey.load(settings.keys_dir)  # T-LIC-3: signed by this node's key
+    assert key_id == node_key.key_id
+    node_key.verify_key.verify(mark_message(value, key_id), base64.b64decode(signature))
 
 
 def test_read_high_water_without_database_is_none(tmp_path: Path) -> None:

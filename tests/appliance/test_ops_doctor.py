@@ -4,19 +4,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+import shutil
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from appliance.config import Settings, load_settings
+from appliance.license.manager import HighWaterStore
 from appliance.ops import cli as ops_cli
 from appliance.ops.doctor import FAIL, OK, Context, exit_code, run_checks
 from appliance.receipts.nodekey import NodeKey
 from appliance.receipts.store import ReceiptStore
 from appliance.services import prepare_root
 from appliance.storage import Store
-from tests.factories import NOW, make_keypair, make_license
+from tests.factories import NOW, make_keypair, make_license, make_registry
+from tests.mirror import TOP
 
 BIG_MEMORY = lambda: 64 * 2**30  # noqa: E731 - the host's real memory must not decide these tests
 
@@ -30,6 +33,7 @@ def fresh_node(root: Path) -> Settings:
     Store(settings.db_path).close()
     key = NodeKey.load_or_create(settings.keys_dir)
     ReceiptStore(settings.db_path, key).close()
+    HighWaterStore(settings.db_path, key).raise_to(datetime.now(timezone.utc))  # the signed license clock mark
     from mirror.registry import Mirror
 
     Mirror(settings.mirror_dir)
@@ -77,11 +81,23 @@ def test_broken_node_names_each_problem(tmp_path: Path) -> None:
 
 def test_valid_license_reports_days_left(tmp_path: Path) -> None:
     settings = fresh_node(tmp_path / "node")
+    shutil.rmtree(settings.mirror_dir)  # replaced by a registry signed with test keys, fresh at NOW
+    registry = make_registry(tmp_path, mirror_dir=settings.mirror_dir, expires=dict.fromkeys(TOP, NOW + timedelta(days=30)))
     pair = make_keypair("doctor")
     settings.config_dir.mkdir(parents=True, exist_ok=True)
     settings.license_path.write_bytes(make_license(pair.signing_key, pair.key_id))
-    check = by_name(settings, ctx(now=NOW, license_keys=pair.keys, machine_id="m"))["license"]
+    check = by_name(settings, ctx(now=NOW, license_keys=pair.keys, machine_id="m", registry_root=registry.trusted_root))["license"]
     assert check.level == OK and "365 days left" in check.message  # type: ignore[attr-defined]
+
+
+def test_t_lic_3_license_without_imported_registry_is_refused(tmp_path: Path) -> None:
+    settings = fresh_node(tmp_path / "node")  # only the trust root: revocations unknown
+    pair = make_keypair("doctor")
+    settings.config_dir.mkdir(parents=True, exist_ok=True)
+    settings.license_path.write_bytes(make_license(pair.signing_key, pair.key_id))
+    checks = by_name(settings, ctx(now=NOW, license_keys=pair.keys, machine_id="m"))
+    assert checks["license"].level == FAIL and "registry_missing" in checks["license"].message  # type: ignore[attr-defined]
+    assert "registry_missing" in checks["registry"].message  # type: ignore[attr-defined]
 
 
 def test_key_file_readable_by_others_fails(tmp_path: Path) -> None:
@@ -98,7 +114,7 @@ def test_clock_behind_the_last_receipt_fails(tmp_path: Path) -> None:
                      template="wasm", code_hash="0" * 64, result_hash="1" * 64,
                      timestamp_ms=int(datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp() * 1000))
     check = by_name(settings, ctx(now=datetime(2029, 1, 1, tzinfo=timezone.utc)))["clock"]
-    assert check.level == FAIL  # type: ignore[attr-defined]
+    assert check.level == FAIL and "future" in check.message  # type: ignore[attr-defined]
 
 
 def test_missing_data_dir_fails_with_a_fix(tmp_path: Path) -> None:

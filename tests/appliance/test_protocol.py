@@ -30,7 +30,7 @@ SAMPLES: list[Any] = [
     protocol.ExecRequest(2, template="python3", code=b"\x00print(1)\xff", is_text=False, timeout_ms=500, memory_mb=64,
                          tenant_id="t", cell_id="c1", volume="/v", stream=True, envs={"K": "V"},
                          egress=protocol.EgressSpec(True, ["example.org"], {"example.org": ["203.0.113.5"]}),
-                         pro=True, quota_left=10, stdin=b"in"),
+                         features=["load_weights"], quota_left=10, stdin=b"in"),
     protocol.DropRequest(3, cell_id="c1"),
     protocol.StatsRequest(4),
     protocol.PingRequest(5),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import make_keypair, make_license, stamp
+from tests.factories import make_keypair, make_license, make_registry, stamp
 from tests.liveserver import REPO, start_server
 
 pytestmark = pytest.mark.slow
@@ -53,9 +53,12 @@ def test_console_in_tmux_imports_a_license_and_the_dashboard_shows_pro(module_ca
                                                       issued_at=stamp(now - timedelta(hours=1)),
                                                       not_before=stamp(now - timedelta(hours=1)),
                                                       expires_at=stamp(now + timedelta(days=200))))
+    registry = make_registry(tmp_path, mirror_dir=tmp_path / "registry")  # fresh, signed with test keys
+    (tmp_path / "registry-root.json").write_bytes(registry.trusted_root)
     session = f"cell-smoke-{os.getpid()}"
     env = (f"SYNAPSE_ROOT={root} SYNAPSE_CONFIG_DIR={root / 'etc'} PYTHONPATH={REPO} TERM=xterm-256color "
-           f"{sys.executable} -m tests.tui.tmux_console_app {kp.key_id} {kp.public_key.hex()} {tmp_path / 'media'}")
+           f"{sys.executable} -m tests.tui.tmux_console_app {kp.key_id} {kp.public_key.hex()} {tmp_path / 'media'} "
+           f"{tmp_path / 'registry'} {tmp_path / 'registry-root.json'}")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", f"cd {REPO} && {env}"], check=True)
     try:
         _wait_for(session, "free tier")

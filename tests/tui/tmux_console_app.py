@@ -22,7 +22,12 @@ def main() -> None:
     keys = {key_id: bytes.fromhex(public_hex)}
     settings = load_settings()
     prepare_root(settings)
-    mirror = Mirror(settings.mirror_dir)
+    # A registry the test built and imported with its own TUF root (T-LIC-3: licenses
+    # are honoured only while an imported registry is fresh), else the node's own.
+    if len(sys.argv) > 5:
+        mirror = Mirror(Path(sys.argv[4]), trusted_root=Path(sys.argv[5]).read_bytes())
+    else:
+        mirror = Mirror(settings.mirror_dir)
     lic = LicenseManager(settings, keys=keys, revocations=mirror.is_license_revoked, revoked_keys=mirror.is_key_revoked,
                          poll_interval=0.2)
     services = ApplianceConsoleServices(settings, Store(settings.db_path),
