@@ -23,7 +23,7 @@ log = logging.getLogger("cell")
 
 # Settings a running node may change on SIGHUP; the rest need a restart.
 LIVE_SETTINGS = frozenset({
-    "rate_limit_rps", "rate_limit_burst", "egress", "egress_allow", "egress_hosts", "telemetry",
+    "rate_limit_rps", "rate_limit_burst", "egress", "egress_allow", "egress_deny", "egress_hosts", "telemetry",
     "run_timeout_ms", "memory_mb", "cell_timeout_ms", "tenant_quota_mb", "checkpoint_interval_s",
 })
 
@@ -94,7 +94,8 @@ class Services:
             self.settings = updated
             self.cells.settings = updated
             self.pool.settings = updated
-            egress = {"enabled": updated.egress == "on", "allow_hosts": list(updated.egress_allow), "hosts": egress_hosts}
+            egress = {"enabled": updated.egress == "on", "allow_hosts": list(updated.egress_allow),
+                      "deny": list(updated.egress_deny), "hosts": egress_hosts}
             self.cells.egress = egress if egress["enabled"] else None
             with self._inflight_lock:
                 self._rate = None  # buckets are rebuilt at the new rate on the next request
@@ -259,7 +260,7 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
     pool = WorkerPool(settings, progress=progress)
     pool.start()
     egress = {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow),
-              "hosts": load_egress_hosts(settings.egress_hosts)}
+              "deny": list(settings.egress_deny), "hosts": load_egress_hosts(settings.egress_hosts)}
     pro = (lambda: bool(lic.current().tier in ("pro", "hub"))) if lic is not None else (lambda: False)
     cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None, pro_allowed=pro)
     services = Services(settings, store, receipts, node_key, pool, cells, license=lic, mirror=mirror)

@@ -214,7 +214,7 @@ class Worker:
                                  quota_left=msg.get("quota_left"))
         if template == "wasm":
             from appliance.confine import Volume
-            from appliance.policy.egress import EgressPolicy
+            from appliance.policy.egress import EgressPolicy, parse_networks
 
             module = self.modules.compile(code, bool(msg.get("is_text")), int(self.cfg["module_max_bytes"]), bool(msg.get("pro")))
             volume = msg.get("volume")
@@ -229,7 +229,8 @@ class Worker:
                         ctx.weights, ctx.mcp = self.weights, self.mcp
                     egress = msg.get("egress")
                     if egress:
-                        ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]))
+                        ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]),
+                                                  deny_networks=parse_networks(egress["deny"]))
                         ctx.resolver = static_resolver(egress["hosts"]) if egress.get("hosts") is not None else None
                     outcome = self.modules.run(module, volume, ctx, timeout_s, memory, cap, sink, msg.get("stdin"))
                     usage = vol.usage_bytes() if not tmp else None
