@@ -21,6 +21,12 @@ from appliance.storage import Store
 
 log = logging.getLogger("cell")
 
+def egress_message(settings: Settings, hosts: dict[str, list[str]] | None) -> dict[str, Any]:
+    """The egress part of a run message to a worker (see ``runtime.worker.egress_policy``)."""
+    return {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow),
+            "deny": list(settings.egress_deny), "hosts": hosts}
+
+
 # Settings a running node may change on SIGHUP; the rest need a restart.
 LIVE_SETTINGS = frozenset({
     "rate_limit_rps", "rate_limit_burst", "egress", "egress_allow", "egress_deny", "egress_hosts", "telemetry",
@@ -94,8 +100,7 @@ class Services:
             self.settings = updated
             self.cells.settings = updated
             self.pool.settings = updated
-            egress = {"enabled": updated.egress == "on", "allow_hosts": list(updated.egress_allow),
-                      "deny": list(updated.egress_deny), "hosts": egress_hosts}
+            egress = egress_message(updated, egress_hosts)
             self.cells.egress = egress if egress["enabled"] else None
             with self._inflight_lock:
                 self._rate = None  # buckets are rebuilt at the new rate on the next request
@@ -259,8 +264,7 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
         load_config(settings.mcp_servers)  # a bad MCP table stops start-up here, not in a worker
     pool = WorkerPool(settings, progress=progress)
     pool.start()
-    egress = {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow),
-              "deny": list(settings.egress_deny), "hosts": load_egress_hosts(settings.egress_hosts)}
+    egress = egress_message(settings, load_egress_hosts(settings.egress_hosts))
     pro = (lambda: bool(lic.current().tier in ("pro", "hub"))) if lic is not None else (lambda: False)
     cells = CellService(settings, store, pool, receipts, egress=egress if egress["enabled"] else None, pro_allowed=pro)
     services = Services(settings, store, receipts, node_key, pool, cells, license=lic, mirror=mirror)

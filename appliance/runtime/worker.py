@@ -24,6 +24,7 @@ from typing import Any
 
 import wasmtime
 
+from appliance.policy.egress import EgressPolicy, parse_networks
 from appliance.runtime import context
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
@@ -44,6 +45,15 @@ def static_resolver(hosts: dict[str, list[str]]) -> Any:
         return list(found)
 
     return resolve
+
+
+def egress_policy(egress: dict[str, Any]) -> EgressPolicy:
+    """The policy of one run from the web process's message (``services.egress_message``).
+
+    Every key is required: a message without the deny-list fails the run
+    rather than running without it (T-SSRF-1)."""
+    return EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]),
+                        deny_networks=parse_networks(egress["deny"]))
 
 
 def harden_process(max_files: int = 4096) -> dict[str, str]:
@@ -214,7 +224,6 @@ class Worker:
                                  quota_left=msg.get("quota_left"))
         if template == "wasm":
             from appliance.confine import Volume
-            from appliance.policy.egress import EgressPolicy, parse_networks
 
             module = self.modules.compile(code, bool(msg.get("is_text")), int(self.cfg["module_max_bytes"]), bool(msg.get("pro")))
             volume = msg.get("volume")
@@ -229,8 +238,7 @@ class Worker:
                         ctx.weights, ctx.mcp = self.weights, self.mcp
                     egress = msg.get("egress")
                     if egress:
-                        ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]),
-                                                  deny_networks=parse_networks(egress["deny"]))
+                        ctx.egress = egress_policy(egress)
                         ctx.resolver = static_resolver(egress["hosts"]) if egress.get("hosts") is not None else None
                     outcome = self.modules.run(module, volume, ctx, timeout_s, memory, cap, sink, msg.get("stdin"))
                     usage = vol.usage_bytes() if not tmp else None

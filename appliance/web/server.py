@@ -98,6 +98,8 @@ class _GatedParser(HTTPRequestParser):  # type: ignore[misc]
         self.headers["CONNECTION"] = "close"
 
     def received(self, data: bytes) -> int:
+        if self.completed:
+            return 0  # as waitress: a complete request takes nothing more
         consumed = int(super().received(data))
         if self.body_refused is not None and self.completed:
             # T-DOS-2: the bytes after the headers are an unread body, not a
