@@ -12,8 +12,14 @@ parser:
 * otherwise the request is handed to the app at once with no body, marked
   ``cell.body_refused`` in the WSGI environ and ``Connection: close``; the
   app answers 413 or 401 with its usual JSON ``code``, and whatever the
-  client sends after the headers is dropped unparsed (never read as a
-  pipelined request) until the connection closes;
+  client sends after the headers is dropped unparsed (never stored, never
+  read as a pipelined request);
+* many clients (urllib, requests) send the whole body before they read the
+  answer, and a close with unread data makes the kernel reset the
+  connection, losing the answer. So after answering, the connection stays
+  open to drop up to the announced length (at most :data:`DRAIN_MAX_BYTES`,
+  for at most :data:`DRAIN_SECONDS`); a body announced larger than that is
+  not waited for at all. Dropped bytes cost bandwidth, never memory or disk;
 * what waitress itself may hold is bounded by its own settings:
   ``max_request_header_size`` (64 KiB) for every client, and for an
   authenticated chunked body ``max_request_body_size`` (the body limit plus
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Callable
 
 from waitress.channel import HTTPChannel  # type: ignore[import-untyped]
@@ -42,6 +49,8 @@ from appliance.web.app import BODY_REFUSED
 log = logging.getLogger("cell.web")
 
 MAX_HEADER_BYTES = 64 * 1024
+DRAIN_MAX_BYTES = 2 * 10 * 1024 * 1024  # refused bodies up to twice the body limit are drained, not reset
+DRAIN_SECONDS = 10.0
 CHUNK_FRAMING_SLACK = 64 * 1024  # chunk-size lines and CRLFs count against waitress's limit
 
 # (path, upper-cased waitress header dict, declared length or None when chunked) -> refusal or None
@@ -71,10 +80,11 @@ def body_gate(services: Any) -> BodyGate:
 
 class _GatedParser(HTTPRequestParser):  # type: ignore[misc]
     body_refused: str | None = None
+    _announced: int | None = None  # Content-Length of a refused body; None when chunked
     body_rcv: Any = None  # waitress's own defaults, typed for mypy
     content_length: int = 0
 
-    def __init__(self, adj: Any, gate: BodyGate, stop_reading: Callable[[], None]) -> None:
+    def __init__(self, adj: Any, gate: BodyGate, stop_reading: Callable[[int], None]) -> None:
         super().__init__(adj)
         self._gate, self._stop_reading = gate, stop_reading
 
@@ -92,6 +102,7 @@ class _GatedParser(HTTPRequestParser):  # type: ignore[misc]
         # T-DOS-2: complete the request without its body. waitress then checks
         # no size (content_length 0) and reads nothing; the app answers.
         self.body_refused = reason
+        self._announced = None if self.chunked else self.content_length
         self.body_rcv = None
         self.content_length = 0
         self.expect_continue = False  # never invite the body with 100 Continue
@@ -104,7 +115,14 @@ class _GatedParser(HTTPRequestParser):  # type: ignore[misc]
         if self.body_refused is not None and self.completed:
             # T-DOS-2: the bytes after the headers are an unread body, not a
             # pipelined request: swallow this chunk and drop the rest.
-            self._stop_reading()
+            seen = len(data) - consumed
+            if self._announced is None:
+                drain = DRAIN_MAX_BYTES  # chunked: no length to go by
+            elif self._announced > DRAIN_MAX_BYTES:
+                drain = 0  # not worth waiting for: close after the answer
+            else:
+                drain = self._announced - seen
+            self._stop_reading(max(0, drain))
             return len(data)
         return consumed
 
@@ -137,17 +155,49 @@ def _channel_class(gate: BodyGate) -> type:
         task_class = _GatedTask
         error_task_class = _JsonErrorTask
         discarding = False
+        drain_left = 0
+        drain_until = 0.0
+        close_when_flushed: bool = False  # waitress's default, typed for mypy
 
         def parser_class(self, adj: Any) -> _GatedParser:  # waitress calls self.parser_class(self.adj)
             return _GatedParser(adj, gate, self._stop_reading)
 
-        def _stop_reading(self) -> None:
+        def _stop_reading(self, drain: int) -> None:
             self.discarding = True
+            self.drain_left = drain
+            self.drain_until = time.monotonic() + DRAIN_SECONDS
+
+        def _draining(self) -> bool:
+            return bool(self.discarding and self.connected and self.drain_left > 0 and time.monotonic() < self.drain_until)
 
         def received(self, data: bytes) -> bool:
             if self.discarding:
-                return False  # T-DOS-2: rest of a refused body; read only until the close
+                self.drain_left -= len(data)  # T-DOS-2: a refused body is counted and dropped, never kept
+                return False
             return bool(super().received(data))
+
+        # All of the below run on waitress's I/O thread, like received().
+        def readable(self) -> bool:
+            if self.discarding:
+                return not self.will_close and self._draining()
+            return bool(super().readable())
+
+        def writable(self) -> bool:
+            if self._draining() and not self.total_outbufs_len:
+                return False  # answer sent; wait for the rest of the body, do not close yet
+            return bool(super().writable())
+
+        def handle_write(self) -> None:
+            if self._draining() and self.close_when_flushed:
+                # Send the answer, but close only once the announced body is
+                # dropped (or the drain budget or deadline runs out).
+                self.close_when_flushed = False
+                try:
+                    super().handle_write()
+                finally:
+                    self.close_when_flushed = True
+                return
+            super().handle_write()
 
     return GatedChannel
 

@@ -201,7 +201,25 @@ def test_t_dos_2_body_refused_at_the_headers(gated: ServerProcess, spool_dir: Pa
         got, headers, body = _response(sock)
         assert (got, body["code"]) == (status, code), body
         assert headers.get("connection") == "close" and headers.get("x-request-id")
-        assert sock.recv(1) == b""  # and the server hangs up rather than wait for the body
+    assert _spooled(gated.proc.pid, spool_dir) == 0
+
+
+def test_t_dos_2_body_announced_past_the_drain_budget_is_not_waited_for(gated: ServerProcess) -> None:
+    with _connect(gated) as sock:
+        sock.sendall(_head(length=10 * 1024 ** 3))
+        assert _response(sock)[0] == 413
+        assert sock.recv(1) == b""  # the server hangs up at once rather than wait for 10 GiB
+
+
+def test_t_dos_2_client_that_sends_the_refused_body_anyway_gets_the_answer(gated: ServerProcess, spool_dir: Path) -> None:
+    # Like urllib: the whole body goes out before the answer is read. The
+    # server answers at the headers, drops the 2 MB it is sent (stores none
+    # of it), then closes cleanly, so the client sees the 401, not a reset.
+    with _connect(gated) as sock:
+        sock.sendall(_head(length=2_000_000) + b"z" * 2_000_000)
+        status, headers, body = _response(sock)
+        assert (status, body["code"]) == (401, "unauthorized")
+        assert sock.recv(1) == b""
     assert _spooled(gated.proc.pid, spool_dir) == 0
 
 

@@ -15,7 +15,7 @@ import pytest
 from waitress.adjustments import Adjustments
 
 from appliance.web.app import BODY_REFUSED
-from appliance.web.server import CHUNK_FRAMING_SLACK, MAX_HEADER_BYTES, _GatedParser, body_gate
+from appliance.web.server import CHUNK_FRAMING_SLACK, DRAIN_MAX_BYTES, MAX_HEADER_BYTES, _GatedParser, body_gate
 
 LIMIT = 1000
 
@@ -24,7 +24,7 @@ class Recorder:
     def __init__(self, answer: str | None = None, fail: bool = False) -> None:
         self.answer, self.fail = answer, fail
         self.calls: list[tuple[str, int | None]] = []
-        self.stopped = 0
+        self.stopped: list[int] = []
 
     def gate(self, path: str, headers: dict[str, str], length: int | None) -> str | None:
         self.calls.append((path, length))
@@ -32,8 +32,8 @@ class Recorder:
             raise RuntimeError("store unavailable")
         return self.answer
 
-    def stop(self) -> None:
-        self.stopped += 1
+    def stop(self, drain: int) -> None:
+        self.stopped.append(drain)
 
 
 def parser(rec: Recorder) -> _GatedParser:
@@ -45,17 +45,24 @@ HEAD = b"POST /v1/execute HTTP/1.1\r\nHost: cell\r\nContent-Length: 500000\r\nEx
 CHUNKED = b"POST /v1/execute HTTP/1.1\r\nHost: cell\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-@pytest.mark.parametrize("head,length", [(HEAD, 500000), (CHUNKED, None)], ids=["content-length", "chunked"])
+TAIL = b"GET /v1/status HTTP/1.1\r\n\r\n" + b"x" * 4096  # body bytes that arrive with the headers
+
+
+@pytest.mark.parametrize("head,length,drain", [
+    (HEAD, 500000, 500000 - len(TAIL)),   # the rest of the announced body is dropped before the close
+    (CHUNKED, None, DRAIN_MAX_BYTES),     # no length: drop up to the drain budget
+    (HEAD.replace(b"500000", str(DRAIN_MAX_BYTES + 1).encode()), DRAIN_MAX_BYTES + 1, 0),  # too big to wait for
+], ids=["content-length", "chunked", "over-drain-budget"])
 @pytest.mark.parametrize("reason", ["unauthorized", "too_large"])
-def test_t_dos_2_refused_body_is_not_buffered(head: bytes, length: int | None, reason: str) -> None:
+def test_t_dos_2_refused_body_is_not_buffered(head: bytes, length: int | None, drain: int, reason: str) -> None:
     rec = Recorder(reason)
     p = parser(rec)
-    data = head + b"GET /v1/status HTTP/1.1\r\n\r\n" + b"x" * 4096  # body bytes in the same read
+    data = head + TAIL
     assert p.received(data) == len(data)  # all of it swallowed: nothing left to parse as a request
     assert p.completed and p.error is None and p.body_refused == reason
     assert p.body_rcv is None and p.get_body_stream().read() == b""
     assert p.expect_continue is False and p.headers["CONNECTION"] == "close"
-    assert rec.calls == [("/v1/execute", length)] and rec.stopped == 1
+    assert rec.calls == [("/v1/execute", length)] and rec.stopped == [drain]
     assert p.received(b"more body") == 0  # a completed parser takes nothing more
 
 
@@ -72,7 +79,7 @@ def test_t_dos_2_allowed_body_is_read_as_usual() -> None:
     assert p.received(head + b"ab") == len(head)  # the headers; the channel hands the rest back
     assert p.received(b"ab") == 2 and not p.completed
     p.received(b"cde")
-    assert p.completed and p.body_refused is None and p.get_body_stream().read() == b"abcde" and rec.stopped == 0
+    assert p.completed and p.body_refused is None and p.get_body_stream().read() == b"abcde" and rec.stopped == []
 
 
 def test_t_dos_2_bodiless_requests_never_reach_the_gate() -> None:
