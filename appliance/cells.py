@@ -307,7 +307,7 @@ class CellService:
         egress = None
         if self.egress is not None:
             egress = protocol.EgressSpec(enabled=bool(self.egress["enabled"]), allow_hosts=list(self.egress["allow_hosts"]),
-                                         hosts=self.egress.get("hosts"))
+                                         deny=list(self.egress["deny"]), hosts=self.egress.get("hosts"))
         return protocol.ExecRequest(
             0, template=template, code=code, is_text=is_text,
             timeout_ms=min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms),

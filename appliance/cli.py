@@ -26,10 +26,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from waitress.server import create_server  # type: ignore[import-untyped]
-
     from appliance.services import build_services, ensure_default_tenant
     from appliance.web.app import create_app
+    from appliance.web.server import make_server
 
     settings = settings_from_args(args)
     started = time.monotonic()
@@ -50,8 +49,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key = key_file.read_text().strip()
     services.start_background()
     app = create_app(services)
-    server = create_server(app, host=settings.host, port=settings.port, threads=16,
-                           max_request_body_size=4 * settings.max_body_bytes, ident="cell")
+    # T-DOS-2: bodies are refused by Content-Length and API key before waitress reads them.
+    server = make_server(app, services, settings.host, settings.port, threads=16, ident="cell")
     port = server.effective_port
     url = f"http://{settings.host}:{port}"
     print(f"cell: serving on {url} (ready in {time.monotonic() - started:.2f}s)", flush=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from appliance.errors import ConfigError
+from appliance.policy.egress import parse_networks
 
 # Hard ceilings of the appliance. Config and licenses may lower limits, never
 # raise them past these (threat T-DOS-1).
@@ -37,6 +38,7 @@ class Settings:
     rate_limit_burst: int = 40
     egress: str = "off"
     egress_allow: tuple[str, ...] = ()
+    egress_deny: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
     telemetry: str = "off"
     workers: int = 2
@@ -172,6 +174,13 @@ def _networks(key: str, raw: Any) -> tuple[str, ...]:
     return items
 
 
+def _cidrs(key: str, raw: Any) -> tuple[str, ...]:
+    try:
+        return tuple(str(net) for net in parse_networks(_list(key, raw)))
+    except ValueError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 def _modules(key: str, raw: Any) -> tuple[str, ...]:
     items = _list(key, raw)
     for item in items:
@@ -198,6 +207,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "rate_limit_burst": ("SYNAPSE_RATE_LIMIT_BURST", "rate_limit_burst", _int(1, 1_000_000)),
     "egress": ("SYNAPSE_EGRESS", "egress", _choice("off", "on")),
     "egress_allow": ("SYNAPSE_EGRESS_ALLOW", "egress_allow", _hostnames),
+    "egress_deny": ("SYNAPSE_EGRESS_DENY", "egress_deny", _cidrs),
     "trusted_proxies": ("SYNAPSE_TRUSTED_PROXIES", "trusted_proxies", _networks),
     "telemetry": ("SYNAPSE_TELEMETRY", "telemetry", _choice("off", "on")),
     "workers": ("SYNAPSE_WORKERS", "workers", _int(1, 256)),

@@ -20,6 +20,8 @@ Non-2xx final statuses are returned, not raised: the guest sees the status.
 The default resolver (``getaddrinfo``) cannot be interrupted, so the deadline
 is only checked around it; the worker's wall-clock kill is the backstop.
 
+``own_addresses`` (default: :func:`appliance.ownaddrs.own_networks`, read per
+hop) is injectable so tests can prove the fail-closed path (T-SSRF-1).
 ``address_check`` is a TEST-ONLY hook that lets a test admit its loopback
 server; the appliance never passes it and the default is the deny table.
 """
@@ -36,11 +38,13 @@ from appliance.policy.egress import (
     EgressDenied,
     EgressPolicy,
     IPAddress,
+    IPNetwork,
     Target,
     address_denied,
     check_resolved,
     parse_target,
 )
+from appliance.ownaddrs import OwnAddressesUnknown, own_networks
 
 __all__ = ["EgressDenied", "EgressError", "FetchResult", "Resolver", "Connector", "fetch", "MAX_BYTES_CEILING"]
 
@@ -171,6 +175,7 @@ def fetch(
     connector: Connector | None = None,
     clock: Callable[[], float] = time.monotonic,
     address_check: Callable[[IPAddress], str | None] = address_denied,
+    own_addresses: Callable[[], tuple[IPNetwork, ...]] = own_networks,
 ) -> FetchResult:
     """GET ``url`` under ``policy``; raise EgressDenied or EgressError."""
     resolve = resolver or default_resolver
@@ -189,8 +194,12 @@ def fetch(
                 raise
             except (OSError, UnicodeError, ValueError, TypeError) as exc:
                 raise EgressError("resolve", f"cannot resolve {target.host}: {exc}") from None
+        try:
+            own = own_addresses()  # per hop: addresses change (DHCP, IPv6 privacy addresses)
+        except OwnAddressesUnknown as exc:
+            raise EgressDenied("denied_address", f"this host's own addresses are unknown: {exc}") from None  # T-SSRF-1: fail closed
         # T-SSRF-1: every answer must pass before any connection is made.
-        addresses = check_resolved(target.host, answers, policy, address_check=address_check)
+        addresses = check_resolved(target.host, answers, policy, own_networks=own, address_check=address_check)
         sock = _connect(target, addresses, connect, deadline, clock)
         head, body = _exchange(sock, target, cap, deadline, clock)
         if head.status not in REDIRECT_STATUSES:

@@ -22,9 +22,15 @@ from appliance.storage import Store
 
 log = logging.getLogger("cell")
 
+def egress_message(settings: Settings, hosts: dict[str, list[str]] | None) -> dict[str, Any]:
+    """The egress part of a run message to a worker (see ``runtime.worker.egress_policy``)."""
+    return {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow),
+            "deny": list(settings.egress_deny), "hosts": hosts}
+
+
 # Settings a running node may change on SIGHUP; the rest need a restart.
 LIVE_SETTINGS = frozenset({
-    "rate_limit_rps", "rate_limit_burst", "egress", "egress_allow", "egress_hosts", "telemetry",
+    "rate_limit_rps", "rate_limit_burst", "egress", "egress_allow", "egress_deny", "egress_hosts", "telemetry",
     "run_timeout_ms", "memory_mb", "cell_timeout_ms", "tenant_quota_mb", "checkpoint_interval_s",
 })
 
@@ -95,7 +101,7 @@ class Services:
             self.settings = updated
             self.cells.settings = updated
             self.pool.settings = updated
-            egress = {"enabled": updated.egress == "on", "allow_hosts": list(updated.egress_allow), "hosts": egress_hosts}
+            egress = egress_message(updated, egress_hosts)
             self.cells.egress = egress if egress["enabled"] else None
             with self._inflight_lock:
                 self._rate = None  # buckets are rebuilt at the new rate on the next request
@@ -271,8 +277,7 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
         load_config(settings.mcp_servers)  # a bad MCP table stops start-up here, not in a worker
     pool = WorkerPool(settings, progress=progress)
     pool.start()
-    egress = {"enabled": settings.egress == "on", "allow_hosts": list(settings.egress_allow),
-              "hosts": load_egress_hosts(settings.egress_hosts)}
+    egress = egress_message(settings, load_egress_hosts(settings.egress_hosts))
     from appliance.license.verify import HOST_FUNCTION_FEATURES
 
     def pro_features() -> frozenset[str]:

@@ -14,10 +14,14 @@ throws the corpus of tests/redteam_corpus.py at it:
             keeps answering; a JavaScript guest forging the end of its run
             gets no early answer and runs no instruction after its answer
   tenants   another tenant's cells, files and receipts are 404
-  requests  oversized and malformed requests get clear 4xx errors, never 500
+  requests  oversized and malformed requests get clear 4xx errors, never 500;
+            unauthenticated or over-limit bodies are refused at the headers
+            (answered before one body byte is sent)
   license   Pro host functions without a license granting their feature are
             403 license_required, also with a forged license listing every
             feature in place (T-LIC-1, T-LIC-2)
+  site      host_fetch to this host's own interface addresses is denied; a
+            bad SYNAPSE_EGRESS_DENY stops start-up naming the key
   incident  `cell incident snapshot --with-volume-contents` while the volume
             holds links to the node key and a thread swaps a file with such a
             link: the key's bytes and hash never reach the tarball
@@ -32,6 +36,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +51,7 @@ from urllib.parse import quote
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from appliance.ownaddrs import own_networks  # noqa: E402
 from tests import guests  # noqa: E402
 from tests.liveserver import ServerProcess, start_server  # noqa: E402
 from tests.procwatch import thread_cpu, tree_bytes, watch_after_answer, worker_pids  # noqa: E402
@@ -377,18 +383,78 @@ def licenses(srv: ServerProcess) -> None:
         path.unlink()
 
 
+def _headers_only(srv: ServerProcess, head: str) -> tuple[int, str]:
+    """Send request headers and no body; the answer must come anyway (T-DOS-2)."""
+    host, port = srv.url.split("//", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(head.encode())
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+    head_part, _, body = data.partition(b"\r\n\r\n")
+    if not head_part.startswith(b"HTTP/1.1 "):
+        return 0, ""
+    try:
+        code = str(json.loads(body).get("code"))
+    except ValueError:
+        code = ""
+    return int(head_part.split()[1]), code
+
+
+def bodies(srv: ServerProcess) -> None:
+    post = "POST /v1/execute HTTP/1.1\r\nHost: cell\r\nContent-Type: application/json\r\n"
+    cases = [
+        ("unauthenticated, Content-Length 100 GiB", post + f"Content-Length: {100 * 1024 ** 3}\r\n\r\n", (413, "payload_too_large")),
+        ("unauthenticated, Content-Length 5 MB", post + "Content-Length: 5000000\r\n\r\n", (401, "unauthorized")),
+        ("wrong key, Content-Length 5 MB", post + "Authorization: Bearer nope\r\nContent-Length: 5000000\r\n\r\n", (401, "bad_key")),
+        ("unauthenticated, chunked", post + "Transfer-Encoding: chunked\r\n\r\n", (401, "unauthorized")),
+        ("unauthenticated, Expect: 100-continue", post + "Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n", (401, "unauthorized")),
+        ("valid key, Content-Length 10 MB + 1", post + f"Authorization: Bearer {srv.api_key}\r\nContent-Length: {10 * 1024 * 1024 + 1}\r\n\r\n",
+         (413, "payload_too_large")),
+    ]
+    for name, head, expected in cases:
+        got = _headers_only(srv, head)
+        record("requests", got == expected, f"{name} (no body sent) -> {got}, expected {expected}")
+
+
+def own_address_hosts() -> dict[str, list[str]]:
+    """Names for this host's own interface addresses (the server runs here too)."""
+    addresses = sorted({str(net.network_address if net.num_addresses == 1 else net[1]) for net in own_networks()})
+    return {f"self-{i}.attacker.example": [a] for i, a in enumerate(addresses)}
+
+
+def site(srv: ServerProcess, own: dict[str, list[str]]) -> None:
+    # T-SSRF-1: the appliance's own addresses, whatever kind they are.
+    for name, addresses in own.items():
+        code, body, _ = srv.request("POST", "/v1/execute", {"template": "wasm", "code": guests.fetch_probe(f"http://{name}/")})
+        denials = body.get("denials", []) if isinstance(body, dict) else []
+        ok = code == 200 and body.get("exit_code") == -1 and any(d["threat"] == "T-SSRF-1" for d in denials)
+        record("site", ok, f"own address {addresses[0]} -> {code} {body if not ok else ''}")
+    # A bad deny-list entry stops start-up, naming the key.
+    env = dict(os.environ, SYNAPSE_ROOT=tempfile.mkdtemp(prefix="cell-redteam-bad-"), SYNAPSE_EGRESS="on",
+               SYNAPSE_EGRESS_DENY="2001:db8::/64,10.0.0.0/33", SYNAPSE_PORT="0")
+    env["SYNAPSE_CONFIG_DIR"] = str(Path(env["SYNAPSE_ROOT"]) / "etc")
+    out = subprocess.run([sys.executable, "-m", "appliance.cli", "serve"], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    record("site", out.returncode != 0 and "SYNAPSE_EGRESS_DENY" in out.stdout + out.stderr,
+           f"bad SYNAPSE_EGRESS_DENY -> exit {out.returncode}: {(out.stdout + out.stderr)[-200:]}")
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
-    hosts.write_text(json.dumps(EGRESS_HOSTS))
+    own = own_address_hosts()
+    hosts.write_text(json.dumps({**EGRESS_HOSTS, **own}))
     print(f"Cell red team: {len(ssrf_urls())} SSRF inputs, {len(traversal_paths())} path inputs, "
           f"{len(trailing_slash_paths())} trailing-slash inputs, {len(DOS_CASES) + len(JS_FORGED_END) + 2} DoS guests")
     srv = start_server(env={"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_HOSTS": str(hosts)})
     try:
         for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)),
                            ("trailing", lambda: trailing(srv)), ("dos", lambda: dos(srv)),
-                           ("tenants", lambda: tenants(srv)), ("requests", lambda: requests(srv)),
-                           ("license", lambda: licenses(srv)),
+                           ("tenants", lambda: tenants(srv)), ("requests", lambda: (requests(srv), bodies(srv))),
+                           ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),
                            ("incident", lambda: incident_snapshot(srv))):  # last: it takes the node out of rotation
             t = time.monotonic()
             fn()

@@ -24,6 +24,14 @@ metadata names such as ``metadata.google.internal``), ``intranet``, ``lan``,
 label names (``http://metadata/``) are denied too: the system resolver would
 complete them with the local search domains, i.e. resolve an internal name.
 
+Site rows (T-SSRF-1), checked on every resolved answer after the table:
+the host's own interface addresses (``own_networks``, passed in by the
+adapter, which enumerates them per fetch) are always denied, even when the
+allowlist names them; the operator's deny-list (``EgressPolicy.deny_networks``,
+``SYNAPSE_EGRESS_DENY``) covers site-internal ranges that are globally
+routable, e.g. the LAN's own global IPv6 prefix. Both also match the IPv4
+address embedded in NAT64 (64:ff9b::/96), 6to4 and IPv4-mapped answers.
+
 Allowlist (``EgressPolicy.allow_hosts``): it can only NARROW. When non-empty,
 a host must equal an entry exactly, or, for an entry written with a leading
 dot (``.example.com``), be a strict subdomain of it (``a.example.com``, not
@@ -38,6 +46,7 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 MAX_URL_LENGTH = 2048
 MAX_HOST_LENGTH = 253
@@ -70,10 +79,30 @@ class EgressDenied(Exception):
 
 @dataclass(frozen=True)
 class EgressPolicy:
-    """``enabled`` mirrors SYNAPSE_EGRESS; ``allow_hosts`` SYNAPSE_EGRESS_ALLOW."""
+    """``enabled`` mirrors SYNAPSE_EGRESS; ``allow_hosts`` SYNAPSE_EGRESS_ALLOW;
+    ``deny_networks`` SYNAPSE_EGRESS_DENY (see :func:`parse_networks`)."""
 
     enabled: bool
     allow_hosts: tuple[str, ...] = ()
+    deny_networks: tuple[IPNetwork, ...] = ()
+
+
+def parse_networks(items: tuple[str, ...] | list[str]) -> tuple[IPNetwork, ...]:
+    """CIDRs (or bare addresses) -> networks; ``ValueError`` names a bad one.
+
+    Host bits are dropped (``10.1.2.3/24`` is ``10.1.2.0/24``): for a
+    deny-list the wider reading is the safe one. Zone ids are refused.
+    """
+    nets: list[IPNetwork] = []
+    for item in items:
+        text = str(item).strip()
+        if not text or "%" in text:
+            raise ValueError(f"{item!r} is not a CIDR")
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a CIDR") from None
+    return tuple(nets)
 
 
 @dataclass(frozen=True)
@@ -184,6 +213,41 @@ def address_denied(ip: IPAddress) -> str | None:
             return "not_global_unicast"  # T-SSRF-1: fail closed on reserved space
         return None
     return "not_an_address"  # T-SSRF-1: fail closed on anything unexpected
+
+
+def _embedded_v4(ip: IPAddress) -> list[IPAddress]:
+    """``ip`` itself plus any IPv4 address a translator or tunnel would reach."""
+    out: list[IPAddress] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            out.append(ip.ipv4_mapped)
+        if ip in _NAT64_WKP:
+            out.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip in _SIX_TO_FOUR:
+            out.append(ipaddress.IPv4Address((int(ip) >> 80) & 0xFFFFFFFF))
+    return out
+
+
+def _in_any(ip: IPAddress, nets: tuple[IPNetwork, ...]) -> IPNetwork | None:
+    for net in nets:
+        if ip.version == net.version and ip in net:
+            return net
+    return None
+
+
+def site_denied(ip: IPAddress, deny_networks: tuple[IPNetwork, ...], own_networks: tuple[IPNetwork, ...]) -> str | None:
+    """Row name when ``ip`` is this host's own address or operator-denied."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        ip = ipaddress.IPv6Address(ip.compressed.split("%", 1)[0])  # compare the address, not the zone
+    for candidate in _embedded_v4(ip):
+        # T-SSRF-1: the appliance's own non-loopback addresses (its own
+        # services listen there), whatever the allowlist says.
+        if _in_any(candidate, own_networks) is not None:
+            return "own_address"
+        net = _in_any(candidate, deny_networks)
+        if net is not None:
+            return f"operator_deny:{net}"  # T-SSRF-1: SYNAPSE_EGRESS_DENY
+    return None
 
 
 # --- URL parsing (T-SSRF-1) --------------------------------------------------
@@ -369,12 +433,16 @@ def check_resolved(
     addresses: list[str],
     policy: EgressPolicy,
     *,
+    own_networks: tuple[IPNetwork, ...],
     address_check: Callable[[IPAddress], str | None] = address_denied,
 ) -> list[IPAddress]:
     """Validate every DNS answer for ``host``; return them parsed, de-duplicated.
 
-    ``address_check`` exists only so tests can admit a loopback test server;
-    the appliance never passes it.
+    ``own_networks`` are this host's own addresses (the adapter enumerates
+    them; there is no default, so no caller can forget them). They and the
+    operator's ``deny_networks`` are checked even when ``address_check`` —
+    which exists only so tests can admit a loopback test server; the
+    appliance never passes it — lets an address through.
     """
     if not policy.enabled:
         raise _deny("egress_off", "egress is off on this node")
@@ -391,6 +459,9 @@ def check_resolved(
             # T-SSRF-1/T-SSRF-2: one bad answer poisons the set; the adapter
             # might otherwise fall back to it when the good one fails.
             raise _deny("denied_address", f"{host} resolved to {ip} in denied range {row}")
+        row = site_denied(ip, policy.deny_networks, own_networks)
+        if row is not None:
+            raise _deny("denied_address", f"{host} resolved to {ip}: {row}")  # T-SSRF-1
         if ip not in parsed:
             parsed.append(ip)
     return parsed

@@ -41,6 +41,7 @@ class ProtocolError(Exception):
 class EgressSpec:
     enabled: bool
     allow_hosts: list[str]
+    deny: list[str]  # the operator's CIDRs (SYNAPSE_EGRESS_DENY); required (T-SSRF-1)
     hosts: dict[str, list[str]] | None = None
 
 

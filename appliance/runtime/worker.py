@@ -26,6 +26,7 @@ from typing import Any
 
 import wasmtime
 
+from appliance.policy.egress import EgressPolicy, parse_networks
 from appliance.runtime import context, protocol
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
@@ -49,6 +50,15 @@ def static_resolver(hosts: dict[str, list[str]]) -> Any:
         return list(found)
 
     return resolve
+
+
+def egress_policy(egress: protocol.EgressSpec) -> EgressPolicy:
+    """The policy of one run from the web process's message (``services.egress_message``).
+
+    The deny-list is a required field of the message: a request without it is
+    refused by the protocol rather than run without it (T-SSRF-1)."""
+    return EgressPolicy(enabled=egress.enabled, allow_hosts=tuple(egress.allow_hosts),
+                        deny_networks=parse_networks(egress.deny))
 
 
 def harden_process(max_files: int = 4096) -> dict[str, str]:
@@ -238,7 +248,6 @@ class Worker:
     def _exec_module(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, int | None]:
         """A raw wasm module: compiled (cached), run once against the cell's volume or a scratch one."""
         from appliance.confine import Volume
-        from appliance.policy.egress import EgressPolicy
 
         # T-LIC-2: the Pro features the web process found in the license in
         # force for this run (never anything the guest sent); unknown names drop out.
@@ -255,7 +264,7 @@ class Worker:
                 ctx.volume = vol
                 grant_pro_resources(ctx, features, self.weights, self.mcp)
                 if msg.egress is not None:
-                    ctx.egress = EgressPolicy(enabled=msg.egress.enabled, allow_hosts=tuple(msg.egress.allow_hosts))
+                    ctx.egress = egress_policy(msg.egress)
                     ctx.resolver = static_resolver(msg.egress.hosts) if msg.egress.hosts is not None else None
                 outcome = self.modules.run(module, volume, ctx, run.timeout_s, run.memory, run.cap, run.sink, msg.stdin)
                 usage = vol.usage_bytes() if not tmp else None

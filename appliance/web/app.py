@@ -24,6 +24,10 @@ from appliance.web import validate
 
 log = logging.getLogger("cell.web")
 
+# WSGI environ key set by appliance.web.server when it refused to read the
+# body (T-DOS-2); the value says why (too_large, unauthorized, ...).
+BODY_REFUSED = "cell.body_refused"
+
 
 def _error(exc: CellError) -> Response:
     resp = jsonify({"error": exc.message, "code": exc.code})
@@ -85,6 +89,10 @@ def create_app(services: Any) -> Flask:
         if tenant is None:
             raise Unauthorized("unknown or revoked API key", code="bad_key")
         g.tenant = tenant
+        if request.environ.get(BODY_REFUSED):
+            # T-DOS-2: the server did not read this body (the key was not valid
+            # when the headers arrived); it must never pass for an empty one.
+            raise BadRequest("the request body was refused before it was read; send it again", code="body_refused")
         if services.allows("multi_tenant"):
             # Hub multi-tenant mode (a hub license listing multi_tenant, T-LIC-2): tenants
             # share the node, so each tenant also gets its own bucket (T-DOS-2).

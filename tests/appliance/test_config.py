@@ -33,6 +33,8 @@ def test_environment_beats_file_beats_default(tmp_path: Path) -> None:
         ("SYNAPSE_RATE_LIMIT_RPS", "0"), ("SYNAPSE_EGRESS", "maybe"), ("SYNAPSE_TELEMETRY", "yes"),
         ("SYNAPSE_PORT", "99999"), ("SYNAPSE_WORKERS", "0"), ("SYNAPSE_MEMORY_MB", "1"),
         ("SYNAPSE_TRUSTED_PROXIES", "not-an-ip"), ("SYNAPSE_RUN_TIMEOUT_MS", "600000"), ("SYNAPSE_EGRESS_ALLOW", "bad host!"),
+        ("SYNAPSE_EGRESS_DENY", "10.0.0.0/33"), ("SYNAPSE_EGRESS_DENY", "2001:db8::/64,example.com"),
+        ("SYNAPSE_EGRESS_DENY", "fe80::1%eth0"),
     ],
 )
 def test_bad_value_fails_naming_the_key(tmp_path: Path, key: str, value: str) -> None:
@@ -55,3 +57,12 @@ def test_egress_hosts_map_must_hold_addresses(tmp_path: Path) -> None:
     bad.write_text('{"x": ["localhost"]}')
     with pytest.raises(ConfigError, match="SYNAPSE_EGRESS_HOSTS"):
         load_egress_hosts(bad)
+
+
+def test_t_ssrf_1_egress_deny_list_from_file_and_environment(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text('egress_deny = ["2001:db8:1::/48", "10.1.2.3/24"]\n')
+    assert load_settings(env(tmp_path)).egress_deny == ("2001:db8:1::/48", "10.1.2.0/24")
+    assert load_settings(env(tmp_path, SYNAPSE_EGRESS_DENY=" 8.8.8.8 ,2a00::/16")).egress_deny == ("8.8.8.8/32", "2a00::/16")
+    (tmp_path / "config.toml").write_text('egress_deny = ["not-a-cidr"]\n')
+    with pytest.raises(ConfigError, match="egress_deny"):
+        load_settings(env(tmp_path))

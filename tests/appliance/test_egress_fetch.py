@@ -19,7 +19,10 @@ from typing import Iterator
 import pytest
 
 from appliance.egress import MAX_BYTES_CEILING, EgressError, FetchResult, Resolver, fetch
-from appliance.policy.egress import EgressDenied, EgressPolicy, IPAddress, address_denied
+from appliance.config import load_settings
+from appliance.ownaddrs import OwnAddressesUnknown, own_networks
+from appliance.policy.egress import EgressDenied, EgressPolicy, IPAddress, IPNetwork, address_denied, parse_networks
+from appliance.runtime.worker import static_resolver
 from tests.appliance.test_egress_policy import ATTACKS, Attack
 from tests.appliance.test_httpclient import (  # noqa: F401 - wire is a fixture
     ACCEPTED,
@@ -361,10 +364,16 @@ def admit_test_server(ip: IPAddress) -> str | None:
     return None if ip == TEST_SERVER else address_denied(ip)
 
 
+def own_but_test_server() -> tuple[IPNetwork, ...]:
+    """Test-only: the host's own addresses except the range holding the test server."""
+    return tuple(n for n in own_networks() if TEST_SERVER not in n)
+
+
 def test_fetch_from_loopback_server_via_test_hook(loopback_server: int) -> None:
     resolver = FakeResolver({"cell-test.example.com": [["127.0.0.1"]]})
     result = fetch(f"http://cell-test.example.com:{loopback_server}/hop", policy=ON, max_bytes=10_000,
-                   deadline=time.monotonic() + 10, resolver=resolver, address_check=admit_test_server)
+                   deadline=time.monotonic() + 10, resolver=resolver, address_check=admit_test_server,
+                   own_addresses=own_but_test_server)
     assert result.status == 200
     assert result.body == f"path=/final?x=1 host=cell-test.example.com:{loopback_server}".encode()
     assert result.final_url == f"http://cell-test.example.com:{loopback_server}/final?x=1"
@@ -377,3 +386,87 @@ def test_t_ssrf_1_same_loopback_server_denied_by_default(loopback_server: int) -
         fetch(f"http://cell-test.example.com:{loopback_server}/", policy=ON, max_bytes=10_000,
               deadline=time.monotonic() + 10, resolver=resolver)
     assert info.value.reason == "denied_address"
+
+
+# --- T-SSRF-1: the host's own addresses and the operator deny-list ----------
+# Names resolve from a static map (what SYNAPSE_EGRESS_HOSTS gives a worker);
+# the recording connector proves the refusal comes before any connect.
+
+
+def _admit_everything(ip: IPAddress) -> str | None:
+    return None  # test-only: switch the deny table off so only the site rows stand
+
+
+def _own_samples() -> list[str]:
+    out = []
+    for net in own_networks():
+        out.append(str(net.network_address))
+        if net.num_addresses > 1:
+            out.append(str(net[net.num_addresses // 2]))
+    return out
+
+
+@pytest.mark.parametrize("address", _own_samples())
+def test_t_ssrf_1_own_interface_address_refused_before_connect(address: str, conn_factory: list[FakeConnector]) -> None:
+    resolver = static_resolver({"self.attacker.example": [address]})
+    connector = _connector(conn_factory, ok())
+    policy = EgressPolicy(True, ("self.attacker.example", address))  # the allowlist names it: still denied
+    with pytest.raises(EgressDenied) as info:
+        run("http://self.attacker.example/", resolver, connector, policy=policy, address_check=_admit_everything)
+    assert info.value.message.endswith(": own_address"), info.value.message
+    assert connector.calls == []
+
+
+def test_t_ssrf_1_own_addresses_include_loopback_and_every_interface() -> None:
+    nets = own_networks()
+    assert any(ipaddress.ip_address("127.0.0.1") in n for n in nets)
+    with open("/proc/net/if_inet6") as f:
+        for line in f:
+            assert ipaddress.IPv6Network((int(line.split()[0], 16), 128)) in nets
+
+
+def test_t_ssrf_1_own_addresses_unknown_fails_closed(conn_factory: list[FakeConnector]) -> None:
+    def broken() -> tuple[IPNetwork, ...]:
+        raise OwnAddressesUnknown("no /proc")
+
+    resolver = static_resolver({"public.attacker.example": ["8.8.8.8"]})
+    connector = _connector(conn_factory, ok())
+    with pytest.raises(EgressDenied) as info:
+        run("http://public.attacker.example/", resolver, connector, own_addresses=broken)
+    assert info.value.reason == "denied_address" and "unknown" in info.value.message
+    assert connector.calls == []
+
+
+DENY_ENV = "2a00:1450:4001::/48, 34.64.0.0/10 ,198.51.100.77"  # as an operator would write SYNAPSE_EGRESS_DENY
+DENY_ATTACKS = [
+    ("lan6.attacker.example", ["2a00:1450:4001:81c::200e"], "operator_deny:2a00:1450:4001::/48"),
+    ("lan4.attacker.example", ["34.100.1.1"], "operator_deny:34.64.0.0/10"),
+    ("mixed.attacker.example", ["8.8.8.8", "34.64.0.1"], "operator_deny:34.64.0.0/10"),
+    ("nat64.attacker.example", ["64:ff9b::2240:1"], "operator_deny:34.64.0.0/10"),
+    ("one.attacker.example", ["198.51.100.77"], "operator_deny:198.51.100.77/32"),
+]
+
+
+@pytest.mark.parametrize("host,answers,row", DENY_ATTACKS, ids=[a[0] for a in DENY_ATTACKS])
+def test_t_ssrf_1_operator_deny_list_refused_before_connect(
+    host: str, answers: list[str], row: str, conn_factory: list[FakeConnector]
+) -> None:
+    settings = load_settings({"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_DENY": DENY_ENV})
+    policy = EgressPolicy(True, (host,), parse_networks(settings.egress_deny))
+    connector = _connector(conn_factory, ok())
+    with pytest.raises(EgressDenied) as info:
+        run(f"http://{host}/", static_resolver({host: answers}), connector, policy=policy, address_check=_admit_everything)
+    assert info.value.message.endswith(": " + row), info.value.message
+    assert connector.calls == []
+
+
+def test_t_ssrf_1_operator_deny_list_stops_a_reachable_server(loopback_server: int) -> None:
+    """The same loopback server the test hook admits is refused once the deny-list names it."""
+    url = f"http://cell-test.example.com:{loopback_server}/"
+    hosts = static_resolver({"cell-test.example.com": ["127.0.0.1"]})
+    common = {"max_bytes": 10_000, "resolver": hosts, "address_check": admit_test_server, "own_addresses": own_but_test_server}
+    assert fetch(url, policy=ON, deadline=time.monotonic() + 10, **common).status == 200  # type: ignore[arg-type]
+    denied = EgressPolicy(True, deny_networks=parse_networks(["127.0.0.0/8"]))
+    with pytest.raises(EgressDenied) as info:
+        fetch(url, policy=denied, deadline=time.monotonic() + 10, **common)  # type: ignore[arg-type]
+    assert info.value.message.endswith(": operator_deny:127.0.0.0/8")

@@ -18,14 +18,18 @@ from appliance.policy.egress import (
     REASONS,
     EgressDenied,
     EgressPolicy,
+    IPNetwork,
     address_denied,
     check_resolved,
+    parse_networks,
     parse_target,
+    site_denied,
 )
 
 ON = EgressPolicy(enabled=True)
 OFF = EgressPolicy(enabled=False)
 PUBLIC = ["8.8.8.8"]  # a real public address, used as a value only
+NO_OWN: tuple[IPNetwork, ...] = ()  # tests of the deny table alone: no own addresses
 
 
 class Attack(NamedTuple):
@@ -253,7 +257,7 @@ def _evaluate(attack: Attack) -> None:
     """What the adapter does before connecting: parse, then check answers."""
     target = parse_target(attack.url, attack.policy)
     answers = [target.host] if target.is_ip_literal else (attack.answers if attack.answers is not None else PUBLIC)
-    check_resolved(target.host, answers, attack.policy)
+    check_resolved(target.host, answers, attack.policy, own_networks=NO_OWN)
 
 
 def test_attack_table_is_large_and_uses_known_reasons() -> None:
@@ -297,7 +301,7 @@ def test_t_ssrf_1_public_targets_allowed(
 ) -> None:
     target = parse_target(url, policy)
     assert (target.scheme, target.host, target.port, target.path_and_query) == expected
-    checked = check_resolved(target.host, answers or [target.host], policy)
+    checked = check_resolved(target.host, answers or [target.host], policy, own_networks=NO_OWN)
     assert [str(ip) for ip in checked] == (answers or [target.host])
 
 
@@ -385,13 +389,13 @@ def test_t_ssrf_1_deny_table_does_not_trust_is_global() -> None:
 
 
 def test_t_ssrf_2_check_resolved_dedupes_and_keeps_order() -> None:
-    got = check_resolved("h.example.com", ["8.8.8.8", "2606:4700::1111", "8.8.8.8"], ON)
+    got = check_resolved("h.example.com", ["8.8.8.8", "2606:4700::1111", "8.8.8.8"], ON, own_networks=NO_OWN)
     assert [str(i) for i in got] == ["8.8.8.8", "2606:4700::1111"]
 
 
 def test_t_ssrf_1_check_resolved_respects_egress_off() -> None:
     with pytest.raises(EgressDenied) as info:
-        check_resolved("h.example.com", PUBLIC, OFF)
+        check_resolved("h.example.com", PUBLIC, OFF, own_networks=NO_OWN)
     assert info.value.reason == "egress_off"
 
 
@@ -408,3 +412,88 @@ def test_policy_module_is_pure() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# --- site rows: own addresses and the operator deny-list (T-SSRF-1) ----------
+# Global addresses stand in for "this appliance's own public address" and
+# "the site's own global prefix"; they are values only.
+
+OWN: tuple[IPNetwork, ...] = parse_networks(["93.184.215.14", "2606:2800:220:1::7", "45.60.0.0/24"])  # last: an AnyIP local route
+SITE = EgressPolicy(True, deny_networks=parse_networks(["2a00:1450:4001::/48", "34.64.0.0/10"]))
+
+
+class SiteAttack(NamedTuple):
+    url: str
+    answers: list[str] | None
+    policy: EgressPolicy
+    row: str
+
+
+SITE_ATTACKS: list[SiteAttack] = [
+    # own addresses, by literal and by name, even when the allowlist names them
+    SiteAttack("http://93.184.215.14/", None, ON, "own_address"),
+    SiteAttack("http://93.184.215.14:8080/", None, EgressPolicy(True, ("93.184.215.14",)), "own_address"),
+    SiteAttack("http://[2606:2800:220:1::7]/", None, ON, "own_address"),
+    SiteAttack("http://[2606:2800:220:1::7]/", None, EgressPolicy(True, ("2606:2800:220:1::7",)), "own_address"),
+    SiteAttack("http://me.example.com/", ["93.184.215.14"], EgressPolicy(True, ("me.example.com",)), "own_address"),
+    SiteAttack("http://me.example.com/", ["8.8.8.8", "2606:2800:220:1::7"], ON, "own_address"),
+    SiteAttack("http://anyip.example.com/", ["45.60.0.200"], ON, "own_address"),
+    # own IPv4 reached through a translator or a tunnel
+    SiteAttack("http://[64:ff9b::5db8:d70e]/", None, ON, "own_address"),
+    SiteAttack("http://nat64.example.com/", ["64:ff9b::93.184.215.14"], ON, "own_address"),
+    SiteAttack("http://[2002:5db8:d70e::1]/", None, ON, "own_address"),
+    # operator deny-list: the site's global IPv6 prefix and a global IPv4 range
+    SiteAttack("http://[2a00:1450:4001::1]/", None, SITE, "operator_deny:2a00:1450:4001::/48"),
+    SiteAttack("http://[2a00:1450:4001:ffff::1]/", None, SITE, "operator_deny:2a00:1450:4001::/48"),
+    SiteAttack("http://lanhost.example.com/", ["2a00:1450:4001:81c::200e"], SITE, "operator_deny:2a00:1450:4001::/48"),
+    SiteAttack("http://lanhost.example.com/", ["8.8.8.8", "34.100.1.1"], SITE, "operator_deny:34.64.0.0/10"),
+    SiteAttack("http://34.64.0.1/", None, SITE, "operator_deny:34.64.0.0/10"),
+    SiteAttack("http://34.127.255.255/", None, EgressPolicy(True, ("34.127.255.255",), SITE.deny_networks), "operator_deny:34.64.0.0/10"),
+    SiteAttack("http://[64:ff9b::34.65.0.1]/", None, SITE, "operator_deny:34.64.0.0/10"),
+    SiteAttack("http://[2002:2241:1::1]/", None, SITE, "operator_deny:34.64.0.0/10"),
+]
+
+
+@pytest.mark.parametrize("attack", SITE_ATTACKS, ids=[f"{i}:{a.url[:50]}" for i, a in enumerate(SITE_ATTACKS)])
+def test_t_ssrf_1_own_address_and_operator_deny_refused(attack: SiteAttack) -> None:
+    target = parse_target(attack.url, attack.policy)
+    answers = [target.host] if target.is_ip_literal else (attack.answers or [])
+    with pytest.raises(EgressDenied) as info:
+        check_resolved(target.host, answers, attack.policy, own_networks=OWN)
+    assert info.value.reason == "denied_address"
+    assert info.value.message.endswith(": " + attack.row), info.value.message
+
+
+def test_t_ssrf_1_own_address_check_survives_the_test_hook() -> None:
+    # address_check (the loopback test hook) admits everything; the site rows
+    # still apply, and a zone id does not make an own address someone else's.
+    own = parse_networks(["93.184.215.14", "127.0.0.0/8", "2606:2800:220:1::7"])
+    for answer in ["93.184.215.14", "127.0.0.1", "2606:2800:220:1::7%eth0"]:
+        with pytest.raises(EgressDenied) as info:
+            check_resolved("h.example.com", [answer], ON, own_networks=own, address_check=lambda ip: None)
+        assert info.value.message.endswith(": own_address")
+
+
+@pytest.mark.parametrize("answer", ["93.184.215.15", "2606:2800:220:1::8", "45.60.1.1", "34.128.0.1", "2a00:1450:4002::1", "8.8.8.8"])
+def test_t_ssrf_1_neighbours_of_site_rows_still_allowed(answer: str) -> None:
+    assert [str(i) for i in check_resolved("h.example.com", [answer], SITE, own_networks=OWN)] == [answer]
+
+
+def test_t_ssrf_1_site_denied_reports_the_matching_row() -> None:
+    ip = ipaddress.ip_address
+    assert site_denied(ip("93.184.215.14"), (), OWN) == "own_address"
+    assert site_denied(ip("::ffff:93.184.215.14"), (), OWN) == "own_address"
+    assert site_denied(ip("34.64.0.9"), SITE.deny_networks, ()) == "operator_deny:34.64.0.0/10"
+    assert site_denied(ip("34.64.0.9"), (), ()) is None
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "::/129", "fe80::1%eth0/64", "fe80::1%eth0", "example.com", "10.0.0.0/8/8",
+                                 "1.2.3", "", " ", "10.0.0.0/-1", "2001:db8::/+64"])
+def test_t_ssrf_1_deny_list_entries_are_strict_cidrs(bad: str) -> None:
+    with pytest.raises(ValueError):
+        parse_networks([bad])
+
+
+def test_t_ssrf_1_deny_list_host_bits_widen_to_the_network() -> None:
+    assert [str(n) for n in parse_networks(["10.1.2.3/24", "2001:db8::1/64", "8.8.8.8", "2001:db8::5"])] == [
+        "10.1.2.0/24", "2001:db8::/64", "8.8.8.8/32", "2001:db8::5/128"]

@@ -295,3 +295,42 @@ def test_t_dos_1_host_fs_write_over_quota_returns_minus_8(runner: ModuleRunner, 
     out = runner.run(module, str(root), ctx, 5.0, 64 << 20, 1 << 20, None)
     assert out.exit_code == -8 and out.denials[0]["reason"] == "quota_exceeded"
     assert not (root / "q.bin").exists()
+
+
+# -- T-SSRF-1: the operator deny-list, from config to the guest's host_fetch --------
+DENIED_SITE = [
+    ("lan6.attacker.example", "2a00:1450:4001::1"),          # the site's own global IPv6 prefix
+    ("lan4.attacker.example", "34.64.0.1"),                  # a global IPv4 range the site uses inside
+    ("nat64.attacker.example", "64:ff9b::2240:1"),           # the same IPv4 through the NAT64 prefix
+]
+
+
+@pytest.mark.parametrize("host,address", DENIED_SITE, ids=[h for h, _ in DENIED_SITE])
+def test_t_ssrf_1_host_fetch_operator_deny_list(runner: ModuleRunner, volume: tuple[Path, Volume], host: str, address: str) -> None:
+    from appliance.config import load_settings
+    from appliance.services import egress_message
+    from appliance.runtime.protocol import EgressSpec
+    from appliance.runtime.worker import egress_policy, static_resolver
+
+    root, vol = volume
+    settings = load_settings({"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_DENY": "2a00:1450:4001::/48,34.64.0.0/10"})
+    message = EgressSpec(**egress_message(settings, {host: [address]}))  # what the web process sends a worker
+    ctx = context.RunContext(governor=None, volume=vol, egress=egress_policy(message))  # type: ignore[arg-type]
+    ctx.resolver = static_resolver(message.hosts or {})
+    u = f"http://{host}/".encode()
+    out = runner.run(runner.compile(probe(2, 1024, len(u), 4096, 4096, u), True, 8 << 20, frozenset()), str(root), ctx, 5.0, 64 << 20, 1 << 20, None)
+    # -1 and a T-SSRF-1 denial; a connect attempt would have tripped the test network guard (-4 instead).
+    assert out.exit_code == -1
+    assert out.denials[0]["threat"] == "T-SSRF-1" and out.denials[0]["reason"] == "denied_address"
+
+
+def test_t_ssrf_1_worker_refuses_a_run_message_without_the_deny_list() -> None:
+    import json
+
+    from appliance.runtime import protocol
+
+    frame = json.dumps({"type": "exec", "req_id": 1, "template": "wasm", "code": "", "is_text": True, "timeout_ms": 10,
+                        "memory_mb": 16, "tenant_id": "t",
+                        "egress": {"enabled": True, "allow_hosts": [], "hosts": None}}).encode()
+    with pytest.raises(protocol.ProtocolError, match="deny"):
+        protocol.decode(frame, protocol.TO_WORKER, 1 << 20)

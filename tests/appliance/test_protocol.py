@@ -29,7 +29,7 @@ SAMPLES: list[Any] = [
     protocol.BindRequest(1, cell_id="c1", template="python3", volume="/v/t/c1", memory_mb=256, envs={"A": "b"}),
     protocol.ExecRequest(2, template="python3", code=b"\x00print(1)\xff", is_text=False, timeout_ms=500, memory_mb=64,
                          tenant_id="t", cell_id="c1", volume="/v", stream=True, envs={"K": "V"},
-                         egress=protocol.EgressSpec(True, ["example.org"], {"example.org": ["203.0.113.5"]}),
+                         egress=protocol.EgressSpec(True, ["example.org"], ["10.0.0.0/8"], {"example.org": ["203.0.113.5"]}),
                          features=["load_weights"], quota_left=10, stdin=b"in"),
     protocol.DropRequest(3, cell_id="c1"),
     protocol.StatsRequest(4),
