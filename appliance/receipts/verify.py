@@ -173,6 +173,9 @@ def _fail(kind: str, detail: str, *, seq: int | None = None, line: int | None = 
     return _Failed(Problem(kind, detail, seq, line))
 
 
+VerificationFailed = _Failed  # public name, for the live auditor (appliance/receipts/audit.py)
+
+
 def _verify_key(public_key_hex: object, where: str) -> tuple[str, nacl.signing.VerifyKey]:
     try:
         raw = bytes.fromhex(public_key_hex) if isinstance(public_key_hex, str) else b""
@@ -332,6 +335,9 @@ class _Log:
             label, cp = self.pending[0]
             # T-RCPT-1: a signed checkpoint counts more receipts than we hold.
             raise _fail("truncated", f"{label} signed {cp['count']} receipts but only {self.count} are present")
+
+
+ChainWalker = _Log  # public name: the live auditor walks the chain with the same checks
 
 
 def _loads(text: str) -> Any:
