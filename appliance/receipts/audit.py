@@ -183,11 +183,17 @@ class ReceiptAuditor:
                     tenant = str(r.get("tenant_id"))
                     self._staged[tenant] = self._staged.get(tenant, 0) + 1
                 self._publish(walker)
-            if walker.pending and walker.count >= target and not self._store.rows_after(walker.count, 1):
+            if walker.pending and not self._store.rows_after(walker.count, 1):
                 # T-RCPT-1: a signed checkpoint counts rows the log no longer has.
                 self._fail(walker, _verify.Problem("truncated", "a signed checkpoint counts more receipts than the log holds"))
+                return
         except _verify.VerificationFailed as failed:
             self._fail(walker, failed.problem)
+            return
+        with self._cond:
+            if self._walked < target:  # fewer rows than the count said (read in between): wait for the next ask
+                self._target = self._walked
+            self._cond.notify_all()
 
     def _publish(self, walker: _verify.ChainWalker) -> None:
         with self._cond:
