@@ -30,6 +30,7 @@ from tests.appliance.test_receipts_v1 import (
     VECTOR_RECEIPT_HASH,
     VECTOR_SEED,
 )
+from tests.factories import make_legacy_receipts
 
 REPO = Path(__file__).resolve().parents[2]
 N = 9
@@ -272,23 +273,8 @@ CREATE TABLE receipt_keys (key_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, fi
 """
 
 
-def legacy_rows(key: NodeKey, n: int) -> list[dict[str, Any]]:
-    """Receipts as the node wrote them before envelopes: signature over the chain hash only."""
-    rows, prev = [], v1.GENESIS
-    for i in range(n):
-        fields = {"execution_id": str(uuid.uuid4()), "code_hash": "a" * 64, "result_hash": "b" * 64,
-                  "template": "python3", "timestamp": 1700000000000 + i}
-        rh = v1.receipt_hash(**fields)
-        ch = v1.chain_hash(prev, rh)
-        rows.append({"schema": "v1", **fields, "receipt_hash": rh, "seq": i + 1, "prev_chain_hash": prev,
-                     "chain_hash": ch, "signature": base64.b64encode(key.sign(ch.encode())).decode(),
-                     "key_id": key.key_id, "cell_id": f"cell-{i}"})
-        prev = ch
-    return rows
-
-
 def make_legacy_db(path: Path, key: NodeKey, n: int) -> list[dict[str, Any]]:
-    rows = legacy_rows(key, n)
+    rows = make_legacy_receipts(key, n)
     conn = sqlite3.connect(path)
     conn.executescript(LEGACY_SCHEMA)
     conn.execute("INSERT INTO receipt_keys VALUES (?, ?, 0)", (key.key_id, key.public_key_hex))
@@ -345,7 +331,7 @@ def write_legacy_export(path: Path, key: NodeKey, rows: list[dict[str, Any]], *,
 
 
 def test_T_RCPT_2_pre_envelope_export_verifies_with_explicit_notes(tmp_path: Path, key: NodeKey) -> None:
-    path = write_legacy_export(tmp_path / "v1.jsonl", key, legacy_rows(key, 5))
+    path = write_legacy_export(tmp_path / "v1.jsonl", key, make_legacy_receipts(key, 5))
     report = verify.verify_export(path, public_keys=[key.public_key_hex])
     assert report.ok and (report.count, report.unbound) == (5, 5)
     assert any("cell-receipts-export/1" in n for n in report.notes)
@@ -353,7 +339,7 @@ def test_T_RCPT_2_pre_envelope_export_verifies_with_explicit_notes(tmp_path: Pat
 
 
 def test_T_RCPT_2_pre_envelope_export_cut_short_detected_by_its_checkpoint(tmp_path: Path, key: NodeKey) -> None:
-    rows = legacy_rows(key, 5)
+    rows = make_legacy_receipts(key, 5)
     path = write_legacy_export(tmp_path / "v1.jsonl", key, rows)
     rewrite(path, lambda o: (o.pop(-2), o.pop(-2), o[-1].update(count=3, last_chain_hash=o[-2]["chain_hash"])))
     assert failure(path, key).kind == "truncated"
@@ -361,5 +347,5 @@ def test_T_RCPT_2_pre_envelope_export_cut_short_detected_by_its_checkpoint(tmp_p
 
 def test_T_RCPT_2_pre_envelope_export_without_checkpoint_refused(tmp_path: Path, key: NodeKey) -> None:
     # Its trailer is unsigned, so without the header checkpoint a cut tail could not be seen.
-    path = write_legacy_export(tmp_path / "v1.jsonl", key, legacy_rows(key, 5), checkpoint=False)
+    path = write_legacy_export(tmp_path / "v1.jsonl", key, make_legacy_receipts(key, 5), checkpoint=False)
     assert failure(path, key).kind == "truncated"
