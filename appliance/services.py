@@ -14,6 +14,7 @@ from appliance.cells import CellService, now_ms
 from appliance.config import Settings, load_egress_hosts
 from appliance.license.verify import Limits, config_limits
 from appliance.policy.ratelimit import TokenBucketLimiter
+from appliance.receipts.audit import VERIFY_BURST, VERIFY_RATE_PER_S, ReceiptAuditor
 from appliance.receipts.nodekey import NodeKey
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime import templates
@@ -56,6 +57,17 @@ class Services:
     settings_loader: Callable[[], Settings] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    receipt_audit: ReceiptAuditor | None = None
+    # T-DOS-2: GET /v1/receipts/verify has its own per-tenant budget.
+    verify_limiter: TokenBucketLimiter = field(
+        default_factory=lambda: TokenBucketLimiter(VERIFY_RATE_PER_S, VERIFY_BURST, max_keys=10_000))
+
+    def auditor(self) -> ReceiptAuditor:
+        """The live receipt auditor (its thread starts on first use)."""
+        with self._inflight_lock:
+            if self.receipt_audit is None:
+                self.receipt_audit = ReceiptAuditor(self.receipts)
+            return self.receipt_audit
 
     def status(self) -> dict[str, Any]:
         lic = self.license.summary() if self.license is not None else None
@@ -210,6 +222,8 @@ class Services:
         for t in self._threads:
             t.join(timeout=3)
         self.pool.close()
+        if self.receipt_audit is not None:
+            self.receipt_audit.close()
         try:
             self.receipts.checkpoint()
         except Exception:

@@ -1,4 +1,4 @@
-"""Builders for signed test artefacts: licenses and installed trust registries.
+"""Builders for signed test artefacts: licenses, installed trust registries and pre-envelope receipts.
 
 Every key here is made on the spot (or from a fixed, public, test-only seed
 for reproducible parametrization); no vendor private key exists in this
@@ -7,8 +7,10 @@ tests inject the matching public keys instead.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -19,6 +21,8 @@ from nacl.signing import SigningKey
 
 from appliance.license.issue import encode_document, sign_payload
 from appliance.license.verify import key_id_for
+from appliance.receipts import v1
+from appliance.receipts.nodekey import NodeKey
 
 if TYPE_CHECKING:
     from mirror.registry import Mirror
@@ -119,3 +123,19 @@ def make_registry(
     mirror.import_path(vendor.publish(licenses=tuple(licenses), revoked_keys=tuple(revoked_keys),
                                       expires=dict(expires or {})))
     return mirror
+
+
+def make_legacy_receipts(key: NodeKey, n: int) -> list[dict[str, Any]]:
+    """Receipts as a node wrote them before signed envelopes: the signature is
+    over the chain hash alone, and tenant/cell are outside every signature."""
+    rows, prev = [], v1.GENESIS
+    for i in range(n):
+        fields = {"execution_id": str(uuid.uuid4()), "code_hash": "a" * 64, "result_hash": "b" * 64,
+                  "template": "python3", "timestamp": 1700000000000 + i}
+        rh = v1.receipt_hash(**fields)
+        ch = v1.chain_hash(prev, rh)
+        rows.append({"schema": "v1", **fields, "receipt_hash": rh, "seq": i + 1, "prev_chain_hash": prev,
+                     "chain_hash": ch, "signature": base64.b64encode(key.sign(ch.encode())).decode(),
+                     "key_id": key.key_id, "cell_id": f"cell-{i}"})
+        prev = ch
+    return rows

@@ -65,6 +65,17 @@ class ServerProcess:
                 text = e.read().decode()
                 return e.code, _json(text), dict(e.headers)
 
+    def verify_receipts(self, key: str | None = None, timeout: float = 120) -> tuple[int, Any]:
+        """GET /v1/receipts/verify until the answer is no longer "pending" (the node's
+        auditor checks new rows on its own thread), honouring 429 Retry-After."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, body, headers = self.request("GET", "/v1/receipts/verify", key=key)
+            done = status != 429 and not (status == 200 and isinstance(body, dict) and body.get("status") == "pending")
+            if done or time.monotonic() > deadline:
+                return status, body
+            time.sleep(float(headers.get("Retry-After", "1")) if status == 429 else 0.5)
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

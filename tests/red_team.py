@@ -14,6 +14,9 @@ throws the corpus of tests/redteam_corpus.py at it:
             keeps answering; a JavaScript guest forging the end of its run
             gets no early answer and runs no instruction after its answer
   tenants   another tenant's cells, files and receipts are 404
+  receipts  verify shows a tenant only its own receipts and is rate-limited
+            under a flood; an export cut short or with a receipt moved to
+            another cell or tenant fails the offline verifier
   requests  oversized and malformed requests get clear 4xx errors, never 500;
             unauthenticated or over-limit bodies are refused at the headers
             (answered before one body byte is sent)
@@ -305,6 +308,85 @@ def tenants(srv: ServerProcess) -> None:
     record("tenants", status == 401, "tampered key refused")
 
 
+def _add_tenant(srv: ServerProcess, name: str) -> str:
+    env = dict(os.environ, SYNAPSE_ROOT=str(srv.root), SYNAPSE_CONFIG_DIR=str(srv.root / "etc"))
+    out = subprocess.run([sys.executable, "-m", "appliance.cli", "tenant", "add", name], env=env, cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    return out.strip().rsplit(" ", 1)[-1]
+
+
+def _offline_verify(path: Path, public_key: str) -> tuple[int, str]:
+    done = subprocess.run([sys.executable, "-m", "appliance.receipts.verify", str(path), "--public-key", public_key,
+                           "--json"], cwd=REPO, capture_output=True, text=True)
+    try:
+        return done.returncode, (json.loads(done.stdout)["first_problem"] or {}).get("kind", "")
+    except ValueError:
+        return done.returncode, done.stdout[-200:]
+
+
+def receipts(srv: ServerProcess) -> None:
+    eve = _add_tenant(srv, "eve")
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "python3"})
+    _, ran, _ = srv.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": "print('victim')"})
+    # T-TENANT-1: verify describes the caller's receipts only: no node-wide count, no other tenant's ids.
+    code, answer, _ = srv.request("GET", "/v1/receipts/verify", key=eve)
+    leak = json.dumps(answer)
+    record("receipts", code == 200 and answer.get("receipts") == 0 and "count" not in answer
+           and ran["execution_id"] not in leak, f"verify as another tenant -> {code} {answer}")
+    # T-DOS-2: a flood of verify calls is rate-limited and does not hold up another tenant's run.
+    results: list[tuple[int, Any, dict[str, str]]] = []
+    go = threading.Barrier(25)
+
+    def flood() -> None:
+        go.wait()
+        results.append(srv.request("GET", "/v1/receipts/verify", key=eve))
+
+    threads = [threading.Thread(target=flood) for _ in range(24)]
+    for t in threads:
+        t.start()
+    go.wait()
+    t0 = time.monotonic()
+    status, body, _ = srv.request("POST", "/v1/execute", {"template": "python3", "code": "print(1)"})
+    took = time.monotonic() - t0
+    for t in threads:
+        t.join(timeout=120)
+    limited = [r for r in results if r[0] == 429]
+    record("receipts", bool(limited) and all(b.get("code") == "verify_rate_limited" and h.get("Retry-After")
+                                             for _, b, h in limited) and {c for c, _, _ in results} <= {200, 429},
+           f"24 concurrent verify calls -> {sorted(c for c, _, _ in results)}")
+    record("receipts", status == 200 and body.get("stdout") == "1\n" and took < 5.0,
+           f"print(1) during a verify flood -> {status} in {took:.2f}s")
+    # T-RCPT-2: exports bind tenant and cell, and end with a signed seal.
+    _, node, _ = srv.request("GET", "/v1/status")
+    env = dict(os.environ, SYNAPSE_ROOT=str(srv.root), SYNAPSE_CONFIG_DIR=str(srv.root / "etc"))
+    out = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "export.jsonl"
+    subprocess.run([sys.executable, "-m", "appliance.cli", "receipts", "export", "--out", str(out)], env=env,
+                   cwd=REPO, capture_output=True, text=True, check=True)
+    clean = out.read_text().splitlines(keepends=True)
+    record("receipts", _offline_verify(out, node["node_public_key"]) == (0, ""), "clean export verifies")
+
+    def attack(name: str, lines: list[str], expected: str) -> None:
+        out.write_text("".join(lines))
+        got = _offline_verify(out, node["node_public_key"])
+        record("receipts", got == (1, expected), f"export {name} -> {got}")
+
+    def edited(edit: Any) -> list[str]:
+        objs = [json.loads(line) for line in clean]
+        edit(objs)
+        return [json.dumps(o, separators=(",", ":"), ensure_ascii=False) + "\n" for o in objs]
+
+    no_header_cp = edited(lambda o: o[0].__setitem__("checkpoint", None))
+    attack("last 2 rows dropped, header checkpoint removed", no_header_cp[:-3] + no_header_cp[-1:], "truncated")
+    attack("last row and trailer dropped, header checkpoint removed", no_header_cp[:-2], "truncated")
+    mine = next(i for i, line in enumerate(clean) if ran["execution_id"] in line)
+    attack("victim receipt moved to another cell", edited(lambda o: o[mine].__setitem__("cell_id", "cell-elsewhere")),
+           "bad_signature")
+    attack("victim receipt moved to another tenant", edited(lambda o: o[mine].__setitem__("tenant_id", "eve")),
+           "bad_signature")
+    attack("victim receipt stripped of its envelope", edited(lambda o: o[mine].__setitem__("envelope", None)),
+           "bad_signature" if mine == 1 else "downgrade")
+
+
 MALFORMED = [
     ("POST", "/v1/cells", b"{", 400), ("POST", "/v1/cells", b"", 400), ("POST", "/v1/cells", b"null", 400),
     ("POST", "/v1/cells", b'{"template": 5}', 400), ("POST", "/v1/cells", b'{"template": "python3", "envs": {"A=B": "x"}}', 400),
@@ -453,15 +535,21 @@ def main(argv: list[str]) -> int:
     try:
         for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)),
                            ("trailing", lambda: trailing(srv)), ("dos", lambda: dos(srv)),
-                           ("tenants", lambda: tenants(srv)), ("requests", lambda: (requests(srv), bodies(srv))),
+                           ("tenants", lambda: tenants(srv)), ("receipts", lambda: receipts(srv)),
+                           ("requests", lambda: (requests(srv), bodies(srv))),
                            ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),
                            ("incident", lambda: incident_snapshot(srv))):  # last: it takes the node out of rotation
             t = time.monotonic()
             fn()
             print(f"  {family:9} pass {tally[family + ':pass']:4}  fail {tally[family + ':fail']:3}  ({time.monotonic() - t:.1f}s)")
-        code, verdict, _ = srv.request("GET", "/v1/receipts/verify")
-        record("receipts", code == 200 and verdict.get("ok") is True, f"chain verifies: {verdict}")
-        print(f"  receipts  chain of {verdict.get('count')} verifies: {verdict.get('ok')}")
+        code, verdict = srv.verify_receipts()
+        record("receipts", code == 200 and verdict.get("ok") is True, f"default tenant's receipts verify: {verdict}")
+        env = dict(os.environ, SYNAPSE_ROOT=str(srv.root), SYNAPSE_CONFIG_DIR=str(srv.root / "etc"))
+        whole = subprocess.run([sys.executable, "-m", "appliance.cli", "receipts", "verify", "--db",
+                                str(srv.root / "db" / "cell.sqlite")], env=env, cwd=REPO, capture_output=True, text=True)
+        record("receipts", whole.returncode == 0, f"whole chain (operator): {whole.stdout.strip()}")
+        print(f"  receipts  {verdict.get('receipts')} of the default tenant verified: {verdict.get('ok')}; "
+              f"whole chain: {whole.stdout.strip()}")
     finally:
         srv.stop()
     total_pass = sum(v for k, v in tally.items() if k.endswith(":pass"))

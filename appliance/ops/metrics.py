@@ -13,7 +13,7 @@ import logging
 from typing import Any, Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from appliance import __version__
@@ -38,6 +38,8 @@ class _LiveCollector(Collector):
                                                                len(s.store.list_cells()))])
         yield from self._guarded("receipts", lambda: [self._gauge(
             "cell_receipt_chain_length", "Receipts in this node's hash chain.", s.receipts.count())])
+        if getattr(s, "receipt_audit", None) is not None:
+            yield from self._guarded("receipt audit", lambda: self._audit(s.receipt_audit.stats()))
         if getattr(s, "license", None) is not None:
             yield from self._guarded("license", lambda: self._license(s.license.summary()))
         if getattr(s, "mirror", None) is not None:
@@ -64,6 +66,17 @@ class _LiveCollector(Collector):
             self._gauge("cell_queue_depth", "Requests waiting for a worker.", stats.get("waiting", 0)),
             self._gauge("cell_bound_cells", "Cells whose interpreter is held by a worker.", stats.get("cells", 0)),
             self._gauge("cell_worker_kills", "Workers killed (deadline or crash) since start.", stats.get("kills", 0)),
+        ]
+
+    def _audit(self, stats: dict[str, int]) -> list[Metric]:
+        return [
+            self._gauge("cell_receipt_audit_verified", "Receipts the live auditor has verified (chain prefix).",
+                        stats["verified_through"]),
+            self._gauge("cell_receipt_audit_failed", "1 when the live auditor found the chain broken.", stats["failed"]),
+            CounterMetricFamily("cell_receipt_audit_rows", "Receipt rows the live auditor has checked since start.",
+                                value=stats["rows_checked"]),
+            CounterMetricFamily("cell_receipt_audit_signatures", "Receipt signatures the live auditor has checked.",
+                                value=stats["signatures_checked"]),
         ]
 
     def _license(self, summary: dict[str, Any]) -> list[Metric]:

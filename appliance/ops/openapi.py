@@ -82,7 +82,11 @@ def _schemas() -> dict[str, Any]:
             "schema": {"const": "v1"}, "execution_id": {"type": "string"}, "code_hash": {"type": "string"},
             "result_hash": {"type": "string"}, "template": {"type": "string"}, "timestamp": {"type": "integer"},
             "receipt_hash": {"type": "string"}, "seq": {"type": "integer"}, "prev_chain_hash": {"type": "string"},
-            "chain_hash": {"type": "string"}, "signature": {"type": "string"}, "key_id": {"type": "string"},
+            "chain_hash": {"type": "string"}, "key_id": {"type": "string"},
+            "signature": {"type": "string", "description": "Ed25519 over the canonical JSON envelope "
+                          "(docs/receipts.md); over chain_hash alone when envelope is null (older receipts)"},
+            "cell_id": {"type": ["string", "null"]}, "tenant_id": {"type": "string"},
+            "envelope": {"type": ["string", "null"]}, "extensions": {"type": ["object", "null"]},
         },
     }
     return {
@@ -237,8 +241,16 @@ def build_spec() -> dict[str, Any]:
                 "receipts": {"type": "array", "items": _ref("Receipt")}, "next_after": {"type": ["integer", "null"]}}}),
             params=[_query("after", {"type": "integer", "minimum": 0}), _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})],
             tags=("receipts",))},
-        "/v1/receipts/verify": {"get": _op("verifyReceipts", "Re-verify the node's whole chain", _json({
-            "type": "object", "required": ["ok", "count"], "properties": {"ok": {"type": "boolean"}, "count": {"type": "integer"}}}),
+        "/v1/receipts/verify": {"get": _op("verifyReceipts", "Status of the tenant's own receipts in the node's "
+                                           "verified chain (rate-limited per tenant: 429 verify_rate_limited)", _json({
+            "type": "object", "required": ["ok", "status", "receipts", "verified", "unverified", "first_problem"],
+            "properties": {"ok": {"type": "boolean"}, "status": {"enum": ["verified", "pending", "failed"]},
+                           "receipts": {"type": "integer"}, "verified": {"type": "integer"},
+                           "unverified": {"type": "integer"},
+                           "first_problem": {"type": ["object", "null"], "required": ["kind", "yours"],
+                                             "properties": {"kind": {"type": "string"}, "yours": {"type": "boolean"},
+                                                            "seq": {"type": "integer"},
+                                                            "execution_id": {"type": "string"}}}}}),
             tags=("receipts",))},
         "/v1/receipts/{execution_id}": {"parameters": [_path_param("execution_id", "UUID4 of the run")], "get": _op(
             "getReceipt", "One receipt", _json(_ref("Receipt")), errors=("404",), tags=("receipts",))},

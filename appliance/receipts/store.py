@@ -22,7 +22,7 @@ from typing import IO, Any, Callable
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from appliance.receipts import merkle, v1
+from appliance.receipts import envelope, merkle, v1
 from appliance.receipts import verify as _verify
 from appliance.receipts.nodekey import NodeKey
 
@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = _verify.EXPORT_FORMAT
 RECEIPT_FIELDS = _verify.RECEIPT_FIELDS
-_COLUMNS = ", ".join(RECEIPT_FIELDS)
+# A receipt as stored, exported and answered: the v1 fields plus what the
+# signed envelope binds (tenant_id, the envelope version, extensions).
+ROW_FIELDS = (*RECEIPT_FIELDS, *_verify.BINDING_FIELDS)
+_COLUMNS = ", ".join(ROW_FIELDS)
 _CHECKPOINT_FIELDS = ("count", "root_hash", "timestamp", "key_id", "signature")
 BUSY_TIMEOUT_S = 30.0
 
@@ -106,6 +109,17 @@ def _migrations() -> Migrations:
                         BEFORE {op} ON {table}
                         BEGIN SELECT RAISE(ABORT, '{table} are append-only (T-RCPT-1)'); END"""
                 )
+
+    @m(name="0005_receipt_envelopes")
+    def receipt_envelopes(db: sqlite_utils.Database) -> None:
+        # T-RCPT-2: rows written from here on are signed over an envelope that
+        # binds tenant_id and cell_id. Older rows keep NULL here: they were
+        # signed over chain_hash alone, and the verifier says so.
+        have = {row[1] for row in db.execute("PRAGMA table_info(receipts)").fetchall()}
+        if "envelope" not in have:
+            db.execute("ALTER TABLE receipts ADD COLUMN envelope TEXT")
+        if "extensions" not in have:
+            db.execute("ALTER TABLE receipts ADD COLUMN extensions TEXT")
 
     return m
 
@@ -196,10 +210,9 @@ class ReceiptStore:
         # Validation happens before the lock: a bad field never costs the writer (T-RCPT-1).
         rh = v1.receipt_hash(execution_id=execution_id, code_hash=code_hash, result_hash=result_hash,
                              template=template, timestamp=timestamp_ms)
-        if not isinstance(tenant_id, str) or not tenant_id:
-            raise v1.ReceiptFieldError("tenant_id", "must be a non-empty string")
-        if cell_id is not None and not isinstance(cell_id, str):
-            raise v1.ReceiptFieldError("cell_id", "must be a string or None")
+        # T-RCPT-2: both ids go into the signed envelope, so they are checked here.
+        envelope.check_tenant_id(tenant_id)
+        envelope.check_cell_id(cell_id)
 
         receipt = self._commit_grouped({
             "execution_id": execution_id, "code_hash": code_hash, "result_hash": result_hash,
@@ -251,17 +264,23 @@ class ReceiptStore:
                 it = slot["item"]
                 self._conn.execute("SAVEPOINT one")
                 ch = v1.chain_hash(prev, it["receipt_hash"])
+                # T-RCPT-2: sign the envelope (tenant, cell, chain hash), not the bare chain hash.
+                signed = envelope.envelope_message(
+                    seq=seq + 1, receipt_hash=it["receipt_hash"], chain_hash=ch, tenant_id=it["tenant_id"],
+                    cell_id=it["cell_id"], key_id=self._key.key_id, extensions={})
                 receipt = {
                     "schema": v1.SCHEMA, "execution_id": it["execution_id"], "code_hash": it["code_hash"],
                     "result_hash": it["result_hash"], "template": it["template"], "timestamp": it["timestamp"],
                     "receipt_hash": it["receipt_hash"], "seq": seq + 1, "prev_chain_hash": prev, "chain_hash": ch,
-                    "signature": base64.b64encode(self._key.sign(ch.encode("ascii"))).decode("ascii"),
+                    "signature": base64.b64encode(self._key.sign(signed)).decode("ascii"),
                     "key_id": self._key.key_id, "cell_id": it["cell_id"],
+                    "tenant_id": it["tenant_id"], "envelope": envelope.ENVELOPE, "extensions": {},
                 }
                 try:
                     self._conn.execute(
-                        f"INSERT INTO receipts ({_COLUMNS}, tenant_id) VALUES ({', '.join('?' * len(RECEIPT_FIELDS))}, ?)",
-                        (*(receipt[f] for f in RECEIPT_FIELDS), it["tenant_id"]),
+                        f"INSERT INTO receipts ({_COLUMNS}) VALUES ({', '.join('?' * len(ROW_FIELDS))})",
+                        (*(receipt[f] for f in RECEIPT_FIELDS), it["tenant_id"], envelope.ENVELOPE,
+                         envelope.canonical_json(receipt["extensions"]).decode("utf-8")),
                     )
                 except sqlite3.IntegrityError as exc:
                     # Only this item fails (e.g. a duplicate execution_id); the rest of the batch goes on.
@@ -338,7 +357,7 @@ class ReceiptStore:
         if tenant_id is not None:  # another tenant's receipt looks exactly like a missing one
             sql, args = sql + " AND tenant_id = ?", [*args, tenant_id]
         row = self._reader().execute(sql, args).fetchone()
-        return dict(zip(RECEIPT_FIELDS, row)) if row else None
+        return _verify.db_row(row) if row else None
 
     def page(self, *, tenant_id: str | None, after: int | None, limit: int) -> list[dict[str, Any]]:
         limit = max(1, min(1000, int(limit)))
@@ -347,7 +366,24 @@ class ReceiptStore:
         if tenant_id is not None:
             sql, args = sql + " AND tenant_id = ?", [*args, tenant_id]
         rows = self._reader().execute(sql + " ORDER BY seq LIMIT ?", [*args, limit]).fetchall()
-        return [dict(zip(RECEIPT_FIELDS, row)) for row in rows]
+        return [_verify.db_row(row) for row in rows]
+
+    def rows_after(self, after: int, limit: int) -> list[dict[str, Any]]:
+        """Every tenant's rows with seq > after, in order (the live auditor's feed)."""
+        rows = self._reader().execute(f"SELECT {_COLUMNS} FROM receipts WHERE seq > ? ORDER BY seq LIMIT ?",
+                                      (int(after), int(limit))).fetchall()
+        return [_verify.db_row(row) for row in rows]
+
+    def tenant_count(self, tenant_id: str, *, after: int = 0) -> int:
+        """This tenant's receipts with seq > after (index on tenant_id, seq)."""
+        return int(self._reader().execute("SELECT COUNT(*) FROM receipts WHERE tenant_id = ? AND seq > ?",
+                                          (tenant_id, int(after))).fetchone()[0])
+
+    def checkpoints_after(self, count: int) -> list[dict[str, Any]]:
+        rows = self._reader().execute(
+            "SELECT count, root_hash, timestamp, key_id, signature FROM checkpoints WHERE count > ? ORDER BY id",
+            (int(count),)).fetchall()
+        return [dict(zip(_CHECKPOINT_FIELDS, row)) for row in rows]
 
     def count(self) -> int:
         # seqs are contiguous from 1, so MAX is the count without a full scan.
@@ -370,22 +406,27 @@ class ReceiptStore:
                 "first_problem": report.first_problem.as_dict() if report.first_problem else None}
 
     def export(self, out: IO[str]) -> dict[str, Any]:
-        """Write a JSON Lines export: header, receipts up to a fresh checkpoint, trailer."""
+        """Write a JSON Lines export: header, receipts up to a fresh checkpoint, signed trailer."""
         cp = self.checkpoint()  # the header's signed head then covers every exported row
         conn = self._reader()
         header = {
             "type": "header", "format": EXPORT_FORMAT, "node_public_key": self._key.public_key_hex,
             "key_id": self._key.key_id, "keys": self.public_keys(), "schemas": [v1.SCHEMA],
-            "checkpoint": cp, "exported_at": int(self._clock() * 1000),
+            "envelopes": [envelope.ENVELOPE], "checkpoint": cp, "exported_at": int(self._clock() * 1000),
         }
         out.write(_verify.dumps_line(header))
-        head = v1.GENESIS
+        head, tree = v1.GENESIS, merkle.Frontier()
         for row in conn.execute(f"SELECT {_COLUMNS} FROM receipts WHERE seq <= ? ORDER BY seq", (cp["count"],)):
-            receipt = dict(zip(RECEIPT_FIELDS, row))
+            receipt = _verify.db_row(row)
             head = receipt["chain_hash"]
+            tree.push(receipt["receipt_hash"])
             out.write(_verify.dumps_line(receipt))
-        trailer = {"type": "trailer", "count": cp["count"], "last_chain_hash": head}
-        out.write(_verify.dumps_line(trailer))
+        # T-RCPT-2: the last line is signed, so rows cut off the end (with the
+        # trailer rewritten or not) are detected without the header's help.
+        sealed = envelope.seal(count=cp["count"], last_chain_hash=head, root_hash=tree.root(),
+                               timestamp=int(self._clock() * 1000), key_id=self._key.key_id)
+        signature = base64.b64encode(self._key.sign(envelope.canonical_json(sealed))).decode("ascii")
+        out.write(_verify.dumps_line({"type": "trailer", **sealed, "signature": signature}))
         return {"count": cp["count"], "checkpoint": cp, "last_chain_hash": head}
 
     def export_to(self, path: Path) -> dict[str, Any]:

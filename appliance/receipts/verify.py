@@ -8,11 +8,13 @@ An auditor can copy this single file and run
 It exits 0 when every check passes and 1 naming the first problem: a receipt
 whose v1 hash does not match its fields (an edited field), a deleted row, a
 reordering, a truncated tail, a bad signature, an unknown schema, a checkpoint
-that does not match the log (threat T-RCPT-1, tampering or deletion).
+that does not match the log (threat T-RCPT-1, tampering or deletion), or a
+receipt moved to another tenant or cell (T-RCPT-2: the signed envelope).
 
 It deliberately imports nothing from ``appliance``: the v1 hash rules below are
-a few-line copy of ``appliance/receipts/v1.py`` and ``merkle.py``, and a test
-pins that both agree. The export format is described in docs/receipts.md.
+a few-line copy of ``appliance/receipts/v1.py``, ``envelope.py`` and
+``merkle.py``, and a test pins that they agree. The export format is described
+in docs/receipts.md.
 """
 from __future__ import annotations
 
@@ -31,18 +33,27 @@ import nacl.exceptions
 import nacl.signing
 
 KNOWN_SCHEMAS = ("v1",)
-EXPORT_FORMAT = "cell-receipts-export/1"
+EXPORT_FORMAT = "cell-receipts-export/2"
+# Pre-envelope exports: rows signed over chain_hash only, unsigned trailer.
+LEGACY_EXPORT_FORMAT = "cell-receipts-export/1"
+ENVELOPE = "cell-receipt-envelope/1"
+SEAL = "cell-export-seal/1"
+KNOWN_EXTENSIONS: frozenset[str] = frozenset()  # copy of envelope.KNOWN_EXTENSIONS
 GENESIS = "0" * 64
 RECEIPT_FIELDS = (
     "schema", "execution_id", "code_hash", "result_hash", "template", "timestamp",
     "receipt_hash", "seq", "prev_chain_hash", "chain_hash", "signature", "key_id", "cell_id",
 )
+# Carried by every enveloped receipt (envelope is null on a pre-envelope one).
+BINDING_FIELDS = ("tenant_id", "envelope", "extensions")
+SEAL_FIELDS = ("seal", "count", "last_chain_hash", "root_hash", "timestamp", "key_id")
 
 # --- copy of the v1 rules (appliance/receipts/v1.py is the source; tests pin agreement) ---
 _UUID4 = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 _TEMPLATE = re.compile(r"[a-z0-9_-]{1,64}")
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _sha(data: bytes) -> str:
@@ -73,6 +84,24 @@ def chain_hash(prev: str, receipt_hash: str) -> str:
 
 def checkpoint_message(cp: Mapping[str, Any]) -> bytes:
     return f"cell-checkpoint/v1|{cp['count']}|{cp['root_hash']}|{cp['timestamp']}|{cp['key_id']}".encode("ascii")
+
+
+def canonical_json(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+
+
+def envelope_message(r: Mapping[str, Any]) -> bytes:
+    """What the node signs for an enveloped receipt (copy of envelope.envelope_message)."""
+    return canonical_json({
+        "envelope": r["envelope"], "schema": r["schema"], "seq": r["seq"], "receipt_hash": r["receipt_hash"],
+        "chain_hash": r["chain_hash"], "tenant_id": r["tenant_id"], "cell_id": r["cell_id"],
+        "key_id": r["key_id"], "extensions": r["extensions"],
+    })
+
+
+def seal_message(t: Mapping[str, Any]) -> bytes:
+    """What the node signs at the end of an export (copy of envelope.seal_message)."""
+    return canonical_json({k: t[k] for k in SEAL_FIELDS})
 
 
 class _Merkle:
@@ -126,11 +155,12 @@ class Report:
     head: str = GENESIS
     root_hash: str = ""
     notes: list[str] = field(default_factory=list)
+    unbound: int = 0  # pre-envelope receipts: tenant_id and cell_id not signed
 
     def as_dict(self) -> dict[str, Any]:
         fp = self.first_problem.as_dict() if self.first_problem else None
         return {"ok": self.ok, "count": self.count, "first_problem": fp, "head": self.head,
-                "root_hash": self.root_hash, "notes": list(self.notes)}
+                "root_hash": self.root_hash, "unbound": self.unbound, "notes": list(self.notes)}
 
 
 class _Failed(Exception):
@@ -141,6 +171,9 @@ class _Failed(Exception):
 
 def _fail(kind: str, detail: str, *, seq: int | None = None, line: int | None = None) -> _Failed:
     return _Failed(Problem(kind, detail, seq, line))
+
+
+VerificationFailed = _Failed  # public name, for the live auditor (appliance/receipts/audit.py)
 
 
 def _verify_key(public_key_hex: object, where: str) -> tuple[str, nacl.signing.VerifyKey]:
@@ -166,14 +199,24 @@ class _Log:
     """Walks receipts in log order and checks every T-RCPT-1 guard on each one."""
 
     def __init__(self, keys: Mapping[str, nacl.signing.VerifyKey],
-                 checkpoints: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+                 checkpoints: Sequence[tuple[str, Mapping[str, Any]]], *, track_ids: bool = True) -> None:
         self.keys = keys
-        self.count, self.prev, self.ids = 0, GENESIS, set()  # type: int, str, set[str]
+        self.count, self.prev = 0, GENESIS
+        # The live auditor does not keep every id (memory grows with the log);
+        # the offline verifier does.
+        self.ids: set[str] | None = set() if track_ids else None
         self.merkle = _Merkle()
+        self.unbound = 0  # pre-envelope receipts seen
+        self.enveloped = False  # an enveloped receipt has been seen
+        self.signatures = 0  # Ed25519 checks made on receipts
+        self.pending: list[tuple[str, Mapping[str, Any]]] = []
+        self.add_checkpoints(checkpoints)
+
+    def add_checkpoints(self, checkpoints: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
         for label, cp in checkpoints:
             self._check_checkpoint_signature(label, cp)
         # Sorted by count so one pass of the incremental tree checks them all.
-        self.pending = sorted(checkpoints, key=lambda lc: int(lc[1]["count"]))
+        self.pending = sorted([*self.pending, *checkpoints], key=lambda lc: int(lc[1]["count"]))
         self._match_checkpoints()
 
     def _check_checkpoint_signature(self, label: str, cp: Mapping[str, Any]) -> None:
@@ -197,7 +240,10 @@ class _Log:
                                   f"{self.merkle.root()}, the checkpoint signed {cp['root_hash']}",
                             seq=cp["count"] or None)
 
-    def add(self, r: object, line: int | None, rest: Callable[[], Iterable[int]]) -> None:
+    def add(self, r: object, line: int | None, rest: Callable[[], Iterable[int]], *,
+            check_signature: bool = True) -> None:
+        """Check one receipt. ``check_signature=False`` only for rows a signed
+        checkpoint already vouches for (the live auditor's start-up pass)."""
         expected = self.count + 1
         if not isinstance(r, dict):
             raise _fail("malformed", "a receipt must be a JSON object", line=line)
@@ -236,23 +282,62 @@ class _Log:
         vk = self.keys.get(r["key_id"]) if isinstance(r["key_id"], str) else None
         if vk is None:
             raise _fail("unknown_key", f"key_id {r['key_id']!r} is not a trusted node key", seq=seq, line=line)
-        if not _check_sig(vk, r["chain_hash"].encode("ascii"), r["signature"]):
-            raise _fail("bad_signature", "signature over chain_hash does not verify", seq=seq, line=line)
-        if r["execution_id"] in self.ids:
-            raise _fail("duplicate_execution_id", f"execution_id {r['execution_id']} was already receipted",
-                        seq=seq, line=line)
         if r["cell_id"] is not None and not isinstance(r["cell_id"], str):
             raise _fail("field_format", "cell_id must be a string or null", seq=seq, line=line)
-        self.ids.add(r["execution_id"])
+        if r.get("envelope") is None:
+            # A pre-envelope receipt: signed over chain_hash alone, so its
+            # tenant and cell are not bound. The node stopped writing these
+            # when envelopes came in: one after an enveloped receipt is a
+            # downgrade (T-RCPT-2).
+            if self.enveloped:
+                raise _fail("downgrade", "a receipt without a signed envelope follows enveloped receipts",
+                            seq=seq, line=line)
+            message, what = r["chain_hash"].encode("ascii"), "chain_hash"
+        else:
+            self._check_binding(r, seq, line)
+            message, what = envelope_message(r), "the envelope (tenant_id, cell_id, chain_hash)"
+        if check_signature:
+            self.signatures += 1
+            if not _check_sig(vk, message, r["signature"]):
+                raise _fail("bad_signature", f"signature over {what} does not verify", seq=seq, line=line)
+        if self.ids is not None:
+            if r["execution_id"] in self.ids:
+                raise _fail("duplicate_execution_id", f"execution_id {r['execution_id']} was already receipted",
+                            seq=seq, line=line)
+            self.ids.add(r["execution_id"])
+        if r.get("envelope") is None:
+            self.unbound += 1
+        else:
+            self.enveloped = True
         self.count, self.prev = seq, r["chain_hash"]
         self.merkle.push(r["receipt_hash"])
         self._match_checkpoints()
+
+    def _check_binding(self, r: Mapping[str, Any], seq: int, line: int | None) -> None:
+        """T-RCPT-2: the fields the envelope signs must be well formed and known."""
+        missing = [f for f in BINDING_FIELDS if f not in r]
+        if missing:
+            raise _fail("missing_field", f"missing {', '.join(missing)}", seq=seq, line=line)
+        if r["envelope"] != ENVELOPE:
+            raise _fail("unknown_envelope", f"envelope {r['envelope']!r} is not {ENVELOPE}", seq=seq, line=line)
+        if not isinstance(r["tenant_id"], str) or not _ID.fullmatch(r["tenant_id"]):
+            raise _fail("field_format", "tenant_id must match ^[A-Za-z0-9_-]{1,64}$", seq=seq, line=line)
+        if r["cell_id"] is not None and not _ID.fullmatch(r["cell_id"]):
+            raise _fail("field_format", "cell_id must be null or match ^[A-Za-z0-9_-]{1,64}$", seq=seq, line=line)
+        if not isinstance(r["extensions"], dict):
+            raise _fail("field_format", "extensions must be an object", seq=seq, line=line)
+        unknown = sorted(k for k in r["extensions"] if k not in KNOWN_EXTENSIONS)
+        if unknown:
+            raise _fail("unknown_extension", f"extension(s) {unknown} not known to this verifier", seq=seq, line=line)
 
     def finish(self) -> None:
         if self.pending:
             label, cp = self.pending[0]
             # T-RCPT-1: a signed checkpoint counts more receipts than we hold.
             raise _fail("truncated", f"{label} signed {cp['count']} receipts but only {self.count} are present")
+
+
+ChainWalker = _Log  # public name: the live auditor walks the chain with the same checks
 
 
 def _loads(text: str) -> Any:
@@ -302,7 +387,10 @@ def _run(body: Callable[[list[str], list[_Log]], None]) -> Report:
     except (OSError, UnicodeDecodeError) as exc:
         return partial(Problem("unreadable", str(exc)))
     log = seen[0]
-    return Report(True, log.count, None, log.prev, log.merkle.root(), notes)
+    if log.unbound:
+        notes.append(f"{log.unbound} receipt(s) predate signed envelopes: their tenant_id and cell_id "
+                     "are not covered by any signature")
+    return Report(True, log.count, None, log.prev, log.merkle.root(), notes, log.unbound)
 
 
 def _load_checkpoint_file(path: str | Path) -> dict[str, Any]:
@@ -328,8 +416,10 @@ def verify_export(path: str | Path, *, public_keys: Sequence[str] | None = None,
                 header = _loads(first)
             except (StopIteration, ValueError):
                 raise _fail("bad_header", "the first line is not a JSON header", line=1) from None
-            if not isinstance(header, dict) or header.get("type") != "header" or header.get("format") != EXPORT_FORMAT:
-                raise _fail("bad_header", f"not a {EXPORT_FORMAT} header", line=1)
+            if not isinstance(header, dict) or header.get("type") != "header" \
+                    or header.get("format") not in (EXPORT_FORMAT, LEGACY_EXPORT_FORMAT):
+                raise _fail("bad_header", f"not a {EXPORT_FORMAT} (or {LEGACY_EXPORT_FORMAT}) header", line=1)
+            legacy = header["format"] == LEGACY_EXPORT_FORMAT
             unknown = [s for s in header.get("schemas", []) if s not in KNOWN_SCHEMAS]
             if unknown or not isinstance(header.get("schemas"), list):
                 raise _fail("unknown_schema", f"export declares schemas {header.get('schemas')!r}; known: {KNOWN_SCHEMAS}", line=1)
@@ -341,8 +431,15 @@ def verify_export(path: str | Path, *, public_keys: Sequence[str] | None = None,
             cps: list[tuple[str, Mapping[str, Any]]] = []
             if header.get("checkpoint") is not None:
                 cps.append(("header checkpoint", header["checkpoint"]))
-            else:
-                notes.append("the export carries no checkpoint")
+            elif legacy:
+                # A pre-envelope export's trailer is unsigned: its header
+                # checkpoint is the only signed count, and every export of
+                # that format carried one. Without it a cut tail is invisible.
+                raise _fail("truncated", f"a {LEGACY_EXPORT_FORMAT} export without its signed header checkpoint "
+                            "cannot show whether rows were cut off the end", line=1)
+            if legacy:
+                notes.append(f"{LEGACY_EXPORT_FORMAT} export (before signed envelopes): the trailer is not signed, "
+                             "truncation is checked against the header checkpoint only")
             cps += [(f"auditor checkpoint {p}", _load_checkpoint_file(p)) for p in checkpoints]
             log = _Log(keys, cps)
             seen.append(log)
@@ -372,12 +469,33 @@ def verify_export(path: str | Path, *, public_keys: Sequence[str] | None = None,
                 log.add(obj, no, rest)
             if trailer is None:
                 raise _fail("truncated", f"no trailer line after {log.count} receipts: the export is cut short")
+            if not legacy:
+                _check_seal(trailer, keys)
             if trailer.get("count") != log.count or trailer.get("last_chain_hash") != log.prev:
                 raise _fail("truncated", f"trailer says {trailer.get('count')} receipts ending at "
                             f"{trailer.get('last_chain_hash')}, found {log.count} ending at {log.prev}")
+            if not legacy and trailer["root_hash"] != log.merkle.root():
+                raise _fail("checkpoint_mismatch", f"the seal's tree head {trailer['root_hash']} is not the tree head "
+                            f"{log.merkle.root()} of the {log.count} receipts present")
             log.finish()
 
     return _run(body)
+
+
+def _check_seal(trailer: Mapping[str, Any], keys: Mapping[str, nacl.signing.VerifyKey]) -> None:
+    """T-RCPT-2: the last line is a signed statement of how many receipts the
+    export holds; cutting rows (and re-writing the trailer) breaks it."""
+    fields = set(trailer) - {"type", "signature"}
+    if fields != set(SEAL_FIELDS) or "signature" not in trailer or trailer["seal"] != SEAL:
+        raise _fail("truncated", f"the trailer is not a signed {SEAL}: the export's end cannot be trusted")
+    if type(trailer["count"]) is not int or type(trailer["timestamp"]) is not int \
+            or not all(isinstance(trailer[k], str) and _HEX64.fullmatch(trailer[k]) for k in ("last_chain_hash", "root_hash")):
+        raise _fail("truncated", "the seal's count, timestamp or hashes are malformed")
+    vk = keys.get(trailer["key_id"]) if isinstance(trailer["key_id"], str) else None
+    if vk is None:
+        raise _fail("unknown_key", f"the seal is signed by unknown key_id {trailer['key_id']!r}")
+    if not _check_sig(vk, seal_message(trailer), trailer["signature"]):
+        raise _fail("bad_seal_signature", "the trailer's signature does not verify (forged or edited end of export)")
 
 
 def verify_db(path: str | Path, public_key_hex: str | Sequence[str] | None = None, *,
@@ -427,14 +545,33 @@ def dumps_line(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
+def db_columns(conn: Any) -> str:
+    """The SELECT list for receipts rows; a database from before envelopes has NULLs there."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(receipts)")}
+    binding = [f if f in have else f"NULL AS {f}" for f in BINDING_FIELDS]
+    return ", ".join([*RECEIPT_FIELDS, *binding])
+
+
+def db_row(row: Sequence[Any]) -> dict[str, Any]:
+    """A receipts row as the export and the API show it (extensions parsed from JSON)."""
+    r = dict(zip((*RECEIPT_FIELDS, *BINDING_FIELDS), row))
+    if r["envelope"] is None:
+        r["extensions"] = None
+    elif isinstance(r["extensions"], str):
+        try:
+            r["extensions"] = _loads(r["extensions"])
+        except ValueError:
+            r["extensions"] = None  # not an object: the verifier names it
+    return r
+
+
 def _walk_rows(conn: Any, keys: Mapping[str, nacl.signing.VerifyKey],
                cps: Sequence[tuple[str, Mapping[str, Any]]], seen: list[_Log]) -> None:
     """Shared by verify_db and the live store: walk a ``receipts`` table in seq order."""
     log = _Log(keys, cps)
     seen.append(log)
-    cols = ", ".join(RECEIPT_FIELDS)
-    cursor = conn.execute(f"SELECT {cols} FROM receipts ORDER BY seq")
-    rows = (dict(zip(RECEIPT_FIELDS, row)) for row in cursor)
+    cursor = conn.execute(f"SELECT {db_columns(conn)} FROM receipts ORDER BY seq")
+    rows = (db_row(row) for row in cursor)
     for r in rows:
         log.add(r, None, lambda: (int(x["seq"]) for x in rows))
     log.finish()

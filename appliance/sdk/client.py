@@ -51,5 +51,5 @@ class CellClient:
         return dict(self._http.request("GET", "/v1/receipts", query=query))
 
     def verify_receipts(self) -> dict[str, Any]:
-        """The node's own check of its receipt chain (``{"ok": bool, ...}``)."""
+        """Status of this tenant's own receipts in the node's checked chain (``{"ok": bool, "status": ...}``)."""
         return dict(self._http.request("GET", "/v1/receipts/verify"))

@@ -198,7 +198,14 @@ def create_app(services: Any) -> Flask:
     # -- receipts --------------------------------------------------------
     @app.get("/v1/receipts/verify")
     def verify_receipts() -> Response:
-        return jsonify(services.receipts.verify())
+        # T-DOS-2: a per-tenant budget; the check itself is incremental, cached
+        # and runs on the auditor's own thread, never on this one.
+        allowed, retry = services.verify_limiter.check(g.tenant.id, time.monotonic())
+        if not allowed:
+            raise RateLimited("receipt verification is limited per tenant; retry later",
+                              code="verify_rate_limited", retry_after=max(1, int(math.ceil(retry))))
+        # T-TENANT-1: the answer describes this tenant's own receipts only.
+        return jsonify(services.auditor().tenant_status(g.tenant.id))
 
     @app.get("/v1/receipts/<execution_id>")
     def get_receipt(execution_id: str) -> Response:

@@ -54,7 +54,8 @@ def test_t_rcpt_1_sigkill_mid_load_loses_no_answered_receipt(module_cache: None,
         missing = [eid for eid in answered if again.request("GET", f"/v1/receipts/{eid}")[0] != 200]
         assert missing == []
         status, verdict, _ = again.request("GET", "/v1/receipts/verify")
-        assert status == 200 and verdict["ok"] is True and verdict["count"] >= len(answered)
+        # All runs here are the default tenant's, so its own count covers every answered run.
+        assert status == 200 and verdict["ok"] is True and verdict["receipts"] >= len(answered)
     finally:
         again.stop()
 

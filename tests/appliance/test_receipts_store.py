@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from appliance.receipts import merkle, v1
+from appliance.receipts import envelope, merkle, v1
 from appliance.receipts.nodekey import KEY_FILE, NodeKey, NodeKeyError
 from appliance.receipts.store import DuplicateReceipt, ReceiptStore
 
@@ -78,12 +78,19 @@ def store(db_path: Path, key: NodeKey) -> Iterator[ReceiptStore]:
 def test_append_returns_full_signed_receipt(store: ReceiptStore, key: NodeKey) -> None:
     r = append_one(store)
     assert set(r) == {"schema", "execution_id", "code_hash", "result_hash", "template", "timestamp",
-                      "receipt_hash", "seq", "prev_chain_hash", "chain_hash", "signature", "key_id", "cell_id"}
+                      "receipt_hash", "seq", "prev_chain_hash", "chain_hash", "signature", "key_id", "cell_id",
+                      "tenant_id", "envelope", "extensions"}
     assert r["schema"] == "v1" and r["seq"] == 1 and r["prev_chain_hash"] == v1.GENESIS
     assert r["receipt_hash"] == v1.receipt_hash(execution_id=r["execution_id"], code_hash=CODE_HASH,
                                                 result_hash=RESULT_HASH, template="python3", timestamp=r["timestamp"])
     assert r["key_id"] == key.key_id
-    key.verify_key.verify(r["chain_hash"].encode("ascii"), base64.b64decode(r["signature"]))
+    assert (r["tenant_id"], r["cell_id"], r["envelope"], r["extensions"]) == (
+        "tenant-a", "cell-1", "cell-receipt-envelope/1", {})
+    # T-RCPT-2: the signature is over the envelope, not the bare chain hash.
+    signed = envelope.envelope_message(seq=1, receipt_hash=r["receipt_hash"], chain_hash=r["chain_hash"],
+                                       tenant_id="tenant-a", cell_id="cell-1", key_id=key.key_id)
+    key.verify_key.verify(signed, base64.b64decode(r["signature"]))
+    assert store.get(r["execution_id"]) == r
     second = append_one(store)
     assert second["prev_chain_hash"] == r["chain_hash"] and second["seq"] == 2
 
@@ -147,7 +154,8 @@ def test_migrations_are_named_and_idempotent(db_path: Path, key: NodeKey) -> Non
         "SELECT name FROM _sqlite_migrations WHERE migration_set = 'cell.receipts' ORDER BY id")]
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     conn.close()
-    assert names == ["0001_receipts", "0002_checkpoints", "0003_receipt_keys", "0004_append_only_triggers"]
+    assert names == ["0001_receipts", "0002_checkpoints", "0003_receipt_keys", "0004_append_only_triggers",
+                     "0005_receipt_envelopes"]
     assert {"receipts", "checkpoints", "receipt_keys"} <= tables
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from appliance.receipts import cli, merkle, v1, verify
+from appliance.receipts import cli, envelope, merkle, v1, verify
 from appliance.receipts.nodekey import NodeKey
 from appliance.receipts.store import ReceiptStore
 
@@ -83,8 +83,8 @@ def resign(r: dict[str, Any], prev: str, key: NodeKey) -> None:
     r["receipt_hash"] = v1.receipt_hash(**{f: r[f] for f in ("execution_id", "code_hash", "result_hash", "template", "timestamp")})
     r["prev_chain_hash"] = prev
     r["chain_hash"] = v1.chain_hash(prev, r["receipt_hash"])
-    r["signature"] = base64.b64encode(key.sign(r["chain_hash"].encode())).decode()
     r["key_id"] = key.key_id
+    r["signature"] = base64.b64encode(key.sign(verify.envelope_message(r))).decode()
 
 
 # --- the clean case ---------------------------------------------------------
@@ -94,12 +94,17 @@ def test_clean_export_verifies(export: Path, key: NodeKey) -> None:
     header, receipts, trailer = lines[0], lines[1:-1], lines[-1]
     assert header["type"] == "header" and header["node_public_key"] == key.public_key_hex
     assert header["key_id"] == key.key_id and header["schemas"] == ["v1"]
-    assert header["checkpoint"]["count"] == N
-    assert trailer == {"type": "trailer", "count": N, "last_chain_hash": receipts[-1]["chain_hash"]}
+    assert header["checkpoint"]["count"] == N and header["format"] == "cell-receipts-export/2"
+    root = merkle.root([r["receipt_hash"] for r in receipts])
+    sealed = {"seal": "cell-export-seal/1", "count": N, "last_chain_hash": receipts[-1]["chain_hash"],
+              "root_hash": root, "timestamp": trailer["timestamp"], "key_id": key.key_id}
+    assert trailer == {"type": "trailer", **sealed, "signature": trailer["signature"]}
+    key.verify_key.verify(envelope.canonical_json(sealed), base64.b64decode(trailer["signature"]))
     assert [r["seq"] for r in receipts] == list(range(1, N + 1))
+    assert {r["tenant_id"] for r in receipts} == {"t"} and {r["envelope"] for r in receipts} == {envelope.ENVELOPE}
     report = verify.verify_export(export, public_keys=[key.public_key_hex])
     assert report.ok and report.count == N and report.first_problem is None and not report.notes
-    assert report.root_hash == merkle.root([r["receipt_hash"] for r in receipts])
+    assert report.root_hash == root and report.unbound == 0
 
 
 def test_unpinned_key_verifies_with_a_note(export: Path) -> None:
@@ -205,12 +210,12 @@ def test_T_RCPT_1_truncated_tail_detected(export: Path, key: NodeKey, cut: str) 
     check(export, key, "truncated")
 
 
-def test_T_RCPT_1_truncated_tail_with_forged_trailer_caught_by_checkpoint(export: Path, key: NodeKey) -> None:
+def test_T_RCPT_1_truncated_tail_with_forged_trailer_caught(export: Path, key: NodeKey) -> None:
     def edit(o: list[dict[str, Any]]) -> None:
         del o[-4:-1]
         o[-1] = {"type": "trailer", "count": N - 3, "last_chain_hash": o[-2]["chain_hash"]}
     report = check(tamper(export, edit), key, "truncated")
-    assert f"signed {N} receipts" in str(report.first_problem)
+    assert "signed cell-export-seal/1" in str(report.first_problem)
 
 
 def test_T_RCPT_1_bad_signature_detected(export: Path, key: NodeKey) -> None:
