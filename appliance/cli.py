@@ -55,7 +55,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if key is None and args.dev and key_file.is_file():
         key = key_file.read_text().strip()
     services.start_background()
-    app = create_app(services)
+    app = create_app(services)  # holds serve.lock from here on
+    orphans = services.cells.sweep_orphan_volumes()  # before any request can create a cell
+    if orphans:
+        print(f"cell: removed {orphans} volume(s) left by an interrupted create or delete", flush=True)
     server = create_server(app, host=settings.host, port=settings.port, threads=16,
                            max_request_body_size=4 * settings.max_body_bytes, ident="cell")
     port = server.effective_port

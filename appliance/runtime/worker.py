@@ -8,6 +8,7 @@ replaced; nothing it held survives, by design.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import resource
@@ -20,7 +21,7 @@ import traceback
 import uuid
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import wasmtime
 
@@ -31,6 +32,7 @@ from appliance.runtime.templates import RuntimeMissing
 from appliance.runtime.sessions import JsSession, PythonSession
 
 PR_SET_NO_NEW_PRIVS = 38
+STOP_DISK = "disk_limit"  # governor stop reason (reported as status killed, with a T-DISK-1 denial)
 
 
 def static_resolver(hosts: dict[str, list[str]]) -> Any:
@@ -77,6 +79,7 @@ class Worker:
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
         self.sessions: dict[str, PythonSession | JsSession] = {}
         self.pool_root = Path(config["volumes_dir"]) / ".pool" / f"w{config['index']}-{os.getpid()}"
+        _remove_stale_pools(self.pool_root)
         self.pool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {"python3": collections.deque(), "javascript": collections.deque()}
@@ -138,7 +141,7 @@ class Worker:
                 try:
                     session = self._new_session(template, path, self.default_memory, None)
                 except Exception:
-                    shutil.rmtree(path, ignore_errors=True)
+                    _discard(path)
                     self.targets[template] = len(self.warm[template])  # stop retrying a broken runtime
                     return False
                 preload = self.cfg.get("warm_python_preload") or []
@@ -211,7 +214,7 @@ class Worker:
         code: bytes = msg["code"]
         started = time.perf_counter()
         ctx = context.RunContext(governor=None, tenant_id=msg.get("tenant_id", ""), cell_id=msg.get("cell_id") or "",  # type: ignore[arg-type]
-                                 quota_left=msg.get("quota_left"))
+                                 quota_left=msg.get("quota_left"), files_left=msg.get("files_left"))
         if template == "wasm":
             from appliance.confine import Volume
             from appliance.policy.egress import EgressPolicy
@@ -231,12 +234,13 @@ class Worker:
                     if egress:
                         ctx.egress = EgressPolicy(enabled=bool(egress["enabled"]), allow_hosts=tuple(egress["allow_hosts"]))
                         ctx.resolver = static_resolver(egress["hosts"]) if egress.get("hosts") is not None else None
-                    outcome = self.modules.run(module, volume, ctx, timeout_s, memory, cap, sink, msg.get("stdin"))
-                    usage = vol.usage_bytes() if not tmp else None
+                    with self._watch(msg, volume, lambda: ctx.governor) as watch:
+                        outcome = self.modules.run(module, volume, ctx, timeout_s, memory, cap, sink, msg.get("stdin"))
+                    _note_watch(outcome, watch)
             finally:
                 if tmp:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            return self._result(outcome, started, usage)
+                    _discard(tmp)  # T-DOS-1: never lets a cleanup failure replace the run's result
+            return self._result(outcome, started, None if tmp else _volume_usage(volume, msg))
         cell_id = msg.get("cell_id")
         if cell_id is None:  # one-shot: a warm session and its scratch volume, then discarded
             warm = self._take_warm(template, memory, msg.get("envs")) if not msg.get("stdin") else None
@@ -247,11 +251,13 @@ class Worker:
             else:
                 session, path = warm
             try:
-                outcome = session.run(code, timeout_s, cap, sink, ctx)
+                with self._watch(msg, path, _governor_of(ctx, session)) as watch:
+                    outcome = session.run(code, timeout_s, cap, sink, ctx)
             finally:
                 session.close()
-                shutil.rmtree(path, ignore_errors=True)
+                _discard(path)  # T-DOS-1: a deep scratch tree never turns a run into a 500
             outcome.session_alive = False
+            _note_watch(outcome, watch)
             return self._result(outcome, started)
         existing = self.sessions.get(cell_id)
         restarted = False
@@ -265,19 +271,37 @@ class Worker:
             session = self._new_session(template, volume, memory, msg.get("envs"))
             self.sessions[cell_id] = session
             restarted = bool(msg.get("known_session"))
-        outcome = session.run(code, timeout_s, cap, sink, ctx)
+        with self._watch(msg, msg["volume"], _governor_of(ctx, session)) as watch:
+            outcome = session.run(code, timeout_s, cap, sink, ctx)
         if not outcome.session_alive:
             session.close()
             self.sessions.pop(cell_id, None)
             outcome.note = "the interpreter was stopped; the next run in this cell starts a fresh one (files are kept)"
+        _note_watch(outcome, watch)
         outcome.restarted = restarted
         if not msg.get("persistent", True) and cell_id in self.sessions:
             self.sessions.pop(cell_id).close()
-        return self._result(outcome, started, _volume_usage(msg["volume"]))
+        return self._result(outcome, started, _volume_usage(msg["volume"], msg))
 
-    def _result(self, outcome: Any, started: float, volume_bytes: int | None = None) -> dict[str, Any]:
+    def _watch(self, msg: dict[str, Any], volume: str, governor: Callable[[], Any]) -> Any:
+        """Stop the guest when its volume crosses what the tenant may hold (T-DISK-1)."""
+        from appliance.quota import VolumeWatch
+
+        limit = msg.get("volume_limit") or {}
+        max_bytes, max_entries = limit.get("bytes"), limit.get("entries")
+        if not isinstance(max_bytes, int) or not isinstance(max_entries, int):
+            return contextlib.nullcontext(None)
+
+        def stop() -> None:
+            gov = governor()
+            if gov is not None:
+                gov.stop(STOP_DISK)
+
+        return VolumeWatch(volume, max_bytes, max_entries, stop)
+
+    def _result(self, outcome: Any, started: float, volume_usage: dict[str, object] | None = None) -> dict[str, Any]:
         guest_ms = (time.perf_counter() - started) * 1000
-        return {"type": "result", "outcome": outcome.to_wire(), "guest_ms": guest_ms, "volume_bytes": volume_bytes}
+        return {"type": "result", "outcome": outcome.to_wire(), "guest_ms": guest_ms, "volume_usage": volume_usage}
 
 
 def _registry_hashes(mirror_dir: str | None) -> Any:
@@ -317,16 +341,57 @@ def _open_mcp(path: str | None) -> Any:
     return McpClient(load_config(path))
 
 
-def _volume_usage(path: str) -> int | None:
-    """Bytes in a cell's volume after a run: WASI writes cannot be metered as
-    they happen, so quotas are enforced by measuring afterwards (T-DOS-1)."""
+def _volume_usage(path: str, msg: dict[str, Any]) -> dict[str, object]:
+    """Bytes and entries in a cell's volume after a run (T-DISK-1); a walk that
+    fails is reported as such and the web process counts it as over quota."""
     from appliance.confine import ConfinementError, Volume
+    from appliance.quota import usage_to_wire
 
+    limit = msg.get("volume_limit") or {}
+    bound = limit.get("entries") if isinstance(limit.get("entries"), int) else None
     try:
         with Volume(path) as vol:
-            return vol.usage_bytes()
+            return usage_to_wire(vol.usage(max_entries=None if bound is None else bound + 1))
     except (ConfinementError, OSError):
-        return None
+        return usage_to_wire(None)
+
+
+def _governor_of(ctx: context.RunContext, session: Any) -> Callable[[], Any]:
+    """The governor driving this run: Python sessions and modules put it in the
+    run context; a JavaScript session keeps its own."""
+    return lambda: ctx.governor or getattr(session, "governor", None)
+
+
+def _note_watch(outcome: Any, watch: Any) -> None:
+    reason = getattr(watch, "tripped", None)
+    if reason is None:
+        return
+    outcome.note = ("the run was stopped: its volume crossed the tenant's disk quota or file limit while it ran"
+                    if reason != "unmeasured" else "the run was stopped: its volume could not be measured while it ran")
+    outcome.denials.append({"threat": "T-DISK-1", "function": "wasi", "reason": reason})
+
+
+def _discard(path: str | Path) -> None:
+    """Remove a scratch or pool directory the guest may have filled; a failure
+    is left for the next worker start (``_remove_stale_pools``), never raised."""
+    from appliance.confine import ConfinementError, remove_tree
+
+    try:
+        remove_tree(path)
+    except (ConfinementError, OSError):
+        pass
+
+
+def _remove_stale_pools(own: Path) -> None:
+    """Pool directories of earlier workers in this slot (killed at a deadline,
+    or a crashed node) hold guest scratch trees nobody else removes."""
+    prefix = own.name.split("-", 1)[0] + "-"
+    try:
+        names = [e.name for e in os.scandir(own.parent) if e.name.startswith(prefix) and e.name != own.name]
+    except OSError:
+        return
+    for name in names:
+        _discard(own.parent / name)
 
 
 def worker_main(conn: Connection, config: dict[str, Any]) -> None:
@@ -341,9 +406,9 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
         for queue in worker.warm.values():
             for session, path in queue:
                 session.close()
-                shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(worker.pool_root, ignore_errors=True)
-        shutil.rmtree(worker.fifo_dir, ignore_errors=True)
+                _discard(path)
+        _discard(worker.pool_root)
+        shutil.rmtree(worker.fifo_dir, ignore_errors=True)  # the worker's own FIFOs; no guest writes there
         worker.sessions.clear()
         if worker.mcp is not None:
             worker.mcp.close()
