@@ -120,7 +120,9 @@ class DiskQuota:
             mine = [(c, u) for c, (owner, u) in self._usage.items() if owner == tenant_id]
         used = sum(u.bytes for _, u in mine if u is not None)
         entries = sum(u.entries for _, u in mine if u is not None)
-        unknown = [c for c, u in mine if u is None or not u.complete]
+        # A walk stopped at its bound counted more entries than the limit allows,
+        # so ``entries`` alone already puts the tenant over its file limit.
+        unknown = [c for c, u in mine if u is None]
         return used, entries, unknown
 
     def check(self, tenant_id: str, adding_bytes: int = 0, adding_files: int = 0) -> Allowance:
@@ -128,8 +130,8 @@ class DiskQuota:
         quota, file_limit = self.limits()
         used, entries, unknown = self.tenant(tenant_id)
         if unknown:
-            # T-DISK-1: a walk that failed or stopped at its bound is over quota, never zero.
-            raise PayloadTooLarge(f"the disk usage of cell {unknown[0]} could not be fully measured, so this tenant is "
+            # T-DISK-1: a walk that failed is over quota, never zero.
+            raise PayloadTooLarge(f"the disk usage of cell {unknown[0]} could not be measured, so this tenant is "
                                   "treated as over its quota; delete files or ask the operator", code="quota_exceeded")
         bytes_left, files_left = quota - used, file_limit - entries
         if bytes_left < adding_bytes or bytes_left < 0:

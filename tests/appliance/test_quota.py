@@ -1,0 +1,116 @@
+"""Per-tenant disk limits (T-DISK-1): bytes, files, and what happens when a
+volume cannot be measured. Real volumes on disk; the ledger walks them."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.confine import Usage, create_volume
+from appliance.errors import PayloadTooLarge
+from appliance.quota import DiskQuota, VolumeWatch, measure_volume, usage_from_wire, usage_to_wire
+
+MB = 1024 * 1024
+
+
+def ledger(root: Path, cells: dict[str, list[str]], limits: tuple[int, int] = (MB, 10)) -> DiskQuota:
+    return DiskQuota(limits=lambda: limits,
+                     measure=lambda tenant, cell, bound: measure_volume(root, tenant, cell, bound),
+                     cells=lambda tenant: cells.get(tenant, []))
+
+
+def refused(quota: DiskQuota, tenant: str, adding: int = 0, files: int = 0) -> str:
+    with pytest.raises(PayloadTooLarge) as info:
+        quota.check(tenant, adding, files)
+    assert info.value.status == 413
+    return info.value.code
+
+
+def test_t_disk_1_file_limit_refuses_new_entries(tmp_path: Path) -> None:
+    vol = create_volume(tmp_path, "t", "c")
+    for i in range(9):
+        (vol / f"f{i}").write_bytes(b"x")
+    quota = ledger(tmp_path, {"t": ["c"]})
+    allowed = quota.check("t", 0, 1)
+    assert (allowed.bytes_left, allowed.files_left) == (MB - 9, 1)
+    (vol / "f9").write_bytes(b"x")
+    quota.record("t", "c", measure_volume(tmp_path, "t", "c", 11))
+    assert quota.check("t", 0, 0).files_left == 0  # at the limit: replacing a file is fine
+    assert refused(quota, "t", files=1) == "file_limit_exceeded"
+    assert refused(quota, "t", adding=MB) == "quota_exceeded"
+
+
+def test_t_disk_1_files_counted_across_the_tenants_cells(tmp_path: Path) -> None:
+    for cell in ("a", "b"):
+        vol = create_volume(tmp_path, "t", cell)
+        for i in range(6):
+            (vol / f"f{i}").write_bytes(b"")
+    create_volume(tmp_path, "other", "c")
+    quota = ledger(tmp_path, {"t": ["a", "b"], "other": ["c"]})
+    assert quota.tenant("t")[:2] == (0, 12)
+    assert refused(quota, "t") == "file_limit_exceeded"  # already past it: runs are refused too
+    assert quota.check("other", 0, 1).files_left == 10  # another tenant is not affected
+
+
+@pytest.mark.parametrize("breakage", ["not_owned", "gone_tenant_dir"])
+def test_t_disk_1_unmeasured_volume_is_over_quota_not_zero(tmp_path: Path, breakage: str) -> None:
+    vol = create_volume(tmp_path, "t", "c")
+    quota = ledger(tmp_path, {"t": ["c"]})
+    if breakage == "not_owned":
+        os.chown(vol, 4242, -1) if os.geteuid() == 0 else os.chmod(vol, 0)
+    elif breakage == "gone_tenant_dir":
+        os.rename(tmp_path / "t", tmp_path / "t-moved")
+        os.symlink(tmp_path / "t-moved", tmp_path / "t")  # T-PATH-2: not followed, so unmeasurable
+    assert refused(quota, "t") == "quota_exceeded"
+    # Once the volume can be walked again, the next check measures it afresh.
+    if breakage == "not_owned":
+        os.chown(vol, os.geteuid(), -1) if os.geteuid() == 0 else os.chmod(vol, 0o700)
+    elif breakage == "gone_tenant_dir":
+        os.unlink(tmp_path / "t")
+        os.rename(tmp_path / "t-moved", tmp_path / "t")
+    assert quota.check("t").bytes_left == MB
+
+
+def test_t_disk_1_walk_stopped_at_its_bound_is_over_the_limit(tmp_path: Path) -> None:
+    vol = create_volume(tmp_path, "t", "c")
+    for i in range(50):
+        (vol / f"f{i}").write_bytes(b"")
+    quota = ledger(tmp_path, {"t": ["c"]})
+    usage = measure_volume(tmp_path, "t", "c", 11)
+    assert usage is not None and not usage.complete and usage.entries == 11
+    assert refused(quota, "t") == "file_limit_exceeded"
+
+
+@pytest.mark.parametrize("raw", [None, {}, {"error": "unmeasured"}, {"bytes": "1", "entries": 0, "complete": True},
+                                 {"bytes": 1, "entries": 0, "complete": 1}, {"bytes": 1, "entries": -1, "complete": True}, [1]])
+def test_t_disk_1_malformed_usage_from_a_worker_is_unmeasured(raw: object) -> None:
+    assert usage_from_wire(raw) is None
+
+
+def test_usage_wire_roundtrip() -> None:
+    for usage in (Usage(5, 2), Usage(7, 11, complete=False)):
+        assert usage_from_wire(usage_to_wire(usage)) == usage
+    assert usage_from_wire(usage_to_wire(None)) is None
+
+
+@pytest.mark.parametrize("what", ["bytes", "files"])
+def test_t_disk_1_volume_watch_stops_a_run_that_crosses_the_limit(tmp_path: Path, what: str) -> None:
+    stopped = threading.Event()
+    with VolumeWatch(str(tmp_path), max_bytes=1000, max_entries=10, stop=stopped.set, interval=0.01) as watch:
+        if what == "bytes":
+            (tmp_path / "big").write_bytes(b"x" * 2000)
+        else:
+            for i in range(11):
+                (tmp_path / f"f{i}").write_bytes(b"")
+        assert stopped.wait(30)
+    assert watch.tripped == ("quota_exceeded" if what == "bytes" else "file_limit_exceeded")
+
+
+def test_t_disk_1_volume_watch_quiet_under_the_limit(tmp_path: Path) -> None:
+    (tmp_path / "small").write_bytes(b"x" * 10)
+    watch = VolumeWatch(str(tmp_path), max_bytes=1000, max_entries=10, stop=lambda: None)
+    assert watch.check() is None
+    os.chmod(tmp_path, 0o700)
+    assert VolumeWatch(str(tmp_path / "missing"), 1, 1, stop=lambda: None).check() == "unmeasured"
