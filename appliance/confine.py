@@ -21,8 +21,12 @@ it, never through a host path string, so no check-then-use gap exists.
 * Paths are strings, parsed here with ``allow_data_prefix=True`` ("a/b", "/data/a/b").
   ``Entry.path`` is relative to the volume with no leading slash ("" is the root).
 * ``read_bytes`` returns at most ``max_bytes`` (the size is in ``stat``).
-* ``list_dir`` and ``usage_bytes`` skip symlinks, special files, hard-linked
-  files, names the path policy refuses and other mounts; ``exists`` is False for them.
+* ``list_dir`` skips symlinks, special files, hard-linked files, names the path
+  policy refuses and other mounts; ``exists`` is False for them.
+* Walks of a whole tree (``remove(recursive=True)``, ``remove_volume``,
+  ``remove_tree``, ``usage``) are iterative and hold at most three descriptors
+  whatever the depth or width (T-DOS-1); ``usage`` counts every name (inodes,
+  T-DISK-1) and raises on any walk error instead of skipping a subtree.
 * The root fd is ``O_CLOEXEC``: an exec'd child never inherits it; a forked
   worker shares it and may keep using it (each process calls ``close``).
 

@@ -79,7 +79,7 @@ def test_t_disk_1_walk_stopped_at_its_bound_is_over_the_limit(tmp_path: Path) ->
         (vol / f"f{i}").write_bytes(b"")
     quota = ledger(tmp_path, {"t": ["c"]})
     usage = measure_volume(tmp_path, "t", "c", 11)
-    assert usage is not None and not usage.complete and usage.entries == 11
+    assert usage is not None and not usage.complete and usage.entries == 12  # one past the bound
     assert refused(quota, "t") == "file_limit_exceeded"
 
 
