@@ -185,10 +185,17 @@ def test_t_disk_1_file_limit_files_api_and_host_fs_write(few: ServerProcess) -> 
         _ok_delete(few, cid)
 
 
-def test_t_disk_1_wasi_file_flood_stopped_mid_run(few: ServerProcess) -> None:
-    cid = _cell(few, "python3")
+FILE_FLOODS = {
+    "python3": "i = 0\nwhile True:\n    open(f'f{i}', 'w').close()\n    i += 1\n",
+    "javascript": "let i = 0; for (;;) { std.open('f' + (i++), 'w').close(); }",
+}
+
+
+@pytest.mark.parametrize("template", sorted(FILE_FLOODS))
+def test_t_disk_1_wasi_file_flood_stopped_mid_run(few: ServerProcess, template: str) -> None:
+    cid = _cell(few, template)
     try:
-        code = "i = 0\nwhile True:\n    open(f'f{i}', 'w').close()\n    i += 1\n"
+        code = FILE_FLOODS[template]
         status, body, _ = few.request("POST", f"/v1/cells/{cid}/exec", {"code": code, "timeout_ms": 30000})
         assert status == 200 and body["status"] == "killed", body
         assert {"threat": "T-DISK-1", "function": "wasi", "reason": "file_limit_exceeded"} in body["denials"]
