@@ -144,35 +144,86 @@ class DiskQuota:
 
 
 class VolumeWatch:
-    """Walks a volume while a guest runs and stops the guest once it holds more
-    than allowed (T-DISK-1).
+    """Walks the volume of the run in progress and stops the guest once it holds
+    more than allowed (T-DISK-1). One per worker process, one daemon thread.
 
     WASI writes go straight to the file system, where the host cannot meter
     them call by call; this bounds them within a run. The overshoot is what
     the guest writes between two walks: one interval (``interval`` seconds,
     or four times the last walk's duration when that is longer, so walking
-    never takes more than a fifth of a core). Three walks in a row that fail
-    also stop the guest: a volume that cannot be measured is over quota.
+    takes at most a fifth of a core). Three walks in a row that fail also stop
+    the guest: a volume that cannot be measured is over quota. A run shorter
+    than one interval costs no walk; ending a run never waits for one.
     """
 
-    def __init__(self, path: str, max_bytes: int, max_entries: int, stop: Callable[[], None],
-                 interval: float = 0.25) -> None:
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self._cond = threading.Condition()
+        self._job: WatchedRun | None = None
+        self._thread: threading.Thread | None = None
+
+    def watch(self, path: str, max_bytes: int, max_entries: int, stop: Callable[[], None]) -> WatchedRun:
+        """A context manager around one run; ``.tripped`` says why it was stopped, if it was."""
+        return WatchedRun(self, path, max_bytes, max_entries, stop)
+
+    def _begin(self, job: WatchedRun) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="volume-watch", daemon=True)
+                self._thread.start()
+            self._job = job
+            self._cond.notify_all()
+
+    def _end(self, job: WatchedRun) -> None:
+        with self._cond:
+            job.done = True  # under the lock: no stop can reach the guest's next run
+            if self._job is job:
+                self._job = None
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._job is not None)
+                job = self._job
+                assert job is not None
+                if self._cond.wait_for(lambda: self._job is not job, timeout=job.wait):
+                    continue  # the run ended (or another began) before its next walk
+            started = time.monotonic()
+            reason = job.check()  # outside the lock: ending the run never waits for a walk
+            job.wait = max(self.interval, 4 * (time.monotonic() - started))
+            job.failures = job.failures + 1 if reason == "unmeasured" else 0
+            if reason is None or (reason == "unmeasured" and job.failures < 3):
+                continue
+            with self._cond:
+                if not job.done:
+                    job.tripped = reason
+                    try:
+                        job.stop()
+                    except Exception:
+                        pass  # the run's own deadline still ends it
+                if self._job is job:
+                    self._job = None
+
+
+class WatchedRun:
+    def __init__(self, owner: VolumeWatch, path: str, max_bytes: int, max_entries: int, stop: Callable[[], None]) -> None:
+        self.owner = owner
         self.path = path
         self.max_bytes = max_bytes
         self.max_entries = max_entries
-        self.interval = interval
+        self.stop = stop
+        self.wait = owner.interval
+        self.failures = 0
+        self.done = False
         self.tripped: str | None = None  # "quota_exceeded", "file_limit_exceeded" or "unmeasured"
-        self._stop_guest = stop
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="volume-watch", daemon=True)
 
-    def __enter__(self) -> VolumeWatch:
-        self._thread.start()
+    def __enter__(self) -> WatchedRun:
+        self.owner._begin(self)
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self._done.set()
-        self._thread.join()
+        self.owner._end(self)
 
     def check(self) -> str | None:
         """One walk: the reason to stop, or None."""
@@ -186,18 +237,3 @@ class VolumeWatch:
         if usage.bytes > self.max_bytes:
             return "quota_exceeded"
         return None
-
-    def _run(self) -> None:
-        wait, failures = self.interval, 0
-        while not self._done.wait(wait):
-            started = time.monotonic()
-            reason = self.check()
-            wait = max(self.interval, 4 * (time.monotonic() - started))
-            failures = failures + 1 if reason == "unmeasured" else 0
-            if reason is not None and (reason != "unmeasured" or failures >= 3):
-                self.tripped = reason
-                try:
-                    self._stop_guest()
-                except Exception:
-                    pass  # the run's own deadline still ends it
-                return

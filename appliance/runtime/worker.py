@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import wasmtime
 
+from appliance.quota import VolumeWatch
 from appliance.runtime import context
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
@@ -87,6 +88,7 @@ class Worker:
         self.default_memory = int(config["memory_mb"]) << 20
         self.weights = _open_weights(config.get("weights_dir"))
         self.mcp = _open_mcp(config.get("mcp_servers"))
+        self.disk_watch = VolumeWatch()
         for template in ("python3", "javascript"):
             try:
                 self.runtimes.get(template)
@@ -285,8 +287,6 @@ class Worker:
 
     def _watch(self, msg: dict[str, Any], volume: str, governor: Callable[[], Any]) -> Any:
         """Stop the guest when its volume crosses what the tenant may hold (T-DISK-1)."""
-        from appliance.quota import VolumeWatch
-
         limit = msg.get("volume_limit") or {}
         max_bytes, max_entries = limit.get("bytes"), limit.get("entries")
         if not isinstance(max_bytes, int) or not isinstance(max_entries, int):
@@ -297,7 +297,7 @@ class Worker:
             if gov is not None:
                 gov.stop(STOP_DISK)
 
-        return VolumeWatch(volume, max_bytes, max_entries, stop)
+        return self.disk_watch.watch(volume, max_bytes, max_entries, stop)
 
     def _result(self, outcome: Any, started: float, volume_usage: dict[str, object] | None = None) -> dict[str, Any]:
         guest_ms = (time.perf_counter() - started) * 1000

@@ -98,19 +98,33 @@ def test_usage_wire_roundtrip() -> None:
 @pytest.mark.parametrize("what", ["bytes", "files"])
 def test_t_disk_1_volume_watch_stops_a_run_that_crosses_the_limit(tmp_path: Path, what: str) -> None:
     stopped = threading.Event()
-    with VolumeWatch(str(tmp_path), max_bytes=1000, max_entries=10, stop=stopped.set, interval=0.01) as watch:
+    with VolumeWatch(interval=0.01).watch(str(tmp_path), max_bytes=1000, max_entries=10, stop=stopped.set) as run:
         if what == "bytes":
             (tmp_path / "big").write_bytes(b"x" * 2000)
         else:
             for i in range(11):
                 (tmp_path / f"f{i}").write_bytes(b"")
         assert stopped.wait(30)
-    assert watch.tripped == ("quota_exceeded" if what == "bytes" else "file_limit_exceeded")
+    assert run.tripped == ("quota_exceeded" if what == "bytes" else "file_limit_exceeded")
 
 
-def test_t_disk_1_volume_watch_quiet_under_the_limit(tmp_path: Path) -> None:
+def test_t_disk_1_volume_watch_never_stops_a_run_after_it_ended(tmp_path: Path) -> None:
+    watch = VolumeWatch(interval=0.01)
+    stops: list[str] = []
+    with watch.watch(str(tmp_path), max_bytes=10, max_entries=10, stop=lambda: stops.append("first")) as first:
+        pass
+    (tmp_path / "big").write_bytes(b"x" * 100)  # over the first run's limit, after it ended
+    stopped = threading.Event()
+    with watch.watch(str(tmp_path), max_bytes=1000, max_entries=10, stop=stopped.set) as second:
+        (tmp_path / "bigger").write_bytes(b"x" * 2000)
+        assert stopped.wait(30)
+    assert stops == [] and first.tripped is None and second.tripped == "quota_exceeded"
+
+
+def test_t_disk_1_volume_watch_checks(tmp_path: Path) -> None:
     (tmp_path / "small").write_bytes(b"x" * 10)
-    watch = VolumeWatch(str(tmp_path), max_bytes=1000, max_entries=10, stop=lambda: None)
-    assert watch.check() is None
-    os.chmod(tmp_path, 0o700)
-    assert VolumeWatch(str(tmp_path / "missing"), 1, 1, stop=lambda: None).check() == "unmeasured"
+    watch = VolumeWatch()
+    assert watch.watch(str(tmp_path), 1000, 10, stop=lambda: None).check() is None
+    assert watch.watch(str(tmp_path), 5, 10, stop=lambda: None).check() == "quota_exceeded"
+    assert watch.watch(str(tmp_path), 1000, 0, stop=lambda: None).check() == "file_limit_exceeded"
+    assert watch.watch(str(tmp_path / "missing"), 1, 1, stop=lambda: None).check() == "unmeasured"
