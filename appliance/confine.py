@@ -218,22 +218,21 @@ class _Tree:
         self.dev = dev
         self._up: list[tuple[bytes, tuple[int, int]]] = []  # (name of the level below, identity of its parent)
 
-    @property
-    def depth(self) -> int:
-        return len(self._up)
-
     def down(self, name: bytes) -> bool:
         """Enter subdirectory ``name``; False if it is gone or is no longer a directory."""
+        here = os.fstat(self.fd)
         try:
             fd = os.open(name, _DIR_READ_FLAGS, dir_fd=self.fd)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return False  # removed or swapped for a symlink meanwhile: nothing to follow
             raise
-        if os.fstat(fd).st_dev != self.dev:
+        try:
+            if os.fstat(fd).st_dev != self.dev:
+                raise OSError(errno.EXDEV, "crosses a mount point")  # T-PATH-2: never walk another mount
+        except OSError:
             os.close(fd)
-            raise OSError(errno.EXDEV, "crosses a mount point")  # T-PATH-2: never walk another mount
-        here = os.fstat(self.fd)
+            raise
         self._up.append((name, (here.st_dev, here.st_ino)))
         os.close(self.fd)
         self.fd = fd

@@ -154,6 +154,23 @@ def test_t_disk_1_wasi_writes_past_quota_stopped_mid_run(disk: ServerProcess) ->
         _ok_delete(disk, cid)
 
 
+def test_t_dos_1_killed_workers_scratch_removed_by_its_successor(disk: ServerProcess) -> None:
+    _, status_body, _ = disk.request("GET", "/v1/status")
+    pid = status_body["workers"]["pids"][0]
+    pool = disk.root / "sandbox_volumes" / ".pool" / f"w0-{pid}"
+    answers: list[Any] = []
+    code = "import os, time\nos.makedirs('/'.join(['a'] * 50))\nprint('built', flush=True)\ntime.sleep(25)\n"
+    running = threading.Thread(target=lambda: answers.append(
+        disk.request("POST", "/v1/execute", {"template": "python3", "code": code, "timeout_ms": 30000})))
+    running.start()
+    assert _wait_for(lambda: any((d / "a").exists() for d in pool.iterdir()))
+    os.kill(pid, 9)  # the worker dies mid-run: nobody ran its cleanup
+    running.join(timeout=120)
+    status, body, _ = answers[0]
+    assert status == 200 and body["status"] == "killed" and body["receipt"]["receipt_hash"]
+    assert _wait_for(lambda: not pool.exists())  # the replacement worker removed it
+
+
 def _exec(srv: ServerProcess, cid: str, code: str) -> dict[str, Any]:
     status, body, _ = srv.request("POST", f"/v1/cells/{cid}/exec", {"code": code})
     assert status == 200, body
