@@ -3,12 +3,15 @@
 A tenant's usage is the sum over its cells' volumes of what the last walk
 measured (``confine.Volume.usage``): bytes of regular files and entries
 (every name costs an inode, so millions of empty files are refused like a
-huge one). Walks happen once per cell, then after every run and file change,
-never on the hot path of a check.
+huge one). Walks happen once per cell, then after every run and file change;
+a check reads memory, except that it walks again a volume it could not measure.
 
 Fail closed: a volume that could not be measured (walk error, volume not
 ours) counts as over quota until a later walk succeeds; a walk stopped at its
 entry bound counts as over the file limit. Unknown is never zero.
+
+While a guest runs, ``VolumeWatch`` bounds the WASI writes the host cannot
+meter one by one (``host_fs_write`` is metered per call in hostfuncs.py).
 """
 from __future__ import annotations
 
