@@ -6,8 +6,9 @@ and writes the receipt of every run before the answer leaves (DESIGN §7).
 from __future__ import annotations
 
 import logging
+import os
+import re
 import secrets
-import shutil
 import threading
 import time
 import uuid
@@ -15,9 +16,11 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from appliance.confine import ConfinementError, Usage, create_volume, remove_volume
 from appliance.config import Settings
+from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound
 from appliance.license.verify import Limits, config_limits
-from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound, PayloadTooLarge
+from appliance.quota import Allowance, DiskQuota, measure_volume
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime import protocol, templates
@@ -25,6 +28,8 @@ from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, Worker
 from appliance.storage import CellRecord, Store, Tenant
 
 log = logging.getLogger("cell.cells")
+
+_VOLUME_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def now_ms() -> int:
@@ -56,8 +61,10 @@ class CellService:
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
-        self._usage: dict[str, tuple[str, int]] = {}  # cell -> (tenant, bytes in its volume as last measured)
-        self._usage_loaded: set[str] = set()  # tenants whose every cell has been measured once
+        self.quota = DiskQuota(
+            limits=lambda: (self.quota_bytes(), self.settings.tenant_file_limit),
+            measure=lambda tenant_id, cell_id, bound: measure_volume(self.settings.volumes_dir, tenant_id, cell_id, bound),
+            cells=lambda tenant_id: [c.id for c in self.store.list_cells(tenant_id)])
         # The limits in force; the service wires the license in.
         self.limits: Callable[[], Limits] = lambda: config_limits(settings)
         # Called after every run with a summary (no code, no output): metrics, logs.
@@ -117,11 +124,8 @@ class CellService:
             with self._lock:
                 self._bindings[record.id] = Binding(handle.index, handle.generation)
         else:
-            from appliance.confine import create_volume
-
             create_volume(self.settings.volumes_dir, tenant.id, record.id)
-        with self._lock:
-            self._usage[record.id] = (tenant.id, 0)
+        self.quota.start_cell(tenant.id, record.id)
         try:
             self.store.add_cell(record)
             with self._lock:
@@ -140,7 +144,6 @@ class CellService:
             binding = self._bindings.pop(record.id, None)
             self._lost.discard(record.id)
             self._expiry.pop(record.id, None)
-            self._usage.pop(record.id, None)
             self._records.pop(record.id, None)
         if binding is not None:
             self.pool.release(binding.worker, record.id)
@@ -150,8 +153,44 @@ class CellService:
                     self._call(handle, protocol.DropRequest(0, cell_id=record.id), None)
                 except (WorkerLost, CellError):
                     pass
+        # T-DOS-1 / T-DISK-1: the volume goes first (iterative, bounded; any depth),
+        # then the row. A failure or a crash in between leaves the row, so the
+        # volume still counts against the quota and a repeated DELETE (or the
+        # reaper) finishes the job: a volume is never orphaned.
+        try:
+            remove_volume(self.settings.volumes_dir, record.tenant_id, record.id)
+        except ConfinementError as exc:
+            self.quota.record(record.tenant_id, record.id, None)  # partly removed: measure again
+            log.error("could not remove the volume of cell %s: %s", record.id, exc.message)
+            raise CellError("the cell's volume could not be removed; the cell is kept, retry the delete",
+                            code="delete_failed") from None
         self.store.delete_cell(record.id)
-        shutil.rmtree(self.volume_path(record.tenant_id, record.id), ignore_errors=True)
+        self.quota.forget(record.id)
+
+    def sweep_orphan_volumes(self) -> int:
+        """Remove volumes that have no cell row (a crash between making a volume
+        and recording its cell, or an older release's delete). Run once at start,
+        before the server takes requests (a create makes its volume before its
+        row). Returns how many were removed."""
+        known = {(c.tenant_id, c.id) for c in self.store.list_cells()}
+        removed = 0
+        try:
+            tenants = [e.name for e in os.scandir(self.settings.volumes_dir) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return 0
+        for tenant_id in tenants:
+            try:
+                cells = [e.name for e in os.scandir(self.settings.volumes_dir / tenant_id) if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            for cell_id in cells:
+                if (tenant_id, cell_id) in known or not _VOLUME_ID.fullmatch(tenant_id) or not _VOLUME_ID.fullmatch(cell_id):
+                    continue  # ".pool" and anything that is not a volume name is left alone
+                try:
+                    removed += remove_volume(self.settings.volumes_dir, tenant_id, cell_id)
+                except ConfinementError as exc:
+                    log.error("could not remove orphan volume %s/%s: %s", tenant_id, cell_id, exc.message)
+        return removed
 
     def set_timeout(self, tenant: Tenant, cell_id: str, timeout_ms: int) -> CellRecord:
         record = self.cell(tenant, cell_id)
@@ -171,55 +210,43 @@ class CellService:
             if live_expiry > now:  # used since the DB copy was written
                 self.store.touch_cell(record.id, live_expiry)
                 continue
-            self._drop(record)
+            try:
+                self._drop(record)
+            except CellError:
+                continue  # the row stays; the next pass retries the volume
             dropped += 1
         return dropped
 
-    # -- disk quota (T-DOS-1) ------------------------------------------------
+    # -- disk quota (T-DISK-1): appliance/quota.py --------------------------
     def quota_bytes(self) -> int:
         return self.settings.tenant_quota_mb * 1024 * 1024
 
-    def cell_usage(self, record: CellRecord) -> int:
-        with self._lock:
-            known = self._usage.get(record.id)
-        if known is not None:
-            return known[1]
-        from appliance.confine import ConfinementError, open_volume
-
-        try:
-            with open_volume(self.settings.volumes_dir, record.tenant_id, record.id) as vol:
-                used = vol.usage_bytes()
-        except (ConfinementError, OSError):
-            used = 0
-        with self._lock:
-            self._usage[record.id] = (record.tenant_id, used)
-        return used
+    def cell_usage(self, record: CellRecord) -> int | None:
+        """Bytes in the cell's volume; None when it could not be measured."""
+        usage = self.quota.cell(record.tenant_id, record.id)
+        return None if usage is None else usage.bytes
 
     def tenant_usage(self, tenant: Tenant) -> int:
-        """Sum of the tenant's volumes, from memory (each cell measured once, then
-        after every run or file change): no disk walk on the hot path."""
-        with self._lock:
-            loaded = tenant.id in self._usage_loaded
-        if not loaded:
-            for record in self.store.list_cells(tenant.id):
-                self.cell_usage(record)
-            with self._lock:
-                self._usage_loaded.add(tenant.id)
-        with self._lock:
-            return sum(used for owner, used in self._usage.values() if owner == tenant.id)
+        """Bytes in the tenant's volumes, from memory (each cell measured once,
+        then after every run or file change): no disk walk on the hot path."""
+        return self.quota.tenant(tenant.id)[0]
 
-    def note_usage(self, tenant_id: str, cell_id: str, used: int | None) -> None:
-        if used is not None:
-            with self._lock:
-                self._usage[cell_id] = (tenant_id, used)
+    def tenant_files(self, tenant: Tenant) -> int:
+        return self.quota.tenant(tenant.id)[1]
 
-    def check_quota(self, tenant: Tenant, adding: int = 0) -> int:
-        """Bytes the tenant may still add; refuses when it is already over."""
-        left = self.quota_bytes() - self.tenant_usage(tenant)
-        if left < adding or left < 0:
-            raise PayloadTooLarge(f"tenant disk quota of {self.settings.tenant_quota_mb} MB exceeded; delete files to continue",
-                                  code="quota_exceeded")
-        return left
+    def note_usage(self, tenant_id: str, cell_id: str, usage: Usage | None) -> None:
+        """A fresh walk of one volume; None (a failed walk) counts as over quota."""
+        self.quota.record(tenant_id, cell_id, usage)
+
+    def check_quota(self, tenant: Tenant, adding: int = 0, adding_files: int = 0) -> Allowance:
+        """What the tenant may still add; 413 quota_exceeded / file_limit_exceeded past a limit."""
+        return self.quota.check(tenant.id, adding, adding_files)
+
+    def _volume_limit(self, tenant: Tenant, cell_id: str | None, allowance: Allowance) -> protocol.VolumeLimit:
+        """What one volume may hold while a run writes to it (the worker stops the run past it)."""
+        current = self.quota.cell(tenant.id, cell_id) if cell_id is not None else Usage(0, 0)
+        held = current or Usage(0, 0)
+        return protocol.VolumeLimit(held.bytes + allowance.bytes_left, held.entries + allowance.files_left)
 
     # -- runs ------------------------------------------------------------
     def _call(self, handle: Any, msg: protocol.Request, deadline_s: float | None,
@@ -262,11 +289,13 @@ class CellService:
                     self._bindings[cell_id] = Binding(handle.index, handle.generation)
         else:
             handle = self.pool.worker(binding.worker)
+        allowance = self.check_quota(tenant)
         msg = self._exec_request(
             tenant, record.template, code, is_text, timeout_ms, record.memory_mb, on_chunk,
             cell_id=cell_id if tmpl.interpreter else None, volume=self.volume_path(tenant.id, cell_id),
             envs=record.envs, persistent=record.persistent, known_session=binding is not None,
-            quota_left=self.check_quota(tenant))
+            quota_left=allowance.bytes_left, files_left=allowance.files_left,
+            volume_limit=self._volume_limit(tenant, cell_id, allowance))
         answer = self._run(handle, msg, tenant, cell_id, on_chunk)
         self._touch(record)
         return answer
@@ -294,14 +323,19 @@ class CellService:
                      timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
         self.check_memory(memory_mb or self.settings.memory_mb)
         handle = self.pool.pick_for_run()
+        # T-DISK-1: a throw-away volume is not charged to the tenant, but while the run
+        # lasts it may hold no more than the tenant's whole quota and file limit.
         msg = self._exec_request(tenant, template, code, is_text, timeout_ms, memory_mb or self.settings.memory_mb,
-                                 on_chunk, stdin=stdin)
+                                 on_chunk, stdin=stdin, quota_left=self.quota_bytes(),
+                                 files_left=self.settings.tenant_file_limit,
+                                 volume_limit=protocol.VolumeLimit(self.quota_bytes(), self.settings.tenant_file_limit))
         return self._run(handle, msg, tenant, None, on_chunk)
 
     def _exec_request(self, tenant: Tenant, template: str, code: bytes, is_text: bool, timeout_ms: int | None,
                       memory_mb: int, on_chunk: ChunkCallback | None, *, cell_id: str | None = None,
                       volume: str | None = None, envs: dict[str, str] | None = None, persistent: bool = True,
-                      known_session: bool = False, quota_left: int | None = None,
+                      known_session: bool = False, quota_left: int | None = None, files_left: int | None = None,
+                      volume_limit: protocol.VolumeLimit | None = None,
                       stdin: bytes | None = None) -> protocol.ExecRequest:
         """The one place a run request is built, for cells and one-shot runs alike."""
         egress = None
@@ -313,7 +347,8 @@ class CellService:
             timeout_ms=min(timeout_ms or self.settings.run_timeout_ms, self.settings.run_timeout_ceiling_ms),
             memory_mb=memory_mb, tenant_id=tenant.id, cell_id=cell_id, volume=volume, stream=on_chunk is not None,
             envs=dict(envs or {}), persistent=persistent, known_session=known_session, egress=egress,
-            features=sorted(self.pro_features()), quota_left=quota_left, stdin=stdin)
+            features=sorted(self.pro_features()), quota_left=quota_left, files_left=files_left,
+            volume_limit=volume_limit, stdin=stdin)
 
     def _run(self, handle: Any, msg: protocol.ExecRequest, tenant: Tenant, cell_id: str | None,
              on_chunk: ChunkCallback | None) -> dict[str, Any]:
@@ -345,7 +380,7 @@ class CellService:
             outcome = asdict(reply.outcome)
             guest_ms = reply.guest_ms
             if cell_id is not None:
-                self.note_usage(tenant.id, cell_id, reply.volume_bytes)
+                self.note_usage(tenant.id, cell_id, _usage(reply.volume_usage))
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.runs += 1
         receipt = self.receipts.append(
@@ -390,3 +425,10 @@ def _refusal(reply: protocol.Reply, default: str) -> CellError:
     if isinstance(reply, protocol.ErrorReply):
         return CellError(reply.message or default, code=reply.code).with_status(reply.status)
     return CellError(f"{default}: the worker answered {type(reply).__name__}", code="internal")
+
+
+def _usage(reported: protocol.VolumeUsage | None) -> Usage | None:
+    """A worker's walk of a volume; a failed or missing one counts as over quota (T-DISK-1)."""
+    if reported is None or not reported.measured:
+        return None
+    return Usage(reported.bytes, reported.entries, reported.complete)

@@ -48,7 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if key is None and args.dev and key_file.is_file():
         key = key_file.read_text().strip()
     services.start_background()
-    app = create_app(services)
+    app = create_app(services)  # holds serve.lock from here on
+    orphans = services.cells.sweep_orphan_volumes()  # before any request can create a cell
+    if orphans:
+        print(f"cell: removed {orphans} volume(s) left by an interrupted create or delete", flush=True)
     # T-DOS-2: bodies are refused by Content-Length and API key before waitress reads them.
     server = make_server(app, services, settings.host, settings.port, threads=16, ident="cell")
     port = server.effective_port

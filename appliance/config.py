@@ -25,6 +25,7 @@ HARD_MEMORY_MB = 4096
 HARD_OUTPUT_BYTES = 16 * 1024 * 1024
 HARD_BODY_BYTES = 10 * 1024 * 1024
 HARD_QUOTA_MB = 1024 * 1024  # 1 TiB per tenant
+HARD_FILE_LIMIT = 100_000_000  # files and directories per tenant (T-DISK-1)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Settings:
     egress_hosts: Path | None = None
     checkpoint_interval_s: int = 300
     tenant_quota_mb: int = 1024
+    tenant_file_limit: int = 100_000
     metrics_token: str = field(default="", repr=False)
     log_file: Path | None = None
     log_level: str = "info"
@@ -228,6 +230,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "egress_hosts": ("SYNAPSE_EGRESS_HOSTS", "egress_hosts", _path),
     "checkpoint_interval_s": ("SYNAPSE_CHECKPOINT_INTERVAL_S", "checkpoint_interval_s", _int(1, 86400)),
     "tenant_quota_mb": ("SYNAPSE_TENANT_QUOTA_MB", "tenant_quota_mb", _int(1, HARD_QUOTA_MB)),
+    "tenant_file_limit": ("SYNAPSE_TENANT_FILE_LIMIT", "tenant_file_limit", _int(1, HARD_FILE_LIMIT)),
     "metrics_token": ("SYNAPSE_METRICS_TOKEN", "metrics_token", _secret),
     "log_file": ("SYNAPSE_LOG_FILE", "log_file", _path),
     "mcp_servers": ("SYNAPSE_MCP_SERVERS", "mcp_servers", _path),

@@ -27,8 +27,12 @@ it, never through a host path string, so no check-then-use gap exists.
   with either resolver and for every operation (T-PATH-1).
 * ``open_dir_fd``/``open_file_fd`` give trusted host walkers (the incident
   snapshot) the same confined opener for names read from the volume itself.
-* ``list_dir`` and ``usage_bytes`` skip symlinks, special files, hard-linked
-  files, names the path policy refuses and other mounts; ``exists`` is False for them.
+* ``list_dir`` skips symlinks, special files, hard-linked files, names the path
+  policy refuses and other mounts; ``exists`` is False for them.
+* Walks of a whole tree (``remove(recursive=True)``, ``remove_volume``,
+  ``remove_tree``, ``usage``) are iterative and hold at most three descriptors
+  whatever the depth or width (T-DOS-1); ``usage`` counts every name (inodes,
+  T-DISK-1) and raises on any walk error instead of skipping a subtree.
 * The root fd is ``O_CLOEXEC``: an exec'd child never inherits it; a forked
   worker shares it and may keep using it (each process calls ``close``).
 
@@ -207,44 +211,152 @@ def _close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-def _rmtree_at(parent_fd: int, name: bytes, dev: int) -> None:
-    """Remove ``name`` under ``parent_fd`` without following any symlink (T-PATH-2).
+_RMTREE_BATCH = 256  # subdirectory names remembered per level while removing; the rest are found by a rescan
 
-    Iterative (deep guest trees cannot exhaust the Python stack); a subdirectory
-    is opened O_NOFOLLOW and must be on ``dev``, so a symlink is unlinked, never
-    followed, and a mount inside is refused rather than emptied.
+
+class _Tree:
+    """A depth-first position in a guest-made tree holding one directory fd (T-DOS-1).
+
+    Only the current directory is open; the way back is a list of the
+    ancestors' (st_dev, st_ino). Going up opens ``..`` and checks it is the
+    directory we came down from, so a tree of any depth or width costs no
+    Python stack and at most two descriptors (three while a scandir runs).
+    A directory moved elsewhere meanwhile fails the check: the walk stops
+    with ESTALE rather than continue somewhere it did not mean to be.
     """
-    stack: list[tuple[int, bytes, int]] = []
-    try:
-        top = os.open(name, _DIR_READ_FLAGS, dir_fd=parent_fd)
-        stack.append((parent_fd, name, top))
-        if os.fstat(top).st_dev != dev:
-            raise _denied("escape")
-        while stack:
-            _, _, dfd = stack[-1]
-            child: tuple[int, bytes, int] | None = None
-            with os.scandir(dfd) as it:
-                for item in it:
-                    raw = _enc(item.name)
-                    if not item.is_dir(follow_symlinks=False):
-                        os.unlink(raw, dir_fd=dfd)
-                        continue
-                    cfd = os.open(raw, _DIR_READ_FLAGS, dir_fd=dfd)
-                    if os.fstat(cfd).st_dev != dev:
-                        os.close(cfd)
-                        raise _denied("escape")  # T-PATH-2: never empty another mount
-                    child = (dfd, raw, cfd)
-                    break
-            if child is not None:
-                stack.append(child)
+
+    def __init__(self, fd: int, dev: int) -> None:
+        self.fd = fd  # owned
+        self.dev = dev
+        self._up: list[tuple[bytes, tuple[int, int]]] = []  # (name of the level below, identity of its parent)
+
+    def down(self, name: bytes) -> bool:
+        """Enter subdirectory ``name``; False if it is gone or is no longer a directory."""
+        here = os.fstat(self.fd)
+        try:
+            fd = os.open(name, _DIR_READ_FLAGS, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return False  # removed or swapped for a symlink meanwhile: nothing to follow
+            raise
+        try:
+            if os.fstat(fd).st_dev != self.dev:
+                raise OSError(errno.EXDEV, "crosses a mount point")  # T-PATH-2: never walk another mount
+        except OSError:
+            os.close(fd)
+            raise
+        self._up.append((name, (here.st_dev, here.st_ino)))
+        os.close(self.fd)
+        self.fd = fd
+        return True
+
+    def up(self) -> bytes:
+        """Return to the parent; the name of the directory just left."""
+        name, parent_id = self._up[-1]
+        fd = os.open(b"..", _DIR_READ_FLAGS, dir_fd=self.fd)
+        s = os.fstat(fd)
+        if (s.st_dev, s.st_ino) != parent_id:
+            os.close(fd)
+            raise OSError(errno.ESTALE, "the tree changed during the walk")
+        os.close(self.fd)
+        self.fd = fd
+        self._up.pop()
+        return name
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _clear_files(fd: int) -> list[bytes]:
+    """Unlink every non-directory in ``fd``; up to _RMTREE_BATCH subdirectory names."""
+    subdirs: list[bytes] = []
+    with os.scandir(fd) as it:
+        for item in it:
+            raw = _enc(item.name)
+            if item.is_dir(follow_symlinks=False):
+                if len(subdirs) < _RMTREE_BATCH:
+                    subdirs.append(raw)
                 continue
-            pfd, pname, dfd = stack.pop()
-            os.close(dfd)
-            os.rmdir(pname, dir_fd=pfd)
+            try:
+                os.unlink(raw, dir_fd=fd)  # a symlink is unlinked, never followed (T-PATH-2)
+            except FileNotFoundError:
+                pass
+    return subdirs
+
+
+def _rmtree_at(parent_fd: int, name: bytes, dev: int) -> None:
+    """Remove directory ``name`` under ``parent_fd`` without following any symlink (T-PATH-2).
+
+    Iterative with bounded descriptors (``_Tree``): a 1,200-deep or
+    100,000-wide guest tree is removed like any other (T-DOS-1). Memory is at
+    most _RMTREE_BATCH names per level; a level is rescanned until empty. A
+    mount inside is refused rather than emptied.
+    """
+    tree = _Tree(os.dup(parent_fd), dev)
+    try:
+        if not tree.down(name):
+            raise OSError(errno.ENOENT, "no such directory")
+        pending = [_clear_files(tree.fd)]
+        while pending:
+            if pending[-1]:
+                if tree.down(pending[-1].pop()):
+                    pending.append(_clear_files(tree.fd))
+                continue
+            pending[-1] = _clear_files(tree.fd)  # more than a batch, or made meanwhile
+            if pending[-1]:
+                continue
+            pending.pop()
+            os.rmdir(tree.up(), dir_fd=tree.fd)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise _denied("escape") from None
+        raise _mapped(exc) from None
+    finally:
+        tree.close()
+
+
+def remove_tree(path: str | os.PathLike[str]) -> bool:
+    """Remove a host-side directory the guest could fill (a run's scratch volume,
+    a worker's pool directory): iterative, bounded, no symlink followed
+    (T-DOS-1, T-PATH-2). False if it did not exist; ConfinementError otherwise."""
+    full = os.path.abspath(os.fspath(path))
+    parent, leaf = os.path.split(full)
+    if not leaf:
+        raise ConfinementError("invalid", "refusing to remove a root directory")
+    try:
+        pfd = os.open(parent, _DIR_READ_FLAGS)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise _mapped(exc) from None
+    try:
+        s = os.stat(_enc(leaf), dir_fd=pfd, follow_symlinks=False)
+        if not st.S_ISDIR(s.st_mode):
+            os.unlink(_enc(leaf), dir_fd=pfd)
+            return True
+        _rmtree_at(pfd, _enc(leaf), s.st_dev)
+        return True
+    except FileNotFoundError:
+        return False
     except OSError as exc:
         raise _mapped(exc) from None
     finally:
-        _close_all([fd for _, _, fd in stack])
+        os.close(pfd)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a volume holds: bytes of regular files (each inode once) and
+    entries (every name: files, directories, links; each costs an inode).
+    ``complete`` is False when the walk stopped at its entry bound: the true
+    figures are higher, and the caller must treat the volume as over its
+    file limit (T-DISK-1)."""
+
+    bytes: int
+    entries: int
+    complete: bool = True
 
 
 class Volume:
@@ -662,30 +774,71 @@ class Volume:
             _close_all([src_fd, dst_fd])
         return self.stat(new)
 
-    def usage_bytes(self) -> int:
-        """Total size of the regular files, each inode once; symlinks and mounts not followed."""
-        total, seen = 0, set[tuple[int, int]]()
-        stack = [os.open(b".", _DIR_READ_FLAGS, dir_fd=self._root())]
+    def usage(self, max_entries: int | None = None) -> Usage:
+        """Bytes and entries under the root (T-DISK-1); symlinks and mounts not followed.
+
+        Bounded descriptors (``_Tree``), so thousands of sibling directories
+        cannot make a subtree vanish from the count on EMFILE; any walk error
+        raises (the caller counts the volume as over quota, never as empty).
+        Stops once more than ``max_entries`` entries were seen (``complete``
+        False). A directory moved during the walk restarts it (three tries).
+        """
+        for attempt in range(3):
+            try:
+                return self._usage(max_entries)
+            except OSError as exc:
+                if exc.errno != errno.ESTALE or attempt == 2:
+                    raise _mapped(exc) from None
+        raise AssertionError("unreachable")
+
+    def _usage(self, max_entries: int | None) -> Usage:
+        total, entries = 0, 0
+        linked: set[tuple[int, int]] = set()  # hard-linked inodes already counted
+        limit = max_entries if max_entries is not None else -1
+
+        def scan(fd: int) -> list[bytes] | None:
+            nonlocal total, entries
+            subdirs: list[bytes] = []
+            with os.scandir(fd) as it:
+                for item in it:
+                    entries += 1
+                    if 0 <= limit < entries:
+                        return None
+                    s = item.stat(follow_symlinks=False)
+                    if st.S_ISREG(s.st_mode):
+                        if s.st_nlink > 1:
+                            if (s.st_dev, s.st_ino) in linked:
+                                continue
+                            linked.add((s.st_dev, s.st_ino))
+                        total += s.st_size
+                    elif st.S_ISDIR(s.st_mode) and s.st_dev == self._dev:
+                        subdirs.append(_enc(item.name))
+            return subdirs
+
+        tree = _Tree(os.open(b".", _DIR_READ_FLAGS, dir_fd=self._root()), self._dev)
         try:
-            while stack:
-                dfd = stack.pop()
-                try:
-                    with os.scandir(dfd) as it:
-                        for item in it:
-                            s = item.stat(follow_symlinks=False)
-                            if st.S_ISREG(s.st_mode) and (s.st_dev, s.st_ino) not in seen:
-                                seen.add((s.st_dev, s.st_ino))
-                                total += s.st_size
-                            elif st.S_ISDIR(s.st_mode) and s.st_dev == self._dev:
-                                try:
-                                    stack.append(os.open(_enc(item.name), _DIR_READ_FLAGS, dir_fd=dfd))
-                                except OSError:
-                                    continue  # swapped for a symlink meanwhile: not followed
-                finally:
-                    os.close(dfd)
+            first = scan(tree.fd)
+            if first is None:
+                return Usage(total, entries, complete=False)
+            pending = [first]
+            while pending:
+                if not pending[-1]:
+                    pending.pop()
+                    if pending:
+                        tree.up()
+                    continue
+                if tree.down(pending[-1].pop()):
+                    found = scan(tree.fd)
+                    if found is None:
+                        return Usage(total, entries, complete=False)
+                    pending.append(found)
+            return Usage(total, entries)
         finally:
-            _close_all(stack)
-        return total
+            tree.close()
+
+    def usage_bytes(self) -> int:
+        """Total size of the regular files, each inode once (see ``usage``)."""
+        return self.usage().bytes
 
 
 def _host_names(names: tuple[str, ...]) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ def _outcome(**over: Any) -> dict[str, Any]:
 
 
 def _result(req_id: int, **over: Any) -> bytes:
-    body = {"type": "result", "req_id": req_id, "outcome": _outcome(), "guest_ms": 1.0, "volume_bytes": None}
+    body = {"type": "result", "req_id": req_id, "outcome": _outcome(), "guest_ms": 1.0, "volume_usage": None}
     body.update(over)
     return json.dumps(body).encode()
 

@@ -20,6 +20,10 @@ throws the corpus of tests/redteam_corpus.py at it:
   requests  oversized and malformed requests get clear 4xx errors, never 500;
             unauthenticated or over-limit bodies are refused at the headers
             (answered before one body byte is sent)
+  disk      1,200-deep trees (files API, one-shot guest), 5,000 sibling
+            directories, a file flood past the tenant's file limit: every
+            answer is 2xx or a clear 413, every run keeps its receipt, nothing
+            is left on disk (T-DOS-1, T-DISK-1)
   license   Pro host functions without a license granting their feature are
             403 license_required, also with a forged license listing every
             feature in place (T-LIC-1, T-LIC-2)
@@ -524,6 +528,58 @@ def site(srv: ServerProcess, own: dict[str, list[str]]) -> None:
            f"bad SYNAPSE_EGRESS_DENY -> exit {out.returncode}: {(out.stdout + out.stderr)[-200:]}")
 
 
+DISK_FILE_LIMIT = 20_000
+DEEP = "/".join(["a"] * 1200)
+PY_DEEP = "import os\np = 'a'\nfor _ in range(1200):\n    os.mkdir(p)\n    p += '/a'\nprint('built')\n"
+PY_WIDE = "import os\nfor i in range(5000):\n    os.mkdir(f'd{i}')\n    open(f'd{i}/f', 'wb').write(b'x' * 150)\n"
+PY_FILE_FLOOD = "i = 0\nwhile True:\n    open(f'f{i}', 'w').close()\n    i += 1\n"
+
+
+def disk(srv: ServerProcess) -> None:
+    volumes = srv.root / "sandbox_volumes"
+
+    def drop(cid: str, what: str) -> None:
+        code, _, _ = srv.request("DELETE", f"/v1/cells/{cid}")
+        record("disk", code == 200 and not (volumes / "default" / cid).exists(), f"{what}: DELETE -> {code}, volume gone")
+
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "wasm"})
+    cid = cell["cell_id"]
+    code, _, _ = srv.request("POST", f"/v1/cells/{cid}/files/mkdir", {"path": DEEP})
+    record("disk", code == 200, f"files API mkdir 1200 deep -> {code}")
+    drop(cid, "1200-deep files API tree")
+
+    code, body, _ = srv.request("POST", "/v1/execute", {"template": "python3", "code": PY_DEEP, "timeout_ms": 30000})
+    leftovers = [d for pool in (volumes / ".pool").iterdir() for d in pool.iterdir() if (d / "a").exists()]
+    record("disk", code == 200 and body.get("status") == "ok" and "receipt" in body and not leftovers,
+           f"one-shot guest builds 1200 nested dirs -> {code} {body.get('status') if isinstance(body, dict) else body}, "
+           f"{len(leftovers)} scratch trees left")
+
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "python3"})
+    wide = cell["cell_id"]
+    code, body, _ = srv.request("POST", f"/v1/cells/{wide}/exec", {"code": PY_WIDE, "timeout_ms": 60000})
+    _, info, _ = srv.request("GET", f"/v1/cells/{wide}")
+    record("disk", code == 200 and info.get("disk_bytes") == 750_000,
+           f"5000 sibling dirs (> worker RLIMIT_NOFILE) counted: {info.get('disk_bytes')} of 750000 bytes")
+    drop(wide, "5000 sibling dirs")
+
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "python3"})
+    flood = cell["cell_id"]
+    code, body, _ = srv.request("POST", f"/v1/cells/{flood}/exec", {"code": PY_FILE_FLOOD, "timeout_ms": 30000})
+    stopped = {"threat": "T-DISK-1", "function": "wasi", "reason": "file_limit_exceeded"} in body.get("denials", [])
+    record("disk", code == 200 and body.get("status") == "killed" and stopped and "receipt" in body,
+           f"file flood stopped at the file limit mid-run -> {code} {body.get('status')}")
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "wasm"})
+    other = cell["cell_id"]
+    code, body, _ = srv.request("POST", f"/v1/cells/{other}/files", {"path": "one-more", "content": "x"})
+    record("disk", code == 413 and body.get("code") == "file_limit_exceeded", f"files API past the file limit -> {code} {body}")
+    code, body, _ = srv.request("POST", f"/v1/cells/{other}/exec", {"code": guests.write_probe("one-more", b"x")})
+    record("disk", code == 413 and body.get("code") == "file_limit_exceeded", f"run past the file limit -> {code}")
+    drop(flood, "file flood")
+    code, body, _ = srv.request("POST", f"/v1/cells/{other}/exec", {"code": guests.write_probe("one-more", b"x")})
+    record("disk", code == 200 and body.get("exit_code") == 1, f"host_fs_write after the flood is gone -> {code} {body.get('exit_code')}")
+    drop(other, "file limit probe")
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
@@ -531,12 +587,14 @@ def main(argv: list[str]) -> int:
     hosts.write_text(json.dumps({**EGRESS_HOSTS, **own}))
     print(f"Cell red team: {len(ssrf_urls())} SSRF inputs, {len(traversal_paths())} path inputs, "
           f"{len(trailing_slash_paths())} trailing-slash inputs, {len(DOS_CASES) + len(JS_FORGED_END) + 2} DoS guests")
-    srv = start_server(env={"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_HOSTS": str(hosts)})
+    srv = start_server(env={"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_HOSTS": str(hosts),
+                            "SYNAPSE_TENANT_FILE_LIMIT": str(DISK_FILE_LIMIT)})
     try:
         for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)),
                            ("trailing", lambda: trailing(srv)), ("dos", lambda: dos(srv)),
                            ("tenants", lambda: tenants(srv)), ("receipts", lambda: receipts(srv)),
                            ("requests", lambda: (requests(srv), bodies(srv))),
+                           ("disk", lambda: disk(srv)),
                            ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),
                            ("incident", lambda: incident_snapshot(srv))):  # last: it takes the node out of rotation
             t = time.monotonic()

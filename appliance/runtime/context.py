@@ -22,6 +22,7 @@ class RunContext:
     volume: Any = None  # appliance.confine.Volume of the cell, for host_fs_*
     egress: Any = None  # appliance.policy.egress.EgressPolicy, for host_fetch
     quota_left: int | None = None  # bytes the tenant may still add (host_fs_write); None = unlimited
+    files_left: int | None = None  # new files the tenant may still make (host_fs_write, T-DISK-1); None = unlimited
     weights: Any = None  # appliance.confine.Volume of SYNAPSE_ROOT/weights, for load_weights; Pro only
     mcp: Any = None  # appliance.mcp.McpClient of the worker, for host_mcp_call; Pro only
     resolver: Any = None  # static name map (SYNAPSE_EGRESS_HOSTS) instead of DNS, or None

@@ -19,7 +19,7 @@ Return codes: bytes transferred (>= 0), or
   -5 too large (response or file over the cap)
   -6 is a directory
   -7 already exists
-  -8 over the tenant's disk quota
+  -8 over the tenant's disk quota or file-count limit
 """
 from __future__ import annotations
 
@@ -92,16 +92,23 @@ def host_fs_write(caller: wasmtime.Caller, path_ptr: int, path_len: int, data_pt
             return INVALID
         if src[1] > MAX_TRANSFER:  # T-DOS-1
             return TOO_LARGE
-        if ctx.quota_left is not None and src[1] > ctx.quota_left:  # T-DOS-1: disk quota
-            ctx.deny("T-DOS-1", "host_fs_write", "quota_exceeded")
+        if ctx.quota_left is not None and src[1] > ctx.quota_left:  # T-DISK-1: disk quota
+            ctx.deny("T-DISK-1", "host_fs_write", "quota_exceeded")
             return OVER_QUOTA
-        data = bytes(mem.read(caller, src[0], src[0] + src[1]))
         from appliance.confine import ConfinementError
 
         try:
+            files_left = ctx.files_left
+            creates = files_left is not None and not ctx.volume.exists(path)
+            if files_left is not None and creates and files_left <= 0:  # T-DISK-1: per-tenant file-count limit
+                ctx.deny("T-DISK-1", "host_fs_write", "file_limit_exceeded")
+                return OVER_QUOTA
+            data = bytes(mem.read(caller, src[0], src[0] + src[1]))
             written = int(ctx.volume.write_bytes(path, data))
             if ctx.quota_left is not None:
                 ctx.quota_left -= written
+            if files_left is not None and creates:
+                ctx.files_left = files_left - 1
             return written
         except ConfinementError as e:
             if e.errno_code == DENIED:

@@ -46,6 +46,13 @@ class EgressSpec:
 
 
 @dataclass(frozen=True)
+class VolumeLimit:
+    """What one volume may hold while a run writes to it (T-DISK-1)."""
+    bytes: int
+    entries: int
+
+
+@dataclass(frozen=True)
 class BindRequest:
     TYPE: ClassVar[str] = "bind"
     req_id: int
@@ -75,6 +82,8 @@ class ExecRequest:
     egress: EgressSpec | None = None
     features: list[str] = field(default_factory=list)  # Pro host functions the license grants (T-LIC-2)
     quota_left: int | None = None
+    files_left: int | None = None
+    volume_limit: VolumeLimit | None = None
     stdin: bytes | None = None
 
 
@@ -139,16 +148,26 @@ class RunOutcome:
 
 
 @dataclass(frozen=True)
+class VolumeUsage:
+    """A worker's walk of a cell's volume after a run (T-DISK-1). ``measured``
+    False: the walk failed, and the web process counts the volume as over quota."""
+    bytes: int = 0
+    entries: int = 0
+    complete: bool = True
+    measured: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bytes < 0 or self.entries < 0:
+            raise ProtocolError("negative volume usage")
+
+
+@dataclass(frozen=True)
 class RunReply:
     TYPE: ClassVar[str] = "result"
     req_id: int
     outcome: RunOutcome
     guest_ms: float
-    volume_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.volume_bytes is not None and self.volume_bytes < 0:
-            raise ProtocolError("negative volume size")
+    volume_usage: VolumeUsage | None = None  # None: the run had no volume of a cell
 
 
 @dataclass(frozen=True)

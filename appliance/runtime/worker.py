@@ -8,6 +8,7 @@ replaced; nothing it held survives, by design.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import importlib
 import os
@@ -22,11 +23,12 @@ import uuid
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import wasmtime
 
 from appliance.policy.egress import EgressPolicy, parse_networks
+from appliance.quota import VolumeWatch
 from appliance.runtime import context, protocol
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
@@ -37,6 +39,7 @@ from appliance.runtime.sessions import Session
 PR_SET_NO_NEW_PRIVS = 38
 # A request carries at most a 10 MB module or code body (base64) plus small fields.
 MAX_REQUEST_FRAME = 64 << 20
+STOP_DISK = "disk_limit"  # governor stop reason (reported as status killed, with a T-DISK-1 denial)
 
 
 def static_resolver(hosts: dict[str, list[str]]) -> Any:
@@ -92,6 +95,7 @@ class Worker:
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
         self.sessions: dict[str, Session] = {}
         self.pool_root = Path(config["volumes_dir"]) / ".pool" / f"w{config['index']}-{os.getpid()}"
+        _remove_stale_pools(self.pool_root)
         self.pool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         interpreters = [t.name for t in templates.interpreters()]
@@ -101,6 +105,7 @@ class Worker:
         self.default_memory = int(config["memory_mb"]) << 20
         self.weights = _open_weights(config.get("weights_dir"))
         self.mcp = _open_mcp(config.get("mcp_servers"))
+        self.disk_watch = VolumeWatch()
         for template in interpreters:
             try:
                 self.runtimes.get(template)
@@ -161,7 +166,7 @@ class Worker:
                 try:
                     session = self._new_session(template, path, self.default_memory, None)
                 except Exception:
-                    shutil.rmtree(path, ignore_errors=True)
+                    _discard(path)
                     self.targets[template] = len(self.warm[template])  # stop retrying a broken runtime
                     return False
                 preload = self.preload.get(template) or []
@@ -233,7 +238,7 @@ class Worker:
             cap=int(self.cfg["output_cap_bytes"]),
             sink=self._sink(msg.req_id, msg.stream),
             ctx=context.RunContext(governor=None, tenant_id=msg.tenant_id, cell_id=msg.cell_id or "",  # type: ignore[arg-type]
-                                   quota_left=msg.quota_left),
+                                   quota_left=msg.quota_left, files_left=msg.files_left),
         )
         if not templates.get(msg.template).interpreter:
             outcome, usage = self._exec_module(msg, run)
@@ -243,9 +248,9 @@ class Worker:
             outcome, usage = self._exec_in_cell(msg, msg.cell_id, run)
         guest_ms = (time.perf_counter() - started) * 1000
         return protocol.RunReply(msg.req_id, outcome=protocol.RunOutcome(**outcome.to_wire()), guest_ms=guest_ms,
-                                 volume_bytes=usage)
+                                 volume_usage=usage)
 
-    def _exec_module(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, int | None]:
+    def _exec_module(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, protocol.VolumeUsage | None]:
         """A raw wasm module: compiled (cached), run once against the cell's volume or a scratch one."""
         from appliance.confine import Volume
 
@@ -266,14 +271,15 @@ class Worker:
                 if msg.egress is not None:
                     ctx.egress = egress_policy(msg.egress)
                     ctx.resolver = static_resolver(msg.egress.hosts) if msg.egress.hosts is not None else None
-                outcome = self.modules.run(module, volume, ctx, run.timeout_s, run.memory, run.cap, run.sink, msg.stdin)
-                usage = vol.usage_bytes() if not tmp else None
+                with self._watch(msg, volume, lambda: ctx.governor) as watch:
+                    outcome = self.modules.run(module, volume, ctx, run.timeout_s, run.memory, run.cap, run.sink, msg.stdin)
+                _note_watch(outcome, watch)
         finally:
             if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return outcome, usage
+                _discard(tmp)  # T-DOS-1: never lets a cleanup failure replace the run's result
+        return outcome, None if tmp else _volume_usage(volume, msg)
 
-    def _exec_once(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, int | None]:
+    def _exec_once(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, protocol.VolumeUsage | None]:
         """A one-shot run: a warm session and its scratch volume, then discarded."""
         envs = msg.envs or None
         warm = self._take_warm(msg.template, run.memory, envs) if not msg.stdin else None
@@ -284,14 +290,16 @@ class Worker:
         else:
             session, path = warm
         try:
-            outcome = session.run(msg.code, run.timeout_s, run.cap, run.sink, run.ctx)
+            with self._watch(msg, path, _governor_of(run.ctx, session)) as watch:
+                outcome = session.run(msg.code, run.timeout_s, run.cap, run.sink, run.ctx)
         finally:
             session.close()
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)  # T-DOS-1: a deep scratch tree never turns a run into a 500
         outcome.session_alive = False
+        _note_watch(outcome, watch)
         return outcome, None
 
-    def _exec_in_cell(self, msg: protocol.ExecRequest, cell_id: str, run: _RunParams) -> tuple[Any, int | None]:
+    def _exec_in_cell(self, msg: protocol.ExecRequest, cell_id: str, run: _RunParams) -> tuple[Any, protocol.VolumeUsage | None]:
         """A run in the cell's own interpreter, started afresh if it is gone."""
         if not msg.volume:
             raise ValueError("a cell run needs the cell's volume")
@@ -306,15 +314,30 @@ class Worker:
             session = self._new_session(msg.template, msg.volume, run.memory, msg.envs or None)
             self.sessions[cell_id] = session
             restarted = msg.known_session
-        outcome = session.run(msg.code, run.timeout_s, run.cap, run.sink, run.ctx)
+        with self._watch(msg, msg.volume, _governor_of(run.ctx, session)) as watch:
+            outcome = session.run(msg.code, run.timeout_s, run.cap, run.sink, run.ctx)
         if not outcome.session_alive:
             session.close()
             self.sessions.pop(cell_id, None)
             outcome.note = "the interpreter was stopped; the next run in this cell starts a fresh one (files are kept)"
+        _note_watch(outcome, watch)
         outcome.restarted = restarted
         if not msg.persistent and cell_id in self.sessions:
             self.sessions.pop(cell_id).close()
-        return outcome, _volume_usage(msg.volume)
+        return outcome, _volume_usage(msg.volume, msg)
+
+    def _watch(self, msg: protocol.ExecRequest, volume: str, governor: Callable[[], Any]) -> Any:
+        """Stop the guest when its volume crosses what the tenant may hold (T-DISK-1)."""
+        limit = msg.volume_limit
+        if limit is None:
+            return contextlib.nullcontext(None)
+
+        def stop() -> None:
+            gov = governor()
+            if gov is not None:
+                gov.stop(STOP_DISK)
+
+        return self.disk_watch.watch(volume, limit.bytes, limit.entries, stop)
 
 
 @dataclass
@@ -383,16 +406,56 @@ def _open_mcp(path: str | None) -> Any:
     return McpClient(load_config(path))
 
 
-def _volume_usage(path: str) -> int | None:
-    """Bytes in a cell's volume after a run: WASI writes cannot be metered as
-    they happen, so quotas are enforced by measuring afterwards (T-DOS-1)."""
+def _volume_usage(path: str, msg: protocol.ExecRequest) -> protocol.VolumeUsage:
+    """Bytes and entries in a cell's volume after a run (T-DISK-1); a walk that
+    fails is reported as such and the web process counts it as over quota."""
     from appliance.confine import ConfinementError, Volume
 
+    bound = msg.volume_limit.entries if msg.volume_limit is not None else None
     try:
         with Volume(path) as vol:
-            return vol.usage_bytes()
+            usage = vol.usage(max_entries=None if bound is None else bound + 1)
     except (ConfinementError, OSError):
-        return None
+        return protocol.VolumeUsage(measured=False)
+    return protocol.VolumeUsage(usage.bytes, usage.entries, usage.complete)
+
+
+def _governor_of(ctx: context.RunContext, session: Any) -> Callable[[], Any]:
+    """The governor driving this run: Python sessions and modules put it in the
+    run context; a JavaScript session keeps its own."""
+    return lambda: ctx.governor or getattr(session, "governor", None)
+
+
+def _note_watch(outcome: Any, watch: Any) -> None:
+    reason = getattr(watch, "tripped", None)
+    if reason is None:
+        return
+    outcome.note = ("the run was stopped: its volume crossed the tenant's disk quota or file limit while it ran"
+                    if reason != "unmeasured" else "the run was stopped: its volume could not be measured while it ran")
+    outcome.denials.append({"threat": "T-DISK-1", "function": "wasi", "reason": reason})
+
+
+def _discard(path: str | Path) -> None:
+    """Remove a scratch or pool directory the guest may have filled; a failure
+    is left for the next worker start (``_remove_stale_pools``), never raised."""
+    from appliance.confine import ConfinementError, remove_tree
+
+    try:
+        remove_tree(path)
+    except (ConfinementError, OSError):
+        pass
+
+
+def _remove_stale_pools(own: Path) -> None:
+    """Pool directories of earlier workers in this slot (killed at a deadline,
+    or a crashed node) hold guest scratch trees nobody else removes."""
+    prefix = own.name.split("-", 1)[0] + "-"
+    try:
+        names = [e.name for e in os.scandir(own.parent) if e.name.startswith(prefix) and e.name != own.name]
+    except OSError:
+        return
+    for name in names:
+        _discard(own.parent / name)
 
 
 def worker_main(conn: Connection, config: dict[str, Any]) -> None:
@@ -407,9 +470,9 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
         for queue in worker.warm.values():
             for session, path in queue:
                 session.close()
-                shutil.rmtree(path, ignore_errors=True)
-        shutil.rmtree(worker.pool_root, ignore_errors=True)
-        shutil.rmtree(worker.fifo_dir, ignore_errors=True)
+                _discard(path)
+        _discard(worker.pool_root)
+        shutil.rmtree(worker.fifo_dir, ignore_errors=True)  # the worker's own FIFOs; no guest writes there
         worker.sessions.clear()
         if worker.mcp is not None:
             worker.mcp.close()

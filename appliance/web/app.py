@@ -130,7 +130,8 @@ def create_app(services: Any) -> Flask:
     @app.get("/v1/status")
     def status() -> Response:
         answer = services.status()
-        answer["quota"] = {"used_bytes": cells.tenant_usage(g.tenant), "limit_bytes": cells.quota_bytes()}
+        answer["quota"] = {"used_bytes": cells.tenant_usage(g.tenant), "limit_bytes": cells.quota_bytes(),
+                           "used_files": cells.tenant_files(g.tenant), "limit_files": cells.settings.tenant_file_limit}
         return jsonify(answer)
 
     @app.get("/v1/templates")

@@ -10,6 +10,7 @@ from flask import Flask, Response, g, jsonify, request
 
 from appliance.confine import BadPath, ConfinementError, Volume, open_volume
 from appliance.errors import BadRequest, CellError, Conflict, NotFound, PayloadTooLarge
+from appliance.policy.paths import PathRejected, join_components, split_guest_path
 from appliance.web import validate
 
 MAX_FILE_BYTES = 10_000_000
@@ -32,6 +33,19 @@ def _translate(exc: ConfinementError) -> CellError:
     if exc.code in ("is_a_directory", "not_a_directory", "not_empty", "invalid"):
         return BadRequest(exc.message, code=exc.code)
     return CellError("file operation failed", code="io_error")
+
+
+def _new_entries(vol: Volume, path: str) -> int:
+    """How many names writing or making ``path`` would create: the leaf and any
+    missing parents (T-DISK-1, the file-count limit)."""
+    try:
+        comps = split_guest_path(path, allow_data_prefix=True)
+    except PathRejected as exc:
+        raise BadPath(exc) from None
+    for depth in range(1, len(comps) + 1):
+        if not vol.exists(join_components(comps[:depth])):
+            return len(comps) - depth + 1
+    return 0
 
 
 def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]) -> None:
@@ -63,11 +77,12 @@ def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]
     def write_file(cell_id: str) -> Response:
         path, data = validate.file_content(body())
         record = services.cells.cell(g.tenant, cell_id)
-        services.cells.check_quota(g.tenant, len(data))  # T-DOS-1: per-tenant disk quota
         with volume(cell_id) as vol:
+            # T-DISK-1: per-tenant disk quota and file-count limit
+            services.cells.check_quota(g.tenant, len(data), _new_entries(vol, path))
             vol.write_bytes(path, data, make_parents=True)
             entry = vol.stat(path).as_dict()
-            services.cells.note_usage(g.tenant.id, record.id, vol.usage_bytes())
+            services.cells.quota.remeasure(g.tenant.id, record.id, vol)
             return jsonify(entry)
 
     @app.get("/v1/cells/<cell_id>/files")
@@ -92,7 +107,7 @@ def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]
         path = path_arg()
         with volume(cell_id) as vol:
             vol.remove(path, recursive=request.args.get("recursive") in ("1", "true"))
-            services.cells.note_usage(g.tenant.id, cell_id, vol.usage_bytes())
+            services.cells.quota.remeasure(g.tenant.id, cell_id, vol)
         return jsonify({"path": path, "status": "deleted"})
 
     @app.get("/v1/cells/<cell_id>/files/list")
@@ -120,7 +135,10 @@ def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]
         if not isinstance(data.get("path"), str):
             raise BadRequest("path must be a string", code="bad_path")
         with volume(cell_id) as vol:
-            return jsonify(vol.make_dir(data["path"], parents=True).as_dict())
+            services.cells.check_quota(g.tenant, 0, _new_entries(vol, data["path"]))  # T-DISK-1: file-count limit
+            entry = vol.make_dir(data["path"], parents=True).as_dict()
+            services.cells.quota.remeasure(g.tenant.id, cell_id, vol)
+            return jsonify(entry)
 
     @app.post("/v1/cells/<cell_id>/files/rename")
     def rename(cell_id: str) -> Response:

@@ -288,12 +288,12 @@ def test_wasi_command_output_captured(runner: ModuleRunner, volume: tuple[Path, 
     assert (out.status, out.stdout, out.exit_code) == ("ok", "hello from wasm\n", 0)
 
 
-def test_t_dos_1_host_fs_write_over_quota_returns_minus_8(runner: ModuleRunner, volume: tuple[Path, Volume]) -> None:
+def test_t_disk_1_host_fs_write_over_quota_returns_minus_8(runner: ModuleRunner, volume: tuple[Path, Volume]) -> None:
     root, vol = volume
     module = runner.compile(probe(1, 1024, 5, 2048, 4096, b"q.bin"), True, 8 << 20, False)
     ctx = context.RunContext(governor=None, volume=vol, quota_left=100)  # type: ignore[arg-type]
     out = runner.run(module, str(root), ctx, 5.0, 64 << 20, 1 << 20, None)
-    assert out.exit_code == -8 and out.denials[0]["reason"] == "quota_exceeded"
+    assert out.exit_code == -8 and out.denials[0] == {"threat": "T-DISK-1", "function": "host_fs_write", "reason": "quota_exceeded"}
     assert not (root / "q.bin").exists()
 
 
@@ -334,3 +334,28 @@ def test_t_ssrf_1_worker_refuses_a_run_message_without_the_deny_list() -> None:
                         "egress": {"enabled": True, "allow_hosts": [], "hosts": None}}).encode()
     with pytest.raises(protocol.ProtocolError, match="deny"):
         protocol.decode(frame, protocol.TO_WORKER, 1 << 20)
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_t_disk_1_host_fs_write_new_file_past_file_limit_returns_minus_8(runner: ModuleRunner, volume: tuple[Path, Volume],
+                                                                        exists: bool) -> None:
+    root, vol = volume
+    if exists:
+        (root / "n.bin").write_bytes(b"old")
+    module = runner.compile(probe(1, 1024, 5, 2048, 2, b"n.bin"), True, 8 << 20, frozenset())
+    ctx = context.RunContext(governor=None, volume=vol, files_left=0)  # type: ignore[arg-type]
+    out = runner.run(module, str(root), ctx, 5.0, 64 << 20, 1 << 20, None)
+    if exists:  # replacing a file adds no name
+        assert out.exit_code == 2 and out.denials == [] and ctx.files_left == 0
+    else:
+        assert out.exit_code == -8 and out.denials[0] == {"threat": "T-DISK-1", "function": "host_fs_write",
+                                                          "reason": "file_limit_exceeded"}
+        assert not (root / "n.bin").exists()
+
+
+def test_t_disk_1_host_fs_write_counts_new_files(runner: ModuleRunner, volume: tuple[Path, Volume]) -> None:
+    root, vol = volume
+    module = runner.compile(probe(1, 1024, 5, 2048, 2, b"c.bin"), True, 8 << 20, frozenset())
+    ctx = context.RunContext(governor=None, volume=vol, files_left=1)  # type: ignore[arg-type]
+    assert runner.run(module, str(root), ctx, 5.0, 64 << 20, 1 << 20, None).exit_code == 2
+    assert ctx.files_left == 0

@@ -37,7 +37,7 @@ SAMPLES: list[Any] = [
     protocol.Ready(pid=42),
     protocol.RunChunk(6, fd=2, data=b"\x00\x01err"),
     protocol.RunReply(7, outcome=protocol.RunOutcome(1, "error", "out\x00", "Traceback", True, False, True, "note",
-                                                     [{"kind": "path", "detail": "x"}]), guest_ms=1.25, volume_bytes=9),
+                                                     [{"kind": "path", "detail": "x"}]), guest_ms=1.25, volume_usage=protocol.VolumeUsage(9, 2, True, True)),
     protocol.ErrorReply(8, 403, "template_untrusted", "no", trace=None),
     protocol.OkReply(9, warm=True),
     protocol.StatsReply(10, sessions=1, warm={"python3": 2}, cache_hits=3, cache_misses=0),
@@ -80,7 +80,7 @@ HOSTILE_FRAMES: list[tuple[str, bytes]] = [
     ("unknown_status", b'{"type": "result", "req_id": 1, "guest_ms": 1, "outcome": {"exit_code": 0, "status": "fine", '
      b'"stdout": "", "stderr": "", "truncated": false}}'),
     ("outcome_not_object", b'{"type": "result", "req_id": 1, "guest_ms": 1, "outcome": "ok"}'),
-    ("negative_volume", b'{"type": "result", "req_id": 1, "guest_ms": 1, "volume_bytes": -1, "outcome": {"exit_code": 0, '
+    ("negative_volume", b'{"type": "result", "req_id": 1, "guest_ms": 1, "volume_usage": {"bytes": -1}, "outcome": {"exit_code": 0, '
      b'"status": "ok", "stdout": "", "stderr": "", "truncated": false}}'),
     ("denials_wrong_shape", b'{"type": "result", "req_id": 1, "guest_ms": 1, "outcome": {"exit_code": 0, "status": "ok", '
      b'"stdout": "", "stderr": "", "truncated": false, "denials": [{"a": 1}]}}'),

@@ -1,0 +1,225 @@
+"""Per-tenant disk limits: bytes and files (threat T-DISK-1).
+
+A tenant's usage is the sum over its cells' volumes of what the last walk
+measured (``confine.Volume.usage``): bytes of regular files and entries
+(every name costs an inode, so millions of empty files are refused like a
+huge one). Walks happen once per cell, then after every run and file change;
+a check reads memory, except that it walks again a volume it could not measure.
+
+Fail closed: a volume that could not be measured (walk error, volume not
+ours) counts as over quota until a later walk succeeds; a walk stopped at its
+entry bound counts as over the file limit. Unknown is never zero.
+
+While a guest runs, ``VolumeWatch`` bounds the WASI writes the host cannot
+meter one by one (``host_fs_write`` is metered per call in hostfuncs.py).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from appliance.confine import ConfinementError, Usage, Volume, open_volume
+from appliance.errors import PayloadTooLarge
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What a tenant may still add: bytes and new entries."""
+
+    bytes_left: int
+    files_left: int
+
+
+def measure_volume(volumes_dir: Path, tenant_id: str, cell_id: str, max_entries: int) -> Usage | None:
+    """Walk one cell's volume; None when it cannot be measured (counts as over quota)."""
+    try:
+        with open_volume(volumes_dir, tenant_id, cell_id) as vol:
+            return vol.usage(max_entries=max_entries)
+    except (ConfinementError, OSError):
+        return None
+
+
+class DiskQuota:
+    """Usage per cell, as last measured, and the tenant checks built on it.
+
+    ``limits()`` returns (bytes, files) in force (read on every check, so a
+    config reload applies at once); ``measure(tenant, cell, max_entries)``
+    walks one volume. ``cells(tenant)`` lists a tenant's cell ids.
+    """
+
+    def __init__(self, limits: Callable[[], tuple[int, int]],
+                 measure: Callable[[str, str, int], Usage | None],
+                 cells: Callable[[str], Iterable[str]]) -> None:
+        self.limits = limits
+        self._measure = measure
+        self._cells = cells
+        self._lock = threading.Lock()
+        self._usage: dict[str, tuple[str, Usage | None]] = {}  # cell -> (tenant, usage or None = unmeasured)
+        self._loaded: set[str] = set()  # tenants whose every cell has been measured once
+
+    def _walk(self, tenant_id: str, cell_id: str) -> Usage | None:
+        # A single volume over the tenant's file limit is over it already: stop there.
+        return self._measure(tenant_id, cell_id, self.limits()[1] + 1)
+
+    def start_cell(self, tenant_id: str, cell_id: str) -> None:
+        """A new, empty volume."""
+        self.record(tenant_id, cell_id, Usage(0, 0))
+
+    def forget(self, cell_id: str) -> None:
+        with self._lock:
+            self._usage.pop(cell_id, None)
+
+    def record(self, tenant_id: str, cell_id: str, usage: Usage | None) -> None:
+        with self._lock:
+            self._usage[cell_id] = (tenant_id, usage)
+
+    def remeasure(self, tenant_id: str, cell_id: str, vol: Volume) -> None:
+        """Walk an open volume after a file change; a failed walk is recorded as unmeasured."""
+        try:
+            usage: Usage | None = vol.usage(max_entries=self.limits()[1] + 1)
+        except ConfinementError:
+            usage = None
+        self.record(tenant_id, cell_id, usage)
+
+    def cell(self, tenant_id: str, cell_id: str) -> Usage | None:
+        """A cell's usage; walks it when unknown or unmeasured."""
+        with self._lock:
+            known = self._usage.get(cell_id)
+        if known is not None and known[1] is not None:
+            return known[1]
+        usage = self._walk(tenant_id, cell_id)
+        self.record(tenant_id, cell_id, usage)
+        return usage
+
+    def tenant(self, tenant_id: str) -> tuple[int, int, list[str]]:
+        """(bytes, entries, cells that could not be measured) for a tenant."""
+        with self._lock:
+            loaded = tenant_id in self._loaded
+            retry = [c for c, (owner, u) in self._usage.items() if owner == tenant_id and u is None]
+        for cell_id in (retry if loaded else list(self._cells(tenant_id))):
+            self.cell(tenant_id, cell_id)  # T-DISK-1: an unmeasured volume is walked again, never taken as zero
+        with self._lock:
+            self._loaded.add(tenant_id)
+            mine = [(c, u) for c, (owner, u) in self._usage.items() if owner == tenant_id]
+        used = sum(u.bytes for _, u in mine if u is not None)
+        entries = sum(u.entries for _, u in mine if u is not None)
+        # A walk stopped at its bound counted more entries than the limit allows,
+        # so ``entries`` alone already puts the tenant over its file limit.
+        unknown = [c for c, u in mine if u is None]
+        return used, entries, unknown
+
+    def check(self, tenant_id: str, adding_bytes: int = 0, adding_files: int = 0) -> Allowance:
+        """What the tenant may still add; PayloadTooLarge (413) when this would cross a limit."""
+        quota, file_limit = self.limits()
+        used, entries, unknown = self.tenant(tenant_id)
+        if unknown:
+            # T-DISK-1: a walk that failed is over quota, never zero.
+            raise PayloadTooLarge(f"the disk usage of cell {unknown[0]} could not be measured, so this tenant is "
+                                  "treated as over its quota; delete files or ask the operator", code="quota_exceeded")
+        bytes_left, files_left = quota - used, file_limit - entries
+        if bytes_left < adding_bytes or bytes_left < 0:
+            raise PayloadTooLarge(f"tenant disk quota of {quota // (1024 * 1024)} MB exceeded; delete files to continue",
+                                  code="quota_exceeded")
+        if files_left < adding_files or files_left < 0:
+            raise PayloadTooLarge(f"tenant file limit of {file_limit} files and directories reached; delete some to continue",
+                                  code="file_limit_exceeded")
+        return Allowance(bytes_left, files_left)
+
+
+class VolumeWatch:
+    """Walks the volume of the run in progress and stops the guest once it holds
+    more than allowed (T-DISK-1). One per worker process, one daemon thread.
+
+    WASI writes go straight to the file system, where the host cannot meter
+    them call by call; this bounds them within a run. The overshoot is what
+    the guest writes between two walks: one interval (``interval`` seconds,
+    or four times the last walk's duration when that is longer, so walking
+    takes at most a fifth of a core). Three walks in a row that fail also stop
+    the guest: a volume that cannot be measured is over quota. A run shorter
+    than one interval costs no walk; ending a run never waits for one.
+    """
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval = interval
+        self._cond = threading.Condition()
+        self._job: WatchedRun | None = None
+        self._thread: threading.Thread | None = None
+
+    def watch(self, path: str, max_bytes: int, max_entries: int, stop: Callable[[], None]) -> WatchedRun:
+        """A context manager around one run; ``.tripped`` says why it was stopped, if it was."""
+        return WatchedRun(self, path, max_bytes, max_entries, stop)
+
+    def _begin(self, job: WatchedRun) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="volume-watch", daemon=True)
+                self._thread.start()
+            self._job = job
+            self._cond.notify_all()
+
+    def _end(self, job: WatchedRun) -> None:
+        with self._cond:
+            job.done = True  # under the lock: no stop can reach the guest's next run
+            if self._job is job:
+                self._job = None
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._job is not None)
+                job = self._job
+                assert job is not None
+                if self._cond.wait_for(lambda: self._job is not job, timeout=job.wait):
+                    continue  # the run ended (or another began) before its next walk
+            started = time.monotonic()
+            reason = job.check()  # outside the lock: ending the run never waits for a walk
+            job.wait = max(self.interval, 4 * (time.monotonic() - started))
+            job.failures = job.failures + 1 if reason == "unmeasured" else 0
+            if reason is None or (reason == "unmeasured" and job.failures < 3):
+                continue
+            with self._cond:
+                if not job.done:
+                    job.tripped = reason
+                    try:
+                        job.stop()
+                    except Exception:
+                        pass  # the run's own deadline still ends it
+                if self._job is job:
+                    self._job = None
+
+
+class WatchedRun:
+    def __init__(self, owner: VolumeWatch, path: str, max_bytes: int, max_entries: int, stop: Callable[[], None]) -> None:
+        self.owner = owner
+        self.path = path
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.stop = stop
+        self.wait = owner.interval
+        self.failures = 0
+        self.done = False
+        self.tripped: str | None = None  # "quota_exceeded", "file_limit_exceeded" or "unmeasured"
+
+    def __enter__(self) -> WatchedRun:
+        self.owner._begin(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.owner._end(self)
+
+    def check(self) -> str | None:
+        """One walk: the reason to stop, or None."""
+        try:
+            with Volume(self.path) as vol:
+                usage = vol.usage(max_entries=self.max_entries)
+        except (ConfinementError, OSError):
+            return "unmeasured"
+        if not usage.complete or usage.entries > self.max_entries:
+            return "file_limit_exceeded"
+        if usage.bytes > self.max_bytes:
+            return "quota_exceeded"
+        return None

@@ -1,0 +1,137 @@
+"""Per-tenant disk limits (T-DISK-1): bytes, files, and what happens when a
+volume cannot be measured. Real volumes on disk; the ledger walks them."""
+from __future__ import annotations
+
+import json
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from appliance.confine import Usage, create_volume
+from appliance.errors import PayloadTooLarge
+from appliance.cells import _usage as cells_usage
+from appliance.quota import DiskQuota, VolumeWatch, measure_volume
+from appliance.runtime import protocol
+
+MB = 1024 * 1024
+
+
+def ledger(root: Path, cells: dict[str, list[str]], limits: tuple[int, int] = (MB, 10)) -> DiskQuota:
+    return DiskQuota(limits=lambda: limits,
+                     measure=lambda tenant, cell, bound: measure_volume(root, tenant, cell, bound),
+                     cells=lambda tenant: cells.get(tenant, []))
+
+
+def refused(quota: DiskQuota, tenant: str, adding: int = 0, files: int = 0) -> str:
+    with pytest.raises(PayloadTooLarge) as info:
+        quota.check(tenant, adding, files)
+    assert info.value.status == 413
+    return info.value.code
+
+
+def test_t_disk_1_file_limit_refuses_new_entries(tmp_path: Path) -> None:
+    vol = create_volume(tmp_path, "t", "c")
+    for i in range(9):
+        (vol / f"f{i}").write_bytes(b"x")
+    quota = ledger(tmp_path, {"t": ["c"]})
+    allowed = quota.check("t", 0, 1)
+    assert (allowed.bytes_left, allowed.files_left) == (MB - 9, 1)
+    (vol / "f9").write_bytes(b"x")
+    quota.record("t", "c", measure_volume(tmp_path, "t", "c", 11))
+    assert quota.check("t", 0, 0).files_left == 0  # at the limit: replacing a file is fine
+    assert refused(quota, "t", files=1) == "file_limit_exceeded"
+    assert refused(quota, "t", adding=MB) == "quota_exceeded"
+
+
+def test_t_disk_1_files_counted_across_the_tenants_cells(tmp_path: Path) -> None:
+    for cell in ("a", "b"):
+        vol = create_volume(tmp_path, "t", cell)
+        for i in range(6):
+            (vol / f"f{i}").write_bytes(b"")
+    create_volume(tmp_path, "other", "c")
+    quota = ledger(tmp_path, {"t": ["a", "b"], "other": ["c"]})
+    assert quota.tenant("t")[:2] == (0, 12)
+    assert refused(quota, "t") == "file_limit_exceeded"  # already past it: runs are refused too
+    assert quota.check("other", 0, 1).files_left == 10  # another tenant is not affected
+
+
+@pytest.mark.parametrize("breakage", ["not_owned", "gone_tenant_dir"])
+def test_t_disk_1_unmeasured_volume_is_over_quota_not_zero(tmp_path: Path, breakage: str) -> None:
+    vol = create_volume(tmp_path, "t", "c")
+    quota = ledger(tmp_path, {"t": ["c"]})
+    if breakage == "not_owned":
+        os.chown(vol, 4242, -1) if os.geteuid() == 0 else os.chmod(vol, 0)
+    elif breakage == "gone_tenant_dir":
+        os.rename(tmp_path / "t", tmp_path / "t-moved")
+        os.symlink(tmp_path / "t-moved", tmp_path / "t")  # T-PATH-2: not followed, so unmeasurable
+    assert refused(quota, "t") == "quota_exceeded"
+    # Once the volume can be walked again, the next check measures it afresh.
+    if breakage == "not_owned":
+        os.chown(vol, os.geteuid(), -1) if os.geteuid() == 0 else os.chmod(vol, 0o700)
+    elif breakage == "gone_tenant_dir":
+        os.unlink(tmp_path / "t")
+        os.rename(tmp_path / "t-moved", tmp_path / "t")
+    assert quota.check("t").bytes_left == MB
+
+
+def test_t_disk_1_walk_stopped_at_its_bound_is_over_the_limit(tmp_path: Path) -> None:
+    vol = create_volume(tmp_path, "t", "c")
+    for i in range(50):
+        (vol / f"f{i}").write_bytes(b"")
+    quota = ledger(tmp_path, {"t": ["c"]})
+    usage = measure_volume(tmp_path, "t", "c", 11)
+    assert usage is not None and not usage.complete and usage.entries == 12  # one past the bound
+    assert refused(quota, "t") == "file_limit_exceeded"
+
+
+def test_t_disk_1_a_failed_or_missing_walk_is_unmeasured() -> None:
+    assert cells_usage(None) is None
+    assert cells_usage(protocol.VolumeUsage(measured=False)) is None
+    assert cells_usage(protocol.VolumeUsage(7, 11, complete=False)) == Usage(7, 11, complete=False)
+
+
+@pytest.mark.parametrize("raw", [{"bytes": "1"}, {"bytes": 1, "complete": 1}, {"entries": -1}, {"measured": "yes"}, [1], "x"])
+def test_t_disk_1_malformed_usage_from_a_worker_is_refused(raw: object) -> None:
+    # A worker's report is decoded by the typed protocol: anything malformed costs the worker its life.
+    frame = json.dumps({"type": "result", "req_id": 1, "guest_ms": 1, "volume_usage": raw,
+                        "outcome": {"exit_code": 0, "status": "ok", "stdout": "", "stderr": "", "truncated": False}})
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(frame.encode(), protocol.FROM_WORKER, 1 << 20)
+
+
+@pytest.mark.parametrize("what", ["bytes", "files"])
+def test_t_disk_1_volume_watch_stops_a_run_that_crosses_the_limit(tmp_path: Path, what: str) -> None:
+    stopped = threading.Event()
+    with VolumeWatch(interval=0.01).watch(str(tmp_path), max_bytes=1000, max_entries=10, stop=stopped.set) as run:
+        if what == "bytes":
+            (tmp_path / "big").write_bytes(b"x" * 2000)
+        else:
+            for i in range(11):
+                (tmp_path / f"f{i}").write_bytes(b"")
+        assert stopped.wait(30)
+    assert run.tripped == ("quota_exceeded" if what == "bytes" else "file_limit_exceeded")
+
+
+def test_t_disk_1_volume_watch_never_stops_a_run_after_it_ended(tmp_path: Path) -> None:
+    watch = VolumeWatch(interval=0.01)
+    stops: list[str] = []
+    with watch.watch(str(tmp_path), max_bytes=10, max_entries=10, stop=lambda: stops.append("first")) as first:
+        pass
+    (tmp_path / "big").write_bytes(b"x" * 100)  # over the first run's limit, after it ended
+    stopped = threading.Event()
+    with watch.watch(str(tmp_path), max_bytes=1000, max_entries=10, stop=stopped.set) as second:
+        (tmp_path / "bigger").write_bytes(b"x" * 2000)
+        assert stopped.wait(30)
+    assert stops == [] and first.tripped is None and second.tripped == "quota_exceeded"
+
+
+def test_t_disk_1_volume_watch_checks(tmp_path: Path) -> None:
+    (tmp_path / "small").write_bytes(b"x" * 10)
+    watch = VolumeWatch()
+    assert watch.watch(str(tmp_path), 1000, 10, stop=lambda: None).check() is None
+    assert watch.watch(str(tmp_path), 5, 10, stop=lambda: None).check() == "quota_exceeded"
+    assert watch.watch(str(tmp_path), 1000, 0, stop=lambda: None).check() == "file_limit_exceeded"
+    assert watch.watch(str(tmp_path / "missing"), 1, 1, stop=lambda: None).check() == "unmeasured"
