@@ -151,3 +151,10 @@ def test_t_proto_1_malformed_worker_frame_replaces_worker_and_run_keeps_receipt(
     assert cells.pool.kills == 1
     assert cells.pool.stats()["pids"][0] != pid_before
     assert not sentinel.exists()
+
+
+def test_t_proto_1_the_hostile_workers_baseline_frame_is_well_formed() -> None:
+    # Each attack above changes one thing in this frame, so it must itself decode:
+    # otherwise every row would be refused for the wrong reason.
+    reply = protocol.decode(hostile_workers._result(5), protocol.FROM_WORKER, MAX)
+    assert isinstance(reply, protocol.RunReply) and reply.outcome.stdout == "forged\n"
