@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from flask import Flask, Response, abort, send_file
+from flask import Blueprint, Flask, Response, abort, send_file
 
 from mirror.checks import UnsafePath, split_relative_path
 from mirror.fetcher import open_confined
@@ -37,8 +37,9 @@ def mirror_response(mirror: Mirror, subpath: str) -> Response:
     return resp
 
 
-def register_mirror_routes(app: Flask, mirror: Mirror) -> None:
+def mirror_blueprint(mirror: Mirror) -> Blueprint:
     """GET /mirror/<metadata|targets>/<file>; everything else under /mirror is 404."""
+    bp = Blueprint("mirror", __name__)
 
     def serve(subpath: str) -> Response:
         return mirror_response(mirror, subpath)
@@ -47,6 +48,11 @@ def register_mirror_routes(app: Flask, mirror: Mirror) -> None:
         abort(404)
 
     # merge_slashes=False: '/mirror//etc/passwd' is a plain 404, not a redirect.
-    app.add_url_rule("/mirror/<path:subpath>", "mirror_file", serve, methods=["GET"], merge_slashes=False)
-    app.add_url_rule("/mirror/", "mirror_index", nothing, methods=["GET"])
-    app.add_url_rule("/mirror", "mirror_bare", nothing, methods=["GET"])
+    bp.add_url_rule("/mirror/<path:subpath>", "mirror_file", serve, methods=["GET"], merge_slashes=False)
+    bp.add_url_rule("/mirror/", "mirror_index", nothing, methods=["GET"])
+    bp.add_url_rule("/mirror", "mirror_bare", nothing, methods=["GET"])
+    return bp
+
+
+def register_mirror_routes(app: Flask, mirror: Mirror) -> None:
+    app.register_blueprint(mirror_blueprint(mirror))

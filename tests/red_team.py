@@ -469,6 +469,17 @@ def licenses(srv: ServerProcess) -> None:
         path.unlink()
 
 
+def _answer_complete(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value.strip())
+    return False
+
+
 def _headers_only(srv: ServerProcess, head: str) -> tuple[int, str]:
     """Send request headers and no body; the answer must come anyway (T-DOS-2)."""
     host, port = srv.url.split("//", 1)[1].rsplit(":", 1)
@@ -476,7 +487,9 @@ def _headers_only(srv: ServerProcess, head: str) -> tuple[int, str]:
         sock.sendall(head.encode())
         data = b""
         try:
-            while chunk := sock.recv(65536):
+            # Read the whole answer, not until close: the server may keep the
+            # connection a while to drain a body the client announced.
+            while not _answer_complete(data) and (chunk := sock.recv(65536)):
                 data += chunk
         except OSError:
             pass

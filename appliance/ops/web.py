@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, g, has_request_context, jsonify, request
+from flask import Blueprint, Flask, Response, g, has_request_context, jsonify, request
 
 from appliance.errors import Forbidden
 from appliance.ops.logs import OpsLog
@@ -106,9 +106,9 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
         # (T-LOG-2: a header must not inject into the log).
         g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
 
-    # First in line: the v1 guard may reject the request (401, 429), and those
-    # answers need a start time and a request id too.
-    app.before_request_funcs.setdefault(None, []).insert(0, start)
+    # The factory registers the ops layer before the guard, so this hook runs
+    # first: a 401 or 429 from the guard needs a start time and a request id too.
+    app.before_request(start)
 
     @app.after_request
     def finish(response: Response) -> Response:
@@ -141,7 +141,9 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
 
     services.cells.observers.append(observe)
 
-    @app.get("/metrics")
+    bp = Blueprint("ops", __name__)
+
+    @bp.get("/metrics")
     def metrics() -> Response:
         auth = request.headers.get("Authorization", "")
         presented = auth[7:].strip() if auth.startswith("Bearer ") and len(auth) <= 512 else ""
@@ -153,8 +155,9 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
             raise Forbidden("metrics are served to loopback or with the operator token", code="metrics_forbidden")
         return Response(state.metrics.exposition(), mimetype=None, content_type=CONTENT_TYPE)
 
-    @app.get("/v1/openapi.json")
+    @bp.get("/v1/openapi.json")
     def openapi() -> Response:
         return jsonify(spec)
 
+    app.register_blueprint(bp)
     return state

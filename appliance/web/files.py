@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import base64
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from appliance.confine import BadPath, ConfinementError, Volume, open_volume
 from appliance.errors import BadRequest, CellError, Conflict, NotFound, PayloadTooLarge
 from appliance.policy.paths import PathRejected, join_components, split_guest_path
 from appliance.web import validate
+from appliance.web.common import json_body, services
 
 MAX_FILE_BYTES = 10_000_000
 
@@ -48,104 +49,116 @@ def _new_entries(vol: Volume, path: str) -> int:
     return 0
 
 
-def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]) -> None:
-    s = services.settings
+bp = Blueprint("files", __name__)
 
-    @contextmanager
-    def volume(cell_id: str) -> Iterator[Volume]:
-        services.cells.cell(g.tenant, cell_id)  # 404 for another tenant's cell (T-TENANT-1)
-        try:
-            vol = open_volume(s.volumes_dir, g.tenant.id, cell_id, max_file_bytes=MAX_FILE_BYTES)
-        except ConfinementError as exc:
-            raise NotFound("the cell's volume is gone", code="cell_not_found") if exc.code == "not_found" else _translate(exc)
-        try:
-            yield vol
-        except ConfinementError as exc:
-            raise _translate(exc) from None
-        finally:
-            vol.close()
 
-    def path_arg(required: bool = True) -> str:
-        path = request.args.get("path")
-        if path is None:
-            if required:
-                raise BadRequest("the path query parameter is required", code="bad_path")
-            return ""
-        return path
+@contextmanager
+def _volume(cell_id: str) -> Iterator[Volume]:
+    svc = services()
+    svc.cells.cell(g.tenant, cell_id)  # 404 for another tenant's cell (T-TENANT-1)
+    try:
+        vol = open_volume(svc.settings.volumes_dir, g.tenant.id, cell_id, max_file_bytes=MAX_FILE_BYTES)
+    except ConfinementError as exc:
+        raise NotFound("the cell's volume is gone", code="cell_not_found") if exc.code == "not_found" else _translate(exc)
+    try:
+        yield vol
+    except ConfinementError as exc:
+        raise _translate(exc) from None
+    finally:
+        vol.close()
 
-    @app.post("/v1/cells/<cell_id>/files")
-    def write_file(cell_id: str) -> Response:
-        path, data = validate.file_content(body())
-        record = services.cells.cell(g.tenant, cell_id)
-        with volume(cell_id) as vol:
-            # T-DISK-1: per-tenant disk quota and file-count limit
-            services.cells.check_quota(g.tenant, len(data), _new_entries(vol, path))
-            vol.write_bytes(path, data, make_parents=True)
-            entry = vol.stat(path).as_dict()
-            services.cells.quota.remeasure(g.tenant.id, record.id, vol)
-            return jsonify(entry)
 
-    @app.get("/v1/cells/<cell_id>/files")
-    def read_file(cell_id: str) -> Response:
-        path = path_arg()
-        with volume(cell_id) as vol:
-            entry = vol.stat(path)
-            if entry.type != "file":
-                raise BadRequest("path is a directory", code="is_a_directory")
-            if entry.size > MAX_FILE_BYTES:
-                raise PayloadTooLarge("file is over the 10 MB read ceiling", code="file_too_large")
-            data = vol.read_bytes(path, MAX_FILE_BYTES)
-        if request.args.get("encoding") == "base64":
-            return jsonify({"content": base64.b64encode(data).decode("ascii"), "encoding": "base64"})
-        try:
-            return jsonify({"content": data.decode("utf-8")})
-        except UnicodeDecodeError:
-            return jsonify({"content": base64.b64encode(data).decode("ascii"), "encoding": "base64"})
+def _path_arg(required: bool = True) -> str:
+    path = request.args.get("path")
+    if path is None:
+        if required:
+            raise BadRequest("the path query parameter is required", code="bad_path")
+        return ""
+    return path
 
-    @app.delete("/v1/cells/<cell_id>/files")
-    def delete_file(cell_id: str) -> Response:
-        path = path_arg()
-        with volume(cell_id) as vol:
-            vol.remove(path, recursive=request.args.get("recursive") in ("1", "true"))
-            services.cells.quota.remeasure(g.tenant.id, cell_id, vol)
-        return jsonify({"path": path, "status": "deleted"})
 
-    @app.get("/v1/cells/<cell_id>/files/list")
-    def list_files(cell_id: str) -> Response:
-        path = path_arg(required=False)
-        with volume(cell_id) as vol:
-            return jsonify({"files": [e.as_dict() for e in vol.list_dir(path)]})
+@bp.post("/v1/cells/<cell_id>/files")
+def write_file(cell_id: str) -> Response:
+    cells = services().cells
+    path, data = validate.file_content(json_body())
+    record = cells.cell(g.tenant, cell_id)
+    with _volume(cell_id) as vol:
+        # T-DISK-1: per-tenant disk quota and file-count limit
+        cells.check_quota(g.tenant, len(data), _new_entries(vol, path))
+        vol.write_bytes(path, data, make_parents=True)
+        entry = vol.stat(path).as_dict()
+        cells.quota.remeasure(g.tenant.id, record.id, vol)
+        return jsonify(entry)
 
-    @app.get("/v1/cells/<cell_id>/files/exists")
-    def file_exists(cell_id: str) -> Response:
-        path = path_arg()
-        with volume(cell_id) as vol:
-            return jsonify({"exists": vol.exists(path)})
 
-    @app.get("/v1/cells/<cell_id>/files/info")
-    def file_info(cell_id: str) -> Response:
-        path = path_arg()
-        with volume(cell_id) as vol:
-            return jsonify(vol.stat(path).as_dict())
+@bp.get("/v1/cells/<cell_id>/files")
+def read_file(cell_id: str) -> Response:
+    path = _path_arg()
+    with _volume(cell_id) as vol:
+        entry = vol.stat(path)
+        if entry.type != "file":
+            raise BadRequest("path is a directory", code="is_a_directory")
+        if entry.size > MAX_FILE_BYTES:
+            raise PayloadTooLarge("file is over the 10 MB read ceiling", code="file_too_large")
+        data = vol.read_bytes(path, MAX_FILE_BYTES)
+    if request.args.get("encoding") == "base64":
+        return jsonify({"content": base64.b64encode(data).decode("ascii"), "encoding": "base64"})
+    try:
+        return jsonify({"content": data.decode("utf-8")})
+    except UnicodeDecodeError:
+        return jsonify({"content": base64.b64encode(data).decode("ascii"), "encoding": "base64"})
 
-    @app.post("/v1/cells/<cell_id>/files/mkdir")
-    def make_dir(cell_id: str) -> Response:
-        data = body()
-        validate.unknown_fields(data, {"path"})
-        if not isinstance(data.get("path"), str):
-            raise BadRequest("path must be a string", code="bad_path")
-        with volume(cell_id) as vol:
-            services.cells.check_quota(g.tenant, 0, _new_entries(vol, data["path"]))  # T-DISK-1: file-count limit
-            entry = vol.make_dir(data["path"], parents=True).as_dict()
-            services.cells.quota.remeasure(g.tenant.id, cell_id, vol)
-            return jsonify(entry)
 
-    @app.post("/v1/cells/<cell_id>/files/rename")
-    def rename(cell_id: str) -> Response:
-        data = body()
-        validate.unknown_fields(data, {"old_path", "new_path"})
-        old, new = data.get("old_path"), data.get("new_path")
-        if not isinstance(old, str) or not isinstance(new, str):
-            raise BadRequest("old_path and new_path must be strings", code="bad_path")
-        with volume(cell_id) as vol:
-            return jsonify(vol.rename(old, new).as_dict())
+@bp.delete("/v1/cells/<cell_id>/files")
+def delete_file(cell_id: str) -> Response:
+    path = _path_arg()
+    with _volume(cell_id) as vol:
+        vol.remove(path, recursive=request.args.get("recursive") in ("1", "true"))
+        services().cells.quota.remeasure(g.tenant.id, cell_id, vol)
+    return jsonify({"path": path, "status": "deleted"})
+
+
+@bp.get("/v1/cells/<cell_id>/files/list")
+def list_files(cell_id: str) -> Response:
+    path = _path_arg(required=False)
+    with _volume(cell_id) as vol:
+        return jsonify({"files": [e.as_dict() for e in vol.list_dir(path)]})
+
+
+@bp.get("/v1/cells/<cell_id>/files/exists")
+def file_exists(cell_id: str) -> Response:
+    path = _path_arg()
+    with _volume(cell_id) as vol:
+        return jsonify({"exists": vol.exists(path)})
+
+
+@bp.get("/v1/cells/<cell_id>/files/info")
+def file_info(cell_id: str) -> Response:
+    path = _path_arg()
+    with _volume(cell_id) as vol:
+        return jsonify(vol.stat(path).as_dict())
+
+
+@bp.post("/v1/cells/<cell_id>/files/mkdir")
+def make_dir(cell_id: str) -> Response:
+    cells = services().cells
+    data = json_body()
+    validate.unknown_fields(data, {"path"})
+    if not isinstance(data.get("path"), str):
+        raise BadRequest("path must be a string", code="bad_path")
+    with _volume(cell_id) as vol:
+        cells.check_quota(g.tenant, 0, _new_entries(vol, data["path"]))  # T-DISK-1: file-count limit
+        entry = vol.make_dir(data["path"], parents=True).as_dict()
+        cells.quota.remeasure(g.tenant.id, cell_id, vol)
+        return jsonify(entry)
+
+
+@bp.post("/v1/cells/<cell_id>/files/rename")
+def rename(cell_id: str) -> Response:
+    data = json_body()
+    validate.unknown_fields(data, {"old_path", "new_path"})
+    old, new = data.get("old_path"), data.get("new_path")
+    if not isinstance(old, str) or not isinstance(new, str):
+        raise BadRequest("old_path and new_path must be strings", code="bad_path")
+    with _volume(cell_id) as vol:
+        return jsonify(vol.rename(old, new).as_dict())

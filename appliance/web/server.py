@@ -44,7 +44,7 @@ from waitress.parser import HTTPRequestParser  # type: ignore[import-untyped]
 from waitress.server import BaseWSGIServer, create_server  # type: ignore[import-untyped]
 from waitress.task import ErrorTask, WSGITask  # type: ignore[import-untyped]
 
-from appliance.web.app import BODY_REFUSED
+from appliance.web.guard import BODY_REFUSED
 
 log = logging.getLogger("cell.web")
 

@@ -1,0 +1,42 @@
+"""The one renderer of request failures: every error is ``{"error", "code"}``
+with its status (and ``Retry-After`` when the client should come back); no
+traceback ever reaches a client."""
+from __future__ import annotations
+
+import logging
+import math
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from appliance.errors import CellError, PayloadTooLarge
+
+log = logging.getLogger("cell.web")
+
+
+def render(exc: CellError) -> Response:
+    resp = jsonify({"error": exc.message, "code": exc.code})
+    resp.status_code = exc.status
+    if exc.retry_after is not None:
+        resp.headers["Retry-After"] = str(max(1, int(math.ceil(exc.retry_after))))
+    return resp
+
+
+def register_error_handlers(app: Flask, max_body_bytes: int) -> None:
+    @app.errorhandler(CellError)
+    def on_cell_error(exc: CellError) -> Response:
+        return render(exc)
+
+    @app.errorhandler(HTTPException)
+    def on_http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):
+            return render(PayloadTooLarge(f"request body over {max_body_bytes} bytes"))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.code or 500, "http_error")
+        err = CellError(exc.description or exc.name, code=code)
+        err.status = exc.code or 500
+        return render(err)
+
+    @app.errorhandler(Exception)
+    def on_unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return render(CellError("internal error", code="internal"))
