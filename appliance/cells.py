@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from appliance.config import Settings
 from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound, PayloadTooLarge
+from appliance.policy.fairness import tenant_cell_cap
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
@@ -101,6 +102,12 @@ class CellService:
         if self.store.count_all_cells() >= max_cells:
             raise Forbidden(f"this appliance already runs its maximum of {max_cells} cells (license and configuration); "
                             "delete a cell or raise the limit", code="cell_limit")
+        # T-FAIR-1: one tenant may not take every cell of a shared node.
+        tenant_cap = tenant_cell_cap(max_cells, self.settings.tenant_max_cells,
+                                     sum(1 for t in self.store.list_tenants() if not t.revoked))
+        if self.store.count_cells(tenant.id) >= tenant_cap:
+            raise Forbidden(f"this tenant already holds its maximum of {tenant_cap} cells on this appliance; delete a cell "
+                            "or ask the operator to raise SYNAPSE_TENANT_MAX_CELLS", code="tenant_cell_limit")
         created = now_ms()
         record = CellRecord(self.new_cell_id(), tenant.id, template, created, timeout_ms, created + timeout_ms,
                             persistent, metadata, envs, memory_mb)
@@ -108,7 +115,7 @@ class CellService:
         if template in ("python3", "javascript"):
             handle = self.pool.pick_for_cell()
             msg = {"op": "bind", "cell_id": record.id, "template": template, "volume": volume, "envs": envs, "memory_mb": memory_mb}
-            reply = self._call(handle, msg, None)
+            reply = self._call(handle, msg, None, tenant=tenant.id, cell_id=record.id)
             if reply.get("type") != "ok":
                 raise CellError(reply.get("message", "could not start the cell"),
                                 code=reply.get("code", "internal")).with_status(int(reply.get("status", 500)))
@@ -146,9 +153,10 @@ class CellService:
             handle.cells.discard(record.id)
             if handle.generation == binding.generation:
                 try:
-                    self._call(handle, {"op": "drop", "cell_id": record.id}, None)
+                    self._call(handle, {"op": "drop", "cell_id": record.id}, None, tenant=record.tenant_id, cell_id=record.id)
                 except (WorkerLost, CellError):
                     pass
+        self.pool.forget_cell(record.id)
         self.store.delete_cell(record.id)
         shutil.rmtree(self.volume_path(record.tenant_id, record.id), ignore_errors=True)
 
@@ -221,9 +229,10 @@ class CellService:
         return left
 
     # -- runs ------------------------------------------------------------
-    def _call(self, handle: Any, msg: dict[str, Any], deadline_s: float | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+    def _call(self, handle: Any, msg: dict[str, Any], deadline_s: float | None, on_chunk: ChunkCallback | None = None,
+              *, tenant: str = "", cell_id: str | None = None) -> dict[str, Any]:
         try:
-            return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk)
+            return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk, tenant=tenant, cell_id=cell_id)
         except WorkerLost:
             self._mark_lost(handle.index)
             raise
@@ -312,7 +321,7 @@ class CellService:
         guest_ms: float | None = None
         try:
             try:
-                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
+                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id)
             except WorkerReplaced:
                 if cell_id is not None and template != "wasm":
                     with self._lock:
@@ -320,7 +329,7 @@ class CellService:
                     raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, "
                                    "its files are kept. The next run starts a fresh interpreter.", code="cell_lost") from None
                 handle = self.pool.pick_for_run()  # nothing ran: safe to send once more
-                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
+                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id)
         except WorkerLost as e:
             overran = "deadline" in str(e)
             outcome: dict[str, Any] = {"exit_code": -1, "status": "timeout" if overran else "killed", "stdout": "", "stderr": "",

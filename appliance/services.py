@@ -24,7 +24,7 @@ log = logging.getLogger("cell")
 # Settings a running node may change on SIGHUP; the rest need a restart.
 LIVE_SETTINGS = frozenset({
     "rate_limit_rps", "rate_limit_burst", "egress", "egress_allow", "egress_hosts", "telemetry",
-    "run_timeout_ms", "memory_mb", "cell_timeout_ms", "tenant_quota_mb", "checkpoint_interval_s",
+    "run_timeout_ms", "memory_mb", "cell_timeout_ms", "tenant_quota_mb", "checkpoint_interval_s", "tenant_max_cells",
 })
 
 

@@ -1,9 +1,11 @@
 """The supervisor: a pool of worker processes, from the web process's side.
 
-Guests never run in the web process. Each worker runs one request at a time;
-a request waits for its worker's lock, and when too many already wait the
-pool answers 503 with Retry-After instead of queueing without bound
-(T-DOS-2). The last line of defence for wall-clock limits (T-DOS-1) is here:
+Guests never run in the web process. Each worker runs up to
+``lanes_per_worker`` runs at once, one thread each, and runs of one cell one
+after the other. Which waiting run gets a free lane is decided fairly across
+tenants by ``appliance.policy.fairness`` (T-FAIR-1); when too many already
+wait the pool answers 503 (node queue full) or 429 (this tenant's queue share
+full) with Retry-After instead of queueing without bound (T-DOS-2). The last line of defence for wall-clock limits (T-DOS-1) is here:
 a worker that has not answered by the run's deadline plus a grace period is
 SIGKILLed and replaced; every cell it held is marked lost.
 """
@@ -11,13 +13,15 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from appliance.config import Settings
-from appliance.errors import Busy, CellError
+from appliance.errors import Busy, CellError, RateLimited
+from appliance.policy.fairness import FairShare, Ticket
 from appliance.runtime.worker import worker_main
 
 ChunkCallback = Callable[[int, bytes], None]
@@ -36,6 +40,14 @@ def cache_is_warm(settings: Settings) -> bool:
     return True
 
 
+def tenant_queue_cap(settings: Settings) -> int:
+    """Runs one tenant may have waiting: the configured cap, else half of what
+    the node lets wait (its queue share, T-FAIR-1)."""
+    if settings.tenant_max_queued:
+        return settings.tenant_max_queued
+    return max(1, -(-(settings.queue_max + settings.workers) // 2))
+
+
 class WorkerLost(Exception):
     pass
 
@@ -50,10 +62,17 @@ class WorkerHandle:
     generation: int
     process: Any
     conn: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    state_lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: dict[int, "queue.SimpleQueue[dict[str, Any] | None]"] = field(default_factory=dict)
+    dead: bool = False  # the pipe closed: every pending request is told, none waits for ever
     cells: set[str] = field(default_factory=set)
-    busy: bool = False
+    running: int = 0
     runs: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
 
 class WorkerPool:
@@ -63,6 +82,11 @@ class WorkerPool:
         self._workers: list[WorkerHandle] = []
         self._waiting = 0
         self._state_lock = threading.Lock()
+        self._replace_lock = threading.Lock()
+        self._cell_locks: dict[str, threading.Lock] = {}
+        self._fair_cv = threading.Condition()
+        self.fair = FairShare(settings.workers, settings.lanes_per_worker, settings.tenant_max_runs,
+                              tenant_queue_cap(settings))
         self._req_ids = itertools.count(1)
         self._generation = itertools.count(1)
         self.kills = 0
@@ -105,6 +129,30 @@ class WorkerPool:
             raise RuntimeError(f"worker {handle.index} died while starting (exit code {handle.process.exitcode})") from None
         if msg.get("type") != "ready":
             raise RuntimeError(f"worker {handle.index} sent {msg!r} instead of ready")
+        # From here on one thread reads the pipe and hands each message to the
+        # request it answers (several runs share a worker's pipe).
+        threading.Thread(target=self._read, args=(handle,), name=f"cell-pipe-{handle.index}", daemon=True).start()
+
+    def _read(self, handle: WorkerHandle) -> None:
+        while True:
+            try:
+                reply = handle.conn.recv()
+            except Exception:  # EOF: the worker is gone (killed, died, or closed at shutdown)
+                break
+            with handle.state_lock:
+                req_id = reply.get("req_id") if isinstance(reply, dict) else None
+                waiter = handle.pending.get(req_id) if isinstance(req_id, int) else None
+            if waiter is not None:
+                waiter.put(reply)
+        with handle.state_lock:
+            handle.dead = True
+            waiters = list(handle.pending.values())
+        for waiter in waiters:
+            waiter.put(None)  # the worker is gone: nobody waits for an answer that cannot come
+        try:
+            handle.conn.close()  # only this thread reads the pipe, so only it closes it
+        except OSError:
+            pass
 
     def _cache_warm(self) -> bool:
         return cache_is_warm(self.settings)
@@ -150,102 +198,172 @@ class WorkerPool:
     def pick_for_cell(self) -> WorkerHandle:
         candidates = [w for w in self._alive() if len(w.cells) < self.settings.max_cells_per_worker]
         if candidates:
-            return min(candidates, key=lambda w: (len(w.cells), w.busy))
+            return min(candidates, key=lambda w: (len(w.cells), w.running))
         raise Busy("every worker holds its maximum number of cells", code="capacity", retry_after=5)
 
     def pick_for_run(self) -> WorkerHandle:
-        alive = self._alive()
-        idle = [w for w in alive if not w.busy]
-        return min(idle or alive, key=lambda w: (w.busy, w.runs))
+        return min(self._alive(), key=lambda w: (w.running, w.runs))
 
     def stats(self) -> dict[str, Any]:
+        with self._fair_cv:
+            fair = self.fair.stats()
         return {
             "workers": len(self._workers),
             "busy": sum(1 for w in self._workers if w.busy),
+            "running": sum(w.running for w in self._workers),
+            "lanes": fair["lanes"],
+            "tenants_running": fair["tenants_running"],
+            "tenants_waiting": fair["tenants_waiting"],
             "waiting": self._waiting,
             "cells": sum(len(w.cells) for w in self._workers),
             "kills": self.kills,
             "pids": [w.process.pid for w in self._workers],
         }
 
+    # -- admission (T-DOS-2, T-FAIR-1) -------------------------------------
+    def _cell_lock(self, cell_id: str) -> threading.Lock:
+        with self._state_lock:
+            return self._cell_locks.setdefault(cell_id, threading.Lock())
+
+    def forget_cell(self, cell_id: str) -> None:
+        with self._state_lock:
+            self._cell_locks.pop(cell_id, None)
+
+    def _admit(self, tenant: str) -> None:
+        with self._state_lock:
+            if self._waiting >= self.settings.queue_max + len(self._workers):
+                raise Busy("every worker is busy and the queue is full", retry_after=1)  # T-DOS-2
+            with self._fair_cv:
+                if not self.fair.admit(tenant):
+                    # T-FAIR-1: this tenant already has its share of the queue waiting.
+                    raise RateLimited("this tenant already has its share of runs waiting for a worker; retry when one ends",
+                                      code="tenant_busy", retry_after=1)
+            self._waiting += 1
+
+    def _leave(self, tenant: str) -> None:
+        with self._state_lock:
+            self._waiting -= 1
+            with self._fair_cv:
+                self.fair.leave(tenant)
+
+    def _take_lane(self, index: int, tenant: str, timeout: float) -> Ticket:
+        end = time.monotonic() + timeout
+        with self._fair_cv:
+            ticket = self.fair.request(tenant, index)
+            self.fair.dispatch()
+            while not ticket.granted:
+                left = end - time.monotonic()
+                if left <= 0:
+                    self.fair.cancel(ticket)
+                    raise Busy("timed out waiting for a worker", retry_after=1)
+                self._fair_cv.wait(left)
+        return ticket
+
+    def _free_lane(self, ticket: Ticket) -> None:
+        with self._fair_cv:
+            self.fair.release(ticket)
+            if self.fair.dispatch():
+                self._fair_cv.notify_all()
+
     # -- calls -----------------------------------------------------------
-    def call(self, handle: WorkerHandle, msg: dict[str, Any], *, deadline_s: float | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+    def call(self, handle: WorkerHandle, msg: dict[str, Any], *, deadline_s: float | None, on_chunk: ChunkCallback | None = None,
+             tenant: str = "", cell_id: str | None = None) -> dict[str, Any]:
         """Send one request to a worker and wait for its final message.
 
         ``deadline_s`` is the run's own limit; the worker is killed if it has
-        not answered by then plus the grace period. None = control message.
+        not answered by then plus the grace period. None = control message
+        (bind, drop): it takes no lane. Requests naming ``cell_id`` run one
+        after the other; runs wait for a lane of ``handle``'s worker, granted
+        fairly across tenants.
         """
-        with self._state_lock:
-            if self._waiting >= self.settings.queue_max + len(self._workers):
-                raise Busy("every worker is busy and the queue is full", retry_after=1)
-            self._waiting += 1
+        self._admit(tenant)
+        cell_lock = self._cell_lock(cell_id) if cell_id is not None else None
+        ticket: Ticket | None = None
         try:
-            if not handle.lock.acquire(timeout=30):
-                raise Busy("timed out waiting for a worker", retry_after=1)
-        finally:
-            with self._state_lock:
-                self._waiting -= 1
-        try:
-            current = self._workers[handle.index]
-            if current is not handle:  # replaced while we waited
-                raise WorkerReplaced("worker was replaced")
-            if not handle.process.is_alive():  # died while idle (e.g. killed from outside)
-                self._replace(handle, "died while idle")
-                raise WorkerReplaced("worker had died and was replaced")
-            handle.busy = True
-            handle.runs += 1
-            req_id = next(self._req_ids)
-            msg = dict(msg, req_id=req_id)
-            grace = self.settings.kill_grace_ms / 1000
-            limit = None if deadline_s is None else time.monotonic() + deadline_s + grace
+            if cell_lock is not None and not cell_lock.acquire(timeout=30):
+                raise Busy("timed out waiting for this cell's previous run", retry_after=1)
             try:
-                handle.conn.send(msg)
-                while True:
-                    wait = 60.0 if limit is None else max(0.0, limit - time.monotonic())
-                    if not handle.conn.poll(wait):
-                        self._replace(handle, "overran its deadline")
-                        raise WorkerLost("the worker overran the run's deadline and was replaced")
-                    reply = handle.conn.recv()
-                    if reply.get("req_id") != req_id:
-                        continue
-                    if reply.get("type") == "chunk":
-                        if on_chunk is not None:
-                            on_chunk(reply["fd"], reply["data"])
-                        continue
-                    answer: dict[str, Any] = reply
-                    return answer
-            except (EOFError, OSError, BrokenPipeError):
+                if deadline_s is not None:
+                    ticket = self._take_lane(handle.index, tenant, 30.0)
+            except BaseException:
+                if cell_lock is not None:
+                    cell_lock.release()
+                raise
+        finally:
+            self._leave(tenant)
+        try:
+            return self._exchange(handle, msg, deadline_s, on_chunk)
+        finally:
+            if ticket is not None:
+                self._free_lane(ticket)
+            if cell_lock is not None:
+                cell_lock.release()
+
+    def _exchange(self, handle: WorkerHandle, msg: dict[str, Any], deadline_s: float | None,
+                  on_chunk: ChunkCallback | None) -> dict[str, Any]:
+        if self._workers[handle.index] is not handle:  # replaced while we waited
+            raise WorkerReplaced("worker was replaced")
+        if handle.dead or not handle.process.is_alive():  # died while idle (e.g. killed from outside)
+            self._replace(handle, "died while idle")
+            raise WorkerReplaced("worker had died and was replaced")
+        req_id = next(self._req_ids)
+        answers: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        with handle.state_lock:
+            if handle.dead:
+                raise WorkerReplaced("worker had died")
+            handle.pending[req_id] = answers
+            handle.running += 1
+            handle.runs += 1
+        grace = self.settings.kill_grace_ms / 1000
+        limit = None if deadline_s is None else time.monotonic() + deadline_s + grace
+        try:
+            try:
+                with handle.send_lock:
+                    handle.conn.send(dict(msg, req_id=req_id))
+            except (OSError, ValueError):
                 self._replace(handle, "died")
                 raise WorkerLost("the worker died during the run and was replaced") from None
+            while True:
+                wait = 60.0 if limit is None else max(0.0, limit - time.monotonic())
+                try:
+                    reply = answers.get(timeout=wait)
+                except queue.Empty:
+                    # T-DOS-1: the last line of defence for a run's wall-clock limit.
+                    self._replace(handle, "overran its deadline")
+                    raise WorkerLost("the worker overran the run's deadline and was replaced") from None
+                if reply is None:
+                    self._replace(handle, "died")
+                    raise WorkerLost("the worker died during the run and was replaced")
+                if reply.get("type") == "chunk":
+                    if on_chunk is not None:
+                        on_chunk(reply["fd"], reply["data"])
+                    continue
+                return reply
         finally:
-            handle.busy = False
-            handle.lock.release()
+            with handle.state_lock:
+                handle.pending.pop(req_id, None)
+                handle.running -= 1
 
     def _replace(self, handle: WorkerHandle, why: str) -> None:
-        """Kill a worker and start its replacement (called with its lock held)."""
-        self.kills += 1
-        try:
-            handle.process.kill()
-            handle.process.join(timeout=5)
-        except Exception:
-            pass
-        try:
-            handle.conn.close()
-        except OSError:
-            pass
-        new = self._spawn(handle.index)
-        # Publish the new worker only with its lock held until it is ready: a
-        # request that picks it waits, instead of reading the pipe at the same
-        # time as the readiness check (two readers would steal each other's
-        # messages).
-        new.lock.acquire()
-        self._workers[handle.index] = new
-        try:
-            self._await_ready(new, START_TIMEOUT_S)
-        except RuntimeError as e:
-            raise CellError(f"worker replacement failed: {e}") from None
-        finally:
-            new.lock.release()
+        """Kill a worker and start its replacement, once however many of its
+        requests notice. Other runs on the killed worker are answered killed."""
+        with self._replace_lock:
+            if self._workers[handle.index] is not handle:
+                return  # already replaced by another request or the maintenance loop
+            self.kills += 1
+            try:
+                handle.process.kill()  # its pipe reader sees EOF and tells every pending request
+                handle.process.join(timeout=5)
+            except Exception:
+                pass
+            new = self._spawn(handle.index)
+            try:
+                self._await_ready(new, START_TIMEOUT_S)
+            except RuntimeError as e:
+                raise CellError(f"worker replacement failed: {e}") from None
+            # Published only once ready: a request that still holds the old
+            # handle sees it replaced and is told nothing ran there.
+            self._workers[handle.index] = new
 
     def generation_of(self, index: int) -> int:
         return self._workers[index].generation
@@ -253,9 +371,5 @@ class WorkerPool:
     def check_alive(self) -> None:
         """Replace workers that died between requests (e.g. killed from outside)."""
         for handle in list(self._workers):
-            if not handle.process.is_alive() and handle.lock.acquire(blocking=False):
-                try:
-                    if self._workers[handle.index] is handle and not handle.process.is_alive():
-                        self._replace(handle, "died while idle")
-                finally:
-                    handle.lock.release()
+            if not handle.process.is_alive() and self._workers[handle.index] is handle:
+                self._replace(handle, "died while idle")
