@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         key = key_file.read_text().strip()
     services.start_background()
     app = create_app(services)
-    server = create_server(app, host=settings.host, port=settings.port, threads=16,
+    server = create_server(app, host=settings.host, port=settings.port, threads=settings.http_threads,
                            max_request_body_size=4 * settings.max_body_bytes, ident="cell")
     port = server.effective_port
     url = f"http://{settings.host}:{port}"

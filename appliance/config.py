@@ -70,6 +70,14 @@ class Settings:
     mcp_servers: Path | None = None
 
     @property
+    def http_threads(self) -> int:
+        """Request threads of the web server. A run holds one while it waits
+        and while it runs; sized from the admission bounds (node queue + lanes)
+        plus headroom, so waiting runs can never take every thread and keep
+        another tenant's request from even being read (T-FAIR-1)."""
+        return min(1024, max(16, self.queue_max + self.workers * (self.lanes_per_worker + 1) + 16))
+
+    @property
     def volumes_dir(self) -> Path:
         return self.root / "sandbox_volumes"
 
