@@ -82,7 +82,7 @@ class WorkerPool:
         self._workers: list[WorkerHandle] = []
         self._waiting = 0
         self._state_lock = threading.Lock()
-        self._replace_lock = threading.Lock()
+        self._replace_locks: dict[int, threading.Lock] = {}  # per worker index: replacements run in parallel
         self._cell_locks: dict[str, threading.Lock] = {}
         self._fair_cv = threading.Condition()
         self.fair = FairShare(settings.workers, settings.lanes_per_worker, settings.tenant_max_runs,
@@ -347,7 +347,9 @@ class WorkerPool:
     def _replace(self, handle: WorkerHandle, why: str) -> None:
         """Kill a worker and start its replacement, once however many of its
         requests notice. Other runs on the killed worker are answered killed."""
-        with self._replace_lock:
+        with self._state_lock:
+            replace_lock = self._replace_locks.setdefault(handle.index, threading.Lock())
+        with replace_lock:
             if self._workers[handle.index] is not handle:
                 return  # already replaced by another request or the maintenance loop
             self.kills += 1
