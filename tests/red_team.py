@@ -11,6 +11,9 @@ throws the corpus of tests/redteam_corpus.py at it:
             module, 10,000 tiny host calls: each ends in its limit, the server
             keeps answering
   tenants   another tenant's cells, files and receipts are 404
+  fairness  a tenant keeping more spinning runs in flight than there are
+            workers leaves another tenant's print(1) (cell and one-shot)
+            answered within 3 s, far below the flood's 6 s timeout (T-FAIR-1)
   requests  oversized and malformed requests get clear 4xx errors, never 500
 
 Exits non-zero on any failure; prints a table of counts per family.
@@ -33,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests import guests  # noqa: E402
+from tests.fairness_load import Flood, add_tenant, probe  # noqa: E402
 from tests.liveserver import ServerProcess, start_server  # noqa: E402
 from tests.redteam_corpus import EGRESS_HOSTS, ssrf_urls, traversal_paths  # noqa: E402
 
@@ -152,6 +156,29 @@ def tenants(srv: ServerProcess) -> None:
     record("tenants", status == 401, "tampered key refused")
 
 
+def fairness(srv: ServerProcess) -> None:
+    """T-FAIR-1: one tenant floods (2 persistent cells + 3 one-shot clients,
+    each re-sending `while True: pass` with a 6 s timeout); another tenant's
+    short runs must not wait for the flood's runs to end."""
+    flooder, neighbour = add_tenant(srv, "flooder"), add_tenant(srv, "neighbour")
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "python3"}, key=neighbour)
+    workers = srv.request("GET", "/v1/status", key=neighbour)[1]["workers"]["workers"]
+    flood = Flood(srv, flooder, cells=2, one_shots=max(3, workers + 1), timeout_ms=6000)
+    flood.start()
+    refused: list[Any] = []
+    try:
+        flood.wait_saturated(workers)
+        times = probe(srv, neighbour, cell["cell_id"], 3, refused)
+    finally:
+        flood.stop()
+    for kind, values in times.items():
+        for took in values:
+            record("fairness", took < 3.0, f"another tenant's print(1) ({kind}) took {took:.2f}s while one tenant floods")
+    record("fairness", not refused, f"another tenant's runs refused while one tenant floods: {refused}")
+    record("fairness", bool(flood.statuses) and all(s == (200, "timeout") for s in flood.statuses),
+           f"the flooding tenant's runs end at their own limit: {sorted(set(flood.statuses))}")
+
+
 MALFORMED = [
     ("POST", "/v1/cells", b"{", 400), ("POST", "/v1/cells", b"", 400), ("POST", "/v1/cells", b"null", 400),
     ("POST", "/v1/cells", b'{"template": 5}', 400), ("POST", "/v1/cells", b'{"template": "python3", "envs": {"A=B": "x"}}', 400),
@@ -188,7 +215,8 @@ def main(argv: list[str]) -> int:
     srv = start_server(env={"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_HOSTS": str(hosts)})
     try:
         for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)), ("dos", lambda: dos(srv)),
-                           ("tenants", lambda: tenants(srv)), ("requests", lambda: requests(srv))):
+                           ("tenants", lambda: tenants(srv)), ("fairness", lambda: fairness(srv)),
+                           ("requests", lambda: requests(srv))):
             t = time.monotonic()
             fn()
             print(f"  {family:9} pass {tally[family + ':pass']:4}  fail {tally[family + ':fail']:3}  ({time.monotonic() - t:.1f}s)")

@@ -33,12 +33,20 @@ def test_environment_beats_file_beats_default(tmp_path: Path) -> None:
         ("SYNAPSE_RATE_LIMIT_RPS", "0"), ("SYNAPSE_EGRESS", "maybe"), ("SYNAPSE_TELEMETRY", "yes"),
         ("SYNAPSE_PORT", "99999"), ("SYNAPSE_WORKERS", "0"), ("SYNAPSE_MEMORY_MB", "1"),
         ("SYNAPSE_TRUSTED_PROXIES", "not-an-ip"), ("SYNAPSE_RUN_TIMEOUT_MS", "600000"), ("SYNAPSE_EGRESS_ALLOW", "bad host!"),
+        ("SYNAPSE_LANES_PER_WORKER", "0"), ("SYNAPSE_TENANT_MAX_RUNS", "-1"), ("SYNAPSE_TENANT_MAX_QUEUED", "lots"),
+        ("SYNAPSE_TENANT_MAX_CELLS", "-5"),
     ],
 )
 def test_bad_value_fails_naming_the_key(tmp_path: Path, key: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env(tmp_path, **{key: value}))
     assert key in str(info.value)
+
+
+def test_t_fair_1_http_threads_outnumber_every_run_the_pool_lets_wait_or_run(tmp_path: Path) -> None:
+    s = load_settings(env(tmp_path, SYNAPSE_WORKERS="2", SYNAPSE_QUEUE_MAX="64", SYNAPSE_LANES_PER_WORKER="2"))
+    assert (s.lanes_per_worker, s.tenant_max_runs, s.tenant_max_queued, s.tenant_max_cells) == (2, 0, 0, 0)
+    assert s.http_threads > (s.queue_max + s.workers) + s.workers * s.lanes_per_worker
 
 
 def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.policy.fairness import FairShare, Ticket
+from appliance.policy.fairness import FairShare, Ticket, tenant_cell_cap
 
 
 def start(share: FairShare, tenant: str, worker: int) -> Ticket:
@@ -90,3 +90,15 @@ def test_cancelled_waiter_never_starts_and_granted_cancel_frees_its_lane() -> No
 def test_bad_shapes_are_refused(bad: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         FairShare(**bad)
+
+
+@pytest.mark.parametrize("node_max,configured,tenants,cap", [
+    pytest.param(400, 0, 1, 400, id="alone-uses-every-cell"),
+    pytest.param(400, 0, 2, 300, id="shared-keeps-a-quarter"),
+    pytest.param(2, 0, 3, 1, id="tiny-node-still-one"),
+    pytest.param(1, 0, 3, 1, id="one-cell-node"),
+    pytest.param(400, 10, 5, 10, id="configured"),
+    pytest.param(100, 500, 1, 100, id="configured-never-above-node"),
+])
+def test_t_fair_1_tenant_cell_cap(node_max: int, configured: int, tenants: int, cap: int) -> None:
+    assert tenant_cell_cap(node_max, configured, tenants) == cap
