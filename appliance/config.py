@@ -72,10 +72,13 @@ class Settings:
     @property
     def http_threads(self) -> int:
         """Request threads of the web server. A run holds one while it waits
-        and while it runs; sized from the admission bounds (node queue + lanes)
-        plus headroom, so waiting runs can never take every thread and keep
-        another tenant's request from even being read (T-FAIR-1)."""
-        return min(1024, max(16, self.queue_max + self.workers * (self.lanes_per_worker + 1) + 16))
+        and while it runs, so there are enough for every lane twice plus
+        headroom, and one tenant's waiting runs are capped below half of them
+        (``pool.tenant_queue_cap``): a flood cannot take every thread and keep
+        another tenant's request from even being read (T-FAIR-1). Each thread
+        keeps its own SQLite readers and waitress polls with select(), so the
+        count stays well below 1024 descriptors."""
+        return min(256, 32 + 2 * self.workers * self.lanes_per_worker)
 
     @property
     def volumes_dir(self) -> Path:

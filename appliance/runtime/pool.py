@@ -41,11 +41,14 @@ def cache_is_warm(settings: Settings) -> bool:
 
 
 def tenant_queue_cap(settings: Settings) -> int:
-    """Runs one tenant may have waiting: the configured cap, else half of what
-    the node lets wait (its queue share, T-FAIR-1)."""
+    """Runs one tenant may have waiting: the configured cap, else its queue
+    share — half of what the node lets wait, and never so many that its
+    waiting and running requests hold half of the web server's threads
+    (T-FAIR-1)."""
     if settings.tenant_max_queued:
         return settings.tenant_max_queued
-    return max(1, -(-(settings.queue_max + settings.workers) // 2))
+    lanes = settings.workers * settings.lanes_per_worker
+    return max(1, min(-(-(settings.queue_max + settings.workers) // 2), (settings.http_threads - lanes) // 2))
 
 
 class WorkerLost(Exception):

@@ -43,10 +43,15 @@ def test_bad_value_fails_naming_the_key(tmp_path: Path, key: str, value: str) ->
     assert key in str(info.value)
 
 
-def test_t_fair_1_http_threads_outnumber_every_run_the_pool_lets_wait_or_run(tmp_path: Path) -> None:
-    s = load_settings(env(tmp_path, SYNAPSE_WORKERS="2", SYNAPSE_QUEUE_MAX="64", SYNAPSE_LANES_PER_WORKER="2"))
-    assert (s.lanes_per_worker, s.tenant_max_runs, s.tenant_max_queued, s.tenant_max_cells) == (2, 0, 0, 0)
-    assert s.http_threads > (s.queue_max + s.workers) + s.workers * s.lanes_per_worker
+@pytest.mark.parametrize("workers,lanes", [(1, 1), (2, 2), (16, 2), (64, 4)])
+def test_t_fair_1_one_tenant_never_holds_half_the_http_threads(tmp_path: Path, workers: int, lanes: int) -> None:
+    from appliance.runtime.pool import tenant_queue_cap
+
+    s = load_settings(env(tmp_path, SYNAPSE_WORKERS=str(workers), SYNAPSE_LANES_PER_WORKER=str(lanes)))
+    assert (s.tenant_max_runs, s.tenant_max_queued, s.tenant_max_cells) == (0, 0, 0)
+    running = workers * lanes  # an upper bound of one tenant's runs in flight
+    assert running + tenant_queue_cap(s) <= s.http_threads // 2 + running // 2 + 1
+    assert s.http_threads <= 256  # waitress select()s: stay far below 1024 descriptors
 
 
 def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Fairness between tenants on a live server (T-FAIR-1).
 
-Tenant A floods the node: more `while True: pass` runs in flight than there
-are workers (in persistent cells and as one-shot runs, 8 s timeout each).
+Tenant A floods the node: far more `while True: pass` runs in flight than
+there are workers (in persistent cells and as one-shot runs, 8 s timeout
+each).
 Tenant B's `print(1)` — in a persistent cell and as a one-shot run — must
 still be answered within a bound far below A's timeout, on the free tier and
 on the hub tier (where tenants also have their own rate buckets). Per-tenant
@@ -79,7 +80,8 @@ def test_t_fair_1_flooding_tenant_leaves_other_tenants_short_runs_prompt(flooded
     key_a, key_b = add_tenant(srv, "flooder"), add_tenant(srv, "neighbour")
     status, cell, _ = srv.request("POST", "/v1/cells", {"template": "python3"}, key=key_b)
     assert status == 201, cell
-    flood = Flood(srv, key_a, cells=2, one_shots=3, timeout_ms=A_TIMEOUT_MS)  # 5 spinning runs, 2 workers
+    # 18 spinning runs on 2 workers: more than the web server had threads before T-FAIR-1.
+    flood = Flood(srv, key_a, cells=2, one_shots=16, timeout_ms=A_TIMEOUT_MS)
     flood.start()
     try:
         flood.wait_saturated(workers=2)
@@ -89,8 +91,10 @@ def test_t_fair_1_flooding_tenant_leaves_other_tenants_short_runs_prompt(flooded
         flood.stop()
     assert max(times["cell"]) < B_BOUND_S, times
     assert max(times["one-shot"]) < B_BOUND_S, times
-    # A was throttled to its share, not starved: its runs ended at their own limit.
-    assert flood.statuses and all(s == (200, "timeout") for s in flood.statuses), flood.statuses
+    # A was held to its share, not starved: its runs end at their own limit;
+    # what waits too long is turned away with a clear code, never a 500.
+    assert (200, "timeout") in flood.statuses, flood.statuses
+    assert set(flood.statuses) <= {(200, "timeout"), (429, "tenant_busy"), (503, "busy")}, flood.statuses
     assert status_body["workers"]["busy"] == 2
 
 
