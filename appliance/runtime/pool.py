@@ -307,7 +307,8 @@ class WorkerPool:
         if self._workers[handle.index] is not handle:  # replaced while we waited
             raise WorkerReplaced("worker was replaced")
         if handle.dead or not handle.process.is_alive():  # died while idle (e.g. killed from outside)
-            self._replace(handle, "died while idle")
+            self.check_alive()  # this one and any other that died with it: the answer reflects a settled pool
+            self._replace(handle, "died while idle")  # no-op once replaced; covers a pipe closed before the exit
             raise WorkerReplaced("worker had died and was replaced")
         req_id = next(self._req_ids)
         answers: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
