@@ -253,7 +253,8 @@ class WorkerPool:
         end = time.monotonic() + timeout
         with self._fair_cv:
             ticket = self.fair.request(tenant, index)
-            self.fair.dispatch()
+            if any(other is not ticket for other in self.fair.dispatch()):
+                self._fair_cv.notify_all()
             while not ticket.granted:
                 left = end - time.monotonic()
                 if left <= 0:
