@@ -361,6 +361,12 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
     try:
         worker.serve()
     finally:
+        with worker._lock:
+            busy = worker._in_flight > 0
+        if busy:  # the pipe closed under running requests: never close a Store another thread is driving
+            shutil.rmtree(worker.pool_root, ignore_errors=True)
+            shutil.rmtree(worker.fifo_dir, ignore_errors=True)
+            os._exit(0)
         for session in list(worker.sessions.values()):
             session.close()
         for queue in worker.warm.values():
