@@ -214,9 +214,7 @@ class WorkerPool:
             "workers": len(self._workers),
             "busy": sum(1 for w in self._workers if w.busy),
             "running": sum(w.running for w in self._workers),
-            "lanes": fair["lanes"],
-            "tenants_running": fair["tenants_running"],
-            "tenants_waiting": fair["tenants_waiting"],
+            "lanes": fair["lanes"],  # no per-tenant figures: any tenant may read this (T-TENANT-1)
             "waiting": self._waiting,
             "cells": sum(len(w.cells) for w in self._workers),
             "kills": self.kills,
