@@ -21,10 +21,11 @@ from appliance.config import Settings
 from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound
 from appliance.license.verify import Limits, config_limits
 from appliance.quota import Allowance, DiskQuota, measure_volume
+from appliance.policy.fairness import tenant_cell_cap
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime import protocol, templates
-from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
+from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerOverran, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
 log = logging.getLogger("cell.cells")
@@ -110,6 +111,12 @@ class CellService:
         if self.store.count_all_cells() >= max_cells:
             raise Forbidden(f"this appliance already runs its maximum of {max_cells} cells (license and configuration); "
                             "delete a cell or raise the limit", code="cell_limit")
+        # T-FAIR-1: one tenant may not take every cell of a shared node.
+        tenant_cap = tenant_cell_cap(max_cells, self.settings.tenant_max_cells,
+                                     sum(1 for t in self.store.list_tenants() if not t.revoked))
+        if self.store.count_cells(tenant.id) >= tenant_cap:
+            raise Forbidden(f"this tenant already holds its maximum of {tenant_cap} cells on this appliance; delete a cell "
+                            "or ask the operator to raise SYNAPSE_TENANT_MAX_CELLS", code="tenant_cell_limit")
         created = now_ms()
         record = CellRecord(self.new_cell_id(), tenant.id, template, created, timeout_ms, created + timeout_ms,
                             persistent, metadata, envs, memory_mb)
@@ -117,7 +124,7 @@ class CellService:
         if templates.get(template).interpreter:
             handle = self.pool.pick_for_cell()
             bind = protocol.BindRequest(0, cell_id=record.id, template=template, volume=volume, envs=dict(envs), memory_mb=memory_mb)
-            reply = self._call(handle, bind, None)
+            reply = self._call(handle, bind, None, tenant=tenant.id, cell_id=record.id)
             if not isinstance(reply, protocol.OkReply):
                 raise _refusal(reply, "could not start the cell")
             self.pool.assign(handle, record.id)
@@ -150,9 +157,11 @@ class CellService:
             handle = self.pool.worker(binding.worker)
             if handle.generation == binding.generation:
                 try:
-                    self._call(handle, protocol.DropRequest(0, cell_id=record.id), None)
+                    self._call(handle, protocol.DropRequest(0, cell_id=record.id), None, tenant=record.tenant_id,
+                               cell_id=record.id)
                 except (WorkerLost, CellError):
                     pass
+        self.pool.forget_cell(record.id)
         # T-DOS-1 / T-DISK-1: the volume goes first (iterative, bounded; any depth),
         # then the row. A failure or a crash in between leaves the row, so the
         # volume still counts against the quota and a repeated DELETE (or the
@@ -250,9 +259,9 @@ class CellService:
 
     # -- runs ------------------------------------------------------------
     def _call(self, handle: Any, msg: protocol.Request, deadline_s: float | None,
-              on_chunk: ChunkCallback | None = None) -> protocol.Reply:
+              on_chunk: ChunkCallback | None = None, *, tenant: str = "", cell_id: str | None = None) -> protocol.Reply:
         try:
-            return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk)
+            return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk, tenant=tenant, cell_id=cell_id)
         except WorkerLost:
             self._mark_lost(handle.index)
             raise
@@ -358,7 +367,7 @@ class CellService:
         guest_ms: float | None = None
         try:
             try:
-                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
+                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id)
             except WorkerReplaced:
                 if cell_id is not None and templates.get(template).interpreter:
                     with self._lock:
@@ -366,9 +375,9 @@ class CellService:
                     raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, "
                                    "its files are kept. The next run starts a fresh interpreter.", code="cell_lost") from None
                 handle = self.pool.pick_for_run()  # nothing ran: safe to send once more
-                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk)
+                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id)
         except WorkerLost as e:
-            overran = "deadline" in str(e)
+            overran = isinstance(e, WorkerOverran)
             outcome: dict[str, Any] = {"exit_code": -1, "status": "timeout" if overran else "killed", "stdout": "", "stderr": "",
                        "truncated": False, "restarted": False, "note": str(e), "denials": []}
             if cell_id is not None:

@@ -53,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if orphans:
         print(f"cell: removed {orphans} volume(s) left by an interrupted create or delete", flush=True)
     # T-DOS-2: bodies are refused by Content-Length and API key before waitress reads them.
-    server = make_server(app, services, settings.host, settings.port, threads=16, ident="cell")
+    server = make_server(app, services, settings.host, settings.port, threads=settings.http_threads, ident="cell")
     port = server.effective_port
     url = f"http://{settings.host}:{port}"
     print(f"cell: serving on {url} (ready in {time.monotonic() - started:.2f}s)", flush=True)

@@ -58,6 +58,10 @@ class Settings:
     warm_javascript: int = 2
     warm_python_preload: tuple[str, ...] = ()
     max_cells_per_worker: int = 200
+    lanes_per_worker: int = 2
+    tenant_max_runs: int = 0
+    tenant_max_queued: int = 0
+    tenant_max_cells: int = 0
     node_id: str = ""
     module_cache: Path | None = None
     egress_hosts: Path | None = None
@@ -68,6 +72,17 @@ class Settings:
     log_file: Path | None = None
     log_level: str = "info"
     mcp_servers: Path | None = None
+
+    @property
+    def http_threads(self) -> int:
+        """Request threads of the web server. A run holds one while it waits
+        and while it runs, so there are enough for every lane twice plus
+        headroom, and one tenant's waiting runs are capped below half of them
+        (``pool.tenant_queue_cap``): a flood cannot take every thread and keep
+        another tenant's request from even being read (T-FAIR-1). Each thread
+        keeps its own SQLite readers and waitress polls with select(), so the
+        count stays well below 1024 descriptors."""
+        return min(256, 32 + 2 * self.workers * self.lanes_per_worker)
 
     @property
     def volumes_dir(self) -> Path:
@@ -225,6 +240,11 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "warm_javascript": ("SYNAPSE_WARM_JAVASCRIPT", "warm_javascript", _int(0, 64)),
     "warm_python_preload": ("SYNAPSE_WARM_PYTHON_PRELOAD", "warm_python_preload", _modules),
     "max_cells_per_worker": ("SYNAPSE_MAX_CELLS_PER_WORKER", "max_cells_per_worker", _int(1, 100_000)),
+    # T-FAIR-1: per-tenant shares of the node (0 = automatic, see README).
+    "lanes_per_worker": ("SYNAPSE_LANES_PER_WORKER", "lanes_per_worker", _int(1, 64)),
+    "tenant_max_runs": ("SYNAPSE_TENANT_MAX_RUNS", "tenant_max_runs", _int(0, 100_000)),
+    "tenant_max_queued": ("SYNAPSE_TENANT_MAX_QUEUED", "tenant_max_queued", _int(0, 100_000)),
+    "tenant_max_cells": ("SYNAPSE_TENANT_MAX_CELLS", "tenant_max_cells", _int(0, 10_000_000)),
     "node_id": ("SYNAPSE_NODE_ID", "node_id", _host),
     "module_cache": ("SYNAPSE_MODULE_CACHE", "module_cache", _path),
     "egress_hosts": ("SYNAPSE_EGRESS_HOSTS", "egress_hosts", _path),

@@ -145,7 +145,7 @@ class VolumeWatch:
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
         self._cond = threading.Condition()
-        self._job: WatchedRun | None = None
+        self._jobs: list[WatchedRun] = []  # a worker runs several requests at once (lanes)
         self._thread: threading.Thread | None = None
 
     def watch(self, path: str, max_bytes: int, max_entries: int, stop: Callable[[], None]) -> WatchedRun:
@@ -157,39 +157,43 @@ class VolumeWatch:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="volume-watch", daemon=True)
                 self._thread.start()
-            self._job = job
+            job.due = time.monotonic() + job.wait
+            self._jobs.append(job)
             self._cond.notify_all()
 
     def _end(self, job: WatchedRun) -> None:
         with self._cond:
             job.done = True  # under the lock: no stop can reach the guest's next run
-            if self._job is job:
-                self._job = None
+            if job in self._jobs:
+                self._jobs.remove(job)
             self._cond.notify_all()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._job is not None)
-                job = self._job
-                assert job is not None
-                if self._cond.wait_for(lambda: self._job is not job, timeout=job.wait):
-                    continue  # the run ended (or another began) before its next walk
-            started = time.monotonic()
-            reason = job.check()  # outside the lock: ending the run never waits for a walk
-            job.wait = max(self.interval, 4 * (time.monotonic() - started))
-            job.failures = job.failures + 1 if reason == "unmeasured" else 0
-            if reason is None or (reason == "unmeasured" and job.failures < 3):
-                continue
-            with self._cond:
-                if not job.done:
-                    job.tripped = reason
-                    try:
-                        job.stop()
-                    except Exception:
-                        pass  # the run's own deadline still ends it
-                if self._job is job:
-                    self._job = None
+                self._cond.wait_for(lambda: bool(self._jobs))
+                now = time.monotonic()
+                due = [job for job in self._jobs if job.due <= now]
+                if not due:
+                    self._cond.wait(timeout=min(job.due for job in self._jobs) - now)
+                    continue  # a run ended or began, or the next walk is due
+            for job in due:
+                started = time.monotonic()
+                reason = job.check()  # outside the lock: ending a run never waits for a walk
+                job.wait = max(self.interval, 4 * (time.monotonic() - started))
+                job.due = time.monotonic() + job.wait
+                job.failures = job.failures + 1 if reason == "unmeasured" else 0
+                if reason is None or (reason == "unmeasured" and job.failures < 3):
+                    continue
+                with self._cond:
+                    if not job.done:
+                        job.tripped = reason
+                        try:
+                            job.stop()
+                        except Exception:
+                            pass  # the run's own deadline still ends it
+                    if job in self._jobs:
+                        self._jobs.remove(job)
 
 
 class WatchedRun:
@@ -201,6 +205,7 @@ class WatchedRun:
         self.stop = stop
         self.wait = owner.interval
         self.failures = 0
+        self.due = 0.0  # when its next walk is due (monotonic)
         self.done = False
         self.tripped: str | None = None  # "quota_exceeded", "file_limit_exceeded" or "unmeasured"
 

@@ -33,6 +33,7 @@ def egress_message(settings: Settings, hosts: dict[str, list[str]] | None) -> di
 LIVE_SETTINGS = frozenset({
     "rate_limit_rps", "rate_limit_burst", "egress", "egress_allow", "egress_deny", "egress_hosts", "telemetry",
     "run_timeout_ms", "memory_mb", "cell_timeout_ms", "tenant_quota_mb", "tenant_file_limit", "checkpoint_interval_s",
+    "tenant_max_cells",
 })
 
 

@@ -17,6 +17,9 @@ throws the corpus of tests/redteam_corpus.py at it:
   receipts  verify shows a tenant only its own receipts and is rate-limited
             under a flood; an export cut short or with a receipt moved to
             another cell or tenant fails the offline verifier
+  fairness  a tenant keeping more spinning runs in flight than there are
+            workers leaves another tenant's print(1) (cell and one-shot)
+            answered within 3 s, far below the flood's 6 s timeout (T-FAIR-1)
   requests  oversized and malformed requests get clear 4xx errors, never 500;
             unauthenticated or over-limit bodies are refused at the headers
             (answered before one body byte is sent)
@@ -60,6 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from appliance.ownaddrs import own_networks  # noqa: E402
 from tests import guests  # noqa: E402
+from tests.fairness_load import Flood, add_tenant, probe  # noqa: E402
 from tests.liveserver import ServerProcess, start_server  # noqa: E402
 from tests.procwatch import thread_cpu, tree_bytes, watch_after_answer, worker_pids  # noqa: E402
 from tests.redteam_corpus import (EGRESS_HOSTS, JS_FORGED_END, JS_FORGED_MARKER, JS_IMITATE_IDLE_READ,  # noqa: E402
@@ -391,6 +395,29 @@ def receipts(srv: ServerProcess) -> None:
            "bad_signature" if mine == 1 else "downgrade")
 
 
+def fairness(srv: ServerProcess) -> None:
+    """T-FAIR-1: one tenant floods (2 persistent cells + 3 one-shot clients,
+    each re-sending `while True: pass` with a 6 s timeout); another tenant's
+    short runs must not wait for the flood's runs to end."""
+    flooder, neighbour = add_tenant(srv, "flooder"), add_tenant(srv, "neighbour")
+    _, cell, _ = srv.request("POST", "/v1/cells", {"template": "python3"}, key=neighbour)
+    workers = srv.request("GET", "/v1/status", key=neighbour)[1]["workers"]["workers"]
+    flood = Flood(srv, flooder, cells=2, one_shots=max(3, workers + 1), timeout_ms=6000)
+    flood.start()
+    refused: list[Any] = []
+    try:
+        flood.wait_saturated(workers)
+        times = probe(srv, neighbour, cell["cell_id"], 3, refused)
+    finally:
+        flood.stop()
+    for kind, values in times.items():
+        for took in values:
+            record("fairness", took < 3.0, f"another tenant's print(1) ({kind}) took {took:.2f}s while one tenant floods")
+    record("fairness", not refused, f"another tenant's runs refused while one tenant floods: {refused}")
+    record("fairness", bool(flood.statuses) and all(s == (200, "timeout") for s in flood.statuses),
+           f"the flooding tenant's runs end at their own limit: {sorted(set(flood.statuses))}")
+
+
 MALFORMED = [
     ("POST", "/v1/cells", b"{", 400), ("POST", "/v1/cells", b"", 400), ("POST", "/v1/cells", b"null", 400),
     ("POST", "/v1/cells", b'{"template": 5}', 400), ("POST", "/v1/cells", b'{"template": "python3", "envs": {"A=B": "x"}}', 400),
@@ -605,7 +632,8 @@ def main(argv: list[str]) -> int:
     try:
         for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)),
                            ("trailing", lambda: trailing(srv)), ("dos", lambda: dos(srv)),
-                           ("tenants", lambda: tenants(srv)), ("receipts", lambda: receipts(srv)),
+                           ("tenants", lambda: tenants(srv)), ("fairness", lambda: fairness(srv)),
+                           ("receipts", lambda: receipts(srv)),
                            ("requests", lambda: (requests(srv), bodies(srv))),
                            ("disk", lambda: disk(srv)),
                            ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),

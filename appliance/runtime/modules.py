@@ -10,6 +10,7 @@ Each run gets a fresh Store and instance.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Callable
@@ -42,6 +43,7 @@ class ModuleRunner:
         self._wasi_names: set[str] | None = None
         self._cache: OrderedDict[str, wasmtime.Module] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_lock = threading.Lock()  # runs of one worker compile on several threads
 
     def compile(self, source: bytes, is_text: bool, max_bytes: int, granted: Collection[str] | bool) -> wasmtime.Module:
         """Compile (or reuse) a module and check its imports against ``granted``.
@@ -53,7 +55,8 @@ class ModuleRunner:
         if len(source) > max_bytes:
             raise ModuleRefused(413, "module_too_large", f"module is {len(source)} bytes; the limit is {max_bytes}")
         key = hashlib.sha256(b"wat:" + source if is_text else b"bin:" + source).hexdigest()
-        module = self._cache.get(key)
+        with self._cache_lock:
+            module = self._cache.get(key)
         if module is None:
             try:
                 binary = bytes(wasmtime.wat2wasm(source.decode("utf-8"))) if is_text else source
@@ -63,9 +66,10 @@ class ModuleRunner:
             except wasmtime.WasmtimeError as e:
                 raise ModuleRefused(400, "invalid_module", _first_line(str(e))) from None
             self._check_shape(module, granted)
-            self._cache[key] = module
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            with self._cache_lock:
+                self._cache[key] = module
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         else:
             self._check_shape(module, granted)
         return module

@@ -1,9 +1,11 @@
 """The supervisor: a pool of worker processes, from the web process's side.
 
-Guests never run in the web process. Each worker runs one request at a time;
-a request waits for its worker's lock, and when too many already wait the
-pool answers 503 with Retry-After instead of queueing without bound
-(T-DOS-2). The last line of defence for wall-clock limits (T-DOS-1) is here:
+Guests never run in the web process. Each worker runs up to
+``lanes_per_worker`` runs at once, one thread each, and runs of one cell one
+after the other. Which waiting run gets a free lane is decided fairly across
+tenants by ``appliance.policy.fairness`` (T-FAIR-1); when too many already
+wait the pool answers 503 (node queue full) or 429 (this tenant's queue share
+full) with Retry-After instead of queueing without bound (T-DOS-2). The last line of defence for wall-clock limits (T-DOS-1) is here:
 a worker that has not answered by the run's deadline plus a grace period is
 SIGKILLed and replaced; every cell it held is marked lost.
 """
@@ -12,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import multiprocessing
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from appliance.config import Settings
-from appliance.errors import Busy, CellError
+from appliance.errors import Busy, CellError, RateLimited
+from appliance.policy.fairness import FairShare, Ticket
 from appliance.runtime import protocol, templates
 from appliance.runtime.protocol import ProtocolError, Reply, Request
 from appliance.runtime.worker import worker_main
@@ -26,7 +30,17 @@ from appliance.runtime.worker import worker_main
 ChunkCallback = Callable[[int, bytes], None]
 START_TIMEOUT_S = 900.0  # the first start may compile the runtimes (minutes)
 CONTROL_TIMEOUT_S = 60.0  # bind, drop, stats: no guest code runs
-MAX_STALE_FRAMES = 16
+MAX_STALE_FRAMES = 16  # frames for no request in flight before the worker is distrusted (an honest one sends none)
+
+
+class _Violation:
+    """Put in a waiter's queue when the worker broke the protocol (T-PROTO-1)."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+Answer = Union[Reply, _Violation, None]  # None: the worker is gone
 
 
 def cache_is_warm(settings: Settings) -> bool:
@@ -40,8 +54,23 @@ def cache_is_warm(settings: Settings) -> bool:
     return True
 
 
+def tenant_queue_cap(settings: Settings) -> int:
+    """Runs one tenant may have waiting: the configured cap, else its queue
+    share — half of what the node lets wait, and never so many that its
+    waiting and running requests hold half of the web server's threads
+    (T-FAIR-1)."""
+    if settings.tenant_max_queued:
+        return settings.tenant_max_queued
+    lanes = settings.workers * settings.lanes_per_worker
+    return max(1, min(-(-(settings.queue_max + settings.workers) // 2), (settings.http_threads - lanes) // 2))
+
+
 class WorkerLost(Exception):
     pass
+
+
+class WorkerOverran(WorkerLost):
+    """The worker did not answer by the run's deadline plus the grace period."""
 
 
 class WorkerReplaced(WorkerLost):
@@ -54,10 +83,17 @@ class WorkerHandle:
     generation: int
     process: Any
     conn: Any
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    state_lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: dict[int, "queue.SimpleQueue[Answer]"] = field(default_factory=dict)
+    dead: bool = False  # the pipe closed: every pending request is told, none waits for ever
     cells: set[str] = field(default_factory=set)
-    busy: bool = False
+    running: int = 0
     runs: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
 
 class WorkerPool:
@@ -69,6 +105,11 @@ class WorkerPool:
         self._workers: list[WorkerHandle] = []
         self._waiting = 0
         self._state_lock = threading.Lock()
+        self._replace_locks: dict[int, threading.Lock] = {}  # per worker index: replacements run in parallel
+        self._cell_locks: dict[str, threading.Lock] = {}
+        self._fair_cv = threading.Condition()
+        self.fair = FairShare(settings.workers, settings.lanes_per_worker, settings.tenant_max_runs,
+                              tenant_queue_cap(settings))
         self._req_ids = itertools.count(1)
         self._generation = itertools.count(1)
         self.kills = 0
@@ -114,6 +155,9 @@ class WorkerPool:
         if not isinstance(msg, protocol.Ready):
             handle.process.kill()
             raise RuntimeError(f"worker {handle.index} sent {type(msg).__name__} instead of ready")
+        # From here on one thread reads the pipe and hands each message to the
+        # request it answers (several runs share a worker's pipe).
+        threading.Thread(target=self._read, args=(handle,), name=f"cell-pipe-{handle.index}", daemon=True).start()
 
     def _receive(self, handle: WorkerHandle) -> Reply:
         """One frame from a worker, decoded and checked (T-PROTO-1). A frame
@@ -124,6 +168,45 @@ class WorkerPool:
 
     def _max_frame(self) -> int:
         return protocol.max_frame_bytes(self.settings.output_cap_bytes)
+
+    def _read(self, handle: WorkerHandle) -> None:
+        """The one reader of a worker's pipe: each typed frame goes to the request
+        it answers. A frame that breaks the protocol ends the reading: every
+        waiting request is told, and the worker is replaced (T-PROTO-1)."""
+        verdict: _Violation | None = None
+        stale = 0
+        while True:
+            try:
+                reply = self._receive(handle)
+            except ProtocolError as e:
+                verdict = _Violation(str(e))
+                break
+            except Exception:  # EOF or an oversized frame: the worker is gone or not to be trusted
+                break
+            with handle.state_lock:
+                waiter = (None if isinstance(reply, protocol.Ready) or reply.req_id is None
+                          else handle.pending.get(reply.req_id))
+            if waiter is None:
+                stale += 1  # an answer for a request no longer waiting (or none at all)
+                if stale > MAX_STALE_FRAMES:
+                    verdict = _Violation("too many frames for no request")
+                    break
+                continue
+            waiter.put(reply)
+        with handle.state_lock:
+            handle.dead = True
+            waiters = list(handle.pending.values())
+        for waiter in waiters:
+            waiter.put(verdict)  # nobody waits for an answer that cannot come
+        if verdict is not None:
+            try:
+                handle.process.kill()  # nothing more it says is read; its runs are answered killed
+            except Exception:
+                pass
+        try:
+            handle.conn.close()  # only this thread reads the pipe, so only it closes it
+        except OSError:
+            pass
 
     def _cache_warm(self) -> bool:
         return cache_is_warm(self.settings)
@@ -169,7 +252,7 @@ class WorkerPool:
     def pick_for_cell(self) -> WorkerHandle:
         candidates = [w for w in self._alive() if len(w.cells) < self.settings.max_cells_per_worker]
         if candidates:
-            return min(candidates, key=lambda w: (len(w.cells), w.busy))
+            return min(candidates, key=lambda w: (len(w.cells), w.running))
         raise Busy("every worker holds its maximum number of cells", code="capacity", retry_after=5)
 
     def assign(self, handle: WorkerHandle, cell_id: str) -> None:
@@ -182,112 +265,182 @@ class WorkerPool:
             self._workers[index].cells.discard(cell_id)
 
     def pick_for_run(self) -> WorkerHandle:
-        alive = self._alive()
-        idle = [w for w in alive if not w.busy]
-        return min(idle or alive, key=lambda w: (w.busy, w.runs))
+        return min(self._alive(), key=lambda w: (w.running, w.runs))
 
     def stats(self) -> dict[str, Any]:
+        with self._fair_cv:
+            fair = self.fair.stats()
         return {
             "workers": len(self._workers),
             "busy": sum(1 for w in self._workers if w.busy),
+            "running": sum(w.running for w in self._workers),
+            "lanes": fair["lanes"],  # no per-tenant figures: any tenant may read this (T-TENANT-1)
             "waiting": self._waiting,
             "cells": sum(len(w.cells) for w in self._workers),
             "kills": self.kills,
             "pids": [w.process.pid for w in self._workers],
         }
 
+    # -- admission (T-DOS-2, T-FAIR-1) -------------------------------------
+    def _cell_lock(self, cell_id: str) -> threading.Lock:
+        with self._state_lock:
+            return self._cell_locks.setdefault(cell_id, threading.Lock())
+
+    def forget_cell(self, cell_id: str) -> None:
+        with self._state_lock:
+            self._cell_locks.pop(cell_id, None)
+
+    def _admit(self, tenant: str) -> None:
+        with self._state_lock:
+            if self._waiting >= self.settings.queue_max + len(self._workers):
+                raise Busy("every worker is busy and the queue is full", retry_after=1)  # T-DOS-2
+            with self._fair_cv:
+                if not self.fair.admit(tenant):
+                    # T-FAIR-1: this tenant already has its share of the queue waiting.
+                    raise RateLimited("this tenant already has its share of runs waiting for a worker; retry when one ends",
+                                      code="tenant_busy", retry_after=1)
+            self._waiting += 1
+
+    def _leave(self, tenant: str) -> None:
+        with self._state_lock:
+            self._waiting -= 1
+            with self._fair_cv:
+                self.fair.leave(tenant)
+
+    def _take_lane(self, index: int, tenant: str, timeout: float) -> Ticket:
+        end = time.monotonic() + timeout
+        with self._fair_cv:
+            ticket = self.fair.request(tenant, index)
+            if any(other is not ticket for other in self.fair.dispatch()):
+                self._fair_cv.notify_all()
+            while not ticket.granted:
+                left = end - time.monotonic()
+                if left <= 0:
+                    self.fair.cancel(ticket)
+                    raise Busy("timed out waiting for a worker", retry_after=1)
+                self._fair_cv.wait(left)
+        return ticket
+
+    def _free_lane(self, ticket: Ticket) -> None:
+        with self._fair_cv:
+            self.fair.release(ticket)
+            if self.fair.dispatch():
+                self._fair_cv.notify_all()
+
     # -- calls -----------------------------------------------------------
-    def call(self, handle: WorkerHandle, request: Request, *, deadline_s: float | None,
-             on_chunk: ChunkCallback | None = None) -> Reply:
+    def call(self, handle: WorkerHandle, msg: Request, *, deadline_s: float | None, on_chunk: ChunkCallback | None = None,
+             tenant: str = "", cell_id: str | None = None) -> Reply:
         """Send one request to a worker and wait for its final message.
 
         ``deadline_s`` is the run's own limit; the worker is killed if it has
-        not answered by then plus the grace period. None = control message.
-        A malformed or oversized answer also costs the worker its life: after
-        one bad frame nothing it says can be trusted (T-PROTO-1).
+        not answered by then plus the grace period. None = control message
+        (bind, drop): it takes no lane. Requests naming ``cell_id`` run one
+        after the other; runs wait for a lane of ``handle``'s worker, granted
+        fairly across tenants. A malformed or oversized answer costs the
+        worker its life: after one bad frame nothing it says is trusted
+        (T-PROTO-1).
         """
-        with self._state_lock:
-            if self._waiting >= self.settings.queue_max + len(self._workers):
-                raise Busy("every worker is busy and the queue is full", retry_after=1)
-            self._waiting += 1
+        self._admit(tenant)
+        cell_lock = self._cell_lock(cell_id) if cell_id is not None else None
+        ticket: Ticket | None = None
         try:
-            if not handle.lock.acquire(timeout=30):
-                raise Busy("timed out waiting for a worker", retry_after=1)
-        finally:
-            with self._state_lock:
-                self._waiting -= 1
-        try:
-            current = self._workers[handle.index]
-            if current is not handle:  # replaced while we waited
-                raise WorkerReplaced("worker was replaced")
-            if not handle.process.is_alive():  # died while idle (e.g. killed from outside)
-                self._replace(handle, "died while idle")
-                raise WorkerReplaced("worker had died and was replaced")
-            handle.busy = True
-            handle.runs += 1
-            req_id = next(self._req_ids)
-            request = dataclasses.replace(request, req_id=req_id)
-            grace = self.settings.kill_grace_ms / 1000
-            limit = time.monotonic() + (CONTROL_TIMEOUT_S if deadline_s is None else deadline_s + grace)
-            # What an honest worker can stream: each stream up to its cap
-            # (T-PROTO-1: a flood of chunks or stale frames is a violation).
-            chunk_budget = 2 * self.settings.output_cap_bytes + (1 << 16)
-            stale = 0
+            if cell_lock is not None and not cell_lock.acquire(timeout=30):
+                raise Busy("timed out waiting for this cell's previous run", retry_after=1)
             try:
-                handle.conn.send_bytes(protocol.encode(request))
-                while True:
-                    if not handle.conn.poll(max(0.0, limit - time.monotonic())):
-                        self._replace(handle, "overran its deadline")
-                        raise WorkerLost("the worker overran the run's deadline and was replaced")
-                    reply = self._receive(handle)
-                    if isinstance(reply, protocol.Ready) or reply.req_id != req_id:
-                        stale += 1
-                        if stale > MAX_STALE_FRAMES:
-                            raise ProtocolError("too many frames for no request")
-                        continue
-                    if isinstance(reply, protocol.RunChunk):
-                        chunk_budget -= len(reply.data)
-                        if chunk_budget < 0:
-                            raise ProtocolError("more output than the caps allow")
-                        if on_chunk is not None:
-                            on_chunk(reply.fd, reply.data)
-                        continue
-                    return reply
-            except ProtocolError:
-                self._replace(handle, "sent a malformed message")
-                raise WorkerLost("the worker sent a malformed message and was replaced") from None
-            except (EOFError, OSError, BrokenPipeError):
+                if deadline_s is not None:
+                    ticket = self._take_lane(handle.index, tenant, 30.0)
+            except BaseException:
+                if cell_lock is not None:
+                    cell_lock.release()
+                raise
+        finally:
+            self._leave(tenant)
+        try:
+            return self._exchange(handle, msg, deadline_s, on_chunk)
+        finally:
+            if ticket is not None:
+                self._free_lane(ticket)
+            if cell_lock is not None:
+                cell_lock.release()
+
+    def _exchange(self, handle: WorkerHandle, msg: Request, deadline_s: float | None,
+                  on_chunk: ChunkCallback | None) -> Reply:
+        if self._workers[handle.index] is not handle:  # replaced while we waited
+            raise WorkerReplaced("worker was replaced")
+        if handle.dead or not handle.process.is_alive():  # died while idle (e.g. killed from outside)
+            self.check_alive()  # this one and any other that died with it: the answer reflects a settled pool
+            self._replace(handle, "died while idle")  # no-op once replaced; covers a pipe closed before the exit
+            raise WorkerReplaced("worker had died and was replaced")
+        req_id = next(self._req_ids)
+        answers: queue.SimpleQueue[Answer] = queue.SimpleQueue()
+        with handle.state_lock:
+            if handle.dead:
+                raise WorkerReplaced("worker had died")
+            handle.pending[req_id] = answers
+            handle.running += 1
+            handle.runs += 1
+        grace = self.settings.kill_grace_ms / 1000
+        limit = time.monotonic() + (CONTROL_TIMEOUT_S if deadline_s is None else deadline_s + grace)
+        # What an honest worker can stream: each stream up to its cap
+        # (T-PROTO-1: more is a violation).
+        chunk_budget = 2 * self.settings.output_cap_bytes + (1 << 16)
+        try:
+            try:
+                frame = protocol.encode(dataclasses.replace(msg, req_id=req_id))
+                with handle.send_lock:
+                    handle.conn.send_bytes(frame)
+            except (OSError, ValueError):
                 self._replace(handle, "died")
                 raise WorkerLost("the worker died during the run and was replaced") from None
+            while True:
+                try:
+                    reply = answers.get(timeout=max(0.0, limit - time.monotonic()))
+                except queue.Empty:
+                    # T-DOS-1: the last line of defence for a run's wall-clock limit.
+                    self._replace(handle, "overran its deadline")
+                    raise WorkerOverran("the worker overran the run's deadline and was replaced") from None
+                if reply is None:
+                    self._replace(handle, "died")
+                    raise WorkerLost("the worker died during the run and was replaced")
+                if isinstance(reply, _Violation):
+                    self._replace(handle, "sent a malformed message")
+                    raise WorkerLost("the worker sent a malformed message and was replaced")  # its words are not repeated
+                if isinstance(reply, protocol.RunChunk):
+                    chunk_budget -= len(reply.data)
+                    if chunk_budget < 0:
+                        self._replace(handle, "streamed more than the output caps allow")
+                        raise WorkerLost("the worker streamed more than the output caps allow and was replaced")
+                    if on_chunk is not None:
+                        on_chunk(reply.fd, reply.data)
+                    continue
+                return reply
         finally:
-            handle.busy = False
-            handle.lock.release()
+            with handle.state_lock:
+                handle.pending.pop(req_id, None)
+                handle.running -= 1
 
     def _replace(self, handle: WorkerHandle, why: str) -> None:
-        """Kill a worker and start its replacement (called with its lock held)."""
-        self.kills += 1
-        try:
-            handle.process.kill()
-            handle.process.join(timeout=5)
-        except Exception:
-            pass
-        try:
-            handle.conn.close()
-        except OSError:
-            pass
-        new = self._spawn(handle.index)
-        # Publish the new worker only with its lock held until it is ready: a
-        # request that picks it waits, instead of reading the pipe at the same
-        # time as the readiness check (two readers would steal each other's
-        # messages).
-        new.lock.acquire()
-        self._workers[handle.index] = new
-        try:
-            self._await_ready(new, START_TIMEOUT_S)
-        except RuntimeError as e:
-            raise CellError(f"worker replacement failed: {e}") from None
-        finally:
-            new.lock.release()
+        """Kill a worker and start its replacement, once however many of its
+        requests notice. Other runs on the killed worker are answered killed."""
+        with self._state_lock:
+            replace_lock = self._replace_locks.setdefault(handle.index, threading.Lock())
+        with replace_lock:
+            if self._workers[handle.index] is not handle:
+                return  # already replaced by another request or the maintenance loop
+            self.kills += 1
+            try:
+                handle.process.kill()  # its pipe reader sees EOF and tells every pending request
+                handle.process.join(timeout=5)
+            except Exception:
+                pass
+            new = self._spawn(handle.index)
+            try:
+                self._await_ready(new, START_TIMEOUT_S)
+            except RuntimeError as e:
+                raise CellError(f"worker replacement failed: {e}") from None
+            # Published only once ready: a request that still holds the old
+            # handle sees it replaced and is told nothing ran there.
+            self._workers[handle.index] = new
 
     def generation_of(self, index: int) -> int:
         return self._workers[index].generation
@@ -295,9 +448,5 @@ class WorkerPool:
     def check_alive(self) -> None:
         """Replace workers that died between requests (e.g. killed from outside)."""
         for handle in list(self._workers):
-            if not handle.process.is_alive() and handle.lock.acquire(blocking=False):
-                try:
-                    if self._workers[handle.index] is handle and not handle.process.is_alive():
-                        self._replace(handle, "died while idle")
-                finally:
-                    handle.lock.release()
+            if not handle.process.is_alive() and self._workers[handle.index] is handle:
+                self._replace(handle, "died while idle")

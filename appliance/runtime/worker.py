@@ -1,7 +1,9 @@
 """A worker process: owns a wasmtime engine, its sessions and a warm pool.
 
-The web process never runs guest code. It sends one request at a time over a
-pipe; the worker answers with optional output chunks and one final message.
+The web process never runs guest code. It sends requests over a pipe; each
+runs on a thread of its own (the supervisor bounds how many at once, and
+sends one cell's runs one after the other), and is answered with optional
+output chunks and one final message carrying its request id.
 A worker that overruns a deadline is killed by the supervisor (pool.py) and
 replaced; nothing it held survives, by design.
 """
@@ -90,6 +92,8 @@ class Worker:
         self.conn = conn
         self.cfg = config
         self._send_lock = threading.Lock()
+        self._lock = threading.Lock()  # the warm pool and the count of requests in flight
+        self._in_flight = 0
         self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=_registry_hashes(config.get("mirror_dir")))
         self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
@@ -122,18 +126,36 @@ class Worker:
     def serve(self) -> None:
         self.send(protocol.Ready(pid=os.getpid()))
         while True:
-            if not self.conn.poll(0):
-                if self._refill_one():
-                    continue
+            if self.conn.poll(0):
+                try:
+                    frame = self.conn.recv_bytes(MAX_REQUEST_FRAME)
+                except (EOFError, OSError):
+                    return
+                try:
+                    request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
+                except protocol.ProtocolError:
+                    return  # only the supervisor writes here: a bad frame means it is gone or broken
+                with self._lock:
+                    self._in_flight += 1
+                threading.Thread(target=self._serve_one, args=(request,), name="cell-request", daemon=True).start()
+                continue
+            with self._lock:
+                idle = self._in_flight == 0
+            if idle and self._refill_one():
+                continue
+            # Idle and full: sleep until a message (or EOF). Runs in flight:
+            # look again soon, so the warm pool refills once they end.
+            self.conn.poll(None if idle else 0.05)
+
+    def _serve_one(self, request: protocol.Request) -> None:
+        try:
             try:
-                frame = self.conn.recv_bytes(MAX_REQUEST_FRAME)
-            except (EOFError, OSError):
-                return
-            try:
-                request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
-            except protocol.ProtocolError:
-                return  # only the supervisor writes here: a bad frame means it is gone or broken
-            self.send(self.answer(request))
+                self.send(self.answer(request))
+            except (OSError, ValueError):
+                pass  # the supervisor closed the pipe: the main loop ends on EOF
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def answer(self, request: protocol.Request) -> Any:
         """Handle one request; every failure becomes an error reply."""
@@ -173,14 +195,17 @@ class Worker:
                 if preload:
                     # Pay numpy/pandas import time (~2 s CPU, ~45 MiB) before a client asks.
                     session.run(("import " + ", ".join(preload)).encode(), 60.0, 1 << 16, None, None)
-                self.warm[template].append((session, path))
+                with self._lock:
+                    self.warm[template].append((session, path))
                 return True
         return False
 
     def _take_warm(self, template: str, memory: int, envs: dict[str, str] | None) -> tuple[Any, str] | None:
-        if memory != self.default_memory or envs or not self.warm.get(template):
+        if memory != self.default_memory or envs:
             return None
-        return self.warm[template].popleft()
+        with self._lock:
+            queue = self.warm.get(template)
+            return queue.popleft() if queue else None
 
     # -- requests --------------------------------------------------------
     def handle(self, request: protocol.Request) -> Any:
@@ -465,6 +490,12 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
     try:
         worker.serve()
     finally:
+        with worker._lock:
+            busy = worker._in_flight > 0
+        if busy:  # the pipe closed under running requests: never close a Store another thread is driving
+            _discard(worker.pool_root)  # guest scratch trees: the iterative, bounded removal (T-DOS-1)
+            shutil.rmtree(worker.fifo_dir, ignore_errors=True)
+            os._exit(0)
         for session in list(worker.sessions.values()):
             session.close()
         for queue in worker.warm.values():

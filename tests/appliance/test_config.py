@@ -35,12 +35,25 @@ def test_environment_beats_file_beats_default(tmp_path: Path) -> None:
         ("SYNAPSE_TRUSTED_PROXIES", "not-an-ip"), ("SYNAPSE_RUN_TIMEOUT_MS", "600000"), ("SYNAPSE_EGRESS_ALLOW", "bad host!"),
         ("SYNAPSE_EGRESS_DENY", "10.0.0.0/33"), ("SYNAPSE_EGRESS_DENY", "2001:db8::/64,example.com"),
         ("SYNAPSE_EGRESS_DENY", "fe80::1%eth0"),
+        ("SYNAPSE_LANES_PER_WORKER", "0"), ("SYNAPSE_TENANT_MAX_RUNS", "-1"), ("SYNAPSE_TENANT_MAX_QUEUED", "lots"),
+        ("SYNAPSE_TENANT_MAX_CELLS", "-5"),
     ],
 )
 def test_bad_value_fails_naming_the_key(tmp_path: Path, key: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(env(tmp_path, **{key: value}))
     assert key in str(info.value)
+
+
+@pytest.mark.parametrize("workers,lanes", [(1, 1), (2, 2), (16, 2), (64, 4)])
+def test_t_fair_1_one_tenant_never_holds_half_the_http_threads(tmp_path: Path, workers: int, lanes: int) -> None:
+    from appliance.runtime.pool import tenant_queue_cap
+
+    s = load_settings(env(tmp_path, SYNAPSE_WORKERS=str(workers), SYNAPSE_LANES_PER_WORKER=str(lanes)))
+    assert (s.tenant_max_runs, s.tenant_max_queued, s.tenant_max_cells) == (0, 0, 0)
+    running = workers * lanes  # an upper bound of one tenant's runs in flight
+    assert running + tenant_queue_cap(s) <= s.http_threads // 2 + running // 2 + 1
+    assert s.http_threads <= 256  # waitress select()s: stay far below 1024 descriptors
 
 
 def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
