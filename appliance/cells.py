@@ -18,7 +18,7 @@ from appliance.config import Settings
 from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound, PayloadTooLarge
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
-from appliance.runtime import protocol, templates
+from appliance.runtime import protocol, scratch, templates
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
@@ -149,6 +149,7 @@ class CellService:
                     pass
         self.store.delete_cell(record.id)
         shutil.rmtree(self.volume_path(record.tenant_id, record.id), ignore_errors=True)
+        scratch.remove_tmp_dir(self.volume_path(record.tenant_id, record.id))  # the cell's /tmp goes with it
 
     def set_timeout(self, tenant: Tenant, cell_id: str, timeout_ms: int) -> CellRecord:
         record = self.cell(tenant, cell_id)
@@ -186,6 +187,7 @@ class CellService:
         try:
             with open_volume(self.settings.volumes_dir, record.tenant_id, record.id) as vol:
                 used = vol.usage_bytes()
+            used += scratch.tmp_usage(self.volume_path(record.tenant_id, record.id))  # its /tmp counts too
         except (ConfinementError, OSError):
             used = 0
         with self._lock:
@@ -204,6 +206,15 @@ class CellService:
                 self._usage_loaded.add(tenant.id)
         with self._lock:
             return sum(used for owner, used in self._usage.values() if owner == tenant.id)
+
+    def plus_tmp(self, tenant_id: str, cell_id: str, data_bytes: int) -> int | None:
+        """A cell's /data bytes plus its /tmp (scratch.py); None when /tmp cannot be measured."""
+        from appliance.confine import ConfinementError
+
+        try:
+            return data_bytes + scratch.tmp_usage(self.volume_path(tenant_id, cell_id))
+        except (ConfinementError, OSError):
+            return None
 
     def note_usage(self, tenant_id: str, cell_id: str, used: int | None) -> None:
         if used is not None:

@@ -24,6 +24,7 @@ class Loaded:
     module: wasmtime.Module
     pre: wasmtime.InstancePre
     stdlib_dir: Path | None
+    mpl_data_dir: Path | None = None  # matplotlib's data, extracted read-only from the stdlib zip
 
 
 def _deny_host_call(*_args: int) -> int:
@@ -70,14 +71,16 @@ class Runtimes:
 
         module = self.cache.load(self.engine, actual, compile_source, self.progress)
         linker = self.base_linker()
-        stdlib_dir = None
+        stdlib_dir = mpl_data_dir = None
         i32 = wasmtime.ValType.i32()
         for module_name, name in runtime.stub_imports:
             linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
         if runtime.stdlib_zip is not None:
             stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
+            mpl_data_dir = templates.prepare_mpl_data(runtime, stdlib_dir, self.cache_root)
         pre = linker.instantiate_pre(module)
-        return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir)
+        return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir,
+                      mpl_data_dir=mpl_data_dir)
 
     def close(self) -> None:
         self.ticker.close()

@@ -26,12 +26,13 @@ from typing import Any
 
 import wasmtime
 
-from appliance.runtime import context, protocol
+from appliance.runtime import context, protocol, scratch
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
 from appliance.runtime import templates
 from appliance.runtime.templates import RuntimeMissing
 from appliance.runtime.sessions import Session
+from appliance.runtime.stack import GUEST_THREAD_STACK, on_guest_stack
 
 PR_SET_NO_NEW_PRIVS = 38
 # A request carries at most a 10 MB module or code body (base64) plus small fields.
@@ -152,6 +153,7 @@ class Worker:
                     session = self._new_session(template, path, self.default_memory, None)
                 except Exception:
                     shutil.rmtree(path, ignore_errors=True)
+                    scratch.remove_tmp_dir(path)
                     self.targets[template] = len(self.warm[template])  # stop retrying a broken runtime
                     return False
                 preload = self.preload.get(template) or []
@@ -195,6 +197,7 @@ class Worker:
             # The session's preopen holds the directory itself, so renaming the
             # warm directory into place hands it to the cell (same inode).
             os.rename(path, volume)
+            scratch.move_tmp_dir(path, volume)  # its /tmp goes with it (scratch.py)
         else:
             os.makedirs(volume, mode=0o700, exist_ok=True)
             session = self._new_session(template, volume, memory, envs)
@@ -277,6 +280,7 @@ class Worker:
         finally:
             session.close()
             shutil.rmtree(path, ignore_errors=True)
+            scratch.remove_tmp_dir(path)
         outcome.session_alive = False
         return outcome, None
 
@@ -369,7 +373,8 @@ def _volume_usage(path: str) -> int | None:
 
     try:
         with Volume(path) as vol:
-            return vol.usage_bytes()
+            used = vol.usage_bytes()
+        return used + scratch.tmp_usage(path)  # the cell's /tmp counts too (scratch.py)
     except (ConfinementError, OSError):
         return None
 
@@ -377,9 +382,10 @@ def _volume_usage(path: str) -> int | None:
 def worker_main(conn: Connection, config: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     harden_process()
+    threading.stack_size(GUEST_THREAD_STACK)  # any thread of a worker may run guest code (stack.py)
     worker = Worker(conn, config)
     try:
-        worker.serve()
+        on_guest_stack(worker.serve)
     finally:
         for session in list(worker.sessions.values()):
             session.close()
@@ -387,7 +393,12 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
             for session, path in queue:
                 session.close()
                 shutil.rmtree(path, ignore_errors=True)
+                scratch.remove_tmp_dir(path)
         shutil.rmtree(worker.pool_root, ignore_errors=True)
+        try:
+            os.rmdir(scratch.tmp_dir_for(str(worker.pool_root / "-")).parent)  # the pool's /tmp root, now empty
+        except OSError:
+            pass
         shutil.rmtree(worker.fifo_dir, ignore_errors=True)
         worker.sessions.clear()
         if worker.mcp is not None:

@@ -67,7 +67,7 @@ def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]
         with volume(cell_id) as vol:
             vol.write_bytes(path, data, make_parents=True)
             entry = vol.stat(path).as_dict()
-            services.cells.note_usage(g.tenant.id, record.id, vol.usage_bytes())
+            services.cells.note_usage(g.tenant.id, record.id, services.cells.plus_tmp(g.tenant.id, record.id, vol.usage_bytes()))
             return jsonify(entry)
 
     @app.get("/v1/cells/<cell_id>/files")
@@ -92,7 +92,7 @@ def register_files(app: Flask, services: Any, body: Callable[[], dict[str, Any]]
         path = path_arg()
         with volume(cell_id) as vol:
             vol.remove(path, recursive=request.args.get("recursive") in ("1", "true"))
-            services.cells.note_usage(g.tenant.id, cell_id, vol.usage_bytes())
+            services.cells.note_usage(g.tenant.id, cell_id, services.cells.plus_tmp(g.tenant.id, cell_id, vol.usage_bytes()))
         return jsonify({"path": path, "status": "deleted"})
 
     @app.get("/v1/cells/<cell_id>/files/list")
