@@ -68,6 +68,8 @@ def tmp_usage(volume: str) -> int:
     t = tmp_dir_for(volume)
     try:
         vol = open_volume(t.parent.parent, t.parent.name, t.name)
+    except FileNotFoundError:
+        return 0  # no /tmp root yet: no cell has one
     except ConfinementError as exc:
         if exc.code == "not_found":
             return 0

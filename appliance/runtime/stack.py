@@ -33,6 +33,7 @@ actually goes that deep.
 from __future__ import annotations
 
 import ctypes
+import queue
 import threading
 from typing import Callable, TypeVar
 
@@ -89,23 +90,52 @@ def guest_stack_ok() -> bool:
 
 def on_guest_stack(fn: Callable[[], T]) -> T:
     """``fn()`` on a thread whose stack holds the guest's: this one if it does,
-    else a fresh thread made for it (unknown size counts as too small)."""
+    else the process's one guest thread (unknown size counts as too small).
+
+    One long-lived thread, not one per call: what a host call starts on the
+    calling thread (an MCP server child dies with the thread that spawned it,
+    through PR_SET_PDEATHSIG) outlives the run, as it does in the worker."""
     if guest_stack_ok():
         return fn()
-    box: list[T] = []
-    err: list[BaseException] = []
+    call = _Call(fn)
+    _runner().put(call)
+    call.done.wait()
+    if call.error is not None:
+        raise call.error
+    return call.value  # type: ignore[return-value]
 
-    def body() -> None:
-        try:
-            box.append(fn())
-        except BaseException as e:  # handed back to the caller's thread
-            err.append(e)
 
-    thread = start_guest_thread(body, "cell-guest")
-    thread.join()
-    if err:
-        raise err[0]
-    return box[0]
+class _Call:
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.value: object = None
+        self.error: BaseException | None = None
+
+
+_runner_lock = threading.Lock()
+_queue: queue.SimpleQueue[_Call] | None = None
+
+
+def _runner() -> queue.SimpleQueue[_Call]:
+    global _queue
+    with _runner_lock:
+        if _queue is None:
+            q: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+
+            def loop() -> None:
+                while True:
+                    call = q.get()
+                    try:
+                        call.value = call.fn()
+                    except BaseException as e:  # handed back to the caller's thread
+                        call.error = e
+                    finally:
+                        call.done.set()
+
+            start_guest_thread(loop, "cell-guest")
+            _queue = q
+        return _queue
 
 
 _size_lock = threading.Lock()

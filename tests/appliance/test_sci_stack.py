@@ -114,7 +114,7 @@ def test_matplotlib_data_is_read_only(live: ServerProcess, sci_cell: str) -> Non
 
 
 # -- /tmp: writable, per cell, kept across runs, counted, removed with the cell ---------
-def test_tmp_is_writable_private_and_kept_across_runs(live: ServerProcess) -> None:
+def test_t_path_2_tmp_is_writable_private_and_kept_across_runs(live: ServerProcess) -> None:
     a, b = new_cell(live), new_cell(live)
     try:
         assert ok(live, a, "import tempfile, os\nopen('/tmp/mine.csv', 'w').write('x,y\\n1,2\\n')\n"
@@ -131,7 +131,7 @@ def test_tmp_is_writable_private_and_kept_across_runs(live: ServerProcess) -> No
         live.request("DELETE", f"/v1/cells/{b}")
 
 
-def test_t_dos_1_tmp_counts_in_quota_and_goes_with_the_cell(live: ServerProcess) -> None:
+def test_t_path_2_tmp_counts_in_quota_and_goes_with_the_cell(live: ServerProcess) -> None:
     cell = new_cell(live)
     tmp_dir = live.root / "sandbox_volumes" / ".tmp"
     before = used_bytes(live)
@@ -144,7 +144,7 @@ def test_t_dos_1_tmp_counts_in_quota_and_goes_with_the_cell(live: ServerProcess)
     assert used_bytes(live) - before < 3_000_000
 
 
-def test_tmp_of_a_one_shot_run_is_removed(live: ServerProcess) -> None:
+def test_t_path_2_tmp_of_a_one_shot_run_is_removed(live: ServerProcess) -> None:
     tmp_root = live.root / "sandbox_volumes"
     status, body, _ = live.request("POST", "/v1/execute", {
         "template": "python3", "code": "open('/tmp/once.txt', 'w').write('x')\nprint(open('/tmp/once.txt').read())"})
