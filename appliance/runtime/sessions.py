@@ -203,8 +203,8 @@ class PythonSession:
             status = trap_status(trap, stop_reason)
             if status == "error":  # say what stopped it: an empty stderr explains nothing
                 err += ("\n" if err and not err.endswith("\n") else "") + (
-                    f"Cell: the Python interpreter crashed: {trap_words(trap)}. Its variables are lost; the next run "
-                    "in this cell starts a fresh interpreter (files are kept).\n")
+                    f"Cell: the Python interpreter crashed: {trap_words(trap)}. Its variables are lost; in a cell, "
+                    "the next run starts a fresh interpreter (files are kept).\n")
             return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False, denials=run_ctx.denials)
         assert exit_code is not None
         status = "output_limit" if truncated else exited_status(exit_code, err)
