@@ -7,6 +7,8 @@ variables; a trap that still happens is named in stderr."""
 from __future__ import annotations
 
 import base64
+import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,3 +233,53 @@ LIMITS = [
 def test_sandbox_limit_is_named_in_the_error(live: ServerProcess, sci_cell: str, code: str, words: str) -> None:
     out = run(live, sci_cell, code)
     assert out["status"] == "error" and f"Cell: this sandbox {words}" in out["stderr"], out["stderr"][-800:]
+
+
+# -- host-side pieces, without a server ------------------------------------------------------
+def test_t_supply_1_mpl_data_is_extracted_again_when_changed(tmp_path: Path) -> None:
+    from appliance.runtime import templates
+
+    runtime = templates.find_runtime("python3")
+    stdlib = templates.prepare_stdlib_dir(runtime, tmp_path)
+    data = templates.prepare_mpl_data(runtime, stdlib, tmp_path)
+    assert data is not None and (data / "matplotlibrc").is_file()
+    rc = data / "matplotlibrc"
+    original = rc.read_bytes()
+    font = next(data.glob("fonts/ttf/DejaVuSans.ttf"))
+    os.chmod(rc, 0o644)
+    rc.write_bytes(b"backend: something-else\n")
+    font.unlink()
+    font.symlink_to("/etc/passwd")
+    (data / "planted.txt").write_text("not from the archive")
+    again = templates.prepare_mpl_data(runtime, stdlib, tmp_path)
+    assert again == data
+    assert rc.read_bytes() == original
+    assert not font.is_symlink() and font.read_bytes()[:4] == b"\x00\x01\x00\x00"
+    assert not (data / "planted.txt").exists()
+
+
+def test_t_dos_1_guest_code_never_runs_on_a_small_stack() -> None:
+    from appliance.runtime import stack
+
+    seen: list[int | None] = []
+
+    def probe() -> str:
+        seen.append(stack.thread_stack_bytes())
+        return "ran"
+
+    def small() -> None:
+        seen.append(-1 if stack.guest_stack_ok() else 0)
+        assert stack.on_guest_stack(probe) == "ran"
+
+    old = threading.stack_size(1 << 20)  # a thread far too small for the guest's 32 MiB
+    try:
+        t = threading.Thread(target=small)
+        t.start()
+        t.join()
+    finally:
+        threading.stack_size(old)
+    assert seen[0] == 0  # refused to run there
+    size = seen[1]
+    assert size is not None and size >= stack.GUEST_THREAD_STACK
+    with pytest.raises(ZeroDivisionError):  # errors come back to the caller's thread
+        stack.on_guest_stack(lambda: 1 // 0)
