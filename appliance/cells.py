@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Collection
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from appliance.confine import ConfinementError, Usage, create_volume, remove_volume
@@ -24,7 +25,7 @@ from appliance.quota import Allowance, DiskQuota, measure_volume
 from appliance.policy.fairness import tenant_cell_cap
 from appliance.receipts import v1
 from appliance.receipts.store import ReceiptStore
-from appliance.runtime import protocol, templates
+from appliance.runtime import protocol, scratch, templates
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerOverran, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
@@ -65,7 +66,8 @@ class CellService:
         self.quota = DiskQuota(
             limits=lambda: (self.quota_bytes(), self.settings.tenant_file_limit),
             measure=lambda tenant_id, cell_id, bound: measure_volume(self.settings.volumes_dir, tenant_id, cell_id, bound),
-            cells=lambda tenant_id: [c.id for c in self.store.list_cells(tenant_id)])
+            cells=lambda tenant_id: [c.id for c in self.store.list_cells(tenant_id)],
+            extra=lambda tenant_id, cell_id, bound: scratch.tmp_usage(self.volume_path(tenant_id, cell_id), bound))
         # The limits in force; the service wires the license in.
         self.limits: Callable[[], Limits] = lambda: config_limits(settings)
         # Called after every run with a summary (no code, no output): metrics, logs.
@@ -168,6 +170,9 @@ class CellService:
         # reaper) finishes the job: a volume is never orphaned.
         try:
             remove_volume(self.settings.volumes_dir, record.tenant_id, record.id)
+            tmp = scratch.tmp_dir_for(self.volume_path(record.tenant_id, record.id))
+            if not scratch.remove_tmp_dir(self.volume_path(record.tenant_id, record.id)) and os.path.lexists(tmp):
+                raise ConfinementError("io", "the cell's /tmp could not be removed")  # its /tmp goes with it
         except ConfinementError as exc:
             self.quota.record(record.tenant_id, record.id, None)  # partly removed: measure again
             log.error("could not remove the volume of cell %s: %s", record.id, exc.message)
@@ -182,21 +187,26 @@ class CellService:
         before the server takes requests (a create makes its volume before its
         row). Returns how many were removed."""
         known = {(c.tenant_id, c.id) for c in self.store.list_cells()}
+        removed = self._sweep(self.settings.volumes_dir, known)
+        # Cells' /tmp scratch directories live under their own root (scratch.py).
+        return removed + self._sweep(self.settings.volumes_dir / scratch.TMP_ROOT, known)
+
+    def _sweep(self, root: Path, known: set[tuple[str, str]]) -> int:
         removed = 0
         try:
-            tenants = [e.name for e in os.scandir(self.settings.volumes_dir) if e.is_dir(follow_symlinks=False)]
+            tenants = [e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
             return 0
         for tenant_id in tenants:
             try:
-                cells = [e.name for e in os.scandir(self.settings.volumes_dir / tenant_id) if e.is_dir(follow_symlinks=False)]
+                cells = [e.name for e in os.scandir(root / tenant_id) if e.is_dir(follow_symlinks=False)]
             except OSError:
                 continue
             for cell_id in cells:
                 if (tenant_id, cell_id) in known or not _VOLUME_ID.fullmatch(tenant_id) or not _VOLUME_ID.fullmatch(cell_id):
                     continue  # ".pool" and anything that is not a volume name is left alone
                 try:
-                    removed += remove_volume(self.settings.volumes_dir, tenant_id, cell_id)
+                    removed += remove_volume(root, tenant_id, cell_id)
                 except ConfinementError as exc:
                     log.error("could not remove orphan volume %s/%s: %s", tenant_id, cell_id, exc.message)
         return removed

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 
 from appliance.confine import ConfinementError, Usage, Volume, open_volume
 from appliance.errors import PayloadTooLarge
+from appliance.runtime import scratch
 
 
 @dataclass(frozen=True)
@@ -52,17 +53,29 @@ class DiskQuota:
 
     def __init__(self, limits: Callable[[], tuple[int, int]],
                  measure: Callable[[str, str, int], Usage | None],
-                 cells: Callable[[str], Iterable[str]]) -> None:
+                 cells: Callable[[str], Iterable[str]],
+                 extra: Callable[[str, str, int], Usage] | None = None) -> None:
         self.limits = limits
         self._measure = measure
         self._cells = cells
+        self._extra = extra  # what a cell holds beside its volume (its /tmp); raises when it cannot be walked
         self._lock = threading.Lock()
         self._usage: dict[str, tuple[str, Usage | None]] = {}  # cell -> (tenant, usage or None = unmeasured)
         self._loaded: set[str] = set()  # tenants whose every cell has been measured once
 
     def _walk(self, tenant_id: str, cell_id: str) -> Usage | None:
         # A single volume over the tenant's file limit is over it already: stop there.
-        return self._measure(tenant_id, cell_id, self.limits()[1] + 1)
+        return self._plus_extra(tenant_id, cell_id, self._measure(tenant_id, cell_id, self.limits()[1] + 1))
+
+    def _plus_extra(self, tenant_id: str, cell_id: str, usage: Usage | None) -> Usage | None:
+        """The volume's usage plus what else the cell holds (its /tmp); None if any walk failed."""
+        if usage is None or self._extra is None:
+            return usage
+        try:
+            extra = self._extra(tenant_id, cell_id, self.limits()[1] + 1)
+        except (ConfinementError, OSError):
+            return None
+        return Usage(usage.bytes + extra.bytes, usage.entries + extra.entries, usage.complete and extra.complete)
 
     def start_cell(self, tenant_id: str, cell_id: str) -> None:
         """A new, empty volume."""
@@ -82,7 +95,7 @@ class DiskQuota:
             usage: Usage | None = vol.usage(max_entries=self.limits()[1] + 1)
         except ConfinementError:
             usage = None
-        self.record(tenant_id, cell_id, usage)
+        self.record(tenant_id, cell_id, self._plus_extra(tenant_id, cell_id, usage))
 
     def cell(self, tenant_id: str, cell_id: str) -> Usage | None:
         """A cell's usage; walks it when unknown or unmeasured."""
@@ -221,6 +234,8 @@ class WatchedRun:
         try:
             with Volume(self.path) as vol:
                 usage = vol.usage(max_entries=self.max_entries)
+            # A Python cell's /tmp sits beside its volume and counts with it.
+            usage = scratch.with_tmp(usage, scratch.tmp_usage(self.path, self.max_entries))
         except (ConfinementError, OSError):
             return "unmeasured"
         if not usage.complete or usage.entries > self.max_entries:

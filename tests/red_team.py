@@ -232,6 +232,11 @@ DOS_CASES = [
     ("py-memory", "python3", "x = []\nwhile True: x.append(bytearray(10**6))", {"memory_limit"}),
     ("py-output-flood", "python3", "while True: print('A' * 65536)", {"output_limit"}),
     ("py-recursion", "python3", "import sys; sys.setrecursionlimit(10**6)\ndef f(n): return f(n+1)\nf(0)", {"error", "timeout"}),
+    # Deep C recursion: RecursionError where CPython can see it, a named stack-overflow trap where it cannot;
+    # never a SIGSEGV that takes the worker (and every cell on it) down (runtime/stack.py).
+    ("py-deep-c-recursion", "python3", "import json\nl = []\nfor _ in range(100_000): l = [l]\njson.dumps(l)", {"error"}),
+    ("py-deep-free", "python3", "l = []\nfor _ in range(400_000): l = [l]\ndel l", {"error"}),
+    ("js-recursion", "javascript", "function f(n) { return f(n + 1) } f(0)", {"error"}),
     ("js-spin", "javascript", "for(;;){}", {"timeout"}),
     ("js-output-flood", "javascript", "for(;;) console.log('B'.repeat(65536))", {"output_limit"}),
     ("js-memory", "javascript", "let a = []; for(;;) a.push(new Array(1e6).fill(1))", {"memory_limit", "error", "timeout"}),

@@ -21,9 +21,13 @@ from typing import Callable
 import wasmtime
 
 from appliance.fileio import sha256_file, write_atomic
+from appliance.runtime.governor import set_async_stack_size
+from appliance.runtime.stack import WASM_STACK
 
 # Engine settings are part of the cache key: a .cwasm only loads into an
-# engine configured exactly like the one that wrote it.
+# engine configured exactly like the one that wrote it. The stack sizes are
+# not: they are limits the running code reads from its context, not compiled
+# in (a .cwasm written before they were raised loads and runs unchanged).
 ENGINE_TAG = "epoch1-fuel0"
 WASMTIME_VERSION = getattr(wasmtime, "__version__", None) or "49.0.0"
 
@@ -32,6 +36,10 @@ def make_engine() -> wasmtime.Engine:
     cfg = wasmtime.Config()
     cfg.epoch_interruption = True  # wall-clock limits (T-DOS-1)
     cfg.consume_fuel = False  # epochs suffice for wall-clock; fuel costs 15-35 % more
+    # The async stack first: wasmtime refuses a max_wasm_stack above it, and
+    # wasmtime-py turns that refusal into an abort of the whole process.
+    set_async_stack_size(cfg, WASM_STACK)
+    cfg.max_wasm_stack = WASM_STACK  # deep C recursion in a guest: RecursionError, not a trap (stack.py)
     return wasmtime.Engine(cfg)
 
 

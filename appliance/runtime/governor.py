@@ -115,6 +115,15 @@ class EpochTicker:
         self._thread.join(timeout=1)
 
 
+def set_async_stack_size(cfg: wasmtime.Config, size: int) -> None:
+    """wasmtime's async stack size (no public setter in wasmtime-py 49); it
+    must be at least ``max_wasm_stack`` or creating the Engine aborts."""
+    setter = getattr(ffi, "wasmtime_config_async_stack_size_set", None)
+    if setter is None:
+        raise RuntimeError("this wasmtime-py cannot set async_stack_size, which the guest stack needs")
+    setter(cfg.ptr(), size)
+
+
 def set_stdin_bytes(wasi: wasmtime.WasiConfig, data: bytes) -> None:
     """Give a guest fixed stdin bytes (no public setter in wasmtime-py 49)."""
     vec = ffi.wasm_byte_vec_t()

@@ -25,6 +25,7 @@ class Loaded:
     pre: wasmtime.InstancePre
     stdlib_dir: Path | None
     fd_read_trampoline: wasmtime.Module | None = None  # JavaScript: see command_channel.attach
+    mpl_data_dir: Path | None = None  # matplotlib's data, extracted read-only from the stdlib zip
 
 
 def _deny_host_call(*_args: int) -> int:
@@ -71,13 +72,14 @@ class Runtimes:
 
         module = self.cache.load(self.engine, actual, compile_source, self.progress)
         linker = self.base_linker()
-        stdlib_dir = None
+        stdlib_dir = mpl_data_dir = None
         trampoline = None
         i32 = wasmtime.ValType.i32()
         for module_name, name in runtime.stub_imports:
             linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
         if runtime.stdlib_zip is not None:
             stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
+            mpl_data_dir = templates.prepare_mpl_data(runtime, stdlib_dir, self.cache_root)
         if runtime.command_channel:
             # T-DOS-1: fd 0 is the host's command channel; the end of a run is
             # the guest parked in its read, never bytes the guest wrote.
@@ -85,7 +87,7 @@ class Runtimes:
             trampoline = command_channel.compile_trampoline(self.engine)
         pre = linker.instantiate_pre(module)
         return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir,
-                      fd_read_trampoline=trampoline)
+                      mpl_data_dir=mpl_data_dir, fd_read_trampoline=trampoline)
 
     def close(self) -> None:
         self.ticker.close()

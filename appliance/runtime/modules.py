@@ -20,8 +20,9 @@ import wasmtime
 from appliance.runtime import context, hostfuncs, profuncs
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.governor import Governor
-from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_cause, trap_status
+from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_cause, trap_status, trap_words
 from appliance.runtime.sessions import GUEST_ENV_BASE
+from appliance.runtime.stack import on_guest_stack
 
 PRO_FUNCTIONS = profuncs.FUNCTIONS
 
@@ -105,6 +106,11 @@ class ModuleRunner:
         sink: ChunkSink | None,
         stdin: bytes | None = None,
     ) -> Outcome:
+        """One run on a thread whose stack holds the guest's (stack.py, T-DOS-1)."""
+        return on_guest_stack(lambda: self._run(module, volume_path, ctx, timeout_s, memory_bytes, cap, sink, stdin))
+
+    def _run(self, module: wasmtime.Module, volume_path: str, ctx: context.RunContext, timeout_s: float,
+             memory_bytes: int, cap: int, sink: ChunkSink | None, stdin: bytes | None) -> Outcome:
         capture = Capture()
         store = wasmtime.Store(self.engine)
         store.set_limits(memory_size=memory_bytes, instances=1, tables=4, memories=1, table_elements=100_000)
@@ -150,7 +156,7 @@ class ModuleRunner:
             detail = _first_line(str(trap))
             if "memory minimum size" in detail or "exceeds memory limits" in detail:
                 status = "memory_limit"
-            err = (err + ("\n" if err and not err.endswith("\n") else "") + f"trap: {detail}\n") if status == "error" else err
+            err = (err + ("\n" if err and not err.endswith("\n") else "") + f"trap: {trap_words(trap)} ({detail})\n") if status == "error" else err
             return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False, denials=ctx.denials)
         assert exit_code is not None
         status = "output_limit" if truncated else exited_status(exit_code, err)

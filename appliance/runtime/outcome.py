@@ -60,6 +60,44 @@ def trap_cause(text: str) -> str:
     return text.rsplit("Caused by:", 1)[-1]
 
 
+_NATIVE_CRASH = "native (C) code in the sandbox crashed"
+_TRAP_WORDS = {
+    wasmtime.TrapCode.STACK_OVERFLOW: "stack overflow: the code nested too deeply for the sandbox's stack (very deep "
+                                      "recursion, often in C code, e.g. freeing or walking a structure nested about "
+                                      "100,000 levels deep, or a raised sys.setrecursionlimit)",
+    wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS: f"out-of-bounds memory access: {_NATIVE_CRASH} reading or writing outside its memory",
+    wasmtime.TrapCode.HEAP_MISALIGNED: f"misaligned memory access: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.TABLE_OUT_OF_BOUNDS: f"bad function pointer: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.INDIRECT_CALL_TO_NULL: f"call through a null function pointer: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.BAD_SIGNATURE: f"call through a function pointer of the wrong type: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.NULL_REFERENCE: f"null reference: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.ARRAY_OUT_OF_BOUNDS: f"out-of-bounds array access: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.INTEGER_OVERFLOW: f"integer overflow: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.INTEGER_DIVISION_BY_ZERO: f"integer division by zero: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.BAD_CONVERSION_TO_INTEGER: f"invalid float-to-integer conversion: {_NATIVE_CRASH}",
+    wasmtime.TrapCode.UNREACHABLE: "unreachable code reached: native (C) code in the sandbox aborted (a failed "
+                                   "assertion, abort() or an unhandled internal error)",
+    wasmtime.TrapCode.ALLOCATION_TOO_LARGE: "allocation too large: the guest asked for more memory than the sandbox allows",
+}
+
+
+def trap_words(exc: BaseException) -> str:
+    """What stopped the guest, in words a user understands (never the host's
+    backtrace): the trap kind, then what usually causes it."""
+    if isinstance(exc, wasmtime.Trap) and exc.trap_code is not None:
+        words = _TRAP_WORDS.get(exc.trap_code)
+        if words is not None:
+            return words
+        return f"the guest trapped ({exc.trap_code.name.lower().replace('_', ' ')}): {_NATIVE_CRASH}"
+    text = str(exc)
+    if "Caused by:" in text:  # wasmtime puts the reason after the backtrace
+        text = text.split("Caused by:", 1)[1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if "wasm backtrace" in first:
+        first = ""
+    return f"the sandbox stopped the guest: {first[:200] or type(exc).__name__}"
+
+
 def exited_status(exit_code: int, stderr: str) -> str:
     if exit_code == 0:
         return "ok"

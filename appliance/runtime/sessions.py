@@ -18,12 +18,14 @@ from typing import Any, Callable, Protocol
 
 import wasmtime
 
-from appliance.runtime import command_channel, context
+from appliance.runtime import command_channel, context, scratch
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.command_channel import ChannelClosed, CommandChannel
 from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor
 from appliance.runtime.loader import Loaded
-from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status
+from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status, trap_words
+from appliance.runtime.stack import on_guest_stack
+from appliance.runtime.templates import MPL_DATA_GUEST
 
 MASK32 = 0xFFFFFFFF
 
@@ -68,6 +70,60 @@ def _wasi(volume: str, envs: dict[str, str] | None, capture: Capture, argv: list
     return w
 
 
+# What a Python cell's environment adds: /tmp is the cell's own scratch
+# directory (scratch.py), matplotlib draws with Agg and keeps its config and
+# font cache there, never in the user's /data.
+PY_ENV = (("TMPDIR", "/tmp"), ("MPLCONFIGDIR", "/tmp/.matplotlib"), ("MPLBACKEND", "Agg"))
+
+# Run once in every new interpreter: relative paths land in /data, and an
+# uncaught error that comes from a limit of the sandbox (no ssl, processes,
+# threads or sockets) gets a note naming that limit. Nothing is left in the
+# user's namespace but the hook itself, reachable as sys.excepthook.
+PY_BOOT = r"""
+def _cell_boot():
+    import os, sys
+    os.chdir('/data')
+    hints = {
+        'ssl': "Cell: this sandbox has no ssl module (no TLS, and no network from Python).",
+        'net': "Cell: this sandbox has no network access from Python (no sockets, DNS or HTTP).",
+        'proc': "Cell: this sandbox cannot start processes (no subprocess, os.system, os.fork or multiprocessing).",
+        'thread': "Cell: this sandbox has no threads; run the work in the main thread (e.g. n_jobs=1).",
+    }
+    def hint(e):
+        seen = set()
+        while e is not None and id(e) not in seen:
+            seen.add(id(e))
+            text = str(e)
+            mod = getattr(getattr(e, 'obj', None), '__name__', '')
+            if isinstance(e, ModuleNotFoundError) and e.name in ('ssl', '_ssl'):
+                return hints['ssl']
+            if isinstance(e, RuntimeError) and "can't start new thread" in text:
+                return hints['thread']
+            if isinstance(e, AttributeError) and mod in ('_socket', 'socket'):
+                return hints['net']
+            if isinstance(e, AttributeError) and mod == 'os' and e.name in (
+                    'system', 'popen', 'fork', 'forkpty', 'pipe', 'spawnv', 'spawnve', 'spawnl', 'execv', 'execve',
+                    'posix_spawn', 'posix_spawnp', 'wait', 'waitpid', 'kill', 'killpg'):
+                return hints['proc']
+            if isinstance(e, OSError) and 'not support processes' in text:
+                return hints['proc']
+            e = e.__cause__ or e.__context__
+        return None
+    default = sys.excepthook
+    def cell_excepthook(kind, value, tb):
+        try:
+            note = hint(value)
+            if note and note not in (getattr(value, '__notes__', None) or ()):
+                value.add_note(note)
+        except Exception:
+            pass
+        default(kind, value, tb)
+    sys.excepthook = cell_excepthook
+_cell_boot()
+del _cell_boot
+"""
+
+
 class PythonSession:
     def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
                  scratch_dir: str | None = None) -> None:
@@ -75,11 +131,14 @@ class PythonSession:
         self.store = wasmtime.Store(loaded.engine)
         self.store.set_limits(memory_size=memory_bytes)
         self.governor = Governor(self.store)
-        w = _wasi(volume, envs, self.capture, ["/usr/local/bin/python.wasm"])
+        w = _wasi(volume, {**dict(PY_ENV), **(envs or {})}, self.capture, ["/usr/local/bin/python.wasm"])
         assert loaded.stdlib_dir is not None
         w.preopen_dir(str(loaded.stdlib_dir), "/usr/local/lib", False)
+        if loaded.mpl_data_dir is not None:  # read-only, where matplotlib looks for it (templates.py)
+            w.preopen_dir(str(loaded.mpl_data_dir), MPL_DATA_GUEST, False)
+        w.preopen_dir(scratch.make_tmp_dir(volume), "/tmp", True)  # the cell's own /tmp, beside /data
         self.store.set_wasi(w)
-        self.instance = loaded.pre.instantiate(self.store)
+        self.instance = on_guest_stack(lambda: loaded.pre.instantiate(self.store))
         ex = self.instance.exports(self.store)
         self._turn = _export_func(ex, "turn")
         self._alloc = _export_func(ex, "host_alloc")
@@ -88,7 +147,7 @@ class PythonSession:
         self.runs = 0
         # The first turn pays ~15 ms of interpreter warm-up; do it now, and
         # make relative paths land in the cell's volume.
-        boot = self.run(b"import os as _o; _o.chdir('/data'); del _o", 10.0, 1 << 16, None, None)
+        boot = self.run(PY_BOOT.encode(), 10.0, 1 << 16, None, None)
         if boot.status != "ok":
             raise RuntimeError(f"python session failed to start: {boot.stderr.strip()[-300:]}")
         self.runs = 0
@@ -101,6 +160,9 @@ class PythonSession:
     def run(self, code: bytes, timeout_s: float, cap: int, sink: ChunkSink | None, ctx: context.RunContext | None) -> Outcome:
         if not self.alive:
             raise RuntimeError("session is closed")
+        return on_guest_stack(lambda: self._run(code, timeout_s, cap, sink, ctx))
+
+    def _run(self, code: bytes, timeout_s: float, cap: int, sink: ChunkSink | None, ctx: context.RunContext | None) -> Outcome:
         self.capture.reset(cap, sink, self.governor)
         run_ctx = ctx or context.RunContext(governor=self.governor)
         run_ctx.governor = self.governor
@@ -136,7 +198,12 @@ class PythonSession:
         out, err, truncated = self.capture.finish()
         if trap is not None:
             self.alive = False
-            return Outcome(NO_EXIT, trap_status(trap, stop_reason), out, err, truncated, session_alive=False, denials=run_ctx.denials)
+            status = trap_status(trap, stop_reason)
+            if status == "error":  # say what stopped it: an empty stderr explains nothing
+                err += ("\n" if err and not err.endswith("\n") else "") + (
+                    f"Cell: the Python interpreter crashed: {trap_words(trap)}. Its variables are lost; in a cell, "
+                    "the next run starts a fresh interpreter (files are kept).\n")
+            return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False, denials=run_ctx.denials)
         assert exit_code is not None
         status = "output_limit" if truncated else exited_status(exit_code, err)
         return Outcome(exit_code, status, out, err, truncated, session_alive=self.alive, denials=run_ctx.denials)

@@ -243,3 +243,96 @@ def prepare_stdlib_dir(runtime: Runtime, cache_root: Path) -> Path:
     os.replace(tmp, target)
     stamp.write_text(f"{runtime.stdlib_sha256} {target.stat().st_size}")
     return target_dir
+
+
+# matplotlib computes its data directory from its own __file__, which lies
+# inside the zip; its data ships as an archive inside the zip. Cell extracts
+# that archive once and lets the guest see it read-only exactly there.
+MPL_DATA_MEMBER = "matplotlib/mpl-data.zip"
+MPL_DATA_GUEST = "/usr/local/lib/python315.zip/matplotlib/mpl-data"
+
+
+def prepare_mpl_data(runtime: Runtime, stdlib_dir: Path, cache_root: Path) -> Path | None:
+    """matplotlib's data (fonts, matplotlibrc, styles), extracted from the
+    pinned stdlib zip into a private directory next to it (T-SUPPLY-1).
+
+    ``stdlib_dir`` holds the zip copy ``prepare_stdlib_dir`` checked against
+    its pin. Every load compares each extracted file with the archive (size
+    and CRC-32) and extracts afresh on any difference; a member that is not a
+    plain relative path or not a regular file is refused. None when the zip
+    carries no such archive.
+    """
+    import io
+    import shutil
+    import stat as st
+    import tempfile
+    import zipfile
+    import zlib
+
+    assert runtime.stdlib_sha256 is not None
+    with zipfile.ZipFile(stdlib_dir / "python315.zip") as outer:
+        try:
+            inner_bytes = outer.read(MPL_DATA_MEMBER)
+        except KeyError:
+            return None
+    target = cache_root / "python-mpl-data" / runtime.stdlib_sha256[:16]
+    with zipfile.ZipFile(io.BytesIO(inner_bytes)) as inner:
+        files: dict[str, zipfile.ZipInfo] = {}
+        for info in inner.infolist():
+            parts = info.filename.rstrip("/").split("/")
+            if (info.filename.startswith("/") or "\\" in info.filename or ":" in info.filename
+                    or any(p in ("", ".", "..") for p in parts)):
+                raise RuntimeMissing(f"matplotlib's data archive holds the unsafe name {info.filename!r}")
+            kind = st.S_IFMT(info.external_attr >> 16)
+            if info.is_dir():
+                continue
+            if kind and kind != st.S_IFREG:
+                raise RuntimeMissing(f"matplotlib's data archive holds {info.filename!r}, not a regular file")
+            files["/".join(parts)] = info
+
+        def intact() -> bool:
+            seen = 0
+            for dirpath, dirnames, filenames in os.walk(target, followlinks=False):
+                for name in dirnames:
+                    if os.path.islink(os.path.join(dirpath, name)):
+                        return False
+                for name in filenames:
+                    full = os.path.join(dirpath, name)
+                    rel = os.path.relpath(full, target)
+                    info = files.get(rel)
+                    s = os.lstat(full)
+                    if info is None or not st.S_ISREG(s.st_mode) or s.st_size != info.file_size:
+                        return False
+                    with open(full, "rb") as f:
+                        if zlib.crc32(f.read()) != info.CRC:
+                            return False
+                    seen += 1
+            return seen == len(files)
+
+        if target.is_dir() and not target.is_symlink() and intact():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Each process extracts into a directory of its own and renames it into
+        # place; a concurrent worker that got there first wins.
+        tmp = Path(tempfile.mkdtemp(prefix=".mpl-data-", dir=target.parent))
+        try:
+            for rel, info in sorted(files.items()):
+                dest = tmp.joinpath(*rel.split("/"))
+                dest.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+                dest.write_bytes(inner.read(info))  # zipfile checks each member's CRC-32 as it reads
+                os.chmod(dest, 0o444)
+            if target.exists() or target.is_symlink():
+                if target.is_dir() and not target.is_symlink() and intact():
+                    return target
+                aside = Path(tempfile.mkdtemp(prefix=".mpl-data-old-", dir=target.parent))
+                os.rename(target, aside / "old")
+                shutil.rmtree(aside, ignore_errors=True)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                pass  # another process placed its copy meanwhile; checked below
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not intact():
+            raise RuntimeMissing("matplotlib's data did not extract as the pinned archive holds it")
+    return target

@@ -31,12 +31,13 @@ import wasmtime
 
 from appliance.policy.egress import EgressPolicy, parse_networks
 from appliance.quota import VolumeWatch
-from appliance.runtime import context, protocol
+from appliance.runtime import context, protocol, scratch
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
 from appliance.runtime import templates
 from appliance.runtime.templates import RuntimeMissing
 from appliance.runtime.sessions import Session
+from appliance.runtime.stack import GUEST_THREAD_STACK, on_guest_stack
 
 PR_SET_NO_NEW_PRIVS = 38
 # A request carries at most a 10 MB module or code body (base64) plus small fields.
@@ -189,6 +190,7 @@ class Worker:
                     session = self._new_session(template, path, self.default_memory, None)
                 except Exception:
                     _discard(path)
+                    scratch.remove_tmp_dir(path)
                     self.targets[template] = len(self.warm[template])  # stop retrying a broken runtime
                     return False
                 preload = self.preload.get(template) or []
@@ -235,6 +237,7 @@ class Worker:
             # The session's preopen holds the directory itself, so renaming the
             # warm directory into place hands it to the cell (same inode).
             os.rename(path, volume)
+            scratch.move_tmp_dir(path, volume)  # its /tmp goes with it (scratch.py)
         else:
             os.makedirs(volume, mode=0o700, exist_ok=True)
             session = self._new_session(template, volume, memory, envs)
@@ -320,6 +323,7 @@ class Worker:
         finally:
             session.close()
             _discard(path)  # T-DOS-1: a deep scratch tree never turns a run into a 500
+            scratch.remove_tmp_dir(path)
         outcome.session_alive = False
         _note_watch(outcome, watch)
         return outcome, None
@@ -440,9 +444,11 @@ def _volume_usage(path: str, msg: protocol.ExecRequest) -> protocol.VolumeUsage:
     try:
         with Volume(path) as vol:
             usage = vol.usage(max_entries=None if bound is None else bound + 1)
+        tmp = scratch.tmp_usage(path, None if bound is None else bound + 1)  # the cell's /tmp counts too (scratch.py)
     except (ConfinementError, OSError):
         return protocol.VolumeUsage(measured=False)
-    return protocol.VolumeUsage(usage.bytes, usage.entries, usage.complete)
+    both = scratch.with_tmp(usage, tmp)
+    return protocol.VolumeUsage(both.bytes, both.entries, both.complete)
 
 
 def _governor_of(ctx: context.RunContext, session: Any) -> Callable[[], Any]:
@@ -486,9 +492,10 @@ def _remove_stale_pools(own: Path) -> None:
 def worker_main(conn: Connection, config: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     harden_process()
+    threading.stack_size(GUEST_THREAD_STACK)  # any thread of a worker may run guest code (stack.py)
     worker = Worker(conn, config)
     try:
-        worker.serve()
+        on_guest_stack(worker.serve)
     finally:
         with worker._lock:
             busy = worker._in_flight > 0
@@ -502,7 +509,12 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
             for session, path in queue:
                 session.close()
                 _discard(path)
+                scratch.remove_tmp_dir(path)
         _discard(worker.pool_root)
+        try:
+            os.rmdir(scratch.tmp_dir_for(str(worker.pool_root / "-")).parent)  # the pool's /tmp root, now empty
+        except OSError:
+            pass
         shutil.rmtree(worker.fifo_dir, ignore_errors=True)  # the worker's own FIFOs; no guest writes there
         worker.sessions.clear()
         if worker.mcp is not None:

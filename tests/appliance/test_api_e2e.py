@@ -357,10 +357,10 @@ def test_t_env_1_guest_sees_only_its_own_environment(live: ServerProcess) -> Non
     listed, greeting, stdin_empty = out["stdout"].splitlines()
     import ast
 
-    assert ast.literal_eval(listed) == ["GREETING", "HOME", "PYTHONTZPATH", "TMPDIR"]
+    assert ast.literal_eval(listed) == ["GREETING", "HOME", "MPLBACKEND", "MPLCONFIGDIR", "PYTHONTZPATH", "TMPDIR"]
     assert greeting == "hello" and stdin_empty == "True"
     out = run(live, cell, "import os; print(os.listdir('/'))")
-    assert out["status"] == "error"  # nothing of the host is mounted but /data and the read-only stdlib
+    assert out["status"] == "error"  # nothing of the host is mounted but /data, /tmp and the read-only stdlib
 
 
 def test_javascript_cell_envs(live: ServerProcess) -> None:

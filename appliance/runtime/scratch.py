@@ -1,0 +1,90 @@
+"""A Python cell's writable /tmp: a private scratch directory beside its volume.
+
+Published code writes to /tmp (``plt.savefig('/tmp/plot.png')``, temporary
+CSVs), and matplotlib needs a writable config/cache directory, so each
+Python session gets a /tmp of its own. It lives *outside* the cell's /data
+volume, so the files API (which only ever opens ``<volumes>/<tenant>/<cell>``)
+cannot reach it, and it mirrors the volume's place under a separate root::
+
+    volume  <volumes>/<tenant>/<cell>           -> /data
+    tmp     <volumes>/.tmp/<tenant>/<cell>      -> /tmp
+    pool    <volumes>/.pool/<worker>/<id>       -> /data of a warm or one-shot session
+            <volumes>/.pool/.tmp/<worker>/<id>  -> its /tmp (renamed with it into a cell)
+
+It is confined like /data (a WASI preopen; the host makes, measures and
+removes it with the same no-follow, fd-relative steps as a volume: T-PATH-2),
+counted in the tenant's disk quota (T-DOS-1), kept across the runs of a cell
+and removed with the cell.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from appliance.confine import Usage
+
+TMP_ROOT = ".tmp"
+
+
+def tmp_dir_for(volume: str) -> Path:
+    """The /tmp directory that belongs to the volume at ``volume``."""
+    p = Path(volume)
+    return p.parent.parent / TMP_ROOT / p.parent.name / p.name
+
+
+def make_tmp_dir(volume: str) -> str:
+    """Create (0700, no symlink followed) the /tmp of ``volume``; its path."""
+    from appliance.confine import create_volume
+
+    t = tmp_dir_for(volume)
+    return str(create_volume(t.parent.parent, t.parent.name, t.name))
+
+
+def remove_tmp_dir(volume: str) -> bool:
+    """Delete the /tmp of ``volume`` without following links; False if it was
+    not there or could not be removed."""
+    from appliance.confine import ConfinementError, remove_volume
+
+    t = tmp_dir_for(volume)
+    try:
+        return remove_volume(t.parent.parent, t.parent.name, t.name)
+    except (ConfinementError, OSError):
+        return False
+
+
+def move_tmp_dir(src_volume: str, dst_volume: str) -> None:
+    """Hand the /tmp of a warm session to the cell that takes it (same inode,
+    so the session's preopen keeps pointing at it)."""
+    src, dst = tmp_dir_for(src_volume), tmp_dir_for(dst_volume)
+    if not os.path.isdir(src):
+        return
+    os.makedirs(dst.parent, mode=0o700, exist_ok=True)
+    os.rename(src, dst)
+
+
+def tmp_usage(volume: str, max_entries: int | None = None) -> Usage:
+    """Bytes and entries in the /tmp of ``volume`` (nothing when it does not
+    exist), walked like a volume (T-DISK-1). A walk error raises: it is never
+    taken for "empty"."""
+    from appliance.confine import ConfinementError, Usage, open_volume
+
+    t = tmp_dir_for(volume)
+    try:
+        vol = open_volume(t.parent.parent, t.parent.name, t.name)
+    except FileNotFoundError:
+        return Usage(0, 0)  # no /tmp root yet: no cell has one
+    except ConfinementError as exc:
+        if exc.code == "not_found":
+            return Usage(0, 0)
+        raise
+    with vol:
+        return vol.usage(max_entries=max_entries)
+
+
+def with_tmp(data: Usage, tmp: Usage) -> Usage:
+    """A cell's usage: its /data and its /tmp together."""
+    from appliance.confine import Usage
+
+    return Usage(data.bytes + tmp.bytes, data.entries + tmp.entries, data.complete and tmp.complete)
