@@ -14,5 +14,7 @@ from cell_sdk import *  # noqa: F401,F403 - the public names, re-exported
 from cell_sdk import __all__ as __all__
 
 for _name in ("_http", "_parse", "client", "exceptions", "filesystem", "models", "sandbox"):
-    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"cell_sdk.{_name}")
-del _name
+    _module = importlib.import_module(f"cell_sdk.{_name}")
+    sys.modules[f"{__name__}.{_name}"] = _module
+    globals()[_name] = _module
+del _name, _module
