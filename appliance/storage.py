@@ -133,10 +133,16 @@ class Store:
         )
         self._conn.execute("CREATE INDEX IF NOT EXISTS cells_tenant ON cells(tenant_id)")
         # Added after the first release: a database from then gains the column,
-        # and its cells keep following the node's egress policy (1).
-        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(cells)").fetchall()}
-        if "internet" not in columns:
-            self._conn.execute("ALTER TABLE cells ADD COLUMN internet INTEGER NOT NULL DEFAULT 1")
+        # and its cells keep following the node's egress policy (internet = 1).
+        if not self._has_cell_column("internet"):
+            try:
+                self._conn.execute("ALTER TABLE cells ADD COLUMN internet INTEGER NOT NULL DEFAULT 1")
+            except sqlite3.OperationalError:
+                if not self._has_cell_column("internet"):  # not another process adding it at the same moment
+                    raise
+
+    def _has_cell_column(self, name: str) -> bool:
+        return any(row[1] == name for row in self._conn.execute("PRAGMA table_info(cells)").fetchall())
 
     # -- tenants ---------------------------------------------------------
     def add_tenant(self, name: str, now_ms: int, tenant_id: str | None = None) -> tuple[Tenant, str]:
