@@ -107,8 +107,12 @@ class CellService:
                              "configuration", code="out_of_range")
 
     def create(self, tenant: Tenant, template: str, timeout_ms: int, persistent: bool, metadata: dict[str, str],
-               envs: dict[str, str], memory_mb: int) -> CellRecord:
+               envs: dict[str, str], memory_mb: int, allow_internet_access: bool | None = None) -> CellRecord:
         self.check_memory(memory_mb)
+        if allow_internet_access and self.egress is None:
+            # T-SSRF-1: a cell can narrow the node's egress policy, never widen it.
+            raise Forbidden("allow_internet_access=true: this node has egress off, and a cell cannot turn it on",
+                            code="egress_disabled")
         max_cells = self.limits().max_cells
         if self.store.count_all_cells() >= max_cells:
             raise Forbidden(f"this appliance already runs its maximum of {max_cells} cells (license and configuration); "
@@ -121,7 +125,7 @@ class CellService:
                             "or ask the operator to raise SYNAPSE_TENANT_MAX_CELLS", code="tenant_cell_limit")
         created = now_ms()
         record = CellRecord(self.new_cell_id(), tenant.id, template, created, timeout_ms, created + timeout_ms,
-                            persistent, metadata, envs, memory_mb)
+                            persistent, metadata, envs, memory_mb, internet=allow_internet_access is not False)
         volume = self.volume_path(tenant.id, record.id)
         if templates.get(template).interpreter:
             handle = self.pool.pick_for_cell()
@@ -312,7 +316,7 @@ class CellService:
         msg = self._exec_request(
             tenant, record.template, code, is_text, timeout_ms, record.memory_mb, on_chunk,
             cell_id=cell_id if tmpl.interpreter else None, volume=self.volume_path(tenant.id, cell_id),
-            envs=record.envs, persistent=record.persistent, known_session=binding is not None,
+            envs=record.envs, persistent=record.persistent, known_session=binding is not None, internet=record.internet,
             quota_left=allowance.bytes_left, files_left=allowance.files_left,
             volume_limit=self._volume_limit(tenant, cell_id, allowance))
         answer = self._run(handle, msg, tenant, cell_id, on_chunk)
@@ -355,10 +359,11 @@ class CellService:
                       volume: str | None = None, envs: dict[str, str] | None = None, persistent: bool = True,
                       known_session: bool = False, quota_left: int | None = None, files_left: int | None = None,
                       volume_limit: protocol.VolumeLimit | None = None,
-                      stdin: bytes | None = None) -> protocol.ExecRequest:
+                      stdin: bytes | None = None, internet: bool = True) -> protocol.ExecRequest:
         """The one place a run request is built, for cells and one-shot runs alike."""
         egress = None
-        if self.egress is not None:
+        # T-SSRF-1: a cell created with allow_internet_access=false runs without egress.
+        if self.egress is not None and internet:
             egress = protocol.EgressSpec(enabled=bool(self.egress["enabled"]), allow_hosts=list(self.egress["allow_hosts"]),
                                          deny=list(self.egress["deny"]), hosts=self.egress.get("hosts"))
         return protocol.ExecRequest(

@@ -20,6 +20,8 @@ from typing import Any
 import sqlite_utils
 
 KEY_PREFIX = "cell_"
+# Named, so a column added by a migration never shifts the fields of a row.
+_CELL_COLUMNS = "id, tenant_id, template, created_at, timeout_ms, expires_at, persistent, metadata, envs, memory_mb, internet"
 AUTH_CACHE_S = 2.0
 
 
@@ -47,6 +49,9 @@ class CellRecord:
     metadata: dict[str, str]
     envs: dict[str, str]
     memory_mb: int
+    # False: this cell's runs get no egress whatever the node allows (T-SSRF-1);
+    # True: the node's egress policy applies (it can never be widened per cell).
+    internet: bool = True
 
     def public(self) -> dict[str, Any]:
         return {
@@ -57,6 +62,7 @@ class CellRecord:
             "expires_at": self.expires_at,
             "persistent": self.persistent,
             "metadata": self.metadata,
+            "allow_internet_access": self.internet,
             "status": "running",
         }
 
@@ -126,6 +132,17 @@ class Store:
             " persistent INTEGER NOT NULL, metadata TEXT NOT NULL, envs TEXT NOT NULL, memory_mb INTEGER NOT NULL)"
         )
         self._conn.execute("CREATE INDEX IF NOT EXISTS cells_tenant ON cells(tenant_id)")
+        # Added after the first release: a database from then gains the column,
+        # and its cells keep following the node's egress policy (internet = 1).
+        if not self._has_cell_column("internet"):
+            try:
+                self._conn.execute("ALTER TABLE cells ADD COLUMN internet INTEGER NOT NULL DEFAULT 1")
+            except sqlite3.OperationalError:
+                if not self._has_cell_column("internet"):  # not another process adding it at the same moment
+                    raise
+
+    def _has_cell_column(self, name: str) -> bool:
+        return any(row[1] == name for row in self._conn.execute("PRAGMA table_info(cells)").fetchall())
 
     # -- tenants ---------------------------------------------------------
     def add_tenant(self, name: str, now_ms: int, tenant_id: str | None = None) -> tuple[Tenant, str]:
@@ -165,22 +182,25 @@ class Store:
 
     # -- cells -----------------------------------------------------------
     def add_cell(self, cell: CellRecord) -> None:
-        self._write("INSERT INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._write("INSERT INTO cells (id, tenant_id, template, created_at, timeout_ms, expires_at, persistent, metadata,"
+                    " envs, memory_mb, internet) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (cell.id, cell.tenant_id, cell.template, cell.created_at, cell.timeout_ms, cell.expires_at,
-                     int(cell.persistent), json.dumps(cell.metadata), json.dumps(cell.envs), cell.memory_mb))
+                     int(cell.persistent), json.dumps(cell.metadata), json.dumps(cell.envs), cell.memory_mb,
+                     int(cell.internet)))
 
     def _cell(self, row: tuple[Any, ...]) -> CellRecord:
-        return CellRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), json.loads(row[7]), json.loads(row[8]), row[9])
+        return CellRecord(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), json.loads(row[7]), json.loads(row[8]), row[9],
+                          bool(row[10]))
 
     def get_cell(self, cell_id: str, tenant_id: str) -> CellRecord | None:
-        rows = self._read("SELECT * FROM cells WHERE id = ? AND tenant_id = ?", (cell_id, tenant_id))
+        rows = self._read(f"SELECT {_CELL_COLUMNS} FROM cells WHERE id = ? AND tenant_id = ?", (cell_id, tenant_id))
         return self._cell(rows[0]) if rows else None
 
     def list_cells(self, tenant_id: str | None = None) -> list[CellRecord]:
         if tenant_id is None:
-            rows = self._read("SELECT * FROM cells ORDER BY created_at")
+            rows = self._read(f"SELECT {_CELL_COLUMNS} FROM cells ORDER BY created_at")
         else:
-            rows = self._read("SELECT * FROM cells WHERE tenant_id = ? ORDER BY created_at", (tenant_id,))
+            rows = self._read(f"SELECT {_CELL_COLUMNS} FROM cells WHERE tenant_id = ? ORDER BY created_at", (tenant_id,))
         return [self._cell(r) for r in rows]
 
     def count_all_cells(self) -> int:
@@ -199,7 +219,7 @@ class Store:
         self._write("DELETE FROM cells WHERE id = ?", (cell_id,))
 
     def expired_cells(self, now_ms: int) -> list[CellRecord]:
-        rows = self._read("SELECT * FROM cells WHERE expires_at <= ?", (now_ms,))
+        rows = self._read(f"SELECT {_CELL_COLUMNS} FROM cells WHERE expires_at <= ?", (now_ms,))
         return [self._cell(r) for r in rows]
 
     def close(self) -> None:

@@ -39,6 +39,8 @@ from installer.manifest import (
 
 DEFAULT_EPOCH = 315532800  # 1980-01-01: the earliest time a zip (wheel) can hold
 DOC_FILES = ("README.md", "SECURITY.md")
+SDK_DIR = "sdk"  # the client SDK's own distribution, built into wheels/ beside the project wheel
+SDK_WHEEL_PREFIX = "cell_sdk-"
 Progress = Callable[[str], None]
 
 
@@ -78,7 +80,9 @@ def read_project(project: Path) -> dict[str, object]:
         return {"name": str(meta["name"]), "version": str(meta["version"]),
                 "dependencies": [str(d) for d in meta.get("dependencies", [])],
                 "requires_python": str(meta.get("requires-python", "")),
-                "packages": [p.rstrip("*") for p in doc["tool"]["setuptools"]["packages"]["find"]["include"]]}
+                "packages": [p.rstrip("*") for p in doc["tool"]["setuptools"]["packages"]["find"]["include"]],
+                # Package roots besides the project's own directory (sdk/: the client SDK).
+                "roots": [str(w) for w in doc["tool"]["setuptools"]["packages"]["find"].get("where", ["."]) if w != "."]}
     except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
         raise InstallError("bad_project", f"cannot read {project}/pyproject.toml: {exc}") from None
 
@@ -98,7 +102,7 @@ def _pip(opts: BundleOptions, args: list[str], progress: Progress) -> None:
 
 def _copy_project(project: Path, packages: list[str], dest: Path) -> None:
     # A clean copy keeps build/ and *.egg-info out of the checkout and out of the wheel.
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
     for name in ["pyproject.toml", "setup.cfg", "MANIFEST.in", *DOC_FILES, "LICENSE"]:
         if (project / name).is_file():
             shutil.copy2(project / name, dest / name)
@@ -107,10 +111,26 @@ def _copy_project(project: Path, packages: list[str], dest: Path) -> None:
             shutil.copytree(project / pkg, dest / pkg, ignore=ignore)
 
 
+def build_sdk_wheel(opts: BundleOptions, wheels: Path, progress: Progress) -> str | None:
+    """The client SDK's own wheel (``sdk/``: cell-sdk, no dependencies), for agent
+    machines to install from the stick; None when the project has no ``sdk/``."""
+    sdk = opts.project / SDK_DIR
+    if not (sdk / "pyproject.toml").is_file():
+        return None
+    before = {p.name for p in wheels.glob("*.whl")}
+    with tempfile.TemporaryDirectory(prefix="cell-bundle-sdk-") as src:
+        shutil.copytree(sdk, Path(src) / SDK_DIR, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build"))
+        _pip(opts, ["wheel", "--no-deps", "--wheel-dir", str(wheels), str(Path(src) / SDK_DIR)], progress)
+    built = sorted({p.name for p in wheels.glob("*.whl")} - before)
+    if len(built) != 1 or not built[0].startswith(SDK_WHEEL_PREFIX):
+        raise InstallError("pip_failed", f"expected one SDK wheel {SDK_WHEEL_PREFIX}*.whl, got {built}")
+    return built[0]
+
+
 def collect_wheels(opts: BundleOptions, meta: dict[str, object], wheels: Path, progress: Progress) -> str:
     """Fill ``wheels`` with the project wheel and every dependency; return the project wheel's name."""
     with tempfile.TemporaryDirectory(prefix="cell-bundle-src-") as src:
-        _copy_project(opts.project, list(meta["packages"]), Path(src))  # type: ignore[call-overload]
+        _copy_project(opts.project, list(meta["packages"]) + list(meta["roots"]), Path(src))  # type: ignore[call-overload]
         _pip(opts, ["wheel", "--no-deps", "--wheel-dir", str(wheels), src], progress)
     prefix = normalize(str(meta["name"])).replace("-", "_") + "-" + str(meta["version"]) + "-"
     project_wheels = [p.name for p in wheels.glob("*.whl") if p.name.lower().startswith(prefix.lower())]
@@ -128,6 +148,9 @@ def collect_wheels(opts: BundleOptions, meta: dict[str, object], wheels: Path, p
         _pip(opts, args + deps, progress)
     for extra in opts.extra_wheels:
         shutil.copy2(extra, wheels / extra.name)
+    sdk_wheel = build_sdk_wheel(opts, wheels, progress)
+    if sdk_wheel:
+        progress(f"bundle: client SDK wheel {sdk_wheel} (agent machines install it on its own)")
     strays = [p.name for p in wheels.iterdir() if not p.name.endswith(".whl")]
     if strays:
         # An sdist would have to be built on the air-gapped side: refuse it here.

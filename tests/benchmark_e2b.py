@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _root in (REPO / "sdk", REPO):  # sdk/: the client SDK's own distribution (cell_sdk)
+    if str(_root) not in sys.path:
+        sys.path.insert(0, str(_root))
 
-from appliance.sdk import CellClient, Sandbox, SandboxException  # noqa: E402
+from cell_sdk import CellClient, Sandbox, SandboxException  # noqa: E402
 from tests.liveserver import shared_cache, start_server  # noqa: E402
 
 # The interpreter binary itself (a pyenv shim on PATH would add a shell script's start-up to the baseline).

@@ -87,6 +87,24 @@ def ssrf(srv: ServerProcess, quick: bool) -> None:
         record("ssrf", ok, f"{url!r} -> {code} {body if not ok else ''}")
 
 
+def cell_egress(srv: ServerProcess) -> None:
+    # T-SSRF-1: a cell created without internet gets none on this egress-on node,
+    # whichever way the client said so; and no cell can ask for more than the node.
+    for fields in ({"allow_internet_access": False}, {"network": {"deny_out": ["0.0.0.0/0"]}}):
+        _, cell, _ = srv.request("POST", "/v1/cells", {"template": "wasm", **fields})
+        for url in ("http://metadata.attacker.example/", "http://203.0.113.7/", "https://example.com/"):
+            code, body, _ = srv.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": guests.fetch_probe(url)})
+            denials = body.get("denials", []) if isinstance(body, dict) else []
+            ok = code == 200 and body.get("exit_code") == -1 and [d["reason"] for d in denials] == ["egress_off"]
+            record("ssrf", ok, f"cell {fields} fetch {url} -> {code} {body if not ok else ''}")
+        srv.request("DELETE", f"/v1/cells/{cell['cell_id']}")
+    for fields in ({"network": {"allow_out": ["0.0.0.0/0"]}}, {"network": {"deny_out": ["10.0.0.0/8"]}},
+                   {"secure": False}, {"volume_mounts": [{"path": "/", "name": "host"}]}):
+        code, body, _ = srv.request("POST", "/v1/cells", {"template": "wasm", **fields})
+        record("ssrf", code == 400 and isinstance(body, dict) and body.get("code") in ("not_offered", "secure_required"),
+               f"create {fields} -> {code} {body}")
+
+
 def paths(srv: ServerProcess) -> None:
     _, cell, _ = srv.request("POST", "/v1/cells", {"template": "wasm"})
     cid = cell["cell_id"]
@@ -635,7 +653,7 @@ def main(argv: list[str]) -> int:
     srv = start_server(env={"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_HOSTS": str(hosts),
                             "SYNAPSE_TENANT_FILE_LIMIT": str(DISK_FILE_LIMIT)})
     try:
-        for family, fn in (("ssrf", lambda: ssrf(srv, quick)), ("paths", lambda: paths(srv)),
+        for family, fn in (("ssrf", lambda: (ssrf(srv, quick), cell_egress(srv))), ("paths", lambda: paths(srv)),
                            ("trailing", lambda: trailing(srv)), ("dos", lambda: dos(srv)),
                            ("tenants", lambda: tenants(srv)), ("fairness", lambda: fairness(srv)),
                            ("receipts", lambda: receipts(srv)),

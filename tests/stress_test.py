@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _root in (REPO / "sdk", REPO):  # sdk/: the client SDK's own distribution (cell_sdk)
+    if str(_root) not in sys.path:
+        sys.path.insert(0, str(_root))
 
-from appliance.sdk import CellClient, Execution, Sandbox, SandboxException, TimeoutException  # noqa: E402
+from cell_sdk import CellClient, Execution, Sandbox, SandboxException, TimeoutException  # noqa: E402
 from tests.liveserver import start_server  # noqa: E402
 
 WAT_HELLO = """(module

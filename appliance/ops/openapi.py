@@ -100,13 +100,25 @@ def _schemas() -> dict[str, Any]:
                            "created_at": {"type": "integer", "description": "Unix ms"},
                            "timeout_ms": {"type": "integer"}, "expires_at": {"type": "integer"},
                            "persistent": {"type": "boolean"}, "metadata": _STRING_MAP,
+                           "allow_internet_access": {"type": "boolean", "description": "false: no egress for this "
+                                                     "cell; true: the node's egress policy applies"},
                            "status": {"const": "running"}},
         },
         "CellCreate": {
             "type": "object", "additionalProperties": False,
             "properties": {"template": _TEMPLATE, "timeout_ms": {"type": "integer", "minimum": 1000},
                            "persistent": {"type": "boolean"}, "metadata": _STRING_MAP, "envs": _STRING_MAP,
-                           "memory_mb": {"type": "integer", "minimum": 16}},
+                           "memory_mb": {"type": "integer", "minimum": 16},
+                           # Sent by the original Synapse client; docs/migrating-from-e2b.md says what each means.
+                           "secure": {"const": True, "description": "Cell is always secure; false is a 400 secure_required"},
+                           "allow_internet_access": {"type": "boolean", "description": "false: no egress for this cell; "
+                                                     "true on a node with egress off: 403 egress_disabled"},
+                           "network": {"type": "object", "description": "E2B options: only deny_out [\"0.0.0.0/0\"] "
+                                       "(no egress) and allow_public_traffic false are accepted"},
+                           "volume_mounts": {"type": "array", "maxItems": 0, "description": "named volumes are not offered"},
+                           "lifecycle": {"type": "object", "description": "only on_timeout \"kill\" (what an idle "
+                                         "cell gets) and auto_resume false are accepted"},
+                           "volume_id": {"type": "null", "description": "named volumes are not offered"}},
         },
         "Exec": {
             "type": "object", "additionalProperties": False,
@@ -194,8 +206,26 @@ def build_spec() -> dict[str, Any]:
         "/v1/cells/{cell_id}/timeout": {
             "parameters": cell,
             "put": _op("setTimeout", "New idle expiry", _json(_ref("Cell")), errors=("404",),
-                       body={"type": "object", "required": ["timeout_ms"], "additionalProperties": False,
-                             "properties": {"timeout_ms": {"type": "integer", "minimum": 1000}}}, tags=("cells",)),
+                       body={"type": "object", "additionalProperties": False,
+                             "description": "exactly one of timeout_ms, or timeout in seconds (the Synapse client's form)",
+                             "properties": {"timeout_ms": {"type": "integer", "minimum": 1000},
+                                            "timeout": {"type": "integer", "minimum": 1}}}, tags=("cells",)),
+        },
+        "/v1/cells/{cell_id}/refresh": {
+            "parameters": cell,
+            "post": _op("refreshCell", "Restart the idle clock with the cell's timeout", _json(_ref("Cell")),
+                        errors=("404",), tags=("cells",)),
+        },
+        "/v1/cells/{cell_id}/is_running": {
+            "parameters": cell,
+            "get": _op("cellIsRunning", "Whether the cell exists (it runs until deleted or idle past its timeout)",
+                       _json({"type": "object", "required": ["cell_id", "running"], "properties": {
+                           "cell_id": {"type": "string"}, "running": {"const": True}}}), errors=("404",), tags=("cells",)),
+        },
+        "/v1/cells/{cell_id}/envs": {
+            "parameters": cell,
+            "get": _op("cellEnvs", "The environment the cell was created with", _json(_STRING_MAP),
+                       errors=("404",), tags=("cells",)),
         },
         "/v1/cells/{cell_id}/exec": {
             "parameters": cell,

@@ -1,41 +1,20 @@
-"""Cell client SDK: E2B-style ``Sandbox`` over Cell's HTTP/JSON API.
+"""The old import path of the client SDK, kept working.
 
-Standard library only: importing it loads no Flask, wasmtime or Textual, so it
-installs anywhere a client runs. ``CELL_API_URL`` and ``CELL_API_KEY`` are the
-defaults for ``api_url`` and ``api_key``.
+The SDK is its own distribution now (``sdk/``, wheel ``cell-sdk``, import name
+``cell_sdk``) so an agent's machine installs it without the appliance. Code
+that imports ``appliance.sdk`` or one of its modules (``appliance.sdk.sandbox``
+...) gets the very same objects from ``cell_sdk``.
 """
 from __future__ import annotations
 
-from appliance.sdk._http import ConnectionConfig
-from appliance.sdk.client import CellClient
-from appliance.sdk.exceptions import (
-    AuthenticationException,
-    CellLostException,
-    InvalidArgumentException,
-    NotFoundException,
-    RateLimitException,
-    SandboxException,
-    SandboxNotFoundException,
-    ServerBusyException,
-    TimeoutException,
-)
-from appliance.sdk.filesystem import Filesystem
-from appliance.sdk.models import (
-    EntryInfo,
-    Execution,
-    ExecutionError,
-    FileType,
-    Logs,
-    OutputMessage,
-    Result,
-    SandboxInfo,
-    WriteInfo,
-)
-from appliance.sdk.sandbox import Sandbox
+import importlib
+import sys
 
-__all__ = [
-    "AuthenticationException", "CellClient", "CellLostException", "ConnectionConfig", "EntryInfo", "Execution",
-    "ExecutionError", "FileType", "Filesystem", "InvalidArgumentException", "Logs", "NotFoundException",
-    "OutputMessage", "RateLimitException", "Result", "Sandbox", "SandboxException", "SandboxInfo",
-    "SandboxNotFoundException", "ServerBusyException", "TimeoutException", "WriteInfo",
-]
+from cell_sdk import *  # noqa: F401,F403 - the public names, re-exported
+from cell_sdk import __all__ as __all__
+
+for _name in ("_http", "_parse", "client", "exceptions", "filesystem", "models", "sandbox"):
+    _module = importlib.import_module(f"cell_sdk.{_name}")
+    sys.modules[f"{__name__}.{_name}"] = _module
+    globals()[_name] = _module
+del _name, _module

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import math
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from appliance.errors import CellError, PayloadTooLarge
+from appliance.web import compat
 
 log = logging.getLogger("cell.web")
 
@@ -32,7 +33,8 @@ def register_error_handlers(app: Flask, max_body_bytes: int) -> None:
         if isinstance(exc, RequestEntityTooLarge):
             return render(PayloadTooLarge(f"request body over {max_body_bytes} bytes"))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.code or 500, "http_error")
-        err = CellError(exc.description or exc.name, code=code)
+        why = compat.explain(request.path) if exc.code in (404, 405) else None
+        err = CellError(why, code="not_offered") if why else CellError(exc.description or exc.name, code=code)
         err.status = exc.code or 500
         return render(err)
 

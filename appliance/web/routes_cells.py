@@ -41,12 +41,37 @@ def delete_cell(cell_id: str) -> Response:
 def set_timeout(cell_id: str) -> Response:
     svc = services()
     data = json_body()
-    validate.unknown_fields(data, {"timeout_ms"})
-    if "timeout_ms" not in data:
-        raise BadRequest("timeout_ms is required", code="invalid_field")
-    timeout = validate.int_field(data, "timeout_ms", 0, 1000, svc.settings.cell_timeout_ceiling_ms)
+    validate.unknown_fields(data, {"timeout_ms", "timeout"})
+    ceiling = svc.settings.cell_timeout_ceiling_ms
+    if ("timeout_ms" in data) == ("timeout" in data):
+        raise BadRequest("give timeout_ms (or timeout, in seconds, as the Synapse client sends)", code="invalid_field")
+    if "timeout" in data:
+        timeout = validate.int_field(data, "timeout", 0, 1, ceiling // 1000) * 1000
+    else:
+        timeout = validate.int_field(data, "timeout_ms", 0, 1000, ceiling)
     record = svc.cells.set_timeout(g.tenant, cell_id, timeout)
     return jsonify(record.public())
+
+
+@bp.post("/v1/cells/<cell_id>/refresh")
+def refresh(cell_id: str) -> Response:
+    """Restart the idle clock with the cell's own timeout (Synapse client's refresh())."""
+    cells = services().cells
+    record = cells.cell(g.tenant, cell_id)
+    return jsonify(cells.set_timeout(g.tenant, cell_id, record.timeout_ms).public())
+
+
+@bp.get("/v1/cells/<cell_id>/is_running")
+def is_running(cell_id: str) -> Response:
+    """A cell is running for as long as it exists; gone or another tenant's is a 404."""
+    record = services().cells.cell(g.tenant, cell_id)
+    return jsonify({"cell_id": record.id, "running": True})
+
+
+@bp.get("/v1/cells/<cell_id>/envs")
+def get_envs(cell_id: str) -> Response:
+    """The environment the cell was created with (fixed for its life)."""
+    return jsonify(services().cells.cell(g.tenant, cell_id).envs)
 
 
 @bp.post("/v1/cells/<cell_id>/exec")

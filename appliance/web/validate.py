@@ -80,8 +80,95 @@ def string_map(body: dict[str, Any], name: str, key_re: re.Pattern[str], limit: 
     return out
 
 
+# Fields the original Synapse client (and E2B-shaped code) sends on create; each
+# is given its honest meaning on Cell or refused by name (docs/migrating-from-e2b.md).
+COMPAT_CREATE_FIELDS = {"secure", "allow_internet_access", "network", "volume_mounts", "lifecycle", "volume_id"}
+_ALL_ADDRESSES = {"0.0.0.0/0", "::/0"}
+
+
+def not_offered(field: str, why: str) -> BadRequest:
+    return BadRequest(f"{field}: {why}", code="not_offered")
+
+
+def secure(body: dict[str, Any]) -> None:
+    value = body.get("secure", True)
+    if not isinstance(value, bool):
+        raise BadRequest("secure must be true or false", code="invalid_field")
+    if not value:
+        raise BadRequest("secure: Cell always runs code in its WebAssembly sandbox; secure=false is not offered",
+                         code="secure_required")
+
+
+def network_denies_all(value: Any) -> bool:
+    """E2B network options: True when they deny all egress. Cell has no inbound
+    traffic and no per-cell allow lists (egress is the node's policy, T-SSRF-1),
+    so only what narrows to nothing or states the default is accepted."""
+    if value is None:
+        return False
+    if not isinstance(value, dict):
+        raise BadRequest("network must be an object", code="invalid_field")
+    for key in sorted(value):
+        if key not in ("deny_out", "allow_out", "allow_public_traffic", "mask_request_host"):
+            raise BadRequest(f"network: unknown field {str(key)[:40]!r}", code="unknown_field")
+    if value.get("allow_out"):
+        raise not_offered("network.allow_out", "per-cell allow lists are not offered; the node's egress policy "
+                          "(egress_allow) applies to every cell, and allow_internet_access=false turns it off for one")
+    if value.get("allow_public_traffic", False) is not False:
+        raise not_offered("network.allow_public_traffic", "a cell takes no inbound traffic; only false is accepted")
+    if value.get("mask_request_host") is not None:
+        raise not_offered("network.mask_request_host", "a cell takes no inbound traffic")
+    deny = value.get("deny_out")
+    if deny is None or deny == []:
+        return False
+    if not isinstance(deny, list) or not all(isinstance(d, str) for d in deny):
+        raise BadRequest("network.deny_out must be a list of CIDR strings", code="invalid_field")
+    if not set(deny) <= _ALL_ADDRESSES or "0.0.0.0/0" not in deny:
+        raise not_offered("network.deny_out", "per-cell deny lists are not offered; deny_out [\"0.0.0.0/0\"] "
+                          "(no egress for this cell) is, and so is allow_internet_access=false")
+    return True
+
+
+def lifecycle(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise BadRequest("lifecycle must be an object", code="invalid_field")
+    for key in sorted(value):
+        if key not in ("on_timeout", "auto_resume"):
+            raise BadRequest(f"lifecycle: unknown field {str(key)[:40]!r}", code="unknown_field")
+    if value.get("on_timeout", "kill") != "kill":
+        raise not_offered("lifecycle.on_timeout", "Cell has no pause; an idle cell is deleted when its timeout "
+                          "passes (on_timeout \"kill\")")
+    if value.get("auto_resume", False) is not False:
+        raise not_offered("lifecycle.auto_resume", "Cell has no pause, so there is nothing to resume")
+
+
+def internet(body: dict[str, Any]) -> bool | None:
+    """The cell's own egress switch: None (not given: the node's policy), False
+    (none for this cell) or True (asks for the node's policy; refused later
+    with 403 egress_disabled when the node has egress off)."""
+    value = body.get("allow_internet_access")
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest("allow_internet_access must be true or false", code="invalid_field")
+    if network_denies_all(body.get("network")):
+        if value is True:
+            raise BadRequest("allow_internet_access=true contradicts network.deny_out 0.0.0.0/0", code="invalid_field")
+        return False
+    return value
+
+
 def cell_create(body: dict[str, Any], s: Settings) -> dict[str, Any]:
-    unknown_fields(body, {"template", "timeout_ms", "persistent", "metadata", "envs", "memory_mb"})
+    unknown_fields(body, {"template", "timeout_ms", "persistent", "metadata", "envs", "memory_mb"} | COMPAT_CREATE_FIELDS)
+    secure(body)
+    if body.get("volume_id") is not None:
+        raise not_offered("volume_id", "Cell has no named volumes; each cell has its own volume at /data, removed with "
+                          "the cell (write and read it with the /files routes)")
+    mounts = body.get("volume_mounts")
+    if mounts is not None and not isinstance(mounts, (list, dict)):
+        raise BadRequest("volume_mounts must be a list", code="invalid_field")
+    if mounts:
+        raise not_offered("volume_mounts", "Cell mounts only the cell's own volume, at /data; named volumes are not offered")
+    lifecycle(body.get("lifecycle"))
     return {
         "template": template(body.get("template", templates.DEFAULT)),
         "timeout_ms": int_field(body, "timeout_ms", s.cell_timeout_ms, 1000, s.cell_timeout_ceiling_ms),
@@ -89,6 +176,7 @@ def cell_create(body: dict[str, Any], s: Settings) -> dict[str, Any]:
         "metadata": string_map(body, "metadata", META_KEY, MAX_META),
         "envs": string_map(body, "envs", ENV_NAME, MAX_ENVS),
         "memory_mb": int_field(body, "memory_mb", s.memory_mb, 16, s.memory_ceiling_mb),
+        "allow_internet_access": internet(body),
     }
 
 

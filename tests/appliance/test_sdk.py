@@ -3,6 +3,7 @@ rule against a tiny fake server on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from appliance.sdk import (
+from cell_sdk import (
     AuthenticationException,
     CellClient,
     EntryInfo,
@@ -26,8 +27,8 @@ from appliance.sdk import (
     SandboxException,
     SandboxNotFoundException,
 )
-from appliance.sdk._http import parse_retry_after
-from appliance.sdk._parse import js_error, main_result_text, python_error
+from cell_sdk._http import parse_retry_after
+from cell_sdk._parse import js_error, main_result_text, python_error
 from tests.liveserver import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -375,9 +376,23 @@ def test_rate_limit_gives_up_with_retry_after(fake: _Fake) -> None:
 
 
 # -- packaging ---------------------------------------------------------------
-def test_import_loads_no_server_libraries() -> None:
-    code = ("import sys, appliance.sdk\n"
+@pytest.mark.parametrize("module", ["cell_sdk", "appliance.sdk"])
+def test_import_loads_no_server_libraries(module: str) -> None:
+    code = (f"import sys, {module}\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('flask', 'werkzeug', 'wasmtime', 'textual', 'waitress', 'nacl', 'sqlite_utils'))\n"
             "print(','.join(bad))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "sdk")])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == ""
+
+
+def test_old_import_path_gives_the_same_objects() -> None:
+    # appliance.sdk (earlier releases) re-exports cell_sdk: same classes, same modules.
+    import appliance.sdk
+    import appliance.sdk.sandbox
+    import cell_sdk
+    import cell_sdk.sandbox
+
+    assert appliance.sdk.Sandbox is cell_sdk.Sandbox and appliance.sdk.CellClient is cell_sdk.CellClient
+    assert appliance.sdk.sandbox is cell_sdk.sandbox
+    assert set(appliance.sdk.__all__) == set(cell_sdk.__all__)

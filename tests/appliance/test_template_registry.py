@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from appliance.runtime import templates
-from appliance.sdk.sandbox import LANGUAGE_TEMPLATES
+from cell_sdk.sandbox import LANGUAGE_TEMPLATES
 from tests.liveserver import REPO, ServerProcess, start_server
 
 SITE = Path(__file__).resolve().parents[1] / "fake_template"

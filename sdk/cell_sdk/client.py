@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.sdk._http import ConnectionConfig, Transport
-from appliance.sdk.models import Execution
-from appliance.sdk.sandbox import DEFAULT_TEMPLATE, LANGUAGE_TEMPLATES, RUN_CEILING_S, _code_body, execution_from_answer
+from cell_sdk._http import ConnectionConfig, Transport
+from cell_sdk.models import Execution
+from cell_sdk.sandbox import DEFAULT_TEMPLATE, LANGUAGE_TEMPLATES, RUN_CEILING_S, _code_body, execution_from_answer
 
 
 class CellClient:

@@ -10,11 +10,11 @@ import time
 from types import TracebackType
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
-from appliance.sdk import _parse
-from appliance.sdk._http import ConnectionConfig, Transport
-from appliance.sdk.exceptions import InvalidArgumentException, NotFoundException
-from appliance.sdk.filesystem import Filesystem
-from appliance.sdk.models import Execution, Logs, OutputMessage, Result, SandboxInfo
+from cell_sdk import _parse
+from cell_sdk._http import ConnectionConfig, Transport
+from cell_sdk.exceptions import InvalidArgumentException, NotFoundException
+from cell_sdk.filesystem import Filesystem
+from cell_sdk.models import Execution, Logs, OutputMessage, Result, SandboxInfo
 
 T = TypeVar("T")
 OutputHandler = Callable[[OutputMessage], Any]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import re
 
-from appliance.sdk.models import ExecutionError
+from cell_sdk.models import ExecutionError
 
 _PY_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?::\s?(.*))?$")
 _JS_EXC_LINE = re.compile(r"^([A-Za-z_$][\w$]*):\s?(.*)$")
