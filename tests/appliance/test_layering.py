@@ -1,9 +1,12 @@
 """Pure policy modules import no I/O adapters; nothing imports tui (STYLE)."""
 from __future__ import annotations
 
+import ast
+import io
 import json
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,41 @@ def test_pure_module_imports_no_adapters(module: str) -> None:
 def test_appliance_never_imports_tui() -> None:
     offenders = [str(p) for p in (REPO / "appliance").rglob("*.py") if "import tui" in p.read_text() or "from tui" in p.read_text()]
     assert offenders == []
+
+
+# Files whose function-level imports still lack their reason; the lead finishes
+# them (they were being edited in parallel). Keep this set exactly equal to the
+# files that still have such imports: the test below fails both ways.
+HIDDEN_IMPORTS_TO_DO = {
+    "appliance/config.py", "appliance/ops/doctor.py", "appliance/runtime/pool.py", "appliance/runtime/worker.py",
+    "appliance/services.py",
+}
+
+
+def _bare_function_imports(path: Path) -> list[int]:
+    """Lines of imports inside a def with no comment on them or right above their block."""
+    source = path.read_text(encoding="utf-8")
+    commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                 if tok.type == tokenize.COMMENT}
+    comment_only = {n for n, line in enumerate(source.splitlines(), 1) if line.lstrip().startswith("#")}
+    spans = sorted({(sub.lineno, sub.end_lineno or sub.lineno)
+                    for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))})
+    bare, block_start, prev_end = [], 0, -1
+    for start, end in spans:
+        if start != prev_end + 1:  # a new run of adjacent imports; a comment above it covers the run
+            block_start = start
+        prev_end = end
+        if not (commented & set(range(start, end + 1))) and block_start - 1 not in comment_only:
+            bare.append(start)
+    return bare
+
+
+def test_function_level_imports_say_why_they_are_hidden() -> None:
+    # An import inside a function hides a dependency from readers and tools; it
+    # stays there only for a layering rule, start-up time or an import cycle,
+    # and a comment says which.
+    bare = {str(p.relative_to(REPO)): lines for pkg in ("appliance", "mirror", "installer", "tui")
+            for p in sorted((REPO / pkg).rglob("*.py")) if (lines := _bare_function_imports(p))}
+    assert {p: n for p, n in bare.items() if p not in HIDDEN_IMPORTS_TO_DO} == {}
+    assert set(bare) == HIDDEN_IMPORTS_TO_DO, "a file was finished: drop it from HIDDEN_IMPORTS_TO_DO"
