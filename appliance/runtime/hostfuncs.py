@@ -28,7 +28,6 @@ from typing import Any
 
 import wasmtime
 
-from appliance import egress
 from appliance.confine import ConfinementError
 from appliance.policy.bounds import MAX_TRANSFER, span
 from appliance.policy.egress import EgressDenied
@@ -132,6 +131,10 @@ def host_fetch(caller: wasmtime.Caller, url_ptr: int, url_len: int, buf_ptr: int
         buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)
         if url is None or buf is None:
             return INVALID
+        # start-up: the HTTP client loads ssl; a worker spawn pays for it only when a
+        # guest fetches (egress is off by default)
+        from appliance import egress
+
         deadline = time.monotonic() + max(0.0, min(ctx.governor.remaining(), 60.0))
         try:
             result = egress.fetch(url, policy=ctx.egress, max_bytes=buf[1], deadline=deadline, resolver=ctx.resolver)

@@ -36,7 +36,6 @@ from typing import Any
 import wasmtime
 
 from appliance import confine
-from appliance.mcp import McpError
 from appliance.policy.bounds import MAX_TRANSFER, span
 from appliance.policy.mcp import RequestRejected, parse_request
 from appliance.runtime import context
@@ -128,6 +127,10 @@ def host_mcp_call(caller: wasmtime.Caller, req_ptr: int, req_len: int, buf_ptr: 
         buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)
         if raw is None or buf is None:
             return INVALID
+        # start-up: the MCP client loads subprocess and ssl; a worker spawn pays for it
+        # only when a guest calls a server (there is a client only if servers are configured)
+        from appliance.mcp import McpError
+
         try:
             request = parse_request(raw)
         except RequestRejected as e:
