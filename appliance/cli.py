@@ -26,6 +26,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # start-up: only `cell serve` needs Flask, waitress and the worker pool (wasmtime)
     from appliance.services import build_services, ensure_default_tenant
     from appliance.web.app import create_app
     from appliance.web.server import make_server
@@ -33,7 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     started = time.monotonic()
     print(f"cell: data under {settings.root}; starting {settings.workers} worker(s)", flush=True)
-    from appliance.runtime.pool import cache_is_warm
+    from appliance.runtime.pool import cache_is_warm  # start-up: loads wasmtime, as above
 
     if not cache_is_warm(settings):
         print("cell: first start on this machine: compiling the guest runtimes "
@@ -104,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
-    from appliance.runtime.loader import Runtimes
+    from appliance.runtime.loader import Runtimes  # start-up: only `cell warm` needs wasmtime here
 
     settings = settings_from_args(args)
     settings.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -120,6 +121,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant(args: argparse.Namespace) -> int:
+    # start-up: cells and services load the worker pool (wasmtime), storage loads
+    # sqlite_utils; the other `cell` commands must not pay for them
     from appliance.cells import now_ms
     from appliance.services import prepare_root
     from appliance.storage import Store
@@ -190,11 +193,15 @@ def _console_unavailable(why: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from appliance.services import UnsafeDataDir
-
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UnsafeDataDir) as e:
+    except Exception as e:
+        # start-up: appliance.services loads the worker pool (wasmtime), so it is not
+        # imported just to name its exception; a command that can raise UnsafeDataDir
+        # has already imported it.
+        services = sys.modules.get("appliance.services")
+        if not (isinstance(e, ConfigError) or (services is not None and isinstance(e, services.UnsafeDataDir))):
+            raise
         print(f"cell: {e}", file=sys.stderr)
         return 2
 

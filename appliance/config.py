@@ -8,7 +8,9 @@ silently replaced by a default.
 """
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -264,7 +266,6 @@ def load_egress_hosts(path: Path | None) -> dict[str, list[str]] | None:
     so the map can never admit an internal address (T-SSRF-1)."""
     if path is None:
         return None
-    import json
 
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -345,7 +346,6 @@ def settings_for_command(*, dev: bool = False, host: str | None = None, port: in
 
 def _node_id(settings: Settings) -> str:
     """A short, stable id for this node, derived from its data root (cell ids carry it)."""
-    import hashlib
 
     try:
         machine = Path("/etc/machine-id").read_text().strip()

@@ -32,6 +32,7 @@ does the I/O and keeps these promises:
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -71,8 +72,6 @@ def _bind_pdeathsig() -> Callable[[], None] | None:
     hook is one pre-bound libc call (no imports, no allocation of note after fork).
     """
     try:
-        import ctypes
-
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None

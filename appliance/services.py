@@ -12,7 +12,10 @@ from typing import Any, Callable
 from appliance import __version__
 from appliance.cells import CellService, now_ms
 from appliance.config import Settings, load_egress_hosts
-from appliance.license.verify import Limits, config_limits
+from appliance.license.manager import LicenseManager
+from appliance.license.verify import HOST_FUNCTION_FEATURES, Limits, config_limits
+from appliance.mcp import load_config
+from appliance.ops.incident import in_incident
 from appliance.policy.ratelimit import TokenBucketLimiter
 from appliance.receipts.audit import VERIFY_BURST, VERIFY_RATE_PER_S, ReceiptAuditor
 from appliance.receipts.nodekey import NodeKey
@@ -20,6 +23,7 @@ from appliance.receipts.store import ReceiptStore
 from appliance.runtime import templates
 from appliance.runtime.pool import WorkerPool
 from appliance.storage import Store
+from mirror.registry import Mirror
 
 log = logging.getLogger("cell")
 
@@ -197,8 +201,6 @@ class Services:
                     if self.reload_requested.is_set():
                         self.reload_requested.clear()
                         self.reload_config()
-                    from appliance.ops.incident import in_incident
-
                     (self.incident.set if in_incident(self.settings) else self.incident.clear)()
                     self.cells.reap_expired()
                     self.pool.check_alive()
@@ -266,8 +268,6 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
     receipts = ReceiptStore(settings.db_path, node_key)
     mirror = None
     try:
-        from mirror.registry import Mirror
-
         mirror = Mirror(settings.mirror_dir)
     except Exception as e:  # an unusable registry: no revocation list, so Pro licenses are not honoured
         log.warning("trust registry unavailable: %s", e)
@@ -276,8 +276,6 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
         if license_factory is not None:
             lic = license_factory(settings)
         else:
-            from appliance.license.manager import LicenseManager
-
             if mirror is not None:
                 lic = LicenseManager(settings, revocations=mirror.is_license_revoked, revoked_keys=mirror.is_key_revoked,
                                      node_key=node_key)
@@ -287,13 +285,10 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
     except Exception as e:  # no license subsystem means the free tier, never a crash
         log.warning("license subsystem unavailable, running free tier: %s", e)
     if settings.mcp_servers is not None:
-        from appliance.mcp import load_config
-
         load_config(settings.mcp_servers)  # a bad MCP table stops start-up here, not in a worker
     pool = WorkerPool(settings, progress=progress)
     pool.start()
     egress = egress_message(settings, load_egress_hosts(settings.egress_hosts))
-    from appliance.license.verify import HOST_FUNCTION_FEATURES
 
     def pro_features() -> frozenset[str]:
         # T-LIC-2: each Pro host function only when the license lists its feature.

@@ -9,12 +9,13 @@ from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings, settings_for_command
+from appliance.license.manager import LicenseManager
+from appliance.ops.backup import server_running
+from appliance.ops.incident import in_incident
+from mirror.registry import Mirror
 
 
 def node_status(s: Settings) -> dict[str, Any]:
-    from appliance.ops.backup import server_running
-    from appliance.ops.incident import in_incident
-
     out: dict[str, Any] = {"version": __version__, "node_id": s.node_id, "data_root": str(s.root),
                            "service": server_running(s) or "not running", "out_of_rotation": in_incident(s),
                            "egress": s.egress, "telemetry": s.telemetry}
@@ -30,9 +31,6 @@ def node_status(s: Settings) -> dict[str, Any]:
         finally:
             conn.close()
     try:
-        from appliance.license.manager import LicenseManager
-        from mirror.registry import Mirror
-
         mirror = Mirror(s.mirror_dir)
         out["registry"] = mirror.status()
         lic = LicenseManager(s, revocations=mirror.is_license_revoked, revoked_keys=mirror.is_key_revoked)

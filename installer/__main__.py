@@ -13,7 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from installer.bundle import DEFAULT_EPOCH, BundleOptions, build_bundle
 from installer.errors import InstallerError
+from installer.extract import verify_bundle
+from installer.install import InstallOptions, install, rollback, status, uninstall
 from installer.keys import ENV_OVERRIDE, resolve_trusted_keys
 from installer.layout import Layout
 
@@ -32,8 +35,6 @@ def _trusted(args: argparse.Namespace) -> dict[str, bytes]:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from installer.bundle import DEFAULT_EPOCH, BundleOptions, build_bundle
-
     epoch = args.source_date_epoch
     if epoch is None:
         epoch = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
@@ -51,8 +52,6 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from installer.extract import verify_bundle
-
     trusted = _trusted(args)
     with tempfile.TemporaryDirectory(prefix="cell-verify-") as work:
         verified = verify_bundle(Path(args.bundle), trusted, Path(work), extract=False)
@@ -63,8 +62,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from installer.install import InstallOptions, install
-
     opts = InstallOptions(
         bundle=Path(args.bundle), layout=_layout(args), trusted=_trusted(args), dry_run=args.dry_run,
         skip_precompile=args.skip_precompile, allow_downgrade=args.allow_downgrade, start=args.start,
@@ -79,22 +76,16 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from installer.install import rollback
-
     rollback(_layout(args))
     return 0
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    from installer.install import uninstall
-
     uninstall(_layout(args), args.purge)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from installer.install import status
-
     print(json.dumps(status(_layout(args)), indent=1))
     return 0
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from installer import ed25519
 from installer.errors import InstallError
 
 ROLE = "release"
@@ -67,8 +68,6 @@ def resolve_trusted_keys(path: str | None) -> tuple[dict[str, bytes], str]:
 
 def load_signing_key(path: Path) -> tuple[bytes, str]:
     """Vendor side: a JSON {"ed25519_seed": hex} (optional "key_id"), or 64 hex chars."""
-    from installer import ed25519
-
     text = path.read_text(encoding="utf-8").strip()
     try:
         if text.startswith("{"):

@@ -8,14 +8,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from appliance.config import load_settings
 from mirror.checks import BadPeerURL
 from mirror.registry import ImportBusy, Mirror, MirrorError
 from mirror.trust import UntrustedState
 
 
 def _mirror(args: argparse.Namespace) -> Mirror:
-    from appliance.config import load_settings
-
     return Mirror(load_settings().mirror_dir)
 
 
@@ -37,7 +36,7 @@ def _print_report(report: Any) -> None:
 
 
 def _update(args: argparse.Namespace) -> int:
-    from mirror.importer import ImportRefused
+    from mirror.importer import ImportRefused  # start-up: the importer loads tuf's updater, urllib3 and ssl
 
     try:
         mirror = _mirror(args)

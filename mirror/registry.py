@@ -381,12 +381,12 @@ class Mirror:
     # -- updates (see mirror.importer) -------------------------------------
 
     def import_path(self, path: Path, now: datetime | None = None) -> Any:
-        from mirror.importer import import_path
+        from mirror.importer import import_path  # cycle: mirror.importer imports this module
 
         return import_path(self, path, now=now)
 
     def sync(self, url: str, now: datetime | None = None) -> Any:
-        from mirror.importer import sync_from_peer
+        from mirror.importer import sync_from_peer  # cycle: mirror.importer imports this module
 
         return sync_from_peer(self, url, now=now)
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,6 +28,16 @@ from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings
+from appliance.license.cli import write_atomic
+from appliance.license.machine import machine_fingerprint
+from appliance.license.manager import LicenseManager, embedded_license_keys, read_high_water, utc_now
+from appliance.license.verify import (
+    LicenseRejected, decode_document, days_left, format_time, parse_license, verify_license, warnings_for,
+)
+from appliance.receipts.nodekey import NodeKey
+from appliance.receipts.store import ReceiptStore
+from appliance.services import prepare_root
+from appliance.storage import Store
 from appliance.telemetry import TelemetryStore, aggregate
 from tui import media
 from tui.services import (
@@ -221,9 +233,6 @@ class ApplianceConsoleServices:
     # -- license --------------------------------------------------------------
 
     def _license_context(self) -> dict[str, Any]:
-        from appliance.license.machine import machine_fingerprint
-        from appliance.license.manager import embedded_license_keys, read_high_water, utc_now
-
         return {
             "keys": self._license_keys if self._license_keys is not None else embedded_license_keys(),
             "now": (self._clock or utc_now)(),
@@ -247,10 +256,6 @@ class ApplianceConsoleServices:
         return self._check_license(media.read_confined(path, self._roots, "license"))
 
     def _check_license(self, data: bytes) -> LicenseCheck:
-        from appliance.license.verify import (
-            LicenseRejected, decode_document, days_left, format_time, parse_license, verify_license, warnings_for,
-        )
-
         ctx = self._license_context()
         try:
             lic = verify_license(data, **ctx)
@@ -273,8 +278,6 @@ class ApplianceConsoleServices:
         return LicenseCheck(True, verdict, None, None, fields, True, tuple(warnings_for(lic, ctx["now"])))
 
     def install_license(self, path: Path) -> LicenseCheck:
-        from appliance.license.cli import write_atomic
-
         data = media.read_confined(path, self._roots, "license")
         check = self._check_license(data)  # T-LIC-1: never install what the service would refuse
         if not check.ok:
@@ -434,9 +437,6 @@ class RegistryBridge:
         return bool(self._mirror.is_key_revoked(key_id))
 
     def preview_import(self, path: Path) -> dict[str, Any]:
-        import shutil
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="cell-console-preview-") as tmp:
             copy = Path(tmp) / "mirror"
             shutil.copytree(self._mirror.root_dir, copy, symlinks=True)
@@ -476,12 +476,6 @@ def _revoked_key_fn(mirror: RegistryBridge | None) -> Callable[[str], bool]:
 def open_console_services(settings: Settings, *, media_roots: Sequence[Path] = media.DEFAULT_ROOTS,
                           ) -> ApplianceConsoleServices:
     """The lightweight graph for ``cell console``: storage and license, no worker pool."""
-    from appliance.license.manager import LicenseManager
-    from appliance.receipts.nodekey import NodeKey
-    from appliance.receipts.store import ReceiptStore
-    from appliance.services import prepare_root
-    from appliance.storage import Store
-
     prepare_root(settings)
     mirror: RegistryBridge | None = None
     mirror_cls = _load_optional("mirror.registry", "Mirror")

@@ -16,6 +16,7 @@ from typing import Any
 
 from appliance.config import load_settings
 from appliance.errors import ConfigError
+from tui.media import DEFAULT_ROOTS
 
 
 def register(subparsers: Any) -> None:
@@ -27,9 +28,10 @@ def register(subparsers: Any) -> None:
 
 
 def run_console(args: argparse.Namespace) -> int:
+    # layering: `register` runs for every `cell` command and must not load Textual
+    # (tui.app); start-up: the adapters open storage and the license subsystem
     from tui.adapters import open_console_services
     from tui.app import CellConsole
-    from tui.media import DEFAULT_ROOTS
 
     env = dict(os.environ)
     if getattr(args, "dev", False):

@@ -39,7 +39,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The manager needs sqlite3; keep it out of `import appliance.license.verify`.
     if name in ("LicenseManager", "LicenseState"):
-        from appliance.license import manager
+        from appliance.license import manager  # layering: verify stays pure; the manager loads sqlite3
 
         return getattr(manager, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

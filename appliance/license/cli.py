@@ -142,6 +142,8 @@ def _registry_lookups(settings: Settings, clock: Callable[[], datetime],
                       registry_root: bytes | None) -> tuple[Callable[[str], bool], Callable[[str], bool]]:
     """The registry's revocation lookups, without creating anything: a node with no
     registry installed answers like a registry to which nothing was imported."""
+    # layering: the mirror sits beside the core (see appliance/web/app.py), and the
+    # console imports this module while loading the mirror only by name
     from mirror.registry import CURRENT, Mirror, RegistryStale
 
     if not os.path.lexists(settings.mirror_dir / CURRENT):

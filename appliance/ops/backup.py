@@ -33,6 +33,8 @@ from typing import IO, Any
 from appliance import __version__
 from appliance.config import Settings
 from appliance.fileio import sha256_file
+from appliance.receipts import verify as rverify
+from appliance.receipts.nodekey import NodeKey, NodeKeyError
 
 FORMAT = "cell-backup/1"
 MANIFEST = "manifest.json"
@@ -238,9 +240,6 @@ def verify_archive(archive: Path, staging: Path) -> tuple[dict[str, Any], dict[s
 
 
 def _verify_chain(db: Path, key_file: Path) -> dict[str, Any]:
-    from appliance.receipts import verify as rverify
-    from appliance.receipts.nodekey import NodeKey
-
     key = NodeKey.load(key_file.parent) if key_file.name == "node_ed25519" else None
     if key is None:
         raise BackupError("internal: key file name")
@@ -292,8 +291,6 @@ def restore_backup(s: Settings, archive: Path) -> dict[str, Any]:
 
 
 def _public_key_or_none(key_file: Path) -> str | None:
-    from appliance.receipts.nodekey import NodeKey, NodeKeyError
-
     try:
         return NodeKey.load(key_file.parent).public_key_hex
     except (NodeKeyError, OSError):

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Settings, settings_for_command
+from appliance.ops.backup import BackupError, create_backup, restore_backup
+from appliance.ops.doctor import Context, exit_code, run_checks
+from appliance.ops.incident import clear, snapshot
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -49,8 +52,6 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from appliance.ops.doctor import Context, exit_code, run_checks
-
     checks = run_checks(_settings(args), Context(now=datetime.now(timezone.utc)))
     if args.json:
         print(json.dumps([c.__dict__ for c in checks], indent=2))
@@ -61,8 +62,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from appliance.ops.backup import BackupError, create_backup
-
     try:
         manifest = create_backup(_settings(args), args.out)
     except (BackupError, OSError) as exc:
@@ -75,8 +74,6 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from appliance.ops.backup import BackupError, restore_backup
-
     try:
         result = restore_backup(_settings(args), args.file)
     except (BackupError, OSError) as exc:
@@ -91,8 +88,6 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_incident_snapshot(args: argparse.Namespace) -> int:
-    from appliance.ops.incident import snapshot
-
     report = snapshot(_settings(args), args.out, with_contents=args.with_volume_contents, reason=args.reason)
     print(f"node out of rotation (new runs answer 503 incident); snapshot {report['out']}: "
           f"{report['files']} files, {report['volumes_listed']} volume entries, {report['seconds']} s")
@@ -104,7 +99,5 @@ def cmd_incident_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_incident_clear(args: argparse.Namespace) -> int:
-    from appliance.ops.incident import clear
-
     print("back in rotation" if clear(_settings(args)) else "the node was not out of rotation")
     return 0

@@ -19,6 +19,11 @@ from typing import Any, Callable
 from appliance.fileio import sha256_file
 
 from appliance.config import Settings
+from appliance.confine import Volume
+from appliance.license.machine import machine_fingerprint
+from appliance.license.manager import embedded_license_keys, read_clock_problem, read_high_water
+from appliance.license.verify import MAX_FILE_BYTES, LicenseRejected, days_left, verify_license
+from mirror.registry import Mirror, RegistryStale
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 MIN_FREE_DISK = 512 * 1024 * 1024
@@ -133,8 +138,6 @@ def check_module_cache(s: Settings, ctx: Context) -> Check:
 
 
 def check_openat2(s: Settings, ctx: Context) -> Check:
-    from appliance.confine import Volume
-
     probe_dir = s.volumes_dir if s.volumes_dir.is_dir() else (s.root if s.root.is_dir() else Path("/tmp"))
     try:
         with Volume(str(probe_dir.absolute())) as vol:
@@ -150,8 +153,6 @@ def check_openat2(s: Settings, ctx: Context) -> Check:
 def _revocations(s: Settings, ctx: Context) -> Callable[[str], bool]:
     """The lookup the service uses; it raises (and the license is refused) when the
     registry is absent, stale or broken, exactly as in the service (T-LIC-3)."""
-    from mirror.registry import Mirror, RegistryStale
-
     if not s.mirror_dir.is_dir():
         def missing(_license_id: str) -> bool:
             raise RegistryStale("registry_missing", "No trust registry is installed yet, so license revocations are unknown.")
@@ -170,16 +171,10 @@ def _revocations(s: Settings, ctx: Context) -> Callable[[str], bool]:
 
 def clock_mark_problem(s: Settings) -> str | None:
     """Why the signed clock high-water mark cannot be believed, or None (read-only, T-LIC-3)."""
-    from appliance.license.manager import read_clock_problem
-
     return read_clock_problem(s.db_path, s.keys_dir)
 
 
 def check_license(s: Settings, ctx: Context) -> Check:
-    from appliance.license.machine import machine_fingerprint
-    from appliance.license.manager import embedded_license_keys, read_high_water
-    from appliance.license.verify import MAX_FILE_BYTES, LicenseRejected, days_left, verify_license
-
     path = s.license_path
     if not path.exists():
         return Check("license", OK, f"no license at {path}: free tier", "")
@@ -217,8 +212,6 @@ def check_registry(s: Settings, ctx: Context) -> Check:
     if not s.mirror_dir.is_dir():
         return Check("registry", WARN, "no trust registry yet (installed at first start)", "start the service once")
     try:
-        from mirror.registry import Mirror
-
         status = Mirror(s.mirror_dir, trusted_root=ctx.registry_root).status(now=ctx.now)
     except Exception as exc:
         return Check("registry", FAIL, f"cannot be opened ({type(exc).__name__}: {str(exc)[:120]})",
@@ -258,8 +251,6 @@ def check_resources(s: Settings, ctx: Context) -> Check:
 
 
 def check_clock(s: Settings, ctx: Context) -> Check:
-    from appliance.license.manager import read_high_water
-
     now = ctx.now
     if now < EARLIEST_SANE:
         return Check("clock", FAIL, f"system time {now:%Y-%m-%d} is before this release", "set the clock (timedatectl set-time, or an NTP source on the LAN)")

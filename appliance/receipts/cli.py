@@ -10,7 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from appliance.config import load_settings
 from appliance.receipts import verify as _verify
+from appliance.receipts.nodekey import NodeKey, NodeKeyError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -38,15 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _settings_paths(db: Path | None, keys_dir: Path | None) -> tuple[Path, Path]:
     if db is not None and keys_dir is not None:
         return db, keys_dir
-    from appliance.config import load_settings  # only when a path is missing: config may be absent
-
-    settings = load_settings()
+    settings = load_settings()  # only when a path is missing: the config file may be absent
     return db or settings.db_path, keys_dir or settings.keys_dir
 
 
 def _export(args: argparse.Namespace) -> int:
-    from appliance.receipts.nodekey import NodeKey, NodeKeyError
-    from appliance.receipts.store import ReceiptStore
+    from appliance.receipts.store import ReceiptStore  # start-up: sqlite_utils, needed only by `receipts export`
 
     db, keys_dir = _settings_paths(args.db, args.keys_dir)
     if not db.is_file():
@@ -73,8 +72,6 @@ def _verify_cmd(args: argparse.Namespace) -> int:
     pins: list[str] = list(args.public_key)
     if not pins:
         # On the node itself the operator's trust anchor is the node key file.
-        from appliance.receipts.nodekey import NodeKey, NodeKeyError
-
         try:
             pins = [NodeKey.load(_settings_paths(args.db, None)[1]).public_key_hex]
         except (NodeKeyError, OSError):

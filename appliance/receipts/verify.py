@@ -24,6 +24,7 @@ import binascii
 import hashlib
 import json
 import re
+import sqlite3
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -501,8 +502,6 @@ def _check_seal(trailer: Mapping[str, Any], keys: Mapping[str, nacl.signing.Veri
 def verify_db(path: str | Path, public_key_hex: str | Sequence[str] | None = None, *,
               checkpoints: Sequence[str | Path] = ()) -> Report:
     """Check the receipts and checkpoints tables of a node database, opened read-only."""
-    import sqlite3  # stdlib; only this path needs it
-
     if not Path(path).is_file():
         return Report(False, 0, Problem("unreadable", f"{path} does not exist"))
     pins = [public_key_hex] if isinstance(public_key_hex, str) else public_key_hex
@@ -516,8 +515,6 @@ def verify_db(path: str | Path, public_key_hex: str | Sequence[str] | None = Non
 def verify_connection(conn: Any, public_keys: Sequence[str] | None, *,
                       checkpoints: Sequence[str | Path] = ()) -> Report:
     """Check an open sqlite3 connection's receipts and checkpoints (also used by the live store)."""
-    import sqlite3
-
     def body(notes: list[str], seen: list[_Log]) -> None:
         try:
             declared: dict[str, str] = {}

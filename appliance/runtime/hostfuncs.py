@@ -28,7 +28,9 @@ from typing import Any
 
 import wasmtime
 
+from appliance.confine import ConfinementError
 from appliance.policy.bounds import MAX_TRANSFER, span
+from appliance.policy.egress import EgressDenied
 from appliance.runtime import context
 
 DENIED, NOT_FOUND, INVALID, IO_ERROR, TOO_LARGE, OVER_QUOTA = -1, -2, -3, -4, -5, -8
@@ -64,8 +66,6 @@ def host_fs_read(caller: wasmtime.Caller, path_ptr: int, path_len: int, buf_ptr:
         buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)  # T-MEM-1, T-DOS-1
         if path is None or buf is None:
             return INVALID
-        from appliance.confine import ConfinementError
-
         try:
             data = ctx.volume.read_bytes(path, buf[1])
         except ConfinementError as e:
@@ -95,8 +95,6 @@ def host_fs_write(caller: wasmtime.Caller, path_ptr: int, path_len: int, data_pt
         if ctx.quota_left is not None and src[1] > ctx.quota_left:  # T-DISK-1: disk quota
             ctx.deny("T-DISK-1", "host_fs_write", "quota_exceeded")
             return OVER_QUOTA
-        from appliance.confine import ConfinementError
-
         try:
             files_left = ctx.files_left
             creates = files_left is not None and not ctx.volume.exists(path)
@@ -133,8 +131,9 @@ def host_fetch(caller: wasmtime.Caller, url_ptr: int, url_len: int, buf_ptr: int
         buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)
         if url is None or buf is None:
             return INVALID
+        # start-up: the HTTP client loads ssl; a worker spawn pays for it only when a
+        # guest fetches (egress is off by default)
         from appliance import egress
-        from appliance.policy.egress import EgressDenied
 
         deadline = time.monotonic() + max(0.0, min(ctx.governor.remaining(), 60.0))
         try:

@@ -19,7 +19,7 @@ import wasmtime
 
 from appliance.runtime import context, hostfuncs, profuncs
 from appliance.runtime.capture import Capture, ChunkSink
-from appliance.runtime.governor import Governor
+from appliance.runtime.governor import Governor, set_stdin_bytes
 from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_cause, trap_status, trap_words
 from appliance.runtime.sessions import GUEST_ENV_BASE
 from appliance.runtime.stack import on_guest_stack
@@ -122,8 +122,6 @@ class ModuleRunner:
         w.stdout_custom = capture.writer(1)
         w.stderr_custom = capture.writer(2)
         if stdin:
-            from appliance.runtime.governor import set_stdin_bytes
-
             set_stdin_bytes(w, stdin)
         store.set_wasi(w)
         capture.reset(cap, sink, governor)

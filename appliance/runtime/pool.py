@@ -24,6 +24,7 @@ from appliance.config import Settings
 from appliance.errors import Busy, CellError, RateLimited
 from appliance.policy.fairness import FairShare, Ticket
 from appliance.runtime import protocol, templates
+from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
 from appliance.runtime.protocol import ProtocolError, Reply, Request
 from appliance.runtime.worker import worker_main
 
@@ -45,7 +46,6 @@ Answer = Union[Reply, _Violation, None]  # None: the worker is gone
 
 def cache_is_warm(settings: Settings) -> bool:
     """True when both shipped runtimes are already compiled for this engine."""
-    from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
 
     for t in templates.with_runtime():
         stem = settings.cache_dir / f"{t.pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"

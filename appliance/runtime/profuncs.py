@@ -35,7 +35,9 @@ from typing import Any
 
 import wasmtime
 
+from appliance import confine
 from appliance.policy.bounds import MAX_TRANSFER, span
+from appliance.policy.mcp import RequestRejected, parse_request
 from appliance.runtime import context
 
 DENIED, NOT_FOUND, INVALID, IO_ERROR, TOO_LARGE, IS_DIR = -1, -2, -3, -4, -5, -6
@@ -65,8 +67,6 @@ def read_at(volume: Any, name: str, offset: int, max_bytes: int) -> bytes:
     no-follow walk and regular-file/one-link check as ``read_bytes``),
     read-only; raises ``ConfinementError``.
     """
-    from appliance import confine
-
     if name.startswith("/"):
         # Volume accepts "/data/x" as the cell's own view; a weights name is
         # relative, so an absolute name is refused outright rather than mapped.
@@ -97,11 +97,9 @@ def load_weights(caller: wasmtime.Caller, name_ptr: int, name_len: int, offset: 
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
             return INVALID
-        from appliance.confine import ConfinementError
-
         try:
             data = read_at(weights, name, offset, buf[1])
-        except ConfinementError as e:
+        except confine.ConfinementError as e:
             if e.errno_code == DENIED:
                 ctx.deny("T-PRO-1", "load_weights", e.reason)
             return int(e.errno_code)
@@ -129,8 +127,9 @@ def host_mcp_call(caller: wasmtime.Caller, req_ptr: int, req_len: int, buf_ptr: 
         buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)
         if raw is None or buf is None:
             return INVALID
+        # start-up: the MCP client loads subprocess and ssl; a worker spawn pays for it
+        # only when a guest calls a server (there is a client only if servers are configured)
         from appliance.mcp import McpError
-        from appliance.policy.mcp import RequestRejected, parse_request
 
         try:
             request = parse_request(raw)

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from appliance.confine import Usage
+from appliance.confine import ConfinementError, Usage, create_volume, open_volume, remove_volume
 
 TMP_ROOT = ".tmp"
 
@@ -36,8 +34,6 @@ def tmp_dir_for(volume: str) -> Path:
 
 def make_tmp_dir(volume: str) -> str:
     """Create (0700, no symlink followed) the /tmp of ``volume``; its path."""
-    from appliance.confine import create_volume
-
     t = tmp_dir_for(volume)
     return str(create_volume(t.parent.parent, t.parent.name, t.name))
 
@@ -45,8 +41,6 @@ def make_tmp_dir(volume: str) -> str:
 def remove_tmp_dir(volume: str) -> bool:
     """Delete the /tmp of ``volume`` without following links; False if it was
     not there or could not be removed."""
-    from appliance.confine import ConfinementError, remove_volume
-
     t = tmp_dir_for(volume)
     try:
         return remove_volume(t.parent.parent, t.parent.name, t.name)
@@ -68,8 +62,6 @@ def tmp_usage(volume: str, max_entries: int | None = None) -> Usage:
     """Bytes and entries in the /tmp of ``volume`` (nothing when it does not
     exist), walked like a volume (T-DISK-1). A walk error raises: it is never
     taken for "empty"."""
-    from appliance.confine import ConfinementError, Usage, open_volume
-
     t = tmp_dir_for(volume)
     try:
         vol = open_volume(t.parent.parent, t.parent.name, t.name)
@@ -85,6 +77,4 @@ def tmp_usage(volume: str, max_entries: int | None = None) -> Usage:
 
 def with_tmp(data: Usage, tmp: Usage) -> Usage:
     """A cell's usage: its /data and its /tmp together."""
-    from appliance.confine import Usage
-
     return Usage(data.bytes + tmp.bytes, data.entries + tmp.entries, data.complete and tmp.complete)

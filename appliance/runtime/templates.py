@@ -25,7 +25,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import os
+import shutil
+import stat as st
+import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -262,12 +268,6 @@ def prepare_mpl_data(runtime: Runtime, stdlib_dir: Path, cache_root: Path) -> Pa
     plain relative path or not a regular file is refused. None when the zip
     carries no such archive.
     """
-    import io
-    import shutil
-    import stat as st
-    import tempfile
-    import zipfile
-    import zlib
 
     assert runtime.stdlib_sha256 is not None
     with zipfile.ZipFile(stdlib_dir / "python315.zip") as outer:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import wasmtime
 
+from appliance.confine import ConfinementError, Volume, remove_tree
 from appliance.policy.egress import EgressPolicy, parse_networks
 from appliance.quota import VolumeWatch
 from appliance.runtime import context, protocol, scratch
@@ -47,7 +48,7 @@ STOP_DISK = "disk_limit"  # governor stop reason (reported as status killed, wit
 
 def static_resolver(hosts: dict[str, list[str]]) -> Any:
     """Resolve only from the operator's map; anything else is a resolve error."""
-    from appliance.egress import EgressError
+    from appliance.egress import EgressError  # start-up: the egress client (ssl) loads only when egress is on
 
     def resolve(host: str, _port: int) -> list[str]:
         found = hosts.get(host.lower().rstrip("."))
@@ -280,8 +281,6 @@ class Worker:
 
     def _exec_module(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, protocol.VolumeUsage | None]:
         """A raw wasm module: compiled (cached), run once against the cell's volume or a scratch one."""
-        from appliance.confine import Volume
-
         # T-LIC-2: the Pro features the web process found in the license in
         # force for this run (never anything the guest sent); unknown names drop out.
         features = frozenset(msg.features) & frozenset(PRO_FUNCTIONS)
@@ -406,7 +405,7 @@ def _registry_hashes(mirror_dir: str | None) -> Any:
 
     def lookup(template: str) -> set[str]:
         try:
-            from mirror.registry import Mirror
+            from mirror.registry import Mirror  # start-up: python-tuf loads only when a runtime misses its pin
 
             return set(Mirror(Path(mirror_dir)).trusted_template_hashes().get(template, set()))
         except Exception:
@@ -417,8 +416,6 @@ def _registry_hashes(mirror_dir: str | None) -> Any:
 
 def _open_weights(path: str | None) -> Any:
     """The operator's read-only weights directory, if present (T-PRO-1)."""
-    from appliance.confine import ConfinementError, Volume
-
     if not path or not os.path.isdir(path):
         return None
     try:
@@ -430,7 +427,7 @@ def _open_weights(path: str | None) -> Any:
 def _open_mcp(path: str | None) -> Any:
     if not path:
         return None
-    from appliance.mcp import McpClient, load_config
+    from appliance.mcp import McpClient, load_config  # start-up: only nodes with MCP servers load the client
 
     return McpClient(load_config(path))
 
@@ -438,8 +435,6 @@ def _open_mcp(path: str | None) -> Any:
 def _volume_usage(path: str, msg: protocol.ExecRequest) -> protocol.VolumeUsage:
     """Bytes and entries in a cell's volume after a run (T-DISK-1); a walk that
     fails is reported as such and the web process counts it as over quota."""
-    from appliance.confine import ConfinementError, Volume
-
     bound = msg.volume_limit.entries if msg.volume_limit is not None else None
     try:
         with Volume(path) as vol:
@@ -469,8 +464,6 @@ def _note_watch(outcome: Any, watch: Any) -> None:
 def _discard(path: str | Path) -> None:
     """Remove a scratch or pool directory the guest may have filled; a failure
     is left for the next worker start (``_remove_stale_pools``), never raised."""
-    from appliance.confine import ConfinementError, remove_tree
-
     try:
         remove_tree(path)
     except (ConfinementError, OSError):

@@ -1,9 +1,14 @@
-"""Pure policy modules import no I/O adapters; nothing imports tui (STYLE)."""
+"""Pure policy modules import no I/O adapters; nothing imports tui (STYLE); an import
+hidden in a function says why; light `cell` commands stay light."""
 from __future__ import annotations
 
+import ast
+import io
 import json
+import os
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -27,3 +32,71 @@ def test_pure_module_imports_no_adapters(module: str) -> None:
 def test_appliance_never_imports_tui() -> None:
     offenders = [str(p) for p in (REPO / "appliance").rglob("*.py") if "import tui" in p.read_text() or "from tui" in p.read_text()]
     assert offenders == []
+
+
+# Files whose function-level imports still lack their reason; the lead finishes
+# them (they were being edited in parallel). Keep this set exactly equal to the
+# files that still have such imports: the test below fails both ways.
+HIDDEN_IMPORTS_TO_DO: set[str] = set()
+
+
+def _bare_function_imports(path: Path) -> list[int]:
+    """Lines of imports inside a def with no comment on them or right above their block."""
+    source = path.read_text(encoding="utf-8")
+    commented = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                 if tok.type == tokenize.COMMENT}
+    comment_only = {n for n, line in enumerate(source.splitlines(), 1) if line.lstrip().startswith("#")}
+    spans = sorted({(sub.lineno, sub.end_lineno or sub.lineno)
+                    for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))})
+    bare, block_start, prev_end = [], 0, -1
+    for start, end in spans:
+        if start != prev_end + 1:  # a new run of adjacent imports; a comment above it covers the run
+            block_start = start
+        prev_end = end
+        if not (commented & set(range(start, end + 1))) and block_start - 1 not in comment_only:
+            bare.append(start)
+    return bare
+
+
+def test_function_level_imports_say_why_they_are_hidden() -> None:
+    # An import inside a function hides a dependency from readers and tools; it
+    # stays there only for a layering rule, start-up time or an import cycle,
+    # and a comment says which.
+    bare = {str(p.relative_to(REPO)): lines for pkg in ("appliance", "mirror", "installer", "tui")
+            for p in sorted((REPO / pkg).rglob("*.py")) if (lines := _bare_function_imports(p))}
+    assert {p: n for p, n in bare.items() if p not in HIDDEN_IMPORTS_TO_DO} == {}
+    assert set(bare) == HIDDEN_IMPORTS_TO_DO, "a file was finished: drop it from HIDDEN_IMPORTS_TO_DO"
+
+
+HEAVY = {"wasmtime", "waitress", "flask", "textual", "appliance.services", "appliance.runtime.pool"}
+
+
+def _cell(argv: list[str], tmp_path: Path) -> tuple[int, str, set[str]]:
+    """Run `cell ARGV` in a fresh interpreter: (exit code, stderr, modules it loaded)."""
+    root = tmp_path / "root"
+    code = ("import json, sys\nfrom appliance.cli import main\n"
+            f"rc = main({argv!r})\nprint(json.dumps([rc, sorted(sys.modules)]))\n")
+    env = dict(os.environ, SYNAPSE_ROOT=str(root), SYNAPSE_CONFIG_DIR=str(root / "etc"), SYNAPSE_LICENSE=str(root / "lic.json"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rc, loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    return rc, done.stderr, set(loaded)
+
+
+@pytest.mark.parametrize("argv", [["license", "show"], ["status"]], ids=" ".join)
+def test_light_commands_load_no_worker_pool_server_or_console(argv: list[str], tmp_path: Path) -> None:
+    # Start-up: only `cell serve`, `cell warm` and `cell tenant` need the worker pool.
+    rc, stderr, loaded = _cell(argv, tmp_path)
+    assert rc == 0, stderr
+    assert not (loaded & HEAVY), loaded & HEAVY
+
+
+def test_unsafe_data_dir_is_still_a_clear_exit_2(tmp_path: Path) -> None:
+    # `main` names UnsafeDataDir without importing appliance.services; the
+    # command that raises it has imported it.
+    (tmp_path / "root").mkdir(mode=0o755)
+    os.chmod(tmp_path / "root", 0o755)
+    rc, stderr, _loaded = _cell(["tenant", "list"], tmp_path)
+    assert rc == 2
+    assert "open to other users" in stderr
