@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Release audit (DESIGN §9): latency, path traversal and SSRF on a live server.
+"""Release audit (SECURITY.md §7): latency, path traversal and SSRF on a live server.
 
 Starts a real Cell server (waitress + worker processes) on an ephemeral
 loopback port with egress ON and a static egress hosts map, so that names

@@ -1,7 +1,7 @@
 """Cells: the service behind the v1 API (no Flask here).
 
 Owns the mapping of cells to worker processes, runs code through the pool,
-and writes the receipt of every run before the answer leaves (DESIGN §7).
+and writes the receipt of every run before the answer leaves (docs/receipts.md).
 """
 from __future__ import annotations
 

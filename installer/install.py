@@ -191,7 +191,7 @@ def _ensure_dirs(lay: Layout, ids: tuple[int, int] | None, out: Out) -> None:
     for sub in ("", *DATA_DIRS):
         path = data / sub if sub else data
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(path, 0o700)  # DESIGN §3: private data; mkdir's mode is masked by umask
+        os.chmod(path, 0o700)  # README, "Where data lives": private data; mkdir's mode is masked by umask
         if ids:
             os.chown(path, *ids)
     conf = lay.host(lay.config_dir)
@@ -250,7 +250,7 @@ def _clean_env() -> dict[str, str]:
 
 
 DEFAULT_CONFIG = """\
-# Cell configuration (DESIGN §4). Environment variables override these keys.
+# Cell configuration (README, "Configuration"). Environment variables override these keys.
 # Written once by the installer; upgrades never overwrite it.
 root = "{data_root}"
 host = "127.0.0.1"

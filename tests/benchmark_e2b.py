@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Release gate: E2B-parity API coverage and latency, side by side (DESIGN §9).
+"""Release gate: E2B-parity API coverage and latency, side by side (SECURITY.md §7).
 
 In one run, the same workloads through
   (a) the SDK over HTTP against a real server on loopback,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Red-team corpus against a live server (DESIGN §9 release gate).
+"""Red-team corpus against a live server (SECURITY.md §7 release gate).
 
 Starts a real Cell server on an ephemeral loopback port (egress ON, names
 from a static map so nothing resolves through DNS and no packet leaves), then

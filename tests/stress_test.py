@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Release gate: many persistent cells at once, on a real server (DESIGN §9).
+"""Release gate: many persistent cells at once, on a real server (SECURITY.md §7).
 
 Opens N cells concurrently (--quick: 50, full: 500) across python3,
 javascript and wasm, drives mixed work through the SDK for a fixed time, then

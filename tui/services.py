@@ -1,7 +1,7 @@
 """What the console needs from the appliance, as one Protocol and plain values.
 
 The App receives an object implementing :class:`ConsoleServices` through its
-constructor (STYLE: harlequin/posting). The real one is
+constructor. The real one is
 ``tui.adapters.ApplianceConsoleServices``; tests use ``tests.tui.fakes``.
 Every method may block (SQLite, file reads, signature checks), so screens
 call them only from thread workers. Methods raise :class:`ServiceError` with

@@ -1,4 +1,4 @@
-"""Licenses: which tier this appliance runs, proven by a vendor signature (DESIGN §8).
+"""Licenses: which tier this appliance runs, proven by a vendor signature (docs/licenses.md).
 
 ``verify`` is pure (no I/O, no clock); ``manager`` is the adapter the service
 builds once; ``cli`` adds ``cell license ...``; ``issue`` is the vendor's side.

@@ -356,7 +356,7 @@ class LicenseManager:
     ) -> None:
         self._settings = settings
         self._path = settings.license_path
-        # None means production: only the embedded vendor keys (DESIGN §8);
+        # None means production: only the embedded vendor keys (docs/licenses.md);
         # tests inject their own, verification itself never gets weaker.
         self._keys = embedded_license_keys() if keys is None else dict(keys)
         self._clock = clock

@@ -99,7 +99,7 @@ def config_limits(settings: Any) -> Limits:
 class License:
     """A license whose signature verified and whose payload is well-formed.
 
-    Field names are the payload's (DESIGN §8). Time validity, machine binding
+    Field names are the payload's (docs/licenses.md). Time validity, machine binding
     and revocation are checked separately by :func:`check_license`, because
     they change with the clock and the trust registry while the file does not.
     """

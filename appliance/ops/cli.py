@@ -1,4 +1,4 @@
-"""`cell doctor`, `cell backup --out FILE`, `cell restore FILE` (DESIGN §10).
+"""`cell doctor`, `cell backup --out FILE`, `cell restore FILE` (docs/operations.md).
 
 ``register(subparsers)`` adds the commands; each handler returns the exit code.
 """

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 description of the v1 API (DESIGN §5), built as data.
+"""The OpenAPI 3.1 description of the v1 API (README, "The API at a glance"), built as data.
 
 A test compares it with the Flask app's url_map (every route, every method)
 and checks real error bodies against the one error shape, so this file

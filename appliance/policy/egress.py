@@ -14,7 +14,7 @@ could read differently is refused rather than interpreted.
 
 Why an explicit table instead of ``ipaddress.is_global``/``is_private``: those
 properties are wrong for several IPv6 ranges and change between Python
-versions (STYLE.md). The table below is the contract; tests pin every row.
+versions. The table below is the contract; tests pin every row.
 
 Name deny table (reason ``denied_name``), matched on the lowercased host with
 one trailing dot removed: exactly or as a suffix ``.<name>`` for each of

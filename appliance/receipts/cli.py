@@ -1,4 +1,4 @@
-"""``cell receipts export`` and ``cell receipts verify`` (DESIGN §10).
+"""``cell receipts export`` and ``cell receipts verify`` (docs/operations.md).
 
 ``register`` adds the sub-commands; each handler is stored as ``func`` on the
 parsed namespace and returns the process exit code. Verification itself lives

@@ -1,4 +1,4 @@
-"""The node's receipt-signing key: ``SYNAPSE_ROOT/keys/node_ed25519`` (DESIGN §3).
+"""The node's receipt-signing key: ``SYNAPSE_ROOT/keys/node_ed25519`` (README, "Where data lives").
 
 The file holds the 32-byte Ed25519 seed as 64 hex characters (a raw 32-byte
 file is accepted too). Whoever can read it can forge this node's receipts, and

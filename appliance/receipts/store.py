@@ -151,7 +151,7 @@ class ReceiptStore:
         self._key = key
         self._checkpoint_every = checkpoint_every
         self._clock = clock
-        self._lock = threading.Lock()  # the one writer (STYLE: a lock the store owns)
+        self._lock = threading.Lock()  # the one writer (a lock the store owns)
         self._queue_lock = threading.Lock()  # group commit: appends waiting for the next transaction
         self._pending: list[dict[str, Any]] = []
         self._leading = False

@@ -1,4 +1,4 @@
-"""Receipt schema v1: the hash composition fixed by the threat model (DESIGN §7).
+"""Receipt schema v1: the hash composition fixed by the threat model (docs/receipts.md).
 
 PURE: no IO, no clock, no sqlite3 or nacl. The store, the runner and the web
 layer call these functions; the standalone auditor verifier

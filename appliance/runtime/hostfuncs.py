@@ -1,7 +1,7 @@
-"""The ``cell`` host functions of the guest ABI (DESIGN §6).
+"""The ``cell`` host functions of the guest ABI (SECURITY.md §3).
 
 Every function here is reachable by hostile code. Each one:
-- never raises into wasmtime (T-MEM-1 note in STYLE: a raised exception is
+- never raises into wasmtime (T-MEM-1: a raised exception is
   kept in one process-wide slot and can surface in the wrong thread); it
   returns a negative code instead;
 - converts every pointer and length to unsigned and bounds-checks it against

@@ -183,7 +183,7 @@ def cell_create(body: dict[str, Any], s: Settings) -> dict[str, Any]:
 def code_of(body: dict[str, Any], tmpl: str) -> tuple[bytes, bool]:
     """(code bytes as hashed in the receipt, whether it is WAT text)."""
     code, b64 = body.get("code"), body.get("code_b64")
-    if isinstance(code, dict):  # {"code": {"code_b64": ...}} form of DESIGN §5
+    if isinstance(code, dict):  # {"code": {"code_b64": ...}} form of README, "The API at a glance"
         b64, code = code.get("code_b64"), None
     if (code is None) == (b64 is None):
         raise BadRequest("give exactly one of code or code_b64", code="invalid_field")

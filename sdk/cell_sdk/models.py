@@ -102,7 +102,7 @@ class Execution:
         return json.dumps(asdict(self), ensure_ascii=False)
 
     def receipt_matches(self, code: str | bytes) -> bool:
-        """Recompute the receipt's v1 hash (DESIGN §7) from ``code`` and this
+        """Recompute the receipt's v1 hash (docs/receipts.md) from ``code`` and this
         answer, offline. True when the receipt covers exactly this run."""
         r = self.receipt
         if r.get("schema") != "v1":

@@ -1,5 +1,5 @@
 """SIGHUP reloads config.toml on a running node: live-safe settings apply
-at once, a bad file keeps the running configuration (DESIGN §10)."""
+at once, a bad file keeps the running configuration (docs/operations.md)."""
 from __future__ import annotations
 
 import json

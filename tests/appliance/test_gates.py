@@ -1,4 +1,4 @@
-"""The two release-gate scripts, run as a release runs them (DESIGN §9), in
+"""The two release-gate scripts, run as a release runs them (SECURITY.md §7), in
 their --quick form: they must exit 0. Each starts its own real server."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure policy modules import no I/O adapters; nothing imports tui (STYLE); an import
+"""Pure policy modules import no I/O adapters; nothing imports tui; an import
 hidden in a function says why; light `cell` commands stay light."""
 from __future__ import annotations
 

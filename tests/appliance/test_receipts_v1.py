@@ -43,7 +43,7 @@ GOOD: dict[str, Any] = {
 
 
 def test_T_RCPT_1_published_vector_computed_independently() -> None:
-    # Recomputed with hashlib alone, straight from DESIGN §7, then pinned as constants.
+    # Recomputed with hashlib alone, straight from docs/receipts.md, then pinned as constants.
     code_h = hashlib.sha256(VECTOR_CODE.encode("utf-8")).hexdigest()
     result_json = '{"exit_code":0,"status":"ok","stderr":"","stdout":"2\\n"}'
     result_h = hashlib.sha256(result_json.encode("utf-8")).hexdigest()
@@ -209,7 +209,7 @@ def test_checkpoint_message_is_domain_separated() -> None:
 
 
 def test_pure_modules_import_no_io_libraries() -> None:
-    # STYLE: receipt rules are pure — no sqlite3, nacl, flask, sockets or clocks.
+    # Receipt rules are pure — no sqlite3, nacl, flask, sockets or clocks.
     code = (
         "import sys, appliance.receipts.v1, appliance.receipts.merkle, appliance.receipts;"
         "bad = {'sqlite3', 'sqlite_utils', 'nacl', 'flask', 'wasmtime', 'socket', 'appliance.config'};"

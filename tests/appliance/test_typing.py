@@ -1,5 +1,5 @@
-"""`mypy --strict` over all four packages (STYLE: typed defs, strict on the
-pure modules; here on everything we ship)."""
+"""`mypy --strict` over all four packages (typed defs everywhere; strict on
+everything we ship)."""
 from __future__ import annotations
 
 import subprocess
