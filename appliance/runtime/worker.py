@@ -31,7 +31,7 @@ import wasmtime
 
 from appliance.confine import ConfinementError, Volume, remove_tree
 from appliance.policy.egress import EgressPolicy, parse_networks
-from appliance.quota import VolumeWatch
+from appliance.runtime.volume_watch import VolumeWatch
 from appliance.runtime import context, protocol, scratch
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner

@@ -13,7 +13,8 @@ import pytest
 from appliance.confine import Usage, create_volume
 from appliance.errors import PayloadTooLarge
 from appliance.cells import _usage as cells_usage
-from appliance.quota import DiskQuota, VolumeWatch, measure_volume
+from appliance.quota import DiskQuota, measure_volume
+from appliance.runtime.volume_watch import VolumeWatch
 from appliance.runtime import protocol
 
 MB = 1024 * 1024
