@@ -5,8 +5,12 @@ serialized form takes milliseconds. But a ``.cwasm`` file is native code that
 wasmtime maps and runs as it finds it: loading a tampered one is code
 execution in the host. So the cache directory must be 0700 and owned by us,
 every file's SHA-256 is recorded when it is written, and it is checked again
-before every ``deserialize_file``. A mismatch is never loaded: the file is
-discarded and the module compiled afresh.
+before every load, on the very bytes that are then deserialized (read once
+from one descriptor: no window between the check and the load). A mismatch
+is never loaded: the file is discarded and the module compiled afresh. A
+confined worker sees the cache read-only (Landlock, T-ESCAPE-1), so it cannot
+rewrite a module or its recorded hash; compiling into the cache happens in
+`cell warm` or before a worker confines itself.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Callable
 
 import wasmtime
 
-from appliance.fileio import sha256_file, write_atomic
+from appliance.fileio import write_atomic
 
 # Engine settings are part of the cache key: a .cwasm only loads into an
 # engine configured exactly like the one that wrote it.
@@ -48,6 +52,21 @@ def _ensure_private_dir(path: Path) -> None:
         raise CacheError(f"module cache {path} is owned by uid {st.st_uid}, not us ({os.getuid()})")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """All ``size`` bytes of an open file, or None if it is shorter or longer now."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n <= 0:
+            return None
+        got += n
+    if os.read(fd, 1):
+        return None
+    return bytes(buf)
 
 
 class ModuleCache:
@@ -86,21 +105,30 @@ class ModuleCache:
 
     def _load_checked(self, engine: wasmtime.Engine, cwasm: Path, meta: Path) -> wasmtime.Module | None:
         try:
-            st = os.lstat(cwasm)
             recorded = json.loads(meta.read_text())
+            fd = os.open(cwasm, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (OSError, ValueError):
             return None
-        # T-CACHE-1: only a regular file of ours, not writable by others, whose
-        # bytes still hash to what we recorded when we wrote it.
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        try:
+            st = os.fstat(fd)
+            # T-CACHE-1: only a regular file of ours, not writable by others, whose
+            # bytes still hash to what we recorded when we wrote it. The file is
+            # trusted by descriptor: the bytes hashed are the bytes deserialized,
+            # so swapping the file after the check changes nothing.
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return None
+            if not isinstance(recorded, dict) or recorded.get("size") != st.st_size:
+                return None
+            data = _read_exactly(fd, st.st_size)
+        except OSError:
             return None
-        if not isinstance(recorded, dict) or recorded.get("size") != st.st_size:
-            return None
-        if sha256_file(cwasm) != recorded.get("sha256"):
+        finally:
+            os.close(fd)
+        if data is None or hashlib.sha256(data).hexdigest() != recorded.get("sha256"):
             cwasm.unlink(missing_ok=True)
             return None
         try:
-            return wasmtime.Module.deserialize_file(engine, str(cwasm))
+            return wasmtime.Module.deserialize(engine, data)
         except wasmtime.WasmtimeError:
             return None
 

@@ -32,13 +32,15 @@ def _deny_host_call(*_args: int) -> int:
 
 class Runtimes:
     def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None,
-                 registry_hashes: Callable[[str], set[str]] | None = None) -> None:
+                 registry_hashes: Callable[[str], set[str]] | None = None, start_ticker: bool = True) -> None:
         self.registry_hashes = registry_hashes
         self.engine = make_engine()
         self.cache = ModuleCache(cache_dir)
         self.cache_root = Path(cache_dir).parent
         self.progress = progress
-        self.ticker = EpochTicker(self.engine)
+        # A confined worker starts the ticker thread only after confinement
+        # (T-ESCAPE-1: Landlock binds the threads started after it, not before).
+        self.ticker: EpochTicker | None = EpochTicker(self.engine) if start_ticker else None
         self._loaded: dict[str, Loaded] = {}
 
     def base_linker(self) -> wasmtime.Linker:
@@ -79,5 +81,10 @@ class Runtimes:
         pre = linker.instantiate_pre(module)
         return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir)
 
+    def start_ticker(self) -> None:
+        if self.ticker is None:
+            self.ticker = EpochTicker(self.engine)
+
     def close(self) -> None:
-        self.ticker.close()
+        if self.ticker is not None:
+            self.ticker.close()

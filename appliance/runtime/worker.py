@@ -26,7 +26,7 @@ from typing import Any
 
 import wasmtime
 
-from appliance.runtime import context, protocol
+from appliance.runtime import context, protocol, sandbox
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
 from appliance.runtime import templates
@@ -73,11 +73,15 @@ def harden_process(max_files: int = 4096) -> dict[str, str]:
 
 
 class Worker:
-    def __init__(self, conn: Connection, config: dict[str, Any]) -> None:
+    def __init__(self, conn: Connection, config: dict[str, Any], *, start_threads: bool = True) -> None:
+        """Everything needing wide access is opened here; ``start_threads=False``
+        leaves the epoch thread to :meth:`start_threads`, after confinement."""
         self.conn = conn
         self.cfg = config
         self._send_lock = threading.Lock()
-        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=_registry_hashes(config.get("mirror_dir")))
+        hashes = _registry_hashes(config["registry_hashes"]) if "registry_hashes" in config \
+            else _mirror_hashes(config.get("mirror_dir"))
+        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, start_ticker=start_threads)
         self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
         self.sessions: dict[str, Session] = {}
@@ -90,6 +94,7 @@ class Worker:
         self.preload: dict[str, list[str]] = {k: list(v) for k, v in config.get("preload", {}).items()}
         self.default_memory = int(config["memory_mb"]) << 20
         self.weights = _open_weights(config.get("weights_dir"))
+        self.sandbox: dict[str, Any] = {}
         self.mcp = _open_mcp(config.get("mcp_servers"))
         for template in interpreters:
             try:
@@ -97,6 +102,13 @@ class Worker:
             except RuntimeMissing as e:  # that template is refused; the others keep working
                 self.untrusted[template] = str(e)
                 self.targets[template] = 0
+
+    def start_threads(self) -> None:
+        self.runtimes.start_ticker()
+
+    def scratch_dirs(self) -> tuple[str, ...]:
+        """Directories this worker writes outside the volume set (its FIFOs)."""
+        return (self.fifo_dir,)
 
     # -- messaging (typed frames, no pickle: appliance/runtime/protocol.py) ----
     def send(self, msg: Any) -> None:
@@ -325,9 +337,15 @@ def session_class(template: str) -> Any:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def _registry_hashes(mirror_dir: str | None) -> Any:
-    """Hashes the verified trust registry lists per template (read only when a
-    runtime does not match its built-in pin)."""
+def _registry_hashes(table: dict[str, list[str]]) -> Any:
+    """Hashes the verified trust registry lists per template, as the
+    supervisor read them (a worker never opens mirror/: T-ESCAPE-1)."""
+    trusted = {str(k): {str(h) for h in v} for k, v in table.items()}
+    return lambda template: set(trusted.get(template, set()))
+
+
+def _mirror_hashes(mirror_dir: str | None) -> Any:
+    """The same, read from the registry directly (an in-process Worker, as tests build one)."""
     if not mirror_dir:
         return None
 
@@ -374,10 +392,31 @@ def _volume_usage(path: str) -> int | None:
         return None
 
 
-def worker_main(conn: Connection, config: dict[str, Any]) -> None:
+def start_confined(conn: Connection, config: dict[str, Any]) -> Worker:
+    """Start-up of every pooled worker, in the order the second wall needs:
+    drop inherited descriptors, open everything that needs wide access
+    (runtimes, module cache, weights, scratch), confine (Landlock + seccomp,
+    T-ESCAPE-1/2), and only then start threads. Exits the process if the
+    sandbox is required and cannot be applied."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    keep = {conn.fileno()}
+    sentinel = os.environ.get(sandbox.KEEP_FD_ENV, "")
+    if sentinel.isdigit():
+        keep.add(int(sentinel))  # the spawn sentinel: the supervisor's join() relies on it
+    sandbox.close_inherited_fds(keep)  # T-ESCAPE-4
     harden_process()
-    worker = Worker(conn, config)
+    worker = Worker(conn, config, start_threads=False)
+    try:
+        worker.sandbox = sandbox.confine(config, worker.scratch_dirs())
+    except (sandbox.SandboxError, OSError) as e:
+        os.write(2, f"cell worker: cannot apply the worker sandbox: {e}\n".encode())
+        os._exit(3)
+    worker.start_threads()
+    return worker
+
+
+def worker_main(conn: Connection, config: dict[str, Any]) -> None:
+    worker = start_confined(conn, config)
     try:
         worker.serve()
     finally:
