@@ -69,6 +69,7 @@ class Services:
             "node_key_id": self.node_key.key_id,
             "templates": [t["name"] for t in self.templates()],
             "workers": self.pool.stats(),
+            "worker_sandbox": self.pool.sandbox_status(),
             "receipts": self.receipts.count(),
             "registry": registry,
         }

@@ -56,7 +56,7 @@ class _CleanSpawnPopen(popen_spawn_posix.Popen):
     def _launch(self, process_obj: Any) -> None:
         from multiprocessing import resource_tracker
 
-        tracker_fd = resource_tracker.getfd()
+        tracker_fd = int(resource_tracker.getfd())  # type: ignore[arg-type]
         fds: list[int] = self._fds  # type: ignore[attr-defined]
         fds.append(tracker_fd)
         prep_data = spawn.get_preparation_data(process_obj._name)
@@ -285,6 +285,21 @@ class WorkerPool:
         alive = self._alive()
         idle = [w for w in alive if not w.busy]
         return min(idle or alive, key=lambda w: (w.busy, w.runs))
+
+    def sandbox_status(self) -> dict[str, Any]:
+        """The second wall as the operator sees it: what the kernel offers, what
+        the workers were told, and each worker's seccomp state from /proc."""
+        offered = sandbox.probe()
+        box = sandbox_config(self.settings)
+        return {
+            "mode": self.settings.worker_sandbox,
+            "landlock_abi": offered["landlock_abi"],
+            "seccomp": offered["seccomp"],
+            "network": "allowed" if box["network"] else "denied",
+            "process_spawn": bool(box["mcp_commands"]),
+            "volume_set": box["volume_set"],
+            "workers": [{"pid": w.process.pid, **sandbox.process_status(w.process.pid)} for w in self._workers],
+        }
 
     def stats(self) -> dict[str, Any]:
         return {

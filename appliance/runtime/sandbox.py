@@ -166,6 +166,8 @@ def spawn_paths(mcp_commands: list[list[str]]) -> tuple[str, ...]:
     absolute path in a command, its executable's install prefix, /usr/bin and /bin."""
     import shutil
 
+    if not mcp_commands:
+        return ()
     paths: list[str] = ["/usr/bin", "/bin", "/usr/local/bin", "/etc/ld.so.cache", "/dev/null"]
     for command in mcp_commands:
         if not command:
