@@ -168,7 +168,8 @@ def spawn_paths(mcp_commands: list[list[str]]) -> tuple[str, ...]:
 
     if not mcp_commands:
         return ()
-    paths: list[str] = ["/usr/bin", "/bin", "/usr/local/bin", "/etc/ld.so.cache", "/dev/null"]
+    # the dynamic loader is opened for execution too (/lib64/ld-linux-*.so)
+    paths: list[str] = ["/usr/bin", "/bin", "/usr/local/bin", "/etc/ld.so.cache", "/usr/lib", "/usr/lib64", "/lib", "/lib64"]
     for command in mcp_commands:
         if not command:
             continue
@@ -190,7 +191,9 @@ def worker_rules(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> la
     return landlock.worker_rules(
         cache_dir=cache_dir, stdlib_dir=stdlib if os.path.isdir(stdlib) else None, code_dirs=(),
         system_dirs=system_dirs(), weights_dir=os.path.realpath(weights) if weights and os.path.isdir(weights) else None,
-        volume_set=volume_set, scratch_dirs=_real_dirs(list(scratch_dirs)), forbidden=forbidden,
+        volume_set=volume_set, forbidden=forbidden,
+        # a stdio MCP server's stderr goes to /dev/null (opened read-write by subprocess)
+        scratch_dirs=_real_dirs([*scratch_dirs, *(["/dev/null"] if sb.get("mcp_commands") else [])]),
         network=bool(sb.get("network")), spawn_paths=spawn_paths(sb.get("mcp_commands") or []))
 
 
