@@ -32,8 +32,13 @@ ENGINE_TAG = "epoch1-fuel0"
 WASMTIME_VERSION = getattr(wasmtime, "__version__", None) or "49.0.0"
 
 
-def make_engine() -> wasmtime.Engine:
+def make_engine(parallel_compilation: bool = True) -> wasmtime.Engine:
+    """``parallel_compilation=False`` for a worker that will confine itself:
+    the compiler's thread pool would outlive the compile, and a thread started
+    before confinement stays unconfined (T-ESCAPE-1). The setting is not part
+    of the compiled form: the same cache serves both."""
     cfg = wasmtime.Config()
+    cfg.parallel_compilation = parallel_compilation
     cfg.epoch_interruption = True  # wall-clock limits (T-DOS-1)
     cfg.consume_fuel = False  # epochs suffice for wall-clock; fuel costs 15-35 % more
     return wasmtime.Engine(cfg)

@@ -32,15 +32,16 @@ def _deny_host_call(*_args: int) -> int:
 
 class Runtimes:
     def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None,
-                 registry_hashes: Callable[[str], set[str]] | None = None, start_ticker: bool = True) -> None:
+                 registry_hashes: Callable[[str], set[str]] | None = None, confining: bool = False) -> None:
         self.registry_hashes = registry_hashes
-        self.engine = make_engine()
+        # ``confining``: this process confines itself after loading, so it
+        # starts no thread before then (T-ESCAPE-1): no compiler thread pool,
+        # and the ticker waits for start_ticker().
+        self.engine = make_engine(parallel_compilation=not confining)
         self.cache = ModuleCache(cache_dir)
         self.cache_root = Path(cache_dir).parent
         self.progress = progress
-        # A confined worker starts the ticker thread only after confinement
-        # (T-ESCAPE-1: Landlock binds the threads started after it, not before).
-        self.ticker: EpochTicker | None = EpochTicker(self.engine) if start_ticker else None
+        self.ticker: EpochTicker | None = None if confining else EpochTicker(self.engine)
         self._loaded: dict[str, Loaded] = {}
 
     def base_linker(self) -> wasmtime.Linker:

@@ -81,7 +81,7 @@ class Worker:
         self._send_lock = threading.Lock()
         hashes = _registry_hashes(config["registry_hashes"]) if "registry_hashes" in config \
             else _mirror_hashes(config.get("mirror_dir"))
-        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, start_ticker=start_threads)
+        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, confining=not start_threads)
         self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
         self.sessions: dict[str, Session] = {}
