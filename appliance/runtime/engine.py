@@ -5,8 +5,9 @@ serialized form takes milliseconds. But a ``.cwasm`` file is native code that
 wasmtime maps and runs as it finds it: loading a tampered one is code
 execution in the host. So the cache directory must be 0700 and owned by us,
 every file's SHA-256 is recorded when it is written, and it is checked again
-before every load, on the very bytes that are then deserialized (read once
-from one descriptor: no window between the check and the load). A mismatch
+before every load, on the file that is then deserialized: one descriptor is
+hashed and the same descriptor's inode is loaded (``/proc/self/fd/N``), so
+swapping the file after the check changes nothing. A mismatch
 is never loaded: the file is discarded and the module compiled afresh. A
 confined worker sees the cache read-only (Landlock, T-ESCAPE-1), so it cannot
 rewrite a module or its recorded hash; compiling into the cache happens in
@@ -117,23 +118,57 @@ class ModuleCache:
         try:
             st = os.fstat(fd)
             # T-CACHE-1: only a regular file of ours, not writable by others, whose
-            # bytes still hash to what we recorded when we wrote it. The file is
-            # trusted by descriptor: the bytes hashed are the bytes deserialized,
-            # so swapping the file after the check changes nothing.
+            # bytes still hash to what we recorded when we wrote it.
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
                 return None
             if not isinstance(recorded, dict) or recorded.get("size") != st.st_size:
                 return None
-            data = _read_exactly(fd, st.st_size)
+            return self._load_fd(engine, fd, st.st_size, recorded.get("sha256"), cwasm)
         except OSError:
             return None
         finally:
             os.close(fd)
-        if data is None or hashlib.sha256(data).hexdigest() != recorded.get("sha256"):
+
+    @staticmethod
+    def _load_fd(engine: wasmtime.Engine, fd: int, size: int, expected: object,
+                 cwasm: Path) -> wasmtime.Module | None:
+        """Hash the open file and load that same file: trusted by descriptor.
+
+        wasmtime loads from a path; ``/proc/self/fd/N`` names the inode this
+        descriptor holds, so renaming another file over ``cwasm`` after the
+        check changes nothing (the file is 0600 and the only writers with our
+        uid replace files, never rewrite them; confined workers cannot write
+        the cache at all). This maps the file as wasmtime does by path (page
+        cache shared between workers); reading the bytes and deserializing
+        them instead costs ~2 s and ~280 MiB of private memory per worker for
+        the Python runtime, so it is only the fallback without /proc.
+        """
+        proc_path = f"/proc/self/fd/{fd}"
+        if os.path.exists(proc_path):
+            digest = hashlib.sha256()
+            left, offset = size, 0
+            while left > 0:
+                chunk = os.pread(fd, min(left, 1 << 20), offset)
+                if not chunk:
+                    return None
+                digest.update(chunk)
+                offset += len(chunk)
+                left -= len(chunk)
+            if os.pread(fd, 1, offset):
+                return None  # grew meanwhile
+            if digest.hexdigest() != expected:
+                cwasm.unlink(missing_ok=True)
+                return None
+            try:
+                return wasmtime.Module.deserialize_file(engine, proc_path)
+            except wasmtime.WasmtimeError:
+                return None
+        data = _read_exactly(fd, size)
+        if data is None or hashlib.sha256(data).hexdigest() != expected:
             cwasm.unlink(missing_ok=True)
             return None
         try:
-            return wasmtime.Module.deserialize(engine, data)
+            return wasmtime.Module.deserialize(engine, data)  # the bytes hashed are the bytes loaded
         except wasmtime.WasmtimeError:
             return None
 
