@@ -158,6 +158,7 @@ class WorkerPool:
         self.kills = 0
         self.progress = progress
         self.closed = False
+        self._sandbox_in_force: dict[str, Any] = {"network": False, "mcp_commands": [], "volume_set": []}
 
     # -- lifecycle -------------------------------------------------------
     def _config(self, index: int) -> dict[str, Any]:
@@ -174,8 +175,12 @@ class WorkerPool:
             "weights_dir": str(s.weights_dir),
             "registry_hashes": registry_hashes(s),
             "mcp_servers": str(s.mcp_servers) if s.mcp_servers else None,
-            "sandbox": sandbox_config(s),  # from the settings in force when this worker starts
+            "sandbox": self._remember_sandbox(sandbox_config(s)),  # the settings in force when this worker starts
         }
+
+    def _remember_sandbox(self, box: dict[str, Any]) -> dict[str, Any]:
+        self._sandbox_in_force = box
+        return box
 
     def _spawn(self, index: int) -> WorkerHandle:
         parent, child = self._mp.Pipe(duplex=True)
@@ -290,7 +295,7 @@ class WorkerPool:
         """The second wall as the operator sees it: what the kernel offers, what
         the workers were told, and each worker's seccomp state from /proc."""
         offered = sandbox.probe()
-        box = sandbox_config(self.settings)
+        box = self._sandbox_in_force
         return {
             "mode": self.settings.worker_sandbox,
             "landlock_abi": offered["landlock_abi"],
