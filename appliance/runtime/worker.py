@@ -96,10 +96,14 @@ class Worker:
         self.weights = _open_weights(config.get("weights_dir"))
         self.sandbox: dict[str, Any] = {}
         self.mcp = _open_mcp(config.get("mcp_servers"))
+        # Session classes are imported now: a confined worker cannot read code
+        # outside its read-only set later (T-ESCAPE-1).
+        self.session_classes: dict[str, Any] = {}
         for template in interpreters:
             try:
                 self.runtimes.get(template)
-            except RuntimeMissing as e:  # that template is refused; the others keep working
+                self.session_classes[template] = session_class(template)
+            except (RuntimeMissing, ImportError, AttributeError) as e:  # that template is refused; the others keep working
                 self.untrusted[template] = str(e)
                 self.targets[template] = 0
 
@@ -152,7 +156,7 @@ class Worker:
         if template in self.untrusted:
             raise ModuleRefused(403, "template_untrusted", self.untrusted[template])
         loaded = self.runtimes.get(template)
-        session: Session = session_class(template)(loaded, volume, memory, envs, self.fifo_dir)
+        session: Session = self.session_classes[template](loaded, volume, memory, envs, self.fifo_dir)
         return session
 
     def _refill_one(self) -> bool:
