@@ -169,7 +169,7 @@ EXPECTED: dict[str, tuple[str, str]] = {
 }
 
 
-def prepare_root(root: Any, cache_dir: Any) -> tuple[Any, dict[str, str]]:
+def prepare_root(root: Any, cache_dir: Any, env: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:
     """A data root holding every secret a worker must not reach; returns (settings, paths)."""
     from pathlib import Path
 
@@ -182,7 +182,7 @@ def prepare_root(root: Any, cache_dir: Any) -> tuple[Any, dict[str, str]]:
     settings = load_settings({"SYNAPSE_ROOT": str(root), "SYNAPSE_CONFIG_DIR": str(root / "etc"),
                               "SYNAPSE_MODULE_CACHE": str(cache_dir), "SYNAPSE_WORKERS": "1",
                               "SYNAPSE_WARM_PYTHON": "0", "SYNAPSE_WARM_JAVASCRIPT": "0",
-                              "SYNAPSE_METRICS_TOKEN": "escape-test-metrics-token-0123456789abcdef"})
+                              "SYNAPSE_METRICS_TOKEN": "escape-test-metrics-token-0123456789abcdef", **(env or {})})
     for path in (settings.volumes_dir, settings.db_path.parent, settings.keys_dir, settings.config_dir,
                  settings.mirror_dir):
         path.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -243,6 +243,36 @@ def test_t_escape_escaped_worker_runs_confined(escaped_pool: WorkerPool) -> None
     assert len(fds) <= 3 + 2 + 8, fds  # stdio, channel, sentinel, and what it opened itself (few)
 
 
+# With egress on (until the host-call broker) the worker may make client TCP/UDP
+# sockets for host_fetch; everything else stays closed.
+EGRESS_ON_EXPECTED = {
+    "tcp_socket_to_loopback": ("errno", "ECONNREFUSED"),  # the socket is made and connect is tried
+    "unix_socket": ("errno", "EPERM"),
+    "read_node_key": ("errno", "EACCES"),
+    "write_module_cache": ("errno", "EACCES"),
+    "fork": ("errno", "EPERM"),
+    "execve_bin_sh": ("signal", "SIGSYS"),
+}
+
+
+@pytest.fixture(scope="module")
+def egress_pool(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
+    settings, paths = escaped_guest.prepare_root(tmp_path_factory.mktemp("escape-egress") / "root", shared_cache(),
+                                                 env={"SYNAPSE_EGRESS": "on"})
+    pool = WorkerPool(settings, target=functools.partial(escaped_guest.escaped_worker, paths=paths))
+    pool.start()
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@needs_kernel
+@pytest.mark.parametrize("attempt", list(EGRESS_ON_EXPECTED))
+def test_t_escape_3_egress_on_opens_client_sockets_only(egress_pool: WorkerPool, attempt: str) -> None:
+    assert escaped_guest.observe(egress_pool, attempt) == EGRESS_ON_EXPECTED[attempt]
+
+
 # -- a running live server ------------------------------------------------------
 def _worker_pids(live: ServerProcess) -> list[int]:
     _, status, _ = live.request("GET", "/v1/status")
