@@ -151,22 +151,24 @@ KILL = (
 # What a running worker uses (strace of the python3, javascript and wasm
 # templates: sessions, FIFOs, volumes, the epoch thread, wasmtime's runtime).
 ALLOW = (
-    "futex", "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
-    "close", "close_range", "lseek", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync", "mincore", "brk",
-    "membarrier", "open", "openat", "openat2", "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs",
-    "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents64", "getcwd", "chdir", "fchdir",
-    "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat", "symlink",
-    "symlinkat", "mknod", "mknodat", "chmod", "fchmod", "fchmodat", "truncate", "ftruncate", "fsync", "fdatasync",
-    "fallocate", "fadvise64", "utimensat", "flock", "copy_file_range", "sendfile", "dup", "dup2", "dup3", "fcntl",
-    "pipe", "pipe2", "set_robust_list", "get_robust_list", "rseq", "set_tid_address", "exit", "exit_group", "wait4",
-    "waitid", "kill", "tgkill", "tkill", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigtimedwait",
-    "rt_sigsuspend", "rt_sigpending", "sigaltstack", "restart_syscall", "nanosleep", "clock_nanosleep",
-    "clock_gettime", "clock_getres", "gettimeofday", "time", "getrandom", "sched_yield", "sched_getaffinity",
-    "sched_getparam", "sched_getscheduler", "sched_get_priority_max", "sched_get_priority_min", "getpid", "getppid",
-    "gettid", "getuid", "geteuid", "getgid", "getegid", "getgroups", "getresuid", "getresgid", "getpgrp", "getpgid",
-    "getsid", "getrlimit", "prlimit64", "getrusage", "times", "sysinfo", "uname", "arch_prctl", "umask", "poll",
-    "ppoll", "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait",
-    "epoll_pwait2", "eventfd", "eventfd2", "timerfd_create", "timerfd_settime", "timerfd_gettime", "memfd_create",
+    # the hottest first (strace counts of a busy worker): the filter is a linear scan
+    "futex", "statx", "newfstatat", "close", "read", "write", "openat2", "pread64", "lseek", "openat", "mmap",
+    "mprotect", "rt_sigaction", "getdents64", "munmap", "brk", "sched_yield", "fcntl", "rt_sigprocmask",
+    "epoll_wait", "gettid", "getrandom", "clock_gettime", "clock_nanosleep", "poll", "readv", "writev", "pwrite64",
+    "preadv", "pwritev", "preadv2", "pwritev2", "close_range", "mremap", "madvise", "msync", "mincore", "membarrier",
+    "open", "stat", "fstat", "lstat", "statfs", "fstatfs", "access", "faccessat", "faccessat2", "readlink",
+    "readlinkat", "getcwd", "chdir", "fchdir", "mkdir", "mkdirat", "rmdir", "unlink", "unlinkat", "rename",
+    "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat", "mknod", "mknodat", "chmod", "fchmod",
+    "fchmodat", "truncate", "ftruncate", "fsync", "fdatasync", "fallocate", "fadvise64", "utimensat", "flock",
+    "copy_file_range", "sendfile", "dup", "dup2", "dup3", "pipe", "pipe2", "set_robust_list", "get_robust_list",
+    "rseq", "set_tid_address", "exit", "exit_group", "wait4", "waitid", "kill", "tgkill", "tkill", "rt_sigreturn",
+    "rt_sigtimedwait", "rt_sigsuspend", "rt_sigpending", "sigaltstack", "restart_syscall", "nanosleep",
+    "clock_getres", "gettimeofday", "time", "sched_getaffinity", "sched_getparam", "sched_getscheduler",
+    "sched_get_priority_max", "sched_get_priority_min", "getpid", "getppid", "getuid", "geteuid", "getgid",
+    "getegid", "getgroups", "getresuid", "getresgid", "getpgrp", "getpgid", "getsid", "getrlimit", "prlimit64",
+    "getrusage", "times", "sysinfo", "uname", "arch_prctl", "umask", "ppoll", "select", "pselect6", "epoll_create",
+    "epoll_create1", "epoll_ctl", "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2", "timerfd_create",
+    "timerfd_settime", "timerfd_gettime", "memfd_create",
     # calls on sockets the worker already holds (its channel); making one is gated below
     "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown", "getsockname", "getpeername",
     "getsockopt", "setsockopt",
@@ -265,6 +267,8 @@ def build(policy: FilterPolicy, arch: str) -> list[Instruction]:
         if nr is not None:
             b.on_nr(nr, _ret(action))
 
+    for name in ALLOW:  # first, for speed: KILL and ALLOW share no call
+        simple(name, RET_ALLOW)
     for name in KILL:
         if policy.spawn and name == "execve":
             continue
@@ -274,8 +278,6 @@ def build(policy: FilterPolicy, arch: str) -> list[Instruction]:
     b.on_nr(clone, _clone_body(policy.spawn))
     seen.add("clone")
     simple("clone3", errno_ret(errno.ENOSYS))  # libc falls back to clone, whose flags we can read
-    for name in ALLOW:
-        simple(name, RET_ALLOW)
     ioctl, prctl, socket = _nr("ioctl", arch), _nr("prctl", arch), _nr("socket", arch)
     assert ioctl is not None and prctl is not None and socket is not None
     b.on_nr(ioctl, _arg_in(1, IOCTL_ALLOWED, RET_ALLOW, deny))
