@@ -20,11 +20,9 @@ more than one thread; the worker confines itself before it starts any.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import platform
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -131,17 +129,7 @@ def thread_count() -> int:
         return -1
 
 
-# -- the plan a worker applies --------------------------------------------
-@dataclass
-class Plan:
-    """What a worker needs for its confinement, worked out by the supervisor
-    (``for_settings``) and completed by the worker with its own directories."""
-    mode: str
-    rules: landlock.Rules
-    filter: seccomp.FilterPolicy
-    report: dict[str, Any] = field(default_factory=dict)
-
-
+# -- the rules of one worker ------------------------------------------------
 def _real_dirs(paths: list[str]) -> tuple[str, ...]:
     out: list[str] = []
     for p in paths:
@@ -309,6 +297,3 @@ def confine(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> dict[st
         report["seccomp"] = "unavailable"
     return report
 
-
-def errno_name(code: int) -> str:
-    return errno.errorcode.get(code, str(code))

@@ -94,7 +94,6 @@ class Worker:
         self.preload: dict[str, list[str]] = {k: list(v) for k, v in config.get("preload", {}).items()}
         self.default_memory = int(config["memory_mb"]) << 20
         self.weights = _open_weights(config.get("weights_dir"))
-        self.sandbox: dict[str, Any] = {}
         self.mcp = _open_mcp(config.get("mcp_servers"))
         # Session classes are imported now: a confined worker cannot read code
         # outside its read-only set later (T-ESCAPE-1).
@@ -411,7 +410,7 @@ def start_confined(conn: Connection, config: dict[str, Any]) -> Worker:
     harden_process()
     worker = Worker(conn, config, start_threads=False)
     try:
-        worker.sandbox = sandbox.confine(config, worker.scratch_dirs())
+        sandbox.confine(config, worker.scratch_dirs())
     except (sandbox.SandboxError, OSError) as e:
         os.write(2, f"cell worker: cannot apply the worker sandbox: {e}\n".encode())
         os._exit(3)
