@@ -18,10 +18,12 @@ import errno
 import json
 import os
 import socket
+import threading
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from appliance.runtime import protocol
+from appliance.runtime.sandbox import KEEP_FD_ENV
 from appliance.runtime.worker import start_confined
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -97,7 +99,17 @@ def attempts(paths: dict[str, str]) -> dict[str, Callable[[], None]]:
         "io_uring_setup": lambda: _syscall("io_uring_setup", 1, 0),
         "keyctl": lambda: _syscall("keyctl", 0, 0, 0, 0, 0),
         "mount": lambda: _syscall("mount", 0, 0, 0, 0, 0),
+        "close_sentinel_and_hang": _close_sentinel_and_hang,
     }
+
+
+_HANG_ON_EOF: list[bool] = []
+
+
+def _close_sentinel_and_hang() -> None:
+    """Close the spawn sentinel and refuse to exit when the supervisor hangs up."""
+    os.close(int(os.environ[KEEP_FD_ENV]))
+    _HANG_ON_EOF.append(True)
 
 
 def _fork() -> None:
@@ -124,6 +136,8 @@ def escaped_worker(conn: Connection, config: dict[str, Any], *, paths: dict[str,
         try:
             request = protocol.decode(conn.recv_bytes(), protocol.TO_WORKER, 1 << 20)
         except (EOFError, OSError, protocol.ProtocolError):
+            if _HANG_ON_EOF:
+                threading.Event().wait()  # never returns: the supervisor must kill us
             os._exit(0)
         if not isinstance(request, protocol.ExecRequest):
             conn.send_bytes(protocol.encode(protocol.OkReply(request.req_id)))

@@ -256,7 +256,12 @@ class WorkerPool:
             except OSError:
                 pass
         for handle in self._workers:
-            handle.process.join(timeout=3)
+            # Not join(timeout): a compromised worker can close its spawn
+            # sentinel, and join() then blocks in waitpid for as long as the
+            # worker lives (T-ESCAPE-1). is_alive() never blocks.
+            deadline = time.monotonic() + 3
+            while handle.process.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
             if handle.process.is_alive():
                 handle.process.kill()
                 handle.process.join(timeout=2)

@@ -243,6 +243,25 @@ def test_t_escape_escaped_worker_runs_confined(escaped_pool: WorkerPool) -> None
     assert len(fds) <= 3 + 2 + 8, fds  # stdio, channel, sentinel, and what it opened itself (few)
 
 
+@needs_kernel
+def test_t_escape_1_a_worker_that_closes_its_sentinel_cannot_hang_shutdown(module_cache: None, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    settings, paths = escaped_guest.prepare_root(tmp_path / "root", shared_cache())
+    pool = WorkerPool(settings, target=functools.partial(escaped_guest.escaped_worker, paths=paths))
+    pool.start()
+    handle = pool.worker(0)
+    assert escaped_guest.observe(pool, "close_sentinel_and_hang") == ("succeeded", "")
+    closer = threading.Thread(target=pool.close, daemon=True)
+    started = time.monotonic()
+    closer.start()
+    closer.join(timeout=30)
+    assert not closer.is_alive(), "pool.close() hung on a worker that closed its sentinel"
+    assert time.monotonic() - started < 3 + 2 + 1.5
+    assert not handle.process.is_alive() and handle.process.exitcode == -9
+
+
 # With egress on (until the host-call broker) the worker may make client TCP/UDP
 # sockets for host_fetch; everything else stays closed.
 EGRESS_ON_EXPECTED = {
