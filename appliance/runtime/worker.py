@@ -26,7 +26,7 @@ from typing import Any
 
 import wasmtime
 
-from appliance.runtime import context, protocol, sandbox
+from appliance.runtime import context, landlock, protocol, sandbox
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
 from appliance.runtime import templates
@@ -411,7 +411,7 @@ def start_confined(conn: Connection, config: dict[str, Any]) -> Worker:
     worker = Worker(conn, config, start_threads=False)
     try:
         sandbox.confine(config, worker.scratch_dirs())
-    except (sandbox.SandboxError, OSError) as e:
+    except (sandbox.SandboxError, landlock.RulesError, OSError) as e:
         os.write(2, f"cell worker: cannot apply the worker sandbox: {e}\n".encode())
         os._exit(3)
     worker.start_threads()

@@ -181,6 +181,24 @@ def test_t_escape_1_worker_rules_grant_only_artifacts_and_the_volume_set(tmp_pat
     assert sandbox.worker_rules(config, ()).read_write == (str(one.resolve()),)
 
 
+def test_t_escape_1_a_cache_dir_holding_the_data_root_is_refused(tmp_path: Path) -> None:
+    # An operator pointing SYNAPSE_MODULE_CACHE at the data root would hand workers the keys: refused.
+    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"),
+                              "SYNAPSE_MODULE_CACHE": str(tmp_path)})
+    settings.volumes_dir.mkdir(parents=True)
+    config = {"cache_dir": str(tmp_path), "volumes_dir": str(settings.volumes_dir), "weights_dir": None,
+              "sandbox": sandbox_config(settings)}
+    with pytest.raises(landlock.RulesError, match="would expose"):
+        landlock.check(sandbox.worker_rules(config, ()))
+
+
+def test_t_escape_1_workers_get_registry_hashes_never_the_mirror(tmp_path: Path) -> None:
+    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc")})
+    config = WorkerPool(settings)._config(0)
+    assert "mirror_dir" not in config and config["registry_hashes"] == {}
+    assert str(settings.mirror_dir) in config["sandbox"]["forbidden"]
+
+
 @pytest.mark.parametrize("env,network", [({}, False), ({"SYNAPSE_EGRESS": "on"}, True)])
 def test_t_escape_3_network_only_with_egress_or_mcp(tmp_path: Path, env: dict[str, str], network: bool) -> None:
     settings = load_settings({"SYNAPSE_ROOT": str(tmp_path), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"), **env})
