@@ -74,6 +74,9 @@ class Settings:
     log_file: Path | None = None
     log_level: str = "info"
     mcp_servers: Path | None = None
+    # T-ESCAPE-1: "required" refuses to start without Landlock and seccomp;
+    # "off-unsafe" is the operator's explicit, logged override.
+    worker_sandbox: str = "required"
 
     @property
     def http_threads(self) -> int:
@@ -256,6 +259,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "metrics_token": ("SYNAPSE_METRICS_TOKEN", "metrics_token", _secret),
     "log_file": ("SYNAPSE_LOG_FILE", "log_file", _path),
     "mcp_servers": ("SYNAPSE_MCP_SERVERS", "mcp_servers", _path),
+    "worker_sandbox": ("SYNAPSE_WORKER_SANDBOX", "worker_sandbox", _choice("required", "off-unsafe")),
     "log_level": ("SYNAPSE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
 }
 

@@ -32,6 +32,11 @@ throws the corpus of tests/redteam_corpus.py at it:
             feature in place (T-LIC-1, T-LIC-2)
   site      host_fetch to this host's own interface addresses is denied; a
             bad SYNAPSE_EGRESS_DENY stops start-up naming the key
+  escape    a guest that escaped wasmtime (tests/escaped_guest.py): a worker
+            started exactly as the pool starts one runs native Python that
+            tries to read the node key, db, license, config, mirror, write the
+            module cache, open sockets, execve, ptrace, read the supervisor's
+            environ: one row per attempt, each EACCES/EPERM or SIGSYS
   incident  `cell incident snapshot --with-volume-contents` while the volume
             holds links to the node key and a thread swaps a file with such a
             link: the key's bytes and hash never reach the tarball
@@ -643,6 +648,25 @@ def disk(srv: ServerProcess) -> None:
     drop(other, "file limit probe")
 
 
+def escape() -> None:
+    """T-ESCAPE-1..3: the escaped-guest table against a confined worker (one row per attempt)."""
+    import functools
+
+    from appliance.runtime.pool import WorkerPool
+    from tests import escaped_guest
+    from tests.liveserver import shared_cache
+
+    settings, paths_ = escaped_guest.prepare_root(Path(tempfile.mkdtemp(prefix="cell-escape-")) / "root", shared_cache())
+    pool = WorkerPool(settings, target=functools.partial(escaped_guest.escaped_worker, paths=paths_))
+    pool.start()
+    try:
+        for attempt, expected in escaped_guest.EXPECTED.items():
+            got = escaped_guest.observe(pool, attempt)
+            record("escape", got == expected, f"{attempt}: {got}, expected {expected}")
+    finally:
+        pool.close()
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
@@ -660,7 +684,8 @@ def main(argv: list[str]) -> int:
                            ("requests", lambda: (requests(srv), bodies(srv))),
                            ("disk", lambda: disk(srv)),
                            ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),
-                           ("incident", lambda: incident_snapshot(srv))):  # last: it takes the node out of rotation
+                           ("incident", lambda: incident_snapshot(srv)),  # takes the node out of rotation: after every server row
+                           ("escape", escape)):
             t = time.monotonic()
             fn()
             print(f"  {family:9} pass {tally[family + ':pass']:4}  fail {tally[family + ':fail']:3}  ({time.monotonic() - t:.1f}s)")

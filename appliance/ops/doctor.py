@@ -23,6 +23,7 @@ from appliance.confine import Volume
 from appliance.license.machine import machine_fingerprint
 from appliance.license.manager import embedded_license_keys, read_clock_problem, read_high_water
 from appliance.license.verify import MAX_FILE_BYTES, LicenseRejected, days_left, verify_license
+from appliance.runtime import sandbox
 from mirror.registry import Mirror, RegistryStale
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -148,6 +149,26 @@ def check_openat2(s: Settings, ctx: Context) -> Check:
         return Check("openat2", OK, "kernel path resolution with RESOLVE_BENEATH is available (T-PATH-1)")
     return Check("openat2", WARN, "openat2 is unavailable (old kernel or seccomp): paths use the slower step-by-step walker",
                  "run on Linux 5.6+ and allow the openat2 syscall in the service's seccomp profile")
+
+
+def check_worker_sandbox(s: Settings, ctx: Context) -> Check:
+    """T-ESCAPE-1/2: the second wall around workers (Landlock, seccomp, network)."""
+    offered = sandbox.probe()
+    abi, has_seccomp = offered["landlock_abi"], offered["seccomp"]
+    network = "allowed (egress or MCP on, until the host-call broker)" if s.egress == "on" or s.mcp_servers else "denied"
+    summary = (f"Landlock ABI {abi}{' (TCP rules)' if abi >= 4 else ''}{' (signal/socket scopes)' if abi >= 6 else ''}, "
+               f"seccomp {'filter' if has_seccomp else 'unavailable'} ({offered['arch']}), worker network {network}, "
+               f"mode {s.worker_sandbox}")
+    missing = [n for n, ok in (("Landlock", abi >= 1), ("seccomp", has_seccomp)) if not ok]
+    if missing and s.worker_sandbox == "required":
+        return Check("worker sandbox", FAIL, f"{summary}: {' and '.join(missing)} missing, the service will refuse to start",
+                     "run on Linux 5.13+ with Landlock enabled (lsm=landlock,...) on x86_64/aarch64, "
+                     "or set SYNAPSE_WORKER_SANDBOX=off-unsafe knowingly")
+    if s.worker_sandbox != "required":
+        return Check("worker sandbox", WARN, f"{summary}: the override is set; "
+                     + (f"{' and '.join(missing)} missing, workers run without them" if missing else "all parts are applied anyway"),
+                     "set SYNAPSE_WORKER_SANDBOX=required")
+    return Check("worker sandbox", OK, summary)
 
 
 def _revocations(s: Settings, ctx: Context) -> Callable[[str], bool]:
@@ -288,7 +309,7 @@ def _last_receipt_ms(db: Path) -> int | None:
 
 
 CHECKS: tuple[Callable[[Settings, Context], Check], ...] = (
-    check_permissions, check_module_cache, check_openat2, check_license, check_registry, check_resources, check_clock,
+    check_permissions, check_module_cache, check_openat2, check_worker_sandbox, check_license, check_registry, check_resources, check_clock,
 )
 
 

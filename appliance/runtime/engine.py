@@ -5,8 +5,13 @@ serialized form takes milliseconds. But a ``.cwasm`` file is native code that
 wasmtime maps and runs as it finds it: loading a tampered one is code
 execution in the host. So the cache directory must be 0700 and owned by us,
 every file's SHA-256 is recorded when it is written, and it is checked again
-before every ``deserialize_file``. A mismatch is never loaded: the file is
-discarded and the module compiled afresh.
+before every load, on the file that is then deserialized: one descriptor is
+hashed and the same descriptor's inode is loaded (``/proc/self/fd/N``), so
+swapping the file after the check changes nothing. A mismatch
+is never loaded: the file is discarded and the module compiled afresh. A
+confined worker sees the cache read-only (Landlock, T-ESCAPE-1), so it cannot
+rewrite a module or its recorded hash; compiling into the cache happens in
+`cell warm` or before a worker confines itself.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from typing import Callable
 
 import wasmtime
 
-from appliance.fileio import sha256_file, write_atomic
+from appliance.fileio import write_atomic
 from appliance.runtime.governor import set_async_stack_size
 from appliance.runtime.stack import WASM_STACK
 
@@ -32,8 +37,13 @@ ENGINE_TAG = "epoch1-fuel0"
 WASMTIME_VERSION = getattr(wasmtime, "__version__", None) or "49.0.0"
 
 
-def make_engine() -> wasmtime.Engine:
+def make_engine(parallel_compilation: bool = True) -> wasmtime.Engine:
+    """``parallel_compilation=False`` for a worker that will confine itself:
+    the compiler's thread pool would outlive the compile, and a thread started
+    before confinement stays unconfined (T-ESCAPE-1). The setting is not part
+    of the compiled form: the same cache serves both."""
     cfg = wasmtime.Config()
+    cfg.parallel_compilation = parallel_compilation
     cfg.epoch_interruption = True  # wall-clock limits (T-DOS-1)
     cfg.consume_fuel = False  # epochs suffice for wall-clock; fuel costs 15-35 % more
     # The async stack first: wasmtime refuses a max_wasm_stack above it, and
@@ -56,6 +66,21 @@ def _ensure_private_dir(path: Path) -> None:
         raise CacheError(f"module cache {path} is owned by uid {st.st_uid}, not us ({os.getuid()})")
     if st.st_mode & 0o077:
         os.chmod(path, 0o700)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """All ``size`` bytes of an open file, or None if it is shorter or longer now."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if n <= 0:
+            return None
+        got += n
+    if os.read(fd, 1):
+        return None
+    return bytes(buf)
 
 
 class ModuleCache:
@@ -94,21 +119,64 @@ class ModuleCache:
 
     def _load_checked(self, engine: wasmtime.Engine, cwasm: Path, meta: Path) -> wasmtime.Module | None:
         try:
-            st = os.lstat(cwasm)
             recorded = json.loads(meta.read_text())
+            fd = os.open(cwasm, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (OSError, ValueError):
             return None
-        # T-CACHE-1: only a regular file of ours, not writable by others, whose
-        # bytes still hash to what we recorded when we wrote it.
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        try:
+            st = os.fstat(fd)
+            # T-CACHE-1: only a regular file of ours, not writable by others, whose
+            # bytes still hash to what we recorded when we wrote it.
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+                return None
+            if not isinstance(recorded, dict) or recorded.get("size") != st.st_size:
+                return None
+            return self._load_fd(engine, fd, st.st_size, recorded.get("sha256"), cwasm)
+        except OSError:
             return None
-        if not isinstance(recorded, dict) or recorded.get("size") != st.st_size:
-            return None
-        if sha256_file(cwasm) != recorded.get("sha256"):
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _load_fd(engine: wasmtime.Engine, fd: int, size: int, expected: object,
+                 cwasm: Path) -> wasmtime.Module | None:
+        """Hash the open file and load that same file: trusted by descriptor.
+
+        wasmtime loads from a path; ``/proc/self/fd/N`` names the inode this
+        descriptor holds, so renaming another file over ``cwasm`` after the
+        check changes nothing (the file is 0600 and the only writers with our
+        uid replace files, never rewrite them; confined workers cannot write
+        the cache at all). This maps the file as wasmtime does by path (page
+        cache shared between workers); reading the bytes and deserializing
+        them instead costs ~2 s and ~280 MiB of private memory per worker for
+        the Python runtime, so it is only the fallback without /proc.
+        """
+        proc_path = f"/proc/self/fd/{fd}"
+        if os.path.exists(proc_path):
+            digest = hashlib.sha256()
+            left, offset = size, 0
+            while left > 0:
+                chunk = os.pread(fd, min(left, 1 << 20), offset)
+                if not chunk:
+                    return None
+                digest.update(chunk)
+                offset += len(chunk)
+                left -= len(chunk)
+            if os.pread(fd, 1, offset):
+                return None  # grew meanwhile
+            if digest.hexdigest() != expected:
+                cwasm.unlink(missing_ok=True)
+                return None
+            try:
+                return wasmtime.Module.deserialize_file(engine, proc_path)
+            except wasmtime.WasmtimeError:
+                return None
+        data = _read_exactly(fd, size)
+        if data is None or hashlib.sha256(data).hexdigest() != expected:
             cwasm.unlink(missing_ok=True)
             return None
         try:
-            return wasmtime.Module.deserialize_file(engine, str(cwasm))
+            return wasmtime.Module.deserialize(engine, data)  # the bytes hashed are the bytes loaded
         except wasmtime.WasmtimeError:
             return None
 

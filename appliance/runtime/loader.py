@@ -34,13 +34,16 @@ def _deny_host_call(*_args: int) -> int:
 
 class Runtimes:
     def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None,
-                 registry_hashes: Callable[[str], set[str]] | None = None) -> None:
+                 registry_hashes: Callable[[str], set[str]] | None = None, confining: bool = False) -> None:
         self.registry_hashes = registry_hashes
-        self.engine = make_engine()
+        # ``confining``: this process confines itself after loading, so it
+        # starts no thread before then (T-ESCAPE-1): no compiler thread pool,
+        # and the ticker waits for start_ticker().
+        self.engine = make_engine(parallel_compilation=not confining)
         self.cache = ModuleCache(cache_dir)
         self.cache_root = Path(cache_dir).parent
         self.progress = progress
-        self.ticker = EpochTicker(self.engine)
+        self.ticker: EpochTicker | None = None if confining else EpochTicker(self.engine)
         self._loaded: dict[str, Loaded] = {}
 
     def base_linker(self) -> wasmtime.Linker:
@@ -89,5 +92,10 @@ class Runtimes:
         return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir,
                       mpl_data_dir=mpl_data_dir, fd_read_trampoline=trampoline)
 
+    def start_ticker(self) -> None:
+        if self.ticker is None:
+            self.ticker = EpochTicker(self.engine)
+
     def close(self) -> None:
-        self.ticker.close()
+        if self.ticker is not None:
+            self.ticker.close()

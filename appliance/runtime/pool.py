@@ -12,21 +12,31 @@ SIGKILLed and replaced; every cell it held is marked lost.
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
+import logging
 import multiprocessing
+import io
+import logging
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing import popen_spawn_posix, reduction, spawn, util
+from multiprocessing import resource_tracker
+from multiprocessing.context import SpawnProcess
 from typing import Any, Callable, Union
 
 from appliance.config import Settings
 from appliance.errors import Busy, CellError, RateLimited
+from appliance.mcp import load_config
 from appliance.policy.fairness import FairShare, Ticket
-from appliance.runtime import protocol, templates
+from appliance.runtime import protocol, sandbox, templates
 from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
 from appliance.runtime.protocol import ProtocolError, Reply, Request
 from appliance.runtime.worker import worker_main
+from mirror.registry import Mirror
 
 ChunkCallback = Callable[[int, bytes], None]
 START_TIMEOUT_S = 900.0  # the first start may compile the runtimes (minutes)
@@ -42,6 +52,7 @@ class _Violation:
 
 
 Answer = Union[Reply, _Violation, None]  # None: the worker is gone
+log = logging.getLogger("cell.pool")
 
 
 def cache_is_warm(settings: Settings) -> bool:
@@ -63,6 +74,78 @@ def tenant_queue_cap(settings: Settings) -> int:
         return settings.tenant_max_queued
     lanes = settings.workers * settings.lanes_per_worker
     return max(1, min(-(-(settings.queue_max + settings.workers) // 2), (settings.http_threads - lanes) // 2))
+
+
+class _CleanSpawnPopen(popen_spawn_posix.Popen):
+    """multiprocessing's spawn start, with the worker's environment built
+    from an allow-list (T-ESCAPE-4): the service's own environment (metrics
+    token, license path, SYNAPSE_*) never reaches a process that runs guests.
+    Same steps as the standard library's ``_launch`` (Python 3.11), but the
+    child is started with ``os.posix_spawn`` and an explicit environment."""
+
+    def _launch(self, process_obj: Any) -> None:
+        tracker_fd = int(resource_tracker.getfd())  # type: ignore[arg-type]
+        fds: list[int] = self._fds  # type: ignore[attr-defined]
+        fds.append(tracker_fd)
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        fp = io.BytesIO()
+        popen_spawn_posix.set_spawning_popen(self)  # type: ignore[attr-defined]
+        try:
+            reduction.dump(prep_data, fp)
+            reduction.dump(process_obj, fp)
+        finally:
+            popen_spawn_posix.set_spawning_popen(None)  # type: ignore[attr-defined]
+        parent_r = child_w = child_r = parent_w = None
+        try:
+            parent_r, child_w = os.pipe()
+            child_r, parent_w = os.pipe()
+            cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
+            fds.extend([child_r, child_w])
+            env = sandbox.worker_environment(os.environ, keep_fd=child_w)
+            # dup2(fd, fd) clears close-on-exec in the child only: these pipes
+            # never leak into another process started meanwhile.
+            actions = [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in sorted(set(fds))]
+            self.pid = os.posix_spawn(spawn.get_executable(), cmd, env, file_actions=actions)
+            self.sentinel = parent_r
+            with open(parent_w, "wb", closefd=False) as f:
+                f.write(fp.getbuffer())
+        finally:
+            fds_to_close = [fd for fd in (parent_r, parent_w) if fd is not None]
+            self.finalizer = util.Finalize(self, util.close_fds, fds_to_close)  # type: ignore[attr-defined]
+            for fd in (child_r, child_w):
+                if fd is not None:
+                    os.close(fd)
+
+
+class _WorkerProcess(SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _CleanSpawnPopen(process_obj)
+
+
+def sandbox_config(settings: Settings) -> dict[str, Any]:
+    """What a worker needs to confine itself (T-ESCAPE-1..4); the rw volume set is a parameter."""
+    network = settings.egress == "on" or settings.mcp_servers is not None
+    commands: list[list[str]] = []
+    if settings.mcp_servers is not None:
+        commands = [list(s.command) for s in load_config(settings.mcp_servers).servers.values() if s.transport == "stdio"]
+    forbidden = [settings.db_path.parent, settings.keys_dir, settings.config_dir, settings.license_path,
+                 settings.mirror_dir]
+    return {
+        "mode": settings.worker_sandbox,
+        "network": network,  # until the host-call broker: host_fetch / MCP over the network
+        "mcp_commands": commands,  # until the broker: stdio MCP servers started by the worker
+        "volume_set": [str(settings.volumes_dir)],  # today all volumes; one tenant's dir with tenant-bound workers
+        "forbidden": [str(p) for p in forbidden],
+    }
+
+
+def registry_hashes(settings: Settings) -> dict[str, list[str]]:
+    """The verified trust registry's runtime hashes, read here so workers never open mirror/."""
+    try:
+        return {t: sorted(h) for t, h in Mirror(settings.mirror_dir).trusted_template_hashes().items()}
+    except Exception:
+        return {}  # an unverifiable registry trusts nothing
 
 
 class WorkerLost(Exception):
@@ -115,6 +198,7 @@ class WorkerPool:
         self.kills = 0
         self.progress = progress
         self.closed = False
+        self._sandbox_in_force: dict[str, Any] = {"network": False, "mcp_commands": [], "volume_set": []}
 
     # -- lifecycle -------------------------------------------------------
     def _config(self, index: int) -> dict[str, Any]:
@@ -129,13 +213,18 @@ class WorkerPool:
             "warm": {t.name: int(getattr(s, t.warm_setting)) for t in templates.interpreters() if t.warm_setting},
             "preload": {t.name: list(getattr(s, t.preload_setting)) for t in templates.interpreters() if t.preload_setting},
             "weights_dir": str(s.weights_dir),
-            "mirror_dir": str(s.mirror_dir),
+            "registry_hashes": registry_hashes(s),
             "mcp_servers": str(s.mcp_servers) if s.mcp_servers else None,
+            "sandbox": self._remember_sandbox(sandbox_config(s)),  # the settings in force when this worker starts
         }
+
+    def _remember_sandbox(self, box: dict[str, Any]) -> dict[str, Any]:
+        self._sandbox_in_force = box
+        return box
 
     def _spawn(self, index: int) -> WorkerHandle:
         parent, child = self._mp.Pipe(duplex=True)
-        proc = self._mp.Process(target=self._target, args=(child, self._config(index)), name=f"cell-worker-{index}", daemon=True)
+        proc = _WorkerProcess(target=self._target, args=(child, self._config(index)), name=f"cell-worker-{index}", daemon=True)
         proc.start()
         child.close()
         handle = WorkerHandle(index=index, generation=next(self._generation), process=proc, conn=parent)
@@ -211,7 +300,22 @@ class WorkerPool:
     def _cache_warm(self) -> bool:
         return cache_is_warm(self.settings)
 
+    def check_sandbox(self) -> dict[str, Any]:
+        """Fail closed (T-ESCAPE-1): without Landlock and seccomp the service
+        does not start, unless the operator set SYNAPSE_WORKER_SANDBOX=off-unsafe."""
+        offered = sandbox.probe()
+        missing = [name for name, ok in (("Landlock", offered["landlock_abi"] >= 1), ("seccomp", offered["seccomp"]))
+                   if not ok]
+        if self.settings.worker_sandbox != "required":
+            log.warning("SYNAPSE_WORKER_SANDBOX=off-unsafe: workers start even without %s; an engine escape "
+                        "would not be contained by the second wall", ", ".join(missing) or "nothing missing today")
+        elif missing:
+            raise RuntimeError(f"the worker sandbox needs {' and '.join(missing)}, which this kernel does not offer; "
+                               "set SYNAPSE_WORKER_SANDBOX=off-unsafe to run without it (not recommended)")
+        return offered
+
     def start(self) -> None:
+        self.check_sandbox()
         # With a cold cache the first worker alone compiles the runtimes, so two
         # processes never compile the same multi-GB module at once; with a warm
         # cache every worker starts at the same time.
@@ -234,7 +338,12 @@ class WorkerPool:
             except OSError:
                 pass
         for handle in self._workers:
-            handle.process.join(timeout=3)
+            # Not join(timeout): a compromised worker can close its spawn
+            # sentinel, and join() then blocks in waitpid for as long as the
+            # worker lives (T-ESCAPE-1). is_alive() never blocks.
+            deadline = time.monotonic() + 3
+            while handle.process.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
             if handle.process.is_alive():
                 handle.process.kill()
                 handle.process.join(timeout=2)
@@ -266,6 +375,21 @@ class WorkerPool:
 
     def pick_for_run(self) -> WorkerHandle:
         return min(self._alive(), key=lambda w: (w.running, w.runs))
+
+    def sandbox_status(self) -> dict[str, Any]:
+        """The second wall as the operator sees it: what the kernel offers, what
+        the workers were told, and each worker's seccomp state from /proc."""
+        offered = sandbox.probe()
+        box = self._sandbox_in_force
+        return {
+            "mode": self.settings.worker_sandbox,
+            "landlock_abi": offered["landlock_abi"],
+            "seccomp": offered["seccomp"],
+            "network": "allowed" if box["network"] else "denied",
+            "process_spawn": bool(box["mcp_commands"]),
+            "volume_set": box["volume_set"],
+            "workers": [{"pid": w.process.pid, **sandbox.process_status(w.process.pid)} for w in self._workers],
+        }
 
     def stats(self) -> dict[str, Any]:
         with self._fair_cv:

@@ -32,7 +32,7 @@ import wasmtime
 from appliance.confine import ConfinementError, Volume, remove_tree
 from appliance.policy.egress import EgressPolicy, parse_networks
 from appliance.runtime.volume_watch import VolumeWatch
-from appliance.runtime import context, protocol, scratch
+from appliance.runtime import context, landlock, protocol, sandbox, scratch
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
 from appliance.runtime import templates
@@ -90,13 +90,17 @@ def harden_process(max_files: int = 4096) -> dict[str, str]:
 
 
 class Worker:
-    def __init__(self, conn: Connection, config: dict[str, Any]) -> None:
+    def __init__(self, conn: Connection, config: dict[str, Any], *, start_threads: bool = True) -> None:
+        """Everything needing wide access is opened here; ``start_threads=False``
+        leaves the epoch thread to :meth:`start_threads`, after confinement."""
         self.conn = conn
         self.cfg = config
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # the warm pool and the count of requests in flight
         self._in_flight = 0
-        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=_registry_hashes(config.get("mirror_dir")))
+        hashes = _registry_hashes(config["registry_hashes"]) if "registry_hashes" in config \
+            else _mirror_hashes(config.get("mirror_dir"))
+        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, confining=not start_threads)
         self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
         self.sessions: dict[str, Session] = {}
@@ -112,12 +116,23 @@ class Worker:
         self.weights = _open_weights(config.get("weights_dir"))
         self.mcp = _open_mcp(config.get("mcp_servers"))
         self.disk_watch = VolumeWatch()
+        # Session classes are imported now: a confined worker cannot read code
+        # outside its read-only set later (T-ESCAPE-1).
+        self.session_classes: dict[str, Any] = {}
         for template in interpreters:
             try:
                 self.runtimes.get(template)
-            except RuntimeMissing as e:  # that template is refused; the others keep working
+                self.session_classes[template] = session_class(template)
+            except (RuntimeMissing, ImportError, AttributeError) as e:  # that template is refused; the others keep working
                 self.untrusted[template] = str(e)
                 self.targets[template] = 0
+
+    def start_threads(self) -> None:
+        self.runtimes.start_ticker()
+
+    def scratch_dirs(self) -> tuple[str, ...]:
+        """Directories this worker writes outside the volume set (its FIFOs)."""
+        return (self.fifo_dir,)
 
     # -- messaging (typed frames, no pickle: appliance/runtime/protocol.py) ----
     def send(self, msg: Any) -> None:
@@ -179,7 +194,7 @@ class Worker:
         if template in self.untrusted:
             raise ModuleRefused(403, "template_untrusted", self.untrusted[template])
         loaded = self.runtimes.get(template)
-        session: Session = session_class(template)(loaded, volume, memory, envs, self.fifo_dir)
+        session: Session = self.session_classes[template](loaded, volume, memory, envs, self.fifo_dir)
         return session
 
     def _refill_one(self) -> bool:
@@ -397,9 +412,15 @@ def grant_pro_resources(ctx: context.RunContext, features: frozenset[str], weigh
     ctx.mcp = mcp if "host_mcp_call" in features else None
 
 
-def _registry_hashes(mirror_dir: str | None) -> Any:
-    """Hashes the verified trust registry lists per template (read only when a
-    runtime does not match its built-in pin)."""
+def _registry_hashes(table: dict[str, list[str]]) -> Any:
+    """Hashes the verified trust registry lists per template, as the
+    supervisor read them (a worker never opens mirror/: T-ESCAPE-1)."""
+    trusted = {str(k): {str(h) for h in v} for k, v in table.items()}
+    return lambda template: set(trusted.get(template, set()))
+
+
+def _mirror_hashes(mirror_dir: str | None) -> Any:
+    """The same, read from the registry directly (an in-process Worker, as tests build one)."""
     if not mirror_dir:
         return None
 
@@ -482,11 +503,32 @@ def _remove_stale_pools(own: Path) -> None:
         _discard(own.parent / name)
 
 
-def worker_main(conn: Connection, config: dict[str, Any]) -> None:
+def start_confined(conn: Connection, config: dict[str, Any]) -> Worker:
+    """Start-up of every pooled worker, in the order the second wall needs:
+    drop inherited descriptors, open everything that needs wide access
+    (runtimes, module cache, weights, scratch), confine (Landlock + seccomp,
+    T-ESCAPE-1/2), and only then start threads. Exits the process if the
+    sandbox is required and cannot be applied."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    keep = {conn.fileno()}
+    sentinel = os.environ.get(sandbox.KEEP_FD_ENV, "")
+    if sentinel.isdigit():
+        keep.add(int(sentinel))  # the spawn sentinel: the supervisor's join() relies on it
+    sandbox.close_inherited_fds(keep)  # T-ESCAPE-4
     harden_process()
     threading.stack_size(GUEST_THREAD_STACK)  # any thread of a worker may run guest code (stack.py)
-    worker = Worker(conn, config)
+    worker = Worker(conn, config, start_threads=False)
+    try:
+        sandbox.confine(config, worker.scratch_dirs())
+    except (sandbox.SandboxError, landlock.RulesError, OSError) as e:
+        os.write(2, f"cell worker: cannot apply the worker sandbox: {e}\n".encode())
+        os._exit(3)
+    worker.start_threads()
+    return worker
+
+
+def worker_main(conn: Connection, config: dict[str, Any]) -> None:
+    worker = start_confined(conn, config)
     try:
         on_guest_stack(worker.serve)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import wasmtime
@@ -75,3 +76,72 @@ def test_t_supply_1_shipped_runtimes_match_their_pins() -> None:
     for name in ("python3", "javascript"):
         rt = templates.find_runtime(name)
         assert templates.sha256_file(rt.wasm) == rt.sha256
+
+
+def test_t_cache_1_file_swapped_after_the_check_is_not_what_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The module is trusted by descriptor: the file hashed is the file deserialized,
+    so renaming another file over it between the check and the load changes nothing."""
+    engine, calls = make_engine(), []
+    cache = ModuleCache(tmp_path / "modules")
+    cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    cwasm = next((tmp_path / "modules").glob("*.cwasm"))
+    real_load = wasmtime.Module.deserialize_file
+    loaded_from: list[str] = []
+
+    def swap_then_load(eng: wasmtime.Engine, path: str) -> wasmtime.Module:
+        tmp = cwasm.with_suffix(".swap")  # the attacker's file, renamed over the checked one
+        tmp.write_bytes(b"\x7fELF not the module" * 100)
+        os.replace(tmp, cwasm)
+        loaded_from.append(path)
+        return real_load(eng, path)
+
+    monkeypatch.setattr(wasmtime.Module, "deserialize_file", staticmethod(swap_then_load))
+    module = cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    assert len(calls) == 1 and cache.hits == 1  # the checked file loaded; nothing recompiled
+    assert loaded_from and loaded_from[0].startswith("/proc/self/fd/")
+    store = wasmtime.Store(engine)
+    store.set_epoch_deadline(1)
+    run = wasmtime.Instance(store, module, []).exports(store)["run"]
+    assert run(store) == 42  # type: ignore[operator]
+
+
+def test_t_cache_1_without_proc_the_hashed_bytes_are_the_loaded_bytes(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.runtime import engine as engine_mod
+
+    engine, calls = make_engine(), []
+    cache = ModuleCache(tmp_path / "modules")
+    cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    real_exists = os.path.exists
+
+    def no_proc(path: Any) -> bool:
+        return False if str(path).startswith("/proc/") else real_exists(path)
+
+    def no_path_loads(*_a: Any) -> Any:
+        raise AssertionError("loaded by path")
+
+    monkeypatch.setattr(engine_mod.os.path, "exists", no_proc)
+    monkeypatch.setattr(wasmtime.Module, "deserialize_file", staticmethod(no_path_loads))
+    cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    assert len(calls) == 1 and cache.hits == 1
+    next((tmp_path / "modules").glob("*.cwasm")).write_bytes(b"\0" * 10)  # tampered: refused, recompiled
+    cache.load(engine, KEY, lambda: compile_counter(engine, calls))
+    assert len(calls) == 2
+
+
+def test_t_escape_1_confining_runtimes_start_no_thread(tmp_path: Path) -> None:
+    """A worker that will confine itself compiles (cold cache) without leaving a
+    compiler thread pool behind: a thread started before confinement would stay unconfined."""
+    import threading
+
+    from appliance.runtime.loader import Runtimes
+
+    before = len(os.listdir("/proc/self/task"))
+    rt = Runtimes(tmp_path / "cache" / "modules", confining=True)
+    try:
+        rt.get("javascript")  # a cold cache: compiled here
+        assert rt.cache.misses == 1
+        assert len(os.listdir("/proc/self/task")) == before
+        assert threading.active_count() >= 1
+    finally:
+        rt.close()

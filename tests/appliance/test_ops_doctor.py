@@ -59,7 +59,7 @@ def test_fresh_data_dir_passes(tmp_path: Path) -> None:
     checks = run_checks(settings, ctx())
     assert exit_code(checks) == 0, [c.line() for c in checks]
     names = [c.name for c in checks]
-    assert names == ["data dir", "module cache", "openat2", "license", "registry", "resources", "clock"]
+    assert names == ["data dir", "module cache", "openat2", "worker sandbox", "license", "registry", "resources", "clock"]
     assert all(c.level != FAIL for c in checks)
 
 
@@ -138,4 +138,18 @@ def test_cli_prints_one_line_per_check_and_exits_1(tmp_path: Path, monkeypatch: 
     code = args.func(args)
     out = capsys.readouterr().out.splitlines()
     assert code == 1
-    assert len(out) == 7 and out[0].startswith("[FAIL] data dir:") and "-- fix: chmod 700" in out[0]
+    assert len(out) == 8 and out[0].startswith("[FAIL] data dir:") and "-- fix: chmod 700" in out[0]
+
+
+@pytest.mark.parametrize("abi,mode,level", [(7, "required", "ok"), (0, "required", "fail"), (0, "off-unsafe", "warn"),
+                                            (7, "off-unsafe", "warn")])
+def test_t_escape_1_doctor_reports_the_worker_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, abi: int,
+                                                      mode: str, level: str) -> None:
+    from appliance.ops.doctor import check_worker_sandbox
+    from appliance.runtime import sandbox
+
+    monkeypatch.setattr(sandbox, "landlock_abi", lambda: abi)
+    settings = fresh_node(tmp_path / "node").with_overrides(worker_sandbox=mode)
+    check = check_worker_sandbox(settings, ctx())
+    assert check.level == level, check.line()
+    assert f"Landlock ABI {abi}" in check.message and "worker network denied" in check.message
