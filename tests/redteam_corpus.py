@@ -136,3 +136,22 @@ JS_FORGED_END: list[tuple[str, str, str, bool, str | None]] = [
     ("forged-marker-on-stdout", JS_FORGE_STDOUT + JS_KEEP_WORKING, "timeout", True, "stdout"),
     ("reads-its-command-channel", JS_READ_STDIN + JS_KEEP_WORKING, "error", False, None),
 ]
+
+# T-DOS-1: JavaScript timers that try to run after their run's answer. The run
+# ends when the job queue and the timers are empty, or at its deadline, where
+# pending timers are cancelled: a callback writes ``late.txt`` (and keeps
+# writing) if it ever runs. ``{delay}`` is filled with a time past the
+# deadline. QuickJS's own timers reached through ``import('qjs:os')`` are not
+# the cell's: the run answers without them, and the guest stays parked.
+JS_LATE_WRITE = "std.writeFile('/data/late.txt', 'x'.repeat(4096)); console.log('late')"
+# name, code, expected status
+JS_LATE_TIMERS: list[tuple[str, str, str]] = [
+    ("timeout-past-deadline", "setTimeout(() => { %s }, {delay}); 'armed'" % JS_LATE_WRITE, "timeout"),
+    ("sleep-async-past-deadline", "os.sleepAsync({delay}).then(() => { %s }); 'armed'" % JS_LATE_WRITE, "timeout"),
+    ("interval-writing-to-deadline",
+     "const f = std.open('/data/late.txt', 'a'); setInterval(() => { f.puts('x'.repeat(4096)); f.flush() }, 5); 'armed'",
+     "timeout"),
+    ("awaited-timer-past-deadline", "await new Promise(r => setTimeout(r, {delay})); %s" % JS_LATE_WRITE, "timeout"),
+    ("raw-qjs-os-timer", "const o = await import('qjs:os'); o.setTimeout(() => { %s }, {delay}); 'armed'" % JS_LATE_WRITE,
+     "ok"),
+]

@@ -147,57 +147,223 @@ class PythonSession:
         self.__dict__.pop("store", None)
 
 
-# The boot loop, evaluated before any guest code. It reads each cell from fd 0,
-# which the host serves (command_channel.py): an 8-hex-digit length, then the
-# cell's source as ASCII JSON (one read; QuickJS has no native UTF-8 decoder
-# for a buffer, and reading through std.in would cost a host call per KiB).
-# Its read of the next header is how the host learns that the guest is idle
-# (T-DOS-1); asking for 8 bytes after a cell that completed and 9 after one
-# that threw carries the exit status. Nothing the guest writes ends a run.
+# The boot loop, evaluated as a module before any guest code. It reads each
+# cell from fd 0, which the host serves (command_channel.py): an 8-hex-digit
+# length, then ``[soft deadline, source]`` as ASCII JSON (one read; QuickJS has
+# no native UTF-8 decoder for a buffer, and reading through std.in would cost a
+# host call per KiB). Its read of the next header is how the host learns that
+# the guest is idle (T-DOS-1); asking for 8 bytes after a cell that completed,
+# 9 after one that failed and 10 after one whose timers were cancelled at the
+# soft deadline carries the status. Nothing the guest writes ends a run.
+#
+# Event loop. The reactor exports no loop function: the only thing that runs
+# QuickJS's job queue and its os timers is the await of the module's own
+# evaluation (js_std_await: one job, then one os poll, repeat). So the boot is a
+# module that awaits the end of each cell, and keeps that loop honest:
+# - setTimeout/setInterval (and os.setTimeout & co., os.sleepAsync) are the
+#   boot's own timers, in a heap; one os timer ("the driver") wakes the loop
+#   for the earliest of them, and the os poll sleeps in poll_oneoff, which the
+#   host bounds by the run's deadline (wasi_shadow.py).
+# - The job queue is empty when a marker microtask, queued at the end of a
+#   poll-step callback of ours, is the very next job to run: the write handler
+#   on fd 1 (always ready under WASI) is called at every poll step while jobs
+#   may be pending, and checks that.
+# - One timer callback per poll step, then the queue drains (microtasks before
+#   the next timer). A callback that throws or whose promise rejects, or a
+#   cell that throws, ends the run: status error, the other timers cancelled.
+# - The run ends when the queue is empty and no timer is left; at the soft
+#   deadline (a little before the host's) remaining timers are cancelled and
+#   the run answers timeout with the session kept. The table is empty at every
+#   idle read, so no timer of one run fires in the next.
+# - The queue is never empty while a run is active (the marker, or a pump
+#   microtask while the loop sleeps for a timer): QuickJS's check for unhandled
+#   rejections, which runs on an empty queue, exits the whole interpreter.
 # The helpers are captured up front, so a cell that replaces JSON.parse & co.
-# breaks only its own session.
+# breaks only its own session. Whatever the boot gets wrong, the host's own
+# guard is unchanged: a guest answers only when parked in the host's read.
 JS_BOOT = r"""
-(function () {
-  const rd = os.read, ev = std.evalScript, err = std.err, out = std.out, log = console.log;
-  const parse = JSON.parse, chr = String.fromCharCode, join = Array.prototype.join;
-  const apply = Reflect.apply, toInt = parseInt, min = Math.min, U8 = Uint8Array, AB = ArrayBuffer;
-  try { os.chdir('/data'); } catch (e) {}
-  const hdr = new AB(9);
-  let rc = 0;
-  while (true) {
-    if (rd(0, hdr, 0, 8 + rc) !== 8) return;
-    const n = toInt(apply(chr, null, new U8(hdr, 0, 8)), 16);
-    const body = new AB(n);
-    for (let off = 0; off < n; ) {
-      const k = rd(0, body, off, n - off);
-      if (!(k > 0)) return;
-      off += k;
-    }
-    const parts = [];
-    for (let i = 0, j = 0; i < n; i += 8192) parts[j++] = apply(chr, null, new U8(body, i, min(8192, n - i)));
-    rc = 0;
-    try {
-      const v = ev(parse(apply(join, parts, [""])));
-      if (v !== undefined) log(v);
-    } catch (e) {
-      rc = 1;
-      let t;
-      try {
-        t = String(e);
-        if (e && e.stack) t += "\n" + e.stack;
-      } catch (e2) {
-        t = "uncaught exception";
-      }
-      err.puts(t + "\n");
-    }
-    out.flush(); err.flush();
+const rd = os.read, ev = std.evalScript, err = std.err, out = std.out, log = console.log;
+const parse = JSON.parse, chr = String.fromCharCode, join = Array.prototype.join, apply = Reflect.apply;
+const toInt = parseInt, min = Math.min, ceil = Math.ceil, U8 = Uint8Array, AB = ArrayBuffer, Str = String;
+const Num = Number, TypeErr = TypeError, Err = Error, P = Promise, then = P.prototype.then;
+const micro = queueMicrotask, now = os.now, osSetTimeout = os.setTimeout;
+const setWH = os.setWriteHandler, keys = Object.keys, freeze = Object.freeze;
+try { os.chdir('/data'); } catch (e) {}
+
+// Timers: a table by id and a binary heap of [due ms, seq, id] (lazy deletion).
+let table = { __proto__: null }, heap = [], live = 0, nextId = 1, seq = 0;
+function less(a, b) { return a[0] < b[0] || (a[0] === b[0] && a[1] < b[1]); }
+function push(e) {
+  let i = heap.length;
+  heap[i] = e;
+  while (i > 0) {
+    const j = (i - 1) >> 1;
+    if (!less(heap[i], heap[j])) break;
+    const t = heap[i]; heap[i] = heap[j]; heap[j] = t; i = j;
   }
-})();
+}
+function popTop() {
+  const last = heap.length - 1, top = heap[0];
+  heap[0] = heap[last]; heap.length = last;
+  for (let i = 0; ; ) {
+    const l = 2 * i + 1, r = l + 1;
+    let m = i;
+    if (l < last && less(heap[l], heap[m])) m = l;
+    if (r < last && less(heap[r], heap[m])) m = r;
+    if (m === i) break;
+    const t = heap[i]; heap[i] = heap[m]; heap[m] = t; i = m;
+  }
+  return top;
+}
+function peek() {  // the earliest live entry, dropping cleared ones
+  while (heap.length) {
+    const e = heap[0], rec = table[e[2]];
+    if (rec !== undefined && rec.seq === e[1]) return e;
+    popTop();
+  }
+  return null;
+}
+function add(fn, ms, args, every) {
+  if (typeof fn !== 'function') throw new TypeErr('the callback must be a function');
+  ms = Num(ms);
+  if (!(ms >= 0)) ms = 0;
+  if (every && ms < 1) ms = 1;
+  const id = nextId++;
+  table[id] = { fn: fn, args: args, every: every ? ms : -1, seq: ++seq };
+  live++;
+  push([now() / 1000 + ms, seq, id]);
+  return id;
+}
+function clear(id) {
+  if (typeof id === 'number' && table[id] !== undefined) { delete table[id]; live--; }
+}
+function cancelAll() { table = { __proto__: null }; heap = []; live = 0; }
+
+globalThis.setTimeout = function setTimeout(fn, ms, ...args) { return add(fn, ms, args, false); };
+globalThis.setInterval = function setInterval(fn, ms, ...args) { return add(fn, ms, args, true); };
+globalThis.clearTimeout = function clearTimeout(id) { clear(id); };
+globalThis.clearInterval = function clearInterval(id) { clear(id); };
+const osw = {};
+for (const k of keys(os)) osw[k] = os[k];
+osw.setTimeout = globalThis.setTimeout; osw.setInterval = globalThis.setInterval;
+osw.clearTimeout = globalThis.clearTimeout; osw.clearInterval = globalThis.clearInterval;
+osw.sleepAsync = function sleepAsync(ms) { return new P((r) => { add(r, ms, [], false); }); };
+osw.setReadHandler = osw.setWriteHandler = function () { throw new Err('os.setReadHandler/setWriteHandler are not available in a cell'); };
+globalThis.os = freeze(osw);
+
+// The run's event loop.
+const JOBS = 1, WAIT = 2;
+let mode = 0, tick = 0, mQueued = false, mPosted = -1, mRan = -2, pumping = false;
+let soft = 0, rc = 0, settled = false, value, finish = null;
+function marker() { mQueued = false; mRan = tick; }
+function postMarker() { if (!mQueued) { mQueued = true; mPosted = tick; micro(marker); } }
+function pump() { if (mode === WAIT) micro(pump); else pumping = false; }
+function errText(e) {
+  try {
+    let t = Str(e);
+    if (e && e.stack) t += "\n" + e.stack;
+    return t;
+  } catch (e2) {
+    return "uncaught exception";
+  }
+}
+function fail(e) {
+  err.puts(errText(e) + "\n");
+  if (rc === 0) rc = 1;
+  cancelAll();
+}
+function enterJobs() { mode = JOBS; setWH(1, onPoll); postMarker(); }
+function onPoll() {
+  const idle = mRan === tick && mPosted === tick;
+  tick++;
+  if (!idle) {
+    if (live > 0 && now() >= soft) { if (rc === 0) rc = 2; cancelAll(); }
+    postMarker();
+    return;
+  }
+  out.flush(); err.flush();
+  const e = live > 0 ? peek() : null;
+  if (e !== null) {
+    mode = WAIT; setWH(1, null);
+    const wake = min(e[0], soft / 1000) - now() / 1000;
+    osSetTimeout(onDriver, wake > 1 ? ceil(wake) : 1);
+    if (!pumping) { pumping = true; micro(pump); }
+    return;
+  }
+  if (!settled && rc === 0) {
+    err.puts("cell: the cell awaits a promise that can never settle (no timers or jobs are pending)\n");
+    rc = 1;
+  }
+  if (value !== undefined) {  // printed last, as the run's final line; then check for jobs again
+    const v = value;
+    value = undefined;
+    try { log(v); } catch (e) { fail(e); }
+    postMarker();
+    return;
+  }
+  mode = 0; setWH(1, null); cancelAll();
+  const f = finish; finish = null; f(rc);
+}
+function onDriver() {
+  tick++;
+  try {
+    const t = now();
+    if (t >= soft) { if (rc === 0) rc = 2; cancelAll(); return; }
+    const e = peek();
+    if (e === null || e[0] > t / 1000) return;
+    popTop();
+    const id = e[2], rec = table[id];
+    if (rec.every >= 0) { rec.seq = ++seq; push([t / 1000 + rec.every, seq, id]); } else { delete table[id]; live--; }
+    try {
+      const r = apply(rec.fn, undefined, rec.args);
+      if (r instanceof P) apply(then, r, [undefined, fail]);
+    } catch (x) {
+      fail(x);
+    }
+  } finally {
+    enterJobs();  // last: the marker goes behind every job this callback queued
+  }
+}
+function show(v) { settled = true; value = v; }
+function onError(e) { settled = true; fail(e); }
+function onValue(res) {
+  const v = res.value;
+  if (v instanceof P) apply(then, v, [show, onError]); else show(v);
+}
+
+const hdr = new AB(10);
+let status = 0;
+while (true) {
+  if (rd(0, hdr, 0, 8 + status) !== 8) break;
+  const n = toInt(apply(chr, null, new U8(hdr, 0, 8)), 16);
+  const body = new AB(n);
+  let off = 0;
+  while (off < n) {
+    const k = rd(0, body, off, n - off);
+    if (!(k > 0)) break;
+    off += k;
+  }
+  if (off < n) break;
+  const parts = [];
+  for (let i = 0, j = 0; i < n; i += 8192) parts[j++] = apply(chr, null, new U8(body, i, min(8192, n - i)));
+  const cell = parse(apply(join, parts, [""]));
+  soft = cell[0]; rc = 0; settled = false; value = undefined;
+  const done = new P((r) => { finish = r; });
+  try { apply(then, ev(cell[1], { async: true, backtrace_barrier: true }), [onValue, onError]); } catch (e) { onError(e); }
+  enterJobs();
+  mPosted = -1;  // posted outside a poll step: proves nothing
+  status = await done;
+  out.flush(); err.flush();
+}
 """
 
 # After a deadline the governor stops the guest at its next epoch tick; this
 # is how long a run waits for that trap (or the guest's idle read) to land.
 JS_STOP_GRACE = 1.0
+# The boot's own deadline for timers, this long before the host's, so that it
+# can cancel them and park before the governor stops it (at most a quarter of
+# the run's limit).
+JS_TIMER_MARGIN = 0.025
 JS_FOREIGN_READ = ("cell: this code read stdin, which carries the session's own commands in a JavaScript cell; "
                    "the interpreter was stopped\n")
 
@@ -239,7 +405,7 @@ class JsSession:
             if self._loaded.fd_read_trampoline is None:
                 raise RuntimeError("javascript runtime loaded without its command channel")
             command_channel.attach(self.channel, store, mem, self._loaded.fd_read_trampoline)
-            args = [b"qjs", b"--std", b"-e", JS_BOOT.encode()]
+            args = [b"qjs", b"--std", b"-m", b"-e", JS_BOOT.encode()]
             ptrs = []
             for a in args:
                 p = malloc(store, len(a) + 1) & MASK32
@@ -265,7 +431,10 @@ class JsSession:
         # T-DOS-1: the deadline is armed before the guest can leave its parked
         # read, and stays armed until the host sees it parked again.
         gov.arm(timeout_s)
-        body = json.dumps(code.decode("utf-8", "replace")).encode("ascii")
+        assert gov.deadline is not None
+        # os.now() reads the host's monotonic clock in microseconds (wasi_shadow.py).
+        soft_us = int((gov.deadline - min(JS_TIMER_MARGIN, timeout_s / 4)) * 1e6)
+        body = json.dumps([soft_us, code.decode("utf-8", "replace")]).encode("ascii")
         try:
             chan.submit(body)
         except ChannelClosed:
@@ -290,9 +459,11 @@ class JsSession:
             if status == "error" and self._error and "out of memory" in self._error.lower():
                 status = "memory_limit"
             return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False)
-        if stop_reason == STOP_TIMEOUT and not truncated:  # parked only after its deadline
-            return Outcome(NO_EXIT, "timeout", out, err, truncated, session_alive=True)
         rc = chan.idle_rc or 0
+        # Parked only after its deadline, or its boot cancelled the timers left
+        # at its own deadline: the guest's choice, like its exit status.
+        if (stop_reason == STOP_TIMEOUT or rc == command_channel.RC_TIMERS_CANCELLED) and not truncated:
+            return Outcome(NO_EXIT, "timeout", out, err, truncated, session_alive=True)
         status = "output_limit" if truncated else exited_status(rc, err)
         return Outcome(rc, status, out, err, truncated, session_alive=True)
 
