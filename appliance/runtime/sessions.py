@@ -256,15 +256,30 @@ const JOBS = 1, WAIT = 2;
 let mode = 0, tick = 0, mQueued = false, mPosted = -1, mRan = -2, pumping = false;
 let soft = 0, rc = 0, settled = false, value, finish = null;
 function marker() { mQueued = false; mRan = tick; }
-function postMarker() { if (!mQueued) { mQueued = true; mPosted = tick; micro(marker); } }
+// Post the marker at the end of a poll step (expect it to run before the next
+// one) or, from a job, when the handler is installed (expect one poll step).
+function postMarker(steps) { if (!mQueued) { mQueued = true; mPosted = tick + steps; micro(marker); } }
 function pump() { if (mode === WAIT) micro(pump); else pumping = false; }
+const split = String.prototype.split, includes = String.prototype.includes;
 function errText(e) {
+  let t;
   try {
-    let t = Str(e);
+    t = Str(e);
     if (e && e.stack) t += "\n" + e.stack;
-    return t;
   } catch (e2) {
     return "uncaught exception";
+  }
+  try {  // the boot's own frames (a timer callback's caller) are no part of the cell's error
+    const lines = apply(split, t, ["\n"]), kept = [];
+    for (let i = 0, j = 0; i < lines.length; i++) {
+      const l = lines[i];
+      if (apply(includes, l, ["(<cmdline>"])) continue;
+      if (l === "    at apply (native)" && i + 1 < lines.length && apply(includes, lines[i + 1], ["(<cmdline>"])) continue;
+      kept[j++] = l;
+    }
+    return apply(join, kept, ["\n"]);
+  } catch (e3) {
+    return t;
   }
 }
 function fail(e) {
@@ -272,13 +287,16 @@ function fail(e) {
   if (rc === 0) rc = 1;
   cancelAll();
 }
-function enterJobs() { mode = JOBS; setWH(1, onPoll); postMarker(); }
+// Poll steps without our handler cost no host call: install it only once the
+// jobs queued so far have had their turn.
+function startJobs() { setWH(1, onPoll); postMarker(1); }
+function enterJobs() { mode = JOBS; micro(startJobs); }
 function onPoll() {
   const idle = mRan === tick && mPosted === tick;
   tick++;
   if (!idle) {
     if (live > 0 && now() >= soft) { if (rc === 0) rc = 2; cancelAll(); }
-    postMarker();
+    postMarker(0);
     return;
   }
   out.flush(); err.flush();
@@ -294,12 +312,14 @@ function onPoll() {
     err.puts("cell: the cell awaits a promise that can never settle (no timers or jobs are pending)\n");
     rc = 1;
   }
-  if (value !== undefined) {  // printed last, as the run's final line; then check for jobs again
-    const v = value;
+  if (value !== undefined) {  // printed last, as the run's final line
+    const v = value, t = typeof v;
     value = undefined;
     try { log(v); } catch (e) { fail(e); }
-    postMarker();
-    return;
+    if (t === 'object' || t === 'function') {  // printing ran its toString: check for jobs again
+      postMarker(0);
+      return;
+    }
   }
   mode = 0; setWH(1, null); cancelAll();
   const f = finish; finish = null; f(rc);
@@ -321,7 +341,7 @@ function onDriver() {
       fail(x);
     }
   } finally {
-    enterJobs();  // last: the marker goes behind every job this callback queued
+    enterJobs();
   }
 }
 function show(v) { settled = true; value = v; }
@@ -351,7 +371,6 @@ while (true) {
   const done = new P((r) => { finish = r; });
   try { apply(then, ev(cell[1], { async: true, backtrace_barrier: true }), [onValue, onError]); } catch (e) { onError(e); }
   enterJobs();
-  mPosted = -1;  // posted outside a poll step: proves nothing
   status = await done;
   out.flush(); err.flush();
 }
