@@ -164,13 +164,15 @@ class PythonSession:
 #   boot's own timers, in a heap; one os timer ("the driver") wakes the loop
 #   for the earliest of them, and the os poll sleeps in poll_oneoff, which the
 #   host bounds by the run's deadline (wasi_shadow.py).
-# - The job queue is empty when a marker microtask, queued at the end of a
-#   poll-step callback of ours, is the very next job to run: the write handler
-#   on fd 1 (always ready under WASI) is called at every poll step while jobs
-#   may be pending, and checks that.
-# - One timer callback per poll step, then the queue drains (microtasks before
-#   the next timer). A callback that throws or whose promise rejects, or a
-#   cell that throws, ends the run: status error, the other timers cancelled.
+# - The job queue is empty when a marker microtask is the very next job to
+#   run after the poll step it was posted for: a write handler on fd 1 (always
+#   ready under WASI) is called at each poll step and checks that. Each call
+#   costs a host poll, so the handler is installed only after a starter
+#   microtask has let the jobs queued so far run (more passes while the queue
+#   stays busy): a long promise chain pays a host call per ~1000 jobs.
+# - One timer callback per turn, then the queue drains (microtasks before the
+#   next timer). A callback that throws or whose promise rejects, or a cell
+#   that throws, ends the run: status error, the other timers cancelled.
 # - The run ends when the queue is empty and no timer is left; at the soft
 #   deadline (a little before the host's) remaining timers are cancelled and
 #   the run answers timeout with the session kept. The table is empty at every
@@ -251,14 +253,27 @@ osw.sleepAsync = function sleepAsync(ms) { return new P((r) => { add(r, ms, [], 
 osw.setReadHandler = osw.setWriteHandler = function () { throw new Err('os.setReadHandler/setWriteHandler are not available in a cell'); };
 globalThis.os = freeze(osw);
 
-// The run's event loop.
-const JOBS = 1, WAIT = 2;
-let mode = 0, tick = 0, mQueued = false, mPosted = -1, mRan = -2, pumping = false;
+// The run's event loop (see the comment above JS_BOOT).
+const JOBS = 1, WAIT = 2, MAX_PASSES = 1024;
+let mode = 0, tick = 0, gen = 0, mPosted = -1, mRan = -1, passes = 0, backoff = 0, pumping = false;
 let soft = 0, rc = 0, settled = false, value, finish = null;
-function marker() { mQueued = false; mRan = tick; }
-// Post the marker at the end of a poll step (expect it to run before the next
-// one) or, from a job, when the handler is installed (expect one poll step).
-function postMarker(steps) { if (!mQueued) { mQueued = true; mPosted = tick + steps; micro(marker); } }
+// The marker: posted at the end of a poll step (steps = 0) or from a job while
+// the handler is installed (steps = 1: one poll step comes first). The queue is
+// empty once it has run in the very job step it was posted for.
+function postMarker(steps) {
+  const g = ++gen;
+  mPosted = tick + steps; mRan = -1;
+  micro(() => { if (g === gen) mRan = tick; });
+}
+// Poll steps without our handler cost no host call: the starter lets the jobs
+// queued so far have their turn (``passes`` more times, backing off while the
+// queue stays busy) before it installs the handler.
+function startJobs() {
+  if (passes > 0) { passes--; micro(startJobs); return; }
+  setWH(1, onPoll);
+  postMarker(1);
+}
+function enterJobs() { mode = JOBS; backoff = 0; passes = 0; micro(startJobs); }
 function pump() { if (mode === WAIT) micro(pump); else pumping = false; }
 const split = String.prototype.split, includes = String.prototype.includes;
 function errText(e) {
@@ -287,36 +302,60 @@ function fail(e) {
   if (rc === 0) rc = 1;
   cancelAll();
 }
-// Poll steps without our handler cost no host call: install it only once the
-// jobs queued so far have had their turn.
-function startJobs() { setWH(1, onPoll); postMarker(1); }
-function enterJobs() { mode = JOBS; micro(startJobs); }
-function onPoll() {
-  const idle = mRan === tick && mPosted === tick;
-  tick++;
-  if (!idle) {
-    if (live > 0 && now() >= soft) { if (rc === 0) rc = 2; cancelAll(); }
-    postMarker(0);
+function expire() { if (rc === 0) rc = 2; cancelAll(); }
+// Fire the earliest timer if it is due at ``t`` (ms); false if none is.
+function fireDue(t) {
+  const e = peek();
+  if (e === null || e[0] > t) return false;
+  popTop();
+  const id = e[2], rec = table[id];
+  if (rec.every >= 0) { rec.seq = ++seq; push([t + rec.every, seq, id]); } else { delete table[id]; live--; }
+  try {
+    const r = apply(rec.fn, undefined, rec.args);
+    if (r instanceof P) apply(then, r, [undefined, fail]);
+  } catch (x) {
+    fail(x);
+  }
+  return true;
+}
+function onPoll() {  // the fd 1 write handler: called at every poll step while installed
+  const t = tick++;
+  if (mRan === -1 && mPosted > t) return;  // the marker runs after this step
+  if (mRan !== t || mPosted !== t) {  // jobs are still queued: look again later
+    if (live > 0 && now() >= soft) expire();
+    setWH(1, null);
+    backoff = min(2 * backoff + 1, MAX_PASSES);
+    passes = backoff;
+    micro(startJobs);
     return;
   }
-  out.flush(); err.flush();
-  const e = live > 0 ? peek() : null;
-  if (e !== null) {
-    mode = WAIT; setWH(1, null);
-    const wake = min(e[0], soft / 1000) - now() / 1000;
-    osSetTimeout(onDriver, wake > 1 ? ceil(wake) : 1);
-    if (!pumping) { pumping = true; micro(pump); }
-    return;
+  // The job queue is empty.
+  backoff = 0;
+  if (live > 0) {
+    const at = now() / 1000;
+    if (at >= soft / 1000) {
+      expire();
+    } else if (fireDue(at)) {  // one timer per turn, then its jobs drain
+      postMarker(0);
+      return;
+    } else {
+      out.flush(); err.flush();
+      mode = WAIT; setWH(1, null);
+      const wake = min(peek()[0], soft / 1000) - at;
+      osSetTimeout(onDriver, wake > 1 ? ceil(wake) : 1);
+      if (!pumping) { pumping = true; micro(pump); }
+      return;
+    }
   }
   if (!settled && rc === 0) {
     err.puts("cell: the cell awaits a promise that can never settle (no timers or jobs are pending)\n");
     rc = 1;
   }
   if (value !== undefined) {  // printed last, as the run's final line
-    const v = value, t = typeof v;
+    const v = value, k = typeof v;
     value = undefined;
     try { log(v); } catch (e) { fail(e); }
-    if (t === 'object' || t === 'function') {  // printing ran its toString: check for jobs again
+    if (k === 'object' || k === 'function') {  // printing ran its toString: look at the queue again
       postMarker(0);
       return;
     }
@@ -324,22 +363,11 @@ function onPoll() {
   mode = 0; setWH(1, null); cancelAll();
   const f = finish; finish = null; f(rc);
 }
-function onDriver() {
+function onDriver() {  // the os timer that ends a wait
   tick++;
   try {
-    const t = now();
-    if (t >= soft) { if (rc === 0) rc = 2; cancelAll(); return; }
-    const e = peek();
-    if (e === null || e[0] > t / 1000) return;
-    popTop();
-    const id = e[2], rec = table[id];
-    if (rec.every >= 0) { rec.seq = ++seq; push([t / 1000 + rec.every, seq, id]); } else { delete table[id]; live--; }
-    try {
-      const r = apply(rec.fn, undefined, rec.args);
-      if (r instanceof P) apply(then, r, [undefined, fail]);
-    } catch (x) {
-      fail(x);
-    }
+    const at = now() / 1000;
+    if (at >= soft / 1000) expire(); else fireDue(at);
   } finally {
     enterJobs();
   }

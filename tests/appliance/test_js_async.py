@@ -170,3 +170,16 @@ def test_js_timer_output_streams_before_the_run_ends(live: ServerProcess) -> Non
     assert events[-1][1]["type"] == "result" and events[-1][1]["stdout"] == "first\nsecond\n"
     first_out = next(t for t, e in events if e["type"] == "stdout")
     assert first_out < events[-1][0] - 0.3  # "first" arrived while the timer was pending
+
+
+def test_js_long_promise_chains_and_many_timers_fit_a_short_limit(live: ServerProcess) -> None:
+    """Telling that the job queue is empty costs a host call, which must not
+    be paid per job: 50,000 awaits and 300 zero-delay timers end well inside
+    the limit (at one host call per job they would not)."""
+    code = ("let k = 0;\n"
+            "for (let i = 0; i < 50000; i++) await null;\n"
+            "for (let i = 0; i < 300; i++) setTimeout(() => k++, 0);\n"
+            "await new Promise(r => setTimeout(r, 0));\n"
+            "k")
+    body, elapsed = run(live, new_cell(live), code, limit_ms=5000)
+    assert (body["status"], body["stdout"]) == ("ok", "300\n"), body
