@@ -72,14 +72,19 @@ def test_t_dos_1_js_forged_end_of_run_no_guest_code_after_answer(live: ServerPro
     assert (again["status"], again["stdout"]) == ("ok", "2\n")
 
 
-def test_t_dos_1_js_imitated_idle_read_parks_the_guest(live: ServerProcess) -> None:
-    """A guest imitating the boot loop's idle read (8 bytes of fd 0) really
-    is idle: it is parked in the host's read, and the next cell it receives
-    runs under that run's armed deadline."""
+@pytest.mark.parametrize("size,status,exit_code", [(8, "ok", 0), (9, "error", 1), (10, "timeout", -1)],
+                         ids=["as-completed", "as-failed", "as-timers-cancelled"])
+def test_t_dos_1_js_imitated_idle_read_parks_the_guest(live: ServerProcess, size: int, status: str, exit_code: int) -> None:
+    """A guest imitating the boot loop's idle read (8, 9 or 10 bytes of fd 0)
+    really is idle: it is parked in the host's read with the status it chose,
+    and the next cell it receives runs under that run's armed deadline."""
     cid, volume = new_cell(live)
     pids = worker_pids(live)
-    body, elapsed = timed_exec(live, cid, JS_IMITATE_IDLE_READ + JS_KEEP_WORKING)
-    assert (body["status"], body["exit_code"]) == ("ok", 0) and elapsed < LIMIT_MS / 1000
+    imitation = JS_IMITATE_IDLE_READ.replace("0, 8)", f"0, {size})").replace("ArrayBuffer(9)", "ArrayBuffer(16)")
+    assert f"0, {size})" in imitation
+    body, elapsed = timed_exec(live, cid, imitation + JS_KEEP_WORKING)
+    assert (body["status"], body["exit_code"]) == (status, exit_code) and elapsed < LIMIT_MS / 1000, body
+    assert "note" not in body  # parked, not stopped
     assert_quiet_after_answer(live, volume, pids)
     assert not (volume / "grow.bin").exists()  # not one instruction after the parked read
     # The next cell wakes the guest's own read; it works on until the deadline.
