@@ -331,6 +331,7 @@ function onPoll() {  // the fd 1 write handler: called at every poll step while 
   }
   // The job queue is empty.
   backoff = 0;
+  if (rc !== 0) cancelAll();  // the run has failed or expired: timers set since then never fire
   if (live > 0) {
     const at = now() / 1000;
     if (at >= soft / 1000) {
@@ -339,12 +340,15 @@ function onPoll() {  // the fd 1 write handler: called at every poll step while 
       postMarker(0);
       return;
     } else {
-      out.flush(); err.flush();
-      mode = WAIT; setWH(1, null);
-      const wake = min(peek()[0], soft / 1000) - at;
-      osSetTimeout(onDriver, wake > 1 ? ceil(wake) : 1);
-      if (!pumping) { pumping = true; micro(pump); }
-      return;
+      const next = peek();
+      if (next !== null) {
+        out.flush(); err.flush();
+        mode = WAIT; setWH(1, null);
+        const wake = min(next[0], soft / 1000) - at;
+        osSetTimeout(onDriver, wake > 1 ? ceil(wake) : 1);
+        if (!pumping) { pumping = true; micro(pump); }
+        return;
+      }
     }
   }
   if (!settled && rc === 0) {
