@@ -183,3 +183,21 @@ def test_js_long_promise_chains_and_many_timers_fit_a_short_limit(live: ServerPr
             "k")
     body, elapsed = run(live, new_cell(live), code, limit_ms=5000)
     assert (body["status"], body["stdout"]) == ("ok", "300\n"), body
+
+
+def test_js_unawaited_rejection_does_not_end_the_interpreter(live: ServerProcess) -> None:
+    """QuickJS ends the whole interpreter when it finds an unhandled rejection
+    with its job queue empty; the loop never lets the queue run empty during
+    a run, so such a rejection is not reported (README: known limit) and
+    the cell's state survives, through timer waits and long job chains."""
+    cid = new_cell(live)
+    assert run(live, cid, "let kept = 'state'")[0]["status"] == "ok"
+    code = ("Promise.reject(new Error('unawaited'));\n"
+            "await new Promise(r => setTimeout(r, 50));\n"
+            "for (let i = 0; i < 3000; i++) { Promise.reject(i); await null; }\n"
+            "kept")
+    body, _ = run(live, cid, code)
+    assert (body["status"], body["stdout"], body["stderr"]) == ("ok", "state\n", ""), body
+    assert "note" not in body
+    again, _ = run(live, cid, "kept")
+    assert (again["status"], again["stdout"], again["restarted"]) == ("ok", "state\n", False), again
