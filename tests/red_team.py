@@ -72,7 +72,7 @@ from tests.fairness_load import Flood, add_tenant, probe  # noqa: E402
 from tests.liveserver import ServerProcess, start_server  # noqa: E402
 from tests.procwatch import thread_cpu, tree_bytes, watch_after_answer, worker_pids  # noqa: E402
 from tests.redteam_corpus import (EGRESS_HOSTS, JS_FORGED_END, JS_FORGED_MARKER, JS_IMITATE_IDLE_READ,  # noqa: E402
-                                  JS_KEEP_WORKING, ssrf_urls, trailing_slash_paths, traversal_paths)
+                                  JS_KEEP_WORKING, JS_LATE_TIMERS, ssrf_urls, trailing_slash_paths, traversal_paths)
 
 tally: Counter[str] = Counter()
 failures: list[str] = []
@@ -315,6 +315,20 @@ def forged_end(srv: ServerProcess, limit: float = 2.0) -> None:
     record("dos", body.get("status") == "timeout" and elapsed < limit + 1.5,
            f"js-imitated-idle-read, next cell: {body.get('status')} in {elapsed:.2f}s")
     quiet("js-imitated-idle-read (woken)", volume)
+    # Timers that would fire after the answer: cancelled at the deadline (the
+    # interpreter kept), or, for QuickJS's own os timers, never run after it.
+    for name, code, expected, kept in JS_LATE_TIMERS:
+        _, cell, _ = srv.request("POST", "/v1/cells", {"template": "javascript"})
+        volume = srv.root / "sandbox_volumes" / "default" / cell["cell_id"]
+        body, elapsed = attempt(cell["cell_id"], code.replace("{delay}", str(int(limit * 1000) + 300)))
+        status = body.get("status")
+        in_time = limit - 0.05 <= elapsed < limit + 1.5 if status == "timeout" else elapsed < limit
+        record("dos", status in expected and in_time and (not kept or "note" not in body) and "receipt" in body,
+               f"js-{name}: {status} in {elapsed:.2f}s, interpreter kept: {'note' not in body}")
+        quiet(f"js-{name}", volume)
+        if kept:
+            body, _ = attempt(cell["cell_id"], "await new Promise(r => setTimeout(r, 300)); 'next'")
+            record("dos", body.get("stdout") == "next\n", f"js-{name}: the next run ran none of it ({body.get('status')})")
 
 
 def tenants(srv: ServerProcess) -> None:
@@ -673,7 +687,7 @@ def main(argv: list[str]) -> int:
     own = own_address_hosts()
     hosts.write_text(json.dumps({**EGRESS_HOSTS, **own}))
     print(f"Cell red team: {len(ssrf_urls())} SSRF inputs, {len(traversal_paths())} path inputs, "
-          f"{len(trailing_slash_paths())} trailing-slash inputs, {len(DOS_CASES) + len(JS_FORGED_END) + 2} DoS guests")
+          f"{len(trailing_slash_paths())} trailing-slash inputs, {len(DOS_CASES) + len(JS_FORGED_END) + len(JS_LATE_TIMERS) + 2} DoS guests")
     srv = start_server(env={"SYNAPSE_EGRESS": "on", "SYNAPSE_EGRESS_HOSTS": str(hosts),
                             "SYNAPSE_TENANT_FILE_LIMIT": str(DISK_FILE_LIMIT)})
     try:

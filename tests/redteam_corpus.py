@@ -136,3 +136,26 @@ JS_FORGED_END: list[tuple[str, str, str, bool, str | None]] = [
     ("forged-marker-on-stdout", JS_FORGE_STDOUT + JS_KEEP_WORKING, "timeout", True, "stdout"),
     ("reads-its-command-channel", JS_READ_STDIN + JS_KEEP_WORKING, "error", False, None),
 ]
+
+# T-DOS-1: JavaScript timers that try to run after their run's answer. The run
+# ends when the job queue and the timers are empty, or at its deadline, where
+# pending timers are cancelled and the interpreter is kept: a callback writes
+# ``late.txt`` (and keeps writing) if it ever runs. ``{delay}`` is filled with
+# a time past the deadline. QuickJS's own timers reached through
+# ``import('qjs:os')`` are not the cell's: the run may end without them or be
+# held by one until the host stops it at the deadline; either way nothing
+# runs after the answer.
+JS_LATE_WRITE = "std.writeFile('/data/late.txt', 'x'.repeat(4096)); console.log('late')"
+# name, code, expected statuses, whether the cell's timers were cancelled with the interpreter kept
+JS_LATE_TIMERS: list[tuple[str, str, frozenset[str], bool]] = [
+    ("timeout-past-deadline", "setTimeout(() => { %s }, {delay}); 'armed'" % JS_LATE_WRITE, frozenset({"timeout"}), True),
+    ("sleep-async-past-deadline", "os.sleepAsync({delay}).then(() => { %s }); 'armed'" % JS_LATE_WRITE,
+     frozenset({"timeout"}), True),
+    ("interval-writing-to-deadline",
+     "const f = std.open('/data/late.txt', 'a'); setInterval(() => { f.puts('x'.repeat(4096)); f.flush() }, 5); 'armed'",
+     frozenset({"timeout"}), True),
+    ("awaited-timer-past-deadline", "await new Promise(r => setTimeout(r, {delay})); %s" % JS_LATE_WRITE,
+     frozenset({"timeout"}), True),
+    ("raw-qjs-os-timer", "const o = await import('qjs:os'); o.setTimeout(() => { %s }, {delay}); 'armed'" % JS_LATE_WRITE,
+     frozenset({"ok", "timeout"}), False),
+]

@@ -16,8 +16,9 @@ arming that run's deadline. Whoever reads fd 0 - the boot loop or guest code
 - parks the same way; a guest that "ends early" this way has really stopped.
 
 The boot loop's idle read is a single iovec of ``HEADER`` bytes after a cell
-that completed, ``HEADER + 1`` after one that threw: that is how the exit
-status (ok / error) travels. Guest code can imitate that shape, which only
+that completed, ``HEADER + 1`` after one that threw, ``HEADER + 2`` after one
+whose pending timers the boot cancelled at its deadline: that is how the
+status (ok / error / timeout) travels. Guest code can imitate that shape, which only
 parks itself with a status of its choosing - the same power ``try``/``catch``
 gives it. A read of any other shape is guest code reading the command
 channel: the host stops the interpreter there (it would otherwise swallow the
@@ -44,6 +45,8 @@ ERRNO_INVAL = 28
 ERRNO_IO = 29
 
 HEADER = 8  # the body length, 8 hex digits
+RC_TIMERS_CANCELLED = 2  # idle read of HEADER + 2: timers were left at the deadline
+IDLE_READS = (HEADER, HEADER + 1, HEADER + RC_TIMERS_CANCELLED)
 MAX_IOVS = 1024
 MAX_BODY = 0xFFFFFFFF
 
@@ -109,7 +112,7 @@ class CommandChannel:
         """Bytes for the guest's read of fd 0, or None: stop the guest now."""
         with self._cond:
             if not self._chunks:
-                if single_iov and capacity in (HEADER, HEADER + 1):
+                if single_iov and capacity in IDLE_READS:
                     rc = capacity - HEADER
                 else:
                     self.foreign_read = True

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 import wasmtime
 
 from appliance.runtime import command_channel, context, scratch
+from appliance.runtime.js_boot import JS_BOOT
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.command_channel import ChannelClosed, CommandChannel
 from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor
@@ -214,57 +215,13 @@ class PythonSession:
         self.__dict__.pop("store", None)
 
 
-# The boot loop, evaluated before any guest code. It reads each cell from fd 0,
-# which the host serves (command_channel.py): an 8-hex-digit length, then the
-# cell's source as ASCII JSON (one read; QuickJS has no native UTF-8 decoder
-# for a buffer, and reading through std.in would cost a host call per KiB).
-# Its read of the next header is how the host learns that the guest is idle
-# (T-DOS-1); asking for 8 bytes after a cell that completed and 9 after one
-# that threw carries the exit status. Nothing the guest writes ends a run.
-# The helpers are captured up front, so a cell that replaces JSON.parse & co.
-# breaks only its own session.
-JS_BOOT = r"""
-(function () {
-  const rd = os.read, ev = std.evalScript, err = std.err, out = std.out, log = console.log;
-  const parse = JSON.parse, chr = String.fromCharCode, join = Array.prototype.join;
-  const apply = Reflect.apply, toInt = parseInt, min = Math.min, U8 = Uint8Array, AB = ArrayBuffer;
-  try { os.chdir('/data'); } catch (e) {}
-  const hdr = new AB(9);
-  let rc = 0;
-  while (true) {
-    if (rd(0, hdr, 0, 8 + rc) !== 8) return;
-    const n = toInt(apply(chr, null, new U8(hdr, 0, 8)), 16);
-    const body = new AB(n);
-    for (let off = 0; off < n; ) {
-      const k = rd(0, body, off, n - off);
-      if (!(k > 0)) return;
-      off += k;
-    }
-    const parts = [];
-    for (let i = 0, j = 0; i < n; i += 8192) parts[j++] = apply(chr, null, new U8(body, i, min(8192, n - i)));
-    rc = 0;
-    try {
-      const v = ev(parse(apply(join, parts, [""])));
-      if (v !== undefined) log(v);
-    } catch (e) {
-      rc = 1;
-      let t;
-      try {
-        t = String(e);
-        if (e && e.stack) t += "\n" + e.stack;
-      } catch (e2) {
-        t = "uncaught exception";
-      }
-      err.puts(t + "\n");
-    }
-    out.flush(); err.flush();
-  }
-})();
-"""
-
 # After a deadline the governor stops the guest at its next epoch tick; this
 # is how long a run waits for that trap (or the guest's idle read) to land.
 JS_STOP_GRACE = 1.0
+# The boot's own deadline for timers, this long before the host's, so that it
+# can cancel them and park before the governor stops it (at most a quarter of
+# the run's limit).
+JS_TIMER_MARGIN = 0.025
 JS_FOREIGN_READ = ("cell: this code read stdin, which carries the session's own commands in a JavaScript cell; "
                    "the interpreter was stopped\n")
 
@@ -306,7 +263,7 @@ class JsSession:
             if self._loaded.fd_read_trampoline is None:
                 raise RuntimeError("javascript runtime loaded without its command channel")
             command_channel.attach(self.channel, store, mem, self._loaded.fd_read_trampoline)
-            args = [b"qjs", b"--std", b"-e", JS_BOOT.encode()]
+            args = [b"qjs", b"--std", b"-m", b"-e", JS_BOOT.encode()]
             ptrs = []
             for a in args:
                 p = malloc(store, len(a) + 1) & MASK32
@@ -332,7 +289,10 @@ class JsSession:
         # T-DOS-1: the deadline is armed before the guest can leave its parked
         # read, and stays armed until the host sees it parked again.
         gov.arm(timeout_s)
-        body = json.dumps(code.decode("utf-8", "replace")).encode("ascii")
+        assert gov.deadline is not None
+        # os.now() reads the host's monotonic clock in microseconds (wasi_shadow.py).
+        soft_us = int((gov.deadline - min(JS_TIMER_MARGIN, timeout_s / 4)) * 1e6)
+        body = json.dumps([soft_us, code.decode("utf-8", "replace")]).encode("ascii")
         try:
             chan.submit(body)
         except ChannelClosed:
@@ -357,9 +317,11 @@ class JsSession:
             if status == "error" and self._error and "out of memory" in self._error.lower():
                 status = "memory_limit"
             return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False)
-        if stop_reason == STOP_TIMEOUT and not truncated:  # parked only after its deadline
-            return Outcome(NO_EXIT, "timeout", out, err, truncated, session_alive=True)
         rc = chan.idle_rc or 0
+        # Parked only after its deadline, or its boot cancelled the timers left
+        # at its own deadline: the guest's choice, like its exit status.
+        if (stop_reason == STOP_TIMEOUT or rc == command_channel.RC_TIMERS_CANCELLED) and not truncated:
+            return Outcome(NO_EXIT, "timeout", out, err, truncated, session_alive=True)
         status = "output_limit" if truncated else exited_status(rc, err)
         return Outcome(rc, status, out, err, truncated, session_alive=True)
 
