@@ -59,8 +59,9 @@ def cache_is_warm(settings: Settings) -> bool:
     """True when both shipped runtimes are already compiled for this engine."""
 
     for t in templates.with_runtime():
-        stem = settings.cache_dir / f"{t.pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
-        if not (stem.with_suffix(".cwasm").is_file() and stem.with_suffix(".json").is_file()):
+        # Not Path.with_suffix: the version in the name ("49.0.0") has dots of its own.
+        stem = f"{t.pin}-{WASMTIME_VERSION}-{ENGINE_TAG}"
+        if not ((settings.cache_dir / f"{stem}.cwasm").is_file() and (settings.cache_dir / f"{stem}.json").is_file()):
             return False
     return True
 

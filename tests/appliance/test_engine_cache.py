@@ -145,3 +145,20 @@ def test_t_escape_1_confining_runtimes_start_no_thread(tmp_path: Path) -> None:
         assert threading.active_count() >= 1
     finally:
         rt.close()
+
+
+def test_a_warm_cache_is_seen_as_warm(module_cache: None) -> None:
+    # Start-up starts every worker at once only when it sees the cache warm; the
+    # engine tag's dotted version once made this check miss a warm cache.
+    from appliance.config import Settings
+    from appliance.runtime.pool import cache_is_warm
+    from tests.liveserver import shared_cache
+
+    assert cache_is_warm(Settings(module_cache=shared_cache()))
+
+
+def test_an_empty_cache_is_cold(tmp_path: Path) -> None:
+    from appliance.config import Settings
+    from appliance.runtime.pool import cache_is_warm
+
+    assert not cache_is_warm(Settings(module_cache=tmp_path))
