@@ -332,6 +332,15 @@ def load_settings(
     return settings
 
 
+def dev_module_cache(env: Mapping[str, str]) -> Path:
+    """One compiled-runtime cache per user of this machine, shared by `--dev`
+    runs and the test suite, so a newcomer compiles the runtimes once (each
+    file is still hash-checked before it is loaded). An installed appliance
+    keeps its own under ``$SYNAPSE_ROOT/cache/modules``."""
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cell" / "modules"
+
+
 def settings_for_command(*, dev: bool = False, host: str | None = None, port: int | None = None) -> Settings:
     """Settings for a `cell` command: the environment, plus the ./.synapse
     layout of `cell serve --dev` when ``dev``, and any bind flags."""
@@ -339,6 +348,7 @@ def settings_for_command(*, dev: bool = False, host: str | None = None, port: in
     if dev:
         env.setdefault("SYNAPSE_ROOT", ".synapse")
         env.setdefault("SYNAPSE_CONFIG_DIR", str(Path(env["SYNAPSE_ROOT"]) / "etc"))
+        env.setdefault("SYNAPSE_MODULE_CACHE", str(dev_module_cache(env)))
     overrides: dict[str, Any] = {}
     if host:
         overrides["host"] = host

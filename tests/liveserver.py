@@ -4,8 +4,8 @@ tests/benchmark_e2b.py).
 
 The server is a real ``cell serve`` process (waitress + worker processes),
 with its data in a fresh directory and the compiled-module cache shared
-(``.cache/modules`` in the checkout unless SYNAPSE_MODULE_CACHE says
-otherwise), so the runtimes are compiled at most once per machine.
+(the machine-wide ``~/.cache/cell/modules``, also used by `make run`,
+unless SYNAPSE_MODULE_CACHE says otherwise), so the runtimes are compiled at most once per machine.
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from appliance.config import dev_module_cache
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def shared_cache() -> Path:
-    path = Path(os.environ.get("SYNAPSE_MODULE_CACHE") or REPO / ".cache" / "modules")
+    path = Path(os.environ.get("SYNAPSE_MODULE_CACHE") or dev_module_cache(os.environ))
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     return path
 
