@@ -11,7 +11,7 @@ pytest_plugins = ["tests.netguard"]
 
 @pytest.fixture(scope="session")
 def module_cache() -> None:
-    """Compile the guest runtimes once per machine (shared .cache/modules)."""
+    """Compile the guest runtimes once per machine (the shared ~/.cache/cell/modules)."""
     warm_cache()
 
 

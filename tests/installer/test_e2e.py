@@ -3,7 +3,7 @@ install into a temporary root, serve, run a Python cell, upgrade, refuse a
 downgrade, roll back and uninstall (T-SUPPLY-2 for the verify-first order).
 
 Slow: builds real bundles from the cached wheelhouse (.cache/wheelhouse) and
-reuses the shared compiled-module cache (.cache/modules), so nothing recompiles.
+reuses the shared compiled-module cache (~/.cache/cell/modules), so nothing recompiles.
 """
 from __future__ import annotations
 
