@@ -21,8 +21,10 @@ import pytest
 
 from appliance.receipts import envelope, v1
 from appliance.receipts import verify as offline
+from appliance.receipts.nodekey import NodeKey
 from appliance.runtime.protocol import ResultBundle
 from appliance.runtime.rich import check_results
+from tests.appliance.test_receipts_v1 import VECTOR_CHAIN_HASH, VECTOR_KEY_ID, VECTOR_RECEIPT_HASH, VECTOR_SEED
 from tests.liveserver import ServerProcess
 
 LONG = 60_000  # the first matplotlib/pandas import takes seconds on a busy machine
@@ -222,3 +224,20 @@ def test_results_extension_matches_the_documented_vector() -> None:
     doc = (ROOT / "docs" / "receipts.md").read_text()
     assert VECTOR_CANONICAL in doc and VECTOR_HASH in doc
     assert ResultBundle({"text/plain": "x"}).is_main_result is False
+
+
+def test_T_RCPT_2_results_envelope_vector_is_signed_as_documented() -> None:
+    message = envelope.envelope_message(seq=1, receipt_hash=VECTOR_RECEIPT_HASH, chain_hash=VECTOR_CHAIN_HASH,
+                                        tenant_id="default", cell_id="cell-0a1b2c3d", key_id=VECTOR_KEY_ID,
+                                        extensions=envelope.results_extension(VECTOR_RESULTS))
+    signature = base64.b64encode(NodeKey.from_seed(VECTOR_SEED).sign(message)).decode()
+    doc = (ROOT / "docs" / "receipts.md").read_text()
+    assert message.decode() in doc and signature in doc
+    assert signature == "ileLpo1axZdnOQUBvwe2uAoss5kxVrqW7Z/TthdOFtCo9AdU/zsP2q3bhedCf/DcszEYqzIzf/gVXyziDlENCA=="
+
+
+@pytest.mark.parametrize("bad", [{"results_hash": "X" * 64}, {"results_hash": "0" * 64, "more": 1}, "0" * 64, {}],
+                         ids=["not-hex", "extra-field", "not-an-object", "empty"])
+def test_T_RCPT_2_malformed_results_extension_is_refused(bad: Any) -> None:
+    with pytest.raises(v1.ReceiptFieldError):
+        envelope.check_extensions({"results/1": bad})
