@@ -241,3 +241,19 @@ def test_T_RCPT_2_results_envelope_vector_is_signed_as_documented() -> None:
 def test_T_RCPT_2_malformed_results_extension_is_refused(bad: Any) -> None:
     with pytest.raises(v1.ReceiptFieldError):
         envelope.check_extensions({"results/1": bad})
+
+
+@pytest.mark.slow
+def test_sdk_fills_e2b_results_from_the_answer(live: ServerProcess) -> None:
+    from cell_sdk import Sandbox
+
+    seen: list[Any] = []
+    with Sandbox("python3", api_url=live.url, api_key=live.api_key) as sbx:
+        ex = sbx.run_code("import matplotlib.pyplot as plt, pandas as pd\nplt.figure(figsize=(2, 2), dpi=50)\n"
+                          "plt.plot([1, 2])\nplt.show()\npd.DataFrame({'a': [1, 2]})", timeout=60)
+        chart, table = ex.results
+        assert chart.formats() == ["text", "png"] and png_size(chart.png or "") == (100, 100)
+        assert table.is_main_result and "<table" in (table.html or "") and table.data == [{"a": 1}, {"a": 2}]
+        assert ex.text == table.text and set(table.formats()) == {"text", "html", "json"}
+        streamed = sbx.run_code("display('x')\nprint('p')", on_stdout=lambda m: None, on_result=seen.append)
+        assert [r.text for r in seen] == ["'x'"] and [r.text for r in streamed.results] == ["'x'"]
