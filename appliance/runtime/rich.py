@@ -95,7 +95,8 @@ def _cell_rich():
                 out[mime] = value
             except Exception:
                 continue
-        if mod.startswith('pandas') and type(obj).__name__ == 'DataFrame' and 'application/json' not in out:
+        if mod.startswith('pandas') and type(obj).__name__ == 'DataFrame' and 'application/json' not in out \
+                and getattr(obj, 'size', 0) <= 1_000_000:
             try:  # its records, as the E2B SDK's Result.data expects
                 out['application/json'] = obj.to_json(orient='records', date_format='iso', default_handler=str)
             except Exception:
@@ -152,9 +153,23 @@ def _cell_rich():
 
         items, total = [], 0
         for bundle in pending:
-            size = json_size(bundle)
+            size = first = json_size(bundle)
+            dropped = []
+            while (size > per_cap or total + size > total_cap) and len(bundle) > 2:
+                # Keep what fits: the biggest format goes first, text/plain last.
+                big = max((k for k in bundle if k not in ('text/plain', 'is_main_result')), key=lambda k: len(bundle[k]))
+                dropped.append(big)
+                bundle = {k: v for k, v in bundle.items() if k != big}
+                size = json_size(bundle)
+            if dropped and size <= per_cap and total + size <= total_cap:
+                state['truncated'] = True
+                bundle['text/plain'] = bundle.get('text/plain', '') + (
+                    '\n[Cell: result trimmed: its %s left out, the result took %d bytes, over the cap of %d bytes %s]'
+                    % (', '.join(dropped), first, per_cap if first > per_cap else total_cap - total,
+                       'per result' if first > per_cap else 'left for this run'))
+                size = json_size(bundle)
             if size > per_cap or total + size > total_cap:
-                kinds = ', '.join(sorted(k for k in bundle if k not in ('text/plain', 'is_main_result')))
+                kinds = ', '.join(sorted(dropped) or sorted(k for k in bundle if k not in ('text/plain', 'is_main_result')))
                 bundle = {'text/plain': 'Cell: result omitted: its %s takes %d bytes, over the cap of %d bytes %s'
                                         % (kinds or 'text', size, per_cap if size > per_cap else total_cap - total,
                                            'per result' if size > per_cap else 'left for this run'),

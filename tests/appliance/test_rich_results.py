@@ -118,13 +118,21 @@ def test_T_DOS_1_results_over_their_caps_become_a_note_and_the_service_keeps_ans
     out = run(live, cell, code)
     assert out["status"] == "ok" and out["results_truncated"] is True, out["stderr"]
     big_chart, big_image, small = out["results"]
-    for note in (big_chart, big_image):
-        assert set(note) == {"text/plain", "is_main_result"}
-        assert note["text/plain"].startswith("Cell: result omitted: its image/png takes")
-        assert "over the cap of 8388608 bytes per result" in note["text/plain"]
+    for note, text in ((big_chart, "<Figure size 2000x2000 with 0 Axes>"), (big_image, "<IPython.core.display.Image object>")):
+        assert set(note) == {"text/plain", "is_main_result"}  # the PNG is left out, its text is kept
+        assert note["text/plain"].startswith(text + "\n[Cell: result trimmed: its image/png left out")
+        assert "over the cap of 8388608 bytes per result]" in note["text/plain"]
     assert small["text/plain"] == "'small'"
     assert run(live, cell, "1 + 1")["results"] == [{"text/plain": "2", "is_main_result": True}]
     assert live.request("GET", "/v1/status")[0] == 200
+
+
+@pytest.mark.slow
+def test_T_DOS_1_a_big_dataframe_keeps_its_table_and_loses_only_its_records(live: ServerProcess, cell: str) -> None:
+    out = run(live, cell, f"import pandas as pd\npd.DataFrame({{'a': range(900_000)}})")
+    [main] = out["results"]
+    assert "<table" in main["text/html"] and "application/json" not in main and out["results_truncated"] is True
+    assert "its application/json left out" in main["text/plain"]
 
 
 @pytest.mark.slow
