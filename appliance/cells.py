@@ -23,7 +23,7 @@ from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFoun
 from appliance.license.verify import Limits, config_limits
 from appliance.quota import Allowance, DiskQuota, measure_volume
 from appliance.policy.fairness import tenant_cell_cap
-from appliance.receipts import v1
+from appliance.receipts import envelope, v1
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime import protocol, scratch, templates
 from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerOverran, WorkerPool, WorkerReplaced
@@ -402,6 +402,8 @@ class CellService:
             if not isinstance(reply, protocol.RunReply):
                 raise _refusal(reply, "run failed")
             outcome = asdict(reply.outcome)
+            # Rich results as the answer carries them: each bundle's MIME keys and is_main_result.
+            outcome["results"] = [{**r.data, "is_main_result": r.is_main_result} for r in reply.outcome.results]
             guest_ms = reply.guest_ms
             if cell_id is not None:
                 self.note_usage(tenant.id, cell_id, _usage(reply.volume_usage))
@@ -413,6 +415,8 @@ class CellService:
             result_hash=v1.result_hash(exit_code=outcome["exit_code"], status=outcome["status"],
                                        stderr=outcome["stderr"], stdout=outcome["stdout"]),
             timestamp_ms=now_ms(),
+            # The results are signed in a versioned extension; result_hash above stays the v1 one.
+            extensions=envelope.results_extension(outcome.get("results") or []),
         )
         answer = {
             "execution_id": execution_id,
@@ -422,8 +426,11 @@ class CellService:
             "status": outcome["status"],
             "latency_ms": latency_ms,
             "truncated": outcome["truncated"],
+            "results": outcome.get("results") or [],
             "receipt": receipt,
         }
+        if outcome.get("results_truncated"):
+            answer["results_truncated"] = True
         if cell_id is not None:
             answer["cell_id"] = cell_id
             answer["restarted"] = bool(outcome.get("restarted"))

@@ -25,6 +25,7 @@ from appliance.policy.egress import parse_networks
 HARD_RUN_TIMEOUT_MS = 60_000
 HARD_MEMORY_MB = 4096
 HARD_OUTPUT_BYTES = 16 * 1024 * 1024
+HARD_RESULTS_BYTES = 64 * 1024 * 1024  # rich results (charts, tables) of one run, all together
 HARD_BODY_BYTES = 10 * 1024 * 1024
 HARD_QUOTA_MB = 1024 * 1024  # 1 TiB per tenant
 HARD_FILE_LIMIT = 100_000_000  # files and directories per tenant (T-DISK-1)
@@ -52,6 +53,8 @@ class Settings:
     memory_mb: int = 256
     memory_ceiling_mb: int = 2048
     output_cap_bytes: int = 1024 * 1024
+    result_cap_bytes: int = 8 * 1024 * 1024  # one rich result (a chart's PNG as base64, a table's HTML)
+    results_cap_bytes: int = 16 * 1024 * 1024  # all rich results of one run
     module_max_bytes: int = 8 * 1024 * 1024
     max_body_bytes: int = HARD_BODY_BYTES
     cell_timeout_ms: int = 300_000
@@ -239,6 +242,8 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "memory_mb": ("SYNAPSE_MEMORY_MB", "memory_mb", _int(16, HARD_MEMORY_MB)),
     "memory_ceiling_mb": ("SYNAPSE_MEMORY_CEILING_MB", "memory_ceiling_mb", _int(16, HARD_MEMORY_MB)),
     "output_cap_bytes": ("SYNAPSE_OUTPUT_CAP_BYTES", "output_cap_bytes", _int(1024, HARD_OUTPUT_BYTES)),
+    "result_cap_bytes": ("SYNAPSE_RESULT_CAP_BYTES", "result_cap_bytes", _int(1024, HARD_RESULTS_BYTES)),
+    "results_cap_bytes": ("SYNAPSE_RESULTS_CAP_BYTES", "results_cap_bytes", _int(1024, HARD_RESULTS_BYTES)),
     "module_max_bytes": ("SYNAPSE_MODULE_MAX_BYTES", "module_max_bytes", _int(1024, HARD_BODY_BYTES)),
     "cell_timeout_ms": ("SYNAPSE_CELL_TIMEOUT_MS", "cell_timeout_ms", _int(1000, 24 * 3600 * 1000)),
     "warm_python": ("SYNAPSE_WARM_PYTHON", "warm_python", _int(0, 64)),

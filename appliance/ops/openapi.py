@@ -136,12 +136,22 @@ def _schemas() -> dict[str, Any]:
         },
         "RunResult": {
             "type": "object",
-            "required": ["execution_id", "stdout", "stderr", "exit_code", "status", "latency_ms", "truncated", "receipt"],
+            "required": ["execution_id", "stdout", "stderr", "exit_code", "status", "latency_ms", "truncated", "results",
+                         "receipt"],
             "properties": {
                 "execution_id": {"type": "string"}, "stdout": {"type": "string"}, "stderr": {"type": "string"},
                 "exit_code": {"type": "integer"},
                 "status": {"enum": ["ok", "error", "timeout", "memory_limit", "output_limit", "killed"]},
                 "latency_ms": {"type": "number"}, "truncated": {"type": "boolean"}, "receipt": _ref("Receipt"),
+                "results": {"type": "array", "maxItems": 64, "description": "rich results (Python): MIME type -> text, "
+                            "plus is_main_result; signed in the receipt's results/1 extension",
+                            "items": {"type": "object", "required": ["is_main_result"],
+                                      "properties": {"is_main_result": {"type": "boolean"},
+                                                     **{m: {"type": "string"} for m in (
+                                                         "text/plain", "text/html", "text/markdown", "text/latex",
+                                                         "image/png", "image/jpeg", "image/svg+xml", "application/json")}},
+                                      "additionalProperties": False}},
+                "results_truncated": {"type": "boolean"},
                 "cell_id": {"type": "string"}, "restarted": {"type": "boolean"}, "note": {"type": "string"},
                 "denials": {"type": "array", "items": {"type": "object", "properties": {
                     "threat": {"type": "string"}, "function": {"type": "string"}, "reason": {"type": "string"}}}},
@@ -234,7 +244,8 @@ def build_spec() -> dict[str, Any]:
         "/v1/cells/{cell_id}/exec/stream": {
             "parameters": cell,
             "post": _op("execStream", "Run code, stream output as Server-Sent Events",
-                        {"description": "data: {type: stdout|stderr, text} lines, then data: {type: result, ...RunResult}",
+                        {"description": "data: {type: stdout|stderr, text} lines, data: {type: rich_result, index, result} for each "
+                                        "rich result, then data: {type: result, ...RunResult}",
                          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                         body=_ref("Exec"), errors=("403", "404", "409", "503"), tags=("runs",)),
         },

@@ -24,17 +24,21 @@ header may or may not carry.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from appliance.receipts import v1
 
 ENVELOPE = "cell-receipt-envelope/1"
 SEAL = "cell-export-seal/1"
-# Extension names the verifier understands; empty until one is specified
-# (e.g. "results/1"). A receipt carrying any other name is refused.
-KNOWN_EXTENSIONS: frozenset[str] = frozenset()
+# Extension names the verifier understands. A receipt carrying any other
+# name is refused. "results/1": {"results_hash": hex64}, the SHA-256 of the
+# canonical JSON of the run's rich results (docs/receipts.md), present only
+# when a run returned results; the v1 result_hash is unchanged by it.
+RESULTS_EXTENSION = "results/1"
+KNOWN_EXTENSIONS: frozenset[str] = frozenset({RESULTS_EXTENSION})
 
 # Tenant and cell ids as appliance.confine accepts them.
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -45,6 +49,17 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
     """Sorted keys, no spaces, UTF-8, no NaN/Infinity: one object, one byte string."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                       allow_nan=False).encode("utf-8")
+
+
+def results_hash(results: Sequence[Mapping[str, Any]]) -> str:
+    """SHA-256 (hex) of the canonical JSON of a run's ``results`` list, as the answer carries it."""
+    body = json.dumps(list(results), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def results_extension(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The receipt extensions for a run's rich results: none when it has none."""
+    return {RESULTS_EXTENSION: {"results_hash": results_hash(results)}} if results else {}
 
 
 def check_tenant_id(value: object) -> str:
@@ -65,6 +80,11 @@ def check_extensions(value: object) -> dict[str, Any]:
     unknown = sorted(k for k in value if k not in KNOWN_EXTENSIONS)
     if unknown:
         raise v1.ReceiptFieldError("extensions", f"unknown extension(s) {', '.join(map(repr, unknown))}")
+    if RESULTS_EXTENSION in value:
+        ext = value[RESULTS_EXTENSION]
+        if not isinstance(ext, dict) or set(ext) != {"results_hash"}:
+            raise v1.ReceiptFieldError("extensions", f"{RESULTS_EXTENSION} must be {{\"results_hash\": hex64}}")
+        v1.check_hex64("results_hash", ext["results_hash"])
     return value
 
 

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Mapping
 
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
@@ -205,19 +205,23 @@ class ReceiptStore:
         code_hash: str,
         result_hash: str,
         timestamp_ms: int,
+        extensions: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Append one receipt; it is committed and fsynced when this returns."""
+        """Append one receipt; it is committed and fsynced when this returns.
+        ``extensions`` (e.g. "results/1") are signed with the envelope; the v1
+        hashes never see them."""
         # Validation happens before the lock: a bad field never costs the writer (T-RCPT-1).
         rh = v1.receipt_hash(execution_id=execution_id, code_hash=code_hash, result_hash=result_hash,
                              template=template, timestamp=timestamp_ms)
         # T-RCPT-2: both ids go into the signed envelope, so they are checked here.
         envelope.check_tenant_id(tenant_id)
         envelope.check_cell_id(cell_id)
+        ext = envelope.check_extensions(dict(extensions or {}))
 
         receipt = self._commit_grouped({
             "execution_id": execution_id, "code_hash": code_hash, "result_hash": result_hash,
             "template": template, "timestamp": timestamp_ms, "receipt_hash": rh, "cell_id": cell_id,
-            "tenant_id": tenant_id,
+            "tenant_id": tenant_id, "extensions": ext,
         })
         if self._checkpoint_every and receipt["seq"] % self._checkpoint_every == 0:
             try:
@@ -267,14 +271,14 @@ class ReceiptStore:
                 # T-RCPT-2: sign the envelope (tenant, cell, chain hash), not the bare chain hash.
                 signed = envelope.envelope_message(
                     seq=seq + 1, receipt_hash=it["receipt_hash"], chain_hash=ch, tenant_id=it["tenant_id"],
-                    cell_id=it["cell_id"], key_id=self._key.key_id, extensions={})
+                    cell_id=it["cell_id"], key_id=self._key.key_id, extensions=it["extensions"])
                 receipt = {
                     "schema": v1.SCHEMA, "execution_id": it["execution_id"], "code_hash": it["code_hash"],
                     "result_hash": it["result_hash"], "template": it["template"], "timestamp": it["timestamp"],
                     "receipt_hash": it["receipt_hash"], "seq": seq + 1, "prev_chain_hash": prev, "chain_hash": ch,
                     "signature": base64.b64encode(self._key.sign(signed)).decode("ascii"),
                     "key_id": self._key.key_id, "cell_id": it["cell_id"],
-                    "tenant_id": it["tenant_id"], "envelope": envelope.ENVELOPE, "extensions": {},
+                    "tenant_id": it["tenant_id"], "envelope": envelope.ENVELOPE, "extensions": it["extensions"],
                 }
                 try:
                     self._conn.execute(

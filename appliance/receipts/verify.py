@@ -4,6 +4,7 @@ An auditor can copy this single file and run
 
     python verify.py export.jsonl [--public-key HEX] [--checkpoint OLD.json]
     python verify.py --db cell.sqlite --public-key HEX
+    python verify.py --answer answer.json --public-key HEX
 
 It exits 0 when every check passes and 1 naming the first problem: a receipt
 whose v1 hash does not match its fields (an edited field), a deleted row, a
@@ -39,7 +40,8 @@ EXPORT_FORMAT = "cell-receipts-export/2"
 LEGACY_EXPORT_FORMAT = "cell-receipts-export/1"
 ENVELOPE = "cell-receipt-envelope/1"
 SEAL = "cell-export-seal/1"
-KNOWN_EXTENSIONS: frozenset[str] = frozenset()  # copy of envelope.KNOWN_EXTENSIONS
+RESULTS_EXTENSION = "results/1"
+KNOWN_EXTENSIONS: frozenset[str] = frozenset({RESULTS_EXTENSION})  # copy of envelope.KNOWN_EXTENSIONS
 GENESIS = "0" * 64
 RECEIPT_FIELDS = (
     "schema", "execution_id", "code_hash", "result_hash", "template", "timestamp",
@@ -98,6 +100,18 @@ def envelope_message(r: Mapping[str, Any]) -> bytes:
         "chain_hash": r["chain_hash"], "tenant_id": r["tenant_id"], "cell_id": r["cell_id"],
         "key_id": r["key_id"], "extensions": r["extensions"],
     })
+
+
+def v1_result_hash(answer: Mapping[str, Any]) -> str:
+    """result_hash of an answer's exit_code, status, stderr and stdout (copy of v1.result_hash)."""
+    body = {k: answer[k] for k in ("exit_code", "status", "stderr", "stdout")}
+    return _sha(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+
+
+def results_hash(results: Sequence[Mapping[str, Any]]) -> str:
+    """SHA-256 of the canonical JSON of an answer's ``results`` list (copy of envelope.results_hash)."""
+    return _sha(json.dumps(list(results), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           allow_nan=False).encode("utf-8"))
 
 
 def seal_message(t: Mapping[str, Any]) -> bytes:
@@ -330,6 +344,11 @@ class _Log:
         unknown = sorted(k for k in r["extensions"] if k not in KNOWN_EXTENSIONS)
         if unknown:
             raise _fail("unknown_extension", f"extension(s) {unknown} not known to this verifier", seq=seq, line=line)
+        ext = r["extensions"].get(RESULTS_EXTENSION)
+        if ext is not None and (not isinstance(ext, dict) or set(ext) != {"results_hash"}
+                                or not isinstance(ext["results_hash"], str) or not _HEX64.fullmatch(ext["results_hash"])):
+            raise _fail("field_format", f'{RESULTS_EXTENSION} must be {{"results_hash": 64 lowercase hex}}',
+                        seq=seq, line=line)
 
     def finish(self) -> None:
         if self.pending:
@@ -574,18 +593,91 @@ def _walk_rows(conn: Any, keys: Mapping[str, nacl.signing.VerifyKey],
     log.finish()
 
 
+def verify_answer(answer: object, public_keys: Sequence[str]) -> Report:
+    """Check one run's API answer against its own receipt: result_hash from
+    its stdout, stderr, exit_code and status; the v1 receipt_hash and
+    chain_hash; ``results_hash`` (extension "results/1") from its ``results``
+    list, present exactly when the list is not empty; and the node's signature
+    over the envelope, with a key you pin (docs/receipts.md)."""
+    def body(notes: list[str], seen: list[_Log]) -> None:
+        if not public_keys:
+            raise _fail("untrusted_key", "an answer carries no node key: give the node's --public-key")
+        keys = dict(_verify_key(pk, "--public-key") for pk in public_keys)
+        if not isinstance(answer, dict) or not isinstance(answer.get("receipt"), dict):
+            raise _fail("malformed", "an answer is a JSON object with a receipt object")
+        r = answer["receipt"]
+        missing = [f for f in (*RECEIPT_FIELDS, *BINDING_FIELDS) if f not in r] + [
+            f for f in ("exit_code", "status", "stderr", "stdout") if f not in answer]
+        if missing:
+            raise _fail("missing_field", f"missing {', '.join(missing)}")
+        seq = r["seq"] if type(r["seq"]) is int else None
+        if r.get("schema") not in KNOWN_SCHEMAS:
+            raise _fail("unknown_schema", f"schema {r.get('schema')!r} is not one of {', '.join(KNOWN_SCHEMAS)}", seq=seq)
+        bad = _v1_field_error(r)
+        if bad or seq is None:
+            raise _fail("field_format", f"{bad or 'seq'} breaks the v1 format", seq=seq)
+        if execution := answer.get("execution_id"):
+            if execution != r["execution_id"]:
+                raise _fail("answer_mismatch", "the answer's execution_id is not its receipt's", seq=seq)
+        try:
+            if v1_result_hash(answer) != r["result_hash"]:
+                raise _fail("result_hash_mismatch", "result_hash does not match the answer's exit_code, status, "
+                            "stderr and stdout", seq=seq)
+        except (TypeError, ValueError):
+            raise _fail("field_format", "exit_code, status, stderr and stdout are not JSON values", seq=seq) from None
+        if v1_receipt_hash(r) != r["receipt_hash"]:
+            raise _fail("receipt_hash_mismatch", "receipt_hash does not match the v1 fields", seq=seq)
+        if not all(isinstance(r[k], str) and _HEX64.fullmatch(r[k]) for k in ("prev_chain_hash", "chain_hash")) \
+                or chain_hash(r["prev_chain_hash"], r["receipt_hash"]) != r["chain_hash"]:
+            raise _fail("chain_hash_mismatch", "chain_hash != SHA-256(prev_chain_hash|receipt_hash)", seq=seq)
+        log = _Log(keys, [])
+        log._check_binding(r, seq, None)
+        results = answer.get("results", [])
+        if not isinstance(results, list):
+            raise _fail("field_format", "results must be a list", seq=seq)
+        ext = r["extensions"].get(RESULTS_EXTENSION)
+        if results and ext is None:
+            raise _fail("results_unreceipted", f"the answer has results but its receipt has no {RESULTS_EXTENSION}",
+                        seq=seq)
+        if ext is not None:
+            try:
+                got = results_hash(results)
+            except (TypeError, ValueError):
+                raise _fail("field_format", "results are not JSON values", seq=seq) from None
+            if got != ext["results_hash"]:
+                raise _fail("results_hash_mismatch", f"results_hash {ext['results_hash']} signed, the answer's "
+                            f"results hash to {got}", seq=seq)
+        vk = keys.get(r["key_id"]) if isinstance(r["key_id"], str) else None
+        if vk is None:
+            raise _fail("unknown_key", f"key_id {r['key_id']!r} is not a trusted node key", seq=seq)
+        if not _check_sig(vk, envelope_message(r), r["signature"]):
+            raise _fail("bad_signature", "signature over the envelope (with its extensions) does not verify", seq=seq)
+        log.count, log.prev = seq, r["chain_hash"]
+        log.merkle.push(r["receipt_hash"])
+        seen.append(log)
+
+    return _run(body)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="verify", description="Verify Cell receipts offline.")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("file", nargs="?", help="a JSON Lines export from `cell receipts export`")
     src.add_argument("--db", help="a node database (opened read-only)")
+    src.add_argument("--answer", help="one run's API answer (JSON) with its receipt and results; needs --public-key")
     parser.add_argument("--public-key", action="append", default=[], metavar="HEX",
                         help="the node public key you trust (repeat for rotated keys)")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="FILE",
                         help="an older checkpoint you hold: the log must extend it")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    if args.db:
+    if args.answer:
+        try:
+            answer = _loads(Path(args.answer).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            return render(Report(False, 0, Problem("unreadable", f"{args.answer}: {exc}")), as_json=args.json)
+        report = verify_answer(answer, args.public_key)
+    elif args.db:
         report = verify_db(args.db, args.public_key or None, checkpoints=args.checkpoint)
     else:
         report = verify_export(args.file, public_keys=args.public_key or None, checkpoints=args.checkpoint)

@@ -28,6 +28,8 @@ class RunContext:
     resolver: Any = None  # static name map (SYNAPSE_EGRESS_HOSTS) instead of DNS, or None
     tenant_id: str = ""
     cell_id: str = ""
+    result_cap: int = 8 << 20  # one rich result of a Python run, in bytes (rich.py; T-DOS-1)
+    results_cap: int = 16 << 20  # all rich results of the run together
     denials: list[dict[str, str]] = field(default_factory=list)
 
     def deny(self, threat: str, function: str, reason: str) -> None:

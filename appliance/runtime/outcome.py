@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import wasmtime
 
 from appliance.runtime.governor import STOP_OUTPUT, STOP_TIMEOUT
+from appliance.runtime.protocol import ResultBundle
 
 # exit_code when the guest did not exit by itself (trap, limit, kill).
 NO_EXIT = -1
@@ -22,6 +23,8 @@ class Outcome:
     restarted: bool = False
     note: str | None = None
     denials: list[dict[str, str]] = field(default_factory=list)
+    results: list[ResultBundle] = field(default_factory=list)  # rich results (rich.py): Python runs only
+    results_truncated: bool = False
 
     def to_wire(self) -> dict[str, object]:
         return {
@@ -34,6 +37,8 @@ class Outcome:
             "restarted": self.restarted,
             "note": self.note,
             "denials": self.denials,
+            "results": self.results,
+            "results_truncated": self.results_truncated,
         }
 
 

@@ -210,6 +210,8 @@ class WorkerPool:
             "volumes_dir": str(s.volumes_dir),
             "memory_mb": s.memory_mb,
             "output_cap_bytes": s.output_cap_bytes,
+            "result_cap_bytes": s.result_cap_bytes,
+            "results_cap_bytes": s.results_cap_bytes,
             "module_max_bytes": s.module_max_bytes,
             "warm": {t.name: int(getattr(s, t.warm_setting)) for t in templates.interpreters() if t.warm_setting},
             "preload": {t.name: list(getattr(s, t.preload_setting)) for t in templates.interpreters() if t.preload_setting},
@@ -257,7 +259,7 @@ class WorkerPool:
         return reply
 
     def _max_frame(self) -> int:
-        return protocol.max_frame_bytes(self.settings.output_cap_bytes)
+        return protocol.max_frame_bytes(self.settings.output_cap_bytes, self.settings.results_cap_bytes)
 
     def _read(self, handle: WorkerHandle) -> None:
         """The one reader of a worker's pipe: each typed frame goes to the request

@@ -29,6 +29,13 @@ from typing import Any, ClassVar, Union
 RUN_STATUSES = frozenset({"ok", "error", "timeout", "memory_limit", "output_limit", "killed"})
 _CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 MAX_TEXT = 64 * 1024  # error messages, notes, traces: short by nature
+# Rich results (T-DOS-1): the MIME types a result bundle may carry, how many
+# bundles one run may return, and the hard ceiling on their text (the
+# configured caps are lower; config.HARD_RESULTS_BYTES).
+RESULT_MIMES = frozenset({"text/plain", "text/html", "text/markdown", "text/latex", "image/png", "image/jpeg",
+                          "image/svg+xml", "application/json"})
+MAX_RESULTS = 64
+HARD_RESULTS_CHARS = 64 * 1024 * 1024
 
 
 class ProtocolError(Exception):
@@ -127,6 +134,20 @@ class RunChunk:
 
 
 @dataclass(frozen=True)
+class ResultBundle:
+    """One rich result of a run (guest output, like stdout): MIME type -> text."""
+    data: dict[str, str]
+    is_main_result: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.data) - RESULT_MIMES
+        if unknown:
+            raise ProtocolError(f"unknown result MIME type(s) {sorted(unknown)[:3]!r}"[:200])
+        if sum(len(v) for v in self.data.values()) > HARD_RESULTS_CHARS:
+            raise ProtocolError("result too large")
+
+
+@dataclass(frozen=True)
 class RunOutcome:
     exit_code: int
     status: str
@@ -137,8 +158,14 @@ class RunOutcome:
     restarted: bool = False
     note: str | None = None
     denials: list[dict[str, str]] = field(default_factory=list)
+    results: list[ResultBundle] = field(default_factory=list)
+    results_truncated: bool = False
 
     def __post_init__(self) -> None:
+        if len(self.results) > MAX_RESULTS:  # T-DOS-1
+            raise ProtocolError("too many results")
+        if sum(len(v) for r in self.results for v in r.data.values()) > HARD_RESULTS_CHARS:
+            raise ProtocolError("results too large")
         if self.status not in RUN_STATUSES:
             raise ProtocolError(f"unknown run status {self.status[:40]!r}")
         if self.note is not None and len(self.note) > MAX_TEXT:
@@ -219,10 +246,11 @@ TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest,
 FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong)}
 
 
-def max_frame_bytes(output_cap_bytes: int) -> int:
-    """The largest frame a worker may send: two capped streams, each at the
-    worst JSON escaping (6 bytes per byte), plus room for the rest."""
-    return 12 * output_cap_bytes + (1 << 20)
+def max_frame_bytes(output_cap_bytes: int, results_cap_bytes: int = 0) -> int:
+    """The largest frame a worker may send: two capped streams and the rich
+    results' text, each at the worst JSON escaping (6 bytes per character),
+    plus room for the rest (a result's keys and flags: 256 bytes each)."""
+    return 12 * output_cap_bytes + 6 * results_cap_bytes + 256 * MAX_RESULTS + (1 << 20)
 
 
 # -- encoding -------------------------------------------------------------------

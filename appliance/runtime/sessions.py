@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any, Callable, Protocol
 
 import wasmtime
 
-from appliance.runtime import command_channel, context, scratch
+from appliance.runtime import command_channel, context, rich, scratch
 from appliance.runtime.js_boot import JS_BOOT
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.command_channel import ChannelClosed, CommandChannel
 from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor
 from appliance.runtime.loader import Loaded
 from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status, trap_words
+from appliance.runtime.protocol import ResultBundle
 from appliance.runtime.stack import on_guest_stack
 from appliance.runtime.templates import MPL_DATA_GUEST
 
 MASK32 = 0xFFFFFFFF
+# The least time the host's collection turn gets, however little the run left
+# (figures still open are drawn then).
+RICH_MIN_S = 0.5
 
 
 class Session(Protocol):
@@ -146,11 +151,14 @@ class PythonSession:
         self._memory = _export_memory(ex)
         self.alive = True
         self.runs = 0
+        self._rich = False  # rich results are collected once their boot code has run
         # The first turn pays ~15 ms of interpreter warm-up; do it now, and
         # make relative paths land in the cell's volume.
-        boot = self.run(PY_BOOT.encode(), 10.0, 1 << 16, None, None)
-        if boot.status != "ok":
-            raise RuntimeError(f"python session failed to start: {boot.stderr.strip()[-300:]}")
+        for code in (PY_BOOT.encode(), rich.PY_RICH_BOOT.encode()):
+            boot = self.run(code, 10.0, 1 << 16, None, None)
+            if boot.status != "ok":
+                raise RuntimeError(f"python session failed to start: {boot.stderr.strip()[-300:]}")
+        self._rich = True
         self.runs = 0
 
     def set_envs(self, envs: dict[str, str]) -> None:
@@ -167,6 +175,39 @@ class PythonSession:
         self.capture.reset(cap, sink, self.governor)
         run_ctx = ctx or context.RunContext(governor=self.governor)
         run_ctx.governor = self.governor
+        started = time.monotonic()
+        exit_code, trap, stop_reason = self._turn_once(code, run_ctx, timeout_s)
+        self.runs += 1
+        out, err, truncated = self.capture.finish()
+        results: list[ResultBundle] = []
+        results_truncated = False
+        if trap is None and self.alive and self._rich and not truncated:
+            # The host's own turn: the run's rich results on a capture of their own (rich.py).
+            left = max(RICH_MIN_S, timeout_s - (time.monotonic() - started))
+            self.capture.reset(rich.collect_cap(run_ctx.results_cap), None, self.governor)
+            _, trap, stop_reason = self._turn_once(rich.collect_code(run_ctx.result_cap, run_ctx.results_cap), run_ctx, left)
+            raw, _, cut = self.capture.finish()
+            if trap is None and self.alive:
+                results, results_truncated = rich.check_results(raw, run_ctx.result_cap, run_ctx.results_cap, cut)
+            else:
+                results_truncated = True
+        if trap is not None:
+            self.alive = False
+            status = trap_status(trap, stop_reason)
+            if status == "error":  # say what stopped it: an empty stderr explains nothing
+                err += ("\n" if err and not err.endswith("\n") else "") + (
+                    f"Cell: the Python interpreter crashed: {trap_words(trap)}. Its variables are lost; in a cell, "
+                    "the next run starts a fresh interpreter (files are kept).\n")
+            return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False, denials=run_ctx.denials,
+                           results_truncated=results_truncated)
+        assert exit_code is not None
+        status = "output_limit" if truncated else exited_status(exit_code, err)
+        return Outcome(exit_code, status, out, err, truncated, session_alive=self.alive, denials=run_ctx.denials,
+                       results=results, results_truncated=results_truncated)
+
+    def _turn_once(self, code: bytes, run_ctx: context.RunContext,
+                   timeout_s: float) -> tuple[int | None, BaseException | None, str | None]:
+        """One ``turn`` of the interpreter under a deadline: its exit code, or the trap that ended it."""
         context.enter(run_ctx)
         self.governor.arm(timeout_s)
         exit_code: int | None = None
@@ -195,19 +236,7 @@ class PythonSession:
             stop_reason = self.governor.stop_reason
             self.governor.disarm()
             context.enter(None)
-        self.runs += 1
-        out, err, truncated = self.capture.finish()
-        if trap is not None:
-            self.alive = False
-            status = trap_status(trap, stop_reason)
-            if status == "error":  # say what stopped it: an empty stderr explains nothing
-                err += ("\n" if err and not err.endswith("\n") else "") + (
-                    f"Cell: the Python interpreter crashed: {trap_words(trap)}. Its variables are lost; in a cell, "
-                    "the next run starts a fresh interpreter (files are kept).\n")
-            return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False, denials=run_ctx.denials)
-        assert exit_code is not None
-        status = "output_limit" if truncated else exited_status(exit_code, err)
-        return Outcome(exit_code, status, out, err, truncated, session_alive=self.alive, denials=run_ctx.denials)
+        return exit_code, trap, stop_reason
 
     def close(self) -> None:
         self.alive = False
@@ -221,7 +250,7 @@ JS_STOP_GRACE = 1.0
 # The boot's own deadline for timers, this long before the host's, so that it
 # can cancel them and park before the governor stops it (at most a quarter of
 # the run's limit).
-JS_TIMER_MARGIN = 0.025
+JS_TIMER_MARGIN = 0.1  # wide enough for a loaded machine to schedule the boot loop before the stop
 JS_FOREIGN_READ = ("cell: this code read stdin, which carries the session's own commands in a JavaScript cell; "
                    "the interpreter was stopped\n")
 

@@ -282,7 +282,9 @@ class Worker:
             cap=int(self.cfg["output_cap_bytes"]),
             sink=self._sink(msg.req_id, msg.stream),
             ctx=context.RunContext(governor=None, tenant_id=msg.tenant_id, cell_id=msg.cell_id or "",  # type: ignore[arg-type]
-                                   quota_left=msg.quota_left, files_left=msg.files_left),
+                                   quota_left=msg.quota_left, files_left=msg.files_left,
+                                   result_cap=int(self.cfg.get("result_cap_bytes", 8 << 20)),
+                                   results_cap=int(self.cfg.get("results_cap_bytes", 16 << 20))),
         )
         if not templates.get(msg.template).interpreter:
             outcome, usage = self._exec_module(msg, run)

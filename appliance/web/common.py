@@ -43,7 +43,7 @@ def query_int(name: str, default: int | None, lo: int, hi: int) -> int | None:
 
 
 def sse(run: Callable[[Callable[[int, bytes], None]], dict[str, Any]]) -> Response:
-    """Server-Sent Events: output as it is produced, then the result."""
+    """Server-Sent Events: output as it is produced, then the rich results, then the result."""
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
 
     def sink(fd: int, data: bytes) -> None:
@@ -68,6 +68,11 @@ def sse(run: Callable[[Callable[[int, bytes], None]], dict[str, Any]]) -> Respon
                 text = data.decode("utf-8", "replace")
                 yield "data: " + json.dumps({"type": "stdout" if fd == 1 else "stderr", "text": text}) + "\n\n"
             elif kind == "result":
+                # Rich results come back from the worker with the run's reply, so they are sent
+                # here, in order, just before the final event. They are "rich_result" events: the
+                # "result" type is the final answer, which clients already wait for.
+                for index, bundle in enumerate(payload.get("results") or []):
+                    yield "data: " + json.dumps({"type": "rich_result", "index": index, "result": bundle}) + "\n\n"
                 yield "data: " + json.dumps({"type": "result", **payload}) + "\n\n"
                 return
             else:

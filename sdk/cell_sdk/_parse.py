@@ -1,9 +1,9 @@
 """Turn a run's answer into E2B's ``Execution`` shape: the error the code
-raised (from the traceback the guest printed) and the value of the last
-expression (from what the guest's REPL echoed). Pure functions over strings."""
+raised (from the traceback the guest printed) and, for JavaScript only, the
+value of the last statement (from what its REPL echoed; Python runs carry
+their results in the answer). Pure functions over strings."""
 from __future__ import annotations
 
-import ast
 import re
 
 from cell_sdk.models import ExecutionError
@@ -78,64 +78,23 @@ def execution_error(template: str, status: str, exit_code: int, stderr: str, not
 _JS_NO_VALUE = re.compile(r"^(let|const|var|function|class|if|for|while|do|switch|try|return|throw|import|export)\b|^console\.|^[}\]]")
 
 
-def _python_tail_expression(code: str) -> tuple[bool, bool]:
-    """(ends in an expression that the REPL may echo, something before it may print)."""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError):
-        return False, True
-    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
-        return False, True
-    value = tree.body[-1].value
-    if isinstance(value, ast.Constant) and value.value is None:
-        return False, True
-    if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id in ("print", "exec", "help"):
-        return False, True
-    prints = any(
-        isinstance(node, ast.Call) and (
-            (isinstance(node.func, ast.Name) and node.func.id in ("print", "exec", "eval", "display", "help"))
-            or (isinstance(node.func, ast.Attribute) and node.func.attr in ("write", "writelines", "print", "show", "info", "display"))
-        )
-        for node in ast.walk(tree)
-    ) or any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) for node in tree.body)
-    return True, prints
+def main_js_result_text(code: str, stdout: str, status: str) -> str | None:
+    """The value of a JavaScript run's last statement, as its REPL echoed it.
 
-
-def main_result_text(template: str, code: str, stdout: str, status: str) -> str | None:
-    """The value of the code's last expression, as the guest's REPL echoed it.
-
-    The server runs the code unmodified (the receipt hashes it as sent) and
-    its REPL prints ``repr`` of a last bare expression to stdout, after any
-    output of the code itself, exactly as a Python or QuickJS prompt does. So:
-
-    * Python: ``ast`` says whether the code ends in an expression (not a
-      ``print(...)`` and not ``None``). If nothing in the code can print
-      (no print/write/display call, no function defined), all of stdout is
-      the echo, so multi-line reprs (arrays, DataFrames) come out whole;
-      otherwise the last line of stdout is taken.
-    * JavaScript: the last statement is judged by its first word (not a
-      declaration, loop, ``console.*`` or closing brace); the last line of
-      stdout is taken.
-
-    Limit, documented: an expression that itself prints and evaluates to
-    None/undefined (``f()`` where ``f`` prints) has its last printed line
-    reported as the result.
+    Python runs get their results from the server (MIME bundles, the main one
+    from the interpreter's display hook); a JavaScript run has none, and its
+    boot loop prints a last value that is not ``undefined`` after the code's
+    own output. The last statement is judged by its first word (not a
+    declaration, loop, ``console.*`` or closing brace) and the last line of
+    stdout is taken. Limit, documented: an expression that itself logs and
+    evaluates to undefined has its last logged line reported as the result.
     """
     if status != "ok" or not stdout.endswith("\n"):
         return None
-    if template == "python3":
-        ends_in_expr, may_print = _python_tail_expression(code)
-        if not ends_in_expr:
-            return None
-        if not may_print:
-            return stdout[:-1]
-        return stdout[:-1].rsplit("\n", 1)[-1]
-    if template == "javascript":
-        statements = [s.strip() for s in re.split(r"[;\n]", _strip_js_comments(code)) if s.strip()]
-        if not statements or _JS_NO_VALUE.match(statements[-1]) or "console." in statements[-1]:
-            return None
-        return stdout[:-1].rsplit("\n", 1)[-1]
-    return None
+    statements = [s.strip() for s in re.split(r"[;\n]", _strip_js_comments(code)) if s.strip()]
+    if not statements or _JS_NO_VALUE.match(statements[-1]) or "console." in statements[-1]:
+        return None
+    return stdout[:-1].rsplit("\n", 1)[-1]
 
 
 def _strip_js_comments(code: str) -> str:

@@ -43,29 +43,74 @@ class ExecutionError:
 
 @dataclass
 class Result:
-    """A displayed value. Cell guests print text only, so ``text`` is the one
-    format filled in; the other E2B format fields stay None."""
+    """One displayed value of a run, shaped like E2B's: the value of the last
+    bare expression (``is_main_result``), a ``display(obj)``, or a matplotlib
+    figure (``png``). The server returns each as a MIME bundle; Python runs
+    fill ``text`` and whichever of ``html``, ``markdown``, ``svg``, ``png``,
+    ``jpeg``, ``latex`` and ``json`` the object had (a DataFrame's records are
+    ``json`` and ``data``). JavaScript runs have only a main ``text``."""
 
     text: str | None = None
     html: str | None = None
     markdown: str | None = None
     svg: str | None = None
-    png: str | None = None
+    png: str | None = None  # base64, as E2B's
     jpeg: str | None = None
     pdf: str | None = None
     latex: str | None = None
-    json: dict[str, Any] | None = None
+    json: Any = None
     javascript: str | None = None
-    data: dict[str, Any] | None = None
+    data: Any = None
     chart: Any = None
     is_main_result: bool = False
     extra: dict[str, Any] | None = None
+
+    @classmethod
+    def from_bundle(cls, bundle: dict[str, Any]) -> Result:
+        """A result from one item of an answer's ``results`` (MIME type -> text)."""
+        def text(mime: str) -> str | None:
+            value = bundle.get(mime)
+            return value if isinstance(value, str) else None
+
+        parsed: Any = None
+        raw = text("application/json")
+        if raw is not None:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = None
+        return cls(text=text("text/plain"), html=text("text/html"), markdown=text("text/markdown"),
+                   svg=text("image/svg+xml"), png=text("image/png"), jpeg=text("image/jpeg"), latex=text("text/latex"),
+                   json=parsed, data=parsed if isinstance(parsed, (dict, list)) else None,
+                   is_main_result=bundle.get("is_main_result") is True)
 
     def formats(self) -> list[str]:
         return [name for name in _FORMATS if getattr(self, name) is not None]
 
     def __str__(self) -> str:
         return self.text or ""
+
+    # Shown as themselves in a notebook that holds an Execution's results.
+    def _repr_html_(self) -> str | None:
+        return self.html
+
+    def _repr_markdown_(self) -> str | None:
+        return self.markdown
+
+    def _repr_svg_(self) -> str | None:
+        return self.svg
+
+    def _repr_png_(self) -> str | None:
+        return self.png
+
+    def _repr_jpeg_(self) -> str | None:
+        return self.jpeg
+
+    def _repr_latex_(self) -> str | None:
+        return self.latex
+
+    def _repr_json_(self) -> Any:
+        return self.json
 
 
 @dataclass

@@ -201,10 +201,18 @@ class Sandbox:
             body["timeout_ms"] = _seconds_to_ms(timeout)
         wait = request_timeout or max(self._http.config.request_timeout, (timeout or RUN_CEILING_S) + 30.0)
         path = f"/v1/cells/{self.sandbox_id}/exec"
+        streamed = False
         if on_stdout is None and on_stderr is None:
             answer = self._http.request("POST", path, body=body, timeout=wait)
         else:
+            streamed = True
+
             def on_event(event: dict[str, Any]) -> None:
+                if event.get("type") == "rich_result":
+                    bundle = event.get("result")
+                    if on_result is not None and isinstance(bundle, dict):
+                        on_result(Result.from_bundle(bundle))
+                    return
                 text = str(event.get("text", ""))
                 is_err = event.get("type") == "stderr"
                 handler = on_stderr if is_err else on_stdout
@@ -216,7 +224,7 @@ class Sandbox:
             self._count += 1
             count = self._count
         execution = execution_from_answer(answer, self.template, code, count)
-        if on_result is not None:
+        if on_result is not None and not streamed:  # streamed: each was handed over as it arrived
             for result in execution.results:
                 on_result(result)
         if on_error is not None and execution.error is not None:
@@ -240,9 +248,11 @@ def execution_from_answer(answer: dict[str, Any], template: str, code: str | byt
     stdout, stderr = str(answer.get("stdout", "")), str(answer.get("stderr", ""))
     status, exit_code = str(answer.get("status", "")), int(answer.get("exit_code", 0))
     note = answer.get("note")
-    results: list[Result] = []
-    if isinstance(code, str):
-        text = _parse.main_result_text(template, code, stdout, status)
+    # The server's own results (MIME bundles). A JavaScript run has none, so its
+    # main result is still read from the REPL's echo (_parse.main_js_result_text).
+    results = [Result.from_bundle(b) for b in answer.get("results") or [] if isinstance(b, dict)]
+    if template == "javascript" and not results and isinstance(code, str):
+        text = _parse.main_js_result_text(code, stdout, status)
         if text is not None:
             results.append(Result(text=text, is_main_result=True))
     return Execution(

@@ -38,6 +38,9 @@ SAMPLES: list[Any] = [
     protocol.RunChunk(6, fd=2, data=b"\x00\x01err"),
     protocol.RunReply(7, outcome=protocol.RunOutcome(1, "error", "out\x00", "Traceback", True, False, True, "note",
                                                      [{"kind": "path", "detail": "x"}]), guest_ms=1.25, volume_usage=protocol.VolumeUsage(9, 2, True, True)),
+    protocol.RunReply(12, outcome=protocol.RunOutcome(
+        0, "ok", "", "", False, results=[protocol.ResultBundle({"text/plain": "2", "image/png": "iVBORw0K"}, True)],
+        results_truncated=True), guest_ms=2.0),
     protocol.ErrorReply(8, 403, "template_untrusted", "no", trace=None),
     protocol.OkReply(9, warm=True),
     protocol.StatsReply(10, sessions=1, warm={"python3": 2}, cache_hits=3, cache_misses=0),
@@ -50,6 +53,11 @@ def test_t_proto_1_every_message_round_trips(message: Any) -> None:
     requests = tuple(protocol.TO_WORKER.values())
     table = protocol.TO_WORKER if isinstance(message, requests) else protocol.FROM_WORKER
     assert protocol.decode(protocol.encode(message), table, MAX) == message
+
+
+def _outcome_frame(extra: bytes) -> bytes:
+    return (b'{"type": "result", "req_id": 1, "guest_ms": 1, "outcome": {"exit_code": 0, "status": "ok", '
+            b'"stdout": "", "stderr": "", "truncated": false, ' + extra + b"}}")
 
 
 HOSTILE_FRAMES: list[tuple[str, bytes]] = [
@@ -84,6 +92,15 @@ HOSTILE_FRAMES: list[tuple[str, bytes]] = [
      b'"status": "ok", "stdout": "", "stderr": "", "truncated": false}}'),
     ("denials_wrong_shape", b'{"type": "result", "req_id": 1, "guest_ms": 1, "outcome": {"exit_code": 0, "status": "ok", '
      b'"stdout": "", "stderr": "", "truncated": false, "denials": [{"a": 1}]}}'),
+    # rich results (T-DOS-1): a bundle is known MIME types -> text, at most MAX_RESULTS of them
+    ("result_unknown_mime", _outcome_frame(b'"results": [{"data": {"application/x-sh": "rm"}, "is_main_result": false}]')),
+    ("result_value_not_text", _outcome_frame(b'"results": [{"data": {"text/plain": 1}, "is_main_result": false}]')),
+    ("result_main_not_bool", _outcome_frame(b'"results": [{"data": {"text/plain": "x"}, "is_main_result": 1}]')),
+    ("result_extra_field", _outcome_frame(b'"results": [{"data": {}, "is_main_result": false, "path": "/etc"}]')),
+    ("results_not_list", _outcome_frame(b'"results": {"data": {}}')),
+    ("too_many_results", _outcome_frame(b'"results": [' + b",".join(
+        [b'{"data": {"text/plain": "x"}}'] * (protocol.MAX_RESULTS + 1)) + b"]")),
+    ("results_truncated_not_bool", _outcome_frame(b'"results_truncated": "yes"')),
     ("map_with_int_values", b'{"type": "stats", "req_id": 1, "sessions": 1, "warm": {"python3": "2"}, "cache_hits": 0, '
      b'"cache_misses": 0}'),
 ]
@@ -158,3 +175,13 @@ def test_t_proto_1_the_hostile_workers_baseline_frame_is_well_formed() -> None:
     # otherwise every row would be refused for the wrong reason.
     reply = protocol.decode(hostile_workers._result(5), protocol.FROM_WORKER, MAX)
     assert isinstance(reply, protocol.RunReply) and reply.outcome.stdout == "forged\n"
+
+
+def test_t_proto_1_t_dos_1_frame_cap_holds_the_worst_results_within_their_cap() -> None:
+    # Results at their total cap, every character escaped as \u00XX, with capped streams: still under the cap.
+    cap, results_cap = 1 << 12, 1 << 14
+    bundles = [protocol.ResultBundle({"text/html": "\x01" * (results_cap // protocol.MAX_RESULTS)})] * protocol.MAX_RESULTS
+    outcome = protocol.RunOutcome(0, "ok", "\x01" * cap, "\x01" * cap, False, results=bundles)
+    frame = protocol.encode(protocol.RunReply(1, outcome=outcome, guest_ms=1.0))
+    assert len(frame) <= protocol.max_frame_bytes(cap, results_cap)
+    assert protocol.decode(frame, protocol.FROM_WORKER, protocol.max_frame_bytes(cap, results_cap)) is not None

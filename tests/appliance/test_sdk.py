@@ -28,7 +28,8 @@ from cell_sdk import (
     SandboxNotFoundException,
 )
 from cell_sdk._http import parse_retry_after
-from cell_sdk._parse import js_error, main_result_text, python_error
+from cell_sdk._parse import js_error, main_js_result_text, python_error
+from cell_sdk.sandbox import execution_from_answer
 from tests.liveserver import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
@@ -236,11 +237,27 @@ def test_js_error_parse() -> None:
 
 
 @pytest.mark.parametrize(("code", "stdout", "text"), [
-    ("x", "1\n", "1"), ("x = 1", "", None), ("print(1)", "1\n", None), ("None", "", None),
-    ("print(1)\n2", "1\n2\n", "2"), ("1/0", "", None),
+    ("x", "1\n", "1"), ("let x = 1", "", None), ("console.log(1)", "1\n", None),
+    ("console.log(1); 2", "1\n2\n", "2"), ("}", "", None),
 ])
-def test_main_result_rules(code: str, stdout: str, text: str | None) -> None:
-    assert main_result_text("python3", code, stdout, "ok") == text
+def test_javascript_main_result_rules(code: str, stdout: str, text: str | None) -> None:
+    assert main_js_result_text(code, stdout, "ok") == text
+
+
+def test_python_results_come_from_the_answer_not_from_stdout() -> None:
+    # A Python run whose stdout looks like an echo but whose answer has no results: none are invented.
+    answer = {"stdout": "2\n", "stderr": "", "status": "ok", "exit_code": 0, "results": []}
+    assert execution_from_answer(answer, "python3", "1 + 1", 1).results == []
+    answer["results"] = [{"text/plain": "2", "is_main_result": True},
+                         {"text/plain": "<Figure>", "image/png": "iVBORw0K", "is_main_result": False},
+                         {"text/plain": "df", "text/html": "<table/>", "application/json": '[{"a": 1}]',
+                          "is_main_result": False}]
+    ex = execution_from_answer(answer, "python3", "1 + 1", 1)
+    main, chart, table = ex.results
+    assert ex.text == "2" and main.formats() == ["text"]
+    assert chart.png == "iVBORw0K" and chart.formats() == ["text", "png"] and not chart.is_main_result
+    assert table.html == "<table/>" and table.data == [{"a": 1}] and table.json == [{"a": 1}]
+    assert table.formats() == ["text", "html", "json"]
 
 
 def test_retry_after_forms() -> None:
@@ -301,7 +318,7 @@ class _Fake:
 
 CELL = {"cell_id": "c1-abc", "template": "python3", "created_at": 1, "timeout_ms": 1000, "status": "running"}
 RUN = {"execution_id": "e", "stdout": "2\n", "stderr": "", "exit_code": 0, "status": "ok", "latency_ms": 1.0,
-       "truncated": False, "receipt": {}}
+       "truncated": False, "receipt": {}, "results": [{"text/plain": "2", "is_main_result": True}]}
 BUSY = (503, {"error": "every worker is busy and the queue is full", "code": "busy"}, {"Retry-After": "0"})
 
 
