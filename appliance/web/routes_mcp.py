@@ -44,6 +44,7 @@ log = logging.getLogger("cell.mcp.server")
 bp = Blueprint("mcp", __name__)
 SESSION_HEADER = "Mcp-Session-Id"
 VERSION_HEADER = "MCP-Protocol-Version"
+SERVED = frozenset({"ping", "tools/list", "tools/call"})  # besides initialize
 SERVER_INFO = {"name": "cell", "title": "Cell code sandbox"}
 INSTRUCTIONS = ("Run Python or JavaScript in isolated, persistent sandboxes (cells) on an air-gapped appliance. "
                 "Use run_code; pass back the cell_id it returns to keep state. No network access.")
@@ -122,6 +123,11 @@ def mcp_post() -> Response:
         result = {"protocolVersion": version, "capabilities": {"tools": {"listChanged": False}},
                   "serverInfo": {**SERVER_INFO, "version": __version__}, "instructions": INSTRUCTIONS}
         return _rpc(rules.rpc_result(msg.id, result), headers={SESSION_HEADER: sid})
+    if msg.is_request and msg.method not in SERVED:
+        # Before the session check: a 2.x client's server/discover probe (the
+        # stateless revision, not served) learns it must use initialize.
+        assert msg.id is not None
+        return _rpc(rules.rpc_error(msg.id, rules.METHOD_NOT_FOUND, f"method {msg.method[:64]!r} is not offered"))
     sid = request.headers.get(SESSION_HEADER, "")
     if not sid:
         return _http_error(400, rules.INVALID_REQUEST, f"{SESSION_HEADER} header is required; call initialize first")

@@ -61,6 +61,20 @@ def test_mcp_lists_the_tools_with_schemas(live: ServerProcess) -> None:
     assert tools["run_code"].input_schema["required"] == ["code"]
 
 
+def test_mcp_high_level_client_in_auto_mode_falls_back_to_initialize(live: ServerProcess) -> None:
+    # mcp.Client probes server/discover (the stateless 2026-07-28 revision) first;
+    # the answer -32601 sends it to the initialize handshake this server speaks.
+    from mcp import Client
+
+    async def main() -> Any:
+        async with httpx_utils.create_mcp_http_client(headers={"Authorization": f"Bearer {live.api_key}"}) as http:
+            async with Client(streamable_http.streamable_http_client(live.url + "/mcp", http_client=http)) as client:
+                return await client.call_tool("run_code", {"code": "print(sum(range(10)))"})
+
+    result = anyio.run(main)
+    assert not result.is_error and result.structured_content["stdout"] == "45\n"
+
+
 def test_mcp_run_code_python_then_javascript_and_state_kept_by_cell_id(live: ServerProcess) -> None:
     async def body(session: Any) -> Any:
         first = await session.call_tool("run_code", {"code": "x = 6 * 7\nprint('hello from python')"})
