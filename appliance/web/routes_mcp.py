@@ -9,7 +9,10 @@ specification, and the SDK is used only as the client in the tests:
 * ``/mcp`` goes through the same guard as ``/v1`` (rate limit, bearer key,
   body bound, drain refusal), so no key is a 401 before anything here runs;
 * POST carries one JSON-RPC message; a request is answered with one
-  ``application/json`` body, a notification or response with 202;
+  ``application/json`` body, a notification or response with 202; a
+  ``run_code`` call carrying a ``progressToken`` from a client that accepts
+  ``text/event-stream`` is answered as SSE: output as progress notifications,
+  then the result;
 * ``initialize`` issues an ``Mcp-Session-Id`` bound to the tenant; every
   later POST must carry it (missing: 400, unknown/expired/another tenant's:
   404, after which a client initializes again); DELETE ends it; GET (no
@@ -24,10 +27,14 @@ The pure rules (message shapes, sessions, tool arguments) live in
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import logging
+import queue
+import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
@@ -139,6 +146,10 @@ def mcp_post() -> Response:
     if not msg.is_request:
         return Response(status=202)  # notifications/initialized, cancellations, responses: nothing to answer
     assert msg.id is not None
+    token = _progress_token(msg.params)
+    if (msg.method == "tools/call" and msg.params.get("name") == "run_code" and token is not None
+            and "text/event-stream" in request.headers.get("Accept", "")):
+        return _stream_run(msg.id, token, msg.params.get("arguments"))
     try:
         result = _dispatch(msg.method, msg.params)
     except RpcError as exc:
@@ -155,7 +166,10 @@ def _dispatch(method: str, params: dict[str, Any]) -> dict[str, Any]:
         name = params.get("name")
         if not isinstance(name, str):
             raise RpcError(rules.INVALID_PARAMS, "tools/call needs name (a string)")
-        return _call_tool(name, params.get("arguments"))
+        if name not in _TOOLS:
+            raise RpcError(rules.INVALID_PARAMS, f"unknown tool {name[:64]!r}")
+        g.mcp_tool = name  # the access log line names the tool
+        return _call_tool(_Ctx(g.tenant, services()), name, params.get("arguments"))
     raise RpcError(rules.METHOD_NOT_FOUND, f"method {method[:64]!r} is not offered")
 
 
@@ -168,14 +182,20 @@ def _text(text: str, *, error: bool = False, structured: dict[str, Any] | None =
     return out
 
 
-def _call_tool(name: str, arguments: Any) -> dict[str, Any]:
-    if name not in _TOOLS:
-        raise RpcError(rules.INVALID_PARAMS, f"unknown tool {name[:64]!r}")
+@dataclass
+class _Ctx:
+    """What a tool may use: the caller's tenant, the services, and for a
+    streamed run the sink of its output (tools may run off the request thread)."""
+    tenant: Any
+    svc: Any
+    on_chunk: Callable[[int, bytes], None] | None = None
+
+
+def _call_tool(ctx: _Ctx, name: str, arguments: Any) -> dict[str, Any]:
     started = time.perf_counter()
-    g.mcp_tool = name  # the access log line names the tool
     outcome = "ok"
     try:
-        result = _TOOLS[name](rules.tool_args(name, arguments))
+        result = _TOOLS[name](ctx, rules.tool_args(name, arguments))
         if result.get("isError"):
             outcome = "tool_error"
         return result
@@ -191,13 +211,57 @@ def _call_tool(name: str, arguments: Any) -> dict[str, Any]:
         return _text("internal: internal error", error=True)
     finally:
         # T-MCP-1 audit: who called which tool, how it ended; never the arguments.
-        log.info("mcp_tool tenant=%s tool=%s outcome=%s ms=%d", g.tenant.id, name, outcome,
+        log.info("mcp_tool tenant=%s tool=%s outcome=%s ms=%d", ctx.tenant.id, name, outcome,
                  int((time.perf_counter() - started) * 1000))
 
 
-def _run_code(args: dict[str, Any]) -> dict[str, Any]:
-    svc = services()
-    cells, tenant = svc.cells, g.tenant
+def _progress_token(params: dict[str, Any]) -> str | int | None:
+    meta = params.get("_meta")
+    token = meta.get("progressToken") if isinstance(meta, dict) else None
+    if isinstance(token, bool) or not isinstance(token, (str, int)):
+        return None
+    if isinstance(token, str) and len(token) > rules.MAX_ID or isinstance(token, int) and abs(token) > 2 ** 53:
+        return None  # T-MCP-1: an unusable token is ignored (the answer comes as plain JSON)
+    return token
+
+
+def _stream_run(msg_id: str | int, token: str | int, arguments: Any) -> Response:
+    """run_code answered as Server-Sent Events: the output as progress
+    notifications while the run goes, then the result (the client asked for
+    progress and accepts a stream)."""
+    g.mcp_tool = "run_code"
+    events: queue.Queue[tuple[str, Any]] = queue.Queue()
+
+    def sink(fd: int, data: bytes) -> None:
+        events.put(("chunk", (fd, data)))
+
+    ctx = _Ctx(g.tenant, services(), sink)
+    threading.Thread(target=lambda: events.put(("done", _call_tool(ctx, "run_code", arguments))),
+                     name="mcp-run", daemon=True).start()
+
+    def generate() -> Iterator[str]:
+        decoders = {fd: codecs.getincrementaldecoder("utf-8")("replace") for fd in (1, 2)}
+        sent = 0
+        while True:
+            kind, payload = events.get()
+            if kind == "done":
+                yield "event: message\ndata: " + json.dumps(rules.rpc_result(msg_id, payload)) + "\n\n"
+                return
+            fd, data = payload
+            text = decoders.get(fd, decoders[2]).decode(data)
+            if not text:
+                continue
+            sent += 1
+            note = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {
+                "progressToken": token, "progress": sent, "message": text if fd == 1 else "[stderr] " + text}}
+            yield "event: message\ndata: " + json.dumps(note) + "\n\n"
+
+    return Response(generate(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _run_code(ctx: _Ctx, args: dict[str, Any]) -> dict[str, Any]:
+    svc, tenant = ctx.svc, ctx.tenant
+    cells = svc.cells
     language = args.get("language")
     exec_req: dict[str, Any] = {"code": args["code"]}
     if language is not None:
@@ -212,7 +276,7 @@ def _run_code(args: dict[str, Any]) -> dict[str, Any]:
     else:
         run = validate.exec_body(exec_req, cells.cell(tenant, cell_id).template, svc.settings)
     answer = cells.exec_in_cell(tenant, cell_id, run["code"], run["is_text"], run["language"],
-                                timeout_ms=run["timeout_ms"])
+                                on_chunk=ctx.on_chunk, timeout_ms=run["timeout_ms"])
     return _run_result(answer, cell_id)
 
 
@@ -245,28 +309,30 @@ def _cell_summary(record: Any) -> dict[str, Any]:
     return public
 
 
-def _create_cell(args: dict[str, Any]) -> dict[str, Any]:
-    svc = services()
+def _create_cell(ctx: _Ctx, args: dict[str, Any]) -> dict[str, Any]:
+    svc = ctx.svc
     body: dict[str, Any] = {"template": rules.LANGUAGE_TEMPLATE[args.get("language") or "python"]}
     if "timeout_ms" in args:
         body["timeout_ms"] = args["timeout_ms"]
-    record = svc.cells.create(g.tenant, **validate.cell_create(body, svc.settings))
+    record = svc.cells.create(ctx.tenant, **validate.cell_create(body, svc.settings))
     cell = _cell_summary(record)
     return _text(f"created cell {record.id} ({record.template}); pass cell_id={record.id} to run_code", structured=cell)
 
 
-def _delete_cell(args: dict[str, Any]) -> dict[str, Any]:
-    services().cells.delete(g.tenant, args["cell_id"])
+def _delete_cell(ctx: _Ctx, args: dict[str, Any]) -> dict[str, Any]:
+    ctx.svc.cells.delete(ctx.tenant, args["cell_id"])
     return _text(f"deleted cell {args['cell_id']}", structured={"cell_id": args["cell_id"], "status": "deleted"})
 
 
-def _list_cells(_args: dict[str, Any]) -> dict[str, Any]:
-    cells = [_cell_summary(c) for c in services().store.list_cells(g.tenant.id)]
+def _list_cells(ctx: _Ctx, _args: dict[str, Any]) -> dict[str, Any]:
+    cells = [_cell_summary(c) for c in ctx.svc.store.list_cells(ctx.tenant.id)]
     text = "\n".join(f"{c['cell_id']} {c.get('template')}" for c in cells) or "no cells"
     return _text(text, structured={"cells": cells})
 
 
-def _read_file(args: dict[str, Any]) -> dict[str, Any]:
+# The file tools run on the request thread: the files routes' _volume reads
+# the tenant from the request (and is the same confinement, T-PATH-1/2).
+def _read_file(ctx: _Ctx, args: dict[str, Any]) -> dict[str, Any]:
     path = args["path"]
     with _volume(args["cell_id"]) as vol:
         entry = vol.stat(path)
@@ -282,19 +348,19 @@ def _read_file(args: dict[str, Any]) -> dict[str, Any]:
         return _text(encoded, structured={"path": path, "encoding": "base64", "size": len(data)})
 
 
-def _write_file(args: dict[str, Any]) -> dict[str, Any]:
-    cells = services().cells
+def _write_file(ctx: _Ctx, args: dict[str, Any]) -> dict[str, Any]:
+    cells = ctx.svc.cells
     path, data = validate.file_content({k: args[k] for k in ("path", "content", "encoding") if k in args})
-    record = cells.cell(g.tenant, args["cell_id"])
+    record = cells.cell(ctx.tenant, args["cell_id"])
     with _volume(record.id) as vol:
-        cells.check_quota(g.tenant, len(data), _new_entries(vol, path))  # T-DISK-1: quota and file count
+        cells.check_quota(ctx.tenant, len(data), _new_entries(vol, path))  # T-DISK-1: quota and file count
         vol.write_bytes(path, data, make_parents=True)
         entry = vol.stat(path).as_dict()
-        cells.quota.remeasure(g.tenant.id, record.id, vol)
+        cells.quota.remeasure(ctx.tenant.id, record.id, vol)
     return _text(f"wrote {len(data)} bytes to {path}", structured=entry)
 
 
-def _list_files(args: dict[str, Any]) -> dict[str, Any]:
+def _list_files(ctx: _Ctx, args: dict[str, Any]) -> dict[str, Any]:
     with _volume(args["cell_id"]) as vol:
         entries = [e.as_dict() for e in vol.list_dir(args.get("path", ""))]
     text = "\n".join(f"{e.get('type')} {e.get('path', e.get('name'))} {e.get('size', '')}".rstrip() for e in entries)

@@ -99,6 +99,26 @@ def test_mcp_run_code_python_then_javascript_and_state_kept_by_cell_id(live: Ser
     assert status == 200 and receipt["receipt_hash"] == sc["receipt_hash"]
 
 
+def test_mcp_run_code_streams_output_as_progress_when_asked(live: ServerProcess) -> None:
+    # With a progress callback the client sends a progressToken: the answer is an
+    # SSE stream, the output arriving as progress notifications before the result.
+    seen: list[tuple[float, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, message))
+
+    async def body(session: Any) -> Any:
+        return await session.call_tool("run_code", {"code": (
+            "import sys\nprint('first', flush=True)\nprint('oops', file=sys.stderr, flush=True)\n"
+            "print('last', flush=True)")}, progress_callback=on_progress)
+
+    result = _session_run(live, live.api_key, body)
+    assert not result.is_error and result.structured_content["stdout"] == "first\nlast\n"
+    streamed = "".join(m or "" for _, m in seen)
+    assert "first" in streamed and "last" in streamed and "[stderr] oops" in streamed, seen
+    assert [p for p, _ in seen] == sorted(p for p, _ in seen)  # progress only grows
+
+
 def test_mcp_guest_error_is_a_tool_error_with_stderr(live: ServerProcess) -> None:
     async def body(session: Any) -> Any:
         return await session.call_tool("run_code", {"code": "raise ValueError('boom')"})
