@@ -275,8 +275,13 @@ def _run_code(ctx: _Ctx, args: dict[str, Any]) -> dict[str, Any]:
         cell_id = cells.create(tenant, **validate.cell_create({"template": template}, svc.settings)).id
     else:
         run = validate.exec_body(exec_req, cells.cell(tenant, cell_id).template, svc.settings)
-    answer = cells.exec_in_cell(tenant, cell_id, run["code"], run["is_text"], run["language"],
-                                on_chunk=ctx.on_chunk, timeout_ms=run["timeout_ms"])
+    try:
+        answer = cells.exec_in_cell(tenant, cell_id, run["code"], run["is_text"], run["language"],
+                                    on_chunk=ctx.on_chunk, timeout_ms=run["timeout_ms"])
+    except CellError as exc:
+        if "cell_id" not in args:  # the model must learn the id of the cell it now holds
+            exc.message = f"{exc.message} (cell {cell_id} was created for this run; pass it as cell_id or delete it)"
+        raise
     return _run_result(answer, cell_id)
 
 

@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import anyio
+import mcp.client.session as mcp_client  # the official SDK (test extra, mcp==2.3.0)
+import mcp.client.streamable_http as streamable_http
+import mcp.shared._httpx_utils as httpx_utils
 import pytest
 
 from appliance.policy import mcp_server as rules
 from tests.liveserver import ServerProcess
 
 REPO = Path(__file__).resolve().parents[2]
-
-mcp_client = pytest.importorskip("mcp.client.session")
-streamable_http = pytest.importorskip("mcp.client.streamable_http")
-httpx_utils = pytest.importorskip("mcp.shared._httpx_utils")
 
 
 def _session_run(srv: ServerProcess, key: str | None, body: Callable[[Any], Awaitable[Any]]) -> Any:
