@@ -13,7 +13,7 @@ throws the corpus of tests/redteam_corpus.py at it:
             module, 10,000 tiny host calls: each ends in its limit, the server
             keeps answering; a JavaScript guest forging the end of its run
             gets no early answer and runs no instruction after its answer
-  tenants   another tenant's cells, files and receipts are 404
+  tenants   another tenant's cells, files and receipts are 404 (also as MCP tools)
   receipts  verify shows a tenant only its own receipts and is rate-limited
             under a flood; an export cut short or with a receipt moved to
             another cell or tenant fails the offline verifier
@@ -357,6 +357,36 @@ def tenants(srv: ServerProcess) -> None:
     record("tenants", all(r["execution_id"] != ran["execution_id"] for r in listing["receipts"]), "receipt listing is per tenant")
     status, _, _ = srv.request("GET", "/v1/cells", key=mallory + "x")
     record("tenants", status == 401, "tampered key refused")
+    _mcp_tenants(srv, mallory, cid)
+
+
+def _mcp_open(srv: ServerProcess, key: str | None = None) -> tuple[int, str]:
+    status, _, headers = srv.request("POST", "/mcp", {
+        "jsonrpc": "2.0", "id": 0, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "red", "version": "0"}}}, key=key)
+    return status, {k.lower(): v for k, v in headers.items()}.get("mcp-session-id", "")
+
+
+def _mcp_tenants(srv: ServerProcess, mallory: str, cid: str) -> None:
+    """T-MCP-1: the MCP endpoint is the same door as /v1 (key, tenant isolation)."""
+    for key in ("", mallory + "x"):
+        status, _ = _mcp_open(srv, key)
+        record("tenants", status == 401, f"/mcp initialize with key {key[:4]!r}... -> {status}")
+    _, victim_sid = _mcp_open(srv)
+    status, sid = _mcp_open(srv, mallory)
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    status, _, _ = srv.request("POST", "/mcp", ping, key=mallory, headers={"Mcp-Session-Id": victim_sid})
+    record("tenants", status == 404, f"/mcp: another tenant's session id -> {status}")
+    for tool, args in (("run_code", {"code": "print(secret)", "cell_id": cid}), ("read_file", {"cell_id": cid, "path": "x"}),
+                       ("write_file", {"cell_id": cid, "path": "x", "content": "y"}), ("list_files", {"cell_id": cid}),
+                       ("delete_cell", {"cell_id": cid})):
+        status, answer, _ = srv.request("POST", "/mcp", {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                                         "params": {"name": tool, "arguments": args}},
+                                        key=mallory, headers={"Mcp-Session-Id": sid})
+        result = answer.get("result", {}) if isinstance(answer, dict) else {}
+        text = json.dumps(answer)
+        record("tenants", status == 200 and result.get("isError") is True and "cell_not_found" in text
+               and "victim" not in text, f"/mcp {tool} on another tenant's cell -> {status} {text[:80]}")
 
 
 def _add_tenant(srv: ServerProcess, name: str) -> str:

@@ -80,6 +80,9 @@ def _error_code(response: Response) -> str | None:
         return None
     data = response.get_json(silent=True)
     code = data.get("code") if isinstance(data, dict) else None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):  # a JSON-RPC error from /mcp
+        detail = data["error"].get("data")
+        code = detail.get("code") if isinstance(detail, dict) else str(data["error"].get("code"))
     return code[:64] if isinstance(code, str) else None
 
 
@@ -127,6 +130,7 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
             bytes_out=response.content_length, remote_addr=request.remote_addr,
             execution_id=g.get("ops_execution_id"), receipt_seq=g.get("ops_receipt_seq"),
             error_code=_error_code(response),
+            **({"mcp_tool": g.mcp_tool} if "mcp_tool" in g else {}),
         )
         return response
 

@@ -4,7 +4,8 @@ Nothing is built at import time: ``create_app(services)`` receives the one
 object graph (``appliance.services``) and registers, in this order, the error
 renderer, the operations layer (its request-id hook must run before the
 guard, so a 401 or 429 carries an id too), the guard, and one blueprint per
-part of the API: status, cells and runs, files, receipts, and the mirror.
+part of the API: status, cells and runs, files, receipts, the MCP server
+(``/mcp``), and the mirror.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from flask import Flask
 
 from appliance.ops.web import register_ops
-from appliance.web import files, routes_cells, routes_receipts, routes_status
+from appliance.web import files, routes_cells, routes_mcp, routes_receipts, routes_status
 from appliance.web.errors import register_error_handlers
 from appliance.web.guard import BODY_REFUSED, install_guard
 
@@ -29,7 +30,7 @@ def create_app(services: Any) -> Flask:
     register_error_handlers(app, s.max_body_bytes)
     register_ops(app, services)  # logs, /metrics, /v1/openapi.json, request ids
     install_guard(app, services)
-    for blueprint in (routes_status.bp, routes_cells.bp, files.bp, routes_receipts.bp):
+    for blueprint in (routes_status.bp, routes_cells.bp, files.bp, routes_receipts.bp, routes_mcp.bp):
         app.register_blueprint(blueprint)
     if getattr(services, "mirror", None) is not None:
         from mirror.web import mirror_blueprint  # the mirror package sits beside the core; only when it serves

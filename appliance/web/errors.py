@@ -15,8 +15,17 @@ from appliance.web import compat
 log = logging.getLogger("cell.web")
 
 
+# JSON-RPC's range for server-defined errors: a refusal of the guard at /mcp
+# (401, 413, 429, 503) reaches an MCP client as a JSON-RPC error it can show.
+MCP_SERVER_ERROR = -32000
+
+
 def render(exc: CellError) -> Response:
-    resp = jsonify({"error": exc.message, "code": exc.code})
+    if request.path.startswith("/mcp"):
+        resp = jsonify({"jsonrpc": "2.0", "id": None, "error": {
+            "code": MCP_SERVER_ERROR, "message": f"{exc.code}: {exc.message}", "data": {"code": exc.code}}})
+    else:
+        resp = jsonify({"error": exc.message, "code": exc.code})
     resp.status_code = exc.status
     if exc.retry_after is not None:
         resp.headers["Retry-After"] = str(max(1, int(math.ceil(exc.retry_after))))

@@ -15,13 +15,17 @@ from appliance.policy.ratelimit import client_key
 # body (T-DOS-2); the value says why (too_large, unauthorized, ...).
 BODY_REFUSED = "cell.body_refused"
 
+# The authenticated API: /v1 and the MCP server at /mcp (T-MCP-1: the same
+# rate limit, key, body bound and rotation state as /v1).
+AUTHENTICATED = ("/v1", "/mcp")
+
 
 def install_guard(app: Flask, services: Any) -> None:
     s = services.settings
 
     @app.before_request
     def guard() -> None:
-        if not request.path.startswith(("/v1", "/mirror")):
+        if not request.path.startswith((*AUTHENTICATED, "/mirror")):
             return
         # T-DOS-2: rate limit per client (XFF only from trusted proxies).
         key = client_key(request.remote_addr or "", request.headers.get("X-Forwarded-For"), s.trusted_proxies)
@@ -29,7 +33,7 @@ def install_guard(app: Flask, services: Any) -> None:
         allowed, retry = services.limiter_for(rate).check(key, time.monotonic())
         if not allowed:
             raise RateLimited("too many requests", retry_after=max(1, int(math.ceil(retry))))
-        if not request.path.startswith("/v1"):
+        if not request.path.startswith(AUTHENTICATED):
             return  # the mirror is read-only and public to LAN peers
         if services.incident.is_set():
             raise Busy("this node is out of rotation for an incident investigation", code="incident", retry_after=60)
@@ -58,7 +62,7 @@ def install_guard(app: Flask, services: Any) -> None:
 
     @app.before_request
     def count_in() -> None:
-        if request.path.startswith("/v1"):
+        if request.path.startswith(AUTHENTICATED):
             g.counted = True
             services.begin_request()
 

@@ -7,7 +7,7 @@ could make the server spool ``max_request_body_size`` per connection. Here
 the decision is taken when the headers are complete, in waitress's own
 parser:
 
-* a body is read only for ``/v1`` requests that carry a valid API key and a
+* a body is read only for ``/v1`` and ``/mcp`` requests that carry a valid API key and a
   ``Content-Length`` within the limit (chunked bodies need the key too);
 * otherwise the request is handed to the app at once with no body, marked
   ``cell.body_refused`` in the WSGI environ and ``Connection: close``; the
@@ -44,7 +44,7 @@ from waitress.parser import HTTPRequestParser  # type: ignore[import-untyped]
 from waitress.server import BaseWSGIServer, create_server  # type: ignore[import-untyped]
 from waitress.task import ErrorTask, WSGITask  # type: ignore[import-untyped]
 
-from appliance.web.guard import BODY_REFUSED
+from appliance.web.guard import AUTHENTICATED, BODY_REFUSED
 
 log = logging.getLogger("cell.web")
 
@@ -64,8 +64,8 @@ def body_gate(services: Any) -> BodyGate:
     limit = int(services.settings.max_body_bytes)
 
     def gate(path: str, headers: dict[str, str], length: int | None) -> str | None:
-        if not path.startswith("/v1"):
-            return "no_body_here"  # no route outside /v1 takes a body
+        if not path.startswith(AUTHENTICATED):
+            return "no_body_here"  # no route outside /v1 and /mcp takes a body
         if length is not None and length > limit:
             return "too_large"  # T-DOS-2: refused by Content-Length, before reading
         auth = headers.get("AUTHORIZATION", "")

@@ -51,6 +51,16 @@ def test_t_dos_2_spoofed_forwarded_for_from_untrusted_peer_is_ignored(limited: S
     assert 429 in codes  # a new XFF per request does not buy a new bucket
 
 
+def test_t_mcp_1_rate_limit_covers_the_mcp_endpoint(limited: ServerProcess) -> None:
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}}
+    answers = [limited.request("POST", "/mcp", init) for _ in range(8)]
+    limited_answer = next((x for x in answers if x[0] == 429), None)
+    assert limited_answer is not None, [a[0] for a in answers]
+    _, body, headers = limited_answer
+    assert body["error"]["data"]["code"] == "rate_limited" and int(headers["Retry-After"]) >= 1
+
+
 def test_t_dos_2_full_queue_answers_503_not_500(narrow: ServerProcess) -> None:
     _, cell, _ = narrow.request("POST", "/v1/cells", {"template": "python3"})
     results: list[int] = []

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PURE = [
     "appliance.policy.paths", "appliance.policy.egress", "appliance.policy.bounds", "appliance.policy.ratelimit",
-    "appliance.policy.fairness", "appliance.receipts.v1", "appliance.receipts.merkle", "appliance.receipts.envelope",
+    "appliance.policy.fairness", "appliance.policy.mcp_server", "appliance.receipts.v1", "appliance.receipts.merkle", "appliance.receipts.envelope",
     "appliance.license.verify", "appliance.errors", "appliance.runtime.seccomp", "appliance.runtime.landlock",
 ]
 FORBIDDEN = {"flask", "werkzeug", "wasmtime", "textual", "sqlite3", "sqlite_utils", "socket", "ssl", "urllib.request", "tui"}

@@ -118,6 +118,12 @@ GATE_TABLE = [
     ("/v1/execute", {"AUTHORIZATION": "Basic Z29vZC1rZXk="}, 10, "unauthorized"),
     ("/v1/execute", {"AUTHORIZATION": "bearer good-key"}, 10, "unauthorized"),
     ("/v1/execute", {"AUTHORIZATION": "Bearer good-key" + " " * 600}, 10, "unauthorized"),
+    # T-MCP-1: the MCP endpoint takes bodies on the same terms as /v1.
+    ("/mcp", {"AUTHORIZATION": "Bearer good-key"}, 10, None),
+    ("/mcp", {"AUTHORIZATION": "Bearer good-key"}, LIMIT + 1, "too_large"),
+    ("/mcp", {}, 10, "unauthorized"),
+    ("/mcp", {}, None, "unauthorized"),
+    ("/mcp", {"AUTHORIZATION": "Bearer bad-key"}, 10, "unauthorized"),
     ("/healthz", {"AUTHORIZATION": "Bearer good-key"}, 10, "no_body_here"),
     ("/mirror/targets.json", {"AUTHORIZATION": "Bearer good-key"}, 10, "no_body_here"),
     ("/metrics", {}, 10, "no_body_here"),
