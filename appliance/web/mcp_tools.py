@@ -113,7 +113,31 @@ def _run_result(answer: dict[str, Any], cell_id: str) -> dict[str, Any]:
     if answer.get("note"):
         lines.append(f"note: {answer['note']}")
     lines.append(f"execution_id: {answer['execution_id']} receipt_hash: {receipt.get('receipt_hash')}")
-    return tool_text("\n".join(lines), error=answer["status"] != "ok", structured=structured)
+    out = tool_text("\n".join(lines), error=answer["status"] != "ok", structured=structured)
+    out["content"].extend(_rich_content(answer.get("results") or []))
+    return out
+
+
+# MIME types of a run's results shown to the model as text, in this order of preference.
+_TEXT_FORMATS = ("text/html", "application/json", "text/markdown", "text/latex", "image/svg+xml")
+
+
+def _rich_content(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run's rich results as MCP content: figures and images as image
+    content, the richest text form of everything else (the bundles were
+    checked and capped by the host already)."""
+    content: list[dict[str, Any]] = []
+    for bundle in results:
+        for mime in ("image/png", "image/jpeg"):
+            if isinstance(bundle.get(mime), str):
+                content.append({"type": "image", "data": bundle[mime], "mimeType": mime})
+                break
+        else:
+            text = next((bundle[m] for m in _TEXT_FORMATS if isinstance(bundle.get(m), str)), None)
+            if text is None:
+                continue  # plain text only: already in stdout
+            content.append({"type": "text", "text": text})
+    return content
 
 
 def _cell_summary(record: Any) -> dict[str, Any]:

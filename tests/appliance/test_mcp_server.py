@@ -4,8 +4,10 @@ isolation, no key), the transport's refusals over raw HTTP, and the pure rules
 (message shapes, tool arguments, sessions) as attack tables."""
 from __future__ import annotations
 
+import base64
 import json
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +98,22 @@ def test_mcp_run_code_python_then_javascript_and_state_kept_by_cell_id(live: Ser
     # The receipt is the one the HTTP API serves for this execution.
     status, receipt, _ = live.request("GET", f"/v1/receipts/{sc['execution_id']}")
     assert status == 200 and receipt["receipt_hash"] == sc["receipt_hash"]
+
+
+def test_mcp_run_code_returns_a_chart_as_image_content(live: ServerProcess) -> None:
+    async def body(session: Any) -> Any:
+        return await session.call_tool("run_code", {"code": (
+            "import matplotlib.pyplot as plt\nimport pandas as pd\n"
+            "plt.figure(figsize=(4, 3), dpi=50)\nplt.plot([1, 3, 2])\nplt.show()\npd.DataFrame({'a': [1, 2]})"),
+            "timeout_ms": 60000})
+
+    result = _session_run(live, live.api_key, body)
+    assert not result.is_error, _text(result)
+    images = [c for c in result.content if c.type == "image"]
+    assert len(images) == 1 and images[0].mime_type == "image/png"
+    png = base64.b64decode(images[0].data)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (200, 150)
+    assert "<table" in _text(result)  # the DataFrame's HTML form
 
 
 def test_mcp_run_code_streams_output_as_progress_when_asked(live: ServerProcess) -> None:
