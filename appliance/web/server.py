@@ -177,6 +177,18 @@ def _channel_class(gate: BodyGate) -> type:
             return bool(super().received(data))
 
         # All of the below run on waitress's I/O thread, like received().
+        def handle_close(self) -> None:
+            # A body half received when the client hung up: release its spool
+            # file now (T-DOS-2), not whenever the request object is collected.
+            request: Any = self.request
+            self.request = None
+            if request is not None:
+                try:
+                    request.close()
+                except Exception:
+                    log.exception("could not release a partly received body")
+            super().handle_close()
+
         def readable(self) -> bool:
             if self.discarding:
                 return not self.will_close and self._draining()
