@@ -180,7 +180,7 @@ def _channel_class(gate: BodyGate) -> type:
         def handle_close(self) -> None:
             # A body half received when the client hung up: release its spool
             # file now (T-DOS-2), not whenever the request object is collected.
-            request: Any = self.request
+            request: Any = getattr(self, "request", None)
             self.request = None
             if request is not None:
                 try:
