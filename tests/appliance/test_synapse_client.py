@@ -5,8 +5,10 @@ errors; then what Cell does with each create field and route of that client
 that it does not offer (docs/migrating-from-e2b.md lists them all)."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,18 @@ Cell, CellError, SandboxState = synapse_cell.Cell, synapse_cell.CellError, synap
 # drops it unclosed when that call raises (a refused create, an unknown cell):
 # its own leak, left as is because the client is tested unmodified.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::ResourceWarning")]
+
+
+@pytest.fixture(autouse=True)
+def _collect_the_clients_leaked_sockets() -> Iterator[None]:
+    """The original client leaves its socket open when its constructor or
+    connect() raises (its own bug, and it is used unmodified). Collect those
+    sockets here, where that warning is expected, instead of letting a later
+    test's garbage collection report them."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def test_the_pinned_client_is_the_one_tested() -> None:
