@@ -59,7 +59,8 @@ def test_fresh_data_dir_passes(tmp_path: Path) -> None:
     checks = run_checks(settings, ctx())
     assert exit_code(checks) == 0, [c.line() for c in checks]
     names = [c.name for c in checks]
-    assert names == ["data dir", "module cache", "openat2", "worker sandbox", "license", "registry", "resources", "clock"]
+    assert names == ["data dir", "module cache", "openat2", "worker sandbox", "license", "registry", "resources", "clock",
+                     "cluster"]
     assert all(c.level != FAIL for c in checks)
 
 
