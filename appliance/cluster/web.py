@@ -32,8 +32,6 @@ def token_matches(configured: str, header: str) -> bool:
 
 @bp.get(EXPORT_PATH)
 def export_receipts() -> Response:
-
-
     svc = services()
     configured = svc.settings.cluster_token
     if not configured:

@@ -112,11 +112,12 @@ def spawn(argv: list[str], env: dict[str, str] | None = None, cwd: Path = REPO) 
 
 
 class Cluster:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, names: tuple[str, ...] = NODES) -> None:
         self.tmp = tmp
+        self.names = names
         self.etcd_port, self.etcd_peer = free_port(), free_port()
         self.etcd_url = f"http://127.0.0.1:{self.etcd_port}"
-        self.ports = {n: free_port() for n in NODES}
+        self.ports = {n: free_port() for n in names}
         self.front_port = free_port()
         self.front = f"http://127.0.0.1:{self.front_port}"
         self.etcd: Proc | None = None
@@ -173,13 +174,21 @@ class Cluster:
 
     # -- HAProxy -----------------------------------------------------------
     def start_haproxy(self) -> None:
-        done = self.cell("n1", "cluster", "haproxy-config", "--bind", f"127.0.0.1:{self.front_port}")
+        done = self.cell(self.names[0], "cluster", "haproxy-config", "--bind", f"127.0.0.1:{self.front_port}")
         assert done.returncode == 0, done.stderr
         self.haproxy_cfg = done.stdout
         cfg = self.tmp / "haproxy.cfg"
         cfg.write_text(self.haproxy_cfg)
         self.haproxy = spawn(["haproxy", "-db", "-f", str(cfg)], cwd=self.tmp)
         wait_for("haproxy", lambda: http("GET", self.front + "/healthz", timeout=5)[0] == 200, timeout=30)
+
+    def start(self) -> None:
+        self.start_etcd()
+        for node in self.names:
+            self.start_node(node)
+        for node in self.names:
+            self.wait_node(node)
+        self.start_haproxy()
 
     def close(self) -> None:
         for proc in [self.haproxy, *self.nodes.values(), self.etcd]:
@@ -194,12 +203,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         pytest.fail(f"{', '.join(missing)} not installed: apt-get install -y haproxy etcd-server")
     c = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
-        c.start_etcd()
-        for node in NODES:
-            c.start_node(node)
-        for node in NODES:
-            c.wait_node(node)
-        c.start_haproxy()
+        c.start()
         yield c
     finally:
         c.close()
