@@ -103,6 +103,7 @@ class ClusterNode:
         self._lease = 0
         self._state = "up"
         self._registered = False
+        self._published = False
         self._etcd_ok = False
         self._error: str | None = "not yet in touch with etcd"
         self._last_sync: float | None = None
@@ -117,24 +118,33 @@ class ClusterNode:
         try:
             self._register()
             self._sync_tenants(publish=True)
+            self._published = True
             self._ok()
         except EtcdUnavailable as exc:
             self._failed(exc)
 
+    def _check_record(self, prefix: str, mine: policy.Member) -> bool:
+        """Whether etcd has a record for this id under ``prefix``; refuses one of another key."""
+        kv = self.etcd.get(prefix + mine.node_id)
+        if kv is None:
+            return False
+        try:
+            existing = policy.parse_member(kv.key, kv.value, prefix)
+        except policy.ClusterRecordError as exc:
+            raise ConfigError("SYNAPSE_NODE_ID", f"etcd holds an unreadable record for this node: {exc}") from None
+        conflict = policy.registration_conflict(existing, mine)
+        if conflict:
+            raise ConfigError("SYNAPSE_NODE_ID", conflict)
+        return True
+
     def _register(self) -> None:
         mine = me(self.settings, self.key_id, self.public_key, self._state)
-        for prefix in (policy.NODES, policy.MEMBERS):
-            kv = self.etcd.get(prefix + mine.node_id)
-            existing = None
-            if kv is not None:
-                try:
-                    existing = policy.parse_member(kv.key, kv.value, prefix)
-                except policy.ClusterRecordError as exc:
-                    raise ConfigError("SYNAPSE_NODE_ID", f"etcd holds an unreadable record for this node: {exc}") from None
-            conflict = policy.registration_conflict(existing, mine)
-            if conflict:
-                raise ConfigError("SYNAPSE_NODE_ID", conflict)
-        self.etcd.put(policy.NODES + mine.node_id, mine.to_json())
+        known = self._check_record(policy.NODES, mine)
+        self._check_record(policy.MEMBERS, mine)
+        if known:
+            self.etcd.put(policy.NODES + mine.node_id, mine.to_json())  # the address may have changed
+        elif not self.etcd.create(policy.NODES + mine.node_id, mine.to_json()):
+            self._check_record(policy.NODES, mine)  # two nodes started with one id at once: one key wins
         lease = self.etcd.grant(policy.LEASE_TTL_S)
         self.etcd.put(policy.MEMBERS + mine.node_id, mine.to_json(), lease=lease)
         with self._lock:
@@ -204,7 +214,8 @@ class ClusterNode:
                     last_renew = time.monotonic()
                     self._renew()
                     self._members = read_members(self.etcd)
-                self._sync_tenants()
+                self._sync_tenants(publish=not self._published)  # joined while etcd was down: publish now
+                self._published = True
                 self._ok()
             except EtcdUnavailable as exc:
                 self._failed(exc)

@@ -27,6 +27,10 @@ from typing import Any
 
 import pytest
 
+from appliance.cluster.node import ClusterNode
+from appliance.config import load_settings
+from appliance.errors import ConfigError
+from appliance.storage import Store
 from tests.liveserver import REPO, shared_cache
 
 pytestmark = pytest.mark.slow
@@ -372,6 +376,37 @@ def test_receipts_verify_cluster_checks_every_node(cluster: Cluster, cells: list
     report = json.loads(bad.stdout)
     assert not report["ok"] and [n["node_id"] for n in report["nodes"] if not n["ok"]] == list(NODES)
     assert all("HTTP 401" in n["first_problem"]["detail"] for n in report["nodes"])
+
+
+def test_t_cluster_2_a_node_id_belongs_to_one_node_key(cluster: Cluster, tmp_path: Path) -> None:
+    def node(node_id: str, public_key: str) -> tuple[ClusterNode, Store]:
+        settings = load_settings({"SYNAPSE_CONFIG_DIR": str(tmp_path), "SYNAPSE_ROOT": str(tmp_path / node_id),
+                                  "SYNAPSE_CLUSTER_ETCD": cluster.etcd_url, "SYNAPSE_NODE_ADDR": "127.0.0.1:9",
+                                  "SYNAPSE_NODE_ID": node_id})
+        store = Store(tmp_path / f"{node_id}.sqlite")
+        return ClusterNode(settings, store, "0123456789abcdef", public_key), store
+
+    impostor, store = node("n1", "ee" * 32)
+    with pytest.raises(ConfigError, match="another node key"):
+        impostor.join()
+    store.close()
+    newcomer, store = node("n9", "ee" * 32)
+    newcomer.join()
+    assert store.tenant_rows() != []  # it copied the cluster's tenants on joining
+
+    def states() -> dict[str, str]:
+        done = cluster.cell("n1", "cluster", "members", "--json")
+        return {r["node_id"]: r["state"] for r in json.loads(done.stdout)}
+
+    assert states()["n9"] == "up"
+    newcomer.close()
+    store.close()
+    assert states()["n9"] == "down"
+    refused = cluster.cell("n1", "cluster", "remove-node", "n1")
+    assert refused.returncode == 1 and "still a live member" in refused.stderr
+    removed = cluster.cell("n1", "cluster", "remove-node", "n9")
+    assert removed.returncode == 0, removed.stderr
+    assert "n9" not in states()
 
 
 def test_etcd_down_nodes_serve_known_tenants_and_refuse_changes(cluster: Cluster, tenant: TenantKey,
