@@ -131,6 +131,8 @@ def cmd_tenant(args: argparse.Namespace) -> int:
     prepare_root(settings)
     store = Store(settings.db_path)
     try:
+        if settings.clustered and args.tenant_cmd in ("add", "revoke"):
+            return _cluster_tenant(args, settings, store)
         if args.tenant_cmd == "add":
             tenant, key = store.add_tenant(args.name, now_ms())
             print(f"tenant {tenant.id} ({tenant.name}) created")
@@ -146,6 +148,28 @@ def cmd_tenant(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _cluster_tenant(args: argparse.Namespace, settings: Settings, store: Any) -> int:
+    """`cell tenant add|revoke` on a cluster node: the change goes through etcd (docs/cluster.md)."""
+    # start-up: as in cmd_tenant, only this command needs the cluster adapters
+    from appliance.cells import now_ms
+    from appliance.cluster.node import ClusterUnavailable, add_tenant, revoke_tenant
+
+    try:
+        if args.tenant_cmd == "add":
+            tenant, key = add_tenant(settings, store, args.name, now_ms())
+            print(f"tenant {tenant.id} ({tenant.name}) created for the whole cluster")
+            print(f"API key (shown once, store it now): {key}")
+            return 0
+        if not revoke_tenant(settings, store, args.tenant_id):
+            print(f"no tenant {args.tenant_id}", file=sys.stderr)
+            return 1
+        print(f"tenant {args.tenant_id} revoked on every node")
+        return 0
+    except ClusterUnavailable as exc:
+        print(f"cell tenant {args.tenant_cmd}: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live beside the core; the console (package ``tui``) plugs in
 # here by name only, so nothing in the appliance imports it.
-SUBCOMMANDS = ("appliance.status_cli", "appliance.receipts.cli", "appliance.license.cli", "appliance.ops.cli", "mirror.cli")
+SUBCOMMANDS = ("appliance.status_cli", "appliance.receipts.cli", "appliance.license.cli", "appliance.ops.cli", "mirror.cli",
+               "appliance.cluster.cli")
 CONSOLE = "tui.cli"
 
 

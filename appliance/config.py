@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from appliance.cluster.policy import ClusterRecordError, check_addr, check_endpoint, check_node_id
 from appliance.errors import ConfigError
 from appliance.policy.egress import parse_networks
 
@@ -80,6 +81,16 @@ class Settings:
     # T-ESCAPE-1: "required" refuses to start without Landlock and seccomp;
     # "off-unsafe" is the operator's explicit, logged override.
     worker_sandbox: str = "required"
+    # Cluster (docs/cluster.md): etcd client URLs and the HOST:PORT peers and
+    # HAProxy use for this node. Both empty: a standalone node.
+    cluster_etcd: tuple[str, ...] = ()
+    node_addr: str = ""
+    # Bearer token of the node-to-node routes (receipt exports for `verify --cluster`).
+    cluster_token: str = field(default="", repr=False)
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.cluster_etcd)
 
     @property
     def http_threads(self) -> int:
@@ -222,6 +233,23 @@ def _hostnames(key: str, raw: Any) -> tuple[str, ...]:
     return items
 
 
+def _endpoints(key: str, raw: Any) -> tuple[str, ...]:
+    try:
+        return tuple(check_endpoint(item) for item in _list(key, raw))
+    except ClusterRecordError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
+def _addr(key: str, raw: Any) -> str:
+    text = str(raw).strip()
+    if not text:
+        return ""
+    try:
+        return check_addr(text)
+    except ClusterRecordError as exc:
+        raise ConfigError(key, str(exc)) from None
+
+
 # field name -> (environment variable, toml key, parser)
 _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "root": ("SYNAPSE_ROOT", "root", _path),
@@ -266,6 +294,9 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "mcp_servers": ("SYNAPSE_MCP_SERVERS", "mcp_servers", _path),
     "worker_sandbox": ("SYNAPSE_WORKER_SANDBOX", "worker_sandbox", _choice("required", "off-unsafe")),
     "log_level": ("SYNAPSE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
+    "cluster_etcd": ("SYNAPSE_CLUSTER_ETCD", "cluster_etcd", _endpoints),
+    "node_addr": ("SYNAPSE_NODE_ADDR", "node_addr", _addr),
+    "cluster_token": ("SYNAPSE_CLUSTER_TOKEN", "cluster_token", _secret),
 }
 
 
@@ -334,6 +365,13 @@ def load_settings(
         raise ConfigError("SYNAPSE_MEMORY_MB", "is above SYNAPSE_MEMORY_CEILING_MB")
     if not settings.node_id:
         settings = replace(settings, node_id=_node_id(settings))
+    if settings.clustered:
+        if not settings.node_addr:
+            raise ConfigError("SYNAPSE_NODE_ADDR", "is required with SYNAPSE_CLUSTER_ETCD (the HOST:PORT peers and HAProxy use)")
+        try:
+            check_node_id(settings.node_id)
+        except ClusterRecordError as exc:
+            raise ConfigError("SYNAPSE_NODE_ID", str(exc)) from None
     return settings
 
 

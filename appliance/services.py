@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from appliance import __version__
 from appliance.cells import CellService, now_ms
+from appliance.cluster.node import ClusterNode
 from appliance.config import Settings, load_egress_hosts
 from appliance.license.manager import LicenseManager
 from appliance.license.verify import HOST_FUNCTION_FEATURES, Limits, config_limits
@@ -66,6 +67,8 @@ class Services:
     # T-DOS-2: GET /v1/receipts/verify has its own per-tenant budget.
     verify_limiter: TokenBucketLimiter = field(
         default_factory=lambda: TokenBucketLimiter(VERIFY_RATE_PER_S, VERIFY_BURST, max_keys=10_000))
+    # This node's membership and tenant copy when SYNAPSE_CLUSTER_ETCD is set (appliance/cluster/node.py).
+    cluster: ClusterNode | None = None
 
     def auditor(self) -> ReceiptAuditor:
         """The live receipt auditor (its thread starts on first use)."""
@@ -96,6 +99,7 @@ class Services:
             "worker_sandbox": self.pool.sandbox_status(),
             "receipts": self.receipts.count(),
             "registry": registry,
+            **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
 
     def reload_config(self) -> list[str]:
@@ -218,6 +222,8 @@ class Services:
         t = threading.Thread(target=loop, name="cell-maintenance", daemon=True)
         t.start()
         self._threads.append(t)
+        if self.cluster is not None:
+            self.cluster.start()
 
     def _checkpoint_if_grown(self) -> None:
         """A signed tree head at each interval, when the log grew (T-RCPT-1)."""
@@ -227,6 +233,8 @@ class Services:
 
     def close(self) -> None:
         self._stop.set()
+        if self.cluster is not None:
+            self.cluster.close()  # leave the cluster first: HAProxy and peers stop counting on this node
         for t in self._threads:
             t.join(timeout=3)
         self.pool.close()
@@ -303,6 +311,14 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
                         pro_features=pro_features)
     services = Services(settings, store, receipts, node_key, pool, cells, license=lic, mirror=mirror)
     cells.limits = services.limits
+    if settings.clustered:
+        services.cluster = ClusterNode(settings, store, node_key.key_id, node_key.public_key_hex,
+                                       draining=lambda: services.draining.is_set() or services.incident.is_set())
+        try:
+            services.cluster.join()  # refuses an id another node key holds (T-CLUSTER-2)
+        except BaseException:
+            services.close()
+            raise
     return services
 
 
@@ -312,8 +328,9 @@ def _registry_unavailable(_id: str) -> bool:
 
 
 def ensure_default_tenant(services: Services) -> str | None:
-    """Create a 'default' tenant on first start; return its key once, else None."""
-    if services.store.list_tenants():
+    """Create a 'default' tenant on first start; return its key once, else None.
+    A cluster node never does: tenants are the cluster's (`cell tenant add`)."""
+    if services.cluster is not None or services.store.list_tenants():
         return None
     _, key = services.store.add_tenant("default", now_ms(), tenant_id="default")
     return key

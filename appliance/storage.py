@@ -180,6 +180,21 @@ class Store:
         self._auth_cache.clear()
         return done
 
+    # -- the cluster's shared tenant table (appliance/cluster/node.py) ------
+    def tenant_rows(self) -> list[tuple[str, str, str, int, bool]]:
+        """(id, name, key_hash, created_at, revoked) of every tenant, for the cluster copy."""
+        rows = self._read("SELECT id, name, key_hash, created_at, revoked FROM tenants ORDER BY created_at")
+        return [(r[0], r[1], r[2], int(r[3]), bool(r[4])) for r in rows]
+
+    def put_tenant_row(self, tenant_id: str, name: str, key_hash: str, created_at: int, revoked: bool) -> None:
+        """Insert or update one tenant as the cluster has it. Revocation is
+        sticky: a revoked row never becomes active here (T-CLUSTER-1)."""
+        self._write("INSERT INTO tenants (id, name, key_hash, created_at, revoked) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT(id) DO UPDATE SET name = excluded.name, key_hash = excluded.key_hash,"
+                    " created_at = excluded.created_at, revoked = MAX(tenants.revoked, excluded.revoked)",
+                    (tenant_id, name, key_hash, created_at, int(revoked)))
+        self._auth_cache.clear()  # a key refused a moment ago may be valid now, and the reverse
+
     # -- cells -----------------------------------------------------------
     def add_cell(self, cell: CellRecord) -> None:
         self._write("INSERT INTO cells (id, tenant_id, template, created_at, timeout_ms, expires_at, persistent, metadata,"

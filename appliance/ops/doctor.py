@@ -308,8 +308,36 @@ def _last_receipt_ms(db: Path) -> int | None:
     return int(row[0]) if row and row[0] is not None else None
 
 
+def check_cluster(s: Settings, ctx: Context) -> Check:
+    """A cluster node: etcd answers, this node is registered and live (docs/cluster.md)."""
+    if not s.clustered:
+        return Check("cluster", OK, "standalone (SYNAPSE_CLUSTER_ETCD not set)")
+    # start-up: the etcd client is needed only on a cluster node
+    from appliance.cluster import policy
+    from appliance.cluster.etcd import Etcd, EtcdUnavailable
+    from appliance.cluster.registry import read_members
+
+    etcd = ctx.extra.get("etcd") or Etcd(s.cluster_etcd)
+    try:
+        nodes = read_members(etcd, policy.NODES)
+        live = read_members(etcd, policy.MEMBERS)
+    except EtcdUnavailable as exc:
+        return Check("cluster", FAIL, f"etcd unreachable ({str(exc)[:160]}): this node serves the tenants it knows "
+                     "and refuses changes (new tenants) until etcd answers",
+                     f"start etcd or fix SYNAPSE_CLUSTER_ETCD ({', '.join(s.cluster_etcd)})")
+    if not s.trusted_proxies:
+        return Check("cluster", WARN, "SYNAPSE_TRUSTED_PROXIES is empty: behind HAProxy every client shares one rate limit",
+                     "list HAProxy's address in SYNAPSE_TRUSTED_PROXIES")
+    members = ", ".join(f"{n}{'' if n in live else ' (down)'}" for n in sorted(nodes)) or "none"
+    if s.node_id not in live:
+        return Check("cluster", WARN, f"etcd answers; node {s.node_id} is not a live member (is `cell serve` running?); "
+                     f"nodes: {members}", "start the service (cell serve)")
+    return Check("cluster", OK, f"etcd answers; node {s.node_id} is live at {s.node_addr}; nodes: {members}")
+
+
 CHECKS: tuple[Callable[[Settings, Context], Check], ...] = (
     check_permissions, check_module_cache, check_openat2, check_worker_sandbox, check_license, check_registry, check_resources, check_clock,
+    check_cluster,
 )
 
 

@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     src = check.add_mutually_exclusive_group(required=True)
     src.add_argument("file", nargs="?", type=Path, help="an export written by `receipts export`")
     src.add_argument("--db", type=Path, help="a node database, opened read-only")
+    src.add_argument("--cluster", action="store_true",
+                     help="fetch every cluster node's export over the LAN and verify each (docs/cluster.md)")
     check.add_argument("--public-key", action="append", default=[], metavar="HEX",
                        help="trusted node public key (default for --db: this node's key)")
     check.add_argument("--checkpoint", action="append", default=[], type=Path, metavar="FILE",
@@ -65,6 +67,10 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify_cmd(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from appliance.cluster import receipts as cluster_receipts  # start-up: only `verify --cluster` needs it
+
+        return cluster_receipts.run(load_settings(), as_json=args.json)
     checkpoints = [str(p) for p in args.checkpoint]
     if args.file is not None:
         report = _verify.verify_export(args.file, public_keys=args.public_key or None, checkpoints=checkpoints)

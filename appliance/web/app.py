@@ -32,6 +32,10 @@ def create_app(services: Any) -> Flask:
     install_guard(app, services)
     for blueprint in (routes_status.bp, routes_cells.bp, files.bp, routes_receipts.bp, routes_mcp.bp):
         app.register_blueprint(blueprint)
+    if s.clustered:
+        from appliance.cluster.web import bp as cluster_bp  # layering: the cluster package only when clustered
+
+        app.register_blueprint(cluster_bp)
     if getattr(services, "mirror", None) is not None:
         from mirror.web import mirror_blueprint  # the mirror package sits beside the core; only when it serves
 

@@ -12,6 +12,8 @@ bp = Blueprint("status", __name__)
 def healthz() -> Response | tuple[Response, int]:
     if services().incident.is_set():
         return jsonify({"status": "incident"}), 503  # a proxy takes the node out of rotation
+    if services().draining.is_set():
+        return jsonify({"status": "draining"}), 503  # HAProxy stops sending new work before it closes
     return jsonify({"status": "ok"})
 
 

@@ -18,6 +18,7 @@ PURE = [
     "appliance.policy.paths", "appliance.policy.egress", "appliance.policy.bounds", "appliance.policy.ratelimit",
     "appliance.policy.fairness", "appliance.policy.mcp_server", "appliance.receipts.v1", "appliance.receipts.merkle", "appliance.receipts.envelope",
     "appliance.license.verify", "appliance.errors", "appliance.runtime.seccomp", "appliance.runtime.landlock",
+    "appliance.cluster.policy",
 ]
 FORBIDDEN = {"flask", "werkzeug", "wasmtime", "textual", "sqlite3", "sqlite_utils", "socket", "ssl", "urllib.request", "tui"}
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def test_fresh_data_dir_passes(tmp_path: Path) -> None:
     checks = run_checks(settings, ctx())
     assert exit_code(checks) == 0, [c.line() for c in checks]
     names = [c.name for c in checks]
-    assert names == ["data dir", "module cache", "openat2", "worker sandbox", "license", "registry", "resources", "clock"]
+    assert names == ["data dir", "module cache", "openat2", "worker sandbox", "license", "registry", "resources", "clock",
+                     "cluster"]
     assert all(c.level != FAIL for c in checks)
 
 
@@ -138,7 +140,7 @@ def test_cli_prints_one_line_per_check_and_exits_1(tmp_path: Path, monkeypatch: 
     code = args.func(args)
     out = capsys.readouterr().out.splitlines()
     assert code == 1
-    assert len(out) == 8 and out[0].startswith("[FAIL] data dir:") and "-- fix: chmod 700" in out[0]
+    assert len(out) == 9 and out[0].startswith("[FAIL] data dir:") and "-- fix: chmod 700" in out[0]
 
 
 @pytest.mark.parametrize("abi,mode,level", [(7, "required", "ok"), (0, "required", "fail"), (0, "off-unsafe", "warn"),
@@ -153,3 +155,15 @@ def test_t_escape_1_doctor_reports_the_worker_sandbox(tmp_path: Path, monkeypatc
     check = check_worker_sandbox(settings, ctx())
     assert check.level == level, check.line()
     assert f"Landlock ABI {abi}" in check.message and "worker network denied" in check.message
+
+
+def test_cluster_check_names_an_unreachable_etcd(tmp_path: Path) -> None:
+    # T-CLUSTER-1: a node without etcd says it serves known tenants and refuses changes.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once the block ends
+    settings = fresh_node(tmp_path / "node").with_overrides(
+        cluster_etcd=(f"http://127.0.0.1:{port}",), node_addr="127.0.0.1:8001", node_id="n1")
+    check = by_name(settings, ctx())["cluster"]
+    assert check.level == FAIL and "refuses changes" in check.message  # type: ignore[attr-defined]
+    assert f"127.0.0.1:{port}" in check.fix  # type: ignore[attr-defined]
