@@ -54,7 +54,7 @@ def dedent_python(code: bytes) -> bytes:
 NODE_MODULES = ("fs", "path", "process")
 _IDENT = r"[A-Za-z_$][\w$]*"
 _IMPORT = re.compile(
-    r"^(?P<indent>[ \t]*)import[ \t]+(?P<what>[^'\";]*?)[ \t\n]+from[ \t]+(?P<q>['\"])"
+    r"(?P<indent>(?:^|(?<=;))[ \t]*)import[ \t]+(?P<what>[^'\";]*?)[ \t\n]+from[ \t]+(?P<q>['\"])"
     r"(?P<mod>(?:node:)?(?:" + "|".join(NODE_MODULES) + r"))(?P=q)[ \t]*;?", re.M)
 _NAMED = re.compile(r"^(" + _IDENT + r")(?:\s+as\s+(" + _IDENT + r"))?$")
 
