@@ -5,6 +5,7 @@ for Node's habits (``process``, ``require('fs')``, ``import ... from 'fs'``).
 The host-side source rewrites are also checked as pure functions."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -82,7 +83,7 @@ def test_run_envs_not_in_the_receipt(py: Sandbox) -> None:
     ({f"K{i}": "v" for i in range(65)}, "too many"),
     (["A=1"], "not an object"),
 ])
-def test_run_envs_refused_T_DOS_1(live: ServerProcess, envs: Any, why: str) -> None:
+def test_t_env_1_run_envs_refused(live: ServerProcess, envs: Any, why: str) -> None:
     status, body, _ = live.request("POST", "/v1/cells", {"template": "python3"})
     cid = body["cell_id"]
     try:
@@ -90,6 +91,25 @@ def test_run_envs_refused_T_DOS_1(live: ServerProcess, envs: Any, why: str) -> N
         assert (status, body["code"]) == (400, "invalid_field"), why
     finally:
         live.request("DELETE", f"/v1/cells/{cid}")
+
+
+TRICKY_VALUES = ["'); import os; os._exit(3) #", '"); std.exit(3); ("', "a\nb\r\n\tc", "\\x00 \\u2028 \u2028 \u2029",
+                 "é ☃ 𝄞", "${process.exit()}", "`", "", " ", "'''", "}}); ({"]
+
+
+@pytest.mark.parametrize("template", ["python3", "javascript"])
+def test_t_env_1_run_env_values_are_data_never_code(live: ServerProcess, template: str) -> None:
+    """A value that looks like code in either language reaches the run verbatim
+    and runs nothing: the host passes values as JSON data, not as source."""
+    envs = {f"V{i:02d}": v for i, v in enumerate(TRICKY_VALUES)}
+    read = ("import os, json; print(json.dumps([os.environ[k] for k in sorted(os.environ) if k.startswith('V')]))"
+            if template == "python3" else
+            "console.log(JSON.stringify(Object.keys(process.env).filter(k => k[0] === 'V').sort().map(k => process.env[k])))")
+    with Sandbox(template, **opts(live)) as sbx:
+        ex = sbx.run_code(read, envs=envs)
+        assert ex.status == "ok", ex.stderr
+        assert json.loads(ex.stdout) == [envs[k] for k in sorted(envs)]
+        assert sbx.run_code("1 + 1").text == "2"  # the interpreter is still there
 
 
 # -- timeouts ----------------------------------------------------------------
@@ -128,7 +148,7 @@ KILL_CASES = [
 
 
 @pytest.mark.parametrize("template, code", KILL_CASES, ids=["py-sleep", "py-busy", "js-timer", "js-busy"])
-def test_kill_stops_the_run_in_flight_at_once(live: ServerProcess, template: str, code: str) -> None:
+def test_t_dos_1_kill_stops_the_run_in_flight_at_once(live: ServerProcess, template: str, code: str) -> None:
     sbx = Sandbox(template, **opts(live))
     started = threading.Event()
     caught: dict[str, Any] = {}
@@ -224,7 +244,7 @@ def test_node_imports_of_fs(js: Sandbox, imports: str, use: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "/data/../etc/passwd", "../../etc/hostname", "/tmp/x", "/"])
-def test_node_fs_outside_data_fails_like_the_guest_T_ESCAPE_1(js: Sandbox, path: str) -> None:
+def test_t_path_1_node_fs_outside_data_fails_like_the_guest(js: Sandbox, path: str) -> None:
     """fs is a layer over the guest's own WASI calls: outside the preopened
     /data nothing exists, for reading and for writing."""
     code = (f"const r = [];\nfor (const f of [() => require('fs').readFileSync({path!r}, 'utf8'),"
