@@ -112,6 +112,17 @@ def test_t_env_1_run_env_values_are_data_never_code(live: ServerProcess, templat
         assert sbx.run_code("1 + 1").text == "2"  # the interpreter is still there
 
 
+def test_t_env_1_run_envs_refused_for_wasm(live: ServerProcess) -> None:
+    status, body, _ = live.request("POST", "/v1/cells", {"template": "wasm"})
+    cid = body["cell_id"]
+    try:
+        wat = '(module (memory (export "memory") 1) (func (export "run") (result i32) i32.const 0))'
+        status, body, _ = live.request("POST", f"/v1/cells/{cid}/exec", {"code": wat, "envs": {"A": "x"}})
+        assert (status, body["code"]) == (400, "invalid_field")
+    finally:
+        live.request("DELETE", f"/v1/cells/{cid}")
+
+
 # -- timeouts ----------------------------------------------------------------
 def test_timeout_raises_with_the_execution_and_its_receipt(py: Sandbox) -> None:
     py.run_code("kept = 41")
@@ -133,9 +144,10 @@ def test_timeout_raises_with_the_execution_and_its_receipt(py: Sandbox) -> None:
 def test_javascript_timeout_while_waiting_keeps_the_variables(js: Sandbox) -> None:
     js.run_code("var kept = 41")
     with pytest.raises(TimeoutException) as info:
-        js.run_code("await new Promise(r => setTimeout(r, 60000))", timeout=0.5)
+        js.run_code("await new Promise(r => setTimeout(r, 60000))", timeout=0.5, envs={"A": "during"})
     assert info.value.execution is not None and info.value.execution.status == "timeout"
     assert js.run_code("kept + 1").text == "42"
+    assert js.run_code("process.env.A").text == "cell"  # the run's envs are gone after its timeout too
 
 
 # -- kill() during run_code ----------------------------------------------------
