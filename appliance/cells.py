@@ -5,6 +5,7 @@ and writes the receipt of every run before the answer leaves (docs/receipts.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -150,7 +151,20 @@ class CellService:
 
     def delete(self, tenant: Tenant, cell_id: str) -> None:
         record = self.cell(tenant, cell_id)
+        self._cancel_run(record)
         self._drop(record)
+
+    def _cancel_run(self, record: CellRecord) -> None:
+        """A run in flight in a cell being deleted is stopped now, not at its
+        own deadline; it is answered ``killed`` with its receipt, and says
+        ``cell_deleted``."""
+        with self._lock:
+            binding = self._bindings.get(record.id)
+        if binding is None:
+            return
+        handle = self.pool.worker(binding.worker)
+        if handle.generation == binding.generation:
+            self.pool.cancel(handle, record.id)
 
     def _drop(self, record: CellRecord) -> None:
         with self._lock:
@@ -288,11 +302,14 @@ class CellService:
                     del self._bindings[cell_id]
 
     def exec_in_cell(self, tenant: Tenant, cell_id: str, code: bytes, is_text: bool, language: str | None,
-                     on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None) -> dict[str, Any]:
+                     on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None,
+                     run_envs: dict[str, str] | None = None) -> dict[str, Any]:
         record = self.cell(tenant, cell_id)
         tmpl = templates.get(record.template)
         if language is not None and language not in tmpl.languages:
             raise BadRequest(f"this cell runs {record.template}, not {language!r}", code="language_mismatch")
+        if run_envs and not tmpl.interpreter:
+            raise BadRequest("envs: a wasm module gets no environment variables", code="invalid_field")
         with self._lock:
             if cell_id in self._lost:
                 # State is gone with the worker that held it; say so once.
@@ -319,6 +336,8 @@ class CellService:
             envs=record.envs, persistent=record.persistent, known_session=binding is not None, internet=record.internet,
             quota_left=allowance.bytes_left, files_left=allowance.files_left,
             volume_limit=self._volume_limit(tenant, cell_id, allowance))
+        if run_envs:
+            msg = dataclasses.replace(msg, run_envs=dict(run_envs))  # never logged: values may be secrets
         answer = self._run(handle, msg, tenant, cell_id, on_chunk)
         self._touch(record)
         return answer
@@ -438,6 +457,8 @@ class CellService:
             answer["note"] = outcome["note"]
         if outcome.get("denials"):
             answer["denials"] = outcome["denials"]
+        if outcome.get("cancelled"):
+            answer["cell_deleted"] = True  # stopped by DELETE of its cell (E2B: kill() during run_code)
         event = {"execution_id": execution_id, "tenant_id": tenant.id, "cell_id": cell_id, "template": template,
                  "status": outcome["status"], "exit_code": outcome["exit_code"], "latency_ms": latency_ms,
                  "guest_ms": guest_ms,

@@ -306,7 +306,7 @@ COVERAGE = [
     ("is_running()", "supported", ""),
     ("Sandbox.list(query, limit, next_token)", "differs", "returns a list of the tenant's cells; no query/paging"),
     ("run_code(code, language, on_stdout, on_stderr, on_result, on_error, timeout)", "differs",
-     "one language per sandbox; no contexts/envs per call; results text only"),
+     "one language per sandbox; no contexts; envs per call; a timeout raises TimeoutException"),
     ("Execution.logs / error / results / text / execution_count", "differs",
      "logs = exact stdout/stderr; results from the REPL echo; count is per SDK object"),
     ("files.read/write/list/exists/get_info/remove/rename/make_dir/write_files", "supported", "volume at /data"),

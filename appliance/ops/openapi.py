@@ -125,7 +125,11 @@ def _schemas() -> dict[str, Any]:
             "description": "Exactly one of code (text; WAT for wasm cells) or code_b64 (a wasm module).",
             "properties": {"code": {"oneOf": [{"type": "string"}, {"type": "object", "properties": {"code_b64": {"type": "string"}}}]},
                            "code_b64": {"type": "string", "contentEncoding": "base64"},
-                           "language": {"type": "string"}, "timeout_ms": {"type": "integer", "minimum": 10}},
+                           "language": {"type": "string"}, "timeout_ms": {"type": "integer", "minimum": 10},
+                           "envs": {**_STRING_MAP, "maxProperties": 64, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+                                    "description": "environment variables for this run only (Python, JavaScript), over "
+                                                   "the cell's own; not part of the receipt; a bad name or value is a "
+                                                   "400 invalid_field"}},
         },
         "Execute": {
             "type": "object", "additionalProperties": False,
@@ -153,6 +157,8 @@ def _schemas() -> dict[str, Any]:
                                       "additionalProperties": False}},
                 "results_truncated": {"type": "boolean"},
                 "cell_id": {"type": "string"}, "restarted": {"type": "boolean"}, "note": {"type": "string"},
+                "cell_deleted": {"const": True, "description": "the run was stopped (status killed) because its cell "
+                                 "was deleted while it ran"},
                 "denials": {"type": "array", "items": {"type": "object", "properties": {
                     "threat": {"type": "string"}, "function": {"type": "string"}, "reason": {"type": "string"}}}},
             },

@@ -25,6 +25,7 @@ class Outcome:
     denials: list[dict[str, str]] = field(default_factory=list)
     results: list[ResultBundle] = field(default_factory=list)  # rich results (rich.py): Python runs only
     results_truncated: bool = False
+    cancelled: bool = False  # stopped because its cell was deleted (worker.py, CancelRequest)
 
     def to_wire(self) -> dict[str, object]:
         return {
@@ -39,6 +40,7 @@ class Outcome:
             "denials": self.denials,
             "results": self.results,
             "results_truncated": self.results_truncated,
+            "cancelled": self.cancelled,
         }
 
 

@@ -546,6 +546,21 @@ class WorkerPool:
                 handle.pending.pop(req_id, None)
                 handle.running -= 1
 
+    def cancel(self, handle: WorkerHandle, cell_id: str) -> bool:
+        """Stop the run in flight in ``cell_id`` on ``handle``'s worker at once
+        (its cell is being deleted); returns once that run has ended. It takes
+        no lane and not the cell's lock, which the run it stops holds. False
+        when nothing was running there."""
+        with self._state_lock:
+            lock = self._cell_locks.get(cell_id)
+        if lock is None or not lock.locked():
+            return False
+        try:
+            reply = self._exchange(handle, protocol.CancelRequest(0, cell_id=cell_id), None, None)
+        except WorkerLost:
+            return False
+        return isinstance(reply, protocol.OkReply)
+
     def _replace(self, handle: WorkerHandle, why: str) -> None:
         """Kill a worker and start its replacement, once however many of its
         requests notice. Other runs on the killed worker are answered killed."""

@@ -92,11 +92,23 @@ class ExecRequest:
     files_left: int | None = None
     volume_limit: VolumeLimit | None = None
     stdin: bytes | None = None
+    # This run only, over the cell's own ``envs`` (E2B's ``run_code(envs=)``).
+    # Not in the receipt's v1 hash; values may be secrets: never logged.
+    run_envs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class DropRequest:
     TYPE: ClassVar[str] = "drop"
+    req_id: int
+    cell_id: str
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """Stop the run in flight in ``cell_id`` now (its cell is being deleted);
+    answered ``OkReply`` once that run has ended, or at once when none runs."""
+    TYPE: ClassVar[str] = "cancel"
     req_id: int
     cell_id: str
 
@@ -160,6 +172,7 @@ class RunOutcome:
     denials: list[dict[str, str]] = field(default_factory=list)
     results: list[ResultBundle] = field(default_factory=list)
     results_truncated: bool = False
+    cancelled: bool = False  # stopped by a CancelRequest (its cell was deleted)
 
     def __post_init__(self) -> None:
         if len(self.results) > MAX_RESULTS:  # T-DOS-1
@@ -239,10 +252,11 @@ class Pong:
     req_id: int
 
 
-Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest]
+Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest, CancelRequest]
 Reply = Union[Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong]
 
-TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest)}
+TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest,
+                                                      CancelRequest)}
 FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong)}
 
 

@@ -21,6 +21,7 @@ import wasmtime
 
 from appliance.runtime import command_channel, context, rich, scratch
 from appliance.runtime.js_boot import JS_BOOT
+from appliance.runtime.js_node import JS_NODE
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.command_channel import ChannelClosed, CommandChannel
 from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor
@@ -275,6 +276,12 @@ class JsSession:
         if not self.channel.wait_settled(10.0) or not self.channel.idle:
             self.close()
             raise RuntimeError(f"javascript session failed to start: {self._error or 'no boot loop'}")
+        # Node's habits (process, require('fs'), ...): js_node.py.
+        boot = self.run(JS_NODE.encode(), 10.0, 1 << 16, None, None)
+        if boot.status != "ok":
+            self.close()
+            raise RuntimeError(f"javascript session failed to start: {boot.stderr.strip()[-300:]}")
+        self.runs = 0
 
     def _main(self) -> None:
         command_channel.bind(self.channel)

@@ -35,7 +35,8 @@ SUB_SIZE = 48
 EVENT_SIZE = 32
 MAX_SUBSCRIPTIONS = 4096
 TAG_CLOCK = 0
-NO_CONTEXT_MAX_SLEEP = 1.0  # a guest outside any run should never be sleeping
+NO_CONTEXT_MAX_SLEEP = 1.0
+SLEEP_SLICE_S = 0.02  # how soon a sleeping guest notices that its run was stopped  # a guest outside any run should never be sleeping
 
 
 def _now_ns(clock_id: int) -> int | None:
@@ -70,6 +71,17 @@ def clock_time_get(caller: wasmtime.Caller, clock_id: int, _precision: int, out_
         return ERRNO_SUCCESS
     except Exception:
         return ERRNO_IO
+
+
+def _sleep(ctx: context.RunContext | None, seconds: float) -> None:
+    """Sleep in short slices, waking as soon as the run is stopped (its cell
+    was deleted: worker.py, CancelRequest), not only at its deadline."""
+    end = time.monotonic() + seconds
+    while True:
+        left = end - time.monotonic()
+        if left <= 0 or (ctx is not None and ctx.governor is not None and ctx.governor.remaining() <= 0):
+            return
+        time.sleep(min(SLEEP_SLICE_S, left))
 
 
 def poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr: int) -> int:
@@ -119,11 +131,11 @@ def poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int, 
             seconds = shortest / 1e9
             if seconds > budget:
                 # T-DOS-1: never sleep past the deadline; stop the guest instead.
-                time.sleep(max(0.0, budget))
+                _sleep(ctx, max(0.0, budget))
                 if ctx is not None:
                     ctx.governor.stop(STOP_TIMEOUT)
             elif seconds > 0:
-                time.sleep(seconds)
+                _sleep(ctx, seconds)
             fired = [(u, TAG_CLOCK) for w, u in waits if w == shortest]
         out = bytearray()
         for userdata, tag in fired:

@@ -22,7 +22,7 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +32,9 @@ import wasmtime
 from appliance.confine import ConfinementError, Volume, remove_tree
 from appliance.policy.egress import EgressPolicy, parse_networks
 from appliance.runtime.volume_watch import VolumeWatch
-from appliance.runtime import context, landlock, protocol, sandbox, scratch
+from appliance.runtime import code_prep, context, landlock, protocol, sandbox, scratch
+from appliance.runtime.governor import STOP_CANCEL
+from appliance.runtime.outcome import NO_EXIT, Outcome
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
 from appliance.runtime import templates
@@ -44,6 +46,10 @@ PR_SET_NO_NEW_PRIVS = 38
 # A request carries at most a 10 MB module or code body (base64) plus small fields.
 MAX_REQUEST_FRAME = 64 << 20
 STOP_DISK = "disk_limit"  # governor stop reason (reported as status killed, with a T-DISK-1 denial)
+CANCEL_REPEAT_S = 0.02  # a cancel stops the run again this often until it has ended
+CANCEL_WAIT_S = 5.0  # and answers after this long at most
+ENV_TURN_S = 1.0  # the most the turn setting a run's envs may take (out of the run's own limit)
+ENV_RESTORE_S = 0.25  # the turn putting the cell's envs back (within the supervisor's grace, T-DOS-1)
 
 
 def static_resolver(hosts: dict[str, list[str]]) -> Any:
@@ -116,6 +122,7 @@ class Worker:
         self.weights = _open_weights(config.get("weights_dir"))
         self.mcp = _open_mcp(config.get("mcp_servers"))
         self.disk_watch = VolumeWatch()
+        self.in_flight: dict[str, _InFlight] = {}  # cell -> its run now (CancelRequest); under _lock
         # Session classes are imported now: a confined worker cannot read code
         # outside its read-only set later (T-ESCAPE-1).
         self.session_classes: dict[str, Any] = {}
@@ -154,6 +161,9 @@ class Worker:
                     return  # only the supervisor writes here: a bad frame means it is gone or broken
                 with self._lock:
                     self._in_flight += 1
+                    if isinstance(request, protocol.ExecRequest) and request.cell_id is not None:
+                        # Known before its thread starts: a cancel that follows it on the pipe finds it.
+                        self.in_flight[request.cell_id] = _InFlight()
                 threading.Thread(target=self._serve_one, args=(request,), name="cell-request", daemon=True).start()
                 continue
             with self._lock:
@@ -173,6 +183,10 @@ class Worker:
         finally:
             with self._lock:
                 self._in_flight -= 1
+                flight = (self.in_flight.pop(request.cell_id, None)
+                          if isinstance(request, protocol.ExecRequest) and request.cell_id is not None else None)
+            if flight is not None:
+                flight.done.set()
 
     def answer(self, request: protocol.Request) -> Any:
         """Handle one request; every failure becomes an error reply."""
@@ -231,6 +245,8 @@ class Worker:
             return self._exec(request)
         if isinstance(request, protocol.BindRequest):
             return self._bind(request)
+        if isinstance(request, protocol.CancelRequest):
+            return self._cancel(request)
         if isinstance(request, protocol.DropRequest):
             session = self.sessions.pop(request.cell_id, None)
             if session is not None:
@@ -335,7 +351,7 @@ class Worker:
             session, path = warm
         try:
             with self._watch(msg, path, _governor_of(run.ctx, session)) as watch:
-                outcome = session.run(msg.code, run.timeout_s, run.cap, run.sink, run.ctx)
+                outcome = run_prepared(session, msg, run, None)
         finally:
             session.close()
             _discard(path)  # T-DOS-1: a deep scratch tree never turns a run into a 500
@@ -359,17 +375,39 @@ class Worker:
             session = self._new_session(msg.template, msg.volume, run.memory, msg.envs or None)
             self.sessions[cell_id] = session
             restarted = msg.known_session
+        with self._lock:
+            flight = self.in_flight.get(cell_id)
         with self._watch(msg, msg.volume, _governor_of(run.ctx, session)) as watch:
-            outcome = session.run(msg.code, run.timeout_s, run.cap, run.sink, run.ctx)
+            outcome = run_prepared(session, msg, run, flight)
         if not outcome.session_alive:
             session.close()
             self.sessions.pop(cell_id, None)
             outcome.note = "the interpreter was stopped; the next run in this cell starts a fresh one (files are kept)"
+        if flight is not None and flight.cancelled and outcome.status == "killed":
+            outcome.cancelled = True
+            outcome.note = "the run was stopped: its cell was deleted while it ran"
         _note_watch(outcome, watch)
         outcome.restarted = restarted
         if not msg.persistent and cell_id in self.sessions:
             self.sessions.pop(cell_id).close()
         return outcome, _volume_usage(msg.volume, msg)
+
+    def _cancel(self, msg: protocol.CancelRequest) -> protocol.OkReply:
+        """Stop the run in flight in a cell (it is being deleted) and answer once
+        it has ended. The stop is repeated until then: a turn that starts after
+        one stop arms its own deadline afresh (per-run envs take several turns)."""
+        with self._lock:
+            flight = self.in_flight.get(msg.cell_id)
+        if flight is None:
+            return protocol.OkReply(msg.req_id)
+        flight.cancelled = True
+        give_up = time.monotonic() + CANCEL_WAIT_S  # then the supervisor's own deadline applies (T-DOS-1)
+        while True:
+            gov = getattr(self.sessions.get(msg.cell_id), "governor", None)
+            if gov is not None:
+                gov.stop(STOP_CANCEL)
+            if flight.done.wait(CANCEL_REPEAT_S) or time.monotonic() > give_up:
+                return protocol.OkReply(msg.req_id)
 
     def _watch(self, msg: protocol.ExecRequest, volume: str, governor: Callable[[], Any]) -> Any:
         """Stop the guest when its volume crosses what the tenant may hold (T-DISK-1)."""
@@ -383,6 +421,48 @@ class Worker:
                 gov.stop(STOP_DISK)
 
         return self.disk_watch.watch(volume, limit.bytes, limit.entries, stop)
+
+
+@dataclass
+class _InFlight:
+    """A cell's run while it is in the worker: whether a cancel asked it to stop."""
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def run_prepared(session: Session, msg: protocol.ExecRequest, run: _RunParams, flight: _InFlight | None) -> Any:
+    """One run in an interpreter session, with the host's preparation of its
+    source (code_prep.py: Python's common indentation, Node's imports) and, when
+    the request has ``run_envs``, a turn that sets them before and one that puts
+    the cell's own back after, so they are seen by this run only. The setting
+    turn's time comes out of the run's own limit."""
+    python = "python" in templates.get(msg.template).languages
+    code = code_prep.dedent_python(msg.code) if python else code_prep.node_imports(msg.code)
+    language = "python" if python else "javascript"
+    if flight is not None and flight.cancelled:
+        return _killed(session)
+    if not msg.run_envs:
+        return session.run(code, run.timeout_s, run.cap, run.sink, run.ctx)
+    started = time.monotonic()
+    setup = session.run(code_prep.env_set(language, msg.run_envs), min(ENV_TURN_S, max(0.05, run.timeout_s / 4)),
+                        1 << 16, None, None)
+    if flight is not None and flight.cancelled:
+        return _killed(session)
+    if setup.status != "ok" or not session.alive:
+        setup.note = "the run's envs could not be set; the code did not run"
+        setup.session_alive = session.alive
+        return setup
+    left = max(0.01, run.timeout_s - (time.monotonic() - started))
+    outcome = session.run(code, left, run.cap, run.sink, run.ctx)
+    if session.alive and not (flight is not None and flight.cancelled):
+        restore = session.run(code_prep.env_restore(language), ENV_RESTORE_S, 1 << 16, None, None)
+        if restore.status != "ok" or not session.alive:
+            outcome.session_alive = False  # the cell's environment is unknown now: the caller drops the session
+    return outcome
+
+
+def _killed(session: Session) -> Outcome:
+    return Outcome(NO_EXIT, "killed", "", "", False, session_alive=session.alive)
 
 
 @dataclass

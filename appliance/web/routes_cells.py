@@ -80,7 +80,7 @@ def exec_cell(cell_id: str) -> Response:
     record = svc.cells.cell(g.tenant, cell_id)
     args = validate.exec_body(json_body(), record.template, svc.settings)
     return jsonify(svc.cells.exec_in_cell(g.tenant, cell_id, args["code"], args["is_text"], args["language"],
-                                          timeout_ms=args["timeout_ms"]))
+                                          timeout_ms=args["timeout_ms"], run_envs=args["envs"]))
 
 
 @bp.post("/v1/cells/<cell_id>/exec/stream")
@@ -91,7 +91,7 @@ def exec_stream(cell_id: str) -> Response:
     args = validate.exec_body(json_body(), record.template, svc.settings)
     tenant = g.tenant
     return sse(lambda sink: cells.exec_in_cell(tenant, cell_id, args["code"], args["is_text"], args["language"],
-                                               on_chunk=sink, timeout_ms=args["timeout_ms"]))
+                                               on_chunk=sink, timeout_ms=args["timeout_ms"], run_envs=args["envs"]))
 
 
 @bp.post("/v1/execute")

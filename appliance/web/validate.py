@@ -205,14 +205,27 @@ def code_of(body: dict[str, Any], tmpl: str) -> tuple[bytes, bool]:
     return data, not templates.get(tmpl).interpreter
 
 
+def run_envs(body: dict[str, Any]) -> dict[str, str]:
+    """An exec's own ``envs`` (E2B's ``run_code(envs=)``): the same rules as a
+    cell's, and each value must be valid UTF-8 text (no lone surrogate)."""
+    envs = string_map(body, "envs", ENV_NAME, MAX_ENVS)
+    for k, v in envs.items():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"envs.{k} is not valid UTF-8 text", code="invalid_field") from None
+    return envs
+
+
 def exec_body(body: dict[str, Any], tmpl: str, s: Settings) -> dict[str, Any]:
-    unknown_fields(body, {"code", "code_b64", "language", "timeout_ms"})
+    unknown_fields(body, {"code", "code_b64", "language", "timeout_ms", "envs"})
     language = body.get("language")
     if language is not None and not isinstance(language, str):
         raise BadRequest("language must be a string", code="invalid_field")
     code, is_text = code_of(body, tmpl)
     return {"code": code, "is_text": is_text, "language": language.lower() if language else None,
-            "timeout_ms": int_field(body, "timeout_ms", s.run_timeout_ms, 10, s.run_timeout_ceiling_ms)}
+            "timeout_ms": int_field(body, "timeout_ms", s.run_timeout_ms, 10, s.run_timeout_ceiling_ms),
+            "envs": run_envs(body)}
 
 
 def execute_body(body: dict[str, Any], s: Settings) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from cell_sdk.exceptions import (
     NotFoundException,
     RateLimitException,
     SandboxException,
+    SandboxKilledException,
     SandboxNotFoundException,
     ServerBusyException,
     TimeoutException,
@@ -36,6 +37,6 @@ from cell_sdk.sandbox import Sandbox
 __all__ = [
     "AuthenticationException", "CellClient", "CellLostException", "ConnectionConfig", "EntryInfo", "Execution",
     "ExecutionError", "FileType", "Filesystem", "InvalidArgumentException", "Logs", "NotFoundException",
-    "OutputMessage", "RateLimitException", "Result", "Sandbox", "SandboxException", "SandboxInfo",
+    "OutputMessage", "RateLimitException", "Result", "Sandbox", "SandboxException", "SandboxInfo", "SandboxKilledException",
     "SandboxNotFoundException", "ServerBusyException", "TimeoutException", "WriteInfo",
 ]

@@ -9,21 +9,31 @@ from typing import Any
 
 class SandboxException(Exception):
     """Base class. ``status`` is the HTTP status (0 when no answer came back),
-    ``code`` the server's machine code (``"cell_not_found"``, ``"busy"``, ...)."""
+    ``code`` the server's machine code (``"cell_not_found"``, ``"busy"``, ...).
+    ``execution`` is the run's ``Execution`` (with its receipt) when the run was
+    answered but ended in a way ``run_code`` raises for (a timeout, a kill)."""
 
-    def __init__(self, message: str, *, status: int = 0, code: str = "", body: Any = None) -> None:
+    def __init__(self, message: str, *, status: int = 0, code: str = "", body: Any = None,
+                 execution: Any = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
         self.body = body
+        self.execution = execution
+
+    @property
+    def receipt(self) -> dict[str, Any] | None:
+        """The receipt of the run this exception ends, if it was answered."""
+        return None if self.execution is None else dict(self.execution.receipt)
 
 
 class TimeoutException(SandboxException):
-    """No answer in time: the request timed out, or the connection failed.
-
-    A code run that was still in flight may or may not have run; the SDK never
-    sends it again."""
+    """A time limit passed. Either the run hit its own limit (``code``
+    ``"run_timeout"``; ``execution`` holds its ``Execution``, output so far and
+    receipt, as E2B's ``run_code`` raises it), or no HTTP answer came in time
+    (``code`` ``"request_timeout"``): a code run still in flight then may or may
+    not have run, and the SDK never sends it again."""
 
 
 class AuthenticationException(SandboxException):
@@ -52,6 +62,12 @@ class RateLimitException(SandboxException):
 
 class ServerBusyException(RateLimitException):
     """503 after the SDK's retries: every worker busy, or the node at its cell capacity."""
+
+
+class SandboxKilledException(SandboxException):
+    """The sandbox was killed (``kill()``, from any client) while this
+    ``run_code`` was in flight; the run was stopped at once. ``execution``
+    holds it (status ``killed``) and its receipt."""
 
 
 class CellLostException(SandboxException):

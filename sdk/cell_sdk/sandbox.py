@@ -12,7 +12,7 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from cell_sdk import _parse
 from cell_sdk._http import ConnectionConfig, Transport
-from cell_sdk.exceptions import InvalidArgumentException, NotFoundException
+from cell_sdk.exceptions import InvalidArgumentException, NotFoundException, SandboxKilledException, TimeoutException
 from cell_sdk.filesystem import Filesystem
 from cell_sdk.models import Execution, Logs, OutputMessage, Result, SandboxInfo
 
@@ -179,11 +179,16 @@ class Sandbox:
     def run_code(self, code: str | bytes, language: str | None = None, on_stdout: OutputHandler | None = None,
                  on_stderr: OutputHandler | None = None, on_result: Callable[[Result], Any] | None = None,
                  on_error: Callable[[Any], Any] | None = None, timeout: float | None = None,
-                 request_timeout: float | None = None) -> Execution:
+                 request_timeout: float | None = None, envs: dict[str, str] | None = None) -> Execution:
         """Run ``code`` in this cell; variables, imports and functions persist
         between calls. ``timeout`` (seconds) limits the run; a run that hits it
-        comes back with ``error.name == "TimeoutError"`` and a receipt.
+        raises ``TimeoutException`` whose ``execution`` holds the run and its
+        receipt (as E2B does). ``kill()`` of the sandbox meanwhile raises
+        ``SandboxKilledException``. ``envs`` are environment variables for this
+        run only, over the sandbox's own (``os.environ``, ``process.env``).
         ``on_stdout``/``on_stderr`` receive output as it arrives (SSE).
+        Python code indented as a whole (copied out of a block) runs as if
+        dedented; the receipt still hashes it as sent.
 
         ``bytes`` code is a binary Wasm module (``wasm`` cells only). The run is
         sent once: on a dropped connection it is never re-sent.
@@ -199,6 +204,8 @@ class Sandbox:
             body["language"] = language.lower()
         if timeout is not None and timeout > 0:
             body["timeout_ms"] = _seconds_to_ms(timeout)
+        if envs:
+            body["envs"] = dict(envs)
         wait = request_timeout or max(self._http.config.request_timeout, (timeout or RUN_CEILING_S) + 30.0)
         path = f"/v1/cells/{self.sandbox_id}/exec"
         streamed = False
@@ -224,6 +231,12 @@ class Sandbox:
             self._count += 1
             count = self._count
         execution = execution_from_answer(answer, self.template, code, count)
+        if answer.get("cell_deleted"):
+            raise SandboxKilledException(f"sandbox {self.sandbox_id} was killed while this run was in flight",
+                                         code="sandbox_killed", execution=execution)
+        if execution.status == "timeout":
+            raise TimeoutException(f"the run hit its time limit ({execution.note or 'timeout'})", code="run_timeout",
+                                   execution=execution)
         if on_result is not None and not streamed:  # streamed: each was handed over as it arrived
             for result in execution.results:
                 on_result(result)

@@ -26,6 +26,7 @@ from cell_sdk import (
     Sandbox,
     SandboxException,
     SandboxNotFoundException,
+    TimeoutException,
 )
 from cell_sdk._http import parse_retry_after
 from cell_sdk._parse import js_error, main_js_result_text, python_error
@@ -140,9 +141,12 @@ def test_streamed_message_type(sbx: Sandbox) -> None:
     assert msgs and isinstance(msgs[0], OutputMessage) and str(msgs[0]) == "3\n" and msgs[0].timestamp > 0
 
 
-def test_run_timeout_is_a_result_with_a_receipt(sbx: Sandbox) -> None:
-    ex = sbx.run_code("while True: pass", timeout=0.5)
-    assert ex.status == "timeout" and ex.error is not None and ex.error.name == "TimeoutError"
+def test_run_timeout_raises_with_its_execution_and_receipt(sbx: Sandbox) -> None:
+    # As E2B's run_code: a run that hits its limit raises; the run is still answered and receipted.
+    with pytest.raises(TimeoutException) as info:
+        sbx.run_code("while True: pass", timeout=0.5)
+    ex = info.value.execution
+    assert ex is not None and ex.status == "timeout" and ex.error is not None and ex.error.name == "TimeoutError"
     assert ex.receipt["execution_id"] == ex.execution_id
 
 
