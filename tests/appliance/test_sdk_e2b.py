@@ -286,3 +286,19 @@ def test_node_errors_and_what_is_left_out(js: Sandbox) -> None:
 ])
 def test_node_imports_rewrite(source: str, expected: str) -> None:
     assert code_prep.node_imports(source.encode()).decode() == expected
+
+
+@pytest.mark.parametrize("source", [
+    "import a from\n" * 700_000,          # a lazy clause before `from` once took 45 s on 112 KB of this
+    "import a from 'fs'" * 500_000,       # one tail after another
+    " " * 9_000_000 + "from 'fs'",        # a long run before a tail
+    "import a\n" * 1_000_000 + "from 'fs'",
+    ";import {" + "a," * 4_000_000 + "} from 'fs'",
+], ids=["lines", "tails", "spaces", "far-clause", "long-clause"])
+def test_t_dos_1_node_import_rewrite_is_linear_in_guest_source(source: str) -> None:
+    # The rewrite runs on the host before the guest's deadline is armed: about
+    # 9 MB of guest source must not keep a worker busy (bound is generous for a
+    # shared machine; the quadratic form needed hours at this size).
+    started = time.monotonic()
+    code_prep.node_imports(source.encode())
+    assert time.monotonic() - started < 5.0
