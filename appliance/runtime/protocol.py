@@ -133,7 +133,8 @@ class CallAnswer:
     denial: str | None = None
 
     def __post_init__(self) -> None:
-        if len(self.body) > MAX_CALL_BYTES or (self.code >= 0 and self.code != len(self.body)):
+        if len(self.body) > MAX_CALL_BYTES or (self.code >= 0 and self.code != len(self.body)) \
+                or (self.code < 0 and self.body):
             raise ProtocolError("call answer body does not match its code")
         if not -8 <= self.code <= MAX_CALL_BYTES:
             raise ProtocolError("call answer code out of range")
