@@ -29,6 +29,7 @@ worker's channel instead (:class:`protocol.FetchCall`,
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -92,6 +93,47 @@ def mcp_here(client: Any, raw: bytes, max_len: int, deadline: float, tenant_id: 
     return CallResult(len(out), bytes(out))
 
 
+class SendWatch:
+    """Kills a worker whose pipe does not take an answer by the run's limit
+    (T-DOS-1): a worker that stops reading cannot hold the supervisor's thread
+    in a blocked send. One thread per pool, woken every ``tick_s``; guarding a
+    send is a dictionary entry, so the common, quick send costs no thread."""
+
+    def __init__(self, tick_s: float = 0.25) -> None:
+        self._tick_s = tick_s
+        self._lock = threading.Lock()
+        self._items: dict[int, tuple[float, Callable[[], None]]] = {}
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+
+    def start(self, limit: float, kill: Callable[[], None]) -> int:
+        with self._lock:
+            token = next(self._ids)
+            self._items[token] = (limit, kill)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cell-broker-watch", daemon=True)
+                self._thread.start()
+        return token
+
+    def done(self, token: int) -> None:
+        with self._lock:
+            self._items.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._tick_s)
+            now = time.monotonic()
+            with self._lock:
+                due = [(t, kill) for t, (limit, kill) in self._items.items() if limit <= now]
+                for t, _ in due:
+                    del self._items[t]
+            for _, kill in due:
+                try:
+                    kill()
+                except Exception:
+                    pass
+
+
 @dataclass
 class _Grant:
     """What the supervisor sent with one run: the only thing a call may use."""
@@ -118,6 +160,7 @@ class Broker:
         self._grants: dict[int, _Grant] = {}
         self._mcp: Any = None
         self._mcp_lock = threading.Lock()
+        self.send_watch = SendWatch()
         # TEST-ONLY: keyword arguments for appliance.egress.fetch (a recording
         # connector, a hook admitting a loopback test server). Never set by the appliance.
         self.fetch_hooks: dict[str, Any] = {}

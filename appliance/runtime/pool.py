@@ -559,16 +559,14 @@ class WorkerPool:
         reading its pipe cannot hold this thread past the run's limit: the
         worker is killed then, which ends the send."""
         answer = protocol.encode(self.broker.serve(handle.generation, call))
-        watchdog = threading.Timer(max(0.0, limit - time.monotonic()), _kill_quietly, args=(handle,))
-        watchdog.daemon = True
-        watchdog.start()
+        token = self.broker.send_watch.start(limit, lambda: _kill_quietly(handle))
         try:
             with handle.send_lock:
                 handle.conn.send_bytes(answer)
         except (OSError, ValueError):
             pass  # the worker is gone: its reader reports it to this run
         finally:
-            watchdog.cancel()
+            self.broker.send_watch.done(token)
 
     def _replace(self, handle: WorkerHandle, why: str) -> None:
         """Kill a worker and start its replacement, once however many of its
