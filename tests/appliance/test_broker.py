@@ -254,3 +254,49 @@ def test_t_escape_3_fetch_through_the_frames_returns_the_body(hello_server: int)
     result = loop.fetch(f"http://cell-test.example.com:{hello_server}/x?y=1", 100, 5.0)
     assert (result.code, result.body) == (len(b"hello /x?y=1"), b"hello /x?y=1")
     assert loop.fetch(f"http://cell-test.example.com:{hello_server}/x?y=1", 3, 5.0).code == -5  # never truncated
+
+
+# -- a real pool: a confined worker's host_fetch, made by the supervisor -------------
+def test_t_escape_3_pooled_worker_fetches_through_the_supervisor(module_cache: None, tmp_path: Any,
+                                                                 hello_server: int) -> None:
+    from appliance.config import load_settings
+    from appliance.runtime import sandbox
+    from appliance.runtime.pool import WorkerPool
+    from tests import guests
+    from tests.liveserver import shared_cache
+
+    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"),
+                              "SYNAPSE_MODULE_CACHE": str(shared_cache()), "SYNAPSE_WORKERS": "1",
+                              "SYNAPSE_WARM_PYTHON": "0", "SYNAPSE_WARM_JAVASCRIPT": "0", "SYNAPSE_EGRESS": "on"})
+    for path in (settings.volumes_dir, settings.db_path.parent, settings.keys_dir):
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pool = WorkerPool(settings)
+    recorder: list[tuple[str, int]] = []
+
+    def connect(ip: str, port: int, timeout: float) -> socket.socket:
+        recorder.append((ip, port))
+        return socket.create_connection((ip, port), timeout=timeout)
+
+    # test-only: the supervisor may reach the loopback test server, and records every connect
+    pool.broker.fetch_hooks = {"address_check": admit_test_server, "own_addresses": own_but_test_server,
+                               "connector": connect}
+    pool.start()
+    try:
+        pid = pool.stats()["pids"][0]
+        assert sandbox.process_status(pid) == {"seccomp": 2, "no_new_privs": 1}  # no socket, no process: still fetches
+
+        def run(url: str) -> Any:
+            spec = egress_on({"cell-test.example.com": ["127.0.0.1"], "meta.attacker.example": ["169.254.169.254"]})
+            msg = protocol.ExecRequest(0, template="wasm", code=guests.fetch_probe(url).encode(), is_text=True,
+                                       timeout_ms=5000, memory_mb=64, tenant_id="t", egress=spec)
+            return pool.call(pool.worker(0), msg, deadline_s=5.0, tenant="t")
+
+        ok = run(f"http://cell-test.example.com:{hello_server}/pooled")
+        assert ok.outcome.exit_code == len(b"hello /pooled") and recorder == [("127.0.0.1", hello_server)]
+        denied = run("http://meta.attacker.example/latest/meta-data/")
+        assert denied.outcome.exit_code == -1
+        assert denied.outcome.denials == [{"threat": "T-SSRF-1", "function": "host_fetch", "reason": "denied_address"}]
+        assert len(recorder) == 1  # the denial came before any connection
+        assert pool.kills == 0 and pool.stats()["pids"][0] == pid
+    finally:
+        pool.close()
