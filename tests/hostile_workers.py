@@ -92,7 +92,8 @@ def frames(attack: str, req_id: int, config: dict[str, Any]) -> list[bytes]:
     if attack == "call_negative_max_len":
         return [_fetch(req_id, max_len=-1), _result(req_id)]
     if attack == "call_flood":
-        return [_fetch(req_id, call_id=i + 1) for i in range(64)] + [_result(req_id)]
+        # a URL the policy denies without connecting: only the flood itself is on trial
+        return [_fetch(req_id, url="http://169.254.169.254/", call_id=i + 1) for i in range(64)] + [_result(req_id)]
     if attack == "call_answer_to_supervisor":
         return [json.dumps({"type": "call_answer", "req_id": req_id, "call_id": 1, "code": 0, "body": ""}).encode()]
     if attack == "call_honest":
