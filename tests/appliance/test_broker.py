@@ -3,8 +3,9 @@ calls for its workers, bound to the run in flight, under that run's policy.
 
 Unit rows drive :class:`appliance.runtime.broker.Broker` directly with the
 frames a worker could send; a recording connector proves every refusal comes
-before any connection. The pool rows (hostile worker stand-ins, as in
-test_protocol.py) are in test_protocol.py.
+before any connection. The last row runs a real confined worker whose fetch
+the supervisor makes; the hostile-worker rows (a compromised worker's call
+frames against a real pool) are in test_protocol.py.
 """
 from __future__ import annotations
 
