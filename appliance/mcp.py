@@ -23,9 +23,10 @@ does the I/O and keeps these promises:
   :mod:`appliance.httpclient`, the bounded reader ``host_fetch`` uses too
   (head caps, strict framing, the deadline on every recv).
 * **Restarts are budgeted** (``RESTARTS`` per ``RESTART_WINDOW_S`` per server):
-  a guest calling a tool that crashes its server cannot turn the worker into
-  a fork loop.
-* **One process per server per worker**, started lazily; calls to one server
+  a guest calling a tool that crashes its server cannot turn the supervisor
+  into a fork loop.
+* **One process per server per node**, started lazily by the supervisor (the
+  broker, :mod:`appliance.runtime.broker`: workers start none); calls to one server
   are serialised by a lock acquired within the deadline.
 * **Every call is logged** with tenant, cell, server, tool, outcome, size and
   time; never the arguments or the result (they may hold customer data).
@@ -65,10 +66,12 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _bind_pdeathsig() -> Callable[[], None] | None:
-    """A preexec hook making the server die with the worker (resolved in the parent).
+    """A preexec hook making the server die with its parent (resolved in the parent).
 
-    A worker SIGKILLed by the supervisor (deadline + grace) must not leave a hung
-    server behind as an orphan; a server holding stdin open past EOF would. The
+    The parent is the supervisor (the broker); a killed service must not leave a
+    hung server behind as an orphan, and a server holding stdin open past EOF
+    would. (The signal follows the thread that started the server: a web thread
+    that ends takes its servers along, and they are restarted lazily.) The
     hook is one pre-bound libc call (no imports, no allocation of note after fork).
     """
     try:
@@ -456,7 +459,7 @@ def _id(value: str) -> str:
 
 
 class McpClient:
-    """One per worker process. Thread-safe; ``close`` kills every stdio server it started."""
+    """One per node, in the supervisor (the broker). Thread-safe; ``close`` kills every stdio server it started."""
 
     def __init__(self, config: McpConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config

@@ -118,10 +118,6 @@ class Services:
         changed_live = {k: getattr(new, k) for k in LIVE_SETTINGS if getattr(new, k) != getattr(old, k)}
         needs_restart = sorted(f.name for f in fields(old)
                                if f.name not in LIVE_SETTINGS and getattr(new, f.name) != getattr(old, f.name))
-        if "egress" in changed_live and new.egress == "on" and old.mcp_servers is None:
-            # T-ESCAPE-3: a worker's socket rule is fixed when it starts (until the host-call broker).
-            log.warning("config reload: egress is on, but workers already running keep sockets refused; "
-                        "host_fetch works in workers started from now on (restart the service to apply it everywhere)")
         if changed_live:
             updated = replace(old, **changed_live)
             self.settings = updated

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import socket
+import sys
 import threading
 from multiprocessing.connection import Connection
 from typing import Any, Callable
@@ -69,6 +70,23 @@ def _socket(family: int, kind: int) -> None:
         s.close()
 
 
+def _udp_send() -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.sendto(b"x", ("127.0.0.1", 9))
+    finally:
+        s.close()
+
+
+def _tcp_bind() -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+    finally:
+        s.close()
+
+
 def attempts(paths: dict[str, str]) -> dict[str, Callable[[], None]]:
     """Every attempt, by name; ``paths`` come from the test (the data root's files)."""
     sup = int(paths["supervisor_pid"])
@@ -87,11 +105,15 @@ def attempts(paths: dict[str, str]) -> dict[str, Callable[[], None]]:
         "read_supervisor_environ": lambda: _read(f"/proc/{sup}/environ"),
         "tcp_socket_to_loopback": lambda: _socket(socket.AF_INET, socket.SOCK_STREAM),
         "udp_socket": lambda: _socket(socket.AF_INET, socket.SOCK_DGRAM),
+        "udp_send_to_loopback": _udp_send,
+        "tcp_bind_loopback": _tcp_bind,
         "tcp6_socket": lambda: _socket(socket.AF_INET6, socket.SOCK_STREAM),
         "unix_socket": lambda: _socket(socket.AF_UNIX, socket.SOCK_STREAM),
         "signal_supervisor": lambda: os.kill(sup, 0),
         "fork": lambda: _fork(),
         "execve_bin_sh": lambda: os.execv("/bin/sh", ["/bin/sh", "-c", "true"]),
+        # what starting a stdio MCP server takes (the supervisor starts them: T-ESCAPE-3)
+        "execve_mcp_server": lambda: os.execv(sys.executable, [sys.executable, "-c", "pass"]),
         "ptrace_supervisor": lambda: _syscall("ptrace", PTRACE_ATTACH, sup, 0, 0),
         "process_vm_readv_supervisor": lambda: _syscall("process_vm_readv", sup, 0, 0, 0, 0, 0),
         "unshare_user_namespace": lambda: _syscall("unshare", CLONE_NEWUSER),
@@ -168,11 +190,14 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "read_supervisor_environ": ("errno", "EACCES"),
     "tcp_socket_to_loopback": ("errno", "EPERM"),
     "udp_socket": ("errno", "EPERM"),
+    "udp_send_to_loopback": ("errno", "EPERM"),
+    "tcp_bind_loopback": ("errno", "EPERM"),
     "tcp6_socket": ("errno", "EPERM"),
     "unix_socket": ("errno", "EPERM"),
     "signal_supervisor": ("errno", "EPERM"),
     "fork": ("errno", "EPERM"),
     "execve_bin_sh": ("signal", "SIGSYS"),
+    "execve_mcp_server": ("signal", "SIGSYS"),
     "ptrace_supervisor": ("signal", "SIGSYS"),
     "process_vm_readv_supervisor": ("signal", "SIGSYS"),
     "unshare_user_namespace": ("signal", "SIGSYS"),
@@ -181,6 +206,13 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "keyctl": ("signal", "SIGSYS"),
     "mount": ("signal", "SIGSYS"),
 }
+
+
+# T-ESCAPE-3: the rows a worker started with egress on and stdio MCP servers
+# configured must fail exactly as above (the supervisor's broker makes those calls).
+EGRESS_ON_ROWS = ["tcp_socket_to_loopback", "tcp_bind_loopback", "udp_socket", "udp_send_to_loopback", "tcp6_socket",
+                  "unix_socket", "fork", "execve_bin_sh", "execve_mcp_server", "read_node_key", "write_module_cache"]
+MCP_TABLE = '{"servers": {"fake": {"command": ["/bin/sh", "-c", "exit 0"], "tools": ["echo"]}}}'
 
 
 def prepare_root(root: Any, cache_dir: Any, env: dict[str, str] | None = None) -> tuple[Any, dict[str, str]]:

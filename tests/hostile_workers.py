@@ -40,6 +40,10 @@ def _result(req_id: int, **over: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+def _fetch(req_id: int, *, url: str = "http://8.8.8.8/", call_id: int = 1, max_len: int = 4096) -> bytes:
+    return json.dumps({"type": "fetch_call", "req_id": req_id, "call_id": call_id, "url": url, "max_len": max_len}).encode()
+
+
 def frames(attack: str, req_id: int, config: dict[str, Any]) -> list[bytes]:
     """The frames one attack sends in answer to request ``req_id``."""
     if attack == "pickle":
@@ -78,6 +82,22 @@ def frames(attack: str, req_id: int, config: dict[str, Any]) -> list[bytes]:
         return [chunk] * 8 + [_result(req_id)]
     if attack == "stale_flood":
         return [_result(req_id + 1000 + i) for i in range(64)] + [_result(req_id)]
+    # T-ESCAPE-3: host calls the broker must refuse (and replace the worker) before any connection
+    if attack == "call_not_in_flight":
+        return [_fetch(req_id + 1000), _result(req_id)]
+    if attack == "call_oversized_url":
+        return [_fetch(req_id, url="http://8.8.8.8/" + "a" * 100_000), _result(req_id)]
+    if attack == "call_bad_url":
+        return [_fetch(req_id, url="http://8.8.8.8/\r\nHost: 169.254.169.254"), _result(req_id)]
+    if attack == "call_negative_max_len":
+        return [_fetch(req_id, max_len=-1), _result(req_id)]
+    if attack == "call_flood":
+        # a URL the policy denies without connecting: only the flood itself is on trial
+        return [_fetch(req_id, url="http://169.254.169.254/", call_id=i + 1) for i in range(64)] + [_result(req_id)]
+    if attack == "call_answer_to_supervisor":
+        return [json.dumps({"type": "call_answer", "req_id": req_id, "call_id": 1, "code": 0, "body": ""}).encode()]
+    if attack == "call_honest":
+        return [_fetch(req_id)]  # the control row: the result follows the supervisor's answer
     raise ValueError(attack)
 
 
@@ -91,6 +111,11 @@ def hostile_worker(conn: Connection, config: dict[str, Any], *, attack: str, sen
         except (EOFError, OSError):
             return
         req_id = int(request.get("req_id", 0))
+        if request.get("type") == "call_answer":  # the supervisor answered a host call
+            if attack == "call_honest":
+                answer = _outcome(stdout=f"host call answered {request['code']}\n")
+                conn.send_bytes(_result(req_id, outcome=answer))
+            continue
         if request.get("type") != "exec":  # bind/drop: play along, the attack is on runs
             conn.send_bytes(protocol.encode(protocol.OkReply(req_id)))
             continue

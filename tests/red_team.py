@@ -710,10 +710,27 @@ def escape() -> None:
             record("escape", got == expected, f"{attempt}: {got}, expected {expected}")
     finally:
         pool.close()
+    # T-ESCAPE-3: egress on and a stdio MCP server configured change nothing for
+    # the worker (the supervisor's broker makes those calls).
+    base = Path(tempfile.mkdtemp(prefix="cell-escape-egress-"))
+    (base / "mcp.json").write_text(escaped_guest.MCP_TABLE)
+    settings, paths_ = escaped_guest.prepare_root(base / "root", shared_cache(),
+                                                  env={"SYNAPSE_EGRESS": "on", "SYNAPSE_MCP_SERVERS": str(base / "mcp.json")})
+    pool = WorkerPool(settings, target=functools.partial(escaped_guest.escaped_worker, paths=paths_))
+    pool.start()
+    try:
+        for attempt in escaped_guest.EGRESS_ON_ROWS:
+            got = escaped_guest.observe(pool, attempt)
+            expected = escaped_guest.EXPECTED[attempt]
+            record("escape", got == expected, f"egress+MCP on: {attempt}: {got}, expected {expected}")
+    finally:
+        pool.close()
 
 
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
+    # --only ssrf,escape: run just those families (the server still starts for server rows)
+    only = set(argv[argv.index("--only") + 1].split(",")) if "--only" in argv and argv.index("--only") + 1 < len(argv) else None
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
     own = own_address_hosts()
     hosts.write_text(json.dumps({**EGRESS_HOSTS, **own}))
@@ -731,6 +748,8 @@ def main(argv: list[str]) -> int:
                            ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),
                            ("incident", lambda: incident_snapshot(srv)),  # takes the node out of rotation: after every server row
                            ("escape", escape)):
+            if only is not None and family not in only:
+                continue
             t = time.monotonic()
             fn()
             print(f"  {family:9} pass {tally[family + ':pass']:4}  fail {tally[family + ':fail']:3}  ({time.monotonic() - t:.1f}s)")

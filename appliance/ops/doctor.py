@@ -155,7 +155,8 @@ def check_worker_sandbox(s: Settings, ctx: Context) -> Check:
     """T-ESCAPE-1/2: the second wall around workers (Landlock, seccomp, network)."""
     offered = sandbox.probe()
     abi, has_seccomp = offered["landlock_abi"], offered["seccomp"]
-    network = "allowed (egress or MCP on, until the host-call broker)" if s.egress == "on" or s.mcp_servers else "denied"
+    # T-ESCAPE-3: host_fetch and MCP go through the supervisor's broker, whatever the config
+    network = "denied (host_fetch and MCP go through the supervisor)"
     summary = (f"Landlock ABI {abi}{' (TCP rules)' if abi >= 4 else ''}{' (signal/socket scopes)' if abi >= 6 else ''}, "
                f"seccomp {'filter' if has_seccomp else 'unavailable'} ({offered['arch']}), worker network {network}, "
                f"mode {s.worker_sandbox}")

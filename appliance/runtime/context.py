@@ -26,6 +26,9 @@ class RunContext:
     weights: Any = None  # appliance.confine.Volume of SYNAPSE_ROOT/weights, for load_weights; Pro only
     mcp: Any = None  # appliance.mcp.McpClient of the worker, for host_mcp_call; Pro only
     resolver: Any = None  # static name map (SYNAPSE_EGRESS_HOSTS) instead of DNS, or None
+    # broker_client.RunCalls in a pooled worker: host_fetch / host_mcp_call go to
+    # the supervisor (T-ESCAPE-3). None: an in-process runner (tests) calls here.
+    broker: Any = None
     tenant_id: str = ""
     cell_id: str = ""
     result_cap: int = 8 << 20  # one rich result of a Python run, in bytes (rich.py; T-DOS-1)

@@ -8,7 +8,8 @@ Every function here is reachable by hostile code. Each one:
   the guest's memory before reading or writing (T-MEM-1);
 - caps transfers at 10,000,000 bytes (T-DOS-1);
 - resolves paths only through ``appliance.confine.Volume`` (T-PATH-1/2) and
-  URLs only through ``appliance.egress`` (T-SSRF-1/2).
+  URLs only through ``appliance.egress``, in the supervisor (T-SSRF-1/2,
+  the broker: T-ESCAPE-3).
 
 Return codes: bytes transferred (>= 0), or
   -1 denied by policy (traversal, symlink, special file, SSRF, egress off, license)
@@ -30,7 +31,6 @@ import wasmtime
 
 from appliance.confine import ConfinementError
 from appliance.policy.bounds import MAX_TRANSFER, span
-from appliance.policy.egress import EgressDenied
 from appliance.runtime import context
 
 DENIED, NOT_FOUND, INVALID, IO_ERROR, TOO_LARGE, OVER_QUOTA = -1, -2, -3, -4, -5, -8
@@ -131,19 +131,20 @@ def host_fetch(caller: wasmtime.Caller, url_ptr: int, url_len: int, buf_ptr: int
         buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)
         if url is None or buf is None:
             return INVALID
-        # start-up: the HTTP client loads ssl; a worker spawn pays for it only when a
-        # guest fetches (egress is off by default)
-        from appliance import egress
+        deadline_s = max(0.0, min(ctx.governor.remaining(), 60.0))
+        if ctx.broker is not None:
+            # A pooled worker has no network: the supervisor fetches under the
+            # run's policy (broker.py, T-ESCAPE-3) and answers at most buf[1] bytes.
+            result = ctx.broker.fetch(url, buf[1], deadline_s)
+        else:
+            from appliance.runtime.broker import fetch_here  # an in-process runner (no worker)
 
-        deadline = time.monotonic() + max(0.0, min(ctx.governor.remaining(), 60.0))
-        try:
-            result = egress.fetch(url, policy=ctx.egress, max_bytes=buf[1], deadline=deadline, resolver=ctx.resolver)
-        except EgressDenied as e:
-            ctx.deny("T-SSRF-1", "host_fetch", e.reason)
-            return DENIED
-        except egress.EgressError as e:
-            return TOO_LARGE if getattr(e, "reason", "") == "too_large" else IO_ERROR
-        body = result.body[: buf[1]]
+            result = fetch_here(url, ctx.egress, ctx.resolver, buf[1], time.monotonic() + deadline_s)
+        if result.code < 0:
+            if result.code == DENIED:
+                ctx.deny("T-SSRF-1", "host_fetch", result.denial or "denied")
+            return int(result.code)
+        body = bytes(result.body[: buf[1]])
         mem.write(caller, body, buf[0])
         return len(body)
     except Exception:

@@ -16,8 +16,9 @@ A worker, once confined, may
 * nothing else: not ``db/``, ``keys/``, the license, the config directory,
   ``mirror/``, other processes' ``/proc`` entries.
 
-With ABI >= 4 it may not bind any TCP port, and may not connect unless it
-needs the network (egress on or MCP configured, until the host-call broker);
+With ABI >= 4 it may not bind or connect any TCP port (``host_fetch`` and MCP
+are made by the supervisor's broker, T-ESCAPE-3; ``Rules.network`` stays a
+switch of this pure policy, and the pool never sets it);
 with ABI >= 6 it may not signal or reach the abstract UNIX sockets of any
 process outside its own sandbox (the supervisor included).
 """
@@ -87,7 +88,7 @@ class Rules:
     """Paths a confined worker may use, by kind of access."""
     read_only: tuple[str, ...]
     read_write: tuple[str, ...]
-    execute: tuple[str, ...] = ()  # read + execute (stdio MCP servers, until the broker)
+    execute: tuple[str, ...] = ()  # read + execute (a policy switch; a pooled worker gets none: T-ESCAPE-3)
     network: bool = False  # TCP connect allowed (binding never is)
     forbidden: tuple[str, ...] = field(default=())  # must stay out of every grant (checked)
 

@@ -30,9 +30,8 @@ from typing import Any, Callable, Union
 
 from appliance.config import Settings
 from appliance.errors import Busy, CellError, RateLimited
-from appliance.mcp import load_config
 from appliance.policy.fairness import FairShare, Ticket
-from appliance.runtime import protocol, sandbox, templates
+from appliance.runtime import broker, protocol, sandbox, templates
 from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
 from appliance.runtime.protocol import ProtocolError, Reply, Request
 from appliance.runtime.worker import worker_main
@@ -125,17 +124,13 @@ class _WorkerProcess(SpawnProcess):
 
 
 def sandbox_config(settings: Settings) -> dict[str, Any]:
-    """What a worker needs to confine itself (T-ESCAPE-1..4); the rw volume set is a parameter."""
-    network = settings.egress == "on" or settings.mcp_servers is not None
-    commands: list[list[str]] = []
-    if settings.mcp_servers is not None:
-        commands = [list(s.command) for s in load_config(settings.mcp_servers).servers.values() if s.transport == "stdio"]
+    """What a worker needs to confine itself (T-ESCAPE-1..4); the rw volume set is a parameter.
+    No network and no process creation whatever the config: host_fetch and MCP
+    go through the supervisor's broker (T-ESCAPE-3)."""
     forbidden = [settings.db_path.parent, settings.keys_dir, settings.config_dir, settings.license_path,
                  settings.mirror_dir]
     return {
         "mode": settings.worker_sandbox,
-        "network": network,  # until the host-call broker: host_fetch / MCP over the network
-        "mcp_commands": commands,  # until the broker: stdio MCP servers started by the worker
         "volume_set": [str(settings.volumes_dir)],  # today all volumes; one tenant's dir with tenant-bound workers
         "forbidden": [str(p) for p in forbidden],
     }
@@ -199,7 +194,8 @@ class WorkerPool:
         self.kills = 0
         self.progress = progress
         self.closed = False
-        self._sandbox_in_force: dict[str, Any] = {"network": False, "mcp_commands": [], "volume_set": []}
+        self._sandbox_in_force: dict[str, Any] = {"volume_set": []}
+        self.broker = broker.Broker(settings)  # host calls made for workers (T-ESCAPE-3)
 
     # -- lifecycle -------------------------------------------------------
     def _config(self, index: int) -> dict[str, Any]:
@@ -275,6 +271,11 @@ class WorkerPool:
                 break
             except Exception:  # EOF or an oversized frame: the worker is gone or not to be trusted
                 break
+            if isinstance(reply, protocol.HOST_CALLS):
+                refusal = self.broker.admit(handle.generation, reply)  # T-ESCAPE-3: only the run in flight here
+                if refusal is not None:
+                    verdict = _Violation(refusal)
+                    break
             with handle.state_lock:
                 waiter = (None if isinstance(reply, protocol.Ready) or reply.req_id is None
                           else handle.pending.get(reply.req_id))
@@ -335,6 +336,7 @@ class WorkerPool:
 
     def close(self) -> None:
         self.closed = True
+        self.broker.shutdown()  # the stdio MCP servers it started
         for handle in self._workers:
             try:
                 handle.conn.close()
@@ -388,8 +390,8 @@ class WorkerPool:
             "mode": self.settings.worker_sandbox,
             "landlock_abi": offered["landlock_abi"],
             "seccomp": offered["seccomp"],
-            "network": "allowed" if box["network"] else "denied",
-            "process_spawn": bool(box["mcp_commands"]),
+            "network": "denied",  # every worker: host_fetch / MCP through the broker (T-ESCAPE-3)
+            "process_spawn": False,
             "volume_set": box["volume_set"],
             "workers": [{"pid": w.process.pid, **sandbox.process_status(w.process.pid)} for w in self._workers],
         }
@@ -511,6 +513,7 @@ class WorkerPool:
         # What an honest worker can stream: each stream up to its cap
         # (T-PROTO-1: more is a violation).
         chunk_budget = 2 * self.settings.output_cap_bytes + (1 << 16)
+        self.broker.open(handle.generation, req_id, msg, deadline_s)  # what this run's host calls may use
         try:
             try:
                 frame = protocol.encode(dataclasses.replace(msg, req_id=req_id))
@@ -540,8 +543,12 @@ class WorkerPool:
                     if on_chunk is not None:
                         on_chunk(reply.fd, reply.data)
                     continue
+                if isinstance(reply, protocol.HOST_CALLS):
+                    self._answer_call(handle, reply, limit)  # admitted by the reader (T-ESCAPE-3)
+                    continue
                 return reply
         finally:
+            self.broker.close(req_id)
             with handle.state_lock:
                 handle.pending.pop(req_id, None)
                 handle.running -= 1
@@ -560,6 +567,21 @@ class WorkerPool:
         except WorkerLost:
             return False
         return isinstance(reply, protocol.OkReply)
+
+    # -- the host-call broker (T-ESCAPE-3; the logic is in broker.py) ---------
+    def _answer_call(self, handle: WorkerHandle, call: protocol.HostCall, limit: float) -> None:
+        """Make a worker's host call and send the answer. A worker that stops
+        reading its pipe cannot hold this thread past the run's limit: the
+        worker is killed then, which ends the send."""
+        answer = protocol.encode(self.broker.serve(handle.generation, call))
+        token = self.broker.send_watch.start(limit, lambda: _kill_quietly(handle))
+        try:
+            with handle.send_lock:
+                handle.conn.send_bytes(answer)
+        except (OSError, ValueError):
+            pass  # the worker is gone: its reader reports it to this run
+        finally:
+            self.broker.send_watch.done(token)
 
     def _replace(self, handle: WorkerHandle, why: str) -> None:
         """Kill a worker and start its replacement, once however many of its
@@ -592,3 +614,10 @@ class WorkerPool:
         for handle in list(self._workers):
             if not handle.process.is_alive() and self._workers[handle.index] is handle:
                 self._replace(handle, "died while idle")
+
+
+def _kill_quietly(handle: WorkerHandle) -> None:
+    try:
+        handle.process.kill()
+    except Exception:
+        pass

@@ -37,7 +37,6 @@ import wasmtime
 
 from appliance import confine
 from appliance.policy.bounds import MAX_TRANSFER, span
-from appliance.policy.mcp import RequestRejected, parse_request
 from appliance.runtime import context
 
 DENIED, NOT_FOUND, INVALID, IO_ERROR, TOO_LARGE, IS_DIR = -1, -2, -3, -4, -5, -6
@@ -127,27 +126,23 @@ def host_mcp_call(caller: wasmtime.Caller, req_ptr: int, req_len: int, buf_ptr: 
         buf = span(buf_ptr, max_len, mem.data_len(caller), cap=MAX_TRANSFER)
         if raw is None or buf is None:
             return INVALID
-        # start-up: the MCP client loads subprocess and ssl; a worker spawn pays for it
-        # only when a guest calls a server (there is a client only if servers are configured)
-        from appliance.mcp import McpError
-
-        try:
-            request = parse_request(raw)
-        except RequestRejected as e:
-            client.refused(ctx.tenant_id, ctx.cell_id, e.reason)  # every call is logged, refused ones too
-            if e.code == DENIED:
-                ctx.deny("T-PRO-2", "host_mcp_call", e.reason)
-            return e.code
         # T-DOS-1: all MCP I/O ends by the run's deadline (the guest cannot
         # outlive it inside a host call; the worker would be SIGKILLed).
         remaining = ctx.governor.remaining() if ctx.governor is not None else HARD_DEADLINE_S
-        deadline = time.monotonic() + max(0.0, min(remaining, HARD_DEADLINE_S))
-        try:
-            out = client.call(request, deadline=deadline, max_bytes=buf[1], tenant_id=ctx.tenant_id, cell_id=ctx.cell_id)
-        except McpError as e:
-            if e.code == DENIED:
-                ctx.deny("T-PRO-2", "host_mcp_call", e.detail or e.reason)
-            return int(e.code)
+        deadline_s = max(0.0, min(remaining, HARD_DEADLINE_S))
+        if ctx.broker is not None:
+            # A pooled worker starts no server and opens no socket: the supervisor
+            # parses the request and calls its own client (broker.py, T-ESCAPE-3).
+            result = ctx.broker.mcp(raw, buf[1], deadline_s)
+        else:
+            from appliance.runtime.broker import mcp_here  # an in-process runner (no worker)
+
+            result = mcp_here(client, raw, buf[1], time.monotonic() + deadline_s, ctx.tenant_id, ctx.cell_id)
+        if result.code < 0:
+            if result.code == DENIED:
+                ctx.deny("T-PRO-2", "host_mcp_call", result.denial or "denied")
+            return int(result.code)
+        out = bytes(result.body)
         if len(out) > buf[1]:  # the client already refuses this; never write past the guest's buffer
             return TOO_LARGE
         mem.write(caller, out, buf[0])

@@ -36,6 +36,12 @@ RESULT_MIMES = frozenset({"text/plain", "text/html", "text/markdown", "text/late
                           "image/svg+xml", "application/json"})
 MAX_RESULTS = 64
 HARD_RESULTS_CHARS = 64 * 1024 * 1024
+# Host calls the supervisor makes for a worker (the broker, T-ESCAPE-3): the
+# guest's URL and MCP request are guest-controlled, so their frames are capped
+# like the host functions cap them (hostfuncs.MAX_URL_BYTES, bounds.MAX_TRANSFER).
+MAX_CALL_URL_BYTES = 2048
+MAX_CALL_BYTES = 10_000_000
+MAX_CALL_FRAME = 4 * MAX_CALL_BYTES // 3 + 64 * 1024  # one call's bytes in base64, plus its small fields
 
 
 class ProtocolError(Exception):
@@ -123,6 +129,29 @@ class StatsRequest:
 class PingRequest:
     TYPE: ClassVar[str] = "ping"
     req_id: int
+
+
+@dataclass(frozen=True)
+class CallAnswer:
+    """The supervisor's answer to a worker's FetchCall or McpCall (the broker).
+
+    ``code``: bytes in ``body`` (>= 0) or the host function's negative code;
+    ``denial``: the policy's reason when the call was denied (for the run's denials)."""
+    TYPE: ClassVar[str] = "call_answer"
+    req_id: int
+    call_id: int
+    code: int
+    body: bytes = b""
+    denial: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.body) > MAX_CALL_BYTES or (self.code >= 0 and self.code != len(self.body)) \
+                or (self.code < 0 and self.body):
+            raise ProtocolError("call answer body does not match its code")
+        if not -8 <= self.code <= MAX_CALL_BYTES:
+            raise ProtocolError("call answer code out of range")
+        if self.denial is not None and len(self.denial) > 256:
+            raise ProtocolError("denial reason too long")
 
 
 # -- worker -> web process ------------------------------------------------------
@@ -252,19 +281,72 @@ class Pong:
     req_id: int
 
 
+def _check_call(call_id: int, max_len: int) -> None:
+    if call_id < 1:
+        raise ProtocolError("call id must be positive")
+    if not 0 <= max_len <= MAX_CALL_BYTES:  # T-DOS-1
+        raise ProtocolError("call max_len out of range")
+
+
+def call_url_ok(url: str) -> bool:
+    """What a FetchCall may carry: at most 2048 UTF-8 bytes, no control
+    character or whitespace (the egress parser refuses those as bad_url
+    anyway). The worker denies anything else itself and never sends it (T-ESCAPE-3)."""
+    if len(url) > MAX_CALL_URL_BYTES or len(url.encode("utf-8", "surrogatepass")) > MAX_CALL_URL_BYTES:
+        return False
+    return not any(ord(ch) <= 0x20 or 0x7F <= ord(ch) <= 0x9F or ch.isspace() for ch in url)
+
+
+@dataclass(frozen=True)
+class FetchCall:
+    """A worker asks the supervisor to run ``host_fetch`` for run ``req_id`` (T-ESCAPE-3).
+
+    Only for the run in flight on that worker; the supervisor applies the
+    egress policy it sent with that run, never anything in this frame."""
+    TYPE: ClassVar[str] = "fetch_call"
+    req_id: int
+    call_id: int
+    url: str
+    max_len: int
+
+    def __post_init__(self) -> None:
+        _check_call(self.call_id, self.max_len)
+        if not call_url_ok(self.url):
+            raise ProtocolError("fetch URL too long or holding control characters")
+
+
+@dataclass(frozen=True)
+class McpCall:
+    """A worker asks the supervisor to run ``host_mcp_call`` for run ``req_id``
+    (T-ESCAPE-3); ``request`` is the guest's raw request, parsed by the supervisor."""
+    TYPE: ClassVar[str] = "mcp_call"
+    req_id: int
+    call_id: int
+    request: bytes
+    max_len: int
+
+    def __post_init__(self) -> None:
+        _check_call(self.call_id, self.max_len)
+        if len(self.request) > MAX_CALL_BYTES:
+            raise ProtocolError("MCP request too large")
+
+
 Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest, CancelRequest]
-Reply = Union[Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong]
+Reply = Union[Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong, FetchCall, McpCall]
+HostCall = Union[FetchCall, McpCall]
+HOST_CALLS = (FetchCall, McpCall)
 
 TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest,
-                                                      CancelRequest)}
-FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong)}
+                                                       CancelRequest, CallAnswer)}
+FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong,
+                                                         FetchCall, McpCall)}
 
 
 def max_frame_bytes(output_cap_bytes: int, results_cap_bytes: int = 0) -> int:
     """The largest frame a worker may send: two capped streams and the rich
     results' text, each at the worst JSON escaping (6 bytes per character),
     plus room for the rest (a result's keys and flags: 256 bytes each)."""
-    return 12 * output_cap_bytes + 6 * results_cap_bytes + 256 * MAX_RESULTS + (1 << 20)
+    return max(12 * output_cap_bytes + 6 * results_cap_bytes + 256 * MAX_RESULTS + (1 << 20), MAX_CALL_FRAME)
 
 
 # -- encoding -------------------------------------------------------------------

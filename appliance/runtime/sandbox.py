@@ -6,7 +6,8 @@ the supervisor keeps (threats T-ESCAPE-1..4 in SECURITY.md):
 
 * Landlock (:mod:`appliance.runtime.landlock` describes the rules): read-only
   runtime artifacts, read-write only the volume set the worker serves; no
-  db, keys, license, config, mirror; no TCP bind, no connect without need;
+  db, keys, license, config, mirror; no TCP bind or connect (the supervisor
+  makes host_fetch and MCP calls for it: :mod:`appliance.runtime.broker`, T-ESCAPE-3);
   no signals or abstract sockets outside its own sandbox.
 * seccomp-bpf (:mod:`appliance.runtime.seccomp` builds the program): an
   allow-list, kill on execve/ptrace/mount/bpf/... (T-ESCAPE-2).
@@ -22,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -149,23 +149,6 @@ def system_dirs() -> tuple[str, ...]:
     return _real_dirs(candidates)
 
 
-def spawn_paths(mcp_commands: list[list[str]]) -> tuple[str, ...]:
-    """Read+execute for the operator's stdio MCP servers (until the broker): each
-    absolute path in a command, its executable's install prefix, /usr/bin and /bin."""
-    if not mcp_commands:
-        return ()
-    # the dynamic loader is opened for execution too (/lib64/ld-linux-*.so)
-    paths: list[str] = ["/usr/bin", "/bin", "/usr/local/bin", "/etc/ld.so.cache", "/usr/lib", "/usr/lib64", "/lib", "/lib64"]
-    for command in mcp_commands:
-        if not command:
-            continue
-        exe = shutil.which(command[0]) or command[0]
-        real = os.path.realpath(exe)
-        paths += [exe, real, str(Path(real).parent.parent)]
-        paths += [a for a in command[1:] if os.path.isabs(a)]
-    return _real_dirs(paths)
-
-
 def worker_rules(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> landlock.Rules:
     """The Landlock rules for a worker started with ``config`` (the pool's _config)."""
     sb = config.get("sandbox") or {}
@@ -180,9 +163,10 @@ def worker_rules(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> la
         code_dirs=(mpl_data,) if os.path.isdir(mpl_data) else (),
         system_dirs=system_dirs(), weights_dir=os.path.realpath(weights) if weights and os.path.isdir(weights) else None,
         volume_set=volume_set, forbidden=forbidden,
-        # a stdio MCP server's stderr goes to /dev/null (opened read-write by subprocess)
-        scratch_dirs=_real_dirs([*scratch_dirs, *(["/dev/null"] if sb.get("mcp_commands") else [])]),
-        network=bool(sb.get("network")), spawn_paths=spawn_paths(sb.get("mcp_commands") or []))
+        scratch_dirs=_real_dirs(list(scratch_dirs)),
+        # T-ESCAPE-3: no TCP connect or bind and nothing executable, whatever the
+        # config: host_fetch and MCP go through the supervisor's broker.
+        network=False, spawn_paths=())
 
 
 # -- applying it ------------------------------------------------------------
@@ -216,7 +200,7 @@ def apply_landlock(rules: landlock.Rules, abi: int) -> dict[str, Any]:
     fs = landlock.fs_rights(abi)
     net = landlock.net_rights(abi)
     if rules.network:
-        net &= ~landlock.NET_CONNECT_TCP  # connect stays open for host_fetch/MCP until the broker
+        net &= ~landlock.NET_CONNECT_TCP  # never for a pooled worker (worker_rules): the policy keeps the switch
     attr = _RulesetAttr(fs, net, landlock.scopes(abi))
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8
     ruleset = _syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
@@ -288,7 +272,7 @@ def confine(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> dict[st
     else:
         report["landlock"] = "unavailable"
     if has_seccomp:
-        policy = seccomp.FilterPolicy(network=bool(sb.get("network")), spawn=bool(sb.get("mcp_commands")))
+        policy = seccomp.FilterPolicy()  # T-ESCAPE-3: no new sockets, no process creation, for every worker
         install_seccomp(seccomp.build(policy, machine()))
         report["seccomp"] = {"mode": "filter", "network": policy.network, "spawn": policy.spawn}
     elif mode == "required":

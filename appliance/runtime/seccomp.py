@@ -22,12 +22,12 @@ What the filter does, in order:
    the Python, JavaScript and wasm templates).
 4. Everything else answers EPERM.
 
-Two switches exist only until the host-call broker moves ``host_fetch`` and
-``host_mcp_call`` to the supervisor (SECURITY.md, T-ESCAPE-3):
-``network`` lets ``socket`` make AF_INET/AF_INET6 sockets (egress on, or MCP
-configured), and ``spawn`` lets the worker start the operator's stdio MCP
-servers (process creation and ``execve``). Without them a new socket of any
-kind is refused and ``execve`` kills.
+Two switches remain in this pure policy, and the sandbox never sets them
+(T-ESCAPE-3: ``host_fetch`` and ``host_mcp_call`` are made by the supervisor's
+broker, :mod:`appliance.runtime.broker`): ``network`` would let ``socket``
+make AF_INET/AF_INET6 sockets, and ``spawn`` would allow process creation and
+``execve``. Without them, as every worker runs, a new socket of any kind is
+refused and ``execve`` kills.
 """
 from __future__ import annotations
 
@@ -174,10 +174,10 @@ ALLOW = (
     "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown", "getsockname", "getpeername",
     "getsockopt", "setsockopt",
 )
-# Making sockets: refused unless the worker needs the network (until the broker).
+# Making sockets: refused unless the worker needs the network (never set for a worker: the broker, T-ESCAPE-3).
 SOCKET_MAKING = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4")
 NETWORK_CLIENT = ("connect",)  # with ``network``: connect; socket() is checked by its domain
-# Starting the operator's stdio MCP servers (with ``spawn``, until the broker).
+# Starting the operator's stdio MCP servers (with ``spawn``; never set for a worker).
 SPAWNING = ("fork", "vfork", "execve", "setsid", "setpgid")
 IOCTL_ALLOWED = (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)  # TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX
 

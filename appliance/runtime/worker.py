@@ -33,6 +33,7 @@ from appliance.confine import ConfinementError, Volume, remove_tree
 from appliance.policy.egress import EgressPolicy, parse_networks
 from appliance.runtime.volume_watch import VolumeWatch
 from appliance.runtime import code_prep, context, landlock, protocol, sandbox, scratch
+from appliance.runtime.broker_client import BrokerClient
 from appliance.runtime.governor import STOP_CANCEL
 from appliance.runtime.outcome import NO_EXIT, Outcome
 from appliance.runtime.loader import Runtimes
@@ -120,7 +121,10 @@ class Worker:
         self.preload: dict[str, list[str]] = {k: list(v) for k, v in config.get("preload", {}).items()}
         self.default_memory = int(config["memory_mb"]) << 20
         self.weights = _open_weights(config.get("weights_dir"))
-        self.mcp = _open_mcp(config.get("mcp_servers"))
+        # T-ESCAPE-3: MCP servers are the supervisor's (the broker); a worker
+        # only knows whether the node has any, and starts none.
+        self.mcp: Any = BROKERED_MCP if config.get("mcp_servers") else None
+        self.broker = BrokerClient(self.send, grace_s=int(config.get("kill_grace_ms", 1000)) / 1000)
         self.disk_watch = VolumeWatch()
         self.in_flight: dict[str, _InFlight] = {}  # cell -> its run now (CancelRequest); under _lock
         # Session classes are imported now: a confined worker cannot read code
@@ -159,6 +163,9 @@ class Worker:
                     request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
                 except protocol.ProtocolError:
                     return  # only the supervisor writes here: a bad frame means it is gone or broken
+                if isinstance(request, protocol.CallAnswer):
+                    self.broker.deliver(request)  # a host call's answer (T-ESCAPE-3): its run's thread waits for it
+                    continue
                 with self._lock:
                     self._in_flight += 1
                     if isinstance(request, protocol.ExecRequest) and request.cell_id is not None:
@@ -329,8 +336,9 @@ class Worker:
                 ctx.volume = vol
                 grant_pro_resources(ctx, features, self.weights, self.mcp)
                 if msg.egress is not None:
-                    ctx.egress = egress_policy(msg.egress)
-                    ctx.resolver = static_resolver(msg.egress.hosts) if msg.egress.hosts is not None else None
+                    ctx.egress = egress_policy(msg.egress)  # for the air-gap answer only: the supervisor fetches
+                # host_fetch / host_mcp_call go to the supervisor (T-ESCAPE-3)
+                ctx.broker = self.broker.for_run(msg.req_id)
                 with self._watch(msg, volume, lambda: ctx.governor) as watch:
                     outcome = self.modules.run(module, volume, ctx, run.timeout_s, run.memory, run.cap, run.sink, msg.stdin)
                 _note_watch(outcome, watch)
@@ -527,12 +535,14 @@ def _open_weights(path: str | None) -> Any:
         return None
 
 
-def _open_mcp(path: str | None) -> Any:
-    if not path:
-        return None
-    from appliance.mcp import McpClient, load_config  # start-up: only nodes with MCP servers load the client
+class _BrokeredMcp:
+    """Stands for the node's MCP client in a worker: the calls go to the supervisor."""
 
-    return McpClient(load_config(path))
+    def __repr__(self) -> str:
+        return "<MCP through the supervisor>"
+
+
+BROKERED_MCP = _BrokeredMcp()
 
 
 def _volume_usage(path: str, msg: protocol.ExecRequest) -> protocol.VolumeUsage:
@@ -634,8 +644,6 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
             pass
         shutil.rmtree(worker.fifo_dir, ignore_errors=True)  # the worker's own FIFOs; no guest writes there
         worker.sessions.clear()
-        if worker.mcp is not None:
-            worker.mcp.close()
         if worker.weights is not None:
             worker.weights.close()
         worker.runtimes.close()

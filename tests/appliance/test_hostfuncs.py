@@ -10,6 +10,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ from appliance.policy.egress import EgressPolicy
 from appliance.runtime import context
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
-from tests import guests
+from tests import broker_loop, guests
 
 WASM_DIR = guests.WASM_DIR
 PAGE = 65536
@@ -44,10 +46,26 @@ def probe(op: int, a: int, b: int, c: int, d: int, payload: bytes = b"") -> byte
     return guests.probe(op, a, b, c, d, payload).encode()
 
 
+VIA = ["in_process", "broker"]  # T-ESCAPE-3: host_fetch here, and through the supervisor's broker as a worker makes it
+
+
+SENT: list[broker_loop.LoopbackCalls] = []  # the brokers of the runs above, newest last
+
+
+def broker() -> Any:
+    from appliance.runtime.broker import Broker
+
+    return Broker(SimpleNamespace(lanes_per_worker=2, mcp_servers=None))
+
+
 def run(runner: ModuleRunner, wat: bytes, vol_root: Path, vol: Volume | None, *, egress: EgressPolicy | None = None,
-        timeout: float = 5.0, memory: int = 64 << 20, pro: bool = False) -> tuple[int, str, list[dict[str, str]]]:
+        timeout: float = 5.0, memory: int = 64 << 20, pro: bool = False,
+        via: str = "in_process") -> tuple[int, str, list[dict[str, str]]]:
     module = runner.compile(wat, True, 8 << 20, pro)
     ctx = context.RunContext(governor=None, volume=vol, egress=egress)  # type: ignore[arg-type]
+    if via == "broker":
+        ctx.broker = broker_loop.LoopbackCalls(broker(), broker_loop.run_message(broker_loop.spec_of(egress)))
+        SENT.append(ctx.broker)
     out = runner.run(module, str(vol_root), ctx, timeout, memory, 1 << 20, None)
     return out.exit_code, out.status, out.denials
 
@@ -68,11 +86,13 @@ BAD_SPANS = [
 ]
 
 
+@pytest.mark.parametrize("via", VIA)
 @pytest.mark.parametrize("op,a,b,c,d", BAD_SPANS)
-def test_t_mem_1_out_of_bounds_arguments_refused(runner: ModuleRunner, volume: tuple[Path, Volume], op: int, a: int, b: int, c: int, d: int) -> None:
+def test_t_mem_1_out_of_bounds_arguments_refused(runner: ModuleRunner, volume: tuple[Path, Volume], op: int, a: int, b: int,
+                                                 c: int, d: int, via: str) -> None:
     root, vol = volume
     egress = EgressPolicy(enabled=True)
-    code, status, _ = run(runner, probe(op, a, b, c, d, b"file.txt"), root, vol, egress=egress)
+    code, status, _ = run(runner, probe(op, a, b, c, d, b"file.txt"), root, vol, egress=egress, via=via)
     assert status in ("ok", "error")
     assert code in (-3, -5) or (op == 2 and code == -1), code
 
@@ -189,19 +209,25 @@ SSRF_URLS = [
 ]
 
 
+@pytest.mark.parametrize("via", VIA)
 @pytest.mark.parametrize("url", SSRF_URLS)
-def test_t_ssrf_1_host_fetch_denied_with_egress_on(runner: ModuleRunner, volume: tuple[Path, Volume], url: str) -> None:
+def test_t_ssrf_1_host_fetch_denied_with_egress_on(runner: ModuleRunner, volume: tuple[Path, Volume], url: str,
+                                                   via: str) -> None:
     root, vol = volume
     u = url.encode()
-    code, _, denials = run(runner, probe(2, 1024, len(u), 4096, 4096, u), root, vol, egress=EgressPolicy(enabled=True))
+    code, _, denials = run(runner, probe(2, 1024, len(u), 4096, 4096, u), root, vol, egress=EgressPolicy(enabled=True),
+                           via=via)
     assert code == -1
     assert denials[0]["threat"] == "T-SSRF-1"
+    if via == "broker":  # the supervisor decided, on the frame the worker sent
+        assert [type(f).__name__ for f in SENT[-1].frames] == ["FetchCall"] and SENT[-1].frames[0].url == url
 
 
-def test_t_ssrf_1_host_fetch_denied_when_air_gapped(runner: ModuleRunner, volume: tuple[Path, Volume]) -> None:
+@pytest.mark.parametrize("via", VIA)
+def test_t_ssrf_1_host_fetch_denied_when_air_gapped(runner: ModuleRunner, volume: tuple[Path, Volume], via: str) -> None:
     root, vol = volume
     u = b"https://example.com/"
-    code, _, denials = run(runner, probe(2, 1024, len(u), 4096, 4096, u), root, vol, egress=None)
+    code, _, denials = run(runner, probe(2, 1024, len(u), 4096, 4096, u), root, vol, egress=None, via=via)
     assert code == -1
     assert denials[0]["reason"] == "egress_off"
 
@@ -308,8 +334,10 @@ DENIED_SITE = [
 ]
 
 
+@pytest.mark.parametrize("via", VIA)
 @pytest.mark.parametrize("host,address", DENIED_SITE, ids=[h for h, _ in DENIED_SITE])
-def test_t_ssrf_1_host_fetch_operator_deny_list(runner: ModuleRunner, volume: tuple[Path, Volume], host: str, address: str) -> None:
+def test_t_ssrf_1_host_fetch_operator_deny_list(runner: ModuleRunner, volume: tuple[Path, Volume], host: str, address: str,
+                                                via: str) -> None:
     from appliance.config import load_settings
     from appliance.services import egress_message
     from appliance.runtime.protocol import EgressSpec
@@ -320,6 +348,8 @@ def test_t_ssrf_1_host_fetch_operator_deny_list(runner: ModuleRunner, volume: tu
     message = EgressSpec(**egress_message(settings, {host: [address]}))  # what the web process sends a worker
     ctx = context.RunContext(governor=None, volume=vol, egress=egress_policy(message))  # type: ignore[arg-type]
     ctx.resolver = static_resolver(message.hosts or {})
+    if via == "broker":  # the supervisor uses the run message it sent, host map included
+        ctx.broker = broker_loop.LoopbackCalls(broker(), broker_loop.run_message(message))
     u = f"http://{host}/".encode()
     out = runner.run(runner.compile(probe(2, 1024, len(u), 4096, 4096, u), True, 8 << 20, frozenset()), str(root), ctx, 5.0, 64 << 20, 1 << 20, None)
     # -1 and a T-SSRF-1 denial; a connect attempt would have tripped the test network guard (-4 instead).

@@ -25,6 +25,7 @@ import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,8 +35,10 @@ from appliance import mcp
 from appliance.confine import Volume
 from appliance.policy import mcp as mcp_policy
 from appliance.runtime import context, hostfuncs, modules, profuncs
+from appliance.runtime.broker import Broker
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused, ModuleRunner
+from tests import broker_loop
 from tests.appliance.test_httpclient import (
     ACCEPTED,
     ACCEPTED_BODY,
@@ -151,6 +154,25 @@ class Result:
         self.code, self.status, self.stdout, self.denials, self.elapsed = code, status, stdout, denials, elapsed
 
 
+# T-ESCAPE-3: every host_mcp_call test runs twice, in this process and through
+# the supervisor's broker as a pooled worker makes the call (tests/broker_loop.py).
+VIA = ["in_process", "broker"]
+_via = ["in_process"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    name = metafunc.function.__name__
+    if "via" in metafunc.fixturenames and ("mcp" in name or "pro_2" in name):
+        metafunc.parametrize("via", VIA, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def via(request: pytest.FixtureRequest) -> Iterator[str]:
+    _via[0] = getattr(request, "param", "in_process")
+    yield _via[0]
+    _via[0] = "in_process"
+
+
 def run(runner: ModuleRunner, wat: bytes, cell_root: Path, *, weights: Volume | None = None,
         client: mcp.McpClient | None = None, timeout: float = 5.0, cap: int = 16 << 20,
         tenant: str = "tenant1", cell: str = "cell1") -> Result:
@@ -158,6 +180,12 @@ def run(runner: ModuleRunner, wat: bytes, cell_root: Path, *, weights: Volume | 
     ctx = context.RunContext(governor=None, tenant_id=tenant, cell_id=cell)  # type: ignore[arg-type]
     setattr(ctx, "weights", weights)  # proposed RunContext fields
     setattr(ctx, "mcp", client)
+    if _via[0] == "broker" and client is not None:
+        # The supervisor holds the client; the grant names the run's tenant, cell and licensed features.
+        supervisor = Broker(SimpleNamespace(lanes_per_worker=2, mcp_servers=None))
+        supervisor.set_mcp_client(client)
+        ctx.broker = broker_loop.LoopbackCalls(
+            supervisor, broker_loop.run_message(features=["host_mcp_call"], tenant=tenant, cell=cell), deadline_s=timeout)
     with Volume(str(cell_root)) as vol:
         ctx.volume = vol
         started = time.monotonic()

@@ -129,6 +129,20 @@ def test_t_proto_1_encode_refuses_what_is_not_a_message() -> None:
 ATTACKS = ["pickle", "pickled_dict", "not_utf8", "not_an_object", "unknown_type", "missing_field", "extra_field",
            "wrong_type_stdout", "bool_as_int", "unknown_status", "error_claims_success", "nan", "deep_nesting",
            "bad_chunk_fd", "bad_base64", "chunk_flood", "stale_flood", "huge_length"]
+# T-ESCAPE-3: host calls a compromised worker may send the supervisor's broker
+# (call_negative_max_len and the rest of the frame table: test_broker.py, without a pool)
+CALL_ATTACKS = ["call_not_in_flight", "call_oversized_url", "call_bad_url", "call_flood"]
+
+
+class _RecordingConnector:
+    """Records every connect the broker asks for; never connects anywhere (test-only)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, ip: str, port: int, timeout: float) -> Any:
+        self.calls.append((ip, port))
+        raise ConnectionRefusedError(f"test: no connection to {ip}")
 
 
 @pytest.fixture
@@ -143,8 +157,11 @@ def hostile_service(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     receipts = ReceiptStore(settings.db_path, NodeKey.generate())
     pool = WorkerPool(settings, target=functools.partial(hostile_workers.hostile_worker, attack=attack,
                                                          sentinel=str(sentinel)))
+    pool.broker.fetch_hooks = {"connector": _RecordingConnector()}  # test-only: proves no connection is made
     pool.start()
-    cells = CellService(settings, store, pool, receipts)
+    # egress on (T-ESCAPE-3 rows): a refused call is refused for what it is, not because the run had no egress
+    cells = CellService(settings, store, pool, receipts,
+                        egress={"enabled": True, "allow_hosts": [], "deny": [], "hosts": None})
     tenant, _ = store.add_tenant("t", 0, tenant_id="t")
     try:
         yield cells, tenant, sentinel
@@ -169,6 +186,28 @@ def test_t_proto_1_malformed_worker_frame_replaces_worker_and_run_keeps_receipt(
     assert cells.pool.kills == 1
     assert cells.pool.stats()["pids"][0] != pid_before
     assert not sentinel.exists()
+    assert cells.pool.broker.fetch_hooks["connector"].calls == []  # T-ESCAPE-3: no host call reached the network
+
+
+@pytest.mark.parametrize("hostile_service", CALL_ATTACKS, indirect=True)
+def test_t_escape_3_hostile_host_calls_refused_before_any_connection(hostile_service: Any) -> None:
+    cells, tenant, _ = hostile_service
+    pid_before = cells.pool.stats()["pids"][0]
+    answer = cells.execute_once(tenant, "python3", b"print(1)", True, None, 2000, None, on_chunk=lambda fd, data: None)
+    assert answer["status"] == "killed" and answer["stdout"] == ""  # never the worker's forged output
+    assert cells.receipts.get(answer["execution_id"], tenant.id) is not None
+    assert cells.pool.kills == 1 and cells.pool.stats()["pids"][0] != pid_before  # replaced
+    assert cells.pool.broker.fetch_hooks["connector"].calls == []
+
+
+@pytest.mark.parametrize("hostile_service", ["call_honest"], indirect=True)
+def test_t_escape_3_a_call_for_the_run_in_flight_is_made_by_the_supervisor(hostile_service: Any) -> None:
+    # The control row of the table above: the same recorder sees the one permitted connection.
+    cells, tenant, _ = hostile_service
+    answer = cells.execute_once(tenant, "python3", b"print(1)", True, None, 2000, None, on_chunk=lambda fd, data: None)
+    assert answer["status"] == "ok" and cells.pool.kills == 0
+    assert answer["stdout"] == "host call answered -4\n"  # the recorder refused the connection: I/O error
+    assert cells.pool.broker.fetch_hooks["connector"].calls == [("8.8.8.8", 80)]
 
 
 def test_t_proto_1_the_hostile_workers_baseline_frame_is_well_formed() -> None:

@@ -199,10 +199,26 @@ def test_t_escape_1_workers_get_registry_hashes_never_the_mirror(tmp_path: Path)
     assert str(settings.mirror_dir) in config["sandbox"]["forbidden"]
 
 
-@pytest.mark.parametrize("env,network", [({}, False), ({"SYNAPSE_EGRESS": "on"}, True)])
-def test_t_escape_3_network_only_with_egress_or_mcp(tmp_path: Path, env: dict[str, str], network: bool) -> None:
-    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"), **env})
-    assert sandbox_config(settings)["network"] is network
+MCP_TABLE = escaped_guest.MCP_TABLE
+
+
+@pytest.mark.parametrize("env", [{}, {"SYNAPSE_EGRESS": "on"}, {"SYNAPSE_EGRESS": "on", "SYNAPSE_MCP_SERVERS": "mcp"}],
+                         ids=["default", "egress-on", "egress-and-mcp"])
+def test_t_escape_3_no_network_or_process_rule_whatever_the_config(tmp_path: Path, env: dict[str, str]) -> None:
+    # T-ESCAPE-3: host_fetch and MCP go through the supervisor's broker, so a
+    # worker's Landlock rules never admit TCP or execution, with egress and MCP on too.
+    if "SYNAPSE_MCP_SERVERS" in env:
+        (tmp_path / "mcp.json").write_text(MCP_TABLE)
+        env = dict(env, SYNAPSE_MCP_SERVERS=str(tmp_path / "mcp.json"))
+    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"),
+                              "SYNAPSE_MODULE_CACHE": str(shared_cache()), **env})
+    box = sandbox_config(settings)
+    assert "network" not in box and "mcp_commands" not in box
+    config = {"cache_dir": str(shared_cache()), "volumes_dir": str(settings.volumes_dir),
+              "weights_dir": str(settings.weights_dir), "mcp_servers": str(settings.mcp_servers), "sandbox": box}
+    rules = sandbox.worker_rules(config, ())
+    assert not rules.network and rules.execute == ()
+    assert "/dev/null" not in rules.read_write
 
 
 # -- the environment and descriptors a worker starts with -------------------
@@ -280,22 +296,17 @@ def test_t_escape_1_a_worker_that_closes_its_sentinel_cannot_hang_shutdown(modul
     assert not handle.process.is_alive() and handle.process.exitcode == -9
 
 
-# With egress on (until the host-call broker) the worker may make client TCP/UDP
-# sockets for host_fetch; everything else stays closed.
-EGRESS_ON_EXPECTED = {
-    "tcp_socket_to_loopback": ("errno", "ECONNREFUSED"),  # the socket is made and connect is tried
-    "unix_socket": ("errno", "EPERM"),
-    "read_node_key": ("errno", "EACCES"),
-    "write_module_cache": ("errno", "EACCES"),
-    "fork": ("errno", "EPERM"),
-    "execve_bin_sh": ("signal", "SIGSYS"),
-}
+# T-ESCAPE-3: with egress on and stdio MCP servers configured the worker is as
+# closed as without them (the supervisor's broker makes those calls): the
+# network and process rows of the escaped-guest table, in such a worker.
 
 
 @pytest.fixture(scope="module")
 def egress_pool(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerPool]:
-    settings, paths = escaped_guest.prepare_root(tmp_path_factory.mktemp("escape-egress") / "root", shared_cache(),
-                                                 env={"SYNAPSE_EGRESS": "on"})
+    base = tmp_path_factory.mktemp("escape-egress")
+    (base / "mcp.json").write_text(MCP_TABLE)
+    settings, paths = escaped_guest.prepare_root(base / "root", shared_cache(),
+                                                 env={"SYNAPSE_EGRESS": "on", "SYNAPSE_MCP_SERVERS": str(base / "mcp.json")})
     pool = WorkerPool(settings, target=functools.partial(escaped_guest.escaped_worker, paths=paths))
     pool.start()
     try:
@@ -305,9 +316,9 @@ def egress_pool(module_cache: None, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @needs_kernel
-@pytest.mark.parametrize("attempt", list(EGRESS_ON_EXPECTED))
-def test_t_escape_3_egress_on_opens_client_sockets_only(egress_pool: WorkerPool, attempt: str) -> None:
-    assert escaped_guest.observe(egress_pool, attempt) == EGRESS_ON_EXPECTED[attempt]
+@pytest.mark.parametrize("attempt", escaped_guest.EGRESS_ON_ROWS)
+def test_t_escape_3_egress_and_mcp_on_worker_has_no_socket_or_process(egress_pool: WorkerPool, attempt: str) -> None:
+    assert escaped_guest.observe(egress_pool, attempt) == escaped_guest.EXPECTED[attempt]
 
 
 # -- a running live server ------------------------------------------------------
