@@ -148,6 +148,22 @@ class ResultBundle:
 
 
 @dataclass(frozen=True)
+class RunResult:
+    """One rich result of a streamed run, sent the moment the guest shows it
+    (display(), plt.show(), the last expression). ``index`` counts from 0 in
+    the order shown; the web process checks it, the count and their size
+    (T-DOS-1, T-PROTO-1), and the run's final answer lists exactly these."""
+    TYPE: ClassVar[str] = "rich"
+    req_id: int
+    index: int
+    result: ResultBundle
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < MAX_RESULTS:
+            raise ProtocolError(f"result index {self.index} out of range")
+
+
+@dataclass(frozen=True)
 class RunOutcome:
     exit_code: int
     status: str
@@ -240,10 +256,10 @@ class Pong:
 
 
 Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest]
-Reply = Union[Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong]
+Reply = Union[Ready, RunChunk, RunResult, RunReply, ErrorReply, OkReply, StatsReply, Pong]
 
 TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest)}
-FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong)}
+FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunResult, RunReply, ErrorReply, OkReply, StatsReply, Pong)}
 
 
 def max_frame_bytes(output_cap_bytes: int, results_cap_bytes: int = 0) -> int:

@@ -183,7 +183,9 @@ class Sandbox:
         """Run ``code`` in this cell; variables, imports and functions persist
         between calls. ``timeout`` (seconds) limits the run; a run that hits it
         comes back with ``error.name == "TimeoutError"`` and a receipt.
-        ``on_stdout``/``on_stderr`` receive output as it arrives (SSE).
+        ``on_stdout``/``on_stderr`` receive output as it arrives, and
+        ``on_result`` each rich result (display(), plt.show(), the last
+        expression) the moment it is shown (SSE).
 
         ``bytes`` code is a binary Wasm module (``wasm`` cells only). The run is
         sent once: on a dropped connection it is never re-sent.
@@ -201,16 +203,17 @@ class Sandbox:
             body["timeout_ms"] = _seconds_to_ms(timeout)
         wait = request_timeout or max(self._http.config.request_timeout, (timeout or RUN_CEILING_S) + 30.0)
         path = f"/v1/cells/{self.sandbox_id}/exec"
-        streamed = False
-        if on_stdout is None and on_stderr is None:
+        delivered = [0]  # rich results handed to on_result as they streamed in
+        # Any callback streams the run (SSE): on_result gets each rich result as
+        # the guest shows it, before the run ends, as E2B's does.
+        if on_stdout is None and on_stderr is None and on_result is None:
             answer = self._http.request("POST", path, body=body, timeout=wait)
         else:
-            streamed = True
-
             def on_event(event: dict[str, Any]) -> None:
                 if event.get("type") == "rich_result":
                     bundle = event.get("result")
                     if on_result is not None and isinstance(bundle, dict):
+                        delivered[0] += 1
                         on_result(Result.from_bundle(bundle))
                     return
                 text = str(event.get("text", ""))
@@ -224,8 +227,8 @@ class Sandbox:
             self._count += 1
             count = self._count
         execution = execution_from_answer(answer, self.template, code, count)
-        if on_result is not None and not streamed:  # streamed: each was handed over as it arrived
-            for result in execution.results:
+        if on_result is not None:  # those not streamed (a plain run, or a JavaScript echo read from stdout)
+            for result in execution.results[delivered[0]:]:
                 on_result(result)
         if on_error is not None and execution.error is not None:
             on_error(execution.error)
