@@ -40,6 +40,11 @@ def _result(req_id: int, **over: Any) -> bytes:
     return json.dumps(body).encode()
 
 
+def _rich(req_id: int, index: int, text: str = "x") -> bytes:
+    return json.dumps({"type": "rich", "req_id": req_id, "index": index,
+                       "result": {"data": {"text/plain": text}, "is_main_result": False}}).encode()
+
+
 def frames(attack: str, req_id: int, config: dict[str, Any]) -> list[bytes]:
     """The frames one attack sends in answer to request ``req_id``."""
     if attack == "pickle":
@@ -76,6 +81,10 @@ def frames(attack: str, req_id: int, config: dict[str, Any]) -> list[bytes]:
         chunk = json.dumps({"type": "chunk", "req_id": req_id, "fd": 1,
                             "data": "QUFB" * (1 << 18)}).encode()  # 768 KiB each, beyond two capped streams
         return [chunk] * 8 + [_result(req_id)]
+    if attack == "results_out_of_order":  # T-PROTO-1: streamed results come 0, 1, 2, ...
+        return [_rich(req_id, 0), _rich(req_id, 2), _result(req_id)]
+    if attack == "results_flood":  # T-DOS-1: streamed results past the run's total cap
+        return [_rich(req_id, i, "a" * (6 << 20)) for i in range(3)] + [_result(req_id)]
     if attack == "stale_flood":
         return [_result(req_id + 1000 + i) for i in range(64)] + [_result(req_id)]
     raise ValueError(attack)

@@ -135,10 +135,53 @@ def test_T_DOS_1_a_big_dataframe_keeps_its_table_and_loses_only_its_records(live
     assert "its application/json left out" in main["text/plain"]
 
 
+JS_VALUES = [
+    pytest.param("({city: 'Oslo', temps: [4, 19]})", '{"city":"Oslo","temps":[4,19]}', id="plain-object"),
+    pytest.param("await new Promise(r => setTimeout(() => r([1, 'två']), 10))", '[1,"två"]', id="awaited-array"),
+    pytest.param("Object.assign(Object.create(null), {k: null})", '{"k":null}', id="null-prototype"),
+    pytest.param("1 + 1", None, id="number"),
+    pytest.param("'text'", None, id="string"),
+    pytest.param("new Map([[1, 2]])", None, id="map"),
+    pytest.param("class P {}; new P()", None, id="class-instance"),
+    pytest.param("const o = {}; o.self = o; o", None, id="cyclic"),
+    pytest.param("({n: 10n})", None, id="bigint"),
+]
+
+
 @pytest.mark.slow
-def test_javascript_runs_have_no_results(live: ServerProcess) -> None:
-    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": "1 + 1"})
-    assert status == 200 and body["results"] == [] and body["receipt"]["extensions"] == {}
+@pytest.mark.parametrize("code,as_json", JS_VALUES)
+def test_javascript_plain_object_or_array_is_a_json_main_result(live: ServerProcess, code: str,
+                                                                 as_json: str | None) -> None:
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": code})
+    assert status == 200 and body["status"] == "ok", body
+    if as_json is None:  # other values keep their echo on stdout, and no result
+        assert body["results"] == [] and body["receipt"]["extensions"] == {} and body["stdout"]
+        return
+    [main] = body["results"]
+    assert main["is_main_result"] is True and main["application/json"] == as_json
+    assert json.loads(main["text/plain"]) == json.loads(as_json)
+    canonical = json.dumps(body["results"], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert body["receipt"]["extensions"] == {"results/1": {"results_hash": hashlib.sha256(canonical).hexdigest()}}
+
+
+JS_HOSTILE = [
+    pytest.param("'garbage'", id="not-json"),
+    pytest.param("'{\"text/plain\": \"x'", id="partial-frame"),
+    pytest.param("'{\"text/x-sh\": \"x\"}'", id="unknown-mime"),
+    pytest.param("'{\"text/plain\": \"' + 'a'.repeat(9 << 20) + '\"}'", id="over-the-cap"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frame", JS_HOSTILE)
+def test_T_DOS_1_javascript_garbage_on_the_result_fd_is_dropped_and_flagged(live: ServerProcess, frame: str) -> None:
+    # Guest code writes to the fd the boot uses for the main result: its own content, checked like any result.
+    code = f"const f = std.fdopen(0x7FFF0001, 'w'); f.puts({frame}); f.flush(); 'still running'"
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": code, "timeout_ms": 20_000})
+    assert status == 200 and body["status"] == "ok" and body["stdout"] == "still running\n", body
+    assert body["results"] == [] and body["results_truncated"] is True
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": "[1]"})
+    assert status == 200 and body["results"][0]["application/json"] == "[1]"  # the service keeps answering
 
 
 def stream(live: ServerProcess, cell: str, code: str, on_event: Callable[[dict[str, Any]], None] | None = None,
