@@ -251,8 +251,9 @@ def execution_from_answer(answer: dict[str, Any], template: str, code: str | byt
     stdout, stderr = str(answer.get("stdout", "")), str(answer.get("stderr", ""))
     status, exit_code = str(answer.get("status", "")), int(answer.get("exit_code", 0))
     note = answer.get("note")
-    # The server's own results (MIME bundles). A JavaScript run has none, so its
-    # main result is still read from the REPL's echo (_parse.main_js_result_text).
+    # The server's own results (MIME bundles). A JavaScript run has one only for a
+    # plain object or array; otherwise its main result is still read from the
+    # REPL's echo (_parse.main_js_result_text).
     results = [Result.from_bundle(b) for b in answer.get("results") or [] if isinstance(b, dict)]
     if template == "javascript" and not results and isinstance(code, str):
         text = _parse.main_js_result_text(code, stdout, status)

@@ -403,3 +403,28 @@ def test_sdk_fills_e2b_results_from_the_answer(live: ServerProcess) -> None:
         assert ex.text == table.text and set(table.formats()) == {"text", "html", "json"}
         streamed = sbx.run_code("display('x')\nprint('p')", on_stdout=lambda m: None, on_result=seen.append)
         assert [r.text for r in seen] == ["'x'"] and [r.text for r in streamed.results] == ["'x'"]
+
+
+@pytest.mark.slow
+def test_sdk_on_result_alone_streams_each_result_while_the_run_goes(live: ServerProcess) -> None:
+    from cell_sdk import Sandbox
+
+    # As test_streamed_result_arrives_while_the_run_still_goes, through the SDK:
+    # on_result (no output callback) gets the first result while the guest waits for it.
+    code = ("import os, time\ndisplay('first')\nend = time.monotonic() + 20\n"
+            "while not os.path.exists('go.txt') and time.monotonic() < end:\n    time.sleep(0.01)\n"
+            "print('released' if os.path.exists('go.txt') else 'gave up')\ndisplay('second')")
+    seen: list[str | None] = []
+    with Sandbox("python3", api_url=live.url, api_key=live.api_key) as sbx:
+        def on_result(result: Any) -> None:
+            seen.append(result.text)
+            if len(seen) == 1:
+                sbx.files.write("go.txt", "go")
+
+        ex = sbx.run_code(code, on_result=on_result, timeout=30)
+        assert ex.logs.stdout == ["released\n"] and seen == ["'first'", "'second'"]
+        assert [r.text for r in ex.results] == seen
+    with Sandbox("javascript", api_url=live.url, api_key=live.api_key) as js:
+        main = js.run_code("({rows: [1, 2]})").results
+        assert len(main) == 1 and main[0].is_main_result and main[0].data == {"rows": [1, 2]}
+        assert "json" in main[0].formats()
