@@ -166,7 +166,8 @@ function showJson(v) {
   try {
     const text = stringify(v);
     if (typeof text !== 'string') return;
-    const plain = text.length <= 65536 ? stringify(v, null, 2) : text;  // indented while it stays small
+    // text/plain: the JSON on one line while it is short, indented while it stays small
+    const plain = text.length <= 80 || text.length > 65536 ? text : stringify(v, null, 2);
     body = stringify({ 'application/json': text, 'text/plain': plain, is_main_result: true });
   } catch (e) {
     return;  // cyclic, a BigInt, a throwing toJSON: no JSON form, the echo stays
