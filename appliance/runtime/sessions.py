@@ -266,6 +266,7 @@ class JsSession:
                  scratch_dir: str | None = None) -> None:  # scratch_dir: unused, fd 0 needs no FIFO
         self.capture = Capture()
         self.channel = CommandChannel()
+        self.channel.writers = {1: self.capture.writer(1), 2: self.capture.writer(2)}
         self._loaded = loaded
         self._volume = volume
         self._memory_bytes = memory_bytes
