@@ -22,7 +22,7 @@ from __future__ import annotations
 # huge chart does not push the rest past the run's cap.
 PY_RICH_BOOT = r"""
 def _cell_rich():
-    import sys, os, builtins, types
+    import sys, builtins, types
     REPRS = (('text/html', '_repr_html_'), ('text/markdown', '_repr_markdown_'), ('text/latex', '_repr_latex_'),
              ('image/svg+xml', '_repr_svg_'), ('image/png', '_repr_png_'), ('image/jpeg', '_repr_jpeg_'),
              ('application/json', '_repr_json_'))
