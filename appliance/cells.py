@@ -27,7 +27,7 @@ from appliance.policy.fairness import tenant_cell_cap
 from appliance.receipts import envelope, v1
 from appliance.receipts.store import ReceiptStore
 from appliance.runtime import protocol, scratch, templates
-from appliance.runtime.pool import ChunkCallback, WorkerLost, WorkerOverran, WorkerPool, WorkerReplaced
+from appliance.runtime.pool import ChunkCallback, ResultCallback, WorkerLost, WorkerOverran, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
 log = logging.getLogger("cell.cells")
@@ -287,9 +287,11 @@ class CellService:
 
     # -- runs ------------------------------------------------------------
     def _call(self, handle: Any, msg: protocol.Request, deadline_s: float | None,
-              on_chunk: ChunkCallback | None = None, *, tenant: str = "", cell_id: str | None = None) -> protocol.Reply:
+              on_chunk: ChunkCallback | None = None, *, tenant: str = "", cell_id: str | None = None,
+              on_result: ResultCallback | None = None) -> protocol.Reply:
         try:
-            return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk, tenant=tenant, cell_id=cell_id)
+            return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk, tenant=tenant, cell_id=cell_id,
+                                  on_result=on_result)
         except WorkerLost:
             self._mark_lost(handle.index)
             raise
@@ -303,7 +305,8 @@ class CellService:
 
     def exec_in_cell(self, tenant: Tenant, cell_id: str, code: bytes, is_text: bool, language: str | None,
                      on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None,
-                     run_envs: dict[str, str] | None = None) -> dict[str, Any]:
+                     run_envs: dict[str, str] | None = None,
+                     on_result: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         record = self.cell(tenant, cell_id)
         tmpl = templates.get(record.template)
         if language is not None and language not in tmpl.languages:
@@ -338,7 +341,7 @@ class CellService:
             volume_limit=self._volume_limit(tenant, cell_id, allowance))
         if run_envs:
             msg = dataclasses.replace(msg, run_envs=dict(run_envs))  # never logged: values may be secrets
-        answer = self._run(handle, msg, tenant, cell_id, on_chunk)
+        answer = self._run(handle, msg, tenant, cell_id, on_chunk, on_result)
         self._touch(record)
         return answer
 
@@ -362,7 +365,8 @@ class CellService:
                 log.exception("could not persist the expiry of cell %s", record.id)
 
     def execute_once(self, tenant: Tenant, template: str, code: bytes, is_text: bool, stdin: bytes | None,
-                     timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None) -> dict[str, Any]:
+                     timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None,
+                     on_result: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         self.check_memory(memory_mb or self.settings.memory_mb)
         handle = self.pool.pick_for_run()
         # T-DISK-1: a throw-away volume is not charged to the tenant, but while the run
@@ -371,7 +375,7 @@ class CellService:
                                  on_chunk, stdin=stdin, quota_left=self.quota_bytes(),
                                  files_left=self.settings.tenant_file_limit,
                                  volume_limit=protocol.VolumeLimit(self.quota_bytes(), self.settings.tenant_file_limit))
-        return self._run(handle, msg, tenant, None, on_chunk)
+        return self._run(handle, msg, tenant, None, on_chunk, on_result)
 
     def _exec_request(self, tenant: Tenant, template: str, code: bytes, is_text: bool, timeout_ms: int | None,
                       memory_mb: int, on_chunk: ChunkCallback | None, *, cell_id: str | None = None,
@@ -394,14 +398,29 @@ class CellService:
             volume_limit=volume_limit, stdin=stdin)
 
     def _run(self, handle: Any, msg: protocol.ExecRequest, tenant: Tenant, cell_id: str | None,
-             on_chunk: ChunkCallback | None) -> dict[str, Any]:
+             on_chunk: ChunkCallback | None,
+             on_result: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         template, code, run_timeout_ms = msg.template, msg.code, msg.timeout_ms
+        # The run's rich results as the client sees them: streamed ones the moment
+        # they arrive, in order; the answer and its receipt list exactly these.
+        shown: list[dict[str, Any]] = []
+
+        def show(bundle: protocol.ResultBundle) -> None:
+            result = {**bundle.data, "is_main_result": bundle.is_main_result}
+            shown.append(result)
+            if on_result is not None:
+                on_result(len(shown) - 1, result)
+
+        def take(_index: int, bundle: protocol.ResultBundle) -> None:
+            show(bundle)
+
         started = time.perf_counter()
         execution_id = str(uuid.uuid4())
         guest_ms: float | None = None
         try:
             try:
-                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id)
+                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id,
+                                   on_result=take)
             except WorkerReplaced:
                 if cell_id is not None and templates.get(template).interpreter:
                     with self._lock:
@@ -409,11 +428,13 @@ class CellService:
                     raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, "
                                    "its files are kept. The next run starts a fresh interpreter.", code="cell_lost") from None
                 handle = self.pool.pick_for_run()  # nothing ran: safe to send once more
-                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id)
+                reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id,
+                                   on_result=take)
         except WorkerLost as e:
             overran = isinstance(e, WorkerOverran)
             outcome: dict[str, Any] = {"exit_code": -1, "status": "timeout" if overran else "killed", "stdout": "", "stderr": "",
-                       "truncated": False, "restarted": False, "note": str(e), "denials": []}
+                       "truncated": False, "restarted": False, "note": str(e), "denials": [],
+                       "results": shown, "results_truncated": bool(shown)}
             if cell_id is not None:
                 with self._lock:
                     self._lost.discard(cell_id)  # this answer already says the state is gone
@@ -422,7 +443,10 @@ class CellService:
                 raise _refusal(reply, "run failed")
             outcome = asdict(reply.outcome)
             # Rich results as the answer carries them: each bundle's MIME keys and is_main_result.
-            outcome["results"] = [{**r.data, "is_main_result": r.is_main_result} for r in reply.outcome.results]
+            # A streamed run sent them one by one (above); any in the reply come after, in order.
+            for bundle in reply.outcome.results:
+                show(bundle)
+            outcome["results"] = shown
             guest_ms = reply.guest_ms
             if cell_id is not None:
                 self.note_usage(tenant.id, cell_id, _usage(reply.volume_usage))

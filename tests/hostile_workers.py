@@ -44,6 +44,11 @@ def _fetch(req_id: int, *, url: str = "http://8.8.8.8/", call_id: int = 1, max_l
     return json.dumps({"type": "fetch_call", "req_id": req_id, "call_id": call_id, "url": url, "max_len": max_len}).encode()
 
 
+def _rich(req_id: int, index: int, text: str = "x") -> bytes:
+    return json.dumps({"type": "rich", "req_id": req_id, "index": index,
+                       "result": {"data": {"text/plain": text}, "is_main_result": False}}).encode()
+
+
 def frames(attack: str, req_id: int, config: dict[str, Any]) -> list[bytes]:
     """The frames one attack sends in answer to request ``req_id``."""
     if attack == "pickle":
@@ -80,6 +85,10 @@ def frames(attack: str, req_id: int, config: dict[str, Any]) -> list[bytes]:
         chunk = json.dumps({"type": "chunk", "req_id": req_id, "fd": 1,
                             "data": "QUFB" * (1 << 18)}).encode()  # 768 KiB each, beyond two capped streams
         return [chunk] * 8 + [_result(req_id)]
+    if attack == "results_out_of_order":  # T-PROTO-1: streamed results come 0, 1, 2, ...
+        return [_rich(req_id, 0), _rich(req_id, 2), _result(req_id)]
+    if attack == "results_flood":  # T-DOS-1: streamed results past the run's total cap
+        return [_rich(req_id, i, "a" * (6 << 20)) for i in range(3)] + [_result(req_id)]
     if attack == "stale_flood":
         return [_result(req_id + 1000 + i) for i in range(64)] + [_result(req_id)]
     # T-ESCAPE-3: host calls the broker must refuse (and replace the worker) before any connection

@@ -264,6 +264,12 @@ DOS_CASES = [
     ("js-spin", "javascript", "for(;;){}", {"timeout"}),
     ("js-output-flood", "javascript", "for(;;) console.log('B'.repeat(65536))", {"output_limit"}),
     ("js-memory", "javascript", "let a = []; for(;;) a.push(new Array(1e6).fill(1))", {"memory_limit", "error", "timeout"}),
+    # T-DOS-1 (results): the results channel refuses floods and garbage without stalling the run
+    ("py-result-flood", "python3", "for i in range(1_000_000): display(i)", {"ok", "timeout"}),
+    ("py-result-garbage", "python3", "import _host\nfor i in range(1_000_000):\n    _host.call(b'cell-result/1\\n' + b'[' * 100_000)",
+     {"ok", "timeout"}),
+    ("js-result-fd-flood", "javascript", "const f = std.fdopen(0x7FFF0001, 'w'); for(;;) f.puts('x'.repeat(65536))",
+     {"timeout"}),
 ]
 
 

@@ -251,7 +251,8 @@ def build_spec() -> dict[str, Any]:
             "parameters": cell,
             "post": _op("execStream", "Run code, stream output as Server-Sent Events",
                         {"description": "data: {type: stdout|stderr, text} lines, data: {type: rich_result, index, result} for each "
-                                        "rich result, then data: {type: result, ...RunResult}",
+                                        "rich result the moment it is shown, then data: {type: result, ...RunResult} "
+                                        "whose results list exactly those",
                          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                         body=_ref("Exec"), errors=("403", "404", "409", "503"), tags=("runs",)),
         },

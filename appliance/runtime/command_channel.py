@@ -27,12 +27,25 @@ next cell) and the run is an error.
 Reads on any other fd go to wasmtime's own ``fd_read``, through a tiny
 per-Store wasm trampoline (WASI functions need a calling instance that
 exports the guest's memory; a host function cannot call them directly).
+
+``fd_write`` is shadowed too, for one fd, ``RESULT_FD``, which no file the
+guest opens can have: the boot writes the JSON bundle of a cell's last value
+there (a plain object or array, as application/json). What arrives on it is
+the guest's content, kept up to the run's result cap (T-DOS-1: more is
+dropped and the run's results marked truncated) and read by the host only
+once the guest is parked; it never decides anything. Writes to fd 1 and 2 go
+straight to the session's capture (the JavaScript runtime imports no
+``fd_renumber``, so those stay its stdout and stderr), to every other fd
+through wasmtime's ``fd_write``.
 """
 from __future__ import annotations
 
 import collections
+import ctypes
 import struct
 import threading
+from typing import Callable
+
 import wasmtime
 
 from appliance.policy.bounds import span
@@ -49,6 +62,7 @@ RC_TIMERS_CANCELLED = 2  # idle read of HEADER + 2: timers were left at the dead
 IDLE_READS = (HEADER, HEADER + 1, HEADER + RC_TIMERS_CANCELLED)
 MAX_IOVS = 1024
 MAX_BODY = 0xFFFFFFFF
+RESULT_FD = 0x7FFF0001  # the cell's main result (js_boot.py); far past any fd the guest's table can reach
 
 _local = threading.local()
 
@@ -70,6 +84,14 @@ class CommandChannel:
         self._closed = False
         self.idle_rc: int | None = None
         self.foreign_read = False
+        self.fd_write: wasmtime.Func | None = None  # wasmtime's fd_write, via attach()
+        self.memory: wasmtime.Memory | None = None  # the guest's memory, via attach()
+        # fd 1 and 2 straight to the session's capture (capture.py): a round trip
+        # through wasmtime's fd_write from here costs ~5x a write's own time.
+        self.writers: dict[int, Callable[[bytes], int]] = {}
+        self.result = bytearray()  # what the guest wrote to RESULT_FD during the run
+        self.result_cap = 0  # bytes of it kept; set by the run before submit()
+        self.result_over = False
 
     # -- the run's side (any thread) --------------------------------------
     def submit(self, body: bytes) -> None:
@@ -85,6 +107,8 @@ class CommandChannel:
             self._idle = False
             self.idle_rc = None
             self.foreign_read = False
+            self.result = bytearray()
+            self.result_over = False
             self._cond.notify_all()
 
     def wait_settled(self, timeout: float) -> bool:
@@ -135,20 +159,38 @@ class CommandChannel:
             self._chunks[0] = first[capacity:]
             return bytes(first[:capacity])
 
+    def write_result(self, data: bytes) -> None:
+        """The guest's bytes on RESULT_FD (its thread), kept within the cap (T-DOS-1)."""
+        if len(self.result) + len(data) > self.result_cap:
+            self.result_over = True
+        else:
+            self.result += data
+
+    def take_result(self) -> tuple[bytes, bool]:
+        """What the run wrote on RESULT_FD, and whether some was dropped; call once the guest is parked."""
+        with self._cond:
+            data, over = bytes(self.result), self.result_over
+            self.result = bytearray()
+            self.result_over = False
+            return data, over
+
     def _stop_now(self, caller: wasmtime.Caller) -> None:
         if self.governor is not None:
             self.governor.stop_now(caller, STOP_CANCEL)
 
 
-# Imports the guest's memory and wasmtime's fd_read, and re-exports both, so
-# that wasmtime's fd_read sees "memory" on its caller.
+# Imports the guest's memory and wasmtime's fd_read and fd_write, and
+# re-exports them, so that wasmtime's functions see "memory" on their caller.
 TRAMPOLINE_WAT = """
 (module
   (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (import "env" "memory" (memory 0))
   (export "memory" (memory 0))
   (func (export "fd_read") (param i32 i32 i32 i32) (result i32)
-    local.get 0 local.get 1 local.get 2 local.get 3 call $fd_read))
+    local.get 0 local.get 1 local.get 2 local.get 3 call $fd_read)
+  (func (export "fd_write") (param i32 i32 i32 i32) (result i32)
+    local.get 0 local.get 1 local.get 2 local.get 3 call $fd_write))
 """
 
 
@@ -161,10 +203,13 @@ def attach(channel: CommandChannel, store: wasmtime.Store, memory: wasmtime.Memo
     linker = wasmtime.Linker(store.engine)
     linker.define_wasi()
     linker.define(store, "env", "memory", memory)
-    item = linker.instantiate(store, trampoline).exports(store)["fd_read"]
-    if not isinstance(item, wasmtime.Func):
-        raise RuntimeError("fd_read trampoline has no fd_read export")
+    exports = linker.instantiate(store, trampoline).exports(store)
+    item, write = exports["fd_read"], exports["fd_write"]
+    if not isinstance(item, wasmtime.Func) or not isinstance(write, wasmtime.Func):
+        raise RuntimeError("the trampoline lacks fd_read or fd_write")
     channel.fd_read = item
+    channel.fd_write = write
+    channel.memory = memory
 
 
 def bind(channel: CommandChannel | None) -> None:
@@ -224,6 +269,53 @@ def define_command_channel(linker: wasmtime.Linker) -> None:
         except Exception:
             return ERRNO_IO
 
+    def fd_write(caller: wasmtime.Caller, fd: int, iovs_ptr: int, iovs_len: int, nwritten_ptr: int) -> int:
+        try:
+            channel = _current()
+            if channel is None:
+                return ERRNO_IO
+            writer = channel.writers.get(fd)
+            if fd != RESULT_FD and writer is None:
+                if channel.fd_write is None:
+                    return ERRNO_IO
+                result = channel.fd_write(caller, fd, iovs_ptr, iovs_len, nwritten_ptr)
+                return int(result) if isinstance(result, int) else ERRNO_IO
+            # The hot path of every console.log: guest memory is read through one
+            # base address, each range checked against its size first (T-MEM-1).
+            mem = channel.memory
+            if mem is None:
+                return ERRNO_FAULT
+            size = mem.data_len(caller)
+            base = ctypes.addressof(mem.data_ptr(caller).contents)
+            count = iovs_len & 0xFFFFFFFF
+            if count > MAX_IOVS:
+                return ERRNO_INVAL
+            table = span(iovs_ptr, 8 * count, size)
+            nwritten = span(nwritten_ptr, 4, size)
+            if table is None or nwritten is None:
+                return ERRNO_FAULT
+            raw = ctypes.string_at(base + table[0], table[1])
+            done = 0
+            for i in range(count):
+                ptr, length = struct.unpack_from("<II", raw, 8 * i)
+                where = span(ptr, length, size)
+                if where is None:
+                    return ERRNO_FAULT
+                if not length:
+                    continue
+                if writer is not None:  # the capture keeps its own cap (T-DOS-1)
+                    writer(ctypes.string_at(base + where[0], where[1]))
+                elif len(channel.result) + length <= channel.result_cap:  # T-DOS-1: read only what is kept
+                    channel.write_result(ctypes.string_at(base + where[0], where[1]))
+                else:
+                    channel.result_over = True
+                done += length
+            ctypes.memmove(base + nwritten[0], struct.pack("<I", done & 0xFFFFFFFF), 4)
+            return ERRNO_SUCCESS
+        except Exception:
+            return ERRNO_IO
+
     linker.allow_shadowing = True
     linker.define_func(WASI, "fd_read", wasmtime.FuncType([i32] * 4, [i32]), fd_read, access_caller=True)
+    linker.define_func(WASI, "fd_write", wasmtime.FuncType([i32] * 4, [i32]), fd_write, access_caller=True)
     linker.allow_shadowing = False

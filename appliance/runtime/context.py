@@ -33,6 +33,8 @@ class RunContext:
     cell_id: str = ""
     result_cap: int = 8 << 20  # one rich result of a Python run, in bytes (rich.py; T-DOS-1)
     results_cap: int = 16 << 20  # all rich results of the run together
+    on_result: Any = None  # results_channel.ResultCallback: streams each result as it is shown, or None
+    rich: Any = None  # results_channel.RunResults of the run in progress (bound by the session)
     denials: list[dict[str, str]] = field(default_factory=list)
 
     def deny(self, threat: str, function: str, reason: str) -> None:

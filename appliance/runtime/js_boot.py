@@ -47,6 +47,7 @@ const toInt = parseInt, min = Math.min, ceil = Math.ceil, U8 = Uint8Array, AB = 
 const Num = Number, TypeErr = TypeError, Err = Error, P = Promise, then = P.prototype.then;
 const micro = queueMicrotask, now = os.now, osSetTimeout = os.setTimeout;
 const setWH = os.setWriteHandler, keys = Object.keys, freeze = Object.freeze;
+const stringify = JSON.stringify, protoOf = Object.getPrototypeOf, isArray = Array.isArray, OP = Object.prototype;
 try { os.chdir('/data'); } catch (e) {}
 
 // Timers: a table by id and a binary heap of [due ms, seq, id] (lazy deletion).
@@ -154,6 +155,26 @@ function errText(e) {
     return t;
   }
 }
+// A plain object or array as the cell's value is also its main result: a JSON
+// bundle on the host's result fd (command_channel.RESULT_FD).
+const resultFile = std.fdopen(0x7FFF0001, 'w');
+function showJson(v) {
+  if (v === null || typeof v !== 'object' || resultFile === null) return;
+  const p = protoOf(v);
+  if (!isArray(v) && p !== OP && p !== null) return;
+  let body;
+  try {
+    const text = stringify(v);
+    if (typeof text !== 'string') return;
+    // text/plain: the JSON on one line while it is short, indented while it stays small
+    const plain = text.length <= 80 || text.length > 65536 ? text : stringify(v, null, 2);
+    body = stringify({ 'application/json': text, 'text/plain': plain, is_main_result: true });
+  } catch (e) {
+    return;  // cyclic, a BigInt, a throwing toJSON: no JSON form, the echo stays
+  }
+  resultFile.puts(body);
+  resultFile.flush();
+}
 function fail(e) {
   err.puts(errText(e) + "\n");
   if (rc === 0) rc = 1;
@@ -216,6 +237,7 @@ function onPoll() {  // the fd 1 write handler: called at every poll step while 
     const v = value, k = typeof v;
     value = undefined;
     try { log(v); } catch (e) { fail(e); }
+    showJson(v);
     if (k === 'object' || k === 'function') {  // printing ran its toString: look at the queue again
       postMarker(0);
       return;

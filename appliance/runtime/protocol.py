@@ -189,6 +189,22 @@ class ResultBundle:
 
 
 @dataclass(frozen=True)
+class RunResult:
+    """One rich result of a streamed run, sent the moment the guest shows it
+    (display(), plt.show(), the last expression). ``index`` counts from 0 in
+    the order shown; the web process checks it, the count and their size
+    (T-DOS-1, T-PROTO-1), and the run's final answer lists exactly these."""
+    TYPE: ClassVar[str] = "rich"
+    req_id: int
+    index: int
+    result: ResultBundle
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < MAX_RESULTS:
+            raise ProtocolError(f"result index {self.index} out of range")
+
+
+@dataclass(frozen=True)
 class RunOutcome:
     exit_code: int
     status: str
@@ -332,13 +348,13 @@ class McpCall:
 
 
 Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest, CancelRequest]
-Reply = Union[Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong, FetchCall, McpCall]
+Reply = Union[Ready, RunChunk, RunResult, RunReply, ErrorReply, OkReply, StatsReply, Pong, FetchCall, McpCall]
 HostCall = Union[FetchCall, McpCall]
 HOST_CALLS = (FetchCall, McpCall)
 
 TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest,
                                                        CancelRequest, CallAnswer)}
-FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong,
+FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunResult, RunReply, ErrorReply, OkReply, StatsReply, Pong,
                                                          FetchCall, McpCall)}
 
 

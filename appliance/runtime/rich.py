@@ -1,40 +1,36 @@
-"""Rich results of a Python run, Jupyter-style: the guest side and the host's check.
+"""Rich results of a Python run, Jupyter-style: the guest side.
 
 The guest side (``PY_RICH_BOOT``, run once in every Python interpreter)
-collects MIME bundles while a run goes: the value of the last bare expression
-(through ``sys.displayhook``, which the interpreter's ``turn`` calls, and
-which still prints its repr as before), every ``display(obj)``, and every
-matplotlib figure shown (``plt.show()``) or still open at the end of the run
-(drawn to PNG with Agg, then closed). ``IPython`` / ``IPython.display`` are
-small stand-ins with the names published notebooks import.
+hands the host one MIME bundle the moment it is shown: the value of the last
+bare expression (through ``sys.displayhook``, which the interpreter's
+``turn`` calls, and which still prints its repr as before), every
+``display(obj)``, and every matplotlib figure shown (``plt.show()``). Each
+goes through the host's results channel (``_host.call``, served by
+results_channel.py), which checks it against the run's caps before reading it
+(T-DOS-1) and streams it to the client at once. ``IPython`` /
+``IPython.display`` are small stand-ins with the names published notebooks
+import.
 
-The channel (T-DOS-1, T-PROTO-1): after the run, the host itself runs one
-more turn, ``PY_COLLECT``, whose only output is the pending bundles as one
-ASCII JSON list, captured with its own byte cap and deadline, apart from the
-run's stdout. Nothing is read from a path the guest could name. The guest
-may of course forge or garble its bundles (they are its own output, like
-stdout); ``check_results`` keeps what is well formed, within the caps, and
-never lets them decide anything on the host.
+Figures still open at the end of a run are drawn by one more turn the host
+runs itself (``collect_code``), only in interpreters that have loaded pyplot:
+a run that never drew anything pays no extra turn.
 """
 from __future__ import annotations
 
-import json
-from typing import Any
-
-from appliance.runtime.protocol import MAX_RESULTS, RESULT_MIMES, ResultBundle
-
-# The guest side. Caps arrive with each collection turn: the guest replaces a
-# result over them by a short note itself, so one huge chart does not push the
-# rest past the host's cap (the host checks again anyway).
+# The guest side. Over a cap, the host answers with the caps, and the guest
+# leaves out the biggest formats itself (a chart keeps its text/plain), so one
+# huge chart does not push the rest past the run's cap.
 PY_RICH_BOOT = r"""
 def _cell_rich():
-    import sys, os, builtins, types
-    pending = []
+    import sys, builtins, types
     REPRS = (('text/html', '_repr_html_'), ('text/markdown', '_repr_markdown_'), ('text/latex', '_repr_latex_'),
              ('image/svg+xml', '_repr_svg_'), ('image/png', '_repr_png_'), ('image/jpeg', '_repr_jpeg_'),
              ('application/json', '_repr_json_'))
-    write = os.write
-    state = {'main': False}
+    try:
+        from _host import call as door
+    except ImportError:
+        door = None
+    RESULT, FIGURES = b'cell-result/1\n', b'cell-figures/1\n'
 
     def b64(data):
         import base64
@@ -44,12 +40,44 @@ def _cell_rich():
         import json
         return json.dumps(value, default=str, allow_nan=False) if not isinstance(value, str) else value
 
+    def send(frame):
+        # The host's answer: b'' kept, b'over <cap> <room>', b'full' or b'bad'.
+        if door is None:
+            return b'bad'
+        try:
+            return door(frame)
+        except OSError:  # no run in progress (no host bound), or a fault
+            return b'bad'
+
     def add(bundle, main):
+        # Sent at once. The host checks the size before it reads the bundle and,
+        # over a cap, answers with the caps: keep what fits, text/plain last.
+        import json
         bundle['is_main_result'] = bool(main)
-        if len(pending) < 64:
-            pending.append(bundle)
-        else:
-            state['truncated'] = True
+        first, dropped, plain, last = None, [], bundle.get('text/plain', ''), False
+        while True:
+            data = json.dumps(bundle, ensure_ascii=True).encode('ascii')
+            if first is None:
+                first = len(data)
+            answer = send(RESULT + data)
+            if last or not answer.startswith(b'over '):
+                return
+            _, per_cap, room = answer.split()
+            cap, where = (int(per_cap), 'per result') if first > int(per_cap) else (int(room), 'left for this run')
+            rest = [k for k in bundle if k not in ('text/plain', 'is_main_result', 'trimmed')]
+            if rest:  # the biggest format goes first
+                big = max(rest, key=lambda k: len(bundle[k]))
+                dropped.append(big)
+                bundle = {k: v for k, v in bundle.items() if k != big}
+                bundle['text/plain'] = plain + (
+                    '\n[Cell: result trimmed: its %s left out, the result took %d bytes, over the cap of %d bytes %s]'
+                    % (', '.join(dropped), first, cap, where))
+            else:
+                last = True
+                bundle = {'text/plain': 'Cell: result omitted: its %s takes %d bytes, over the cap of %d bytes %s'
+                                        % (', '.join(sorted(dropped)) or 'text', first, cap, where),
+                          'is_main_result': bundle['is_main_result']}
+            bundle['trimmed'] = True
 
     def figure_bundle(fig):
         import io
@@ -57,8 +85,8 @@ def _cell_rich():
         try:
             fig.savefig(buf, format='png')
         except (MemoryError, ValueError, OverflowError) as e:
-            state['truncated'] = True
-            return {'text/plain': 'Cell: this figure could not be drawn: %s: %s' % (type(e).__name__, str(e)[:200])}
+            return {'text/plain': 'Cell: this figure could not be drawn: %s: %s' % (type(e).__name__, str(e)[:200]),
+                    'trimmed': True}
         w, h = fig.get_size_inches() * fig.dpi
         return {'text/plain': '<Figure size %dx%d with %d Axes>' % (round(w), round(h), len(fig.axes)),
                 'image/png': b64(buf.getbuffer())}
@@ -133,62 +161,19 @@ def _cell_rich():
             pass
         default_hook(value)
 
-    def collect(per_cap, total_cap):
-        # Sizes are those of the ASCII JSON the host reads: a result over its
-        # cap, or past the total, becomes a short note (the host checks again).
-        plt = sys.modules.get('matplotlib.pyplot')
-        if not pending and not state.get('truncated') and (plt is None or not plt.get_fignums()):
-            write(1, b'{"results":[]}')  # the common case, kept cheap
-            return
-        import json
+    def collect():
+        # The host's own turn after a run, once pyplot is loaded: figures still open.
         try:
             flush_figures()
         except Exception as e:
-            add({'text/plain': 'Cell: the open figures could not be drawn: %s' % type(e).__name__}, False)
-        def json_size(bundle):
-            # A base64 image needs no escapes: its length, not a copy of it.
-            return sum(len(k) + 6 + (len(v) if k.startswith('image/') and k != 'image/svg+xml' and v.isalnum()
-                                     else len(json.dumps(v, ensure_ascii=True)))
-                       for k, v in bundle.items() if isinstance(v, str)) + 32
-
-        items, total = [], 0
-        for bundle in pending:
-            size = first = json_size(bundle)
-            dropped = []
-            while (size > per_cap or total + size > total_cap) and len(bundle) > 2:
-                # Keep what fits: the biggest format goes first, text/plain last.
-                big = max((k for k in bundle if k not in ('text/plain', 'is_main_result')), key=lambda k: len(bundle[k]))
-                dropped.append(big)
-                bundle = {k: v for k, v in bundle.items() if k != big}
-                size = json_size(bundle)
-            if dropped and size <= per_cap and total + size <= total_cap:
-                state['truncated'] = True
-                bundle['text/plain'] = bundle.get('text/plain', '') + (
-                    '\n[Cell: result trimmed: its %s left out, the result took %d bytes, over the cap of %d bytes %s]'
-                    % (', '.join(dropped), first, per_cap if first > per_cap else total_cap - total,
-                       'per result' if first > per_cap else 'left for this run'))
-                size = json_size(bundle)
-            if size > per_cap or total + size > total_cap:
-                kinds = ', '.join(sorted(dropped) or sorted(k for k in bundle if k not in ('text/plain', 'is_main_result')))
-                bundle = {'text/plain': 'Cell: result omitted: its %s takes %d bytes, over the cap of %d bytes %s'
-                                        % (kinds or 'text', size, per_cap if size > per_cap else total_cap - total,
-                                           'per result' if size > per_cap else 'left for this run'),
-                          'is_main_result': bundle.get('is_main_result', False)}
-                state['truncated'] = True
-                size = json_size(bundle)
-            items.append(bundle)
-            total += size
-        pending.clear()
-        payload = json.dumps({'results': items, 'truncated': bool(state.pop('truncated', False))},
-                             ensure_ascii=True).encode('ascii')
-        while payload:
-            n = write(1, payload)
-            payload = payload[n:]
+            add({'text/plain': 'Cell: the open figures could not be drawn: %s' % type(e).__name__, 'trimmed': True},
+                False)
 
     def patch_pyplot(module):
         def show(*args, **kwargs):
             flush_figures()
         module.show = show
+        send(FIGURES)  # from now on, figures may be left open at the end of a run
 
     class Finder:
         # Wraps matplotlib.pyplot's loader so that its show() adds the open figures as results.
@@ -304,50 +289,6 @@ del _cell_rich
 
 
 
-def collect_code(per_cap: int, total_cap: int) -> bytes:
-    """The host's own turn after each run: the bundles, and nothing else, on fd 1."""
-    return f"__import__('_cell_results').collect({int(per_cap)}, {int(total_cap)})\n".encode()
-
-
-def collect_cap(total_cap: int) -> int:
-    """The byte cap of the collection turn's capture: the guest keeps within
-    ``total_cap`` plus the notes that replace results over it."""
-    return total_cap + 1024 * (MAX_RESULTS + 1)
-
-
-def check_results(raw: str, per_cap: int, total_cap: int, cut: bool) -> tuple[list[ResultBundle], bool]:
-    """The bundles a collection turn printed, kept only where well formed and
-    within the caps (T-DOS-1); the second value says something was left out.
-    ``cut``: the capture hit its cap, so the text is incomplete."""
-    if cut:
-        return [], True
-    try:
-        doc: Any = json.loads(raw) if raw else {"results": []}
-    except (ValueError, RecursionError):
-        return [], True
-    if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
-        return [], True
-    truncated = doc.get("truncated") is True
-    out: list[ResultBundle] = []
-    total = 0
-    for item in doc["results"]:
-        if len(out) >= MAX_RESULTS:
-            truncated = True
-            break
-        if not isinstance(item, dict):
-            truncated = True
-            continue
-        main = item.pop("is_main_result", False)
-        data = {k: v for k, v in item.items() if k in RESULT_MIMES and isinstance(v, str)}
-        if not isinstance(main, bool) or len(data) != len(item) or not data:
-            truncated = True  # an unknown key or a value that is not text: not a result
-            continue
-        size = sum(len(v) for v in data.values())
-        if size > per_cap or total + size > total_cap:
-            out.append(ResultBundle({"text/plain": f"Cell: result omitted, {size} bytes over the cap of "
-                                                   f"{min(per_cap, total_cap - total)} bytes"}, main))
-            truncated = True
-            continue
-        total += size
-        out.append(ResultBundle(data, main))
-    return out, truncated
+def collect_code() -> bytes:
+    """The host's own turn after a run: figures still open become results, through the channel."""
+    return b"__import__('_cell_results').collect()\n"

@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 import wasmtime
 
-from appliance.runtime import command_channel, context, rich, scratch
+from appliance.runtime import command_channel, context, results_channel, rich, scratch
 from appliance.runtime.js_boot import JS_BOOT
 from appliance.runtime.js_node import JS_NODE
 from appliance.runtime.capture import Capture, ChunkSink
@@ -27,7 +27,6 @@ from appliance.runtime.command_channel import ChannelClosed, CommandChannel
 from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor
 from appliance.runtime.loader import Loaded
 from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status, trap_words
-from appliance.runtime.protocol import ResultBundle
 from appliance.runtime.stack import on_guest_stack
 from appliance.runtime.templates import MPL_DATA_GUEST
 
@@ -153,6 +152,7 @@ class PythonSession:
         self.alive = True
         self.runs = 0
         self._rich = False  # rich results are collected once their boot code has run
+        self._figures = False  # pyplot is loaded: figures may be left open after a run (rich.py)
         # The first turn pays ~15 ms of interpreter warm-up; do it now, and
         # make relative paths land in the cell's volume.
         for code in (PY_BOOT.encode(), rich.PY_RICH_BOOT.encode()):
@@ -176,22 +176,25 @@ class PythonSession:
         self.capture.reset(cap, sink, self.governor)
         run_ctx = ctx or context.RunContext(governor=self.governor)
         run_ctx.governor = self.governor
+        # The run's results channel (results_channel.py): each result is kept,
+        # and streamed when the run streams, the moment the guest shows it.
+        shown = results_channel.RunResults(run_ctx.result_cap, run_ctx.results_cap, run_ctx.on_result)
+        run_ctx.rich = shown
         started = time.monotonic()
-        exit_code, trap, stop_reason = self._turn_once(code, run_ctx, timeout_s)
-        self.runs += 1
-        out, err, truncated = self.capture.finish()
-        results: list[ResultBundle] = []
-        results_truncated = False
-        if trap is None and self.alive and self._rich and not truncated:
-            # The host's own turn: the run's rich results on a capture of their own (rich.py).
-            left = max(RICH_MIN_S, timeout_s - (time.monotonic() - started))
-            self.capture.reset(rich.collect_cap(run_ctx.results_cap), None, self.governor)
-            _, trap, stop_reason = self._turn_once(rich.collect_code(run_ctx.result_cap, run_ctx.results_cap), run_ctx, left)
-            raw, _, cut = self.capture.finish()
-            if trap is None and self.alive:
-                results, results_truncated = rich.check_results(raw, run_ctx.result_cap, run_ctx.results_cap, cut)
-            else:
-                results_truncated = True
+        try:
+            exit_code, trap, stop_reason = self._turn_once(code, run_ctx, timeout_s)
+            self.runs += 1
+            out, err, truncated = self.capture.finish()
+            self._figures = self._figures or shown.figures
+            if trap is None and self.alive and self._rich and self._figures and not truncated:
+                # The host's own turn: figures still open, once pyplot is loaded (rich.py).
+                left = max(RICH_MIN_S, timeout_s - (time.monotonic() - started))
+                self.capture.reset(1 << 16, None, self.governor)
+                _, trap, stop_reason = self._turn_once(rich.collect_code(), run_ctx, left)
+                self.capture.finish()
+        finally:
+            run_ctx.rich = None  # the channel is closed between runs
+        results, results_truncated = list(shown.items), shown.truncated
         if trap is not None:
             self.alive = False
             status = trap_status(trap, stop_reason)
@@ -199,8 +202,9 @@ class PythonSession:
                 err += ("\n" if err and not err.endswith("\n") else "") + (
                     f"Cell: the Python interpreter crashed: {trap_words(trap)}. Its variables are lost; in a cell, "
                     "the next run starts a fresh interpreter (files are kept).\n")
+            # Results already shown (and streamed) stay in the answer.
             return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False, denials=run_ctx.denials,
-                           results_truncated=results_truncated)
+                           results=results, results_truncated=results_truncated)
         assert exit_code is not None
         status = "output_limit" if truncated else exited_status(exit_code, err)
         return Outcome(exit_code, status, out, err, truncated, session_alive=self.alive, denials=run_ctx.denials,
@@ -263,6 +267,7 @@ class JsSession:
                  scratch_dir: str | None = None) -> None:  # scratch_dir: unused, fd 0 needs no FIFO
         self.capture = Capture()
         self.channel = CommandChannel()
+        self.channel.writers = {1: self.capture.writer(1), 2: self.capture.writer(2)}
         self._loaded = loaded
         self._volume = volume
         self._memory_bytes = memory_bytes
@@ -329,6 +334,8 @@ class JsSession:
         # os.now() reads the host's monotonic clock in microseconds (wasi_shadow.py).
         soft_us = int((gov.deadline - min(JS_TIMER_MARGIN, timeout_s / 4)) * 1e6)
         body = json.dumps([soft_us, code.decode("utf-8", "replace")]).encode("ascii")
+        run_ctx = ctx or context.RunContext(governor=gov)
+        chan.result_cap = min(run_ctx.result_cap, run_ctx.results_cap)  # the main result's bytes (T-DOS-1)
         try:
             chan.submit(body)
         except ChannelClosed:
@@ -354,12 +361,26 @@ class JsSession:
                 status = "memory_limit"
             return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False)
         rc = chan.idle_rc or 0
+        shown = self._main_result(run_ctx)
         # Parked only after its deadline, or its boot cancelled the timers left
         # at its own deadline: the guest's choice, like its exit status.
         if (stop_reason == STOP_TIMEOUT or rc == command_channel.RC_TIMERS_CANCELLED) and not truncated:
-            return Outcome(NO_EXIT, "timeout", out, err, truncated, session_alive=True)
+            return Outcome(NO_EXIT, "timeout", out, err, truncated, session_alive=True, results=shown.items,
+                           results_truncated=shown.truncated)
         status = "output_limit" if truncated else exited_status(rc, err)
-        return Outcome(rc, status, out, err, truncated, session_alive=True)
+        return Outcome(rc, status, out, err, truncated, session_alive=True, results=shown.items,
+                       results_truncated=shown.truncated)
+
+    def _main_result(self, run_ctx: context.RunContext) -> results_channel.RunResults:
+        """The bundle the boot wrote on RESULT_FD for the cell's last value (a plain
+        object or array), checked like any result (T-DOS-1); read once the guest is parked."""
+        shown = results_channel.RunResults(run_ctx.result_cap, run_ctx.results_cap, run_ctx.on_result)
+        data, over = self.channel.take_result()
+        if over:
+            shown.truncated = True
+        elif data:
+            shown.add(data)
+        return shown
 
     def close(self) -> None:
         self.alive = False

@@ -295,6 +295,16 @@ class Worker:
 
         return sink
 
+    def _result_sink(self, req_id: int, stream: bool) -> Any:
+        """A streamed run's rich results, each sent the moment the guest shows it (results_channel.py)."""
+        if not stream:
+            return None
+
+        def send_result(index: int, bundle: protocol.ResultBundle) -> None:
+            self.send(protocol.RunResult(req_id, index, bundle))
+
+        return send_result
+
     def _exec(self, msg: protocol.ExecRequest) -> protocol.RunReply:
         """One run, in one of three modes: a wasm module, a one-shot
         interpreter, or a cell's persistent interpreter."""
@@ -307,7 +317,8 @@ class Worker:
             ctx=context.RunContext(governor=None, tenant_id=msg.tenant_id, cell_id=msg.cell_id or "",  # type: ignore[arg-type]
                                    quota_left=msg.quota_left, files_left=msg.files_left,
                                    result_cap=int(self.cfg.get("result_cap_bytes", 8 << 20)),
-                                   results_cap=int(self.cfg.get("results_cap_bytes", 16 << 20))),
+                                   results_cap=int(self.cfg.get("results_cap_bytes", 16 << 20)),
+                                   on_result=self._result_sink(msg.req_id, msg.stream)),
         )
         if not templates.get(msg.template).interpreter:
             outcome, usage = self._exec_module(msg, run)
@@ -316,6 +327,8 @@ class Worker:
         else:
             outcome, usage = self._exec_in_cell(msg, msg.cell_id, run)
         guest_ms = (time.perf_counter() - started) * 1000
+        if run.ctx.on_result is not None:
+            outcome.results = []  # each was sent as it was shown (RunResult): the web process lists them
         return protocol.RunReply(msg.req_id, outcome=protocol.RunOutcome(**outcome.to_wire()), guest_ms=guest_ms,
                                  volume_usage=usage)
 

@@ -42,16 +42,24 @@ def query_int(name: str, default: int | None, lo: int, hi: int) -> int | None:
     return int(raw)
 
 
-def sse(run: Callable[[Callable[[int, bytes], None]], dict[str, Any]]) -> Response:
-    """Server-Sent Events: output as it is produced, then the rich results, then the result."""
+def sse(run: Callable[[Callable[[int, bytes], None], Callable[[int, dict[str, Any]], None]], dict[str, Any]]) -> Response:
+    """Server-Sent Events: output and rich results as they are produced, then the result.
+
+    Rich results are ``rich_result`` events (``index``, ``result``), sent the moment
+    the guest shows them; the name ``result`` is taken by the final answer, the event
+    clients (the SDK, synapserun) already wait for. The final answer's ``results``
+    lists exactly the ``rich_result`` events sent, in order."""
     events: queue.Queue[tuple[str, Any]] = queue.Queue()
 
     def sink(fd: int, data: bytes) -> None:
         events.put(("chunk", (fd, data)))
 
+    def on_result(index: int, bundle: dict[str, Any]) -> None:
+        events.put(("rich", (index, bundle)))
+
     def worker() -> None:
         try:
-            events.put(("result", run(sink)))
+            events.put(("result", run(sink, on_result)))
         except CellError as exc:
             events.put(("error", {"error": exc.message, "code": exc.code, "status": exc.status}))
         except Exception:
@@ -67,12 +75,10 @@ def sse(run: Callable[[Callable[[int, bytes], None]], dict[str, Any]]) -> Respon
                 fd, data = payload
                 text = data.decode("utf-8", "replace")
                 yield "data: " + json.dumps({"type": "stdout" if fd == 1 else "stderr", "text": text}) + "\n\n"
+            elif kind == "rich":
+                index, bundle = payload
+                yield "data: " + json.dumps({"type": "rich_result", "index": index, "result": bundle}) + "\n\n"
             elif kind == "result":
-                # Rich results come back from the worker with the run's reply, so they are sent
-                # here, in order, just before the final event. They are "rich_result" events: the
-                # "result" type is the final answer, which clients already wait for.
-                for index, bundle in enumerate(payload.get("results") or []):
-                    yield "data: " + json.dumps({"type": "rich_result", "index": index, "result": bundle}) + "\n\n"
                 yield "data: " + json.dumps({"type": "result", **payload}) + "\n\n"
                 return
             else:

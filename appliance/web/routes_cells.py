@@ -90,8 +90,9 @@ def exec_stream(cell_id: str) -> Response:
     record = cells.cell(g.tenant, cell_id)
     args = validate.exec_body(json_body(), record.template, svc.settings)
     tenant = g.tenant
-    return sse(lambda sink: cells.exec_in_cell(tenant, cell_id, args["code"], args["is_text"], args["language"],
-                                               on_chunk=sink, timeout_ms=args["timeout_ms"], run_envs=args["envs"]))
+    return sse(lambda sink, on_result: cells.exec_in_cell(tenant, cell_id, args["code"], args["is_text"],
+                                                          args["language"], on_chunk=sink, timeout_ms=args["timeout_ms"],
+                                                          run_envs=args["envs"], on_result=on_result))
 
 
 @bp.post("/v1/execute")

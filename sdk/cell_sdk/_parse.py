@@ -82,8 +82,8 @@ def main_js_result_text(code: str, stdout: str, status: str) -> str | None:
     """The value of a JavaScript run's last statement, as its REPL echoed it.
 
     Python runs get their results from the server (MIME bundles, the main one
-    from the interpreter's display hook); a JavaScript run has none, and its
-    boot loop prints a last value that is not ``undefined`` after the code's
+    from the interpreter's display hook); a JavaScript run has one only when its
+    value is a plain object or array, and otherwise its boot loop prints a last value that is not ``undefined`` after the code's
     own output. The last statement is judged by its first word (not a
     declaration, loop, ``console.*`` or closing brace) and the last line of
     stdout is taken. Limit, documented: an expression that itself logs and

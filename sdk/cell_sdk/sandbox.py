@@ -186,7 +186,9 @@ class Sandbox:
         receipt (as E2B does). ``kill()`` of the sandbox meanwhile raises
         ``SandboxKilledException``. ``envs`` are environment variables for this
         run only, over the sandbox's own (``os.environ``, ``process.env``).
-        ``on_stdout``/``on_stderr`` receive output as it arrives (SSE).
+        ``on_stdout``/``on_stderr`` receive output as it arrives, and
+        ``on_result`` each rich result (display(), plt.show(), the last
+        expression) the moment it is shown (SSE).
         Python code indented as a whole (copied out of a block) runs as if
         dedented; the receipt still hashes it as sent.
 
@@ -208,16 +210,17 @@ class Sandbox:
             body["envs"] = dict(envs)
         wait = request_timeout or max(self._http.config.request_timeout, (timeout or RUN_CEILING_S) + 30.0)
         path = f"/v1/cells/{self.sandbox_id}/exec"
-        streamed = False
-        if on_stdout is None and on_stderr is None:
+        delivered = [0]  # rich results handed to on_result as they streamed in
+        # Any callback streams the run (SSE): on_result gets each rich result as
+        # the guest shows it, before the run ends, as E2B's does.
+        if on_stdout is None and on_stderr is None and on_result is None:
             answer = self._http.request("POST", path, body=body, timeout=wait)
         else:
-            streamed = True
-
             def on_event(event: dict[str, Any]) -> None:
                 if event.get("type") == "rich_result":
                     bundle = event.get("result")
                     if on_result is not None and isinstance(bundle, dict):
+                        delivered[0] += 1
                         on_result(Result.from_bundle(bundle))
                     return
                 text = str(event.get("text", ""))
@@ -237,8 +240,8 @@ class Sandbox:
         if execution.status == "timeout":
             raise TimeoutException(f"the run hit its time limit ({execution.note or 'timeout'})", code="run_timeout",
                                    execution=execution)
-        if on_result is not None and not streamed:  # streamed: each was handed over as it arrived
-            for result in execution.results:
+        if on_result is not None:  # those not streamed (a plain run, or a JavaScript echo read from stdout)
+            for result in execution.results[delivered[0]:]:
                 on_result(result)
         if on_error is not None and execution.error is not None:
             on_error(execution.error)
@@ -261,8 +264,9 @@ def execution_from_answer(answer: dict[str, Any], template: str, code: str | byt
     stdout, stderr = str(answer.get("stdout", "")), str(answer.get("stderr", ""))
     status, exit_code = str(answer.get("status", "")), int(answer.get("exit_code", 0))
     note = answer.get("note")
-    # The server's own results (MIME bundles). A JavaScript run has none, so its
-    # main result is still read from the REPL's echo (_parse.main_js_result_text).
+    # The server's own results (MIME bundles). A JavaScript run has one only for a
+    # plain object or array; otherwise its main result is still read from the
+    # REPL's echo (_parse.main_js_result_text).
     results = [Result.from_bundle(b) for b in answer.get("results") or [] if isinstance(b, dict)]
     if template == "javascript" and not results and isinstance(code, str):
         text = _parse.main_js_result_text(code, stdout, status)

@@ -42,6 +42,7 @@ SAMPLES: list[Any] = [
     protocol.RunReply(12, outcome=protocol.RunOutcome(
         0, "ok", "", "", False, results=[protocol.ResultBundle({"text/plain": "2", "image/png": "iVBORw0K"}, True)],
         results_truncated=True, cancelled=True), guest_ms=2.0),
+    protocol.RunResult(13, index=3, result=protocol.ResultBundle({"text/html": "<b>x</b>", "text/plain": "x"}, True)),
     protocol.ErrorReply(8, 403, "template_untrusted", "no", trace=None),
     protocol.OkReply(9, warm=True),
     protocol.StatsReply(10, sessions=1, warm={"python3": 2}, cache_hits=3, cache_misses=0),
@@ -102,6 +103,11 @@ HOSTILE_FRAMES: list[tuple[str, bytes]] = [
     ("too_many_results", _outcome_frame(b'"results": [' + b",".join(
         [b'{"data": {"text/plain": "x"}}'] * (protocol.MAX_RESULTS + 1)) + b"]")),
     ("results_truncated_not_bool", _outcome_frame(b'"results_truncated": "yes"')),
+    # a streamed result (T-PROTO-1): its index within MAX_RESULTS, its bundle checked like any other
+    ("rich_index_negative", b'{"type": "rich", "req_id": 1, "index": -1, "result": {"data": {"text/plain": "x"}}}'),
+    ("rich_index_past_max", b'{"type": "rich", "req_id": 1, "index": 64, "result": {"data": {"text/plain": "x"}}}'),
+    ("rich_unknown_mime", b'{"type": "rich", "req_id": 1, "index": 0, "result": {"data": {"text/x-sh": "x"}}}'),
+    ("rich_no_result", b'{"type": "rich", "req_id": 1, "index": 0}'),
     ("map_with_int_values", b'{"type": "stats", "req_id": 1, "sessions": 1, "warm": {"python3": "2"}, "cache_hits": 0, '
      b'"cache_misses": 0}'),
 ]
@@ -128,7 +134,8 @@ def test_t_proto_1_encode_refuses_what_is_not_a_message() -> None:
 
 ATTACKS = ["pickle", "pickled_dict", "not_utf8", "not_an_object", "unknown_type", "missing_field", "extra_field",
            "wrong_type_stdout", "bool_as_int", "unknown_status", "error_claims_success", "nan", "deep_nesting",
-           "bad_chunk_fd", "bad_base64", "chunk_flood", "stale_flood", "huge_length"]
+           "bad_chunk_fd", "bad_base64", "chunk_flood", "stale_flood", "huge_length", "results_out_of_order",
+           "results_flood"]
 # T-ESCAPE-3: host calls a compromised worker may send the supervisor's broker
 # (call_negative_max_len and the rest of the frame table: test_broker.py, without a pool)
 CALL_ATTACKS = ["call_not_in_flight", "call_oversized_url", "call_bad_url", "call_flood"]

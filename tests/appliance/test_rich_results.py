@@ -13,7 +13,7 @@ import struct
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ import pytest
 from appliance.receipts import envelope, v1
 from appliance.receipts import verify as offline
 from appliance.receipts.nodekey import NodeKey
-from appliance.runtime.protocol import ResultBundle
-from appliance.runtime.rich import check_results
+from appliance.runtime.protocol import MAX_RESULTS, ResultBundle
+from appliance.runtime.results_channel import RunResults
 from tests.appliance.test_receipts_v1 import VECTOR_CHAIN_HASH, VECTOR_KEY_ID, VECTOR_RECEIPT_HASH, VECTOR_SEED
 from tests.liveserver import ServerProcess
 
@@ -135,25 +135,112 @@ def test_T_DOS_1_a_big_dataframe_keeps_its_table_and_loses_only_its_records(live
     assert "its application/json left out" in main["text/plain"]
 
 
-@pytest.mark.slow
-def test_javascript_runs_have_no_results(live: ServerProcess) -> None:
-    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": "1 + 1"})
-    assert status == 200 and body["results"] == [] and body["receipt"]["extensions"] == {}
+JS_VALUES = [
+    pytest.param("({city: 'Oslo', temps: [4, 19]})", '{"city":"Oslo","temps":[4,19]}', id="plain-object"),
+    pytest.param("await new Promise(r => setTimeout(() => r([1, 'två']), 10))", '[1,"två"]', id="awaited-array"),
+    pytest.param("Object.assign(Object.create(null), {k: null})", '{"k":null}', id="null-prototype"),
+    pytest.param("1 + 1", None, id="number"),
+    pytest.param("'text'", None, id="string"),
+    pytest.param("new Map([[1, 2]])", None, id="map"),
+    pytest.param("class P {}; new P()", None, id="class-instance"),
+    pytest.param("const o = {}; o.self = o; o", None, id="cyclic"),
+    pytest.param("({n: 10n})", None, id="bigint"),
+]
 
 
 @pytest.mark.slow
-def test_sse_sends_rich_results_before_the_final_result(live: ServerProcess, cell: str) -> None:
+@pytest.mark.parametrize("code,as_json", JS_VALUES)
+def test_javascript_plain_object_or_array_is_a_json_main_result(live: ServerProcess, code: str,
+                                                                 as_json: str | None) -> None:
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": code})
+    assert status == 200 and body["status"] == "ok", body
+    if as_json is None:  # other values keep their echo on stdout, and no result
+        assert body["results"] == [] and body["receipt"]["extensions"] == {} and body["stdout"]
+        return
+    [main] = body["results"]
+    assert main["is_main_result"] is True and main["application/json"] == as_json
+    assert json.loads(main["text/plain"]) == json.loads(as_json)
+    canonical = json.dumps(body["results"], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert body["receipt"]["extensions"] == {"results/1": {"results_hash": hashlib.sha256(canonical).hexdigest()}}
+
+
+JS_HOSTILE = [
+    pytest.param("'garbage'", id="not-json"),
+    pytest.param("'{\"text/plain\": \"x'", id="partial-frame"),
+    pytest.param("'{\"text/x-sh\": \"x\"}'", id="unknown-mime"),
+    pytest.param("'{\"text/plain\": \"' + 'a'.repeat(9 << 20) + '\"}'", id="over-the-cap"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("frame", JS_HOSTILE)
+def test_T_DOS_1_javascript_garbage_on_the_result_fd_is_dropped_and_flagged(live: ServerProcess, frame: str) -> None:
+    # Guest code writes to the fd the boot uses for the main result: its own content, checked like any result.
+    code = f"const f = std.fdopen(0x7FFF0001, 'w'); f.puts({frame}); f.flush(); 'still running'"
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": code, "timeout_ms": 20_000})
+    assert status == 200 and body["status"] == "ok" and body["stdout"] == "still running\n", body
+    assert body["results"] == [] and body["results_truncated"] is True
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": "[1]"})
+    assert status == 200 and body["results"][0]["application/json"] == "[1]"  # the service keeps answering
+
+
+def stream(live: ServerProcess, cell: str, code: str, on_event: Callable[[dict[str, Any]], None] | None = None,
+           timeout_ms: int = LONG) -> list[dict[str, Any]]:
+    """The SSE events of one run, each handed to ``on_event`` the moment it is read."""
     req = urllib.request.Request(f"{live.url}/v1/cells/{cell}/exec/stream", method="POST",
-                                 data=json.dumps({"code": "display(1)\nprint('p')\n2", "timeout_ms": LONG}).encode())
+                                 data=json.dumps({"code": code, "timeout_ms": timeout_ms}).encode())
     req.add_header("Authorization", f"Bearer {live.api_key}")
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        events = [json.loads(line[6:]) for line in (raw.decode().strip() for raw in resp) if line.startswith("data: ")]
+    events = []
+    with urllib.request.urlopen(req, timeout=90) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if on_event is not None:
+                    on_event(events[-1])
+    return events
+
+
+@pytest.mark.slow
+def test_sse_sends_each_rich_result_as_it_is_shown(live: ServerProcess, cell: str) -> None:
+    events = stream(live, cell, "display(1)\nprint('p')\n2")
     kinds = [e["type"] for e in events]
-    assert kinds == ["stdout", "stdout", "rich_result", "rich_result", "result"] or \
-        kinds == ["stdout", "rich_result", "rich_result", "result"]
+    # Each result as it is shown; the interpreter's stdout is flushed at the end of its turn.
+    assert kinds[:2] == ["rich_result", "rich_result"] and kinds[-1] == "result"
+    assert set(kinds[2:-1]) == {"stdout"} and "".join(e["text"] for e in events[2:-1]) == "p\n2\n"
     streamed = [e["result"] for e in events if e["type"] == "rich_result"]
+    assert [e["index"] for e in events if e["type"] == "rich_result"] == [0, 1]
     assert streamed == events[-1]["results"] == [{"text/plain": "1", "is_main_result": False},
                                                  {"text/plain": "2", "is_main_result": True}]
+
+
+@pytest.mark.slow
+def test_streamed_result_arrives_while_the_run_still_goes(live: ServerProcess, cell: str) -> None:
+    # The guest shows one result, then waits for a file the test writes only
+    # once that result's event has arrived: a result sent at the end of the
+    # run could never let it go on (it would give up and say so).
+    code = ("import os, time\ndisplay('first')\nend = time.monotonic() + 20\n"
+            "while not os.path.exists('go.txt') and time.monotonic() < end:\n    time.sleep(0.01)\n"
+            "print('released' if os.path.exists('go.txt') else 'gave up')\ndisplay('second')\n'last'")
+    live.request("DELETE", f"/v1/cells/{cell}/files?path=go.txt")
+    seen: list[str] = []
+
+    def on_event(event: dict[str, Any]) -> None:
+        seen.append(event["type"])
+        if event["type"] == "rich_result" and event["index"] == 0:
+            assert "result" not in seen
+            status, body, _ = live.request("POST", f"/v1/cells/{cell}/files", {"path": "go.txt", "content": "go"})
+            assert status == 200, body
+
+    events = stream(live, cell, code, on_event, timeout_ms=30_000)
+    final = events[-1]
+    assert final["type"] == "result" and final["status"] == "ok" and final["stdout"] == "released\n'last'\n"
+    streamed = [e["result"] for e in events if e["type"] == "rich_result"]
+    assert [r["text/plain"] for r in streamed] == ["'first'", "'second'", "'last'"]
+    # the answer and its signed results_hash cover exactly what was streamed, in order
+    assert final["results"] == streamed
+    canonical = json.dumps(streamed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert final["receipt"]["extensions"]["results/1"]["results_hash"] == hashlib.sha256(canonical).hexdigest()
 
 
 @pytest.mark.slow
@@ -190,32 +277,83 @@ def test_T_RCPT_2_receipt_with_results_keeps_v1_and_signs_results_hash(
     assert status == 200 and report["ok"] is True, report
 
 
-# -- the host's check of what a guest printed in the collection turn (no guest needed) --
-FORGED = [
-    pytest.param("not json", id="not-json"),
-    pytest.param("[" * 100_000, id="deep-nesting"),
-    pytest.param(json.dumps({"results": {"text/plain": "x"}}), id="results-not-a-list"),
-    pytest.param(json.dumps({"results": [{"text/plain": 1}]}), id="value-not-text"),
-    pytest.param(json.dumps({"results": [{"text/plain": "x", "application/x-evil": "y"}]}), id="unknown-mime"),
-    pytest.param(json.dumps({"results": [{"text/plain": "x", "is_main_result": "yes"}]}), id="main-not-bool"),
-    pytest.param(json.dumps({"results": [{}]}), id="empty-bundle"),
+# -- a hostile guest on the results channel, live: each frame gets a clear answer --
+HOSTILE = [
+    pytest.param("P + b'not json'", "b'bad'", id="not-json"),
+    pytest.param("P + b'{\"text/plain\": \"x'", "b'bad'", id="partial-frame"),
+    pytest.param("P + b'[' * 200_000", "b'bad'", id="deep-nesting"),
+    pytest.param("P + b'\\xff\\xfe'", "b'bad'", id="not-utf8"),
+    pytest.param("P + b'{\"application/x-evil\": \"y\"}'", "b'bad'", id="unknown-mime"),
+    pytest.param("P + b'{\"text/plain\": \"' + b'a' * (9 << 20) + b'\"}'", "b'over 8388608 16777216'",
+                 id="over-the-cap"),
+    pytest.param("P", "b'bad'", id="empty-frame"),
+    pytest.param("P + b'{\"text/plain\": \"\\\\ud800\"}'", "b'bad'", id="lone-surrogate"),
+    pytest.param("b'{\"text/plain\": \"x\"}'", "ConnectionRefusedError", id="no-prefix"),
+    pytest.param("b'cell-figures/1\\nmore'", "ConnectionRefusedError", id="figures-with-a-tail"),
 ]
 
 
-@pytest.mark.parametrize("raw", FORGED)
-def test_T_DOS_1_forged_collection_output_is_dropped_and_flagged(raw: str) -> None:
-    results, truncated = check_results(raw, 1 << 20, 1 << 20, cut=False)
-    assert results == [] and truncated is True
+@pytest.mark.slow
+@pytest.mark.parametrize("frame,answer", HOSTILE)
+def test_T_DOS_1_hostile_result_frames_get_a_clear_answer_and_the_run_goes_on(
+        live: ServerProcess, cell: str, frame: str, answer: str) -> None:
+    code = (f"import _host\nP = b'cell-result/1\\n'\ntry:\n    print(repr(_host.call({frame})))\n"
+            "except OSError as e:\n    print(type(e).__name__)\ndisplay('after')")
+    out = run(live, cell, code)
+    assert out["status"] == "ok" and out["stdout"] == answer + "\n", out["stderr"]
+    assert out["results"] == [{"text/plain": "'after'", "is_main_result": False}]  # the channel still works
+    assert out.get("results_truncated") is (None if answer == "ConnectionRefusedError" else True)
+
+
+@pytest.mark.slow
+def test_T_DOS_1_a_flood_of_results_stops_at_the_count_and_the_answer_lists_what_was_kept(
+        live: ServerProcess, cell: str) -> None:
+    events = stream(live, cell, "import _host\nfor i in range(200):\n    a = _host.call(b'cell-result/1\\n{\"text/plain\": \"%d\"}' % i)\nprint(a)")
+    final = events[-1]
+    assert final["status"] == "ok" and final["stdout"] == "b'full'\n" and final["results_truncated"] is True
+    streamed = [e["result"] for e in events if e["type"] == "rich_result"]
+    assert len(streamed) == MAX_RESULTS and final["results"] == streamed
+    assert [r["text/plain"] for r in streamed] == [str(i) for i in range(MAX_RESULTS)]
+
+
+# -- the host's check of each bundle on the results channel (no guest needed) --
+FORGED = [
+    pytest.param(b"not json", id="not-json"),
+    pytest.param(b'{"text/plain": "x', id="partial-frame"),
+    pytest.param(b"[" * 100_000, id="deep-nesting"),
+    pytest.param(b"\xff\xfe{}", id="not-utf8"),
+    pytest.param(json.dumps([{"text/plain": "x"}]).encode(), id="not-an-object"),
+    pytest.param(json.dumps({"text/plain": 1}).encode(), id="value-not-text"),
+    pytest.param(json.dumps({"text/plain": "x", "application/x-evil": "y"}).encode(), id="unknown-mime"),
+    pytest.param(json.dumps({"text/plain": "x", "is_main_result": "yes"}).encode(), id="main-not-bool"),
+    pytest.param(json.dumps({"text/plain": "x", "trimmed": 1}).encode(), id="trimmed-not-bool"),
+    pytest.param(b"{}", id="empty-bundle"),
+    pytest.param(b'{"text/plain": "\\ud800"}', id="lone-surrogate"),
+]
+
+
+@pytest.mark.parametrize("frame", FORGED)
+def test_T_DOS_1_forged_result_frames_are_refused_and_flagged(frame: bytes) -> None:
+    streamed: list[Any] = []
+    shown = RunResults(1 << 20, 1 << 20, lambda i, b: streamed.append(b))
+    assert shown.add(frame) == b"bad"
+    assert shown.items == streamed == [] and shown.truncated is True
+    assert shown.add(b'{"text/plain": "ok"}') == b""  # the channel keeps working after garbage
+    assert streamed == shown.items == [ResultBundle({"text/plain": "ok"})]
 
 
 def test_T_DOS_1_host_caps_each_result_the_total_and_the_count() -> None:
-    items = [{"text/plain": "a" * 600, "is_main_result": False}] * 3 + [{"text/plain": "b" * 2000}]
-    results, truncated = check_results(json.dumps({"results": items}), 1000, 1500, cut=False)
-    assert truncated is True
-    assert [r.data["text/plain"][:1] for r in results] == ["a", "a", "C", "C"]
-    many, cut = check_results(json.dumps({"results": [{"text/plain": "x"}] * 100}), 1 << 20, 1 << 20, cut=False)
-    assert len(many) == 64 and cut is True
-    assert check_results('{"results": []}', 10, 10, cut=True) == ([], True)  # the capture hit its cap
+    shown = RunResults(1000, 1500)
+    small = json.dumps({"text/plain": "a" * 600}).encode()
+    assert shown.admit(1001) == b"over 1000 1500"  # refused by its length, before it is read
+    assert [shown.add(small) for _ in range(3)] == [b"", b"", b"over 1000 %d" % (1500 - 2 * len(small))]
+    assert shown.truncated is True and len(shown.items) == 2 and shown.total == 2 * len(small)
+    many = RunResults(1 << 20, 1 << 20)
+    answers = [many.add(b'{"text/plain": "x"}') for _ in range(MAX_RESULTS + 2)]
+    assert answers == [b""] * MAX_RESULTS + [b"full", b"full"] and len(many.items) == MAX_RESULTS
+    trimmed = RunResults(1 << 20, 1 << 20)
+    assert trimmed.add(b'{"text/plain": "note", "trimmed": true, "is_main_result": true}') == b""
+    assert trimmed.items == [ResultBundle({"text/plain": "note"}, True)] and trimmed.truncated is True
 
 
 # docs/receipts.md, "Rich results (results/1)": the test vector.
@@ -265,3 +403,28 @@ def test_sdk_fills_e2b_results_from_the_answer(live: ServerProcess) -> None:
         assert ex.text == table.text and set(table.formats()) == {"text", "html", "json"}
         streamed = sbx.run_code("display('x')\nprint('p')", on_stdout=lambda m: None, on_result=seen.append)
         assert [r.text for r in seen] == ["'x'"] and [r.text for r in streamed.results] == ["'x'"]
+
+
+@pytest.mark.slow
+def test_sdk_on_result_alone_streams_each_result_while_the_run_goes(live: ServerProcess) -> None:
+    from cell_sdk import Sandbox
+
+    # As test_streamed_result_arrives_while_the_run_still_goes, through the SDK:
+    # on_result (no output callback) gets the first result while the guest waits for it.
+    code = ("import os, time\ndisplay('first')\nend = time.monotonic() + 20\n"
+            "while not os.path.exists('go.txt') and time.monotonic() < end:\n    time.sleep(0.01)\n"
+            "print('released' if os.path.exists('go.txt') else 'gave up')\ndisplay('second')")
+    seen: list[str | None] = []
+    with Sandbox("python3", api_url=live.url, api_key=live.api_key) as sbx:
+        def on_result(result: Any) -> None:
+            seen.append(result.text)
+            if len(seen) == 1:
+                sbx.files.write("go.txt", "go")
+
+        ex = sbx.run_code(code, on_result=on_result, timeout=30)
+        assert ex.logs.stdout == ["released\n"] and seen == ["'first'", "'second'"]
+        assert [r.text for r in ex.results] == seen
+    with Sandbox("javascript", api_url=live.url, api_key=live.api_key) as js:
+        main = js.run_code("({rows: [1, 2]})").results
+        assert len(main) == 1 and main[0].is_main_result and main[0].data == {"rows": [1, 2]}
+        assert "json" in main[0].formats()

@@ -111,7 +111,8 @@ def test_python_exception_parsed(sbx: Sandbox) -> None:
 
 def test_javascript_value_and_error(live: ServerProcess) -> None:
     with Sandbox("javascript", **opts(live)) as js:
-        assert js.run_code("let a = [1, 2]; a.map(v => v * 3)").text == "3,6"
+        mapped = js.run_code("let a = [1, 2]; a.map(v => v * 3)")  # an array: a JSON main result
+        assert mapped.text == "[3,6]" and mapped.results[0].data == [3, 6] and mapped.logs.stdout == ["3,6\n"]
         assert js.run_code("a.length + 1").text == "3"  # state persists
         ex = js.run_code("throw new Error('boom')")
         assert ex.error is not None and (ex.error.name, ex.error.value) == ("Error", "boom")
