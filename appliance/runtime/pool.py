@@ -548,6 +548,7 @@ class WorkerPool:
                     continue
                 if isinstance(reply, protocol.HOST_CALLS):
                     self._answer_call(handle, reply, limit)  # admitted by the reader (T-ESCAPE-3)
+                    continue
                 if isinstance(reply, protocol.RunResult):
                     # In order, within the count and the run's cap (T-PROTO-1, T-DOS-1).
                     results_budget -= sum(len(v) for v in reply.result.data.values())
