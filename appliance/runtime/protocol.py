@@ -300,9 +300,23 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# A message class's resolved field types and fields, worked out once per class:
+# typing.get_type_hints re-evaluates every string annotation on each call, and
+# was the largest single cost of a run in the web process. The classes are
+# fixed at import time, so the cache never goes stale.
+_SCHEMAS: dict[type[Any], tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]] = {}
+
+
+def _schema(cls: type[Any]) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    found = _SCHEMAS.get(cls)
+    if found is None:
+        found = (typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)})
+        _SCHEMAS[cls] = found
+    return found
+
+
 def _build(cls: type[Any], raw: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _schema(cls)
     extra = set(raw) - set(fields)
     if extra:
         raise ProtocolError(f"{cls.__name__}: unexpected field(s) {sorted(extra)[:5]}")
