@@ -125,7 +125,7 @@ def drive_hello(hello: Hello, clients: int, seconds: float) -> Drive:
 
 def _serve(threads: int) -> None:
     from flask import Flask, jsonify, request
-    from waitress import create_server
+    from waitress import create_server  # type: ignore[import-untyped]
 
     app = Flask("hello")
 
@@ -135,7 +135,7 @@ def _serve(threads: int) -> None:
         return jsonify({"status": "ok", "stdout": "2\n", "stderr": "", "code_bytes": len(body.get("code", ""))})
 
     server = create_server(app, host="127.0.0.1", port=0, threads=threads)
-    print(f"hello: serving on http://127.0.0.1:{server.effective_port}", flush=True)  # type: ignore[union-attr]
+    print(f"hello: serving on http://127.0.0.1:{server.effective_port}", flush=True)
     server.run()
 
 
