@@ -23,12 +23,14 @@ import json
 import os
 import secrets
 import stat
+import time
 from pathlib import Path
 
 from appliance.fileio import write_atomic
 
 KEY_FILE = "key"
 KEY_BYTES = 32
+RACY_NS = 2_000_000_000  # only files unchanged for this long are remembered
 _MAX_RECORD = 4096
 
 Identity = tuple[int, int, int, int, int]
@@ -137,7 +139,11 @@ class VerifyMemo:
         if known is not None:
             return known, ident
         digest = sha256_fd(fd, ident[2])
-        if digest is not None and same_identity(fd, ident):
+        # A file changed moments ago is hashed but not remembered: file times
+        # are kept at the kernel's coarse clock, so a second write within the
+        # same tick could leave them as they were ("racy" timestamps, as git has).
+        settled = time.time_ns() - max(ident[3], ident[4]) > RACY_NS
+        if digest is not None and settled and same_identity(fd, ident):
             self.remember(ident, digest)
         return digest, ident
 
