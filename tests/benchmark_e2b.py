@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ for _root in (REPO / "sdk", REPO):  # sdk/: the client SDK's own distribution (c
         sys.path.insert(0, str(_root))
 
 from cell_sdk import CellClient, Sandbox, SandboxException  # noqa: E402
+from tests.hello_baseline import drive_hello, start_hello  # noqa: E402
 from tests.liveserver import shared_cache, start_server  # noqa: E402
 
 # The interpreter binary itself (a pyenv shim on PATH would add a shell script's start-up to the baseline).
@@ -266,6 +268,21 @@ def extra_rows(server: Any, engine: Engine, reps: int, checks: Checks, seconds: 
     r.notes["host"] = "no host equivalent"
     rows.append(r)
     client.close()
+    # The design card's stack with nothing in it, measured now, on the same machine load:
+    # a hello-world Flask app on waitress parsing a JSON body (tests/hello_baseline.py).
+    hello = start_hello()
+    try:
+        r = Row("hello-world Flask on waitress (baseline)")
+        warm = drive_hello(hello, 1, 0.5)
+        base = drive_hello(hello, 1, max(1.0, seconds / 2))
+        if warm.failures or base.failures:
+            checks.failures.append("hello-world baseline answered wrongly")
+        r.samples["http"] = base.latencies
+        four = drive_hello(hello, 4, max(1.0, seconds / 2))
+        r.notes["rate"] = f"{four.rate:.0f} req/s with 4 clients"
+        rows.append(r)
+    finally:
+        hello.stop()
     # cells/s: create + run + kill, with 1 and 2 concurrent clients
     for clients in (1, 2):
         r = Row(f"cells/s, {clients} client(s) (create+run+kill)")
@@ -353,6 +370,20 @@ def report(rows: list[Row]) -> None:
         print(line + (f"   [{notes}]" if notes else ""))
 
 
+def baseline_ratios(rows: list[Row]) -> None:
+    """Cell's HTTP rows over the hello-world baseline of the same run (issue 18: <= 2.0 for a persistent run)."""
+    by_name = {r.name: r for r in rows}
+    base = by_name.get("hello-world Flask on waitress (baseline)")
+    if base is None or not base.samples.get("http"):
+        return
+    b = med(base.samples["http"])
+    print(f"\nRatios to the hello-world baseline of this run (p50 {b * 1000:.2f} ms):")
+    for r in rows:
+        h = r.samples.get("http")
+        if h and r is not base:
+            print(f"  {r.name:44} {med(h) / b:7.1f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="~30 s version (fewer repetitions)")
@@ -385,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
     print(f"benchmark_e2b: {reps} repetitions per row, {time.perf_counter() - t_start:.0f} s total")
+    print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores, shared)")
     report(list(rows.values()) + extras)
+    baseline_ratios(list(rows.values()) + extras)
     print("\nReference rows (published by their vendors; NOT measured here):")
     for name, value, source in REFERENCE:
         print(f"  {name:50} {value:>10}   ({source})")

@@ -12,6 +12,7 @@ import logging
 import logging.handlers
 import os
 import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,14 @@ _SECRET_PATTERNS = (
 
 
 def scrub(text: str) -> str:
+    # Fast path, same result: in ASCII text the patterns need "bearer" or
+    # "authorization" (any case) or a run of 86 base64 characters. Other text
+    # always goes through the patterns (re's IGNORECASE also matches a few
+    # non-ASCII letters, e.g. a dotless i).
+    if len(text) < 86 and text.isascii():
+        low = text.lower()
+        if "bearer" not in low and "authorization" not in low:
+            return text
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub("[redacted]", text)
     return text
@@ -51,6 +60,16 @@ class JsonFormatter(logging.Formatter):
     """``{"time", "level", "logger", "event", ...fields}`` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        # Formatted once per record: every handler (stderr, the file, and the
+        # file's rollover check, which formats to measure) gets the same line.
+        done = record.__dict__.get("_cell_json")
+        if isinstance(done, str):
+            return done
+        line = self._format(record)
+        record.__dict__["_cell_json"] = line
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
@@ -86,9 +105,22 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """Rotating file created 0600: logs name tenants and cells."""
 
+    _regular = True
+
     def _open(self) -> Any:
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._regular = stat.S_ISREG(os.fstat(fd).st_mode)  # never roll over anything else (as the base class)
         return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        """The base class's rule without its two stat() calls and a seek per
+        line: the file's size comes from one fstat of the open descriptor."""
+        if self.stream is None:  # delay=True: opened at the first line
+            self.stream = self._open()
+        if self.maxBytes <= 0 or not self._regular:
+            return False
+        self.stream.flush()
+        return bool(os.fstat(self.stream.fileno()).st_size + len(self.format(record)) + 1 >= self.maxBytes)
 
 
 class OpsLog:
@@ -119,7 +151,11 @@ class OpsLog:
 
     def event(self, level: int, name: str, **fields: Any) -> None:
         if self.logger.isEnabledFor(level):
-            self.logger.log(level, name, extra={"fields": fields})
+            # The record is built directly: Logger.log would walk the stack
+            # for a caller's file and line that these lines never print.
+            record = self.logger.makeRecord(self.logger.name, level, "(ops)", 0, name, (), None,
+                                            extra={"fields": fields})
+            self.logger.handle(record)
 
     def request(self, *, status: int, **fields: Any) -> None:
         level = logging.ERROR if status >= 500 else logging.INFO

@@ -28,6 +28,7 @@ import wasmtime
 from appliance.fileio import write_atomic
 from appliance.runtime.governor import set_async_stack_size
 from appliance.runtime.stack import WASM_STACK
+from appliance.runtime.verify_memo import VerifyMemo, same_identity
 
 # Engine settings are part of the cache key: a .cwasm only loads into an
 # engine configured exactly like the one that wrote it. The stack sizes are
@@ -86,8 +87,9 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
 class ModuleCache:
     """Serialized modules keyed by source sha256 + wasmtime version + engine settings."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, memo: VerifyMemo | None = None) -> None:
         self.directory = Path(directory)
+        self.memo = memo  # remembered hashes (verify_memo.py); None: hash in full at every load
         _ensure_private_dir(self.directory)
         self._lock = threading.Lock()
         self.hits = 0
@@ -131,6 +133,8 @@ class ModuleCache:
                 return None
             if not isinstance(recorded, dict) or recorded.get("size") != st.st_size:
                 return None
+            if self.memo is not None and os.path.exists(f"/proc/self/fd/{fd}"):
+                return self._load_fd_memo(engine, fd, self.memo, recorded.get("sha256"), cwasm)
             return self._load_fd(engine, fd, st.st_size, recorded.get("sha256"), cwasm)
         except OSError:
             return None
@@ -179,6 +183,25 @@ class ModuleCache:
             return wasmtime.Module.deserialize(engine, data)  # the bytes hashed are the bytes loaded
         except wasmtime.WasmtimeError:
             return None
+
+    @staticmethod
+    def _load_fd_memo(engine: wasmtime.Engine, fd: int, memo: VerifyMemo, expected: object,
+                      cwasm: Path) -> wasmtime.Module | None:
+        """As ``_load_fd``, with the hash remembered for this descriptor's exact
+        identity (T-CACHE-1): the same inode is deserialized through
+        /proc/self/fd/N, and its identity is checked again afterwards, so a
+        write in place during the load is refused too."""
+        digest, ident = memo.digest_of(fd)
+        if digest is None:
+            return None
+        if digest != expected:
+            cwasm.unlink(missing_ok=True)
+            return None
+        try:
+            module = wasmtime.Module.deserialize_file(engine, f"/proc/self/fd/{fd}")
+        except wasmtime.WasmtimeError:
+            return None
+        return module if same_identity(fd, ident) else None
 
     def _store(self, module: wasmtime.Module, cwasm: Path, meta: Path) -> None:
         data = bytes(module.serialize())

@@ -5,6 +5,7 @@ life of a worker process; every run gets a fresh Store from them.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +16,7 @@ from appliance.fileio import sha256_file
 from appliance.runtime import command_channel, results_channel, templates, wasi_shadow
 from appliance.runtime.engine import ModuleCache, make_engine
 from appliance.runtime.governor import EpochTicker
+from appliance.runtime.verify_memo import VerifyMemo
 
 
 @dataclass
@@ -34,13 +36,17 @@ def _deny_host_call(*_args: int) -> int:
 
 class Runtimes:
     def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None,
-                 registry_hashes: Callable[[str], set[str]] | None = None, confining: bool = False) -> None:
+                 registry_hashes: Callable[[str], set[str]] | None = None, confining: bool = False,
+                 verify_memo: Path | str | None = None) -> None:
         self.registry_hashes = registry_hashes
+        # ``verify_memo``: a directory of remembered file hashes (verify_memo.py),
+        # so a start does not re-hash unchanged runtimes; None hashes in full.
+        self.memo = VerifyMemo.open(verify_memo)
         # ``confining``: this process confines itself after loading, so it
         # starts no thread before then (T-ESCAPE-1): no compiler thread pool,
         # and the ticker waits for start_ticker().
         self.engine = make_engine(parallel_compilation=not confining)
-        self.cache = ModuleCache(cache_dir)
+        self.cache = ModuleCache(cache_dir, self.memo)
         self.cache_root = Path(cache_dir).parent
         self.progress = progress
         self.ticker: EpochTicker | None = None if confining else EpochTicker(self.engine)
@@ -63,7 +69,7 @@ class Runtimes:
         runtime = templates.find_runtime(template)
         # T-SUPPLY-1: the file that is installed now must be the pinned one, or
         # one the verified trust registry lists for this template.
-        actual = sha256_file(runtime.wasm)
+        actual = self._digest(runtime.wasm)
         if actual != runtime.sha256:
             trusted = self.registry_hashes(template) if self.registry_hashes is not None else set()
             if actual not in trusted:
@@ -95,6 +101,25 @@ class Runtimes:
         pre = linker.instantiate_pre(module)
         return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir,
                       mpl_data_dir=mpl_data_dir, fd_read_trampoline=trampoline)
+
+    def _digest(self, path: Path) -> str:
+        """The file's SHA-256, remembered by the memo for its exact identity.
+        It only pins which compiled module is loaded (that one is checked on
+        its own descriptor); the source is read again and checked against
+        this digest whenever it is compiled (templates.verified_bytes)."""
+        if self.memo is None:
+            return sha256_file(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            digest, _ident = self.memo.digest_of(fd)
+        finally:
+            os.close(fd)
+        return digest if digest is not None else sha256_file(path)
+
+    def forget_memo(self) -> None:
+        """Drop the memo (and its key) once loading is over: a confined worker keeps no key."""
+        self.memo = None
+        self.cache.memo = None
 
     def start_ticker(self) -> None:
         if self.ticker is None:

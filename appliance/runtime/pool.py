@@ -204,6 +204,7 @@ class WorkerPool:
         return {
             "index": index,
             "cache_dir": str(s.cache_dir),
+            "verify_memo": str(s.keys_dir / "verify-memo"),  # remembered runtime hashes; read before confinement
             "volumes_dir": str(s.volumes_dir),
             "memory_mb": s.memory_mb,
             "output_cap_bytes": s.output_cap_bytes,

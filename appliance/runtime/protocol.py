@@ -23,7 +23,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, Callable, ClassVar, Union
 
 # Statuses a run may end with (the v1 API's list).
 RUN_STATUSES = frozenset({"ok", "error", "timeout", "memory_limit", "output_limit", "killed"})
@@ -377,11 +377,20 @@ def encode(msg: Any) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
+_FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}  # a message class's field names, looked up once
+
+
 def _to_json(value: Any) -> Any:
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or kind is float or value is None:
+        return value  # the common leaves, without the checks below
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    names = _FIELD_NAMES.get(kind)
+    if names is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(value))
+    if names is not None:
+        return {name: _to_json(getattr(value, name)) for name in names}
     if isinstance(value, dict):
         return {k: _to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -412,19 +421,41 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Per message class, worked out once: each field's name, whether it has a
+# default, and a checker built from its type. typing.get_type_hints
+# re-evaluates every string annotation on each call, and was the largest
+# single cost of a run in the web process; the checkers also skip the
+# typing.get_origin/get_args dispatch per value. The classes are fixed at
+# import time, so nothing here goes stale.
+Checker = Callable[[Any], Any]
+_SCHEMAS: dict[type[Any], tuple[frozenset[str], list[tuple[str, bool, Checker]]]] = {}
+
+
+def _schema(cls: type[Any]) -> tuple[frozenset[str], list[tuple[str, bool, Checker]]]:
+    found = _SCHEMAS.get(cls)
+    if found is None:
+        hints = typing.get_type_hints(cls)
+        fields = []
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            fields.append((f.name, required, _checker(hints[f.name], f"{cls.__name__}.{f.name}")))
+        found = (frozenset(name for name, _, _ in fields), fields)
+        _SCHEMAS[cls] = found
+    return found
+
+
 def _build(cls: type[Any], raw: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    extra = set(raw) - set(fields)
-    if extra:
+    names, fields = _schema(cls)
+    if not names.issuperset(raw):
+        extra = set(raw) - names
         raise ProtocolError(f"{cls.__name__}: unexpected field(s) {sorted(extra)[:5]}")
     values: dict[str, Any] = {}
-    for name, f in fields.items():
+    for name, required, check in fields:
         if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if required:
                 raise ProtocolError(f"{cls.__name__}: missing field {name}")
             continue
-        values[name] = _check(hints[name], raw[name], f"{cls.__name__}.{name}")
+        values[name] = check(raw[name])
     try:
         return cls(**values)
     except ProtocolError:
@@ -433,41 +464,52 @@ def _build(cls: type[Any], raw: dict[str, Any]) -> Any:
         raise ProtocolError(f"{cls.__name__}: {e}") from None
 
 
-def _check(hint: Any, value: Any, where: str) -> Any:
+def _checker(hint: Any, where: str) -> Checker:
+    """The check of one field's value against its type (``where`` names it in errors)."""
+    def wrong(value: Any) -> Any:
+        raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        (inner,) = [o for o in options if o is not type(None)]  # only "X | None" is used
-        return _check(inner, value, where)
+        (inner_hint,) = [o for o in options if o is not type(None)]  # only "X | None" is used
+        inner = _checker(inner_hint, where)
+        if type(None) not in options:
+            return inner
+
+        def optional(value: Any) -> Any:
+            return None if value is None else inner(value)
+        return optional
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool) and -(1 << 63) <= value < (1 << 63):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif hint is bytes:
-        if isinstance(value, str):
-            try:
-                return base64.b64decode(value.encode("ascii"), validate=True)
-            except (binascii.Error, UnicodeEncodeError):
-                pass
-    elif origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, list):
-            return [_check(item, v, f"{where}[]") for v in value]
-    elif origin is dict:
-        key, item = typing.get_args(hint)
-        if isinstance(value, dict) and key is str:
-            return {k: _check(item, v, f"{where}{{}}") for k, v in value.items()}
-    elif dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
-            return _build(hint, value)  # type: ignore[arg-type]
-    raise ProtocolError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+        return lambda value: value if isinstance(value, bool) else wrong(value)
+    if hint is int:
+        return lambda value: (value if isinstance(value, int) and not isinstance(value, bool)
+                              and -(1 << 63) <= value < (1 << 63) else wrong(value))
+    if hint is float:
+        return lambda value: (float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
+                              else wrong(value))
+    if hint is str:
+        return lambda value: value if isinstance(value, str) else wrong(value)
+    if hint is bytes:
+        def as_bytes(value: Any) -> Any:
+            if isinstance(value, str):
+                try:
+                    return base64.b64decode(value.encode("ascii"), validate=True)
+                except (binascii.Error, UnicodeEncodeError):
+                    pass
+            return wrong(value)
+        return as_bytes
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        item = _checker(item_hint, f"{where}[]")
+        return lambda value: [item(v) for v in value] if isinstance(value, list) else wrong(value)
+    if origin is dict:
+        key, item_hint = typing.get_args(hint)
+        if key is not str:
+            return wrong
+        item = _checker(item_hint, f"{where}{{}}")
+        return lambda value: {k: item(v) for k, v in value.items()} if isinstance(value, dict) else wrong(value)
+    if dataclasses.is_dataclass(hint):
+        cls: type[Any] = hint  # type: ignore[assignment]
+        return lambda value: _build(cls, value) if isinstance(value, dict) else wrong(value)
+    return wrong

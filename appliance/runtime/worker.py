@@ -107,7 +107,8 @@ class Worker:
         self._in_flight = 0
         hashes = _registry_hashes(config["registry_hashes"]) if "registry_hashes" in config \
             else _mirror_hashes(config.get("mirror_dir"))
-        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, confining=not start_threads)
+        self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, confining=not start_threads,
+                                 verify_memo=config.get("verify_memo"))
         self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
         self.sessions: dict[str, Session] = {}
@@ -137,6 +138,7 @@ class Worker:
             except (RuntimeMissing, ImportError, AttributeError) as e:  # that template is refused; the others keep working
                 self.untrusted[template] = str(e)
                 self.targets[template] = 0
+        self.runtimes.forget_memo()  # the memo's key stays behind the confinement wall (T-ESCAPE-1)
 
     def start_threads(self) -> None:
         self.runtimes.start_ticker()

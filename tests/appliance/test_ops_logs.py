@@ -80,3 +80,33 @@ def test_levels_filter_and_denials_are_warnings(tmp_path: Path) -> None:
 def test_unknown_level_is_refused() -> None:
     with pytest.raises(ValueError):
         OpsLog(level="chatty", stderr=False)
+
+
+def _scrub_every_pattern(text: str) -> str:
+    from appliance.ops.logs import _SECRET_PATTERNS
+
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub("[redacted]", text)
+    return text
+
+
+@pytest.mark.parametrize("text", [
+    "", "plain", "c1-0123456789abcdef", "/v1/cells/<cell_id>/exec",
+    "BEARER token", "x bEaReR\ttoken", "Bearer", "bearer\n", "AUTHORIZATION=secret", "authorization: x",
+    "authorızation: secret",  # dotless i: re's IGNORECASE matches it, so non-ASCII text takes the full path
+    "ſig bearer x", "A" * 85 + "==", "A" * 86 + "=", "x" * 85, "é" + "B" * 86 + "==", "Bearer\u00a0x",
+])
+def test_t_log_1_scrub_fast_path_gives_the_same_result(text: str) -> None:
+    assert scrub(text) == _scrub_every_pattern(text)
+
+
+def test_rotated_files_stay_within_their_size(tmp_path: Path) -> None:
+    path = tmp_path / "cell.log"
+    events = OpsLog(log_file=path, stderr=False, max_bytes=1500, backups=3)
+    try:
+        for i in range(60):
+            events.request(status=200, request_id=f"r{i}", route="/v1/cells")
+    finally:
+        events.close()
+    for f in (path, tmp_path / "cell.log.1", tmp_path / "cell.log.2"):
+        assert 0 < f.stat().st_size <= 1500

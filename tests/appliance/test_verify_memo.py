@@ -1,0 +1,213 @@
+"""Remembered runtime hashes (appliance/runtime/verify_memo.py): a start skips
+the full hash of an unchanged file, and never trusts a changed one (T-CACHE-1)."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import wasmtime
+
+from appliance.runtime import verify_memo
+from appliance.runtime.engine import ModuleCache, make_engine
+from appliance.runtime.verify_memo import VerifyMemo, identity
+
+WAT = '(module (memory (export "memory") 1) (func (export "run") (result i32) i32.const 42))'
+KEY = "cd" * 32
+
+
+@pytest.fixture(autouse=True)
+def settled(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The modules here are written moments before they are loaded: treat them
+    as settled, except in the test of that very rule."""
+    if "racy" not in request.node.name:
+        monkeypatch.setattr(verify_memo, "RACY_NS", -1)
+
+
+def _compile(engine: wasmtime.Engine, calls: list[int]) -> wasmtime.Module:
+    calls.append(1)
+    return wasmtime.Module(engine, WAT)
+
+
+def _runs_42(engine: wasmtime.Engine, module: wasmtime.Module) -> bool:
+    store = wasmtime.Store(engine)
+    store.set_epoch_deadline(1 << 30)
+    return bool(wasmtime.Instance(store, module, []).exports(store)["run"](store) == 42)  # type: ignore[operator]
+
+
+class HashCount:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        real = verify_memo.sha256_fd
+
+        def counted(fd: int, size: int) -> str | None:
+            self.n += 1
+            return real(fd, size)
+
+        monkeypatch.setattr(verify_memo, "sha256_fd", counted)
+
+
+def _memo(tmp_path: Path) -> VerifyMemo:
+    memo = VerifyMemo.open(tmp_path / "keys" / "verify-memo")
+    assert memo is not None
+    return memo
+
+
+def test_an_unchanged_module_is_not_hashed_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, calls, hashes = make_engine(), [], HashCount(monkeypatch)
+    ModuleCache(tmp_path / "modules").load(engine, KEY, lambda: _compile(engine, calls))  # written
+    first = ModuleCache(tmp_path / "modules", _memo(tmp_path))
+    assert _runs_42(engine, first.load(engine, KEY, lambda: _compile(engine, calls)))
+    assert hashes.n == 1  # hashed once, and remembered
+    again = ModuleCache(tmp_path / "modules", _memo(tmp_path))  # the next start
+    assert _runs_42(engine, again.load(engine, KEY, lambda: _compile(engine, calls)))
+    assert hashes.n == 1 and len(calls) == 1 and again.hits == 1
+    # The key lives outside the module cache; the cache holds only modules and their records.
+    assert (tmp_path / "keys" / "verify-memo" / verify_memo.KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert {p.suffix for p in (tmp_path / "modules").iterdir()} == {".cwasm", ".json"}
+
+
+def _flip_in_place(path: Path) -> None:
+    """Change one byte of the same inode and put its mtime back (ctime moves anyway)."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        b = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([b[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("tamper", ["flip-in-place", "rename-over", "forged-record", "record-copied-to-new-inode"])
+def test_t_cache_1_memo_never_vouches_for_a_changed_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           tamper: str) -> None:
+    engine, calls = make_engine(), []
+    ModuleCache(tmp_path / "modules", _memo(tmp_path)).load(engine, KEY, lambda: _compile(engine, calls))
+    ModuleCache(tmp_path / "modules", _memo(tmp_path)).load(engine, KEY, lambda: _compile(engine, calls))
+    cwasm = next((tmp_path / "modules").glob("*.cwasm"))
+    memo_dir = tmp_path / "keys" / "verify-memo"
+    good = json.loads(cwasm.with_suffix(".json").read_text())["sha256"]
+    old_record = next(p for p in memo_dir.iterdir() if p.suffix == ".json")
+    if tamper == "flip-in-place":
+        _flip_in_place(cwasm)
+    elif tamper == "rename-over":
+        st = cwasm.stat()
+        data = bytearray(cwasm.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        swap = cwasm.with_suffix(".swap")
+        swap.write_bytes(bytes(data))
+        os.chmod(swap, 0o600)
+        os.utime(swap, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(swap, cwasm)
+    elif tamper == "forged-record":
+        # Someone who can write the records but has no key vouches for a tampered file.
+        _flip_in_place(cwasm)
+        ident = identity(os.stat(cwasm))
+        msg = "cell-verify-memo/1|" + "|".join(str(v) for v in ident) + "|" + good
+        mac = hmac.new(b"\0" * 32, msg.encode(), hashlib.sha256).hexdigest()
+        (memo_dir / f"{ident[0]:x}-{ident[1]:x}.json").write_text(
+            json.dumps({"identity": list(ident), "sha256": good, "mac": mac}))
+    elif tamper == "record-copied-to-new-inode":
+        # The old, genuine record renamed to the new inode's name: its identity no longer matches.
+        st = cwasm.stat()
+        data = bytearray(cwasm.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        swap = cwasm.with_suffix(".swap")
+        swap.write_bytes(bytes(data))
+        os.chmod(swap, 0o600)
+        os.replace(swap, cwasm)
+        ident = identity(os.stat(cwasm))
+        os.replace(old_record, memo_dir / f"{ident[0]:x}-{ident[1]:x}.json")
+        del st
+    module = ModuleCache(tmp_path / "modules", _memo(tmp_path)).load(engine, KEY, lambda: _compile(engine, calls))
+    assert len(calls) == 2  # the tampered file was refused and the module compiled again
+    assert _runs_42(engine, module)
+
+
+def test_t_cache_1_a_write_in_place_during_the_load_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memo checks the descriptor's identity again after deserializing it,
+    so the same inode rewritten between the check and the load is not used."""
+    engine, calls = make_engine(), []
+    ModuleCache(tmp_path / "modules", _memo(tmp_path)).load(engine, KEY, lambda: _compile(engine, calls))
+    cwasm = next((tmp_path / "modules").glob("*.cwasm"))
+    real_load = wasmtime.Module.deserialize_file
+    tampered: list[str] = []
+
+    def write_then_load(eng: wasmtime.Engine, path: str) -> wasmtime.Module:
+        if not tampered:
+            tampered.append(path)
+            with open(cwasm, "r+b") as f:  # same inode: the content changes under the open descriptor
+                f.seek(0, os.SEEK_END)
+                f.write(b"\0")
+        return real_load(eng, path)
+
+    monkeypatch.setattr(wasmtime.Module, "deserialize_file", staticmethod(write_then_load))
+    module = ModuleCache(tmp_path / "modules", _memo(tmp_path)).load(engine, KEY, lambda: _compile(engine, calls))
+    assert tampered and tampered[0].startswith("/proc/self/fd/")
+    assert len(calls) == 2  # not the rewritten file: compiled again
+    assert _runs_42(engine, module)
+
+
+@pytest.mark.parametrize("bad_key", ["group-readable", "wrong-size", "symlink"])
+def test_t_cache_1_no_private_key_means_no_memo(tmp_path: Path, bad_key: str) -> None:
+    memo_dir = tmp_path / "keys" / "verify-memo"
+    assert VerifyMemo.open(memo_dir) is not None
+    key = memo_dir / verify_memo.KEY_FILE
+    if bad_key == "group-readable":
+        os.chmod(key, 0o640)
+    elif bad_key == "wrong-size":
+        key.write_bytes(b"short")
+    elif bad_key == "symlink":
+        other = tmp_path / "other-key"
+        other.write_bytes(os.urandom(verify_memo.KEY_BYTES))
+        os.chmod(other, 0o600)
+        key.unlink()
+        os.symlink(other, key)
+    assert VerifyMemo.open(memo_dir) is None  # every file is hashed in full instead
+
+
+def test_runtimes_remember_the_shipped_runtime_and_drop_the_key(module_cache: None, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real start-up path: the second worker start hashes neither the
+    runtime nor its compiled module; the key is dropped once loading is over."""
+    from appliance.runtime.loader import Runtimes
+    from tests.liveserver import shared_cache
+
+    memo_dir = tmp_path / "keys" / "verify-memo"
+    first = Runtimes(shared_cache(), confining=True, verify_memo=memo_dir)
+    try:
+        first.get("javascript")
+    finally:
+        first.close()
+    calls: list[Any] = []
+
+    def no_hash(*a: Any) -> None:
+        calls.append(a)
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(verify_memo, "sha256_fd", no_hash)
+    second = Runtimes(shared_cache(), confining=True, verify_memo=memo_dir)
+    try:
+        second.get("javascript")
+        assert not calls and second.cache.hits == 1
+        second.forget_memo()
+        assert second.memo is None and second.cache.memo is None
+    finally:
+        second.close()
+
+
+def test_t_cache_1_a_file_changed_moments_ago_is_not_remembered_racy(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """File times tick coarsely, so a file written within RACY_NS is hashed at
+    every load until it has settled: a second write in the same tick cannot
+    hide behind a remembered hash."""
+    engine, calls, hashes = make_engine(), [], HashCount(monkeypatch)
+    for _ in range(3):  # written, then loaded twice
+        module = ModuleCache(tmp_path / "modules", _memo(tmp_path)).load(engine, KEY, lambda: _compile(engine, calls))
+        assert _runs_42(engine, module)
+    assert hashes.n == 2 and len(calls) == 1  # both loads hashed in full
+    assert not [p for p in (tmp_path / "keys" / "verify-memo").iterdir() if p.suffix == ".json"]
