@@ -94,6 +94,25 @@ class ExecRequest:
     stdin: bytes | None = None
 
 
+TENANT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the volume layer's tenant ids (confine.py)
+
+
+@dataclass(frozen=True)
+class TenantBindRequest:
+    """Bind an unbound (spare) worker to one tenant (T-TENANT-1): it narrows
+    its Landlock rules to that tenant's volume and /tmp directories, installs
+    its final seccomp filter, and only then runs guests. Sent once per worker;
+    a bound worker is never bound again (it is reclaimed instead)."""
+    TYPE: ClassVar[str] = "tenant"
+    req_id: int
+    tenant_id: str
+
+    def __post_init__(self) -> None:
+        # Host data, but it becomes a path in the worker: fail closed.
+        if not TENANT_ID.fullmatch(self.tenant_id):
+            raise ProtocolError("malformed tenant id")
+
+
 @dataclass(frozen=True)
 class DropRequest:
     TYPE: ClassVar[str] = "drop"
@@ -239,10 +258,12 @@ class Pong:
     req_id: int
 
 
-Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest]
+Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest, TenantBindRequest]
 Reply = Union[Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong]
 
 TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest)}
+# What an unbound worker accepts: only the tenant bind (T-TENANT-1).
+TO_SPARE: dict[str, type[Any]] = {TenantBindRequest.TYPE: TenantBindRequest}
 FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunReply, ErrorReply, OkReply, StatsReply, Pong)}
 
 

@@ -107,6 +107,10 @@ class Worker:
         self.pool_root = Path(config["volumes_dir"]) / ".pool" / f"w{config['index']}-{os.getpid()}"
         _remove_stale_pools(self.pool_root)
         self.pool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The pool sessions' /tmp root (scratch.py), made now: a bound worker cannot make it later.
+        self.pool_tmp_root = scratch.tmp_dir_for(str(self.pool_root / "-")).parent
+        self.pool_tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.tenant: str | None = None  # the one tenant this worker serves, once bound (T-TENANT-1)
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         interpreters = [t.name for t in templates.interpreters()]
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
@@ -131,8 +135,21 @@ class Worker:
         self.runtimes.start_ticker()
 
     def scratch_dirs(self) -> tuple[str, ...]:
-        """Directories this worker writes outside the volume set (its FIFOs)."""
-        return (self.fifo_dir,)
+        """Directories this worker writes outside the volume set: its FIFOs and
+        its own pool (warm and one-shot sessions' /data and /tmp)."""
+        return (self.fifo_dir, str(self.pool_root), str(self.pool_tmp_root))
+
+    def prepare_tenant(self, tenant_id: str) -> tuple[str, str]:
+        """Make the tenant's volume and /tmp roots (0700, never through a
+        symlink) while this worker may still write the whole volumes
+        directory; the second Landlock layer then admits only these."""
+        dirs = sandbox.tenant_dirs(str(self.cfg["volumes_dir"]), tenant_id)
+        for path in dirs:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+            if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid():
+                raise sandbox.SandboxError(f"{path} is not a directory of ours")
+        return dirs
 
     # -- messaging (typed frames, no pickle: appliance/runtime/protocol.py) ----
     def send(self, msg: Any) -> None:
@@ -140,8 +157,9 @@ class Worker:
         with self._send_lock:
             self.conn.send_bytes(frame)
 
-    def serve(self) -> None:
-        self.send(protocol.Ready(pid=os.getpid()))
+    def serve(self, announce: bool = True) -> None:
+        if announce:
+            self.send(protocol.Ready(pid=os.getpid()))
         while True:
             if self.conn.poll(0):
                 try:
@@ -227,6 +245,9 @@ class Worker:
 
     # -- requests --------------------------------------------------------
     def handle(self, request: protocol.Request) -> Any:
+        if isinstance(request, protocol.ExecRequest) and self.tenant is not None and request.tenant_id != self.tenant:
+            # T-TENANT-1: the supervisor never sends this; Landlock would refuse the files anyway.
+            return protocol.ErrorReply(request.req_id, 403, "wrong_tenant", "this worker serves another tenant")
         if isinstance(request, protocol.ExecRequest):
             return self._exec(request)
         if isinstance(request, protocol.BindRequest):
@@ -509,7 +530,8 @@ def start_confined(conn: Connection, config: dict[str, Any]) -> Worker:
     """Start-up of every pooled worker, in the order the second wall needs:
     drop inherited descriptors, open everything that needs wide access
     (runtimes, module cache, weights, scratch), confine (Landlock + seccomp,
-    T-ESCAPE-1/2), and only then start threads. Exits the process if the
+    T-ESCAPE-1/2). No thread is started here: :func:`await_tenant` narrows
+    the sandbox to one tenant first (T-TENANT-1). Exits the process if the
     sandbox is required and cannot be applied."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     keep = {conn.fileno()}
@@ -525,14 +547,39 @@ def start_confined(conn: Connection, config: dict[str, Any]) -> Worker:
     except (sandbox.SandboxError, landlock.RulesError, OSError) as e:
         os.write(2, f"cell worker: cannot apply the worker sandbox: {e}\n".encode())
         os._exit(3)
-    worker.start_threads()
     return worker
+
+
+def await_tenant(worker: Worker) -> str:
+    """A confined spare: say ready, then wait — one thread, no guest — for the
+    supervisor's tenant bind (T-TENANT-1). On it, make the tenant's
+    directories, narrow the sandbox to them (a second Landlock layer and the
+    final seccomp filter), start threads, and acknowledge. Any other frame, or
+    a failure to narrow, ends the process: a worker never serves unbound."""
+    worker.send(protocol.Ready(pid=os.getpid()))
+    try:
+        frame = worker.conn.recv_bytes(MAX_REQUEST_FRAME)
+        request = protocol.decode(frame, protocol.TO_SPARE, MAX_REQUEST_FRAME)
+    except (EOFError, OSError, protocol.ProtocolError):
+        os._exit(0)  # shut down or reclaimed before it was bound
+    try:
+        worker.prepare_tenant(request.tenant_id)
+        sandbox.narrow_to_tenant(worker.cfg, worker.scratch_dirs(), request.tenant_id)
+    except (sandbox.SandboxError, landlock.RulesError, OSError) as e:
+        os.write(2, f"cell worker: cannot bind to a tenant: {e}\n".encode())
+        os._exit(3)
+    tenant: str = request.tenant_id
+    worker.tenant = tenant
+    worker.start_threads()
+    worker.send(protocol.OkReply(request.req_id))
+    return tenant
 
 
 def worker_main(conn: Connection, config: dict[str, Any]) -> None:
     worker = start_confined(conn, config)
+    await_tenant(worker)
     try:
-        on_guest_stack(worker.serve)
+        on_guest_stack(lambda: worker.serve(announce=False))
     finally:
         with worker._lock:
             busy = worker._in_flight > 0
