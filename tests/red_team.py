@@ -357,6 +357,12 @@ def tenants(srv: ServerProcess) -> None:
     record("tenants", all(r["execution_id"] != ran["execution_id"] for r in listing["receipts"]), "receipt listing is per tenant")
     status, _, _ = srv.request("GET", "/v1/cells", key=mallory + "x")
     record("tenants", status == 401, "tampered key refused")
+    # T-TENANT-1: mallory's own run is placed on a worker bound to mallory, never the victim's.
+    status, _, _ = srv.request("POST", "/v1/execute", {"code": "print(1)"}, key=mallory)
+    _, node, _ = srv.request("GET", "/v1/status", key=mallory)
+    binding = node["worker_sandbox"]["tenant_binding"]
+    record("tenants", status == 200 and binding["tenants"] >= 2 and binding["bound"] >= binding["tenants"],
+           f"tenant-bound workers: {binding['bound']} bound to {binding['tenants']} tenants after two tenants ran")
     _mcp_tenants(srv, mallory, cid)
 
 
@@ -714,6 +720,8 @@ def escape() -> None:
 
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
+    # --family=tenants,escape runs only those families (all by default).
+    only = {f for a in argv if a.startswith("--family=") for f in a.split("=", 1)[1].split(",") if f}
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
     own = own_address_hosts()
     hosts.write_text(json.dumps({**EGRESS_HOSTS, **own}))
@@ -731,6 +739,8 @@ def main(argv: list[str]) -> int:
                            ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),
                            ("incident", lambda: incident_snapshot(srv)),  # takes the node out of rotation: after every server row
                            ("escape", escape)):
+            if only and family not in only:
+                continue
             t = time.monotonic()
             fn()
             print(f"  {family:9} pass {tally[family + ':pass']:4}  fail {tally[family + ':fail']:3}  ({time.monotonic() - t:.1f}s)")

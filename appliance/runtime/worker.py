@@ -98,6 +98,8 @@ class Worker:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # the warm pool and the count of requests in flight
         self._in_flight = 0
+        self._refilling = False  # a warm session is being made (serve with refill_thread)
+        self._stopping = False  # the pipe closed: no new warm session is started
         hashes = _registry_hashes(config["registry_hashes"]) if "registry_hashes" in config \
             else _mirror_hashes(config.get("mirror_dir"))
         self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, confining=not start_threads)
@@ -157,9 +159,23 @@ class Worker:
         with self._send_lock:
             self.conn.send_bytes(frame)
 
-    def serve(self, announce: bool = True) -> None:
+    def serve(self, announce: bool = True, refill_thread: bool = False) -> None:
+        """Read requests until EOF. ``refill_thread``: warm sessions are made
+        on a thread of their own, so a request never waits behind one being
+        made (a freshly bound worker starts with none: T-TENANT-1)."""
         if announce:
             self.send(protocol.Ready(pid=os.getpid()))
+        if refill_thread:
+            threading.Thread(target=self._refill_loop, name="cell-warm", daemon=True).start()
+            while True:
+                try:
+                    frame = self.conn.recv_bytes(MAX_REQUEST_FRAME)
+                    request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
+                except (EOFError, OSError, protocol.ProtocolError):
+                    return  # only the supervisor writes here: EOF or a bad frame means it is gone or broken
+                with self._lock:
+                    self._in_flight += 1
+                threading.Thread(target=self._serve_one, args=(request,), name="cell-request", daemon=True).start()
         while True:
             if self.conn.poll(0):
                 try:
@@ -214,6 +230,24 @@ class Worker:
         loaded = self.runtimes.get(template)
         session: Session = self.session_classes[template](loaded, volume, memory, envs, self.fifo_dir)
         return session
+
+    def _refill_loop(self) -> None:
+        """Keep the warm pool full while no request is in flight (checked
+        between sessions; a run in flight pauses it)."""
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                idle = self._in_flight == 0
+                if idle:
+                    self._refilling = True
+            try:
+                made = idle and self._refill_one()
+            finally:
+                with self._lock:
+                    self._refilling = False
+            if not made:
+                time.sleep(0.05)  # idle and full, or busy: look again shortly
 
     def _refill_one(self) -> bool:
         for template, target in self.targets.items():
@@ -579,10 +613,11 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
     worker = start_confined(conn, config)
     await_tenant(worker)
     try:
-        on_guest_stack(lambda: worker.serve(announce=False))
+        on_guest_stack(lambda: worker.serve(announce=False, refill_thread=True))
     finally:
         with worker._lock:
-            busy = worker._in_flight > 0
+            worker._stopping = True
+            busy = worker._in_flight > 0 or worker._refilling
         if busy:  # the pipe closed under running requests: never close a Store another thread is driving
             _discard(worker.pool_root)  # guest scratch trees: the iterative, bounded removal (T-DOS-1)
             shutil.rmtree(worker.fifo_dir, ignore_errors=True)
