@@ -306,6 +306,13 @@ class CellService:
             else:
                 lost = False
             binding = self._bindings.get(cell_id)
+        if not lost and binding is not None and tmpl.interpreter \
+                and self.pool.generation_of(binding.worker) != binding.generation:
+            # Its worker was stopped (died, overran, broke the protocol) before any
+            # run noticed: the same answer, whichever noticed first.
+            with self._lock:
+                self._bindings.pop(cell_id, None)
+            lost = True
         if lost:
             raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, its files are kept. "
                            "The next run starts a fresh interpreter.", code="cell_lost")
