@@ -529,7 +529,8 @@ class WorkerPool:
                 try:
                     self._await_ready(handle, START_TIMEOUT_S)
                 except RuntimeError as e:
-                    log.error("a spare worker did not start: %s", e)
+                    if not self.closed:
+                        log.error("a spare worker did not start: %s", e)
                     self._retire(handle)
                     return
                 with self._place:
