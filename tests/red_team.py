@@ -361,8 +361,8 @@ def tenants(srv: ServerProcess) -> None:
     status, _, _ = srv.request("POST", "/v1/execute", {"code": "print(1)"}, key=mallory)
     _, node, _ = srv.request("GET", "/v1/status", key=mallory)
     binding = node["worker_sandbox"]["tenant_binding"]
-    record("tenants", status == 200 and binding["tenants"] >= 2 and binding["bound"] >= binding["tenants"],
-           f"tenant-bound workers: {binding['bound']} bound to {binding['tenants']} tenants after two tenants ran")
+    record("tenants", status == 200 and binding["bound"] >= 2 and "tenant" not in json.dumps(node["worker_sandbox"]["workers"]),
+           f"tenant-bound workers: {binding['bound']} bound after two tenants ran, no tenant id in the status")
     _mcp_tenants(srv, mallory, cid)
 
 

@@ -597,13 +597,12 @@ class WorkerPool:
         return len(idle)
 
     def binding_status(self) -> dict[str, Any]:
-        """Tenant binding as /v1/status and `cell doctor` show it. No tenant id:
-        any tenant's key reads /v1/status (T-TENANT-1)."""
+        """Tenant binding as /v1/status shows it. No tenant id and no count of
+        tenants: any tenant's key reads /v1/status (T-TENANT-1)."""
         handles = self._handles()
         return {"mode": "one tenant per worker", "bound": sum(1 for w in handles if w.state == "bound"),
                 "spares": sum(1 for w in handles if w.state == "spare"),
                 "starting": sum(1 for w in handles if w.state in ("starting", "binding")),
-                "tenants": len({w.tenant for w in handles if w.state == "bound"}),
                 "budget": self.settings.workers, "max": self.settings.worker_ceiling,
                 "spare_target": self._spare_target(), "idle_reclaim_s": self.settings.worker_idle_s}
 

@@ -27,7 +27,7 @@ from appliance.receipts.store import ReceiptStore
 from appliance.runtime import landlock, protocol, sandbox, seccomp
 from appliance.runtime.pool import WorkerPool, sandbox_config
 from appliance.storage import Store, Tenant
-from tests.liveserver import shared_cache
+from tests.liveserver import ServerProcess, shared_cache
 
 BAD_TENANT_IDS = ["", "../b", "a/b", ".tmp", ".pool", "x" * 65, "a\x00b", "a b", "ä", "..", "/"]
 
@@ -255,3 +255,15 @@ def test_t_tenant_1_spent_budget_answers_no_worker_then_reclaims_for_the_next_te
         pool.close()
         receipts.close()
         store.close()
+
+
+def test_t_tenant_1_status_reports_binding_without_tenant_ids(live: ServerProcess) -> None:
+    assert live.request("POST", "/v1/execute", {"code": "print(1)"})[0] == 200
+    _, status, _ = live.request("GET", "/v1/status")
+    box = status["worker_sandbox"]
+    binding = box["tenant_binding"]
+    assert binding["mode"] == "one tenant per worker" and binding["bound"] >= 1
+    assert binding["budget"] >= 1 and binding["max"] >= binding["budget"] and binding["idle_reclaim_s"] >= 1
+    assert {w["state"] for w in box["workers"]} <= {"spare", "binding", "bound"}
+    assert all(w["seccomp"] == 2 and w["no_new_privs"] == 1 for w in box["workers"])
+    assert "default" not in json.dumps(box)  # the live server's tenant: any tenant's key reads this
