@@ -129,12 +129,17 @@ class CellService:
                             persistent, metadata, envs, memory_mb, internet=allow_internet_access is not False)
         volume = self.volume_path(tenant.id, record.id)
         if templates.get(template).interpreter:
-            handle = self.pool.pick_for_cell()
+            handle = self.pool.pick_for_cell(tenant.id)  # T-TENANT-1: a worker bound to this tenant
             bind = protocol.BindRequest(0, cell_id=record.id, template=template, volume=volume, envs=dict(envs), memory_mb=memory_mb)
-            reply = self._call(handle, bind, None, tenant=tenant.id, cell_id=record.id)
+            self.pool.assign(handle, record.id)  # counted at once: a worker holding a cell is never reclaimed
+            try:
+                reply = self._call(handle, bind, None, tenant=tenant.id, cell_id=record.id)
+            except BaseException:
+                self.pool.release(handle.index, record.id)
+                raise
             if not isinstance(reply, protocol.OkReply):
+                self.pool.release(handle.index, record.id)
                 raise _refusal(reply, "could not start the cell")
-            self.pool.assign(handle, record.id)
             with self._lock:
                 self._bindings[record.id] = Binding(handle.index, handle.generation)
         else:
@@ -174,9 +179,9 @@ class CellService:
             self._records.pop(record.id, None)
         if binding is not None:
             self.pool.release(binding.worker, record.id)
-            handle = self.pool.worker(binding.worker)
-            if handle.generation == binding.generation:
+            if self.pool.generation_of(binding.worker) == binding.generation:
                 try:
+                    handle = self.pool.worker(binding.worker)
                     self._call(handle, protocol.DropRequest(0, cell_id=record.id), None, tenant=record.tenant_id,
                                cell_id=record.id)
                 except (WorkerLost, CellError):
@@ -321,11 +326,18 @@ class CellService:
             else:
                 lost = False
             binding = self._bindings.get(cell_id)
+        if not lost and binding is not None and tmpl.interpreter \
+                and self.pool.generation_of(binding.worker) != binding.generation:
+            # Its worker was stopped (died, overran, broke the protocol) before any
+            # run noticed: the same answer, whichever noticed first.
+            with self._lock:
+                self._bindings.pop(cell_id, None)
+            lost = True
         if lost:
             raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, its files are kept. "
                            "The next run starts a fresh interpreter.", code="cell_lost")
         if binding is None or self.pool.generation_of(binding.worker) != binding.generation:
-            handle = self.pool.pick_for_cell() if tmpl.interpreter else self.pool.pick_for_run()
+            handle = self.pool.pick_for_cell(tenant.id) if tmpl.interpreter else self.pool.pick_for_run(tenant.id)
             if tmpl.interpreter:
                 self.pool.assign(handle, cell_id)
                 with self._lock:
@@ -368,7 +380,7 @@ class CellService:
                      timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None,
                      on_result: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         self.check_memory(memory_mb or self.settings.memory_mb)
-        handle = self.pool.pick_for_run()
+        handle = self.pool.pick_for_run(tenant.id)  # T-TENANT-1: only a worker bound to this tenant
         # T-DISK-1: a throw-away volume is not charged to the tenant, but while the run
         # lasts it may hold no more than the tenant's whole quota and file limit.
         msg = self._exec_request(tenant, template, code, is_text, timeout_ms, memory_mb or self.settings.memory_mb,
@@ -427,7 +439,7 @@ class CellService:
                         self._lost.discard(cell_id)
                     raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, "
                                    "its files are kept. The next run starts a fresh interpreter.", code="cell_lost") from None
-                handle = self.pool.pick_for_run()  # nothing ran: safe to send once more
+                handle = self.pool.pick_for_run(tenant.id)  # nothing ran: safe to send once more
                 reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id,
                                    on_result=take)
         except WorkerLost as e:

@@ -91,6 +91,14 @@ class Settings:
     @property
     def clustered(self) -> bool:
         return bool(self.cluster_etcd)
+    # T-TENANT-1: tenant-bound workers (docs/workers.md). ``workers`` is the
+    # budget of worker processes kept (bound + spares); when every one holds
+    # live cells of other tenants the pool may start more, up to
+    # ``workers_max`` (0 = automatic: 2 x workers + 4, at most 256), and past
+    # that answers 503 no_worker with Retry-After.
+    workers_max: int = 0
+    worker_spares: int = 1  # unbound, confined workers kept ready to bind to a new tenant
+    worker_idle_s: int = 60  # a bound worker without cells or runs this long is reclaimed
 
     @property
     def http_threads(self) -> int:
@@ -102,6 +110,11 @@ class Settings:
         keeps its own SQLite readers and waitress polls with select(), so the
         count stays well below 1024 descriptors."""
         return min(256, 32 + 2 * self.workers * self.lanes_per_worker)
+
+    @property
+    def worker_ceiling(self) -> int:
+        """The most worker processes the pool may run (T-TENANT-1, T-DOS-2)."""
+        return self.workers_max or min(256, 2 * self.workers + 4)
 
     @property
     def volumes_dir(self) -> Path:
@@ -293,6 +306,9 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "log_file": ("SYNAPSE_LOG_FILE", "log_file", _path),
     "mcp_servers": ("SYNAPSE_MCP_SERVERS", "mcp_servers", _path),
     "worker_sandbox": ("SYNAPSE_WORKER_SANDBOX", "worker_sandbox", _choice("required", "off-unsafe")),
+    "workers_max": ("SYNAPSE_WORKERS_MAX", "workers_max", _int(0, 256)),
+    "worker_spares": ("SYNAPSE_WORKER_SPARES", "worker_spares", _int(0, 16)),
+    "worker_idle_s": ("SYNAPSE_WORKER_IDLE_S", "worker_idle_s", _int(1, 86400)),
     "log_level": ("SYNAPSE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
     "cluster_etcd": ("SYNAPSE_CLUSTER_ETCD", "cluster_etcd", _endpoints),
     "node_addr": ("SYNAPSE_NODE_ADDR", "node_addr", _addr),
@@ -363,6 +379,8 @@ def load_settings(
     settings = Settings(**values)
     if settings.memory_mb > settings.memory_ceiling_mb:
         raise ConfigError("SYNAPSE_MEMORY_MB", "is above SYNAPSE_MEMORY_CEILING_MB")
+    if settings.workers_max and settings.workers_max < settings.workers:
+        raise ConfigError("SYNAPSE_WORKERS_MAX", "is below SYNAPSE_WORKERS (0 = automatic)")
     if not settings.node_id:
         settings = replace(settings, node_id=_node_id(settings))
     if settings.clustered:

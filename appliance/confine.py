@@ -916,6 +916,77 @@ def open_volume(volumes_root: Path, tenant_id: str, cell_id: str, *,
     return Volume.from_fd(cell, resolver=resolver, max_file_bytes=max_file_bytes)
 
 
+def _open_tenant_dir(tenant_dir: Path, *, create: bool) -> int:
+    """Open ``<root>/<tenant>`` by its own path, never its parent: a worker bound
+    to one tenant (T-TENANT-1) may not read the directory that lists every
+    tenant. The tenant component is checked and not followed if a symlink."""
+    _check_id("tenant", tenant_dir.name)
+    try:
+        if create:
+            try:
+                os.mkdir(tenant_dir, 0o700)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                os.makedirs(tenant_dir.parent, mode=0o700, exist_ok=True)
+                os.makedirs(tenant_dir, mode=0o700, exist_ok=True)
+        fd = os.open(tenant_dir, _DIR_READ_FLAGS)
+    except OSError as exc:
+        raise (_denied("symlink") if exc.errno in (errno.ENOTDIR, errno.ELOOP) else _mapped(exc)) from None
+    s = os.fstat(fd)
+    try:
+        parent_dev = os.stat(tenant_dir.parent).st_dev
+    except OSError:
+        parent_dev = -1
+    if s.st_uid != os.geteuid() or s.st_dev != parent_dev:
+        os.close(fd)
+        raise _denied("not_owned")
+    return fd
+
+
+def create_volume_in(tenant_dir: Path, cell_id: str) -> Path:
+    """:func:`create_volume` below a tenant directory opened by its own path (see _open_tenant_dir)."""
+    _check_id("cell", cell_id)
+    fds = [_open_tenant_dir(Path(tenant_dir), create=True)]
+    try:
+        fds.append(_owned_dir_at(fds[-1], cell_id, create=True))
+    finally:
+        _close_all(fds)
+    return Path(tenant_dir) / cell_id
+
+
+def open_volume_in(tenant_dir: Path, cell_id: str, *, max_file_bytes: int | None = None) -> Volume:
+    """:func:`open_volume` below a tenant directory opened by its own path."""
+    _check_id("cell", cell_id)
+    tenant = _open_tenant_dir(Path(tenant_dir), create=False)
+    try:
+        cell = _owned_dir_at(tenant, cell_id, create=False)
+    finally:
+        os.close(tenant)
+    return Volume.from_fd(cell, max_file_bytes=max_file_bytes)
+
+
+def remove_volume_in(tenant_dir: Path, cell_id: str) -> bool:
+    """:func:`remove_volume` below a tenant directory opened by its own path."""
+    _check_id("cell", cell_id)
+    try:
+        tenant = _open_tenant_dir(Path(tenant_dir), create=False)
+    except ConfinementError as exc:
+        if exc.code == "not_found":
+            return False
+        raise
+    try:
+        s = os.stat(_enc(cell_id), dir_fd=tenant, follow_symlinks=False)
+        if not st.S_ISDIR(s.st_mode):
+            raise _denied("symlink" if st.S_ISLNK(s.st_mode) else "special_file")
+        _rmtree_at(tenant, _enc(cell_id), os.fstat(tenant).st_dev)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(tenant)
+
+
 def remove_volume(volumes_root: Path, tenant_id: str, cell_id: str) -> bool:
     """Delete a cell's volume without following symlinks; False if it did not exist."""
     _check_id("tenant", tenant_id)

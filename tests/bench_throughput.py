@@ -11,6 +11,10 @@ run of the web process, the workers and the client; then create + run +
 delete with 2 clients, and the rows of issue 18's table with their ratios.
 The machine is shared: the ratios to the same-run baseline are the figures
 to compare. A benchmark: exits non-zero only if a run fails.
+
+``--tenants N`` spreads the clients over N tenants (client i is tenant
+i mod N): with tenant-bound workers (T-TENANT-1) each tenant's cells live in
+workers of their own.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -28,7 +33,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.hello_baseline import Drive, drive, drive_hello, start_hello  # noqa: E402
-from tests.liveserver import ServerProcess, shared_cache, start_server  # noqa: E402
+from tests.liveserver import REPO, ServerProcess, shared_cache, start_server  # noqa: E402
+
+
+def add_tenants(srv: ServerProcess, n: int) -> list[str]:
+    """API keys of ``n`` new tenants (the operator's `cell tenant add`)."""
+    env = dict(os.environ, SYNAPSE_ROOT=str(srv.root), SYNAPSE_CONFIG_DIR=str(srv.root / "etc"))
+    keys = []
+    for i in range(n):
+        out = subprocess.run([sys.executable, "-m", "appliance.cli", "tenant", "add", f"bench{i}"], env=env, cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout
+        keys.append(out.strip().rsplit(" ", 1)[-1])
+    return keys
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -118,6 +134,7 @@ def create_run_delete(srv: ServerProcess, clients: int, seconds: float) -> tuple
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement (default 5)")
+    ap.add_argument("--tenants", type=int, default=1, help="spread the clients over N tenants (default 1)")
     args = ap.parse_args(argv)
     seconds = args.seconds
     load0 = os.getloadavg()
@@ -132,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host, port = srv.url.split("//")[1].rsplit(":", 1)
         headers = {"Authorization": f"Bearer {srv.api_key}", "Content-Type": "application/json"}
-        pids = [srv.proc.pid, *srv.request("GET", "/v1/status")[1]["workers"]["pids"]]
+        keys = add_tenants(srv, args.tenants) if args.tenants > 1 else [srv.api_key]
+        print(f"{args.tenants} tenant(s)")
         print(f"engine floor, print(1+1) in-process: p50 {floor_p50:.2f} ms, CPU {floor_cpu:.2f} ms/run")
         print(f"start to first answered run: first start {first_start:.2f} s, restart {restart:.2f} s")
         print(f"{'clients':>7} {'hello/s':>8} {'runs/s':>7} {'ratio':>6} {'hello p50':>9} {'run p50':>8} {'p99':>7} "
@@ -141,13 +159,17 @@ def main(argv: list[str] | None = None) -> int:
             h_cpu0 = _cpu_seconds(hello.proc.pid)
             h = drive_hello(hello, clients, seconds)
             h_cpu = (_cpu_seconds(hello.proc.pid) - h_cpu0) * 1000 / max(1, h.requests)
-            cells = [srv.request("POST", "/v1/cells", {"template": "python3"})[1]["cell_id"] for _ in range(clients)]
+            owners = [keys[i % len(keys)] for i in range(clients)]
+            cells = [srv.request("POST", "/v1/cells", {"template": "python3"}, key=k)[1]["cell_id"] for k in owners]
+            # Workers start on demand, one set per tenant (T-TENANT-1): read the pids once the cells exist.
+            pids = [srv.proc.pid, *srv.request("GET", "/v1/status")[1]["workers"]["pids"]]
             before = {p: _cpu_seconds(p) for p in pids}
             mine = time.process_time()
             c = drive(host, int(port), [f"/v1/cells/{cell}/exec" for cell in cells],
-                      json.dumps({"code": "print(1+1)"}).encode(), headers, seconds, lambda a: a.get("stdout") == "2\n")
+                      json.dumps({"code": "print(1+1)"}).encode(), [dict(headers, Authorization=f"Bearer {k}") for k in owners],
+                      seconds, lambda a: a.get("stdout") == "2\n")
             client_cpu = (time.process_time() - mine) * 1000 / max(1, c.requests)
-            cpu = {p: (_cpu_seconds(p) - before[p]) * 1000 / max(1, c.requests) for p in pids}
+            cpu = {p: (_cpu_seconds(p) - before[p]) * 1000 / max(1, c.requests) for p in pids if os.path.exists(f"/proc/{p}")}
             workers = sum(v for p, v in cpu.items() if p != srv.proc.pid)
             failed += c.failures + h.failures
             rows[clients] = (h, c, h_cpu, cpu[srv.proc.pid], workers, client_cpu)
@@ -184,4 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = sys.argv[1:]
+
+    def _opt(name: str, default: str) -> str:
+        return args[args.index(name) + 1] if name in args else default
+
+    sys.exit(main(seconds=float(_opt("--seconds", "5")), tenants=int(_opt("--tenants", "1"))))

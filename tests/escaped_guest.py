@@ -25,11 +25,11 @@ from typing import Any, Callable
 
 from appliance.runtime import protocol
 from appliance.runtime.sandbox import KEEP_FD_ENV
-from appliance.runtime.worker import start_confined
+from appliance.runtime.worker import await_tenant, start_confined
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.syscall.restype = ctypes.c_long
-SYS = {"ptrace": 101, "process_vm_readv": 310, "unshare": 272, "bpf": 321, "io_uring_setup": 425, "keyctl": 250,
+SYS = {"landlock_create_ruleset": 444, "ptrace": 101, "process_vm_readv": 310, "unshare": 272, "bpf": 321, "io_uring_setup": 425, "keyctl": 250,
        "userfaultfd": 323, "perf_event_open": 298, "mount": 165}
 PTRACE_ATTACH = 16
 CLONE_NEWUSER = 0x10000000
@@ -122,6 +122,21 @@ def attempts(paths: dict[str, str]) -> dict[str, Callable[[], None]]:
         "keyctl": lambda: _syscall("keyctl", 0, 0, 0, 0, 0),
         "mount": lambda: _syscall("mount", 0, 0, 0, 0, 0),
         "close_sentinel_and_hang": _close_sentinel_and_hang,
+        # T-TENANT-1: the worker is bound to tenant A; B's files are out of reach, A's are not.
+        "list_volumes_root": lambda: os.listdir(paths["volumes_dir"]) and None,
+        "list_other_tenant_volumes": lambda: os.listdir(paths["b_tenant"]) and None,
+        "read_other_tenant_file": lambda: _read(paths["b_file"]),
+        "write_other_tenant_file": lambda: _open_for_append(paths["b_file"]),
+        "create_in_other_tenant_volume": lambda: _create_and_remove(paths["b_cell"]),
+        "list_other_tenant_tmp": lambda: os.listdir(paths["b_tmp"]) and None,
+        "read_other_tenant_tmp_file": lambda: _read(paths["b_tmp_file"]),
+        "create_in_other_tenant_tmp": lambda: _create_and_remove(paths["b_tmp_cell"]),
+        "list_tmp_root": lambda: os.listdir(paths["tmp_root"]) and None,
+        "read_own_tenant_file": lambda: _read(paths["a_file"]),
+        "create_in_own_tenant_volume": lambda: _create_and_remove(paths["a_cell"]),
+        "list_own_tenant_volumes": lambda: os.listdir(paths["a_tenant"]) and None,
+        "create_in_own_tenant_tmp": lambda: _create_and_remove(paths["a_tmp_cell"]),
+        "narrow_again_landlock": lambda: _syscall("landlock_create_ruleset", 0, 0, 1),
     }
 
 
@@ -150,10 +165,11 @@ def verdict(attempt: Callable[[], None]) -> dict[str, Any]:
 
 
 def escaped_worker(conn: Connection, config: dict[str, Any], *, paths: dict[str, str]) -> None:
-    """Entry point: bind ``paths`` with functools.partial."""
-    start_confined(conn, config)
+    """Entry point: bind ``paths`` with functools.partial. Starts and is bound
+    to its tenant exactly as a pooled worker (start_confined, await_tenant)."""
+    worker = start_confined(conn, config)
+    await_tenant(worker)
     table = attempts(paths)
-    conn.send_bytes(protocol.encode(protocol.Ready(pid=os.getpid())))
     while True:
         try:
             request = protocol.decode(conn.recv_bytes(), protocol.TO_WORKER, 1 << 20)
@@ -205,7 +221,23 @@ EXPECTED: dict[str, tuple[str, str]] = {
     "io_uring_setup": ("signal", "SIGSYS"),
     "keyctl": ("signal", "SIGSYS"),
     "mount": ("signal", "SIGSYS"),
+    # T-TENANT-1 (a worker bound to tenant A)
+    "list_volumes_root": ("errno", "EACCES"),
+    "list_other_tenant_volumes": ("errno", "EACCES"),
+    "read_other_tenant_file": ("errno", "EACCES"),
+    "write_other_tenant_file": ("errno", "EACCES"),
+    "create_in_other_tenant_volume": ("errno", "EACCES"),
+    "list_other_tenant_tmp": ("errno", "EACCES"),
+    "read_other_tenant_tmp_file": ("errno", "EACCES"),
+    "create_in_other_tenant_tmp": ("errno", "EACCES"),
+    "list_tmp_root": ("errno", "EACCES"),
+    "read_own_tenant_file": ("succeeded", ""),
+    "create_in_own_tenant_volume": ("succeeded", ""),
+    "list_own_tenant_volumes": ("succeeded", ""),
+    "create_in_own_tenant_tmp": ("succeeded", ""),
+    "narrow_again_landlock": ("errno", "EPERM"),  # the bound worker's final filter: no more layers
 }
+TENANT_A, TENANT_B = "tenant-a", "tenant-b"
 
 
 # T-ESCAPE-3: the rows a worker started with egress on and stdio MCP servers
@@ -236,24 +268,38 @@ def prepare_root(root: Any, cache_dir: Any, env: dict[str, str] | None = None) -
     Store(settings.db_path).close()
     settings.license_path.write_text("{}")
     (settings.mirror_dir / "root.json").write_text("{}")
+    # Two tenants' volumes and /tmp directories, each with a file (T-TENANT-1).
+    vols = settings.volumes_dir
+    tenant_paths: dict[str, str] = {"volumes_dir": str(vols), "tmp_root": str(vols / ".tmp")}
+    for key, tenant in (("a", TENANT_A), ("b", TENANT_B)):
+        cell, tmp_cell = vols / tenant / f"c{key}", vols / ".tmp" / tenant / f"c{key}"
+        for d in (cell, tmp_cell):
+            d.mkdir(parents=True, mode=0o700)
+            (d / "secret.txt").write_text(f"{tenant}'s data")
+        tenant_paths.update({f"{key}_tenant": str(vols / tenant), f"{key}_cell": str(cell),
+                             f"{key}_file": str(cell / "secret.txt"), f"{key}_tmp": str(vols / ".tmp" / tenant),
+                             f"{key}_tmp_cell": str(tmp_cell), f"{key}_tmp_file": str(tmp_cell / "secret.txt")})
     cwasm = sorted(Path(cache_dir).glob("*.cwasm"))[0]
     paths = {"node_key": str(settings.keys_dir / "node_ed25519"), "database": str(settings.db_path),
              "license": str(settings.license_path), "config_dir": str(settings.config_dir),
              "mirror_dir": str(settings.mirror_dir), "keys_dir": str(settings.keys_dir), "cache_dir": str(cache_dir),
-             "cwasm": str(cwasm), "cwasm_meta": str(cwasm.with_suffix(".json")), "supervisor_pid": str(os.getpid())}
+             "cwasm": str(cwasm), "cwasm_meta": str(cwasm.with_suffix(".json")), "supervisor_pid": str(os.getpid()),
+             **tenant_paths}
     return settings, paths
 
 
-def observe(pool: Any, name: str) -> tuple[str, str]:
-    """Run one attempt in the pool's (confined) worker 0; (kind, errno or signal name)."""
+def observe(pool: Any, name: str, tenant: str = TENANT_A) -> tuple[str, str]:
+    """Run one attempt in the pool's (confined) worker bound to ``tenant``
+    (binding one as the pool does for a tenant's first run); (kind, errno or signal name)."""
     import signal
 
     from appliance.runtime.pool import WorkerLost
 
-    handle = pool.worker(0)
+    handle = pool.pick_for_run(tenant)
     try:
         reply = pool.call(handle, protocol.ExecRequest(0, template="python3", code=name.encode(), is_text=True,
-                                                       timeout_ms=5000, memory_mb=64, tenant_id="t"), deadline_s=5)
+                                                       timeout_ms=5000, memory_mb=64, tenant_id=tenant), deadline_s=5,
+                          tenant=tenant)
     except WorkerLost:
         code = handle.process.exitcode
         return ("signal", signal.Signals(-code).name) if code is not None and code < 0 else ("exit", str(code))

@@ -82,15 +82,16 @@ class Drive:
         return s[min(len(s) - 1, int(0.99 * len(s)))] * 1000
 
 
-def drive(host: str, port: int, paths: list[str], body: bytes, headers: dict[str, str], seconds: float,
-          check: Callable[[Any], bool]) -> Drive:
-    """One keep-alive client per path, each posting ``body`` in a loop for ``seconds``."""
+def drive(host: str, port: int, paths: list[str], body: bytes, headers: dict[str, str] | list[dict[str, str]],
+          seconds: float, check: Callable[[Any], bool]) -> Drive:
+    """One keep-alive client per path, each posting ``body`` in a loop for
+    ``seconds``; ``headers`` for all, or one set per path."""
     latencies: list[float] = []
     failures = [0]
     lock = threading.Lock()
     stop = time.monotonic() + seconds
 
-    def client(path: str) -> None:
+    def client(path: str, headers: dict[str, str]) -> None:
         conn = http.client.HTTPConnection(host, port, timeout=60)
         mine: list[float] = []
         bad = 0
@@ -109,7 +110,8 @@ def drive(host: str, port: int, paths: list[str], body: bytes, headers: dict[str
             failures[0] += bad
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(p,)) for p in paths]
+    per_path = headers if isinstance(headers, list) else [headers] * len(paths)
+    threads = [threading.Thread(target=client, args=(p, h)) for p, h in zip(paths, per_path)]
     for t in threads:
         t.start()
     for t in threads:

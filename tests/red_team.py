@@ -363,6 +363,12 @@ def tenants(srv: ServerProcess) -> None:
     record("tenants", all(r["execution_id"] != ran["execution_id"] for r in listing["receipts"]), "receipt listing is per tenant")
     status, _, _ = srv.request("GET", "/v1/cells", key=mallory + "x")
     record("tenants", status == 401, "tampered key refused")
+    # T-TENANT-1: mallory's own run is placed on a worker bound to mallory, never the victim's.
+    status, _, _ = srv.request("POST", "/v1/execute", {"code": "print(1)"}, key=mallory)
+    _, node, _ = srv.request("GET", "/v1/status", key=mallory)
+    binding = node["worker_sandbox"]["tenant_binding"]
+    record("tenants", status == 200 and binding["bound"] >= 2 and "tenant" not in json.dumps(node["worker_sandbox"]["workers"]),
+           f"tenant-bound workers: {binding['bound']} bound after two tenants ran, no tenant id in the status")
     _mcp_tenants(srv, mallory, cid)
 
 
@@ -735,8 +741,12 @@ def escape() -> None:
 
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
-    # --only ssrf,escape: run just those families (the server still starts for server rows)
-    only = set(argv[argv.index("--only") + 1].split(",")) if "--only" in argv and argv.index("--only") + 1 < len(argv) else None
+    # --only ssrf,escape (or --family=tenants,escape): run just those families
+    # (the server still starts for server rows); all by default.
+    only: set[str] | None = set(argv[argv.index("--only") + 1].split(",")) if "--only" in argv and argv.index("--only") + 1 < len(argv) else None
+    family_flag = {f for a in argv if a.startswith("--family=") for f in a.split("=", 1)[1].split(",") if f}
+    if family_flag:
+        only = (only or set()) | family_flag
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
     own = own_address_hosts()
     hosts.write_text(json.dumps({**EGRESS_HOSTS, **own}))

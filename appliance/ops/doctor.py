@@ -159,7 +159,9 @@ def check_worker_sandbox(s: Settings, ctx: Context) -> Check:
     network = "denied (host_fetch and MCP go through the supervisor)"
     summary = (f"Landlock ABI {abi}{' (TCP rules)' if abi >= 4 else ''}{' (signal/socket scopes)' if abi >= 6 else ''}, "
                f"seccomp {'filter' if has_seccomp else 'unavailable'} ({offered['arch']}), worker network {network}, "
-               f"mode {s.worker_sandbox}")
+               f"mode {s.worker_sandbox}; tenant binding: one tenant per worker"
+               f"{' (its volume and /tmp only, by Landlock)' if abi >= 1 else ' (placement only: no Landlock)'}, "
+               f"budget {s.workers}, max {s.worker_ceiling}, spares {s.worker_spares}, idle reclaim {s.worker_idle_s}s")
     missing = [n for n, ok in (("Landlock", abi >= 1), ("seccomp", has_seccomp)) if not ok]
     if missing and s.worker_sandbox == "required":
         return Check("worker sandbox", FAIL, f"{summary}: {' and '.join(missing)} missing, the service will refuse to start",

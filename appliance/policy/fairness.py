@@ -10,7 +10,9 @@ each). A persistent cell lives in one worker, so a run of that cell can only
 use a lane of that worker; a one-shot run names the worker the pool picked.
 
 * **Reserve lane.** With two or more lanes per worker, the last free lane of a
-  worker goes only to a tenant that has no run in flight anywhere on the node.
+  worker goes only to a tenant that has no run in flight anywhere on the node
+  — unless the worker is dedicated to the asking tenant (tenant-bound
+  workers, T-TENANT-1: nobody else could ever use that lane).
   A tenant that floods the node therefore holds at most ``lanes - 1`` lanes of
   each worker, and another tenant's short run always finds a lane on the
   worker that holds its cell. One tenant alone keeps what it had before lanes
@@ -51,12 +53,21 @@ class FairShare:
     _queued: Counter[str] = field(default_factory=Counter)  # runs admitted and not yet finished waiting
     _waiting: dict[str, deque[Ticket]] = field(default_factory=dict)
     _last_served: dict[str, int] = field(default_factory=dict)
+    _dedicated: dict[int, str] = field(default_factory=dict)  # worker -> the one tenant it serves (T-TENANT-1)
     _seq: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1))
     _grants: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.lanes < 1 or self.tenant_max_runs < 0 or self.tenant_max_queued < 0:
             raise ValueError("workers and lanes must be >= 1, caps >= 0")
+
+    def dedicate(self, worker: int, tenant: str | None) -> None:
+        """``worker`` serves only ``tenant`` from now on (None: nobody yet).
+        No other tenant can use it, so its reserve lane is not kept back."""
+        if tenant is None:
+            self._dedicated.pop(worker, None)
+        else:
+            self._dedicated[worker] = tenant
 
     # -- queue share -----------------------------------------------------
     def admit(self, tenant: str) -> bool:
@@ -85,7 +96,8 @@ class FairShare:
             return False
         if self.tenant_max_runs and self._tenant_running[tenant] >= self.tenant_max_runs:
             return False
-        if self.lanes >= 2 and busy == self.lanes - 1 and self._tenant_running[tenant] > 0:
+        if (self.lanes >= 2 and busy == self.lanes - 1 and self._tenant_running[tenant] > 0
+                and self._dedicated.get(worker) != tenant):
             return False  # T-FAIR-1: the last lane is kept for a tenant with nothing running
         return True
 

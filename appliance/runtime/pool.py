@@ -8,6 +8,18 @@ wait the pool answers 503 (node queue full) or 429 (this tenant's queue share
 full) with Retry-After instead of queueing without bound (T-DOS-2). The last line of defence for wall-clock limits (T-DOS-1) is here:
 a worker that has not answered by the run's deadline plus a grace period is
 SIGKILLed and replaced; every cell it held is marked lost.
+
+Tenant-bound workers (T-TENANT-1, docs/workers.md): a worker serves one
+tenant. It starts confined as an unbound *spare* (it has opened the runtimes
+and runs no guest); the first cell or run of a tenant that has no worker
+binds a spare (or a new worker) to that tenant, which narrows its sandbox to
+that tenant's volume and /tmp directories. A bound worker is never bound
+again: when idle (no cells, no runs) for ``SYNAPSE_WORKER_IDLE_S`` or when
+the budget is needed by another tenant, it is reclaimed (killed). The pool
+keeps ``SYNAPSE_WORKER_SPARES`` spares within a budget of ``SYNAPSE_WORKERS``
+processes; when every worker holds live cells of other tenants it starts
+more, up to ``SYNAPSE_WORKERS_MAX``, and past that answers 503 ``no_worker``
+with Retry-After.
 """
 from __future__ import annotations
 
@@ -29,6 +41,7 @@ from multiprocessing.context import SpawnProcess
 from typing import Any, Callable, Union
 
 from appliance.config import Settings
+from appliance.confine import ConfinementError, remove_tree
 from appliance.errors import Busy, CellError, RateLimited
 from appliance.policy.fairness import FairShare, Ticket
 from appliance.runtime import broker, protocol, sandbox, templates
@@ -42,6 +55,9 @@ ResultCallback = Callable[[int, protocol.ResultBundle], None]  # a streamed run'
 START_TIMEOUT_S = 900.0  # the first start may compile the runtimes (minutes)
 CONTROL_TIMEOUT_S = 60.0  # bind, drop, stats: no guest code runs
 MAX_STALE_FRAMES = 16  # frames for no request in flight before the worker is distrusted (an honest one sends none)
+PLACE_TIMEOUT_S = 30.0  # how long a run waits for a worker of its tenant to be bound
+NO_WORKER_RETRY_S = 5  # Retry-After of 503 no_worker
+RECLAIM_GRACE_S = 0.5  # a worker just picked is not reclaimed for another tenant before its request reaches it
 
 
 class _Violation:
@@ -170,6 +186,10 @@ class WorkerHandle:
     cells: set[str] = field(default_factory=set)
     running: int = 0
     runs: int = 0
+    # T-TENANT-1: "starting" -> "spare" -> "binding" -> "bound"; "retired" once reclaimed or lost.
+    state: str = "starting"
+    tenant: str | None = None  # the one tenant it serves (set when a bind starts)
+    idle_since: float = field(default_factory=time.monotonic)
 
     @property
     def busy(self) -> bool:
@@ -182,7 +202,10 @@ class WorkerPool:
         self.settings = settings
         self._target = target  # the worker's entry point (tests start hostile stand-ins)
         self._mp = multiprocessing.get_context("spawn")
-        self._workers: list[WorkerHandle] = []
+        self._workers: list[WorkerHandle | None] = []  # slots; None: no process in it
+        self._place = threading.Condition()  # spares, binds and reclaims (T-TENANT-1)
+        self._refilling = False
+        self.reclaim_grace_s = RECLAIM_GRACE_S
         self._waiting = 0
         self._state_lock = threading.Lock()
         self._replace_locks: dict[int, threading.Lock] = {}  # per worker index: replacements run in parallel
@@ -329,22 +352,31 @@ class WorkerPool:
         first = self._spawn(0)
         if not warm:
             self._await_ready(first, START_TIMEOUT_S)
-        others = [self._spawn(i) for i in range(1, self.settings.workers)]
+        # T-TENANT-1: start with the spares only; bound workers start on demand.
+        others = [self._spawn(i) for i in range(1, self._spare_target())]
         if warm:
             self._await_ready(first, START_TIMEOUT_S)
         for handle in others:
             self._await_ready(handle, START_TIMEOUT_S)
+        for handle in (first, *others):
+            handle.state = "spare"
         self._workers = [first, *others]
 
+    def _handles(self) -> list[WorkerHandle]:
+        return [w for w in self._workers if w is not None]
+
     def close(self) -> None:
-        self.closed = True
+        with self._place:
+            self.closed = True
+            handles = self._handles()
+            self._place.notify_all()
         self.broker.shutdown()  # the stdio MCP servers it started
-        for handle in self._workers:
+        for handle in handles:
             try:
                 handle.conn.close()
             except OSError:
                 pass
-        for handle in self._workers:
+        for handle in handles:
             # Not join(timeout): a compromised worker can close its spawn
             # sentinel, and join() then blocks in waitpid for as long as the
             # worker lives (T-ESCAPE-1). is_alive() never blocks.
@@ -354,34 +386,229 @@ class WorkerPool:
             if handle.process.is_alive():
                 handle.process.kill()
                 handle.process.join(timeout=2)
+            self._remove_worker_dirs(handle)
 
-    # -- placement -------------------------------------------------------
+    # -- placement (T-TENANT-1) ---------------------------------------------
     def worker(self, index: int) -> WorkerHandle:
-        return self._workers[index]
+        handle = self._workers[index] if 0 <= index < len(self._workers) else None
+        if handle is None:
+            raise WorkerReplaced("no worker holds this slot any more")
+        return handle
 
-    def _alive(self) -> list[WorkerHandle]:
-        """Workers whose process still runs (a dead one is replaced by the
-        maintenance loop or the next call on it); all of them if none is."""
-        alive = [w for w in self._workers if w.process.is_alive()]
-        return alive or list(self._workers)
+    def pick_for_cell(self, tenant: str) -> WorkerHandle:
+        """A worker bound to ``tenant`` with room for one more cell (binding one if needed)."""
+        return self.worker_for(tenant, cell=True)
 
-    def pick_for_cell(self) -> WorkerHandle:
-        candidates = [w for w in self._alive() if len(w.cells) < self.settings.max_cells_per_worker]
-        if candidates:
-            return min(candidates, key=lambda w: (len(w.cells), w.running))
-        raise Busy("every worker holds its maximum number of cells", code="capacity", retry_after=5)
+    def pick_for_run(self, tenant: str) -> WorkerHandle:
+        """A worker bound to ``tenant`` for a one-shot run (binding one if needed)."""
+        return self.worker_for(tenant, cell=False)
 
     def assign(self, handle: WorkerHandle, cell_id: str) -> None:
         """Record that ``handle`` now holds the interpreter of ``cell_id``."""
         with self._state_lock:
             handle.cells.add(cell_id)
+            handle.idle_since = time.monotonic()
 
     def release(self, index: int, cell_id: str) -> None:
         with self._state_lock:
-            self._workers[index].cells.discard(cell_id)
+            handle = self._workers[index] if 0 <= index < len(self._workers) else None
+            if handle is not None:
+                handle.cells.discard(cell_id)
+                handle.idle_since = time.monotonic()
 
-    def pick_for_run(self) -> WorkerHandle:
-        return min(self._alive(), key=lambda w: (w.running, w.runs))
+    def _spare_target(self) -> int:
+        return max(1, min(self.settings.worker_spares, self.settings.workers))
+
+    def _usable(self, w: WorkerHandle) -> bool:
+        return not w.dead and w.process.is_alive()
+
+    def _reclaimable(self, w: WorkerHandle, now: float, idle_s: float) -> bool:
+        """A bound worker nobody needs: no cells, no request in flight, idle long enough."""
+        return (w.state == "bound" and not w.cells and w.running == 0 and not w.pending
+                and now - w.idle_since >= idle_s)
+
+    def worker_for(self, tenant: str, *, cell: bool) -> WorkerHandle:
+        """The placement rule (T-TENANT-1): runs and cells of ``tenant`` only
+        ever go to a worker bound to ``tenant``. A tenant without one (or whose
+        workers are full of cells) gets a spare bound to it; without a spare, a
+        new worker within the budget; without room, the idle worker of another
+        tenant is reclaimed; failing that the budget grows up to
+        ``SYNAPSE_WORKERS_MAX``; past it, 503 no_worker."""
+        if not isinstance(tenant, str) or not protocol.TENANT_ID.fullmatch(tenant):
+            raise CellError("this tenant id cannot be bound to a worker", code="bad_tenant")  # fail closed
+        end = time.monotonic() + PLACE_TIMEOUT_S
+        victim: WorkerHandle | None = None
+        with self._place:
+            while True:
+                if self.closed:
+                    raise Busy("the service is stopping", retry_after=NO_WORKER_RETRY_S)
+                live = [w for w in self._handles() if self._usable(w)]
+                mine = [w for w in live if w.tenant == tenant]
+                ready = [w for w in mine if w.state == "bound"
+                         and (not cell or len(w.cells) < self.settings.max_cells_per_worker)]
+                if ready:
+                    best = min(ready, key=(lambda w: (len(w.cells), w.running)) if cell else (lambda w: (w.running, w.runs)))
+                    best.idle_since = time.monotonic()  # not reclaimed before the request reaches it
+                    return best
+                coming = [w for w in mine if w.state in ("starting", "binding")]
+                spare = next((w for w in live if w.state == "spare"), None)
+                if not coming and spare is not None:
+                    handle = spare
+                    handle.state, handle.tenant = "binding", tenant
+                    spawn = False
+                    break
+                starting_spare = any(w.state == "starting" and w.tenant is None for w in live)
+                if not coming and not starting_spare:
+                    count = len(self._handles())
+                    now = time.monotonic()
+                    if count >= self.settings.workers:
+                        victims = [w for w in live if w.tenant != tenant
+                                   and self._reclaimable(w, now, self.reclaim_grace_s)]
+                        victim = min(victims, key=lambda w: w.idle_since) if victims else None
+                    if count < self.settings.workers or victim is not None or count < self.settings.worker_ceiling:
+                        if victim is not None:
+                            self._retire_locked(victim)
+                        index = self._free_slot()
+                        handle = self._spawn(index)
+                        handle.state, handle.tenant = "starting", tenant
+                        self._workers[index] = handle
+                        spawn = True
+                        break
+                    raise Busy("every worker holds live cells of other tenants and the node's worker budget is spent; "
+                               "retry later", code="no_worker", retry_after=NO_WORKER_RETRY_S)
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise Busy("timed out waiting for a worker", code="no_worker", retry_after=NO_WORKER_RETRY_S)
+                self._place.wait(min(left, 1.0))  # a spare or a bind of this tenant is on its way
+        if victim is not None:
+            self._finish_retire(victim)
+        try:
+            if spawn:
+                self._await_ready(handle, START_TIMEOUT_S)
+            reply = self._exchange(handle, protocol.TenantBindRequest(0, tenant_id=tenant), None, None)
+            if not isinstance(reply, protocol.OkReply):
+                raise WorkerLost(f"the worker answered {type(reply).__name__} to its tenant bind")
+        except (WorkerLost, RuntimeError) as e:
+            log.error("binding a worker to a tenant failed: %s", e)
+            self._retire(handle)
+            raise Busy("no worker could be bound to this tenant", code="no_worker", retry_after=NO_WORKER_RETRY_S) from None
+        with self._place:
+            handle.state = "bound"
+            handle.idle_since = time.monotonic()
+            with self._fair_cv:
+                self.fair.dedicate(handle.index, tenant)
+            self._place.notify_all()
+        self._start_spares()
+        return handle
+
+    def _free_slot(self) -> int:
+        for i, w in enumerate(self._workers):
+            if w is None:
+                return i
+        self._workers.append(None)
+        return len(self._workers) - 1
+
+    def _start_spares(self) -> None:
+        """Top the spares up in the background: never on a request's path."""
+        with self._place:
+            if self._refilling or self.closed or not self._spare_wanted():
+                return
+            self._refilling = True
+        threading.Thread(target=self._refill_spares, name="cell-spares", daemon=True).start()
+
+    def _spare_wanted(self) -> bool:
+        handles = self._handles()
+        spares = sum(1 for w in handles if w.tenant is None and w.state in ("starting", "spare"))
+        return spares < self._spare_target() and len(handles) < self.settings.workers
+
+    def _refill_spares(self) -> None:
+        try:
+            while True:
+                with self._place:
+                    if self.closed or not self._spare_wanted():
+                        return
+                    index = self._free_slot()
+                    handle = self._spawn(index)
+                    self._workers[index] = handle
+                try:
+                    self._await_ready(handle, START_TIMEOUT_S)
+                except RuntimeError as e:
+                    if not self.closed:
+                        log.error("a spare worker did not start: %s", e)
+                    self._retire(handle)
+                    return
+                with self._place:
+                    if handle.state == "starting" and handle.tenant is None:
+                        handle.state = "spare"
+                    self._place.notify_all()
+        finally:
+            with self._place:
+                self._refilling = False
+
+    def _retire_locked(self, handle: WorkerHandle) -> None:
+        """Take ``handle`` out of its slot (caller holds the placement lock)."""
+        handle.state = "retired"
+        if 0 <= handle.index < len(self._workers) and self._workers[handle.index] is handle:
+            self._workers[handle.index] = None
+            with self._fair_cv:
+                self.fair.dedicate(handle.index, None)
+
+    def _finish_retire(self, handle: WorkerHandle) -> None:
+        """Kill a retired worker and remove its pool directories (a bound
+        worker may not remove them itself: they sit outside its tenant's)."""
+        try:
+            handle.process.kill()
+            handle.process.join(timeout=5)
+        except Exception:
+            pass
+        self._remove_worker_dirs(handle)
+
+    def _retire(self, handle: WorkerHandle) -> None:
+        with self._place:
+            self._retire_locked(handle)
+            self._place.notify_all()
+        self._finish_retire(handle)
+        self._start_spares()
+
+    def _remove_worker_dirs(self, handle: WorkerHandle) -> None:
+        pid = handle.process.pid
+        if pid is None:
+            return
+        pool_dir = self.settings.volumes_dir / ".pool"
+        for path in (pool_dir / f"w{handle.index}-{pid}", pool_dir / ".tmp" / f"w{handle.index}-{pid}"):
+            try:
+                remove_tree(path)
+            except (ConfinementError, OSError) as e:
+                log.warning("could not remove %s: %s", path, e)
+
+    def reclaim_idle(self, now: float | None = None) -> int:
+        """Reclaim bound workers idle (no cells, no runs) for ``SYNAPSE_WORKER_IDLE_S``,
+        and spares above the target; returns how many were stopped."""
+        moment = time.monotonic() if now is None else now
+        with self._place:
+            handles = self._handles()
+            idle = [w for w in handles if self._reclaimable(w, moment, self.settings.worker_idle_s)]
+            spares = [w for w in handles if w.state == "spare"]
+            idle += spares[self._spare_target():] if len(handles) - len(idle) > self.settings.workers else []
+            for w in idle:
+                self._retire_locked(w)
+            if idle:
+                self._place.notify_all()
+        for w in idle:
+            log.info("reclaimed worker %d (pid %s)", w.index, w.process.pid)
+            self._finish_retire(w)
+        self._start_spares()
+        return len(idle)
+
+    def binding_status(self) -> dict[str, Any]:
+        """Tenant binding as /v1/status shows it. No tenant id and no count of
+        tenants: any tenant's key reads /v1/status (T-TENANT-1)."""
+        handles = self._handles()
+        return {"mode": "one tenant per worker", "bound": sum(1 for w in handles if w.state == "bound"),
+                "spares": sum(1 for w in handles if w.state == "spare"),
+                "starting": sum(1 for w in handles if w.state in ("starting", "binding")),
+                "budget": self.settings.workers, "max": self.settings.worker_ceiling,
+                "spare_target": self._spare_target(), "idle_reclaim_s": self.settings.worker_idle_s}
 
     def sandbox_status(self) -> dict[str, Any]:
         """The second wall as the operator sees it: what the kernel offers, what
@@ -394,22 +621,31 @@ class WorkerPool:
             "seccomp": offered["seccomp"],
             "network": "denied",  # every worker: host_fetch / MCP through the broker (T-ESCAPE-3)
             "process_spawn": False,
-            "volume_set": box["volume_set"],
-            "workers": [{"pid": w.process.pid, **sandbox.process_status(w.process.pid)} for w in self._workers],
+            "volume_set": "one tenant's volume and /tmp directories per bound worker; none for a spare",
+            "tenant_binding": self.binding_status(),
+            "workers": [{"pid": w.process.pid, "state": w.state, **sandbox.process_status(w.process.pid)}
+                        for w in self._ready()],
         }
+
+    def _ready(self) -> list[WorkerHandle]:
+        """Workers that have confined themselves (a starting one has not yet)."""
+        return [w for w in self._handles() if w.state in ("spare", "binding", "bound")]
 
     def stats(self) -> dict[str, Any]:
         with self._fair_cv:
             fair = self.fair.stats()
+        ready = self._ready()
         return {
-            "workers": len(self._workers),
-            "busy": sum(1 for w in self._workers if w.busy),
-            "running": sum(w.running for w in self._workers),
+            "workers": len(ready),
+            "bound": sum(1 for w in ready if w.state == "bound"),
+            "spares": sum(1 for w in ready if w.state == "spare"),
+            "busy": sum(1 for w in ready if w.busy),
+            "running": sum(w.running for w in ready),
             "lanes": fair["lanes"],  # no per-tenant figures: any tenant may read this (T-TENANT-1)
             "waiting": self._waiting,
-            "cells": sum(len(w.cells) for w in self._workers),
+            "cells": sum(len(w.cells) for w in ready),
             "kills": self.kills,
-            "pids": [w.process.pid for w in self._workers],
+            "pids": [w.process.pid for w in ready],
         }
 
     # -- admission (T-DOS-2, T-FAIR-1) -------------------------------------
@@ -423,7 +659,7 @@ class WorkerPool:
 
     def _admit(self, tenant: str) -> None:
         with self._state_lock:
-            if self._waiting >= self.settings.queue_max + len(self._workers):
+            if self._waiting >= self.settings.queue_max + max(self.settings.workers, len(self._handles())):
                 raise Busy("every worker is busy and the queue is full", retry_after=1)  # T-DOS-2
             with self._fair_cv:
                 if not self.fair.admit(tenant):
@@ -471,6 +707,12 @@ class WorkerPool:
         worker its life: after one bad frame nothing it says is trusted
         (T-PROTO-1).
         """
+        # T-TENANT-1: a worker only ever receives requests of the tenant it is bound to.
+        if (handle.state != "bound" or handle.tenant is None or (tenant and tenant != handle.tenant)
+                or (isinstance(msg, protocol.ExecRequest) and msg.tenant_id != handle.tenant)):
+            if handle.state == "retired":
+                raise WorkerReplaced("the worker was reclaimed")
+            raise CellError("refused to send a request to a worker bound to another tenant", code="wrong_worker")
         self._admit(tenant)
         cell_lock = self._cell_lock(cell_id) if cell_id is not None else None
         ticket: Ticket | None = None
@@ -566,6 +808,7 @@ class WorkerPool:
             with handle.state_lock:
                 handle.pending.pop(req_id, None)
                 handle.running -= 1
+                handle.idle_since = time.monotonic()
 
     def cancel(self, handle: WorkerHandle, cell_id: str) -> bool:
         """Stop the run in flight in ``cell_id`` on ``handle``'s worker at once
@@ -598,36 +841,32 @@ class WorkerPool:
             self.broker.send_watch.done(token)
 
     def _replace(self, handle: WorkerHandle, why: str) -> None:
-        """Kill a worker and start its replacement, once however many of its
-        requests notice. Other runs on the killed worker are answered killed."""
-        with self._state_lock:
-            replace_lock = self._replace_locks.setdefault(handle.index, threading.Lock())
-        with replace_lock:
+        """Kill a worker, once however many of its requests notice; other runs
+        on it are answered killed. Its slot is freed and a spare started in
+        the background (T-TENANT-1: its cells' next runs bind a worker of
+        their tenant again)."""
+        with self._place:
             if self._workers[handle.index] is not handle:
                 return  # already replaced by another request or the maintenance loop
             self.kills += 1
-            try:
-                handle.process.kill()  # its pipe reader sees EOF and tells every pending request
-                handle.process.join(timeout=5)
-            except Exception:
-                pass
-            new = self._spawn(handle.index)
-            try:
-                self._await_ready(new, START_TIMEOUT_S)
-            except RuntimeError as e:
-                raise CellError(f"worker replacement failed: {e}") from None
-            # Published only once ready: a request that still holds the old
-            # handle sees it replaced and is told nothing ran there.
-            self._workers[handle.index] = new
+            log.warning("worker %d (pid %s) %s; stopped", handle.index, handle.process.pid, why)
+            self._retire_locked(handle)
+            self._place.notify_all()
+        self._finish_retire(handle)  # its pipe reader sees EOF and tells every pending request
+        self._start_spares()
 
     def generation_of(self, index: int) -> int:
-        return self._workers[index].generation
+        """The generation of the worker in slot ``index``; 0 when the slot is empty."""
+        handle = self._workers[index] if 0 <= index < len(self._workers) else None
+        return handle.generation if handle is not None else 0
 
     def check_alive(self) -> None:
-        """Replace workers that died between requests (e.g. killed from outside)."""
-        for handle in list(self._workers):
-            if not handle.process.is_alive() and self._workers[handle.index] is handle:
+        """Replace workers that died between requests (e.g. killed from outside),
+        reclaim idle bound ones and keep the spares topped up (T-TENANT-1)."""
+        for handle in self._handles():
+            if not handle.process.is_alive() and handle.state != "starting" and self._workers[handle.index] is handle:
                 self._replace(handle, "died while idle")
+        self.reclaim_idle()
 
 
 def _kill_quietly(handle: WorkerHandle) -> None:

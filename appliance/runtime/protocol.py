@@ -103,6 +103,25 @@ class ExecRequest:
     run_envs: dict[str, str] = field(default_factory=dict)
 
 
+TENANT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the volume layer's tenant ids (confine.py)
+
+
+@dataclass(frozen=True)
+class TenantBindRequest:
+    """Bind an unbound (spare) worker to one tenant (T-TENANT-1): it narrows
+    its Landlock rules to that tenant's volume and /tmp directories, installs
+    its final seccomp filter, and only then runs guests. Sent once per worker;
+    a bound worker is never bound again (it is reclaimed instead)."""
+    TYPE: ClassVar[str] = "tenant"
+    req_id: int
+    tenant_id: str
+
+    def __post_init__(self) -> None:
+        # Host data, but it becomes a path in the worker: fail closed.
+        if not TENANT_ID.fullmatch(self.tenant_id):
+            raise ProtocolError("malformed tenant id")
+
+
 @dataclass(frozen=True)
 class DropRequest:
     TYPE: ClassVar[str] = "drop"
@@ -347,13 +366,15 @@ class McpCall:
             raise ProtocolError("MCP request too large")
 
 
-Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest, CancelRequest]
+Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest, CancelRequest, TenantBindRequest]
 Reply = Union[Ready, RunChunk, RunResult, RunReply, ErrorReply, OkReply, StatsReply, Pong, FetchCall, McpCall]
 HostCall = Union[FetchCall, McpCall]
 HOST_CALLS = (FetchCall, McpCall)
 
 TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest,
                                                        CancelRequest, CallAnswer)}
+# What an unbound worker accepts: only the tenant bind (T-TENANT-1).
+TO_SPARE: dict[str, type[Any]] = {TenantBindRequest.TYPE: TenantBindRequest}
 FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunResult, RunReply, ErrorReply, OkReply, StatsReply, Pong,
                                                          FetchCall, McpCall)}
 

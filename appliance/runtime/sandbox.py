@@ -17,6 +17,15 @@ the supervisor keeps (threats T-ESCAPE-1..4 in SECURITY.md):
 Both Landlock and seccomp apply to the calling thread and the threads it
 starts afterwards, so :func:`confine` refuses to run while the process has
 more than one thread; the worker confines itself before it starts any.
+
+Tenant-bound workers (T-TENANT-1) confine in two layers. At start a worker
+applies :func:`confine` (the whole volumes directory read-write, a filter
+that still lets it narrow itself) and waits, single-threaded and running no
+guest, as a spare. When the supervisor binds it to a tenant,
+:func:`narrow_to_tenant` adds a second Landlock layer that admits read-write
+only that tenant's volume and /tmp directories (layers intersect: the first
+can never widen the second) and a second seccomp filter without the
+narrowing calls. Only then does the worker start threads and run guests.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import appliance
-from appliance.runtime import landlock, seccomp
+from appliance.runtime import landlock, protocol, scratch, seccomp
 
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
@@ -45,6 +54,13 @@ ENV_ALLOWED = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "PYTHON
 
 class SandboxError(Exception):
     pass
+
+
+# Kept from the first layer for the second (T-TENANT-1): once Landlock hides
+# /proc the worker still counts its threads through a descriptor it opened
+# before, and remembers whether it installed a filter.
+_TASK_FD: int | None = None
+_FILTERED = False
 
 
 def _libc() -> Any:
@@ -126,6 +142,8 @@ def close_inherited_fds(keep: set[int]) -> None:
 
 def thread_count() -> int:
     try:
+        if _TASK_FD is not None:
+            return len(os.listdir(_TASK_FD))
         return len(os.listdir("/proc/self/task"))
     except OSError:
         return -1
@@ -265,6 +283,12 @@ def confine(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> dict[st
     rules = worker_rules(config, scratch_dirs)
     abi = landlock_abi()
     has_seccomp = seccomp_available()  # read before Landlock hides /proc
+    global _TASK_FD, _FILTERED
+    if _TASK_FD is None:
+        try:
+            _TASK_FD = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            _TASK_FD = None  # thread_count() then reads -1 and the tenant bind refuses (fail closed)
     if abi >= 1:
         report["landlock"] = apply_landlock(rules, abi)
     elif mode == "required":
@@ -272,8 +296,11 @@ def confine(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> dict[st
     else:
         report["landlock"] = "unavailable"
     if has_seccomp:
-        policy = seccomp.FilterPolicy()  # T-ESCAPE-3: no new sockets, no process creation, for every worker
+        # T-ESCAPE-3: no new sockets, no process creation, for every worker;
+        # T-TENANT-1: a spare may narrow itself once more at its tenant bind.
+        policy = seccomp.FilterPolicy(narrowing=True)
         install_seccomp(seccomp.build(policy, machine()))
+        _FILTERED = True
         report["seccomp"] = {"mode": "filter", "network": policy.network, "spawn": policy.spawn}
     elif mode == "required":
         raise SandboxError(f"seccomp filters are not available here ({machine()})")
@@ -281,3 +308,49 @@ def confine(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> dict[st
         report["seccomp"] = "unavailable"
     return report
 
+
+
+# -- the second layer: one tenant (T-TENANT-1) --------------------------------
+def tenant_dirs(volumes_dir: str, tenant_id: str) -> tuple[str, str]:
+    """The directories a worker bound to ``tenant_id`` may write: the tenant's
+    volumes (``<volumes>/<tenant>``) and its cells' /tmp roots
+    (``<volumes>/.tmp/<tenant>``, scratch.py). The id is checked before it
+    becomes a path (fail closed)."""
+    if not isinstance(tenant_id, str) or not protocol.TENANT_ID.fullmatch(tenant_id):
+        raise SandboxError("malformed tenant id")
+    root = os.path.realpath(volumes_dir)
+    return os.path.join(root, tenant_id), os.path.join(root, scratch.TMP_ROOT, tenant_id)
+
+
+def narrow_to_tenant(config: Mapping[str, Any], scratch_dirs: tuple[str, ...], tenant_id: str) -> dict[str, Any]:
+    """Confine this (already confined, still single-threaded) spare to one
+    tenant: a second Landlock layer whose read-write set is only that tenant's
+    directories and the worker's own scratch, then the final seccomp filter
+    (no more narrowing calls). The directories must exist (the caller makes
+    them). Raises SandboxError in mode ``required`` when a part is missing."""
+    sb = dict(config.get("sandbox") or {})
+    mode = sb.get("mode", "required")
+    if mode not in MODES:
+        raise SandboxError(f"unknown worker sandbox mode {mode!r}")
+    threads = thread_count()
+    if threads != 1:
+        raise SandboxError(f"cannot bind a worker with {threads} threads to a tenant")
+    sb["volume_set"] = list(tenant_dirs(str(config["volumes_dir"]), tenant_id))
+    rules = worker_rules({**config, "sandbox": sb}, scratch_dirs)
+    report: dict[str, Any] = {"mode": mode, "tenant": tenant_id}
+    abi = landlock_abi()
+    if abi >= 1:
+        report["landlock"] = apply_landlock(rules, abi)
+    elif mode == "required":
+        raise SandboxError("Landlock is not available in this kernel (ABI 0)")
+    else:
+        report["landlock"] = "unavailable"
+    if _FILTERED:
+        policy = seccomp.FilterPolicy()  # T-ESCAPE-3: no sockets or processes; no more narrowing either
+        install_seccomp(seccomp.build(policy, machine()))
+        report["seccomp"] = {"mode": "filter", "network": policy.network, "spawn": policy.spawn}
+    elif mode == "required":
+        raise SandboxError("the first seccomp filter is missing; refusing to bind")
+    else:
+        report["seccomp"] = "unavailable"
+    return report

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from appliance.confine import ConfinementError, Usage, create_volume, open_volume, remove_volume
+from appliance.confine import ConfinementError, Usage, create_volume_in, open_volume_in, remove_volume_in
 
 TMP_ROOT = ".tmp"
 
@@ -35,7 +35,8 @@ def tmp_dir_for(volume: str) -> Path:
 def make_tmp_dir(volume: str) -> str:
     """Create (0700, no symlink followed) the /tmp of ``volume``; its path."""
     t = tmp_dir_for(volume)
-    return str(create_volume(t.parent.parent, t.parent.name, t.name))
+    # From the tenant level down: a tenant-bound worker cannot open the /tmp root (T-TENANT-1).
+    return str(create_volume_in(t.parent, t.name))
 
 
 def remove_tmp_dir(volume: str) -> bool:
@@ -43,7 +44,7 @@ def remove_tmp_dir(volume: str) -> bool:
     not there or could not be removed."""
     t = tmp_dir_for(volume)
     try:
-        return remove_volume(t.parent.parent, t.parent.name, t.name)
+        return remove_volume_in(t.parent, t.name)
     except (ConfinementError, OSError):
         return False
 
@@ -64,7 +65,7 @@ def tmp_usage(volume: str, max_entries: int | None = None) -> Usage:
     taken for "empty"."""
     t = tmp_dir_for(volume)
     try:
-        vol = open_volume(t.parent.parent, t.parent.name, t.name)
+        vol = open_volume_in(t.parent, t.name)
     except FileNotFoundError:
         return Usage(0, 0)  # no /tmp root yet: no cell has one
     except ConfinementError as exc:

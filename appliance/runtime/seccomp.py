@@ -177,6 +177,8 @@ ALLOW = (
 # Making sockets: refused unless the worker needs the network (never set for a worker: the broker, T-ESCAPE-3).
 SOCKET_MAKING = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4")
 NETWORK_CLIENT = ("connect",)  # with ``network``: connect; socket() is checked by its domain
+# A spare narrowing itself at its tenant bind (with ``narrowing``).
+NARROWING = ("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self", "seccomp")
 # Starting the operator's stdio MCP servers (with ``spawn``; never set for a worker).
 SPAWNING = ("fork", "vfork", "execve", "setsid", "setpgid")
 IOCTL_ALLOWED = (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)  # TCGETS, TIOCGWINSZ, FIONREAD, FIONBIO, FIONCLEX, FIOCLEX
@@ -193,6 +195,10 @@ class FilterPolicy:
     """What the filter admits beyond the base allow-list."""
     network: bool = False  # AF_INET/AF_INET6 client sockets (egress on or MCP configured)
     spawn: bool = False  # process creation and execve (stdio MCP servers configured)
+    # An unbound spare (T-TENANT-1): it may narrow its own sandbox once more
+    # (a second Landlock layer, a second filter without this switch) when it
+    # is bound to a tenant. Both only ever take rights away; a spare runs no guest.
+    narrowing: bool = False
 
 
 def _nr(name: str, arch: str) -> int | None:
@@ -288,6 +294,9 @@ def build(policy: FilterPolicy, arch: str) -> list[Instruction]:
         b.on_nr(socket, _arg_in(0, (AF_INET, AF_INET6), RET_ALLOW, deny))
         seen.add("socket")
         for name in NETWORK_CLIENT:
+            simple(name, RET_ALLOW)
+    if policy.narrowing:
+        for name in NARROWING:
             simple(name, RET_ALLOW)
     if policy.spawn:
         for name in SPAWNING:

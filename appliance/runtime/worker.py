@@ -105,6 +105,8 @@ class Worker:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()  # the warm pool and the count of requests in flight
         self._in_flight = 0
+        self._refilling = False  # a warm session is being made (serve with refill_thread)
+        self._stopping = False  # the pipe closed: no new warm session is started
         hashes = _registry_hashes(config["registry_hashes"]) if "registry_hashes" in config \
             else _mirror_hashes(config.get("mirror_dir"))
         self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, confining=not start_threads,
@@ -115,6 +117,10 @@ class Worker:
         self.pool_root = Path(config["volumes_dir"]) / ".pool" / f"w{config['index']}-{os.getpid()}"
         _remove_stale_pools(self.pool_root)
         self.pool_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The pool sessions' /tmp root (scratch.py), made now: a bound worker cannot make it later.
+        self.pool_tmp_root = scratch.tmp_dir_for(str(self.pool_root / "-")).parent
+        self.pool_tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.tenant: str | None = None  # the one tenant this worker serves, once bound (T-TENANT-1)
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         interpreters = [t.name for t in templates.interpreters()]
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
@@ -144,8 +150,21 @@ class Worker:
         self.runtimes.start_ticker()
 
     def scratch_dirs(self) -> tuple[str, ...]:
-        """Directories this worker writes outside the volume set (its FIFOs)."""
-        return (self.fifo_dir,)
+        """Directories this worker writes outside the volume set: its FIFOs and
+        its own pool (warm and one-shot sessions' /data and /tmp)."""
+        return (self.fifo_dir, str(self.pool_root), str(self.pool_tmp_root))
+
+    def prepare_tenant(self, tenant_id: str) -> tuple[str, str]:
+        """Make the tenant's volume and /tmp roots (0700, never through a
+        symlink) while this worker may still write the whole volumes
+        directory; the second Landlock layer then admits only these."""
+        dirs = sandbox.tenant_dirs(str(self.cfg["volumes_dir"]), tenant_id)
+        for path in dirs:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
+            if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid():
+                raise sandbox.SandboxError(f"{path} is not a directory of ours")
+        return dirs
 
     # -- messaging (typed frames, no pickle: appliance/runtime/protocol.py) ----
     def send(self, msg: Any) -> None:
@@ -153,8 +172,23 @@ class Worker:
         with self._send_lock:
             self.conn.send_bytes(frame)
 
-    def serve(self) -> None:
-        self.send(protocol.Ready(pid=os.getpid()))
+    def serve(self, announce: bool = True, refill_thread: bool = False) -> None:
+        """Read requests until EOF. ``refill_thread``: warm sessions are made
+        on a thread of their own, so a request never waits behind one being
+        made (a freshly bound worker starts with none: T-TENANT-1)."""
+        if announce:
+            self.send(protocol.Ready(pid=os.getpid()))
+        if refill_thread:
+            threading.Thread(target=self._refill_loop, name="cell-warm", daemon=True).start()
+            while True:
+                try:
+                    frame = self.conn.recv_bytes(MAX_REQUEST_FRAME)
+                    request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
+                except (EOFError, OSError, protocol.ProtocolError):
+                    return  # only the supervisor writes here: EOF or a bad frame means it is gone or broken
+                with self._lock:
+                    self._in_flight += 1
+                threading.Thread(target=self._serve_one, args=(request,), name="cell-request", daemon=True).start()
         while True:
             if self.conn.poll(0):
                 try:
@@ -220,6 +254,24 @@ class Worker:
         session: Session = self.session_classes[template](loaded, volume, memory, envs, self.fifo_dir)
         return session
 
+    def _refill_loop(self) -> None:
+        """Keep the warm pool full while no request is in flight (checked
+        between sessions; a run in flight pauses it)."""
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                idle = self._in_flight == 0
+                if idle:
+                    self._refilling = True
+            try:
+                made = idle and self._refill_one()
+            finally:
+                with self._lock:
+                    self._refilling = False
+            if not made:
+                time.sleep(0.05)  # idle and full, or busy: look again shortly
+
     def _refill_one(self) -> bool:
         for template, target in self.targets.items():
             if len(self.warm[template]) < target:
@@ -250,6 +302,9 @@ class Worker:
 
     # -- requests --------------------------------------------------------
     def handle(self, request: protocol.Request) -> Any:
+        if isinstance(request, protocol.ExecRequest) and self.tenant is not None and request.tenant_id != self.tenant:
+            # T-TENANT-1: the supervisor never sends this; Landlock would refuse the files anyway.
+            return protocol.ErrorReply(request.req_id, 403, "wrong_tenant", "this worker serves another tenant")
         if isinstance(request, protocol.ExecRequest):
             return self._exec(request)
         if isinstance(request, protocol.BindRequest):
@@ -614,7 +669,8 @@ def start_confined(conn: Connection, config: dict[str, Any]) -> Worker:
     """Start-up of every pooled worker, in the order the second wall needs:
     drop inherited descriptors, open everything that needs wide access
     (runtimes, module cache, weights, scratch), confine (Landlock + seccomp,
-    T-ESCAPE-1/2), and only then start threads. Exits the process if the
+    T-ESCAPE-1/2). No thread is started here: :func:`await_tenant` narrows
+    the sandbox to one tenant first (T-TENANT-1). Exits the process if the
     sandbox is required and cannot be applied."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     keep = {conn.fileno()}
@@ -630,17 +686,43 @@ def start_confined(conn: Connection, config: dict[str, Any]) -> Worker:
     except (sandbox.SandboxError, landlock.RulesError, OSError) as e:
         os.write(2, f"cell worker: cannot apply the worker sandbox: {e}\n".encode())
         os._exit(3)
-    worker.start_threads()
     return worker
+
+
+def await_tenant(worker: Worker) -> str:
+    """A confined spare: say ready, then wait — one thread, no guest — for the
+    supervisor's tenant bind (T-TENANT-1). On it, make the tenant's
+    directories, narrow the sandbox to them (a second Landlock layer and the
+    final seccomp filter), start threads, and acknowledge. Any other frame, or
+    a failure to narrow, ends the process: a worker never serves unbound."""
+    worker.send(protocol.Ready(pid=os.getpid()))
+    try:
+        frame = worker.conn.recv_bytes(MAX_REQUEST_FRAME)
+        request = protocol.decode(frame, protocol.TO_SPARE, MAX_REQUEST_FRAME)
+    except (EOFError, OSError, protocol.ProtocolError):
+        os._exit(0)  # shut down or reclaimed before it was bound
+    try:
+        worker.prepare_tenant(request.tenant_id)
+        sandbox.narrow_to_tenant(worker.cfg, worker.scratch_dirs(), request.tenant_id)
+    except (sandbox.SandboxError, landlock.RulesError, OSError) as e:
+        os.write(2, f"cell worker: cannot bind to a tenant: {e}\n".encode())
+        os._exit(3)
+    tenant: str = request.tenant_id
+    worker.tenant = tenant
+    worker.start_threads()
+    worker.send(protocol.OkReply(request.req_id))
+    return tenant
 
 
 def worker_main(conn: Connection, config: dict[str, Any]) -> None:
     worker = start_confined(conn, config)
+    await_tenant(worker)
     try:
-        on_guest_stack(worker.serve)
+        on_guest_stack(lambda: worker.serve(announce=False, refill_thread=True))
     finally:
         with worker._lock:
-            busy = worker._in_flight > 0
+            worker._stopping = True
+            busy = worker._in_flight > 0 or worker._refilling
         if busy:  # the pipe closed under running requests: never close a Store another thread is driving
             _discard(worker.pool_root)  # guest scratch trees: the iterative, bounded removal (T-DOS-1)
             shutil.rmtree(worker.fifo_dir, ignore_errors=True)

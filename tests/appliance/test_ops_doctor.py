@@ -167,3 +167,16 @@ def test_cluster_check_names_an_unreachable_etcd(tmp_path: Path) -> None:
     check = by_name(settings, ctx())["cluster"]
     assert check.level == FAIL and "refuses changes" in check.message  # type: ignore[attr-defined]
     assert f"127.0.0.1:{port}" in check.fix  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("abi,enforced", [(0, "placement only"), (7, "its volume and /tmp only, by Landlock")])
+def test_t_tenant_1_doctor_reports_tenant_binding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, abi: int,
+                                                  enforced: str) -> None:
+    from appliance.ops.doctor import check_worker_sandbox
+    from appliance.runtime import sandbox
+
+    monkeypatch.setattr(sandbox, "landlock_abi", lambda: abi)
+    settings = fresh_node(tmp_path / "node").with_overrides(workers=2, workers_max=5, worker_idle_s=30)
+    message = check_worker_sandbox(settings, ctx()).message
+    assert "tenant binding: one tenant per worker" in message and enforced in message
+    assert "budget 2, max 5, spares 1, idle reclaim 30s" in message
