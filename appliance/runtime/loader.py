@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import wasmtime
 
@@ -15,6 +15,9 @@ from appliance.fileio import sha256_file
 from appliance.runtime import command_channel, templates, wasi_shadow
 from appliance.runtime.engine import ModuleCache, make_engine
 from appliance.runtime.governor import EpochTicker
+
+if TYPE_CHECKING:
+    from appliance.runtime.images import Image
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Loaded:
     stdlib_dir: Path | None
     fd_read_trampoline: wasmtime.Module | None = None  # JavaScript: see command_channel.attach
     mpl_data_dir: Path | None = None  # matplotlib's data, extracted read-only from the stdlib zip
+    image: Image | None = None  # the pre-initialised image, when `cell warm` built one (images.py)
 
 
 def _deny_host_call(*_args: int) -> int:
@@ -34,8 +38,10 @@ def _deny_host_call(*_args: int) -> int:
 
 class Runtimes:
     def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None,
-                 registry_hashes: Callable[[str], set[str]] | None = None, confining: bool = False) -> None:
+                 registry_hashes: Callable[[str], set[str]] | None = None, confining: bool = False,
+                 use_image: bool = True) -> None:
         self.registry_hashes = registry_hashes
+        self.use_image = use_image  # look up the pre-initialised Python image (images.py)
         # ``confining``: this process confines itself after loading, so it
         # starts no thread before then (T-ESCAPE-1): no compiler thread pool,
         # and the ticker waits for start_ticker().
@@ -80,6 +86,12 @@ class Runtimes:
         i32 = wasmtime.ValType.i32()
         for module_name, name in runtime.stub_imports:
             linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
+        image = None
+        if runtime.stdlib_zip is not None and self.use_image:
+            from appliance.runtime import images  # only Python runtimes have an image
+
+            # Looked up (hash-checked, T-IMAGE-1) here, before a worker confines itself; never built here.
+            image = images.lookup(self.cache, self.engine, linker, runtime)
         if runtime.stdlib_zip is not None:
             stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
             mpl_data_dir = templates.prepare_mpl_data(runtime, stdlib_dir, self.cache_root)
@@ -90,7 +102,15 @@ class Runtimes:
             trampoline = command_channel.compile_trampoline(self.engine)
         pre = linker.instantiate_pre(module)
         return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir,
-                      mpl_data_dir=mpl_data_dir, fd_read_trampoline=trampoline)
+                      mpl_data_dir=mpl_data_dir, fd_read_trampoline=trampoline, image=image)
+
+    def python_linker(self, runtime: templates.Runtime) -> wasmtime.Linker:
+        """The linker a Python runtime (or its image) is instantiated with."""
+        linker = self.base_linker()
+        i32 = wasmtime.ValType.i32()
+        for module_name, name in runtime.stub_imports:
+            linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
+        return linker
 
     def start_ticker(self) -> None:
         if self.ticker is None:

@@ -1,0 +1,155 @@
+"""The pre-initialised Python image (appliance/runtime/images.py, T-IMAGE-1).
+
+Real guests: the image is built into the shared module cache by the same code
+`cell warm` runs (minutes, once per machine; found afterwards), and sessions
+start from it exactly as a worker's do.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.runtime import images, templates
+from appliance.runtime.loader import Runtimes
+from appliance.runtime.sessions import PythonSession
+from tests.liveserver import shared_cache
+
+MEMORY = 512 << 20
+
+
+@pytest.fixture(scope="module")
+def rt() -> Iterator[Runtimes]:
+    runtimes = Runtimes(shared_cache())
+    images.build(runtimes)
+    runtimes._loaded.clear()  # loaded afresh: the image is found the way a worker finds it
+    yield runtimes
+    runtimes.close()
+
+
+def _session(rt: Runtimes, tmp_path: Path, name: str, envs: dict[str, str] | None = None,
+             memory: int = MEMORY) -> PythonSession:
+    volume = tmp_path / "vols" / "t" / name
+    volume.mkdir(parents=True)
+    return PythonSession(rt.get("python3"), str(volume), memory, envs)
+
+
+def _out(session: PythonSession, code: str) -> str:
+    outcome = session.run(code.encode(), 60.0, 1 << 20, None, None)
+    assert outcome.status == "ok", outcome.stderr
+    return outcome.stdout
+
+
+def test_t_image_1_new_cell_has_the_stack_imported(rt: Runtimes, tmp_path: Path) -> None:
+    s = _session(rt, tmp_path, "a")
+    try:
+        assert s.from_image
+        got = _out(s, "import sys\nprint(sorted(m for m in ('numpy', 'pandas', 'matplotlib.pyplot') if m in sys.modules))")
+        assert got.strip() == "['matplotlib.pyplot', 'numpy', 'pandas']"
+        code = ("import pandas as pd\ndf = pd.DataFrame({'k': ['a', 'b', 'a'], 'v': [1, 2, 3]})\n"
+                "print(df.groupby('k').v.sum().to_dict())")
+        assert _out(s, code).strip() == "{'a': 4, 'b': 2}"
+        # Rich results and the boot hooks came with the image.
+        outcome = s.run(b"import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\n", 60.0, 1 << 20, None, None)
+        assert outcome.status == "ok", outcome.stderr
+        assert any("image/png" in r.data for r in outcome.results)
+        assert _out(s, "import os\nprint(os.getcwd())").strip() == "/data"
+    finally:
+        s.close()
+
+
+def test_t_image_1_random_state_is_reseeded_per_cell(rt: Runtimes, tmp_path: Path) -> None:
+    code = "import random, numpy as np\nprint(random.random(), np.random.random())"
+    a, b = _session(rt, tmp_path, "a"), _session(rt, tmp_path, "b")
+    try:
+        ra, rb = _out(a, code).split(), _out(b, code).split()
+        assert ra[0] != rb[0]
+        assert ra[1] != rb[1]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_t_image_1_environment_and_files_are_the_cells_own(rt: Runtimes, tmp_path: Path) -> None:
+    a = _session(rt, tmp_path, "a", envs={"CELL_ONLY_A": "yes"})
+    b = _session(rt, tmp_path, "b")
+    try:
+        env_a = json.loads(_out(a, "import os, json\nprint(json.dumps(dict(os.environ)))"))
+        env_b = json.loads(_out(b, "import os, json\nprint(json.dumps(dict(os.environ)))"))
+        assert env_a["CELL_ONLY_A"] == "yes" and "CELL_ONLY_A" not in env_b
+        assert env_b["HOME"] == "/data" and env_b["MPLBACKEND"] == "Agg"
+        _out(a, "open('/data/mine.txt', 'w').write('a')\nopen('/tmp/t.txt', 'w').write('a')")
+        assert _out(b, "import os\nprint(os.path.exists('/data/mine.txt'), os.path.exists('/tmp/t.txt'))").split() \
+            == ["False", "False"]
+        assert _out(a, "print(open('mine.txt').read())").strip() == "a"
+        # The clock is the host's: two cells read the time now, not the build's.
+        t = float(_out(b, "import time\nprint(time.time())"))
+        import time
+        assert abs(t - time.time()) < 60
+    finally:
+        a.close()
+        b.close()
+
+
+def test_t_image_1_cell_below_the_image_memory_starts_the_plain_way(rt: Runtimes, tmp_path: Path) -> None:
+    image = rt.get("python3").image
+    assert image is not None
+    s = _session(rt, tmp_path, "small", memory=image.min_bytes - (1 << 20))
+    try:
+        assert not s.from_image
+        assert _out(s, "import sys\nprint('pandas' in sys.modules)").strip() == "False"
+    finally:
+        s.close()
+
+
+TAMPER = [
+    ("flipped_byte", lambda p: _flip(p, p.stat().st_size // 2)),
+    ("truncated", lambda p: _truncate(p)),
+]
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 4096)
+
+
+@pytest.mark.parametrize("name,tamper", TAMPER, ids=[t[0] for t in TAMPER])
+def test_t_image_1_tampered_image_is_refused(rt: Runtimes, tmp_path: Path, name: str, tamper: object) -> None:
+    """A private copy of the cache, its image tampered with: never loaded, the
+    file is discarded, and cells start the plain way (nothing else breaks)."""
+    image = rt.get("python3").image
+    assert image is not None and callable(tamper)
+    private = tmp_path / "cache" / "modules"
+    private.mkdir(parents=True, mode=0o700)
+    src = shared_cache()
+    keep = (templates.PY_SNAPSHOT_SHA256, image.key)  # the Python runtime and its image
+    for entry in src.iterdir():
+        if entry.name.startswith(keep) and entry.suffix in (".cwasm", ".json"):
+            shutil.copyfile(entry, private / entry.name)
+            (private / entry.name).chmod(0o600)
+    cwasm = next(private.glob(f"{image.key}-*.cwasm"))
+    tamper(cwasm)
+    fresh = Runtimes(private)
+    try:
+        loaded = fresh.get("python3")
+        assert loaded.image is None
+        assert not cwasm.exists()  # discarded, never deserialized
+        s = _session(fresh, tmp_path, "after")
+        try:
+            assert not s.from_image
+            assert _out(s, "print(6 * 7)").strip() == "42"
+        finally:
+            s.close()
+    finally:
+        fresh.close()
