@@ -135,7 +135,7 @@ del _cell_boot
 # own. ``%s`` is the cell's environment as a JSON object.
 PY_FRESH = r"""
 def _cell_fresh(env):
-    import os, sys, random, importlib
+    import os, sys, random
     os.environ.clear()
     os.environ.update(env)
     random.seed()
@@ -145,7 +145,8 @@ def _cell_fresh(env):
     tf = sys.modules.get('tempfile')
     if tf is not None:
         tf._name_sequence = None
-    importlib.invalidate_caches()
+    for path in [p for p in sys.path_importer_cache if not (isinstance(p, str) and p.startswith('/usr/local/lib/'))]:
+        del sys.path_importer_cache[path]  # /data and /tmp listings were the build's (the stdlib's stay)
     os.chdir('/data')
     cfg = env.get('MPLCONFIGDIR')
     if cfg:

@@ -177,3 +177,21 @@ def test_t_image_1_garbled_leb_is_refused() -> None:
         wasmimage.read_uleb(b"\xff\xff\xff\xff\xff\xff", 0)
     with pytest.raises(WasmFormatError):
         wasmimage.read_uleb(b"\x80", 0)
+
+
+def test_t_image_1_unreferenced_passive_segments_are_kept() -> None:
+    """Without a data-count section no instruction can name a passive segment;
+    it is carried over unchanged, and the active one is superseded by the capture."""
+    data = wasmimage.export_mutable_globals(wasmtime.wat2wasm(
+        '(module (memory (export "memory") 1) (global (mut i32) (i32.const 0)) (data "abc") (data (i32.const 8) "zz"))'))
+    mem = bytearray(wasmimage.PAGE)
+    mem[8:10] = b"zz"
+    mem[100] = 9
+    image = wasmimage.write_image(data, bytes(mem), {0: 4})
+    dsec = next(s for s in wasmimage.sections(image) if s.id == wasmimage.SEC_DATA)
+    assert image[dsec.body] == 2  # one run of the capture + the passive segment
+    assert b"\x01\x03abc" in image[dsec.body:dsec.end]
+    store, inst = _instance(image)
+    m = inst.exports(store)["memory"]
+    assert isinstance(m, wasmtime.Memory)
+    assert bytes(m.read(store, 0, wasmimage.PAGE)) == bytes(mem)
