@@ -35,17 +35,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import wasmtime
 
 from appliance.runtime import rich, scratch, templates, wasi_shadow, wasmimage
 from appliance.runtime.engine import ModuleCache
 from appliance.runtime.governor import set_async_stack_size
+from appliance.runtime.loader import Loaded, Runtimes
+from appliance.runtime.sessions import PY_BOOT, PythonSession
 from appliance.runtime.stack import WASM_STACK, on_guest_stack
-
-if TYPE_CHECKING:
-    from appliance.runtime.loader import Loaded, Runtimes
 
 BUILDER_VERSION = 1
 # What the image has run after the session's own boot code.
@@ -91,8 +90,6 @@ class Image:
 def image_key(runtime: templates.Runtime) -> str:
     """The cache key of the image of ``runtime``: its inputs, hashed (never a
     runtime's own pin, so no existing cache entry is ever named)."""
-    from appliance.runtime.sessions import PY_BOOT  # sessions imports this module
-
     h = hashlib.sha256()
     for part in (f"cell-python-image/v{BUILDER_VERSION}", runtime.sha256, runtime.stdlib_sha256 or "",
                  PY_BOOT, rich.PY_RICH_BOOT, IMAGE_RECIPE):
@@ -176,9 +173,6 @@ def capture_state(instance: wasmtime.Instance, store: wasmtime.Store, module_byt
 
 def build(runtimes: Runtimes, progress: Callable[[str], None] | None = None) -> Image:
     """Build (or find) the image of the python3 runtime in ``runtimes``' cache."""
-    from appliance.runtime.loader import Loaded
-    from appliance.runtime.sessions import PythonSession
-
     say = progress or (lambda _m: None)
     base = runtimes.get("python3")
     runtime = base.runtime
