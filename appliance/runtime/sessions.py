@@ -148,9 +148,6 @@ def _cell_fresh(env):
     for path in [p for p in sys.path_importer_cache if not (isinstance(p, str) and p.startswith('/usr/local/lib/'))]:
         del sys.path_importer_cache[path]  # /data and /tmp listings were the build's (the stdlib's stay)
     os.chdir('/data')
-    cfg = env.get('MPLCONFIGDIR')
-    if cfg:
-        os.makedirs(cfg, exist_ok=True)
 _cell_fresh(%s)
 del _cell_fresh
 """
