@@ -118,7 +118,12 @@ def cmd_warm(args: argparse.Namespace) -> int:
         if not args.no_image:
             from appliance.runtime import images  # the pre-initialised Python image (images.py)
 
-            images.build(rt, progress=lambda m: print(f"cell warm: {m}", flush=True))
+            try:
+                images.build(rt, progress=lambda m: print(f"cell warm: {m}", flush=True))
+            except (images.ImageError, ValueError, RuntimeError, OSError) as e:  # WasmFormatError is a ValueError
+                print(f"cell warm: the python image could not be built ({e}); Python cells start the plain way",
+                      file=sys.stderr, flush=True)
+                return 1
     finally:
         rt.close()
     return 0

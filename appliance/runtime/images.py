@@ -172,7 +172,15 @@ def capture_state(instance: wasmtime.Instance, store: wasmtime.Store, module_byt
 
 
 def build(runtimes: Runtimes, progress: Callable[[str], None] | None = None) -> Image:
-    """Build (or find) the image of the python3 runtime in ``runtimes``' cache."""
+    """Build (or find) the image of the python3 runtime in ``runtimes``' cache;
+    ``ImageError`` says why it could not be built."""
+    try:
+        return _build(runtimes, progress)
+    except (wasmtime.WasmtimeError, wasmimage.WasmFormatError) as e:
+        raise ImageError(str(e).split("\n", 1)[0][:300]) from e
+
+
+def _build(runtimes: Runtimes, progress: Callable[[str], None] | None) -> Image:
     say = progress or (lambda _m: None)
     base = runtimes.get("python3")
     runtime = base.runtime

@@ -157,3 +157,11 @@ def test_t_image_1_tampered_image_is_refused(rt: Runtimes, tmp_path: Path, name:
             s.close()
     finally:
         fresh.close()
+
+
+def test_t_image_1_key_names_no_other_entry_and_follows_its_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = templates.find_runtime("python3")
+    key = images.image_key(runtime)
+    assert key not in {t.pin for t in templates.REGISTRY}
+    monkeypatch.setattr(images, "IMAGE_RECIPE", images.IMAGE_RECIPE + "import json\n")
+    assert images.image_key(runtime) != key  # another recipe is another image
