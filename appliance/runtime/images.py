@@ -39,12 +39,12 @@ from typing import Callable
 
 import wasmtime
 
-from appliance.runtime import rich, scratch, templates, wasi_shadow, wasmimage
+from appliance.runtime import guest_state, rich, scratch, templates, wasi_shadow, wasmimage
 from appliance.runtime.engine import ModuleCache
 from appliance.runtime.governor import set_async_stack_size
 from appliance.runtime.loader import Loaded, Runtimes
 from appliance.runtime.sessions import PY_BOOT, PythonSession
-from appliance.runtime.stack import WASM_STACK, on_guest_stack
+from appliance.runtime.stack import WASM_STACK
 
 BUILDER_VERSION = 1
 # What the image has run after the session's own boot code.
@@ -146,37 +146,12 @@ def _linker(engine: wasmtime.Engine, runtime: templates.Runtime) -> wasmtime.Lin
     return linker
 
 
-@dataclass
-class Capture:
-    memory: bytes
-    globals: dict[int, int | float]
-
-
-def capture_state(instance: wasmtime.Instance, store: wasmtime.Store, module_bytes: bytes) -> Capture:
-    """Linear memory and every mutable global of an instance of a module
-    rewritten by ``export_mutable_globals`` (between turns: nothing on the stack)."""
-    ex = instance.exports(store)
-    memory = ex["memory"]
-    if not isinstance(memory, wasmtime.Memory):
-        raise ImageError("runtime export 'memory' is not a memory")
-    values: dict[int, int | float] = {}
-    for g in wasmimage.mutable_globals(module_bytes):
-        item = ex[wasmimage.global_export_name(g.index)]
-        if not isinstance(item, wasmtime.Global):
-            raise ImageError(f"global {g.index} is not exported")
-        value = item.value(store)
-        if not isinstance(value, (int, float)):
-            raise ImageError(f"global {g.index} holds a {type(value).__name__}")
-        values[g.index] = value
-    return Capture(bytes(memory.read(store, 0, memory.data_len(store))), values)
-
-
 def build(runtimes: Runtimes, progress: Callable[[str], None] | None = None) -> Image:
     """Build (or find) the image of the python3 runtime in ``runtimes``' cache;
     ``ImageError`` says why it could not be built."""
     try:
         return _build(runtimes, progress)
-    except (wasmtime.WasmtimeError, wasmimage.WasmFormatError) as e:
+    except (wasmtime.WasmtimeError, wasmimage.WasmFormatError, guest_state.StateError) as e:
         raise ImageError(str(e).split("\n", 1)[0][:300]) from e
 
 
@@ -216,7 +191,7 @@ def _build(runtimes: Runtimes, progress: Callable[[str], None] | None) -> Image:
             expected = " ".join(str(fd) for fd in range(3, 3 + preopens))
             if out.stdout.strip() != expected:
                 raise ImageError(f"descriptors open at capture: {out.stdout.strip()!r}, expected the preopens {expected}")
-            state = on_guest_stack(lambda: capture_state(session.instance, session.store, instrumented))
+            state = guest_state.capture(module, session.instance, session.store)
         finally:
             session.close()
     finally:

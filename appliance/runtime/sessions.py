@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 import wasmtime
 
-from appliance.runtime import command_channel, context, rich, scratch
+from appliance.runtime import command_channel, context, guest_state, rich, scratch
 from appliance.runtime.js_boot import JS_BOOT
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.command_channel import ChannelClosed, CommandChannel
@@ -155,7 +155,10 @@ del _cell_fresh
 
 class PythonSession:
     def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
-                 scratch_dir: str | None = None, *, use_image: bool = True) -> None:
+                 scratch_dir: str | None = None, *, use_image: bool = True,
+                 restore: guest_state.GuestState | None = None) -> None:
+        """``restore``: the state of a cell captured by :meth:`snapshot`,
+        continued in this new instance (same volume, so the same preopens)."""
         self.capture = Capture()
         self.store = wasmtime.Store(loaded.engine)
         self.store.set_limits(memory_size=memory_bytes)
@@ -170,12 +173,17 @@ class PythonSession:
             w.preopen_dir(str(loaded.mpl_data_dir), MPL_DATA_GUEST, False)
         w.preopen_dir(scratch.make_tmp_dir(volume), "/tmp", True)  # the cell's own /tmp, beside /data
         self.store.set_wasi(w)
-        image = loaded.image if use_image else None
+        image = loaded.image if use_image or restore is not None else None
         if image is not None and image.min_bytes > memory_bytes:
             image = None  # a cell whose limit is below the image's memory starts the plain way
+        if restore is not None and image is None:
+            raise RuntimeError("no Python image to restore this cell's state into")
         self.from_image = image is not None
+        self._module = image.module if image is not None else loaded.module
         pre = image.pre if image is not None else loaded.pre
         self.instance = on_guest_stack(lambda: pre.instantiate(self.store))
+        if restore is not None:
+            guest_state.restore(self._module, self.instance, self.store, restore)
         ex = self.instance.exports(self.store)
         self._turn = _export_func(ex, "turn")
         self._alloc = _export_func(ex, "host_alloc")
@@ -183,7 +191,9 @@ class PythonSession:
         self.alive = True
         self.runs = 0
         self._rich = False  # rich results are collected once their boot code has run
-        if image is not None:
+        if restore is not None:
+            boot_codes = []  # the cell's own interpreter, as it was: nothing to redo
+        elif image is not None:
             full_env = dict(GUEST_ENV_BASE)
             full_env.update(env)
             boot_codes = [(PY_FRESH % json.dumps(full_env)).encode()]
@@ -197,6 +207,13 @@ class PythonSession:
                 raise RuntimeError(f"python session failed to start: {boot.stderr.strip()[-300:]}")
         self._rich = True
         self.runs = 0
+
+    def snapshot(self) -> guest_state.GuestState:
+        """The interpreter's whole state between runs (memory and globals);
+        only a session started from the image has its globals readable."""
+        if not self.alive:
+            raise RuntimeError("session is closed")
+        return guest_state.capture(self._module, self.instance, self.store)
 
     def set_envs(self, envs: dict[str, str]) -> None:
         if envs:

@@ -165,3 +165,40 @@ def test_t_image_1_key_names_no_other_entry_and_follows_its_inputs(monkeypatch: 
     assert key not in {t.pin for t in templates.REGISTRY}
     monkeypatch.setattr(images, "IMAGE_RECIPE", images.IMAGE_RECIPE + "import json\n")
     assert images.image_key(runtime) != key  # another recipe is another image
+
+
+def test_t_image_1_cell_state_survives_capture_and_restore(rt: Runtimes, tmp_path: Path) -> None:
+    """The mechanism behind cell snapshots: memory plus globals of a live cell,
+    restored into a fresh instance on the same volume, go on where they were."""
+    a = _session(rt, tmp_path, "a", envs={"CELL_ENV": "kept"})
+    _out(a, "import pandas as pd\nx = 41\ndf = pd.DataFrame({'v': [1, 2]})\n"
+            "def f(n):\n    return n * 2\nopen('/data/note.txt', 'w').write('n')\nfh = open('/data/note.txt')")
+    state = a.snapshot()
+    before = _out(a, "import random\nprint(random.random())")
+    a.close()
+    b = PythonSession(rt.get("python3"), str(tmp_path / "vols" / "t" / "a"), MEMORY, None, restore=state)
+    try:
+        assert _out(b, "print(x + 1, int(df.v.sum()), f(4))").split() == ["42", "3", "8"]
+        assert _out(b, "import os\nprint(os.environ['CELL_ENV'], open('note.txt').read())").split() == ["kept", "n"]
+        # Its random state is the cell's own, continued: the same next number as before the restore.
+        assert _out(b, "import random\nprint(random.random())") == before
+        # A file it had open is gone, and says so (no host descriptor is carried over).
+        err = b.run(b"fh.read()", 10.0, 1 << 16, None, None)
+        assert err.status == "error" and "Bad file descriptor" in err.stderr
+    finally:
+        b.close()
+
+
+def test_t_image_1_restore_refuses_a_foreign_state(rt: Runtimes, tmp_path: Path) -> None:
+    from appliance.runtime.guest_state import GuestState, StateError
+
+    (tmp_path / "vols" / "t" / "x").mkdir(parents=True)
+    with pytest.raises(StateError):
+        PythonSession(rt.get("python3"), str(tmp_path / "vols" / "t" / "x"), MEMORY, None,
+                      restore=GuestState(bytes(65536), {0: 1}))
+    plain = _session(rt, tmp_path, "plain", memory=(rt.get("python3").image.min_bytes - (1 << 20)))  # type: ignore[union-attr]
+    try:
+        with pytest.raises(StateError, match="does not export its globals"):
+            plain.snapshot()
+    finally:
+        plain.close()
