@@ -7,6 +7,7 @@ start from it exactly as a worker's do.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,3 +203,28 @@ def test_t_image_1_restore_refuses_a_foreign_state(rt: Runtimes, tmp_path: Path)
             plain.snapshot()
     finally:
         plain.close()
+
+
+def test_t_image_2_snapshot_file_restores_a_cell_and_a_tampered_one_is_refused(rt: Runtimes, tmp_path: Path) -> None:
+    from appliance.runtime import snapshot_file
+
+    key = os.urandom(32)
+    a = _session(rt, tmp_path, "a")
+    _out(a, "import numpy as np\nv = np.arange(10)\ny = 'kept'")
+    image = rt.get("python3").image
+    assert image is not None
+    path = tmp_path / "snapshots" / "t" / "a"
+    snapshot_file.write(path, a.snapshot(), image.key, "t", "a", key)
+    a.close()
+    image_key, state = snapshot_file.read(path, "t", "a", key, MEMORY)
+    assert image_key == image.key
+    b = PythonSession(rt.get("python3"), str(tmp_path / "vols" / "t" / "a"), MEMORY, None, restore=state)
+    try:
+        assert _out(b, "print(int(v.sum()), y)").split() == ["45", "kept"]
+    finally:
+        b.close()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(snapshot_file.SnapshotRefused, match="integrity"):
+        snapshot_file.read(path, "t", "a", key, MEMORY)
