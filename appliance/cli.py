@@ -115,6 +115,15 @@ def cmd_warm(args: argparse.Namespace) -> int:
             t = time.monotonic()
             rt.get(template)
             print(f"cell warm: {template} ready in {time.monotonic() - t:.1f}s", flush=True)
+        if not args.no_image:
+            from appliance.runtime import images  # the pre-initialised Python image (images.py)
+
+            try:
+                images.build(rt, progress=lambda m: print(f"cell warm: {m}", flush=True))
+            except (images.ImageError, ValueError, RuntimeError, OSError) as e:  # WasmFormatError is a ValueError
+                print(f"cell warm: the python image could not be built ({e}); Python cells start the plain way",
+                      file=sys.stderr, flush=True)
+                return 1
     finally:
         rt.close()
     return 0
@@ -182,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     warm = sub.add_parser("warm", help="compile the guest runtimes ahead of time")
     warm.add_argument("--dev", action="store_true")
+    warm.add_argument("--no-image", action="store_true",
+                      help="skip building the pre-initialised Python image (numpy, pandas, matplotlib imported)")
     warm.set_defaults(func=cmd_warm)
     tenant = sub.add_parser("tenant", help="manage tenants and API keys")
     tenant.add_argument("--dev", action="store_true")

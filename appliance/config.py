@@ -63,6 +63,7 @@ class Settings:
     warm_python: int = 2
     warm_javascript: int = 2
     warm_python_preload: tuple[str, ...] = ()
+    python_image: str = "on"  # new Python cells start from the image `cell warm` built (images.py)
     max_cells_per_worker: int = 200
     lanes_per_worker: int = 2
     tenant_max_runs: int = 0
@@ -290,6 +291,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "warm_python": ("SYNAPSE_WARM_PYTHON", "warm_python", _int(0, 64)),
     "warm_javascript": ("SYNAPSE_WARM_JAVASCRIPT", "warm_javascript", _int(0, 64)),
     "warm_python_preload": ("SYNAPSE_WARM_PYTHON_PRELOAD", "warm_python_preload", _modules),
+    "python_image": ("SYNAPSE_PYTHON_IMAGE", "python_image", _choice("off", "on")),
     "max_cells_per_worker": ("SYNAPSE_MAX_CELLS_PER_WORKER", "max_cells_per_worker", _int(1, 100_000)),
     # T-FAIR-1: per-tenant shares of the node (0 = automatic, see README).
     "lanes_per_worker": ("SYNAPSE_LANES_PER_WORKER", "lanes_per_worker", _int(1, 64)),

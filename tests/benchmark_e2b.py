@@ -158,11 +158,11 @@ class Engine:
     def volume(self) -> str:
         return tempfile.mkdtemp(prefix="vol-", dir=self.root)
 
-    def session(self, template: str) -> Any:
+    def session(self, template: str, image: bool = True) -> Any:
         from appliance.runtime.sessions import JsSession, PythonSession
 
         if template == "python3":
-            return PythonSession(self.rt.get("python3"), self.volume(), 256 << 20)
+            return PythonSession(self.rt.get("python3"), self.volume(), 256 << 20, use_image=image)
         return JsSession(self.rt.get("javascript"), self.volume(), 256 << 20, None)
 
     def wasm_run(self, wat: str) -> int:
@@ -314,6 +314,106 @@ def extra_rows(server: Any, engine: Engine, reps: int, checks: Checks, seconds: 
     return rows
 
 
+# -- pre-initialised Python image vs today's path (images.py) ----------------------
+IMPORTS = "import pandas as pd, numpy as np, matplotlib.pyplot as plt\nprint(pd.__name__, np.__name__, plt.__name__)"
+IMPORTS_OUT = "pandas numpy matplotlib.pyplot\n"
+GROUPBY = ("import pandas as pd\ndf = pd.DataFrame({'k': list('abcab'), 'v': [1, 2, 3, 4, 5]})\n"
+           "print(df.groupby('k')['v'].sum().to_dict())")
+GROUPBY_OUT = "{'a': 5, 'b': 7, 'c': 3}\n"
+IDLE_CELLS = 8
+
+
+def _worker_pids(server: Any) -> list[int]:
+    pids: list[int] = []
+    for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _pss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def _settled_pss(server: Any) -> int:
+    """Workers' PSS once the warm pool has stopped changing it (two equal-ish reads)."""
+    last = -1
+    for _ in range(40):
+        now = _pss_kib(_worker_pids(server))
+        if last > 0 and abs(now - last) < 1024:
+            return now
+        last = now
+        time.sleep(0.5)
+    return last
+
+
+def image_rows(servers: dict[str, Any], engine: Engine, reps: int, checks: Checks) -> tuple[list[Row], list[str]]:
+    """The same rows with the image (``image``) and today's path (``plain``), side by side."""
+    rows: list[Row] = []
+    notes: list[str] = []
+    n = max(3, min(reps, 8))
+    for mode, server in servers.items():
+        opts = {"api_url": server.url, "api_key": server.api_key}
+        client = CellClient(server.url, server.api_key)
+        r = Row(f"new cell: first import pd+np+plt [{mode}]")
+
+        def first_import() -> float:
+            with Sandbox("python3", **opts) as sbx:
+                t0 = time.perf_counter()
+                checks.expect(f"{mode} first import", sbx.run_code(IMPORTS).stdout, IMPORTS_OUT)
+                return time.perf_counter() - t0
+
+        r.samples["http"] = [first_import() for _ in range(n)]
+
+        def engine_import() -> float:
+            s = engine.session("python3", image=mode == "image")
+            try:
+                t0 = time.perf_counter()
+                checks.expect(f"engine {mode} first import", s.run(IMPORTS.encode(), 60.0, 1 << 20, None, None).stdout,
+                              IMPORTS_OUT)
+                return time.perf_counter() - t0
+            finally:
+                s.close()
+
+        r.samples["engine"] = [engine_import() for _ in range(n)]
+        rows.append(r)
+        r = Row(f"one-shot pandas groupby (/v1/execute) [{mode}]")
+        r.samples["http"] = timed(lambda: checks.expect(f"{mode} one-shot groupby", client.execute(GROUPBY).stdout,
+                                                         GROUPBY_OUT), n)
+
+        def engine_oneshot() -> None:
+            s = engine.session("python3", image=mode == "image")
+            checks.expect(f"engine {mode} groupby", s.run(GROUPBY.encode(), 60.0, 1 << 20, None, None).stdout, GROUPBY_OUT)
+            s.close()
+
+        r.samples["engine"] = timed(engine_oneshot, n)
+        rows.append(r)
+        client.close()
+        # PSS of idle persistent cells: the workers' PSS with IDLE_CELLS more cells, per cell.
+        before = _settled_pss(server)
+        cells = [Sandbox("python3", **opts) for _ in range(IDLE_CELLS)]
+        try:
+            for c in cells:
+                checks.expect(f"{mode} idle cell", c.run_code("import pandas as pd\nx = 1\nprint(x)").stdout, "1\n")
+            after = _settled_pss(server)
+        finally:
+            for c in cells:
+                c.kill()
+        notes.append(f"idle persistent cell after `import pandas` [{mode}]: {(after - before) / IDLE_CELLS / 1024:.1f} MiB PSS "
+                     f"each ({IDLE_CELLS} cells; workers {before / 1024:.0f} -> {after / 1024:.0f} MiB)")
+    return rows, notes
+
+
 COVERAGE = [
     ("Sandbox() / Sandbox.create(template, timeout, metadata, envs)", "supported", "templates python3 | javascript | wasm"),
     ("Sandbox.connect(sandbox_id, timeout)", "supported", ""),
@@ -400,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     server = start_server()
     rows: dict[str, Row] = {}
+    image_notes: list[str] = []
     try:
         run_http(server, wls, reps, checks, rows)
         engine = Engine(root)
@@ -407,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
             run_engine(engine, wls, reps, checks, rows)
             run_host(wls, reps, checks, rows)
             extras = extra_rows(server, engine, reps, checks, cells_seconds)
+            plain = start_server(env={"SYNAPSE_PYTHON_IMAGE": "off"})  # today's path, same run
+            try:
+                more, image_notes = image_rows({"image": server, "plain": plain}, engine, reps, checks)
+                extras += more
+            finally:
+                plain.stop()
         finally:
             engine.close()
         _, verdict = server.verify_receipts()
@@ -418,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmark_e2b: {reps} repetitions per row, {time.perf_counter() - t_start:.0f} s total")
     print(f"load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores, shared)")
     report(list(rows.values()) + extras)
+    for note in image_notes:
+        print(f"  {note}")
     baseline_ratios(list(rows.values()) + extras)
     print("\nReference rows (published by their vendors; NOT measured here):")
     for name, value, source in REFERENCE:

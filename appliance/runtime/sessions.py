@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 import wasmtime
 
-from appliance.runtime import command_channel, context, results_channel, rich, scratch
+from appliance.runtime import command_channel, context, guest_state, results_channel, rich, scratch
 from appliance.runtime.js_boot import JS_BOOT
 from appliance.runtime.js_node import JS_NODE
 from appliance.runtime.capture import Capture, ChunkSink
@@ -130,21 +130,60 @@ del _cell_boot
 """
 
 
+# Run first in every interpreter started from the pre-initialised image
+# (images.py, T-IMAGE-1): what the image must not freeze becomes the cell's
+# own. ``%s`` is the cell's environment as a JSON object.
+PY_FRESH = r"""
+def _cell_fresh(env):
+    import os, sys, random
+    os.environ.clear()
+    os.environ.update(env)
+    random.seed()
+    nr = sys.modules.get('numpy.random')
+    if nr is not None:
+        nr.seed()
+    tf = sys.modules.get('tempfile')
+    if tf is not None:
+        tf._name_sequence = None
+    for path in [p for p in sys.path_importer_cache if not (isinstance(p, str) and p.startswith('/usr/local/lib/'))]:
+        del sys.path_importer_cache[path]  # /data and /tmp listings were the build's (the stdlib's stay)
+    os.chdir('/data')
+_cell_fresh(%s)
+del _cell_fresh
+"""
+
+
 class PythonSession:
     def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
-                 scratch_dir: str | None = None) -> None:
+                 scratch_dir: str | None = None, *, use_image: bool = True,
+                 restore: guest_state.GuestState | None = None) -> None:
+        """``restore``: the state of a cell captured by :meth:`snapshot`,
+        continued in this new instance (same volume, so the same preopens)."""
         self.capture = Capture()
         self.store = wasmtime.Store(loaded.engine)
         self.store.set_limits(memory_size=memory_bytes)
         self.governor = Governor(self.store)
-        w = _wasi(volume, {**dict(PY_ENV), **(envs or {})}, self.capture, ["/usr/local/bin/python.wasm"])
+        env = {**dict(PY_ENV), **(envs or {})}
+        w = _wasi(volume, env, self.capture, ["/usr/local/bin/python.wasm"])
         assert loaded.stdlib_dir is not None
+        # T-IMAGE-1: these preopens, in this order, are the ones the image was
+        # built with (images.py): the guest's libc keeps their numbers in memory.
         w.preopen_dir(str(loaded.stdlib_dir), "/usr/local/lib", False)
         if loaded.mpl_data_dir is not None:  # read-only, where matplotlib looks for it (templates.py)
             w.preopen_dir(str(loaded.mpl_data_dir), MPL_DATA_GUEST, False)
         w.preopen_dir(scratch.make_tmp_dir(volume), "/tmp", True)  # the cell's own /tmp, beside /data
         self.store.set_wasi(w)
-        self.instance = on_guest_stack(lambda: loaded.pre.instantiate(self.store))
+        image = loaded.image if use_image or restore is not None else None
+        if image is not None and image.min_bytes > memory_bytes:
+            image = None  # a cell whose limit is below the image's memory starts the plain way
+        if restore is not None and image is None:
+            raise RuntimeError("no Python image to restore this cell's state into")
+        self.from_image = image is not None
+        self._module = image.module if image is not None else loaded.module
+        pre = image.pre if image is not None else loaded.pre
+        self.instance = on_guest_stack(lambda: pre.instantiate(self.store))
+        if restore is not None:
+            guest_state.restore(self._module, self.instance, self.store, restore)
         ex = self.instance.exports(self.store)
         self._turn = _export_func(ex, "turn")
         self._alloc = _export_func(ex, "host_alloc")
@@ -152,15 +191,32 @@ class PythonSession:
         self.alive = True
         self.runs = 0
         self._rich = False  # rich results are collected once their boot code has run
-        self._figures = False  # pyplot is loaded: figures may be left open after a run (rich.py)
-        # The first turn pays ~15 ms of interpreter warm-up; do it now, and
-        # make relative paths land in the cell's volume.
-        for code in (PY_BOOT.encode(), rich.PY_RICH_BOOT.encode()):
+        # pyplot is loaded: figures may be left open after a run (rich.py); an
+        # image-started interpreter has it loaded already.
+        self._figures = self.from_image
+        if restore is not None:
+            boot_codes = []  # the cell's own interpreter, as it was: nothing to redo
+        elif image is not None:
+            full_env = dict(GUEST_ENV_BASE)
+            full_env.update(env)
+            boot_codes = [(PY_FRESH % json.dumps(full_env)).encode()]
+        else:
+            # The first turn pays ~15 ms of interpreter warm-up; do it now, and
+            # make relative paths land in the cell's volume.
+            boot_codes = [PY_BOOT.encode(), rich.PY_RICH_BOOT.encode()]
+        for code in boot_codes:
             boot = self.run(code, 10.0, 1 << 16, None, None)
             if boot.status != "ok":
                 raise RuntimeError(f"python session failed to start: {boot.stderr.strip()[-300:]}")
         self._rich = True
         self.runs = 0
+
+    def snapshot(self) -> guest_state.GuestState:
+        """The interpreter's whole state between runs (memory and globals);
+        only a session started from the image has its globals readable."""
+        if not self.alive:
+            raise RuntimeError("session is closed")
+        return guest_state.capture(self._module, self.instance, self.store)
 
     def set_envs(self, envs: dict[str, str]) -> None:
         if envs:

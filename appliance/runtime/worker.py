@@ -110,7 +110,8 @@ class Worker:
         hashes = _registry_hashes(config["registry_hashes"]) if "registry_hashes" in config \
             else _mirror_hashes(config.get("mirror_dir"))
         self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, confining=not start_threads,
-                                 verify_memo=config.get("verify_memo"))
+                                 verify_memo=config.get("verify_memo"),
+                                 use_image=bool(config.get("python_image", True)))
         self.untrusted: dict[str, str] = {}
         self.modules = ModuleRunner(self.runtimes.engine, self.runtimes.base_linker)
         self.sessions: dict[str, Session] = {}

@@ -1,0 +1,207 @@
+"""The pre-initialised Python image (threat T-IMAGE-1): cells that start with
+numpy, pandas and matplotlib already imported.
+
+``cell warm`` builds it once per machine (the Wizer technique, done here in
+Python): the pinned runtime, with its mutable globals exported
+(``wasmimage.export_mutable_globals``), is started exactly as a Python cell
+starts (the same WASI preopens in the same order, the same environment, the
+session's boot code), then runs ``IMAGE_RECIPE``; its linear memory and
+globals are written as a new module (``wasmimage.write_image``), compiled into
+the module cache like the other runtimes and under a key of its own
+(``image_key``: the runtime's pin, the stdlib's pin, the boot code, the recipe
+and this builder's version), so it can never collide with another entry.
+
+Loading is the module cache's: the compiled file's SHA-256 is recorded when it
+is written and checked on the descriptor that is then loaded, so a tampered
+image is discarded and never run (T-CACHE-1). A worker only ever *looks up*
+the image (before it confines itself, like the other runtime files); it never
+builds one. Without a usable image, cells start the plain way.
+
+What a snapshot must not freeze is redone in every new interpreter by
+``PY_FRESH`` (sessions.py): the environment is the cell's own (libc and
+``os.environ`` both), ``random``, numpy's global generator and tempfile's name
+sequence are reseeded from the host's random source, import caches are
+dropped (``/data`` and ``/tmp`` are the cell's own directories), and the
+working directory is ``/data`` again. The clock is always read from the host.
+The build checks that no file descriptor beyond the session's preopens is
+open when memory is captured, so the image holds no descriptor numbers that
+would mean something else in a cell.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import wasmtime
+
+from appliance.runtime import guest_state, rich, scratch, templates, wasi_shadow, wasmimage
+from appliance.runtime.engine import ModuleCache
+from appliance.runtime.governor import set_async_stack_size
+from appliance.runtime.loader import Loaded, Runtimes, define_custom_imports
+from appliance.runtime.sessions import PY_BOOT, PythonSession
+from appliance.runtime.stack import WASM_STACK
+
+BUILDER_VERSION = 1
+# What the image has run after the session's own boot code.
+# Then everything alive is moved to the collector's permanent generation: its
+# collections never walk (and so never write to) the image's objects, which
+# keeps their pages shared between cells.
+IMAGE_RECIPE = ("import numpy, pandas, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot\n"
+                "import gc\ngc.collect()\ngc.freeze()\ndel gc\n")
+# The build's own session: enough memory for the imports, never a cell's limit.
+BUILD_MEMORY = 1 << 30
+
+# Run in the build session after the recipe: every descriptor past the
+# preopens must be closed (the image must hold no open file, T-IMAGE-1).
+FD_CHECK = r"""
+def _cell_fds():
+    import os
+    open_fds = []
+    for fd in range(3, 256):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        open_fds.append(fd)
+    print(' '.join(map(str, open_fds)))
+_cell_fds()
+del _cell_fds
+"""
+
+
+class ImageError(Exception):
+    pass
+
+
+@dataclass
+class Image:
+    """A compiled image, ready to instantiate."""
+    key: str
+    module: wasmtime.Module
+    pre: wasmtime.InstancePre
+    min_bytes: int  # the linear memory every instance of it starts with
+
+
+def image_key(runtime: templates.Runtime) -> str:
+    """The cache key of the image of ``runtime``: its inputs, hashed (never a
+    runtime's own pin, so no existing cache entry is ever named)."""
+    h = hashlib.sha256()
+    for part in (f"cell-python-image/v{BUILDER_VERSION}", runtime.sha256, runtime.stdlib_sha256 or "",
+                 PY_BOOT, rich.PY_RICH_BOOT, IMAGE_RECIPE):
+        data = part.encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def _memory_min_bytes(module: wasmtime.Module) -> int:
+    for e in module.exports:
+        if e.name == "memory" and isinstance(e.type, wasmtime.MemoryType):
+            return int(e.type.limits.min) * wasmimage.PAGE
+    raise ImageError("the image exports no memory")
+
+
+def lookup(cache: ModuleCache, engine: wasmtime.Engine, linker: wasmtime.Linker,
+           runtime: templates.Runtime) -> Image | None:
+    """The image of ``runtime`` if the cache holds one that passes its check
+    (T-CACHE-1, T-IMAGE-1); None otherwise. Never builds."""
+    key = image_key(runtime)
+    module = cache.lookup(engine, key)
+    if module is None:
+        return None
+    try:
+        pre = linker.instantiate_pre(module)
+        return Image(key, module, pre, _memory_min_bytes(module))
+    except (wasmtime.WasmtimeError, ImageError):
+        return None
+
+
+def _build_engine() -> wasmtime.Engine:
+    """The engine that runs the instrumented runtime once, for the capture:
+    the session's settings, unoptimised code (compiled once, run for seconds)."""
+    cfg = wasmtime.Config()
+    cfg.epoch_interruption = True
+    cfg.consume_fuel = False
+    set_async_stack_size(cfg, WASM_STACK)
+    cfg.max_wasm_stack = WASM_STACK
+    cfg.cranelift_opt_level = "none"
+    return wasmtime.Engine(cfg)
+
+
+def _linker(engine: wasmtime.Engine, runtime: templates.Runtime) -> wasmtime.Linker:
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    wasi_shadow.define_shadows(linker)
+    define_custom_imports(linker, runtime)  # as a cell's: the image runs the same boot code
+    return linker
+
+
+def build(runtimes: Runtimes, progress: Callable[[str], None] | None = None) -> Image:
+    """Build (or find) the image of the python3 runtime in ``runtimes``' cache;
+    ``ImageError`` says why it could not be built."""
+    try:
+        return _build(runtimes, progress)
+    except (wasmtime.WasmtimeError, wasmimage.WasmFormatError, guest_state.StateError) as e:
+        raise ImageError(str(e).split("\n", 1)[0][:300]) from e
+
+
+def _build(runtimes: Runtimes, progress: Callable[[str], None] | None) -> Image:
+    say = progress or (lambda _m: None)
+    base = runtimes.get("python3")
+    runtime = base.runtime
+    found = lookup(runtimes.cache, runtimes.engine, runtimes.python_linker(runtime), runtime)
+    if found is not None:
+        return found
+    key = image_key(runtime)
+    started = time.monotonic()
+    source = templates.verified_bytes(runtime.wasm, runtime.sha256)  # T-SUPPLY-1: only the pinned runtime
+    instrumented = wasmimage.export_mutable_globals(source)
+    wasmimage.check_imageable(instrumented)  # before minutes of compiling, not after
+    say("building the python image: compiling the instrumented runtime (once per machine)")
+    engine = _build_engine()
+    module = wasmtime.Module(engine, instrumented)
+    linker = _linker(engine, runtime)
+    loaded = Loaded(engine=engine, runtime=runtime, module=module, pre=linker.instantiate_pre(module),
+                    stdlib_dir=base.stdlib_dir, mpl_data_dir=base.mpl_data_dir)
+    say(f"building the python image: running the recipe ({time.monotonic() - started:.0f}s so far)")
+    root = Path(tempfile.mkdtemp(prefix="cell-image-"))
+    try:
+        pool = root / "pool"
+        pool.mkdir(mode=0o700)
+        volume = pool / "build"
+        volume.mkdir(mode=0o700)
+        # Same preopens, same order, same environment as a cell (sessions.py).
+        session = PythonSession(loaded, str(volume), BUILD_MEMORY, None, None, use_image=False)
+        try:
+            for code in (IMAGE_RECIPE, FD_CHECK):
+                out = session.run(code.encode(), 300.0, 1 << 16, None, None)
+                if out.status != "ok":
+                    raise ImageError(f"the image recipe failed: {out.stderr.strip()[-300:]}")
+            preopens = 3 + (1 if base.mpl_data_dir is not None else 0)  # /data, /usr/local/lib, [mpl-data], /tmp
+            expected = " ".join(str(fd) for fd in range(3, 3 + preopens))
+            if out.stdout.strip() != expected:
+                raise ImageError(f"descriptors open at capture: {out.stdout.strip()!r}, expected the preopens {expected}")
+            state = guest_state.capture(module, session.instance, session.store)
+        finally:
+            session.close()
+    finally:
+        scratch.remove_tmp_dir(str(root / "pool" / "build"))
+        shutil.rmtree(root, ignore_errors=True)
+    image_bytes = wasmimage.write_image(instrumented, state.memory, state.globals)
+    del state, instrumented, source, loaded, module, linker, engine
+    say(f"building the python image: compiling the image ({len(image_bytes) >> 20} MiB; "
+        f"{time.monotonic() - started:.0f}s so far)")
+
+    def compile_image() -> wasmtime.Module:
+        return wasmtime.Module(runtimes.engine, image_bytes)
+
+    runtimes.cache.load(runtimes.engine, key, compile_image, None)
+    image = lookup(runtimes.cache, runtimes.engine, runtimes.python_linker(runtime), runtime)
+    if image is None:
+        raise ImageError("the image was written but does not load back")
+    say(f"python image ready in {time.monotonic() - started:.0f}s ({image.min_bytes >> 20} MiB of memory)")
+    return image

@@ -1,0 +1,87 @@
+"""Cell snapshot files (appliance/runtime/snapshot_file.py, T-IMAGE-2): written
+0600, bound to their tenant and cell by an HMAC under a key kept elsewhere,
+and refused — never restored — when anything about them changed."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from appliance.runtime import wasmimage
+from appliance.runtime.guest_state import GuestState
+from appliance.runtime.snapshot_file import MAGIC, SnapshotRefused, decode, encode, read, write
+
+KEY = b"k" * 32
+MAX = 4 * wasmimage.PAGE
+
+
+def _state() -> GuestState:
+    mem = bytearray(2 * wasmimage.PAGE)
+    mem[10:15] = b"hello"
+    mem[wasmimage.PAGE + 7] = 9
+    return GuestState(bytes(mem), {0: 65536 - 32, 3: -1})
+
+
+def test_t_image_2_round_trip_private_file(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots" / "t1" / "c1"
+    size = write(path, _state(), "imagekey", "t1", "c1", KEY)
+    assert path.stat().st_size == size
+    assert path.stat().st_mode & 0o777 == 0o600
+    image, state = read(path, "t1", "c1", KEY, MAX)
+    assert image == "imagekey" and state == _state()
+    assert size < len(_state().memory)  # zero runs are left out
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 1]) + data[at + 1:]
+
+
+TAMPERED: list[tuple[str, Callable[[bytes], bytes], str, str, bytes]] = [
+    ("memory_byte", lambda d: _flip(d, len(d) - 40), "t1", "c1", KEY),
+    ("header_byte", lambda d: _flip(d, len(MAGIC) + 10), "t1", "c1", KEY),
+    ("mac_byte", lambda d: _flip(d, len(d) - 1), "t1", "c1", KEY),
+    ("truncated", lambda d: d[:-100], "t1", "c1", KEY),
+    ("extended", lambda d: d + b"\x00" * 10, "t1", "c1", KEY),
+    ("other_cell", lambda d: d, "t1", "c2", KEY),
+    ("other_tenant", lambda d: d, "t2", "c1", KEY),
+    ("other_key", lambda d: d, "t1", "c1", b"x" * 32),
+    ("not_a_snapshot", lambda d: b"\x00asm" + d[4:], "t1", "c1", KEY),
+    ("empty", lambda d: b"", "t1", "c1", KEY),
+]
+
+
+@pytest.mark.parametrize("name,change,tenant,cell,key", TAMPERED, ids=[t[0] for t in TAMPERED])
+def test_t_image_2_changed_or_foreign_snapshot_is_refused(name: str, change: Callable[[bytes], bytes], tenant: str,
+                                                         cell: str, key: bytes) -> None:
+    data = change(encode(_state(), "imagekey", "t1", "c1", KEY))
+    with pytest.raises(SnapshotRefused):
+        decode(data, tenant, cell, key, MAX)
+
+
+def test_t_image_2_oversized_memory_is_refused_even_with_a_valid_mac() -> None:
+    big = GuestState(bytes(8 * wasmimage.PAGE), {0: 1})
+    with pytest.raises(SnapshotRefused, match="memory size"):
+        decode(encode(big, "k", "t1", "c1", KEY), "t1", "c1", KEY, MAX)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "group_readable", "fifo"])
+def test_t_image_2_unsafe_files_are_refused(tmp_path: Path, kind: str) -> None:
+    real = tmp_path / "real"
+    write(real, _state(), "imagekey", "t1", "c1", KEY)
+    path = tmp_path / "snap"
+    if kind == "symlink":
+        path.symlink_to(real)
+    elif kind == "group_readable":
+        path.write_bytes(real.read_bytes())
+        path.chmod(0o640)
+    else:
+        os.mkfifo(path, 0o600)  # opening it must not block the reader
+    with pytest.raises(SnapshotRefused):
+        read(path, "t1", "c1", KEY, MAX)
+
+
+def test_missing_snapshot_is_not_a_refusal(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read(tmp_path / "none", "t1", "c1", KEY, MAX)
