@@ -181,34 +181,13 @@ class Worker:
             self.send(protocol.Ready(pid=os.getpid()))
         if refill_thread:
             threading.Thread(target=self._refill_loop, name="cell-warm", daemon=True).start()
-            while True:
-                try:
-                    frame = self.conn.recv_bytes(MAX_REQUEST_FRAME)
-                    request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
-                except (EOFError, OSError, protocol.ProtocolError):
-                    return  # only the supervisor writes here: EOF or a bad frame means it is gone or broken
-                with self._lock:
-                    self._in_flight += 1
-                threading.Thread(target=self._serve_one, args=(request,), name="cell-request", daemon=True).start()
+            while self._receive_one():
+                pass
+            return
         while True:
             if self.conn.poll(0):
-                try:
-                    frame = self.conn.recv_bytes(MAX_REQUEST_FRAME)
-                except (EOFError, OSError):
+                if not self._receive_one():
                     return
-                try:
-                    request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
-                except protocol.ProtocolError:
-                    return  # only the supervisor writes here: a bad frame means it is gone or broken
-                if isinstance(request, protocol.CallAnswer):
-                    self.broker.deliver(request)  # a host call's answer (T-ESCAPE-3): its run's thread waits for it
-                    continue
-                with self._lock:
-                    self._in_flight += 1
-                    if isinstance(request, protocol.ExecRequest) and request.cell_id is not None:
-                        # Known before its thread starts: a cancel that follows it on the pipe finds it.
-                        self.in_flight[request.cell_id] = _InFlight()
-                threading.Thread(target=self._serve_one, args=(request,), name="cell-request", daemon=True).start()
                 continue
             with self._lock:
                 idle = self._in_flight == 0
@@ -217,6 +196,25 @@ class Worker:
             # Idle and full: sleep until a message (or EOF). Runs in flight:
             # look again soon, so the warm pool refills once they end.
             self.conn.poll(None if idle else 0.05)
+
+    def _receive_one(self) -> bool:
+        """Read one request and start it on a thread of its own; False at EOF
+        or on a bad frame (only the supervisor writes here: it is gone or broken)."""
+        try:
+            frame = self.conn.recv_bytes(MAX_REQUEST_FRAME)
+            request = protocol.decode(frame, protocol.TO_WORKER, MAX_REQUEST_FRAME)
+        except (EOFError, OSError, protocol.ProtocolError):
+            return False
+        if isinstance(request, protocol.CallAnswer):
+            self.broker.deliver(request)  # a host call's answer (T-ESCAPE-3): its run's thread waits for it
+            return True
+        with self._lock:
+            self._in_flight += 1
+            if isinstance(request, protocol.ExecRequest) and request.cell_id is not None:
+                # Known before its thread starts: a cancel that follows it on the pipe finds it.
+                self.in_flight[request.cell_id] = _InFlight()
+        threading.Thread(target=self._serve_one, args=(request,), name="cell-request", daemon=True).start()
+        return True
 
     def _serve_one(self, request: protocol.Request) -> None:
         try:
