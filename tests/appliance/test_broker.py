@@ -283,14 +283,15 @@ def test_t_escape_3_pooled_worker_fetches_through_the_supervisor(module_cache: N
                                "connector": connect}
     pool.start()
     try:
-        pid = pool.stats()["pids"][0]
+        handle = pool.pick_for_run("t")  # a worker bound to tenant t (T-TENANT-1)
+        pid = handle.process.pid
         assert sandbox.process_status(pid) == {"seccomp": 2, "no_new_privs": 1}  # no socket, no process: still fetches
 
         def run(url: str) -> Any:
             spec = egress_on({"cell-test.example.com": ["127.0.0.1"], "meta.attacker.example": ["169.254.169.254"]})
             msg = protocol.ExecRequest(0, template="wasm", code=guests.fetch_probe(url).encode(), is_text=True,
                                        timeout_ms=5000, memory_mb=64, tenant_id="t", egress=spec)
-            return pool.call(pool.worker(0), msg, deadline_s=5.0, tenant="t")
+            return pool.call(handle, msg, deadline_s=5.0, tenant="t")
 
         ok = run(f"http://cell-test.example.com:{hello_server}/pooled")
         assert ok.outcome.exit_code == len(b"hello /pooled") and recorder == [("127.0.0.1", hello_server)]
@@ -298,6 +299,6 @@ def test_t_escape_3_pooled_worker_fetches_through_the_supervisor(module_cache: N
         assert denied.outcome.exit_code == -1
         assert denied.outcome.denials == [{"threat": "T-SSRF-1", "function": "host_fetch", "reason": "denied_address"}]
         assert len(recorder) == 1  # the denial came before any connection
-        assert pool.kills == 0 and pool.stats()["pids"][0] == pid
+        assert pool.kills == 0 and pid in pool.stats()["pids"]
     finally:
         pool.close()
