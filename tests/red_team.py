@@ -491,7 +491,9 @@ def fairness(srv: ServerProcess) -> None:
     flood.start()
     refused: list[Any] = []
     try:
-        flood.wait_saturated(workers)
+        # T-TENANT-1: the flooder's runs reach only the worker bound to it;
+        # the neighbour's cell lives in a worker of its own.
+        flood.wait_saturated(1)
         times = probe(srv, neighbour, cell["cell_id"], 3, refused)
     finally:
         flood.stop()
@@ -499,8 +501,11 @@ def fairness(srv: ServerProcess) -> None:
         for took in values:
             record("fairness", took < 3.0, f"another tenant's print(1) ({kind}) took {took:.2f}s while one tenant floods")
     record("fairness", not refused, f"another tenant's runs refused while one tenant floods: {refused}")
-    record("fairness", bool(flood.statuses) and all(s == (200, "timeout") for s in flood.statuses),
-           f"the flooding tenant's runs end at their own limit: {sorted(set(flood.statuses))}")
+    # The flooder is held to its share, not starved: its runs end at their own
+    # limit, and what waits too long is turned away with a clear code.
+    record("fairness", (200, "timeout") in flood.statuses
+           and set(flood.statuses) <= {(200, "timeout"), (429, "tenant_busy"), (503, "busy")},
+           f"the flooding tenant's runs end at their own limit or are refused clearly: {sorted(set(flood.statuses))}")
 
 
 MALFORMED = [
