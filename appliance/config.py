@@ -122,6 +122,11 @@ class Settings:
         return self.root / "sandbox_volumes"
 
     @property
+    def snapshots_dir(self) -> Path:
+        """Captured cell states (snapshot_file.py, T-IMAGE-2)."""
+        return self.root / "snapshots"
+
+    @property
     def db_path(self) -> Path:
         return self.root / "db" / "cell.sqlite"
 

@@ -136,3 +136,82 @@ def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) 
     finally:
         os.close(fd)
     return decode(b"".join(chunks), tenant_id, cell_id, key, max_memory)
+
+
+# -- where snapshots live, and their keys (T-IMAGE-2) ---------------------------
+#
+# ``$SYNAPSE_ROOT/snapshots/<tenant>/<cell>``. A worker bound to a tenant may
+# write only that tenant's directory (sandbox.narrow_to_tenant) and holds only
+# that tenant's key, derived from a node secret kept in ``keys/`` (which no
+# worker can read): an escaped guest can at worst forge snapshots of its own
+# tenant's cells, never another tenant's.
+
+SECRET_FILE = "snapshot-secret"
+
+
+def node_secret(keys_dir: Path) -> bytes:
+    """The node's snapshot secret (32 random bytes, 0600), made on first use."""
+    path = Path(keys_dir) / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        write_atomic(path, os.urandom(32), 0o600)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise SnapshotRefused(f"{path} is not a private regular file of this service")
+        secret = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if len(secret) != 32:
+        raise SnapshotRefused(f"{path} does not hold a 32-byte secret")
+    return secret
+
+
+def tenant_key(secret: bytes, tenant_id: str) -> bytes:
+    """The MAC key of one tenant's snapshots."""
+    return hmac.new(secret, b"cell-snapshot-tenant-v1\x00" + tenant_id.encode(), hashlib.sha256).digest()
+
+
+def path_for(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> Path:
+    return Path(snapshots_dir) / tenant_id / cell_id
+
+
+def _tenant_fd(snapshots_dir: Path | str, tenant_id: str) -> int | None:
+    try:
+        return os.open(Path(snapshots_dir) / tenant_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def size(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> int:
+    """Bytes the cell's snapshot takes on disk (0: none). Whatever sits at the
+    name counts, a link or a directory included: unknown is never zero (T-DISK-1)."""
+    fd = _tenant_fd(snapshots_dir, tenant_id)
+    if fd is None:
+        return 0
+    try:
+        return max(os.stat(cell_id, dir_fd=fd, follow_symlinks=False).st_size, 1)
+    except FileNotFoundError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def exists(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> bool:
+    return size(snapshots_dir, tenant_id, cell_id) > 0
+
+
+def remove(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> bool:
+    """Unlink the cell's snapshot (never following a link); False when there was none."""
+    fd = _tenant_fd(snapshots_dir, tenant_id)
+    if fd is None:
+        return False
+    try:
+        os.unlink(cell_id, dir_fd=fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
