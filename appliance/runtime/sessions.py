@@ -156,7 +156,7 @@ del _cell_fresh
 class PythonSession:
     def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
                  scratch_dir: str | None = None, *, use_image: bool = True,
-                 restore: guest_state.GuestState | None = None) -> None:
+                 restore: guest_state.AnyState | None = None) -> None:
         """``restore``: the state of a cell captured by :meth:`snapshot`,
         continued in this new instance (same volume, so the same preopens)."""
         self.capture = Capture()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from appliance.fileio import write_atomic
 from appliance.runtime import wasmimage
-from appliance.runtime.guest_state import GuestState
+from appliance.runtime.guest_state import AnyState, GuestState, StateDiff
 
 MAGIC = b"CELLSNAP1\n"
 MAC_BYTES = 32
@@ -45,24 +45,31 @@ def _mac(key: bytes, tenant_id: str, cell_id: str, body: bytes) -> bytes:
     return m.digest()
 
 
-def encode(state: GuestState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> bytes:
-    runs = wasmimage.data_segments(state.memory)
-    header = json.dumps({"image": image_key, "memory": len(state.memory),
-                         "globals": {str(k): v for k, v in sorted(state.globals.items())},
-                         "runs": runs}, sort_keys=True).encode("ascii")
-    view = memoryview(state.memory)
-    body = b"".join([MAGIC, len(header).to_bytes(4, "big"), header, *(bytes(view[a:b]) for a, b in runs)])
+def encode(state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> bytes:
+    """A ``StateDiff`` is written with ``"base": "image"``: its runs are the
+    pages that differ from a fresh instance of the image, not the non-zero ones."""
+    fields: dict[str, object] = {"image": image_key, "globals": {str(k): v for k, v in sorted(state.globals.items())}}
+    if isinstance(state, StateDiff):
+        fields.update(memory=state.size, base="image", runs=[[a, a + len(d)] for a, d in state.runs])
+        parts = [d for _, d in state.runs]
+    else:
+        runs = wasmimage.data_segments(state.memory)
+        view = memoryview(state.memory)
+        fields.update(memory=len(state.memory), runs=runs)
+        parts = [bytes(view[a:b]) for a, b in runs]
+    header = json.dumps(fields, sort_keys=True).encode("ascii")
+    body = b"".join([MAGIC, len(header).to_bytes(4, "big"), header, *parts])
     return body + _mac(key, tenant_id, cell_id, body)
 
 
-def write(path: Path, state: GuestState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> int:
+def write(path: Path, state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> int:
     """Write the snapshot (0600, atomically); its size in bytes (for the tenant's quota)."""
     data = encode(state, image_key, tenant_id, cell_id, key)
     write_atomic(path, data, 0o600)
     return len(data)
 
 
-def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, GuestState]:
+def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, AnyState]:
     """(image key, state) of a snapshot, after its MAC is checked; refuses anything else."""
     if len(data) < len(MAGIC) + 4 + MAC_BYTES or not data.startswith(MAGIC):
         raise SnapshotRefused("not a cell snapshot")
@@ -89,7 +96,11 @@ def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: in
     if not isinstance(globals_raw, dict) or not all(
             isinstance(k, str) and k.isdigit() and isinstance(v, (int, float)) for k, v in globals_raw.items()):
         raise SnapshotRefused("snapshot globals are malformed")
-    memory = bytearray(total)
+    base = header.get("base")
+    if base not in (None, "image"):
+        raise SnapshotRefused("snapshot base is unknown")
+    memory = bytearray(total) if base is None else None
+    pieces: list[tuple[int, bytes]] = []
     last = 0
     runs = header.get("runs")
     if not isinstance(runs, list):
@@ -100,15 +111,21 @@ def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: in
         a, b = run
         if not last <= a < b <= total or pos + (b - a) > len(body):
             raise SnapshotRefused("snapshot run out of bounds")
-        memory[a:b] = body[pos:pos + (b - a)]
+        if memory is not None:
+            memory[a:b] = body[pos:pos + (b - a)]
+        else:
+            pieces.append((a, body[pos:pos + (b - a)]))
         pos += b - a
         last = b
     if pos != len(body):
         raise SnapshotRefused("snapshot has trailing bytes")
-    return header["image"], GuestState(bytes(memory), {int(k): v for k, v in globals_raw.items()})
+    values = {int(k): v for k, v in globals_raw.items()}
+    if memory is None:
+        return header["image"], StateDiff(total, pieces, values)
+    return header["image"], GuestState(bytes(memory), values)
 
 
-def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, GuestState]:
+def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, AnyState]:
     """Read and check a snapshot file: a regular file of ours, no link followed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never blocks

@@ -125,6 +125,7 @@ class Worker:
         self.pool_tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tenant: str | None = None  # the one tenant this worker serves, once bound (T-TENANT-1)
         self.snapshot_key = b""  # its snapshots' MAC key, from the bind (T-IMAGE-2)
+        self._base_pages: dict[str, list[bytes]] = {}  # image key -> page digests of a fresh instance
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         interpreters = [t.name for t in templates.interpreters()]
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
@@ -554,8 +555,27 @@ class Worker:
         image = self.runtimes.get(self._template_of(session)).image
         if image is None:
             return protocol.ErrorReply(msg.req_id, 409, "not_capturable", "no Python image")
-        snapshot_file.write(path, session.snapshot(), image.key, self.tenant, msg.cell_id, self.snapshot_key)
+        # Only the pages that differ from the image: an idle cell's snapshot is its own few MB.
+        state = guest_state.diff(session.snapshot(), self._image_pages(image))
+        snapshot_file.write(path, state, image.key, self.tenant, msg.cell_id, self.snapshot_key)
         return protocol.OkReply(msg.req_id)
+
+    def _image_pages(self, image: Any) -> list[bytes]:
+        """Page digests of a fresh instance of the image, worked out once per image."""
+        with self._lock:
+            known = self._base_pages.get(image.key)
+        if known is not None:
+            return known
+        store = wasmtime.Store(self.runtimes.engine)
+        store.set_wasi(wasmtime.WasiConfig())  # nothing runs: instantiation only lays out the image's memory
+        instance = on_guest_stack(lambda: image.pre.instantiate(store))
+        memory = instance.exports(store)["memory"]
+        assert isinstance(memory, wasmtime.Memory)
+        pages = guest_state.page_hashes(bytes(memory.read(store, 0, memory.data_len(store))))
+        del instance, memory, store
+        with self._lock:
+            self._base_pages[image.key] = pages
+        return pages
 
     def _template_of(self, session: Any) -> str:
         for name, cls in self.session_classes.items():
