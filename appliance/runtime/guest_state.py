@@ -10,6 +10,7 @@ afterwards (its descriptor answers EBADF).
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Union
@@ -53,7 +54,10 @@ def page_hashes(memory: bytes) -> list[bytes]:
 def diff(state: GuestState, base: list[bytes]) -> StateDiff:
     """The pages of ``state`` that differ from the base whose page digests are
     ``base``; past the base, the pages that are not all zeros."""
-    view = memoryview(state.memory)
+    return _diff(memoryview(state.memory), dict(state.globals), base)
+
+
+def _diff(view: memoryview, values: dict[int, int | float], base: list[bytes]) -> StateDiff:
     zero = bytes(DIFF_PAGE)
     runs: list[tuple[int, bytes]] = []
     start = -1
@@ -70,7 +74,7 @@ def diff(state: GuestState, base: list[bytes]) -> StateDiff:
             start = -1
     if start >= 0:
         runs.append((start, bytes(view[start:])))
-    return StateDiff(len(view), runs, dict(state.globals))
+    return StateDiff(len(view), runs, values)
 
 
 def _global_indices(module: wasmtime.Module) -> list[int]:
@@ -112,6 +116,32 @@ def capture(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtim
         values[index] = value
     memory = _memory(ex)
     return GuestState(bytes(memory.read(store, 0, memory.data_len(store))), values)
+
+
+def capture_diff(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtime.Store,
+                 base: list[bytes]) -> StateDiff:
+    """``diff(capture(...), base)`` without copying the whole memory first: the
+    pages are compared where they lie (between runs nothing else touches them)
+    and only those that differ are copied."""
+    values = capture_globals(module, instance, store)
+    memory = _memory(instance.exports(store))
+    size = memory.data_len(store)
+    raw = (ctypes.c_ubyte * size).from_address(ctypes.addressof(memory.data_ptr(store).contents))
+    return _diff(memoryview(raw).cast("B"), values, base)
+
+
+def capture_globals(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtime.Store) -> dict[int, int | float]:
+    indices = _global_indices(module)
+    if not indices:
+        raise StateError("this module does not export its globals; its state cannot be captured")
+    ex = instance.exports(store)
+    values: dict[int, int | float] = {}
+    for index in indices:
+        value = _global(ex, index).value(store)
+        if not isinstance(value, (int, float)):
+            raise StateError(f"global {index} holds a {type(value).__name__}")
+        values[index] = value
+    return values
 
 
 def restore(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtime.Store, state: AnyState) -> None:

@@ -218,6 +218,13 @@ class PythonSession:
             raise RuntimeError("session is closed")
         return guest_state.capture(self._module, self.instance, self.store)
 
+    def snapshot_diff(self, base: list[bytes]) -> guest_state.StateDiff:
+        """The state as the pages that differ from the image (``base``: its
+        page digests, guest_state.page_hashes); what snapshots and forks keep."""
+        if not self.alive:
+            raise RuntimeError("session is closed")
+        return guest_state.capture_diff(self._module, self.instance, self.store, base)
+
     def set_envs(self, envs: dict[str, str]) -> None:
         if envs:
             code = f"import os as _o; _o.environ.update({json.dumps(envs)}); del _o".encode()

@@ -556,7 +556,7 @@ class Worker:
         if image is None:
             return protocol.ErrorReply(msg.req_id, 409, "not_capturable", "no Python image")
         # Only the pages that differ from the image: an idle cell's snapshot is its own few MB.
-        state = guest_state.diff(session.snapshot(), self._image_pages(image))
+        state = session.snapshot_diff(self._image_pages(image))
         snapshot_file.write(path, state, image.key, self.tenant, msg.cell_id, self.snapshot_key)
         return protocol.OkReply(msg.req_id)
 
@@ -620,8 +620,11 @@ class Worker:
                     usage = copy_volume(src, out, bytes_left, entries_left)
                 bytes_left -= usage.bytes
                 entries_left -= usage.entries
-            state = source.snapshot()
             loaded = self.runtimes.get(msg.template)
+            if loaded.image is None:
+                raise RuntimeError("no Python image")
+            # Only the pages that differ from the image are written: the rest stay shared (copy-on-write).
+            state = source.snapshot_diff(self._image_pages(loaded.image))
             session: Session = self.session_classes[msg.template](loaded, msg.new_volume, memory, msg.envs or None,
                                                                   self.fifo_dir, restore=state)
         except ConfinementError as e:
