@@ -250,3 +250,60 @@ def test_t_image_2_fork_of_a_cell_restored_after_restart(module_cache: None, tmp
         assert out["stdout"] == "before\n" and not out.get("restored"), out
     finally:
         again.stop()
+
+
+# -- where a bound worker may write snapshots (T-IMAGE-2, T-TENANT-1) --------------
+
+@pytest.mark.parametrize("tenant_id", ["../x", "", "a/b", "x" * 65, ".."])
+def test_t_image_2_tenant_snapshot_dir_refuses_a_malformed_tenant(tenant_id: str) -> None:
+    from appliance.runtime import sandbox
+    with pytest.raises(sandbox.SandboxError):
+        sandbox.tenant_snapshot_dir({"snapshots_dir": "/srv/snapshots"}, tenant_id)
+
+
+def test_t_image_2_bound_worker_writes_only_its_tenants_snapshots(tmp_path: Path) -> None:
+    from appliance.config import load_settings
+    from appliance.runtime import landlock, sandbox
+    from appliance.runtime.pool import sandbox_config
+    from tests.liveserver import shared_cache
+    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"),
+                              "SYNAPSE_MODULE_CACHE": str(shared_cache())})
+    config = {"cache_dir": str(shared_cache()), "volumes_dir": str(settings.volumes_dir), "weights_dir": None,
+              "snapshots_dir": str(settings.snapshots_dir)}
+    mine = sandbox.tenant_snapshot_dir(config, "tenant-a")
+    assert mine == str(settings.snapshots_dir.resolve() / "tenant-a")
+    dirs = [*sandbox.tenant_dirs(str(settings.volumes_dir), "tenant-a"), mine]
+    rules = sandbox.worker_rules({**config, "sandbox": dict(sandbox_config(settings), volume_set=dirs)}, ())
+    landlock.check(rules)
+    snaps = str(settings.snapshots_dir.resolve())
+    assert [p for p in rules.read_write if p.startswith(snaps)] == [f"{snaps}/tenant-a"]
+    # The node secret the keys are derived from is in keys/, which no worker may read.
+    assert not any(p.startswith(str(settings.keys_dir)) for p in (*rules.read_only, *rules.read_write))
+
+
+def test_t_image_2_tenant_keys_differ_and_the_secret_is_private(tmp_path: Path) -> None:
+    from appliance.runtime import snapshot_file
+    secret = snapshot_file.node_secret(tmp_path / "keys")
+    assert snapshot_file.node_secret(tmp_path / "keys") == secret  # made once, then read
+    assert (tmp_path / "keys" / snapshot_file.SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    a, b = snapshot_file.tenant_key(secret, "a"), snapshot_file.tenant_key(secret, "b")
+    assert a != b and len(a) == 32 and secret not in (a, b)
+    (tmp_path / "keys" / snapshot_file.SECRET_FILE).chmod(0o644)
+    with pytest.raises(snapshot_file.SnapshotRefused):
+        snapshot_file.node_secret(tmp_path / "keys")
+
+
+def test_t_image_2_page_diff_round_trips_through_a_snapshot_file(tmp_path: Path) -> None:
+    from appliance.runtime import guest_state, snapshot_file, wasmimage
+    base = bytearray(2 * wasmimage.PAGE)
+    base[100:110] = b"image-data"
+    now = bytearray(base) + bytearray(wasmimage.PAGE)
+    now[5] = 7  # a changed page of the image
+    now[2 * wasmimage.PAGE + 9] = 1  # a page past the image
+    d = guest_state.diff(guest_state.GuestState(bytes(now), {0: 1}), guest_state.page_hashes(bytes(base)))
+    assert [(a, len(b)) for a, b in d.runs] == [(0, guest_state.DIFF_PAGE), (2 * wasmimage.PAGE, guest_state.DIFF_PAGE)]
+    path = tmp_path / "snap"
+    size = snapshot_file.write(path, d, "img", "t", "c", b"k" * 32)
+    assert size < 3 * guest_state.DIFF_PAGE
+    _, back = snapshot_file.read(path, "t", "c", b"k" * 32, 4 * wasmimage.PAGE)
+    assert back == d
