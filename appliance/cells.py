@@ -61,6 +61,8 @@ class CellService:
         # says so once (409 cell_lost), exactly as after a worker was replaced.
         self._lost: set[str] = {c.id for c in store.list_cells() if templates.get(c.template).interpreter}
         self._records: dict[str, CellRecord] = {}  # cells this process has looked up (it is their only writer)
+        self._used: dict[str, float] = {}  # cell -> when a run of it last ended (monotonic): pausing idle cells
+        self._paused: set[str] = set()  # cells whose state is only in their snapshot file
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
@@ -191,6 +193,8 @@ class CellService:
         with self._lock:
             binding = self._bindings.pop(record.id, None)
             self._lost.discard(record.id)
+            self._paused.discard(record.id)
+            self._used.pop(record.id, None)
             self._expiry.pop(record.id, None)
             self._records.pop(record.id, None)
         if binding is not None:
@@ -318,10 +322,11 @@ class CellService:
         self._check_room(tenant)
         with self._lock:
             lost = cell_id in self._lost
+            paused = cell_id in self._paused
             binding = self._bindings.get(cell_id)
         if binding is not None and self.pool.generation_of(binding.worker) != binding.generation:
             lost, binding = True, None
-        restore = binding is None and self._restorable(tmpl, tenant.id, cell_id)
+        restore = (binding is None or paused) and self._restorable(tmpl, tenant.id, cell_id)
         if lost and not restore:
             raise Conflict("the worker holding this cell's interpreter was replaced and no snapshot of its state was "
                            "taken; there is nothing to fork. Run code in it first.", code="cell_lost")
@@ -346,11 +351,13 @@ class CellService:
         except BaseException:
             self.pool.release(handle.index, record.id)
             raise
-        if binding is None:
+        if restore or binding is None:
             # The source's interpreter now lives there (restored), or its snapshot was discarded.
             with self._lock:
                 self._bindings[cell_id] = Binding(handle.index, handle.generation)
                 self._lost.discard(cell_id)
+                self._paused.discard(cell_id)
+                self._used[cell_id] = time.monotonic()
         if not isinstance(reply, protocol.OkReply):
             self.pool.release(handle.index, record.id)
             self._remove_dirs(tenant.id, record.id)
@@ -416,6 +423,41 @@ class CellService:
         for t in threads:
             t.join()
         return done[0]
+
+    def pause_idle(self, now: float | None = None) -> int:
+        """Pause persistent Python cells idle for ``SYNAPSE_CELL_PAUSE_IDLE_S``:
+        their state goes to their snapshot file and their interpreter is closed
+        (RAM given back); the next run restores it. A cell running code is
+        skipped. Returns how many were paused."""
+        idle_s = self.settings.cell_pause_idle_s
+        if idle_s <= 0:
+            return 0
+        moment = time.monotonic() if now is None else now
+        with self._lock:
+            due = [(c, b) for c, b in self._bindings.items()
+                   if c not in self._paused and moment - self._used.setdefault(c, moment) >= idle_s]
+        paused = 0
+        for cell_id, binding in due:
+            record = self._records.get(cell_id) or next((c for c in self.store.list_cells() if c.id == cell_id), None)
+            if record is None or not record.persistent or "python" not in templates.get(record.template).languages:
+                continue
+            if self.pool.generation_of(binding.worker) != binding.generation:
+                continue
+            try:
+                reply = self._call(self.pool.worker(binding.worker), protocol.CaptureRequest(0, cell_id, release=True),
+                                   None, tenant=record.tenant_id, cell_id=cell_id, cell_wait_s=0)
+            except Exception as exc:  # busy, or its worker is gone: another time
+                log.info("cell %s not paused: %s", cell_id, exc)
+                continue
+            if isinstance(reply, protocol.OkReply):
+                with self._lock:
+                    self._paused.add(cell_id)
+                self.quota.record(record.tenant_id, cell_id, None)  # T-DISK-1: measured again, its snapshot with it
+                paused += 1
+            else:
+                with self._lock:
+                    self._used[cell_id] = moment  # not capturable (a plain-started cell): not asked again soon
+        return paused
 
     # -- disk quota (T-DISK-1): appliance/quota.py --------------------------
     def quota_bytes(self) -> int:
@@ -493,12 +535,15 @@ class CellService:
             lost = True
         # T-IMAGE-2: a cell captured before it was lost (SIGTERM drain) is
         # restored from its snapshot by the worker that takes it.
-        restore = lost and self._restorable(tmpl, tenant.id, cell_id)
+        with self._lock:
+            paused = cell_id in self._paused
+            self._paused.discard(cell_id)
+        restore = (lost or paused) and self._restorable(tmpl, tenant.id, cell_id)
         if lost and not restore:
             raise Conflict("the worker holding this cell's interpreter was replaced and no snapshot of its state was "
                            "taken; its variables are gone, its files are kept. The next run starts a fresh interpreter.",
                            code="cell_lost")
-        if restore:
+        if restore and lost:
             binding = None
         if binding is None or self.pool.generation_of(binding.worker) != binding.generation:
             handle = self.pool.pick_for_cell(tenant.id) if tmpl.interpreter else self.pool.pick_for_run(tenant.id)
@@ -519,7 +564,11 @@ class CellService:
             msg = dataclasses.replace(msg, run_envs=dict(run_envs))  # never logged: values may be secrets
         if restore:
             msg = dataclasses.replace(msg, restore=True)
-        answer = self._run(handle, msg, tenant, cell_id, on_chunk, on_result)
+        try:
+            answer = self._run(handle, msg, tenant, cell_id, on_chunk, on_result)
+        finally:
+            with self._lock:
+                self._used[cell_id] = time.monotonic()
         self._touch(record)
         return answer
 

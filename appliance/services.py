@@ -208,6 +208,7 @@ class Services:
                         self.reload_config()
                     (self.incident.set if in_incident(self.settings) else self.incident.clear)()
                     self.cells.reap_expired()
+                    self.cells.pause_idle()
                     self.pool.check_alive()
                     if time.monotonic() - last_checkpoint >= self.settings.checkpoint_interval_s:
                         last_checkpoint = time.monotonic()

@@ -162,10 +162,11 @@ class ForkRequest:
 @dataclass(frozen=True)
 class CaptureRequest:
     """Write the interpreter state of ``cell_id`` (idle, between runs) to its
-    snapshot file (T-IMAGE-2): on SIGTERM drain."""
+    snapshot file (T-IMAGE-2): on SIGTERM drain, and to pause an idle cell."""
     TYPE: ClassVar[str] = "capture"
     req_id: int
     cell_id: str
+    release: bool = False  # then close the session: the cell is paused, its RAM given back
 
     def __post_init__(self) -> None:
         _check_cell_id(self.cell_id)

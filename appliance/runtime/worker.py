@@ -467,7 +467,10 @@ class Worker:
             if existing is not None:
                 existing.close()
             os.makedirs(msg.volume, mode=0o700, exist_ok=True)
-            if msg.restore:
+            path = self._snapshot_path(cell_id)
+            # A paused cell (or one captured before its worker was lost) goes on
+            # from its snapshot, even when the request was built before the pause.
+            if msg.restore or (existing is None and path is not None and os.path.lexists(path)):
                 restored_session = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None)
                 if isinstance(restored_session, protocol.ErrorReply):
                     raise _Refused(restored_session)
@@ -558,6 +561,9 @@ class Worker:
         # Only the pages that differ from the image: an idle cell's snapshot is its own few MB.
         state = session.snapshot_diff(self._image_pages(image))
         snapshot_file.write(path, state, image.key, self.tenant, msg.cell_id, self.snapshot_key)
+        if msg.release:  # paused: the next run restores it from the file
+            self.sessions.pop(msg.cell_id, None)
+            session.close()
         return protocol.OkReply(msg.req_id)
 
     def _image_pages(self, image: Any) -> list[bytes]:

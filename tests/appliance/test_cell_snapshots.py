@@ -307,3 +307,33 @@ def test_t_image_2_page_diff_round_trips_through_a_snapshot_file(tmp_path: Path)
     assert size < 3 * guest_state.DIFF_PAGE
     _, back = snapshot_file.read(path, "t", "c", b"k" * 32, 4 * wasmimage.PAGE)
     assert back == d
+
+
+# -- pausing idle cells to disk ---------------------------------------------------
+
+def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache: None, tmp_path: Path) -> None:
+    """SYNAPSE_CELL_PAUSE_IDLE_S: an idle cell's state goes to its snapshot and
+    its interpreter is closed; its next run (or a fork) resumes it."""
+    root = tmp_path / "pause"
+    srv = start_server(root, env={"SYNAPSE_CELL_PAUSE_IDLE_S": "1"})
+    try:
+        cell = new_cell(srv, timeout_ms=600000)
+        run(srv, cell, "import pandas as pd\nq = 'kept'")
+        snap = root / "snapshots" / "default" / cell
+        deadline = time.monotonic() + 60
+        while not snap.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert snap.exists()
+        _, info, _ = srv.request("GET", f"/v1/cells/{cell}")
+        assert info["disk_bytes"] >= snap.stat().st_size  # T-DISK-1: a paused cell's snapshot counts
+        status, body = fork(srv, cell)  # a paused cell can be forked: it is resumed first
+        assert status == 201, body
+        assert run(srv, body["cell_id"], "print(q)")["stdout"] == "kept\n"
+        deadline = time.monotonic() + 60
+        while not snap.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = run(srv, cell, "print(q, pd.__name__)")
+        assert out["stdout"] == "kept pandas\n" and out.get("restored") is True, out
+        assert not snap.exists()
+    finally:
+        srv.stop()
