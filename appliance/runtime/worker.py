@@ -470,7 +470,8 @@ class Worker:
             path = self._snapshot_path(cell_id)
             # A paused cell (or one captured before its worker was lost) goes on
             # from its snapshot, even when the request was built before the pause.
-            if msg.restore or (existing is None and path is not None and os.path.lexists(path)):
+            python = "python" in templates.get(msg.template).languages
+            if python and (msg.restore or (existing is None and path is not None and os.path.lexists(path))):
                 restored_session = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None)
                 if isinstance(restored_session, protocol.ErrorReply):
                     raise _Refused(restored_session)

@@ -337,3 +337,34 @@ def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache:
         assert not snap.exists()
     finally:
         srv.stop()
+
+
+def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, tmp_path: Path) -> None:
+    """With a 1 MB quota: a fork whose copy would cross it is 413; a snapshot
+    alone puts the tenant over it after a restart, yet the run that restores
+    (and so consumes) it is answered, adding nothing; then runs go on."""
+    root = tmp_path / "small"
+    env = {"SYNAPSE_TENANT_QUOTA_MB": "1"}
+    srv = start_server(root, env=env)
+    try:
+        cell = new_cell(srv, timeout_ms=600000)
+        run(srv, cell, "open('half.bin', 'wb').write(b'x' * 600_000)\nv = 'small'")
+        status, body = fork(srv, cell)
+        assert (status, body["code"]) == (413, "quota_exceeded"), body
+        _, cells, _ = srv.request("GET", "/v1/cells")
+        assert [c["cell_id"] for c in cells["cells"]] == [cell]  # nothing of the failed fork is left
+        assert not (root / "sandbox_volumes" / "default").exists() or \
+            sorted(p.name for p in (root / "sandbox_volumes" / "default").iterdir()) == [cell]
+    finally:
+        srv.stop()
+    snap = root / "snapshots" / "default" / cell
+    assert snap.stat().st_size > (1 << 20) - 600_000  # together over the quota
+    again = start_server(root, env=env)
+    try:
+        status, info, _ = again.request("GET", f"/v1/cells/{cell}")
+        assert info["disk_bytes"] >= 600_000 + snap.stat().st_size
+        out = run(again, cell, "print(v)")
+        assert out["stdout"] == "small\n" and out.get("restored") is True, out
+        assert run(again, cell, "print(len(open('half.bin', 'rb').read()))")["stdout"] == "600000\n"
+    finally:
+        again.stop()
