@@ -20,13 +20,13 @@ from typing import Any, Callable
 
 from appliance.confine import ConfinementError, Usage, create_volume, remove_volume
 from appliance.config import Settings
-from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound
+from appliance.errors import BadRequest, CellError, Conflict, Forbidden, NotFound, PayloadTooLarge
 from appliance.license.verify import Limits, config_limits
 from appliance.quota import Allowance, DiskQuota, measure_volume
 from appliance.policy.fairness import tenant_cell_cap
 from appliance.receipts import envelope, v1
 from appliance.receipts.store import ReceiptStore
-from appliance.runtime import protocol, scratch, templates
+from appliance.runtime import protocol, scratch, snapshot_file, templates
 from appliance.runtime.pool import ChunkCallback, ResultCallback, WorkerLost, WorkerOverran, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
@@ -61,6 +61,8 @@ class CellService:
         # says so once (409 cell_lost), exactly as after a worker was replaced.
         self._lost: set[str] = {c.id for c in store.list_cells() if templates.get(c.template).interpreter}
         self._records: dict[str, CellRecord] = {}  # cells this process has looked up (it is their only writer)
+        self._used: dict[str, float] = {}  # cell -> when a run of it last ended (monotonic): pausing idle cells
+        self._paused: set[str] = set()  # cells whose state is only in their snapshot file
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
@@ -68,7 +70,7 @@ class CellService:
             limits=lambda: (self.quota_bytes(), self.settings.tenant_file_limit),
             measure=lambda tenant_id, cell_id, bound: measure_volume(self.settings.volumes_dir, tenant_id, cell_id, bound),
             cells=lambda tenant_id: [c.id for c in self.store.list_cells(tenant_id)],
-            extra=lambda tenant_id, cell_id, bound: scratch.tmp_usage(self.volume_path(tenant_id, cell_id), bound))
+            extra=self._beside_volume)
         # The limits in force; the service wires the license in.
         self.limits: Callable[[], Limits] = lambda: config_limits(settings)
         # Called after every run with a summary (no code, no output): metrics, logs.
@@ -77,6 +79,19 @@ class CellService:
     # -- helpers ---------------------------------------------------------
     def volume_path(self, tenant_id: str, cell_id: str) -> str:
         return str(self.settings.volumes_dir / tenant_id / cell_id)
+
+    def _beside_volume(self, tenant_id: str, cell_id: str, bound: int) -> Usage:
+        """What a cell holds beside its volume, counted in the quota (T-DISK-1):
+        its /tmp and its snapshot file (one entry, T-IMAGE-2)."""
+        tmp = scratch.tmp_usage(self.volume_path(tenant_id, cell_id), bound)
+        snap = snapshot_file.size(self.settings.snapshots_dir, tenant_id, cell_id)
+        return Usage(tmp.bytes + snap, tmp.entries + (1 if snap else 0), tmp.complete)
+
+    def _snapshot_exists(self, tenant_id: str, cell_id: str) -> bool:
+        try:
+            return snapshot_file.exists(self.settings.snapshots_dir, tenant_id, cell_id)
+        except OSError:
+            return False
 
     def new_cell_id(self) -> str:
         return f"c{self.settings.node_id}-{secrets.token_hex(10)}"
@@ -114,16 +129,7 @@ class CellService:
             # T-SSRF-1: a cell can narrow the node's egress policy, never widen it.
             raise Forbidden("allow_internet_access=true: this node has egress off, and a cell cannot turn it on",
                             code="egress_disabled")
-        max_cells = self.limits().max_cells
-        if self.store.count_all_cells() >= max_cells:
-            raise Forbidden(f"this appliance already runs its maximum of {max_cells} cells (license and configuration); "
-                            "delete a cell or raise the limit", code="cell_limit")
-        # T-FAIR-1: one tenant may not take every cell of a shared node.
-        tenant_cap = tenant_cell_cap(max_cells, self.settings.tenant_max_cells,
-                                     sum(1 for t in self.store.list_tenants() if not t.revoked))
-        if self.store.count_cells(tenant.id) >= tenant_cap:
-            raise Forbidden(f"this tenant already holds its maximum of {tenant_cap} cells on this appliance; delete a cell "
-                            "or ask the operator to raise SYNAPSE_TENANT_MAX_CELLS", code="tenant_cell_limit")
+        self._check_room(tenant)
         created = now_ms()
         record = CellRecord(self.new_cell_id(), tenant.id, template, created, timeout_ms, created + timeout_ms,
                             persistent, metadata, envs, memory_mb, internet=allow_internet_access is not False)
@@ -154,6 +160,18 @@ class CellService:
             raise
         return record
 
+    def _check_room(self, tenant: Tenant) -> None:
+        max_cells = self.limits().max_cells
+        if self.store.count_all_cells() >= max_cells:
+            raise Forbidden(f"this appliance already runs its maximum of {max_cells} cells (license and configuration); "
+                            "delete a cell or raise the limit", code="cell_limit")
+        # T-FAIR-1: one tenant may not take every cell of a shared node.
+        tenant_cap = tenant_cell_cap(max_cells, self.settings.tenant_max_cells,
+                                     sum(1 for t in self.store.list_tenants() if not t.revoked))
+        if self.store.count_cells(tenant.id) >= tenant_cap:
+            raise Forbidden(f"this tenant already holds its maximum of {tenant_cap} cells on this appliance; delete a cell "
+                            "or ask the operator to raise SYNAPSE_TENANT_MAX_CELLS", code="tenant_cell_limit")
+
     def delete(self, tenant: Tenant, cell_id: str) -> None:
         record = self.cell(tenant, cell_id)
         self._cancel_run(record)
@@ -175,6 +193,8 @@ class CellService:
         with self._lock:
             binding = self._bindings.pop(record.id, None)
             self._lost.discard(record.id)
+            self._paused.discard(record.id)
+            self._used.pop(record.id, None)
             self._expiry.pop(record.id, None)
             self._records.pop(record.id, None)
         if binding is not None:
@@ -201,6 +221,12 @@ class CellService:
             log.error("could not remove the volume of cell %s: %s", record.id, exc.message)
             raise CellError("the cell's volume could not be removed; the cell is kept, retry the delete",
                             code="delete_failed") from None
+        try:
+            snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)  # T-IMAGE-2: gone with its cell
+        except OSError as exc:
+            log.error("could not remove the snapshot of cell %s: %s", record.id, exc)
+            raise CellError("the cell's snapshot could not be removed; the cell is kept, retry the delete",
+                            code="delete_failed") from None
         self.store.delete_cell(record.id)
         self.quota.forget(record.id)
 
@@ -212,7 +238,28 @@ class CellService:
         known = {(c.tenant_id, c.id) for c in self.store.list_cells()}
         removed = self._sweep(self.settings.volumes_dir, known)
         # Cells' /tmp scratch directories live under their own root (scratch.py).
-        return removed + self._sweep(self.settings.volumes_dir / scratch.TMP_ROOT, known)
+        removed += self._sweep(self.settings.volumes_dir / scratch.TMP_ROOT, known)
+        return removed + self._sweep_snapshots(known)
+
+    def _sweep_snapshots(self, known: set[tuple[str, str]]) -> int:
+        """Snapshot files whose cell is gone (T-IMAGE-2)."""
+        removed = 0
+        try:
+            tenants = [e.name for e in os.scandir(self.settings.snapshots_dir) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return 0
+        for tenant_id in tenants:
+            try:
+                names = [e.name for e in os.scandir(self.settings.snapshots_dir / tenant_id)]
+            except OSError:
+                continue
+            for name in names:
+                if (tenant_id, name) not in known and _VOLUME_ID.fullmatch(name):
+                    try:
+                        removed += snapshot_file.remove(self.settings.snapshots_dir, tenant_id, name)
+                    except OSError as exc:
+                        log.error("could not remove orphan snapshot %s/%s: %s", tenant_id, name, exc)
+        return removed
 
     def _sweep(self, root: Path, known: set[tuple[str, str]]) -> int:
         removed = 0
@@ -259,6 +306,159 @@ class CellService:
             dropped += 1
         return dropped
 
+    # -- snapshots: fork and capture (T-IMAGE-2) -------------------------------
+    def _restorable(self, tmpl: templates.Template, tenant_id: str, cell_id: str) -> bool:
+        return tmpl.interpreter and "python" in tmpl.languages and self._snapshot_exists(tenant_id, cell_id)
+
+    def fork(self, tenant: Tenant, cell_id: str) -> CellRecord:
+        """A new cell of the same tenant and template from ``cell_id``'s state
+        between runs: its variables (the interpreter captured and restored on
+        the same worker) and its files (copied within the tenant's quota). A
+        cell running code is refused at once (409 cell_busy)."""
+        source = self.cell(tenant, cell_id)
+        tmpl = templates.get(source.template)
+        if not (tmpl.interpreter and "python" in tmpl.languages):
+            raise Conflict(f"only Python cells can be forked; this cell runs {source.template}", code="fork_unsupported")
+        self._check_room(tenant)
+        with self._lock:
+            lost = cell_id in self._lost
+            paused = cell_id in self._paused
+            binding = self._bindings.get(cell_id)
+        if binding is not None and self.pool.generation_of(binding.worker) != binding.generation:
+            lost, binding = True, None
+        restore = (binding is None or paused) and self._restorable(tmpl, tenant.id, cell_id)
+        if lost and not restore:
+            raise Conflict("the worker holding this cell's interpreter was replaced and no snapshot of its state was "
+                           "taken; there is nothing to fork. Run code in it first.", code="cell_lost")
+        if binding is None:
+            handle = self.pool.pick_for_cell(tenant.id)
+            self.pool.assign(handle, cell_id)
+        else:
+            handle = self.pool.worker(binding.worker)
+        allowance = self.check_quota(tenant)
+        created = now_ms()
+        record = CellRecord(self.new_cell_id(), tenant.id, source.template, created, source.timeout_ms,
+                            created + source.timeout_ms, source.persistent, dict(source.metadata), dict(source.envs),
+                            source.memory_mb, internet=source.internet)
+        msg = protocol.ForkRequest(0, cell_id=cell_id, new_cell_id=record.id, template=source.template,
+                                   volume=self.volume_path(tenant.id, cell_id),
+                                   new_volume=self.volume_path(tenant.id, record.id), memory_mb=source.memory_mb,
+                                   volume_limit=protocol.VolumeLimit(allowance.bytes_left, allowance.files_left),
+                                   envs=dict(source.envs), restore=restore)
+        self.pool.assign(handle, record.id)
+        try:
+            reply = self._call(handle, msg, None, tenant=tenant.id, cell_id=cell_id, cell_wait_s=0)
+        except BaseException:
+            self.pool.release(handle.index, record.id)
+            raise
+        if restore or binding is None:
+            # The source's interpreter now lives there (restored), or its snapshot was discarded.
+            with self._lock:
+                self._bindings[cell_id] = Binding(handle.index, handle.generation)
+                self._lost.discard(cell_id)
+                self._paused.discard(cell_id)
+                self._used[cell_id] = time.monotonic()
+        if not isinstance(reply, protocol.OkReply):
+            self.pool.release(handle.index, record.id)
+            self._remove_dirs(tenant.id, record.id)
+            raise _refusal(reply, "could not fork the cell")
+        with self._lock:
+            self._bindings[record.id] = Binding(handle.index, handle.generation)
+        self.quota.record(tenant.id, record.id, None)
+        self.quota.cell(tenant.id, record.id)  # T-DISK-1: the copy measured by the service's own walk
+        try:
+            self.store.add_cell(record)
+            with self._lock:
+                self._records[record.id] = record
+        except Exception:
+            self._drop(record)
+            raise
+        return record
+
+    def _remove_dirs(self, tenant_id: str, cell_id: str) -> None:
+        """A failed fork's volume and /tmp, if the worker left any."""
+        try:
+            remove_volume(self.settings.volumes_dir, tenant_id, cell_id)
+            scratch.remove_tmp_dir(self.volume_path(tenant_id, cell_id))
+        except ConfinementError as exc:
+            log.error("could not remove the volume of a failed fork %s: %s", cell_id, exc.message)
+
+    def capture_cells(self) -> int:
+        """On SIGTERM drain: write the state of every idle persistent Python
+        cell to its snapshot file, so that it continues after the restart
+        (T-IMAGE-2). Workers in parallel, one cell at a time each; returns how
+        many were captured."""
+        with self._lock:
+            bound = list(self._bindings.items())
+        records = {c.id: c for c in self.store.list_cells()}
+        by_worker: dict[int, list[tuple[CellRecord, Binding]]] = {}
+        for cell_id, binding in bound:
+            record = records.get(cell_id)
+            if record is None or not record.persistent or "python" not in templates.get(record.template).languages:
+                continue
+            if self.pool.generation_of(binding.worker) == binding.generation:
+                by_worker.setdefault(binding.worker, []).append((record, binding))
+        done = [0]
+        count_lock = threading.Lock()
+
+        def capture(items: list[tuple[CellRecord, Binding]]) -> None:
+            for record, binding in items:
+                try:
+                    handle = self.pool.worker(binding.worker)
+                    reply = self._call(handle, protocol.CaptureRequest(0, cell_id=record.id), None,
+                                       tenant=record.tenant_id, cell_id=record.id)
+                except Exception as exc:
+                    log.warning("could not capture cell %s: %s", record.id, exc)
+                    continue
+                if isinstance(reply, protocol.OkReply):
+                    with count_lock:
+                        done[0] += 1
+                elif isinstance(reply, protocol.ErrorReply) and reply.code != "not_capturable":
+                    log.warning("could not capture cell %s: %s", record.id, reply.message)
+
+        threads = [threading.Thread(target=capture, args=(items,), name="cell-capture", daemon=True)
+                   for items in by_worker.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return done[0]
+
+    def pause_idle(self, now: float | None = None) -> int:
+        """Pause persistent Python cells idle for ``SYNAPSE_CELL_PAUSE_IDLE_S``:
+        their state goes to their snapshot file and their interpreter is closed
+        (RAM given back); the next run restores it. A cell running code is
+        skipped. Returns how many were paused."""
+        idle_s = self.settings.cell_pause_idle_s
+        if idle_s <= 0:
+            return 0
+        moment = time.monotonic() if now is None else now
+        with self._lock:
+            due = [(c, b) for c, b in self._bindings.items()
+                   if c not in self._paused and moment - self._used.setdefault(c, moment) >= idle_s]
+        paused = 0
+        for cell_id, binding in due:
+            record = self._records.get(cell_id) or next((c for c in self.store.list_cells() if c.id == cell_id), None)
+            if record is None or not record.persistent or "python" not in templates.get(record.template).languages:
+                continue
+            if self.pool.generation_of(binding.worker) != binding.generation:
+                continue
+            try:
+                reply = self._call(self.pool.worker(binding.worker), protocol.CaptureRequest(0, cell_id, release=True),
+                                   None, tenant=record.tenant_id, cell_id=cell_id, cell_wait_s=0)
+            except Exception as exc:  # busy, or its worker is gone: another time
+                log.info("cell %s not paused: %s", cell_id, exc)
+                continue
+            if isinstance(reply, protocol.OkReply):
+                with self._lock:
+                    self._paused.add(cell_id)
+                self.quota.record(record.tenant_id, cell_id, None)  # T-DISK-1: measured again, its snapshot with it
+                paused += 1
+            else:
+                with self._lock:
+                    self._used[cell_id] = moment  # not capturable (a plain-started cell): not asked again soon
+        return paused
+
     # -- disk quota (T-DISK-1): appliance/quota.py --------------------------
     def quota_bytes(self) -> int:
         return self.settings.tenant_quota_mb * 1024 * 1024
@@ -293,10 +493,10 @@ class CellService:
     # -- runs ------------------------------------------------------------
     def _call(self, handle: Any, msg: protocol.Request, deadline_s: float | None,
               on_chunk: ChunkCallback | None = None, *, tenant: str = "", cell_id: str | None = None,
-              on_result: ResultCallback | None = None) -> protocol.Reply:
+              on_result: ResultCallback | None = None, cell_wait_s: float = 30.0) -> protocol.Reply:
         try:
             return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk, tenant=tenant, cell_id=cell_id,
-                                  on_result=on_result)
+                                  on_result=on_result, cell_wait_s=cell_wait_s)
         except WorkerLost:
             self._mark_lost(handle.index)
             raise
@@ -333,9 +533,18 @@ class CellService:
             with self._lock:
                 self._bindings.pop(cell_id, None)
             lost = True
-        if lost:
-            raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, its files are kept. "
-                           "The next run starts a fresh interpreter.", code="cell_lost")
+        # T-IMAGE-2: a cell captured before it was lost (SIGTERM drain) is
+        # restored from its snapshot by the worker that takes it.
+        with self._lock:
+            paused = cell_id in self._paused
+            self._paused.discard(cell_id)
+        restore = (lost or paused) and self._restorable(tmpl, tenant.id, cell_id)
+        if lost and not restore:
+            raise Conflict("the worker holding this cell's interpreter was replaced and no snapshot of its state was "
+                           "taken; its variables are gone, its files are kept. The next run starts a fresh interpreter.",
+                           code="cell_lost")
+        if restore and lost:
+            binding = None
         if binding is None or self.pool.generation_of(binding.worker) != binding.generation:
             handle = self.pool.pick_for_cell(tenant.id) if tmpl.interpreter else self.pool.pick_for_run(tenant.id)
             if tmpl.interpreter:
@@ -344,7 +553,14 @@ class CellService:
                     self._bindings[cell_id] = Binding(handle.index, handle.generation)
         else:
             handle = self.pool.worker(binding.worker)
-        allowance = self.check_quota(tenant)
+        try:
+            allowance = self.check_quota(tenant)
+        except PayloadTooLarge:
+            if not restore:
+                raise
+            # T-DISK-1: the snapshot this run consumes may be what puts the tenant
+            # over; it is restored, but the run may add nothing to the volume.
+            allowance = Allowance(0, 0)
         msg = self._exec_request(
             tenant, record.template, code, is_text, timeout_ms, record.memory_mb, on_chunk,
             cell_id=cell_id if tmpl.interpreter else None, volume=self.volume_path(tenant.id, cell_id),
@@ -353,7 +569,13 @@ class CellService:
             volume_limit=self._volume_limit(tenant, cell_id, allowance))
         if run_envs:
             msg = dataclasses.replace(msg, run_envs=dict(run_envs))  # never logged: values may be secrets
-        answer = self._run(handle, msg, tenant, cell_id, on_chunk, on_result)
+        if restore:
+            msg = dataclasses.replace(msg, restore=True)
+        try:
+            answer = self._run(handle, msg, tenant, cell_id, on_chunk, on_result)
+        finally:
+            with self._lock:
+                self._used[cell_id] = time.monotonic()
         self._touch(record)
         return answer
 
@@ -493,6 +715,8 @@ class CellService:
             answer["note"] = outcome["note"]
         if outcome.get("denials"):
             answer["denials"] = outcome["denials"]
+        if outcome.get("restored"):
+            answer["restored"] = True  # the interpreter came back from the cell's snapshot (T-IMAGE-2)
         if outcome.get("cancelled"):
             answer["cell_deleted"] = True  # stopped by DELETE of its cell (E2B: kill() during run_code)
         event = {"execution_id": execution_id, "tenant_id": tenant.id, "cell_id": cell_id, "template": template,

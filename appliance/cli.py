@@ -19,6 +19,9 @@ from appliance.runtime import templates
 DEV_KEY_FILE = "dev-api-key"
 
 
+log = logging.getLogger("cell.cli")
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The settings a `cell` subcommand runs with (its --dev, --host, --port)."""
     return settings_for_command(dev=bool(getattr(args, "dev", False)), host=getattr(args, "host", None),
@@ -74,6 +77,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limit = time.monotonic() + settings.run_timeout_ceiling_ms / 1000 + settings.kill_grace_ms / 1000 + 1
         while services.inflight() > 0 and time.monotonic() < limit:
             time.sleep(0.05)
+        try:
+            # T-IMAGE-2: idle persistent Python cells continue after the restart.
+            captured = services.cells.capture_cells()
+            if captured:
+                print(f"cell: captured {captured} cell(s) to snapshots", flush=True)
+        except Exception:
+            log.exception("capturing cells at shutdown failed")
         server.close()
 
     def on_term(signum: int, _frame: Any) -> None:

@@ -100,6 +100,7 @@ class Settings:
     workers_max: int = 0
     worker_spares: int = 1  # unbound, confined workers kept ready to bind to a new tenant
     worker_idle_s: int = 60  # a bound worker without cells or runs this long is reclaimed
+    cell_pause_idle_s: int = 0  # a persistent Python cell idle this long is paused to its snapshot (0: never)
 
     @property
     def http_threads(self) -> int:
@@ -120,6 +121,11 @@ class Settings:
     @property
     def volumes_dir(self) -> Path:
         return self.root / "sandbox_volumes"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Captured cell states (snapshot_file.py, T-IMAGE-2)."""
+        return self.root / "snapshots"
 
     @property
     def db_path(self) -> Path:
@@ -311,6 +317,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "workers_max": ("SYNAPSE_WORKERS_MAX", "workers_max", _int(0, 256)),
     "worker_spares": ("SYNAPSE_WORKER_SPARES", "worker_spares", _int(0, 16)),
     "worker_idle_s": ("SYNAPSE_WORKER_IDLE_S", "worker_idle_s", _int(1, 86400)),
+    "cell_pause_idle_s": ("SYNAPSE_CELL_PAUSE_IDLE_S", "cell_pause_idle_s", _int(0, 30 * 86400)),
     "log_level": ("SYNAPSE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
     "cluster_etcd": ("SYNAPSE_CLUSTER_ETCD", "cluster_etcd", _endpoints),
     "node_addr": ("SYNAPSE_NODE_ADDR", "node_addr", _addr),

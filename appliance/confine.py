@@ -841,6 +841,95 @@ class Volume:
         return self.usage().bytes
 
 
+def copy_volume(src: Volume, dst: Volume, max_bytes: int, max_entries: int) -> Usage:
+    """Copy the directories and single-link regular files of ``src`` into the
+    empty ``dst`` (a forked cell's volume); symlinks, special files, hard
+    links and other mounts are left out, as ``list_dir`` leaves them out.
+
+    Iterative with bounded descriptors (two ``_Tree`` walks in step, plus one
+    file pair and a scandir), so any depth or width costs no Python stack
+    (T-DOS-1); every name is created with ``O_EXCL``/``mkdir`` under a
+    directory fd of ``dst``, never through a path (T-PATH-2). Raises
+    ``too_large`` past ``max_bytes`` or ``max_entries`` (the tenant's quota,
+    T-DISK-1); any walk error raises. Returns what was copied."""
+    total, entries = 0, 0
+
+    def copy_level(sfd: int, dfd: int) -> list[bytes]:
+        nonlocal total, entries
+        subdirs: list[bytes] = []
+        with os.scandir(sfd) as it:
+            for item in it:
+                raw = _enc(item.name)
+                if raw.startswith(_enc(_TMP_PREFIX)):
+                    continue  # a write in progress, not a file
+                s = item.stat(follow_symlinks=False)
+                if st.S_ISDIR(s.st_mode):
+                    if s.st_dev != src._dev:
+                        continue
+                    entries += 1
+                    if entries > max_entries:
+                        raise ConfinementError("too_large", "the copy would cross the tenant's file limit")
+                    os.mkdir(raw, 0o700, dir_fd=dfd)
+                    subdirs.append(raw)
+                elif st.S_ISREG(s.st_mode) and s.st_nlink == 1:
+                    entries += 1
+                    if entries > max_entries or total + s.st_size > max_bytes:
+                        raise ConfinementError("too_large", "the copy would cross the tenant's disk quota")
+                    total += _copy_file(sfd, dfd, raw, max_bytes - total)
+        return subdirs
+
+    stree = _Tree(os.open(b".", _DIR_READ_FLAGS, dir_fd=src._root()), src._dev)
+    dtree = _Tree(os.open(b".", _DIR_READ_FLAGS, dir_fd=dst._root()), dst._dev)
+    try:
+        pending = [copy_level(stree.fd, dtree.fd)]
+        while pending:
+            if not pending[-1]:
+                pending.pop()
+                if pending:
+                    stree.up()
+                    dtree.up()
+                continue
+            name = pending[-1].pop()
+            if not stree.down(name):
+                continue  # gone meanwhile: its empty copy stays
+            if not dtree.down(name):
+                stree.up()
+                raise OSError(errno.ESTALE, "the copy's own directory vanished")
+            pending.append(copy_level(stree.fd, dtree.fd))
+        return Usage(total, entries)
+    except OSError as exc:
+        raise _mapped(exc) from None
+    finally:
+        stree.close()
+        dtree.close()
+
+
+def _copy_file(sfd: int, dfd: int, name: bytes, budget: int) -> int:
+    """One regular file, checked on its own fd (T-PATH-2); at most ``budget`` bytes."""
+    fd = os.open(name, os.O_RDONLY | _SAFE, dir_fd=sfd)
+    out = -1
+    try:
+        s = os.fstat(fd)
+        if not st.S_ISREG(s.st_mode) or s.st_nlink != 1:
+            return 0  # swapped meanwhile: left out like any special file
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, 0o600, dir_fd=dfd)
+        done = 0
+        while True:
+            chunk = os.read(fd, _CHUNK)
+            if not chunk:
+                return done
+            done += len(chunk)
+            if done > budget:
+                raise ConfinementError("too_large", "the copy would cross the tenant's disk quota")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(out, view):]
+    finally:
+        os.close(fd)
+        if out >= 0:
+            os.close(out)
+
+
 def _host_names(names: tuple[str, ...]) -> tuple[str, ...]:
     """Names a host walker read from a directory: one component each, never "." or ".." (T-PATH-1)."""
     for name in names:

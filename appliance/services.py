@@ -208,6 +208,7 @@ class Services:
                         self.reload_config()
                     (self.incident.set if in_incident(self.settings) else self.incident.clear)()
                     self.cells.reap_expired()
+                    self.cells.pause_idle()
                     self.pool.check_alive()
                     if time.monotonic() - last_checkpoint >= self.settings.checkpoint_interval_s:
                         last_checkpoint = time.monotonic()
@@ -252,7 +253,7 @@ def check_data_dir(settings: Settings) -> None:
     """The data root and its private subdirectories must be ours and closed to
     others: guests' volumes, receipts, keys and native code live there."""
     uid = os.getuid()
-    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir):
+    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir, settings.snapshots_dir):
         st = os.lstat(path)
         if not stat.S_ISDIR(st.st_mode):
             raise UnsafeDataDir(f"{path} is not a directory (a symlink?); fix: replace it with a real directory owned by uid {uid}")
@@ -264,7 +265,7 @@ def check_data_dir(settings: Settings) -> None:
 
 
 def prepare_root(settings: Settings) -> None:
-    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir):
+    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir, settings.snapshots_dir):
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     check_data_dir(settings)
 

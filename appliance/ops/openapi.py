@@ -157,6 +157,8 @@ def _schemas() -> dict[str, Any]:
                                       "additionalProperties": False}},
                 "results_truncated": {"type": "boolean"},
                 "cell_id": {"type": "string"}, "restarted": {"type": "boolean"}, "note": {"type": "string"},
+                "restored": {"const": True, "description": "the cell's interpreter was restored from its snapshot "
+                             "(taken when the service stopped) before this run"},
                 "cell_deleted": {"const": True, "description": "the run was stopped (status killed) because its cell "
                                  "was deleted while it ran"},
                 "denials": {"type": "array", "items": {"type": "object", "properties": {
@@ -226,6 +228,13 @@ def build_spec() -> dict[str, Any]:
                              "description": "exactly one of timeout_ms, or timeout in seconds (the Synapse client's form)",
                              "properties": {"timeout_ms": {"type": "integer", "minimum": 1000},
                                             "timeout": {"type": "integer", "minimum": 1}}}, tags=("cells",)),
+        },
+        "/v1/cells/{cell_id}/fork": {
+            "parameters": cell,
+            "post": _op("forkCell", "A new cell (same tenant and template) from this Python cell's variables and files "
+                        "between runs; 409 cell_busy while it runs code, fork_unsupported for other templates",
+                        _json(_ref("Cell"), "Created"), ok_status="201", errors=("403", "404", "409", "413", "503"),
+                        tags=("cells",)),
         },
         "/v1/cells/{cell_id}/refresh": {
             "parameters": cell,

@@ -26,6 +26,7 @@ class Outcome:
     results: list[ResultBundle] = field(default_factory=list)  # rich results (rich.py): Python runs only
     results_truncated: bool = False
     cancelled: bool = False  # stopped because its cell was deleted (worker.py, CancelRequest)
+    restored: bool = False  # the interpreter was restored from the cell's snapshot first (T-IMAGE-2)
 
     def to_wire(self) -> dict[str, object]:
         return {
@@ -41,6 +42,7 @@ class Outcome:
             "results": self.results,
             "results_truncated": self.results_truncated,
             "cancelled": self.cancelled,
+            "restored": self.restored,
         }
 
 

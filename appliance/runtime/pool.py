@@ -42,9 +42,9 @@ from typing import Any, Callable, Union
 
 from appliance.config import Settings
 from appliance.confine import ConfinementError, remove_tree
-from appliance.errors import Busy, CellError, RateLimited
+from appliance.errors import Busy, CellError, Conflict, RateLimited
 from appliance.policy.fairness import FairShare, Ticket
-from appliance.runtime import broker, protocol, sandbox, templates
+from appliance.runtime import broker, protocol, sandbox, snapshot_file, templates
 from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
 from appliance.runtime.protocol import ProtocolError, Reply, Request
 from appliance.runtime.worker import worker_main
@@ -148,7 +148,9 @@ def sandbox_config(settings: Settings) -> dict[str, Any]:
                  settings.mirror_dir]
     return {
         "mode": settings.worker_sandbox,
-        "volume_set": [str(settings.volumes_dir)],  # today all volumes; one tenant's dir with tenant-bound workers
+        # A spare's first layer: all volumes and snapshots; a bound worker's
+        # second layer narrows both to its tenant's directories.
+        "volume_set": [str(settings.volumes_dir), str(settings.snapshots_dir)],
         "forbidden": [str(p) for p in forbidden],
     }
 
@@ -220,6 +222,18 @@ class WorkerPool:
         self.closed = False
         self._sandbox_in_force: dict[str, Any] = {"volume_set": []}
         self.broker = broker.Broker(settings)  # host calls made for workers (T-ESCAPE-3)
+        self._snapshot_secret: bytes | None = None  # read once, kept here: never sent to a worker (T-IMAGE-2)
+
+    def snapshot_key(self, tenant: str) -> bytes:
+        """The MAC key of ``tenant``'s cell snapshots (T-IMAGE-2); empty when the
+        node's secret cannot be had (snapshots are then neither written nor read)."""
+        if self._snapshot_secret is None:
+            try:
+                self._snapshot_secret = snapshot_file.node_secret(self.settings.keys_dir)
+            except (OSError, snapshot_file.SnapshotRefused) as e:
+                log.error("cell snapshots are off: %s", e)
+                return b""
+        return snapshot_file.tenant_key(self._snapshot_secret, tenant)
 
     # -- lifecycle -------------------------------------------------------
     def _config(self, index: int) -> dict[str, Any]:
@@ -229,6 +243,7 @@ class WorkerPool:
             "cache_dir": str(s.cache_dir),
             "verify_memo": str(s.keys_dir / "verify-memo"),  # remembered runtime hashes; read before confinement
             "volumes_dir": str(s.volumes_dir),
+            "snapshots_dir": str(s.snapshots_dir),
             "memory_mb": s.memory_mb,
             "output_cap_bytes": s.output_cap_bytes,
             "result_cap_bytes": s.result_cap_bytes,
@@ -486,7 +501,8 @@ class WorkerPool:
         try:
             if spawn:
                 self._await_ready(handle, START_TIMEOUT_S)
-            reply = self._exchange(handle, protocol.TenantBindRequest(0, tenant_id=tenant), None, None)
+            bind = protocol.TenantBindRequest(0, tenant_id=tenant, snapshot_key=self.snapshot_key(tenant))
+            reply = self._exchange(handle, bind, None, None)
             if not isinstance(reply, protocol.OkReply):
                 raise WorkerLost(f"the worker answered {type(reply).__name__} to its tenant bind")
         except (WorkerLost, RuntimeError) as e:
@@ -697,7 +713,8 @@ class WorkerPool:
 
     # -- calls -----------------------------------------------------------
     def call(self, handle: WorkerHandle, msg: Request, *, deadline_s: float | None, on_chunk: ChunkCallback | None = None,
-             tenant: str = "", cell_id: str | None = None, on_result: ResultCallback | None = None) -> Reply:
+             tenant: str = "", cell_id: str | None = None, on_result: ResultCallback | None = None,
+             cell_wait_s: float = 30.0) -> Reply:
         """Send one request to a worker and wait for its final message.
 
         ``deadline_s`` is the run's own limit; the worker is killed if it has
@@ -706,7 +723,8 @@ class WorkerPool:
         after the other; runs wait for a lane of ``handle``'s worker, granted
         fairly across tenants. A malformed or oversized answer costs the
         worker its life: after one bad frame nothing it says is trusted
-        (T-PROTO-1).
+        (T-PROTO-1). ``cell_wait_s`` 0: a cell running code is refused at
+        once (409 cell_busy) rather than waited for.
         """
         # T-TENANT-1: a worker only ever receives requests of the tenant it is bound to.
         if (handle.state != "bound" or handle.tenant is None or (tenant and tenant != handle.tenant)
@@ -718,7 +736,10 @@ class WorkerPool:
         cell_lock = self._cell_lock(cell_id) if cell_id is not None else None
         ticket: Ticket | None = None
         try:
-            if cell_lock is not None and not cell_lock.acquire(timeout=30):
+            if cell_lock is not None and not (cell_lock.acquire(blocking=False) if cell_wait_s <= 0
+                                              else cell_lock.acquire(timeout=cell_wait_s)):
+                if cell_wait_s <= 0:
+                    raise Conflict("the cell is running code; try again between runs", code="cell_busy")
                 raise Busy("timed out waiting for this cell's previous run", retry_after=1)
             try:
                 if deadline_s is not None:

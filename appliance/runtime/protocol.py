@@ -101,6 +101,9 @@ class ExecRequest:
     # This run only, over the cell's own ``envs`` (E2B's ``run_code(envs=)``).
     # Not in the receipt's v1 hash; values may be secrets: never logged.
     run_envs: dict[str, str] = field(default_factory=dict)
+    # The cell has no interpreter on this worker and a snapshot of it exists:
+    # restore it from ``snapshots/<tenant>/<cell>`` before the run (T-IMAGE-2).
+    restore: bool = False
 
 
 TENANT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # the volume layer's tenant ids (confine.py)
@@ -115,11 +118,58 @@ class TenantBindRequest:
     TYPE: ClassVar[str] = "tenant"
     req_id: int
     tenant_id: str
+    # T-IMAGE-2: the MAC key of this tenant's cell snapshots, derived by the
+    # supervisor from a node secret the worker never sees (snapshot_file.tenant_key).
+    snapshot_key: bytes = b""
 
     def __post_init__(self) -> None:
         # Host data, but it becomes a path in the worker: fail closed.
         if not TENANT_ID.fullmatch(self.tenant_id):
             raise ProtocolError("malformed tenant id")
+        if self.snapshot_key and len(self.snapshot_key) != 32:
+            raise ProtocolError("snapshot key must be 32 bytes")
+
+
+def _check_cell_id(*ids: str) -> None:
+    # A cell id becomes a file name in the worker (its snapshot): fail closed.
+    for cell_id in ids:
+        if not TENANT_ID.fullmatch(cell_id):
+            raise ProtocolError("malformed cell id")
+
+
+@dataclass(frozen=True)
+class ForkRequest:
+    """Start cell ``new_cell_id`` from the state of ``cell_id`` between runs
+    (its interpreter captured and restored into a new session, its /data and
+    /tmp copied within ``volume_limit``). ``restore``: the source has no
+    interpreter here and is first restored from its snapshot."""
+    TYPE: ClassVar[str] = "fork"
+    req_id: int
+    cell_id: str
+    new_cell_id: str
+    template: str
+    volume: str
+    new_volume: str
+    memory_mb: int
+    volume_limit: VolumeLimit
+    envs: dict[str, str] = field(default_factory=dict)
+    restore: bool = False
+
+    def __post_init__(self) -> None:
+        _check_cell_id(self.cell_id, self.new_cell_id)
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """Write the interpreter state of ``cell_id`` (idle, between runs) to its
+    snapshot file (T-IMAGE-2): on SIGTERM drain, and to pause an idle cell."""
+    TYPE: ClassVar[str] = "capture"
+    req_id: int
+    cell_id: str
+    release: bool = False  # then close the session: the cell is paused, its RAM given back
+
+    def __post_init__(self) -> None:
+        _check_cell_id(self.cell_id)
 
 
 @dataclass(frozen=True)
@@ -237,6 +287,7 @@ class RunOutcome:
     results: list[ResultBundle] = field(default_factory=list)
     results_truncated: bool = False
     cancelled: bool = False  # stopped by a CancelRequest (its cell was deleted)
+    restored: bool = False  # the cell's interpreter was restored from its snapshot before this run
 
     def __post_init__(self) -> None:
         if len(self.results) > MAX_RESULTS:  # T-DOS-1
@@ -366,13 +417,14 @@ class McpCall:
             raise ProtocolError("MCP request too large")
 
 
-Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest, CancelRequest, TenantBindRequest]
+Request = Union[BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest, CancelRequest, TenantBindRequest,
+                ForkRequest, CaptureRequest]
 Reply = Union[Ready, RunChunk, RunResult, RunReply, ErrorReply, OkReply, StatsReply, Pong, FetchCall, McpCall]
 HostCall = Union[FetchCall, McpCall]
 HOST_CALLS = (FetchCall, McpCall)
 
 TO_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (BindRequest, ExecRequest, DropRequest, StatsRequest, PingRequest,
-                                                       CancelRequest, CallAnswer)}
+                                                       CancelRequest, CallAnswer, ForkRequest, CaptureRequest)}
 # What an unbound worker accepts: only the tenant bind (T-TENANT-1).
 TO_SPARE: dict[str, type[Any]] = {TenantBindRequest.TYPE: TenantBindRequest}
 FROM_WORKER: dict[str, type[Any]] = {c.TYPE: c for c in (Ready, RunChunk, RunResult, RunReply, ErrorReply, OkReply, StatsReply, Pong,

@@ -322,6 +322,17 @@ def tenant_dirs(volumes_dir: str, tenant_id: str) -> tuple[str, str]:
     return os.path.join(root, tenant_id), os.path.join(root, scratch.TMP_ROOT, tenant_id)
 
 
+def tenant_snapshot_dir(config: Mapping[str, Any], tenant_id: str) -> str | None:
+    """The tenant's cell snapshots (``<snapshots>/<tenant>``, T-IMAGE-2), which
+    a worker bound to it reads and writes; None when the node keeps none."""
+    root = config.get("snapshots_dir")
+    if not root:
+        return None
+    if not isinstance(tenant_id, str) or not protocol.TENANT_ID.fullmatch(tenant_id):
+        raise SandboxError("malformed tenant id")
+    return os.path.join(os.path.realpath(str(root)), tenant_id)
+
+
 def narrow_to_tenant(config: Mapping[str, Any], scratch_dirs: tuple[str, ...], tenant_id: str) -> dict[str, Any]:
     """Confine this (already confined, still single-threaded) spare to one
     tenant: a second Landlock layer whose read-write set is only that tenant's
@@ -336,6 +347,9 @@ def narrow_to_tenant(config: Mapping[str, Any], scratch_dirs: tuple[str, ...], t
     if threads != 1:
         raise SandboxError(f"cannot bind a worker with {threads} threads to a tenant")
     sb["volume_set"] = list(tenant_dirs(str(config["volumes_dir"]), tenant_id))
+    snapshots = tenant_snapshot_dir(config, tenant_id)
+    if snapshots is not None:
+        sb["volume_set"].append(snapshots)  # T-IMAGE-2: this tenant's snapshots, no other's
     rules = worker_rules({**config, "sandbox": sb}, scratch_dirs)
     report: dict[str, Any] = {"mode": mode, "tenant": tenant_id}
     abi = landlock_abi()

@@ -156,7 +156,7 @@ del _cell_fresh
 class PythonSession:
     def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
                  scratch_dir: str | None = None, *, use_image: bool = True,
-                 restore: guest_state.GuestState | None = None) -> None:
+                 restore: guest_state.AnyState | None = None) -> None:
         """``restore``: the state of a cell captured by :meth:`snapshot`,
         continued in this new instance (same volume, so the same preopens)."""
         self.capture = Capture()
@@ -217,6 +217,13 @@ class PythonSession:
         if not self.alive:
             raise RuntimeError("session is closed")
         return guest_state.capture(self._module, self.instance, self.store)
+
+    def snapshot_diff(self, base: list[bytes]) -> guest_state.StateDiff:
+        """The state as the pages that differ from the image (``base``: its
+        page digests, guest_state.page_hashes); what snapshots and forks keep."""
+        if not self.alive:
+            raise RuntimeError("session is closed")
+        return guest_state.capture_diff(self._module, self.instance, self.store, base)
 
     def set_envs(self, envs: dict[str, str]) -> None:
         if envs:

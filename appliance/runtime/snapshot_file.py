@@ -27,7 +27,7 @@ from pathlib import Path
 
 from appliance.fileio import write_atomic
 from appliance.runtime import wasmimage
-from appliance.runtime.guest_state import GuestState
+from appliance.runtime.guest_state import AnyState, GuestState, StateDiff
 
 MAGIC = b"CELLSNAP1\n"
 MAC_BYTES = 32
@@ -45,24 +45,31 @@ def _mac(key: bytes, tenant_id: str, cell_id: str, body: bytes) -> bytes:
     return m.digest()
 
 
-def encode(state: GuestState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> bytes:
-    runs = wasmimage.data_segments(state.memory)
-    header = json.dumps({"image": image_key, "memory": len(state.memory),
-                         "globals": {str(k): v for k, v in sorted(state.globals.items())},
-                         "runs": runs}, sort_keys=True).encode("ascii")
-    view = memoryview(state.memory)
-    body = b"".join([MAGIC, len(header).to_bytes(4, "big"), header, *(bytes(view[a:b]) for a, b in runs)])
+def encode(state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> bytes:
+    """A ``StateDiff`` is written with ``"base": "image"``: its runs are the
+    pages that differ from a fresh instance of the image, not the non-zero ones."""
+    fields: dict[str, object] = {"image": image_key, "globals": {str(k): v for k, v in sorted(state.globals.items())}}
+    if isinstance(state, StateDiff):
+        fields.update(memory=state.size, base="image", runs=[[a, a + len(d)] for a, d in state.runs])
+        parts = [d for _, d in state.runs]
+    else:
+        runs = wasmimage.data_segments(state.memory)
+        view = memoryview(state.memory)
+        fields.update(memory=len(state.memory), runs=runs)
+        parts = [bytes(view[a:b]) for a, b in runs]
+    header = json.dumps(fields, sort_keys=True).encode("ascii")
+    body = b"".join([MAGIC, len(header).to_bytes(4, "big"), header, *parts])
     return body + _mac(key, tenant_id, cell_id, body)
 
 
-def write(path: Path, state: GuestState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> int:
+def write(path: Path, state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> int:
     """Write the snapshot (0600, atomically); its size in bytes (for the tenant's quota)."""
     data = encode(state, image_key, tenant_id, cell_id, key)
     write_atomic(path, data, 0o600)
     return len(data)
 
 
-def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, GuestState]:
+def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, AnyState]:
     """(image key, state) of a snapshot, after its MAC is checked; refuses anything else."""
     if len(data) < len(MAGIC) + 4 + MAC_BYTES or not data.startswith(MAGIC):
         raise SnapshotRefused("not a cell snapshot")
@@ -89,7 +96,11 @@ def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: in
     if not isinstance(globals_raw, dict) or not all(
             isinstance(k, str) and k.isdigit() and isinstance(v, (int, float)) for k, v in globals_raw.items()):
         raise SnapshotRefused("snapshot globals are malformed")
-    memory = bytearray(total)
+    base = header.get("base")
+    if base not in (None, "image"):
+        raise SnapshotRefused("snapshot base is unknown")
+    memory = bytearray(total) if base is None else None
+    pieces: list[tuple[int, bytes]] = []
     last = 0
     runs = header.get("runs")
     if not isinstance(runs, list):
@@ -100,15 +111,21 @@ def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: in
         a, b = run
         if not last <= a < b <= total or pos + (b - a) > len(body):
             raise SnapshotRefused("snapshot run out of bounds")
-        memory[a:b] = body[pos:pos + (b - a)]
+        if memory is not None:
+            memory[a:b] = body[pos:pos + (b - a)]
+        else:
+            pieces.append((a, body[pos:pos + (b - a)]))
         pos += b - a
         last = b
     if pos != len(body):
         raise SnapshotRefused("snapshot has trailing bytes")
-    return header["image"], GuestState(bytes(memory), {int(k): v for k, v in globals_raw.items()})
+    values = {int(k): v for k, v in globals_raw.items()}
+    if memory is None:
+        return header["image"], StateDiff(total, pieces, values)
+    return header["image"], GuestState(bytes(memory), values)
 
 
-def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, GuestState]:
+def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, AnyState]:
     """Read and check a snapshot file: a regular file of ours, no link followed."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never blocks
@@ -136,3 +153,82 @@ def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) 
     finally:
         os.close(fd)
     return decode(b"".join(chunks), tenant_id, cell_id, key, max_memory)
+
+
+# -- where snapshots live, and their keys (T-IMAGE-2) ---------------------------
+#
+# ``$SYNAPSE_ROOT/snapshots/<tenant>/<cell>``. A worker bound to a tenant may
+# write only that tenant's directory (sandbox.narrow_to_tenant) and holds only
+# that tenant's key, derived from a node secret kept in ``keys/`` (which no
+# worker can read): an escaped guest can at worst forge snapshots of its own
+# tenant's cells, never another tenant's.
+
+SECRET_FILE = "snapshot-secret"
+
+
+def node_secret(keys_dir: Path) -> bytes:
+    """The node's snapshot secret (32 random bytes, 0600), made on first use."""
+    path = Path(keys_dir) / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        write_atomic(path, os.urandom(32), 0o600)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise SnapshotRefused(f"{path} is not a private regular file of this service")
+        secret = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    if len(secret) != 32:
+        raise SnapshotRefused(f"{path} does not hold a 32-byte secret")
+    return secret
+
+
+def tenant_key(secret: bytes, tenant_id: str) -> bytes:
+    """The MAC key of one tenant's snapshots."""
+    return hmac.new(secret, b"cell-snapshot-tenant-v1\x00" + tenant_id.encode(), hashlib.sha256).digest()
+
+
+def path_for(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> Path:
+    return Path(snapshots_dir) / tenant_id / cell_id
+
+
+def _tenant_fd(snapshots_dir: Path | str, tenant_id: str) -> int | None:
+    try:
+        return os.open(Path(snapshots_dir) / tenant_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def size(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> int:
+    """Bytes the cell's snapshot takes on disk (0: none). Whatever sits at the
+    name counts, a link or a directory included: unknown is never zero (T-DISK-1)."""
+    fd = _tenant_fd(snapshots_dir, tenant_id)
+    if fd is None:
+        return 0
+    try:
+        return max(os.stat(cell_id, dir_fd=fd, follow_symlinks=False).st_size, 1)
+    except FileNotFoundError:
+        return 0
+    finally:
+        os.close(fd)
+
+
+def exists(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> bool:
+    return size(snapshots_dir, tenant_id, cell_id) > 0
+
+
+def remove(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> bool:
+    """Unlink the cell's snapshot (never following a link); False when there was none."""
+    fd = _tenant_fd(snapshots_dir, tenant_id)
+    if fd is None:
+        return False
+    try:
+        os.unlink(cell_id, dir_fd=fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import os
 import resource
@@ -29,10 +30,11 @@ from typing import Any, Callable
 
 import wasmtime
 
-from appliance.confine import ConfinementError, Volume, remove_tree
+from appliance.confine import (ConfinementError, Volume, copy_volume, create_volume_in, open_volume_in, remove_tree,
+                               remove_volume_in)
 from appliance.policy.egress import EgressPolicy, parse_networks
 from appliance.runtime.volume_watch import VolumeWatch
-from appliance.runtime import code_prep, context, landlock, protocol, sandbox, scratch
+from appliance.runtime import code_prep, context, guest_state, landlock, protocol, sandbox, scratch, snapshot_file
 from appliance.runtime.broker_client import BrokerClient
 from appliance.runtime.governor import STOP_CANCEL
 from appliance.runtime.outcome import NO_EXIT, Outcome
@@ -122,6 +124,8 @@ class Worker:
         self.pool_tmp_root = scratch.tmp_dir_for(str(self.pool_root / "-")).parent
         self.pool_tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tenant: str | None = None  # the one tenant this worker serves, once bound (T-TENANT-1)
+        self.snapshot_key = b""  # its snapshots' MAC key, from the bind (T-IMAGE-2)
+        self._base_pages: dict[str, list[bytes]] = {}  # image key -> page digests of a fresh instance
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         interpreters = [t.name for t in templates.interpreters()]
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
@@ -165,6 +169,12 @@ class Worker:
             st = os.lstat(path)
             if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid():
                 raise sandbox.SandboxError(f"{path} is not a directory of ours")
+        snapshots = sandbox.tenant_snapshot_dir(self.cfg, tenant_id)
+        if snapshots is not None and os.path.isdir(os.path.dirname(snapshots)):
+            os.makedirs(snapshots, mode=0o700, exist_ok=True)
+            st = os.lstat(snapshots)
+            if not os.path.isdir(snapshots) or os.path.islink(snapshots) or st.st_uid != os.geteuid():
+                raise sandbox.SandboxError(f"{snapshots} is not a directory of ours")
         return dirs
 
     # -- messaging (typed frames, no pickle: appliance/runtime/protocol.py) ----
@@ -235,6 +245,8 @@ class Worker:
         req_id = request.req_id
         try:
             return self.handle(request)
+        except _Refused as e:
+            return dataclasses.replace(e.reply, req_id=req_id)
         except ModuleRefused as e:
             return protocol.ErrorReply(req_id, e.status, e.code, e.message[:protocol.MAX_TEXT])
         except wasmtime.WasmtimeError as e:
@@ -310,6 +322,10 @@ class Worker:
             return self._bind(request)
         if isinstance(request, protocol.CancelRequest):
             return self._cancel(request)
+        if isinstance(request, protocol.ForkRequest):
+            return self._fork(request)
+        if isinstance(request, protocol.CaptureRequest):
+            return self._capture(request)
         if isinstance(request, protocol.DropRequest):
             session = self.sessions.pop(request.cell_id, None)
             if session is not None:
@@ -442,16 +458,26 @@ class Worker:
         if not msg.volume:
             raise ValueError("a cell run needs the cell's volume")
         existing = self.sessions.get(cell_id)
-        restarted = False
+        restarted = restored = False
         if existing is not None and existing.alive:
             session = existing
         else:
             if existing is not None:
                 existing.close()
             os.makedirs(msg.volume, mode=0o700, exist_ok=True)
-            session = self._new_session(msg.template, msg.volume, run.memory, msg.envs or None)
+            path = self._snapshot_path(cell_id)
+            # A paused cell (or one captured before its worker was lost) goes on
+            # from its snapshot, even when the request was built before the pause.
+            python = "python" in templates.get(msg.template).languages
+            if python and (msg.restore or (existing is None and path is not None and os.path.lexists(path))):
+                restored_session = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None)
+                if isinstance(restored_session, protocol.ErrorReply):
+                    raise _Refused(restored_session)
+                session, restored = restored_session, True
+            else:
+                session = self._new_session(msg.template, msg.volume, run.memory, msg.envs or None)
+                restarted = msg.known_session
             self.sessions[cell_id] = session
-            restarted = msg.known_session
         with self._lock:
             flight = self.in_flight.get(cell_id)
         with self._watch(msg, msg.volume, _governor_of(run.ctx, session)) as watch:
@@ -465,9 +491,161 @@ class Worker:
             outcome.note = "the run was stopped: its cell was deleted while it ran"
         _note_watch(outcome, watch)
         outcome.restarted = restarted
+        outcome.restored = restored
         if not msg.persistent and cell_id in self.sessions:
             self.sessions.pop(cell_id).close()
         return outcome, _volume_usage(msg.volume, msg)
+
+    # -- snapshots: fork, capture, restore (T-IMAGE-2) -------------------------
+    def _snapshot_path(self, cell_id: str) -> Path | None:
+        root = self.cfg.get("snapshots_dir")
+        if not root or self.tenant is None or not self.snapshot_key:
+            return None
+        return snapshot_file.path_for(str(root), self.tenant, cell_id)
+
+    def _restore(self, template: str, cell_id: str, volume: str, memory: int,
+                 envs: dict[str, str] | None) -> Session | protocol.ErrorReply:
+        """A new session of ``cell_id`` from its snapshot file, which is then
+        removed (consumed: a later loss never brings back an older state). A
+        file that fails its check is removed too, and refused (409)."""
+        path = self._snapshot_path(cell_id)
+        if path is None:
+            return protocol.ErrorReply(0, 409, "cell_lost", "this node keeps no snapshots; the cell's variables are gone")
+        assert self.tenant is not None
+        try:
+            image_key, state = snapshot_file.read(path, self.tenant, cell_id, self.snapshot_key, memory)
+        except FileNotFoundError:
+            return protocol.ErrorReply(0, 409, "cell_lost", "no snapshot of this cell exists; its variables are gone, "
+                                       "its files are kept. The next run starts a fresh interpreter.")
+        except snapshot_file.SnapshotRefused as e:
+            _unlink(path)
+            return protocol.ErrorReply(0, 409, "snapshot_invalid",
+                                       f"the cell's snapshot was refused and discarded ({e}); its variables are gone, "
+                                       "its files are kept. The next run starts a fresh interpreter.")
+        loaded = self.runtimes.get(template)
+        if loaded.image is None or loaded.image.key != image_key:
+            _unlink(path)
+            return protocol.ErrorReply(0, 409, "snapshot_stale",
+                                       "the cell's snapshot was taken with another Python image and was discarded; "
+                                       "its variables are gone, its files are kept.")
+        try:
+            session: Session = self.session_classes[template](loaded, volume, memory, envs, self.fifo_dir,
+                                                              restore=state)
+        except (guest_state.StateError, RuntimeError, wasmtime.WasmtimeError) as e:
+            _unlink(path)
+            return protocol.ErrorReply(0, 409, "snapshot_invalid",
+                                       f"the cell's snapshot could not be restored and was discarded: {str(e)[:200]}")
+        _unlink(path)
+        return session
+
+    def _live_python(self, cell_id: str) -> Any:
+        session = self.sessions.get(cell_id)
+        if session is None or not session.alive or not hasattr(session, "snapshot") \
+                or not getattr(session, "from_image", False):
+            return None
+        return session
+
+    def _capture(self, msg: protocol.CaptureRequest) -> Any:
+        """Write the state of an idle cell to its snapshot file (the supervisor
+        holds the cell's lock: no run is in it)."""
+        session = self._live_python(msg.cell_id)
+        path = self._snapshot_path(msg.cell_id)
+        if session is None or path is None:
+            return protocol.ErrorReply(msg.req_id, 409, "not_capturable",
+                                       "this cell has no Python interpreter here that can be captured")
+        assert self.tenant is not None
+        image = self.runtimes.get(self._template_of(session)).image
+        if image is None:
+            return protocol.ErrorReply(msg.req_id, 409, "not_capturable", "no Python image")
+        # Only the pages that differ from the image: an idle cell's snapshot is its own few MB.
+        state = session.snapshot_diff(self._image_pages(image))
+        snapshot_file.write(path, state, image.key, self.tenant, msg.cell_id, self.snapshot_key)
+        if msg.release:  # paused: the next run restores it from the file
+            self.sessions.pop(msg.cell_id, None)
+            session.close()
+        return protocol.OkReply(msg.req_id)
+
+    def _image_pages(self, image: Any) -> list[bytes]:
+        """Page digests of a fresh instance of the image, worked out once per image."""
+        with self._lock:
+            known = self._base_pages.get(image.key)
+        if known is not None:
+            return known
+        store = wasmtime.Store(self.runtimes.engine)
+        store.set_wasi(wasmtime.WasiConfig())  # nothing runs: instantiation only lays out the image's memory
+        instance = on_guest_stack(lambda: image.pre.instantiate(store))
+        memory = instance.exports(store)["memory"]
+        assert isinstance(memory, wasmtime.Memory)
+        pages = guest_state.page_hashes(bytes(memory.read(store, 0, memory.data_len(store))))
+        del instance, memory, store
+        with self._lock:
+            self._base_pages[image.key] = pages
+        return pages
+
+    def _template_of(self, session: Any) -> str:
+        for name, cls in self.session_classes.items():
+            if type(session) is cls:
+                return name
+        raise ValueError("unknown session class")
+
+    def _fork(self, msg: protocol.ForkRequest) -> Any:
+        """A new cell from the state of ``msg.cell_id``: its files copied within
+        the tenant's quota, its interpreter captured and restored into a new
+        session (no file in between)."""
+        if self.tenant is None:
+            return protocol.ErrorReply(msg.req_id, 409, "fork_unsupported", "this worker is not bound")
+        memory = int(msg.memory_mb or self.cfg["memory_mb"]) << 20
+        if self._live_python(msg.cell_id) is None and msg.restore:
+            restored = self._restore(msg.template, msg.cell_id, msg.volume, memory, msg.envs or None)
+            if isinstance(restored, protocol.ErrorReply):
+                return dataclasses.replace(restored, req_id=msg.req_id)
+            self.sessions[msg.cell_id] = restored
+        source = self._live_python(msg.cell_id)
+        if source is None:
+            return protocol.ErrorReply(msg.req_id, 409, "fork_unsupported",
+                                       "this cell has no live Python interpreter started from the image to fork")
+        tenant_dir = Path(msg.volume).parent
+        if Path(msg.new_volume).parent != tenant_dir or tenant_dir.name != self.tenant:
+            return protocol.ErrorReply(msg.req_id, 403, "wrong_tenant", "a fork stays in its tenant")
+        new_tmp = scratch.tmp_dir_for(msg.new_volume)
+        made: list[tuple[Path, str]] = []
+        try:
+            # T-DISK-1: both copies together within what the tenant may still add.
+            bytes_left, entries_left = msg.volume_limit.bytes, msg.volume_limit.entries
+            for src_dir, dst in ((tenant_dir, Path(msg.new_volume)), (scratch.tmp_dir_for(msg.volume).parent, new_tmp)):
+                create_volume_in(dst.parent, dst.name)
+                made.append((dst.parent, dst.name))
+                try:
+                    src = open_volume_in(src_dir, Path(msg.volume).name)
+                except ConfinementError as e:
+                    if e.code == "not_found":
+                        continue  # a cell without a /tmp yet
+                    raise
+                with src, open_volume_in(dst.parent, dst.name) as out:
+                    usage = copy_volume(src, out, bytes_left, entries_left)
+                bytes_left -= usage.bytes
+                entries_left -= usage.entries
+            loaded = self.runtimes.get(msg.template)
+            if loaded.image is None:
+                raise RuntimeError("no Python image")
+            # Only the pages that differ from the image are written: the rest stay shared (copy-on-write).
+            state = source.snapshot_diff(self._image_pages(loaded.image))
+            session: Session = self.session_classes[msg.template](loaded, msg.new_volume, memory, msg.envs or None,
+                                                                  self.fifo_dir, restore=state)
+        except ConfinementError as e:
+            for parent, name in made:
+                _remove_made(parent, name)
+            if e.code == "too_large":
+                return protocol.ErrorReply(msg.req_id, 413, "quota_exceeded",
+                                           "the fork's copy of the cell's files would cross the tenant's disk quota "
+                                           "or file limit")
+            return protocol.ErrorReply(msg.req_id, 409, "fork_failed", f"the cell's files could not be copied: {e.message}")
+        except BaseException:
+            for parent, name in made:
+                _remove_made(parent, name)
+            raise
+        self.sessions[msg.new_cell_id] = session
+        return protocol.OkReply(msg.req_id)
 
     def _cancel(self, msg: protocol.CancelRequest) -> protocol.OkReply:
         """Stop the run in flight in a cell (it is being deleted) and answer once
@@ -498,6 +676,28 @@ class Worker:
                 gov.stop(STOP_DISK)
 
         return self.disk_watch.watch(volume, limit.bytes, limit.entries, stop)
+
+
+class _Refused(Exception):
+    """A request answered with an error reply from deep inside its handling."""
+
+    def __init__(self, reply: protocol.ErrorReply) -> None:
+        super().__init__(reply.message)
+        self.reply = reply
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_made(parent: Path, name: str) -> None:
+    try:
+        remove_volume_in(parent, name)
+    except (ConfinementError, OSError):
+        pass
 
 
 @dataclass
@@ -708,6 +908,7 @@ def await_tenant(worker: Worker) -> str:
         os._exit(3)
     tenant: str = request.tenant_id
     worker.tenant = tenant
+    worker.snapshot_key = request.snapshot_key
     worker.start_threads()
     worker.send(protocol.OkReply(request.req_id))
     return tenant

@@ -61,6 +61,13 @@ def refresh(cell_id: str) -> Response:
     return jsonify(cells.set_timeout(g.tenant, cell_id, record.timeout_ms).public())
 
 
+@bp.post("/v1/cells/<cell_id>/fork")
+def fork_cell(cell_id: str) -> tuple[Response, int]:
+    """A new cell from this one's variables and files, between runs (Python cells)."""
+    record = services().cells.fork(g.tenant, cell_id)
+    return jsonify(record.public()), 201
+
+
 @bp.get("/v1/cells/<cell_id>/is_running")
 def is_running(cell_id: str) -> Response:
     """A cell is running for as long as it exists; gone or another tenant's is a 404."""

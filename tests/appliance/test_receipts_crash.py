@@ -60,12 +60,14 @@ def test_t_rcpt_1_sigkill_mid_load_loses_no_answered_receipt(module_cache: None,
         again.stop()
 
 
-def test_cells_after_a_restart_say_cell_lost_once_and_keep_their_files(module_cache: None, tmp_path: Path) -> None:
+def test_cells_after_a_crash_say_cell_lost_once_and_keep_their_files(module_cache: None, tmp_path: Path) -> None:
+    """Killed with no chance to capture its cells (a SIGTERM captures them:
+    test_cell_snapshots.py), the service's cells say cell_lost once."""
     root = tmp_path / "restart"
     srv = start_server(root)
     _, cell, _ = srv.request("POST", "/v1/cells", {"template": "python3", "timeout_ms": 600000})
     srv.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": "v = 1; open('kept.txt', 'w').write('yes')"})
-    srv.stop()
+    srv.stop(signal.SIGKILL)
     again = start_server(root)
     try:
         status, body, _ = again.request("POST", f"/v1/cells/{cell['cell_id']}/exec", {"code": "print(v)"})

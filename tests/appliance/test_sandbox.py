@@ -169,7 +169,9 @@ def test_t_escape_1_worker_rules_grant_only_artifacts_and_the_volume_set(tmp_pat
     settings.volumes_dir.mkdir(parents=True)
     rules = sandbox.worker_rules(config, (str(tmp_path / "fifo"),))
     landlock.check(rules)
-    assert rules.read_write == (str(settings.volumes_dir.resolve()),)  # the fifo dir does not exist: skipped
+    # The fifo dir does not exist: skipped. A spare may write all volumes and
+    # all snapshots (T-IMAGE-2); binding narrows both to one tenant.
+    assert rules.read_write == (str(settings.volumes_dir.resolve()), str(settings.snapshots_dir.resolve()))
     assert os.path.realpath(shared_cache()) in rules.read_only
     for secret in (settings.db_path, settings.keys_dir, settings.config_dir, settings.mirror_dir, settings.root):
         assert str(secret) not in (*rules.read_only, *rules.read_write)

@@ -1,0 +1,370 @@
+"""Snapshots of live cells (T-IMAGE-2): fork, and cells that continue after a
+restart. Real servers on loopback, real guests, real snapshot files."""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.confine import ConfinementError, Volume, copy_volume
+from tests.appliance.test_api_e2e import new_cell, run, second_tenant
+from tests.liveserver import ServerProcess, start_server
+
+
+def fork(live: ServerProcess, cell: str, key: str | None = None) -> tuple[int, Any]:
+    status, body, _ = live.request("POST", f"/v1/cells/{cell}/fork", key=key)
+    return status, body
+
+
+# -- fork ------------------------------------------------------------------------
+
+def test_t_image_2_fork_keeps_variables_and_files_then_diverges(live: ServerProcess) -> None:
+    src = new_cell(live, metadata={"who": "me"})
+    run(live, src, "import pandas as pd\nx = 41\ndf = pd.DataFrame({'a': [1, 2]})\n"
+                   "open('f.txt', 'w').write('hi')\nimport os; os.makedirs('d/e', exist_ok=True)\n"
+                   "open('d/e/g.txt', 'w').write('deep')\nopen('/tmp/t.txt', 'w').write('tmp')")
+    status, body = fork(live, src)
+    assert status == 201, body
+    child = body["cell_id"]
+    assert child != src and body["template"] == "python3" and body["metadata"] == {"who": "me"}
+    out = run(live, child, "print(x, df.a.sum(), open('f.txt').read(), open('d/e/g.txt').read(), open('/tmp/t.txt').read())")
+    assert out["stdout"] == "41 3 hi deep tmp\n" and not out["restarted"], out
+    # The two cells diverge: variables and files are each their own.
+    run(live, child, "x = 1\nopen('f.txt', 'w').write('fork')")
+    assert run(live, src, "print(x, open('f.txt').read())")["stdout"] == "41 hi\n"
+    run(live, src, "x = 2")
+    assert run(live, child, "print(x, open('f.txt').read())")["stdout"] == "1 fork\n"
+    status, info, _ = live.request("GET", f"/v1/cells/{child}")
+    assert status == 200 and info["disk_bytes"] >= len("fork") + len("deep") + len("tmp")
+    for cell in (src, child):
+        assert live.request("DELETE", f"/v1/cells/{cell}")[0] == 200
+
+
+def test_t_tenant_1_fork_of_another_tenants_cell_is_404(live: ServerProcess) -> None:
+    cell = new_cell(live)
+    run(live, cell, "secret = 1")
+    other = second_tenant(live)
+    status, body = fork(live, cell, key=other)
+    assert (status, body["code"]) == (404, "cell_not_found")
+    _, mine, _ = live.request("GET", "/v1/cells", key=other)
+    assert mine["cells"] == []
+    assert fork(live, "c0-doesnotexist")[0] == 404
+
+
+def test_fork_of_a_busy_cell_is_409_cell_busy(live: ServerProcess) -> None:
+    cell = new_cell(live)
+    answers: list[Any] = []
+    runner = threading.Thread(target=lambda: answers.append(run(live, cell, "import time\ntime.sleep(4)\ny = 5")))
+    runner.start()
+    seen = None
+    try:
+        while runner.is_alive():
+            status, body = fork(live, cell)
+            if status == 409:
+                seen = body
+                break
+            if status == 201:  # taken before the run reached the cell: try again
+                live.request("DELETE", f"/v1/cells/{body['cell_id']}")
+            time.sleep(0.05)
+    finally:
+        runner.join()
+    assert seen is not None and seen["code"] == "cell_busy", seen
+    assert answers and answers[0]["status"] == "ok"
+    status, body = fork(live, cell)  # between runs: fine
+    assert status == 201 and run(live, body["cell_id"], "print(y)")["stdout"] == "5\n"
+
+
+def test_fork_of_a_non_python_cell_is_409_fork_unsupported(live: ServerProcess) -> None:
+    cell = new_cell(live, template="javascript")
+    run(live, cell, "globalThis.v = 1")
+    status, body = fork(live, cell)
+    assert (status, body["code"]) == (409, "fork_unsupported"), body
+    assert "javascript" in body["error"]
+
+
+# -- the confined copy under fork (T-DOS-1, T-PATH-2, T-DISK-1) ------------------
+
+def _tree(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(root))] = p.read_text()
+    return out
+
+
+def test_t_path_2_copy_volume_copies_files_and_leaves_out_links_and_specials(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "a" / "b").mkdir(parents=True)
+    dst.mkdir()
+    (src / "top.txt").write_text("1")
+    (src / "a" / "b" / "deep.txt").write_text("22")
+    (tmp_path / "outside.txt").write_text("secret")
+    (src / "link").symlink_to(tmp_path / "outside.txt")
+    (src / "a" / "dirlink").symlink_to(tmp_path)
+    os.mkfifo(src / "fifo")
+    os.link(tmp_path / "outside.txt", src / "hard")
+    with Volume(src) as s, Volume(dst) as d:
+        usage = copy_volume(s, d, 1000, 1000)
+    assert _tree(dst) == {"top.txt": "1", "a/b/deep.txt": "22"}
+    assert usage.bytes == 3 and usage.entries == 4
+    assert not (dst / "link").exists() and not (dst / "fifo").exists() and not (dst / "a" / "dirlink").exists()
+
+
+@pytest.mark.parametrize("max_bytes,max_entries", [(2, 100), (100, 2)], ids=["bytes", "entries"])
+def test_t_disk_1_copy_volume_stops_at_the_quota(tmp_path: Path, max_bytes: int, max_entries: int) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "d").mkdir(parents=True)
+    dst.mkdir()
+    for i in range(3):
+        (src / "d" / f"{i}.txt").write_text("xx")
+    with Volume(src) as s, Volume(dst) as d, pytest.raises(ConfinementError) as err:
+        copy_volume(s, d, max_bytes, max_entries)
+    assert err.value.code == "too_large"
+
+
+def test_t_dos_1_copy_volume_of_a_deep_tree_holds_few_descriptors(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dst.mkdir()
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    depth = 600
+    for _ in range(depth):  # deeper than any path string allows, made with relative steps
+        os.mkdir("d", dir_fd=fd)
+        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+    os.close(fd)
+    before = len(os.listdir("/proc/self/fd"))
+    with Volume(src) as s, Volume(dst) as d:
+        usage = copy_volume(s, d, 1 << 20, 10_000)
+    assert usage.entries == depth + 1
+    assert len(os.listdir("/proc/self/fd")) == before
+    fd = os.open(dst, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    try:
+        assert stat.S_ISREG(os.stat("leaf", dir_fd=fd).st_mode)
+    finally:
+        os.close(fd)
+
+
+# -- surviving a restart ----------------------------------------------------------
+
+def test_t_image_2_cells_survive_sigterm_and_restart(module_cache: None, tmp_path: Path) -> None:
+    """SIGTERM captures every idle persistent Python cell; after the restart each
+    continues with its variables (restored lazily, on its next run), the
+    snapshot counts in the quota until then, a tampered one is refused and
+    discarded, and a deleted cell's snapshot goes with it."""
+    root = tmp_path / "restart"
+    srv = start_server(root)
+    try:
+        kept, tampered, deleted = (new_cell(srv, timeout_ms=600000) for _ in range(3))
+        for i, cell in enumerate((kept, tampered, deleted)):
+            run(srv, cell, f"import pandas as pd\nv = {i} + 100\nopen('kept.txt', 'w').write('yes')")
+        js = new_cell(srv, template="javascript", timeout_ms=600000)
+        run(srv, js, "globalThis.w = 1")
+    finally:
+        srv.stop()
+    snaps = root / "snapshots" / "default"
+    for cell in (kept, tampered, deleted):
+        st = os.lstat(snaps / cell)
+        assert stat.S_ISREG(st.st_mode) and st.st_mode & 0o777 == 0o600
+    assert not (snaps / js).exists()
+    data = bytearray((snaps / tampered).read_bytes())
+    data[len(data) // 2] ^= 1
+    (snaps / tampered).write_bytes(bytes(data))
+    again = start_server(root)
+    try:
+        size = (snaps / kept).stat().st_size
+        status, info, _ = again.request("GET", f"/v1/cells/{kept}")
+        assert status == 200 and info["disk_bytes"] >= size  # T-DISK-1: the snapshot counts
+        out = run(again, kept, "print(v, pd.__name__, open('kept.txt').read())")
+        assert out["stdout"] == "100 pandas yes\n" and out.get("restored") is True, out
+        assert not (snaps / kept).exists()  # consumed by the restore
+        assert run(again, kept, "v += 1; print(v)")["stdout"] == "101\n"
+        _, info, _ = again.request("GET", f"/v1/cells/{kept}")
+        assert info["disk_bytes"] < size
+        # A changed snapshot is refused, discarded, and nothing else breaks.
+        status, body, _ = again.request("POST", f"/v1/cells/{tampered}/exec", {"code": "print(v)"})
+        assert (status, body["code"]) == (409, "snapshot_invalid"), body
+        assert not (snaps / tampered).exists()
+        out = run(again, tampered, "print(open('kept.txt').read(), 'v' in globals())")
+        assert out["stdout"] == "yes False\n"
+        # Deleting a cell removes its snapshot.
+        assert again.request("DELETE", f"/v1/cells/{deleted}")[0] == 200
+        assert not (snaps / deleted).exists()
+        # A cell that had no capture still says so.
+        status, body, _ = again.request("POST", f"/v1/cells/{js}/exec", {"code": "w"})
+        assert (status, body["code"]) == (409, "cell_lost") and "no snapshot" in body["error"], body
+    finally:
+        again.stop()
+
+
+def test_t_image_2_restart_with_many_cells_keeps_every_ones_variables(module_cache: None, tmp_path: Path) -> None:
+    root = tmp_path / "many"
+    count = int(os.environ.get("CELL_SNAPSHOT_CELLS", "8"))
+    srv = start_server(root)
+    try:
+        cells = [new_cell(srv, timeout_ms=600000) for _ in range(count)]
+        for i, cell in enumerate(cells):
+            run(srv, cell, f"n = {i}")
+        stopped = time.monotonic()
+    finally:
+        srv.stop()
+    stop_s = time.monotonic() - stopped
+    again = start_server(root)
+    try:
+        started = time.monotonic()
+        for i, cell in enumerate(cells):
+            out = run(again, cell, "print(n)")
+            assert out["stdout"] == f"{i}\n" and out.get("restored") is True, out
+        print(f"\n{count} cells: stop (capture) {stop_s:.1f}s, first runs after restart {time.monotonic() - started:.1f}s")
+    finally:
+        again.stop()
+
+
+def test_t_image_2_fork_of_a_cell_restored_after_restart(module_cache: None, tmp_path: Path) -> None:
+    """A cell not yet run since the restart is restored from its snapshot to be forked."""
+    root = tmp_path / "forkrestart"
+    srv = start_server(root)
+    try:
+        cell = new_cell(srv, timeout_ms=600000)
+        run(srv, cell, "z = 'before'")
+    finally:
+        srv.stop()
+    again = start_server(root)
+    try:
+        status, body = fork(again, cell)
+        assert status == 201, body
+        assert run(again, body["cell_id"], "print(z)")["stdout"] == "before\n"
+        out = run(again, cell, "print(z)")
+        assert out["stdout"] == "before\n" and not out.get("restored"), out
+    finally:
+        again.stop()
+
+
+# -- where a bound worker may write snapshots (T-IMAGE-2, T-TENANT-1) --------------
+
+@pytest.mark.parametrize("tenant_id", ["../x", "", "a/b", "x" * 65, ".."])
+def test_t_image_2_tenant_snapshot_dir_refuses_a_malformed_tenant(tenant_id: str) -> None:
+    from appliance.runtime import sandbox
+    with pytest.raises(sandbox.SandboxError):
+        sandbox.tenant_snapshot_dir({"snapshots_dir": "/srv/snapshots"}, tenant_id)
+
+
+def test_t_image_2_bound_worker_writes_only_its_tenants_snapshots(tmp_path: Path) -> None:
+    from appliance.config import load_settings
+    from appliance.runtime import landlock, sandbox
+    from appliance.runtime.pool import sandbox_config
+    from tests.liveserver import shared_cache
+    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"),
+                              "SYNAPSE_MODULE_CACHE": str(shared_cache())})
+    config = {"cache_dir": str(shared_cache()), "volumes_dir": str(settings.volumes_dir), "weights_dir": None,
+              "snapshots_dir": str(settings.snapshots_dir)}
+    mine = sandbox.tenant_snapshot_dir(config, "tenant-a")
+    assert mine == str(settings.snapshots_dir.resolve() / "tenant-a")
+    dirs = [*sandbox.tenant_dirs(str(settings.volumes_dir), "tenant-a"), mine]
+    rules = sandbox.worker_rules({**config, "sandbox": dict(sandbox_config(settings), volume_set=dirs)}, ())
+    landlock.check(rules)
+    snaps = str(settings.snapshots_dir.resolve())
+    assert [p for p in rules.read_write if p.startswith(snaps)] == [f"{snaps}/tenant-a"]
+    # The node secret the keys are derived from is in keys/, which no worker may read.
+    assert not any(p.startswith(str(settings.keys_dir)) for p in (*rules.read_only, *rules.read_write))
+
+
+def test_t_image_2_tenant_keys_differ_and_the_secret_is_private(tmp_path: Path) -> None:
+    from appliance.runtime import snapshot_file
+    secret = snapshot_file.node_secret(tmp_path / "keys")
+    assert snapshot_file.node_secret(tmp_path / "keys") == secret  # made once, then read
+    assert (tmp_path / "keys" / snapshot_file.SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    a, b = snapshot_file.tenant_key(secret, "a"), snapshot_file.tenant_key(secret, "b")
+    assert a != b and len(a) == 32 and secret not in (a, b)
+    (tmp_path / "keys" / snapshot_file.SECRET_FILE).chmod(0o644)
+    with pytest.raises(snapshot_file.SnapshotRefused):
+        snapshot_file.node_secret(tmp_path / "keys")
+
+
+def test_t_image_2_page_diff_round_trips_through_a_snapshot_file(tmp_path: Path) -> None:
+    from appliance.runtime import guest_state, snapshot_file, wasmimage
+    base = bytearray(2 * wasmimage.PAGE)
+    base[100:110] = b"image-data"
+    now = bytearray(base) + bytearray(wasmimage.PAGE)
+    now[5] = 7  # a changed page of the image
+    now[2 * wasmimage.PAGE + 9] = 1  # a page past the image
+    d = guest_state.diff(guest_state.GuestState(bytes(now), {0: 1}), guest_state.page_hashes(bytes(base)))
+    assert [(a, len(b)) for a, b in d.runs] == [(0, guest_state.DIFF_PAGE), (2 * wasmimage.PAGE, guest_state.DIFF_PAGE)]
+    path = tmp_path / "snap"
+    size = snapshot_file.write(path, d, "img", "t", "c", b"k" * 32)
+    assert size < 3 * guest_state.DIFF_PAGE
+    _, back = snapshot_file.read(path, "t", "c", b"k" * 32, 4 * wasmimage.PAGE)
+    assert back == d
+
+
+# -- pausing idle cells to disk ---------------------------------------------------
+
+def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache: None, tmp_path: Path) -> None:
+    """SYNAPSE_CELL_PAUSE_IDLE_S: an idle cell's state goes to its snapshot and
+    its interpreter is closed; its next run (or a fork) resumes it."""
+    root = tmp_path / "pause"
+    srv = start_server(root, env={"SYNAPSE_CELL_PAUSE_IDLE_S": "1"})
+    try:
+        cell = new_cell(srv, timeout_ms=600000)
+        run(srv, cell, "import pandas as pd\nq = 'kept'")
+        snap = root / "snapshots" / "default" / cell
+        deadline = time.monotonic() + 60
+        while not snap.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert snap.exists()
+        _, info, _ = srv.request("GET", f"/v1/cells/{cell}")
+        assert info["disk_bytes"] >= snap.stat().st_size  # T-DISK-1: a paused cell's snapshot counts
+        status, body = fork(srv, cell)  # a paused cell can be forked: it is resumed first
+        assert status == 201, body
+        assert run(srv, body["cell_id"], "print(q)")["stdout"] == "kept\n"
+        deadline = time.monotonic() + 60
+        while not snap.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = run(srv, cell, "print(q, pd.__name__)")
+        assert out["stdout"] == "kept pandas\n" and out.get("restored") is True, out
+        assert not snap.exists()
+    finally:
+        srv.stop()
+
+
+def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, tmp_path: Path) -> None:
+    """With a 1 MB quota: a fork whose copy would cross it is 413; a snapshot
+    alone puts the tenant over it after a restart, yet the run that restores
+    (and so consumes) it is answered, adding nothing; then runs go on."""
+    root = tmp_path / "small"
+    env = {"SYNAPSE_TENANT_QUOTA_MB": "1"}
+    srv = start_server(root, env=env)
+    try:
+        cell = new_cell(srv, timeout_ms=600000)
+        run(srv, cell, "open('half.bin', 'wb').write(b'x' * 600_000)\nv = 'small'")
+        status, body = fork(srv, cell)
+        assert (status, body["code"]) == (413, "quota_exceeded"), body
+        _, cells, _ = srv.request("GET", "/v1/cells")
+        assert [c["cell_id"] for c in cells["cells"]] == [cell]  # nothing of the failed fork is left
+        assert not (root / "sandbox_volumes" / "default").exists() or \
+            sorted(p.name for p in (root / "sandbox_volumes" / "default").iterdir()) == [cell]
+    finally:
+        srv.stop()
+    snap = root / "snapshots" / "default" / cell
+    assert snap.stat().st_size > (1 << 20) - 600_000  # together over the quota
+    again = start_server(root, env=env)
+    try:
+        status, info, _ = again.request("GET", f"/v1/cells/{cell}")
+        assert info["disk_bytes"] >= 600_000 + snap.stat().st_size
+        out = run(again, cell, "print(v)")
+        assert out["stdout"] == "small\n" and out.get("restored") is True, out
+        assert run(again, cell, "print(len(open('half.bin', 'rb').read()))")["stdout"] == "600000\n"
+    finally:
+        again.stop()
