@@ -28,8 +28,6 @@ import io
 import itertools
 import logging
 import multiprocessing
-import io
-import logging
 import os
 import queue
 import threading
