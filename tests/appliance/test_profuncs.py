@@ -533,14 +533,25 @@ def test_t_mem_1_host_mcp_call_bad_pointers(runner: ModuleRunner, cell_root: Pat
     assert r.code == -3
 
 
+def _until_answered(runner: ModuleRunner, cell_root: Path, client: mcp.McpClient, server: str, tool: str) -> Result:
+    """The first answer of ``tool``: a server with a short per-call limit may
+    need more than that limit to start on a loaded machine, and a call that
+    starts it is then refused (-4); wait on the answer, never on a sleep."""
+    deadline = time.monotonic() + 60
+    while True:
+        r = call(runner, cell_root, client, server, tool)
+        if r.code > 0 or time.monotonic() > deadline:
+            return r
+
+
 def test_t_pro_2_hang_returns_minus_4_at_server_timeout_then_recovers(runner: ModuleRunner, cell_root: Path,
                                                                      client: mcp.McpClient) -> None:
-    pid = _text(call(runner, cell_root, client, "quick", "pid").stdout)
+    pid = _text(_until_answered(runner, cell_root, client, "quick", "pid").stdout)
     r = call(runner, cell_root, client, "quick", "hang", timeout=5.0)
     assert r.code == -4 and r.status != "timeout"  # the guest saw the code before its deadline
     assert r.elapsed < 0.3 + 0.7
     assert not _alive(int(pid))  # the overrunning server was killed (and reaped) ...
-    assert call(runner, cell_root, client, "quick", "echo").code > 0  # ... and restarted on the next call
+    assert _until_answered(runner, cell_root, client, "quick", "echo").code > 0  # ... and restarted on a later call
 
 
 def test_t_pro_2_hang_bounded_by_run_deadline(runner: ModuleRunner, cell_root: Path, client: mcp.McpClient) -> None:
