@@ -104,17 +104,8 @@ def _global(ex: Any, index: int) -> wasmtime.Global:
 
 def capture(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtime.Store) -> GuestState:
     """A copy of the instance's memory and of every global the module exports for capture."""
-    indices = _global_indices(module)
-    if not indices:
-        raise StateError("this module does not export its globals; its state cannot be captured")
-    ex = instance.exports(store)
-    values: dict[int, int | float] = {}
-    for index in indices:
-        value = _global(ex, index).value(store)
-        if not isinstance(value, (int, float)):
-            raise StateError(f"global {index} holds a {type(value).__name__}")
-        values[index] = value
-    memory = _memory(ex)
+    values = capture_globals(module, instance, store)
+    memory = _memory(instance.exports(store))
     return GuestState(bytes(memory.read(store, 0, memory.data_len(store))), values)
 
 

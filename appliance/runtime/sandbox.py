@@ -246,6 +246,15 @@ def apply_landlock(rules: landlock.Rules, abi: int) -> dict[str, Any]:
             else "not restricted (ABI < 4)", "scoped": abi >= 6}
 
 
+def _apply_or_refuse(rules: landlock.Rules, abi: int, mode: str) -> Any:
+    """Landlock's report; in mode ``required`` a kernel without it is refused (fail closed)."""
+    if abi >= 1:
+        return apply_landlock(rules, abi)
+    if mode == "required":
+        raise SandboxError("Landlock is not available in this kernel (ABI 0)")
+    return "unavailable"
+
+
 def set_no_new_privs() -> None:
     libc = _libc()
     if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
@@ -289,12 +298,7 @@ def confine(config: Mapping[str, Any], scratch_dirs: tuple[str, ...]) -> dict[st
             _TASK_FD = os.open("/proc/self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             _TASK_FD = None  # thread_count() then reads -1 and the tenant bind refuses (fail closed)
-    if abi >= 1:
-        report["landlock"] = apply_landlock(rules, abi)
-    elif mode == "required":
-        raise SandboxError("Landlock is not available in this kernel (ABI 0)")
-    else:
-        report["landlock"] = "unavailable"
+    report["landlock"] = _apply_or_refuse(rules, abi, mode)
     if has_seccomp:
         # T-ESCAPE-3: no new sockets, no process creation, for every worker;
         # T-TENANT-1: a spare may narrow itself once more at its tenant bind.
@@ -353,12 +357,7 @@ def narrow_to_tenant(config: Mapping[str, Any], scratch_dirs: tuple[str, ...], t
     rules = worker_rules({**config, "sandbox": sb}, scratch_dirs)
     report: dict[str, Any] = {"mode": mode, "tenant": tenant_id}
     abi = landlock_abi()
-    if abi >= 1:
-        report["landlock"] = apply_landlock(rules, abi)
-    elif mode == "required":
-        raise SandboxError("Landlock is not available in this kernel (ABI 0)")
-    else:
-        report["landlock"] = "unavailable"
+    report["landlock"] = _apply_or_refuse(rules, abi, mode)
     if _FILTERED:
         policy = seccomp.FilterPolicy()  # T-ESCAPE-3: no sockets or processes; no more narrowing either
         install_seccomp(seccomp.build(policy, machine()))

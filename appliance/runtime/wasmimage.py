@@ -61,7 +61,8 @@ class GlobalDef:
     mutable: bool
 
 
-def read_uleb(data: bytes, pos: int, max_bits: int = 32) -> tuple[int, int]:
+def _read_leb(data: bytes, pos: int, bits: int) -> tuple[int, int, int, int]:
+    """(value bits, bits read, last byte, next position) of one LEB128 number of at most ``bits``."""
     result = shift = 0
     while True:
         if pos >= len(data):
@@ -71,27 +72,20 @@ def read_uleb(data: bytes, pos: int, max_bits: int = 32) -> tuple[int, int]:
         result |= (b & 0x7F) << shift
         shift += 7
         if not b & 0x80:
-            break
-        if shift >= max_bits + 7:
+            return result, shift, b, pos
+        if shift >= bits + 7:
             raise WasmFormatError("LEB128 too long")
+
+
+def read_uleb(data: bytes, pos: int, max_bits: int = 32) -> tuple[int, int]:
+    result, _, _, pos = _read_leb(data, pos, max_bits)
     if result >> max_bits:
         raise WasmFormatError("LEB128 out of range")
     return result, pos
 
 
 def read_sleb(data: bytes, pos: int, bits: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data):
-            raise WasmFormatError("truncated LEB128")
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            break
-        if shift >= bits + 7:
-            raise WasmFormatError("LEB128 too long")
+    result, shift, b, pos = _read_leb(data, pos, bits)
     if b & 0x40:
         result -= 1 << shift
     if not -(1 << (bits - 1)) <= result < (1 << (bits - 1)):
