@@ -856,7 +856,7 @@ def _volume_usage(path: str, msg: protocol.ExecRequest) -> protocol.VolumeUsage:
     fails is reported as such and the web process counts it as over quota."""
     bound = msg.volume_limit.entries if msg.volume_limit is not None else None
     try:
-        with Volume(path) as vol:
+        with Volume(path, resolver="walk") as vol:  # a walk by fds: no guest path is resolved, no openat2 probe
             usage = vol.usage(max_entries=None if bound is None else bound + 1)
         tmp = scratch.tmp_usage(path, None if bound is None else bound + 1)  # the cell's /tmp counts too (scratch.py)
     except (ConfinementError, OSError):
