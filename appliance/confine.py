@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Any, Literal
 
 from appliance.policy.paths import GuestPath, PathRejected, join_components, parse_guest_path, split_guest_path
 
@@ -174,10 +174,21 @@ def _entry(comps: tuple[str, ...], s: os.stat_result) -> Entry:
                  s.st_size if kind == "file" else 0, when.replace("+00:00", "Z"))
 
 
+_SYSCALL: Any = None  # libc's syscall(), looked up once: a CDLL costs a class build per lookup
+
+
+def _libc_syscall() -> Any:
+    global _SYSCALL
+    if _SYSCALL is None:
+        fn = ctypes.CDLL(None, use_errno=True).syscall
+        fn.restype = ctypes.c_long
+        _SYSCALL = fn
+    return _SYSCALL
+
+
 class _Openat2:
     def __init__(self) -> None:
-        self._syscall = ctypes.CDLL(None, use_errno=True).syscall
-        self._syscall.restype = ctypes.c_long
+        self._syscall = _libc_syscall()
 
     def __call__(self, dirfd: int, path: bytes, flags: int) -> int:
         how = (ctypes.c_uint64 * 3)(flags, 0, _RESOLVE)

@@ -206,9 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-
-    def _opt(name: str, default: str) -> str:
-        return args[args.index(name) + 1] if name in args else default
-
-    sys.exit(main(seconds=float(_opt("--seconds", "5")), tenants=int(_opt("--tenants", "1"))))
+    sys.exit(main())

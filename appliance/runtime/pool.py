@@ -243,6 +243,7 @@ class WorkerPool:
             "volumes_dir": str(s.volumes_dir),
             "snapshots_dir": str(s.snapshots_dir),
             "memory_mb": s.memory_mb,
+            "lanes": s.lanes_per_worker,  # the worker keeps this many request threads (worker.RequestThreads)
             "output_cap_bytes": s.output_cap_bytes,
             "result_cap_bytes": s.result_cap_bytes,
             "results_cap_bytes": s.results_cap_bytes,

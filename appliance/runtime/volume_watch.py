@@ -15,6 +15,9 @@ from appliance.confine import ConfinementError, Volume
 from appliance.runtime import scratch
 
 
+IDLE_POLL_S = 2.0  # after the last run, how long the watch thread keeps waking by itself
+
+
 class VolumeWatch:
     """Walks the volume of the run in progress and stops the guest once it holds
     more than allowed (T-DISK-1). One per worker process, one daemon thread.
@@ -33,6 +36,11 @@ class VolumeWatch:
         self._cond = threading.Condition()
         self._jobs: list[WatchedRun] = []  # a worker runs several requests at once (lanes)
         self._thread: threading.Thread | None = None
+        # When the thread's present wait ends (monotonic); None while it walks.
+        # A run's start wakes it only when its first walk is due before then,
+        # and a run's end never does: the thread finds the job gone when it
+        # wakes. So back-to-back runs cost no thread switch each.
+        self._wake_at: float | None = None
 
     def watch(self, path: str, max_bytes: int, max_entries: int, stop: Callable[[], None]) -> WatchedRun:
         """A context manager around one run; ``.tripped`` says why it was stopped, if it was."""
@@ -45,24 +53,32 @@ class VolumeWatch:
                 self._thread.start()
             job.due = time.monotonic() + job.wait
             self._jobs.append(job)
-            self._cond.notify_all()
+            if self._wake_at is not None and job.due < self._wake_at:
+                self._cond.notify_all()
 
     def _end(self, job: WatchedRun) -> None:
         with self._cond:
             job.done = True  # under the lock: no stop can reach the guest's next run
             if job in self._jobs:
                 self._jobs.remove(job)
-            self._cond.notify_all()
 
     def _loop(self) -> None:
+        idle_since = time.monotonic()
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._jobs))
                 now = time.monotonic()
                 due = [job for job in self._jobs if job.due <= now]
                 if not due:
-                    self._cond.wait(timeout=min(job.due for job in self._jobs) - now)
-                    continue  # a run ended or began, or the next walk is due
+                    if self._jobs:
+                        idle_since = now
+                        self._wake_at = min(job.due for job in self._jobs)
+                    elif now - idle_since < IDLE_POLL_S:
+                        self._wake_at = now + self.interval  # runs come and go: look again without being woken
+                    else:
+                        self._wake_at = float("inf")  # long idle: sleep until a run's start wakes us
+                    self._cond.wait(timeout=None if self._wake_at == float("inf") else self._wake_at - now)
+                    self._wake_at = None
+                    continue  # a walk may be due now, or a run began or ended
             for job in due:
                 started = time.monotonic()
                 reason = job.check()  # outside the lock: ending a run never waits for a walk
@@ -105,7 +121,7 @@ class WatchedRun:
     def check(self) -> str | None:
         """One walk: the reason to stop, or None."""
         try:
-            with Volume(self.path) as vol:
+            with Volume(self.path, resolver="walk") as vol:  # a walk by fds: no guest path is resolved
                 usage = vol.usage(max_entries=self.max_entries)
             # A Python cell's /tmp sits beside its volume and counts with it.
             usage = scratch.with_tmp(usage, scratch.tmp_usage(self.path, self.max_entries))

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any, Callable
 
 import wasmtime
@@ -43,7 +44,7 @@ from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
 from appliance.runtime import templates
 from appliance.runtime.templates import RuntimeMissing
 from appliance.runtime.sessions import Session
-from appliance.runtime.stack import GUEST_THREAD_STACK, on_guest_stack
+from appliance.runtime.stack import GUEST_THREAD_STACK, on_guest_stack, start_guest_thread
 
 PR_SET_NO_NEW_PRIVS = 38
 # A request carries at most a 10 MB module or code body (base64) plus small fields.
@@ -139,6 +140,8 @@ class Worker:
         self.broker = BrokerClient(self.send, grace_s=int(config.get("kill_grace_ms", 1000)) / 1000)
         self.disk_watch = VolumeWatch()
         self.in_flight: dict[str, _InFlight] = {}  # cell -> its run now (CancelRequest); under _lock
+        # One idle thread per lane, and one for a cancel or a stats request beside them.
+        self._threads = RequestThreads(self._serve_one, keep=int(config.get("lanes", 2)) + 1)
         # Session classes are imported now: a confined worker cannot read code
         # outside its read-only set later (T-ESCAPE-1).
         self.session_classes: dict[str, Any] = {}
@@ -223,7 +226,7 @@ class Worker:
             if isinstance(request, protocol.ExecRequest) and request.cell_id is not None:
                 # Known before its thread starts: a cancel that follows it on the pipe finds it.
                 self.in_flight[request.cell_id] = _InFlight()
-        threading.Thread(target=self._serve_one, args=(request,), name="cell-request", daemon=True).start()
+        self._threads.submit(request)
         return True
 
     def _serve_one(self, request: protocol.Request) -> None:
@@ -700,6 +703,40 @@ def _remove_made(parent: Path, name: str) -> None:
         pass
 
 
+class RequestThreads:
+    """The threads requests run on: long-lived, reused, each with the guest's
+    stack (stack.py, T-DOS-1), so a run pays neither a thread start nor the
+    stack check. Never a queue: a request goes to a thread already waiting
+    for one, or to a new thread when none is, so a cancel or a run is never
+    held behind another run. At most ``keep`` idle threads stay; more end."""
+
+    def __init__(self, serve: Callable[[Any], None], keep: int) -> None:
+        self._serve = serve
+        self._keep = max(1, keep)
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting on _handoff that no request has been promised to
+        self._handoff: SimpleQueue[Any] = SimpleQueue()
+
+    def submit(self, request: Any) -> None:
+        with self._lock:
+            waiting = self._idle > 0
+            if waiting:
+                self._idle -= 1  # that thread is this request's: every item put has its own taker
+        if waiting:
+            self._handoff.put(request)
+        else:
+            start_guest_thread(lambda: self._loop(request), "cell-request")
+
+    def _loop(self, request: Any) -> None:
+        while True:
+            self._serve(request)
+            with self._lock:
+                if self._idle >= self._keep:
+                    return
+                self._idle += 1
+            request = self._handoff.get()
+
+
 @dataclass
 class _InFlight:
     """A cell's run while it is in the worker: whether a cancel asked it to stop."""
@@ -819,7 +856,7 @@ def _volume_usage(path: str, msg: protocol.ExecRequest) -> protocol.VolumeUsage:
     fails is reported as such and the web process counts it as over quota."""
     bound = msg.volume_limit.entries if msg.volume_limit is not None else None
     try:
-        with Volume(path) as vol:
+        with Volume(path, resolver="walk") as vol:  # a walk by fds: no guest path is resolved, no openat2 probe
             usage = vol.usage(max_entries=None if bound is None else bound + 1)
         tmp = scratch.tmp_usage(path, None if bound is None else bound + 1)  # the cell's /tmp counts too (scratch.py)
     except (ConfinementError, OSError):

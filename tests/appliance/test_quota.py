@@ -6,6 +6,7 @@ import json
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from appliance.confine import Usage, create_volume
 from appliance.errors import PayloadTooLarge
 from appliance.cells import _usage as cells_usage
 from appliance.quota import DiskQuota, measure_volume
+from appliance.runtime import volume_watch
 from appliance.runtime.volume_watch import VolumeWatch
 from appliance.runtime import protocol
 
@@ -127,6 +129,25 @@ def test_t_disk_1_volume_watch_never_stops_a_run_after_it_ended(tmp_path: Path) 
         (tmp_path / "bigger").write_bytes(b"x" * 2000)
         assert stopped.wait(30)
     assert stops == [] and first.tripped is None and second.tripped == "quota_exceeded"
+
+
+@pytest.mark.parametrize("idle", ["polling", "asleep"])
+def test_t_disk_1_volume_watch_walks_a_run_that_starts_while_it_waits(tmp_path: Path, idle: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run's start wakes the watch thread only when it is asleep; either way the run is walked and stopped.
+    monkeypatch.setattr(volume_watch, "IDLE_POLL_S", 3600.0 if idle == "polling" else 0.0)
+    watch = VolumeWatch(interval=0.01)
+    with watch.watch(str(tmp_path), max_bytes=1000, max_entries=10, stop=lambda: None):
+        pass
+    deadline = time.monotonic() + 30
+    while not (watch._wake_at is not None and (watch._wake_at == float("inf")) == (idle == "asleep")):
+        assert time.monotonic() < deadline, "the watch thread never settled into its idle wait"
+        time.sleep(0.005)
+    stopped = threading.Event()
+    with watch.watch(str(tmp_path), max_bytes=1000, max_entries=10, stop=stopped.set) as run:
+        (tmp_path / "big").write_bytes(b"x" * 2000)
+        assert stopped.wait(30)
+    assert run.tripped == "quota_exceeded"
 
 
 def test_t_disk_1_volume_watch_checks(tmp_path: Path) -> None:
