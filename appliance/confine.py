@@ -1066,15 +1066,9 @@ def open_volume_in(tenant_dir: Path, cell_id: str, *, max_file_bytes: int | None
     return Volume.from_fd(cell, max_file_bytes=max_file_bytes)
 
 
-def remove_volume_in(tenant_dir: Path, cell_id: str) -> bool:
-    """:func:`remove_volume` below a tenant directory opened by its own path."""
-    _check_id("cell", cell_id)
-    try:
-        tenant = _open_tenant_dir(Path(tenant_dir), create=False)
-    except ConfinementError as exc:
-        if exc.code == "not_found":
-            return False
-        raise
+def _remove_cell_dir(tenant: int, cell_id: str) -> bool:
+    """Remove the cell's directory below the open ``tenant`` descriptor (closed
+    here) without following links; False if it did not exist."""
     try:
         s = os.stat(_enc(cell_id), dir_fd=tenant, follow_symlinks=False)
         if not st.S_ISDIR(s.st_mode):
@@ -1085,6 +1079,18 @@ def remove_volume_in(tenant_dir: Path, cell_id: str) -> bool:
         return False
     finally:
         os.close(tenant)
+
+
+def remove_volume_in(tenant_dir: Path, cell_id: str) -> bool:
+    """:func:`remove_volume` below a tenant directory opened by its own path."""
+    _check_id("cell", cell_id)
+    try:
+        tenant = _open_tenant_dir(Path(tenant_dir), create=False)
+    except ConfinementError as exc:
+        if exc.code == "not_found":
+            return False
+        raise
+    return _remove_cell_dir(tenant, cell_id)
 
 
 def remove_volume(volumes_root: Path, tenant_id: str, cell_id: str) -> bool:
@@ -1100,13 +1106,4 @@ def remove_volume(volumes_root: Path, tenant_id: str, cell_id: str) -> bool:
         raise
     finally:
         os.close(root)
-    try:
-        s = os.stat(_enc(cell_id), dir_fd=tenant, follow_symlinks=False)
-        if not st.S_ISDIR(s.st_mode):
-            raise _denied("symlink" if st.S_ISLNK(s.st_mode) else "special_file")
-        _rmtree_at(tenant, _enc(cell_id), os.fstat(tenant).st_dev)
-        return True
-    except FileNotFoundError:
-        return False
-    finally:
-        os.close(tenant)
+    return _remove_cell_dir(tenant, cell_id)

@@ -28,7 +28,7 @@ import wasmtime
 from appliance.fileio import write_atomic
 from appliance.runtime.governor import set_async_stack_size
 from appliance.runtime.stack import WASM_STACK
-from appliance.runtime.verify_memo import VerifyMemo, same_identity
+from appliance.runtime.verify_memo import VerifyMemo, same_identity, sha256_fd
 
 # Engine settings are part of the cache key: a .cwasm only loads into an
 # engine configured exactly like the one that wrote it. The stack sizes are
@@ -164,18 +164,10 @@ class ModuleCache:
         """
         proc_path = f"/proc/self/fd/{fd}"
         if os.path.exists(proc_path):
-            digest = hashlib.sha256()
-            left, offset = size, 0
-            while left > 0:
-                chunk = os.pread(fd, min(left, 1 << 20), offset)
-                if not chunk:
-                    return None
-                digest.update(chunk)
-                offset += len(chunk)
-                left -= len(chunk)
-            if os.pread(fd, 1, offset):
-                return None  # grew meanwhile
-            if digest.hexdigest() != expected:
+            digest = sha256_fd(fd, size)
+            if digest is None:
+                return None  # shorter or longer than recorded
+            if digest != expected:
                 cwasm.unlink(missing_ok=True)
                 return None
             try:
