@@ -3,8 +3,9 @@
 Why (threat T-DOS-1): a guest blocked in WASI's ``poll_oneoff`` (every
 ``sleep``) is inside a host call, where epoch interruption cannot reach it; a
 3 s sleep was measured overrunning a 300 ms deadline by 2.7 s. Our version
-sleeps at most until the run's deadline, then asks the governor to stop the
-guest, which traps at its next epoch check right after the call returns.
+sleeps at most until the run's deadline (or until its cell is deleted), then
+sets the guest's epoch deadline to now, so it traps at its very next epoch
+check right after the call returns.
 
 ``clock_time_get`` is ours too so that absolute-time subscriptions are
 measured on the same clock as the one the guest reads.
@@ -35,8 +36,8 @@ SUB_SIZE = 48
 EVENT_SIZE = 32
 MAX_SUBSCRIPTIONS = 4096
 TAG_CLOCK = 0
-NO_CONTEXT_MAX_SLEEP = 1.0
-SLEEP_SLICE_S = 0.02  # how soon a sleeping guest notices that its run was stopped  # a guest outside any run should never be sleeping
+NO_CONTEXT_MAX_SLEEP = 1.0  # a guest outside any run should never be sleeping
+SLEEP_SLICE_S = 0.02  # how soon a sleeping guest notices that its run was stopped
 
 
 def _now_ns(clock_id: int) -> int | None:
@@ -132,10 +133,15 @@ def poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int, 
             if seconds > budget:
                 # T-DOS-1: never sleep past the deadline; stop the guest instead.
                 _sleep(ctx, max(0.0, budget))
-                if ctx is not None:
-                    ctx.governor.stop(STOP_TIMEOUT)
             elif seconds > 0:
                 _sleep(ctx, seconds)
+            if ctx is not None and ctx.governor is not None and ctx.governor.remaining() <= 0:
+                # The run's deadline passed or its cell was deleted while the guest
+                # slept: it traps at its very next epoch check, not at the next
+                # tick of the epoch thread. Between the two, a guest whose sleep was
+                # its last statement could finish its turn as if nothing happened
+                # (a cancelled run answered "ok"; a late one not "timeout").
+                ctx.governor.stop_now(caller, STOP_TIMEOUT)  # keeps a reason already given (cancel)
             fired = [(u, TAG_CLOCK) for w, u in waits if w == shortest]
         out = bytearray()
         for userdata, tag in fired:
