@@ -8,6 +8,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 
 def sha256_file(path: Path | str) -> str:
@@ -19,17 +20,28 @@ def sha256_file(path: Path | str) -> str:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, dir_mode: int | None = 0o700) -> None:
+    write_atomic_parts(path, [data], mode, dir_mode=dir_mode)
+
+
+def write_atomic_parts(path: Path, parts: Iterable[bytes | bytearray | memoryview], mode: int = 0o600, *,
+                       dir_mode: int | None = 0o700) -> None:
+    """``write_atomic`` of the bytes of ``parts`` in order, each written as it
+    comes (no joined copy of them all)."""
     if dir_mode is None:
         path.parent.mkdir(parents=True, exist_ok=True)
     else:
         path.parent.mkdir(parents=True, exist_ok=True, mode=dir_mode)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            os.fchmod(fd, mode)
+            for part in parts:
+                view = memoryview(part).cast("B")
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -11,7 +11,6 @@ afterwards (its descriptor answers EBADF).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -22,6 +21,9 @@ from appliance.runtime import wasmimage
 
 class StateError(Exception):
     pass
+
+
+Buffer = Union[bytes, bytearray, memoryview]
 
 
 @dataclass
@@ -35,46 +37,67 @@ class StateDiff:
     """A state as the pages that differ from a fresh instance of the image
     (``size`` bytes of memory in all; memory past the image's is compared with
     zeros): what a snapshot file keeps, so an idle cell costs its own pages,
-    not the image's. ``runs``: (offset, bytes), in order, not overlapping."""
+    not the image's. ``runs``: (offset, bytes), in order, not overlapping;
+    their bytes may be views of a live memory or of a file's buffer (no copy)."""
     size: int
-    runs: list[tuple[int, bytes]]
+    runs: list[tuple[int, Buffer]]
     globals: dict[int, int | float]
 
 
 AnyState = Union[GuestState, StateDiff]
 DIFF_PAGE = 4096
+_CHUNK = 16 * DIFF_PAGE  # pages are compared a chunk at a time first: most of an idle cell is the image's
+_ZERO = bytearray(_CHUNK)
+
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
-def page_hashes(memory: bytes) -> list[bytes]:
-    """One digest per page of a base memory (kept instead of its bytes)."""
-    view = memoryview(memory)
-    return [hashlib.blake2b(view[i:i + DIFF_PAGE], digest_size=32).digest() for i in range(0, len(view), DIFF_PAGE)]
+def _address(view: memoryview) -> int:
+    """Where a writable, contiguous byte buffer lies (kept alive by the caller's ``view``)."""
+    return ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
 
 
-def diff(state: GuestState, base: list[bytes]) -> StateDiff:
-    """The pages of ``state`` that differ from the base whose page digests are
-    ``base``; past the base, the pages that are not all zeros."""
-    return _diff(memoryview(state.memory), dict(state.globals), base)
+def diff(state: GuestState, base: Buffer) -> StateDiff:
+    """The pages of ``state`` that differ from the memory ``base`` (a fresh
+    instance's); past the base, the pages that are not all zeros."""
+    return _diff(memoryview(bytearray(state.memory)), dict(state.globals), memoryview(bytearray(base)), True)
 
 
-def _diff(view: memoryview, values: dict[int, int | float], base: list[bytes]) -> StateDiff:
-    zero = bytes(DIFF_PAGE)
-    runs: list[tuple[int, bytes]] = []
+def _diff(view: memoryview, values: dict[int, int | float], base: memoryview, copy: bool) -> StateDiff:
+    """Compared where the bytes lie (memcmp: no digest, no copy of a page that
+    is the image's). ``copy``: the runs are ``bytes``; else views into ``view``,
+    valid only while nothing writes the memory (between runs)."""
+    size, known = len(view), len(base)
+    if size % DIFF_PAGE or known % DIFF_PAGE:
+        raise StateError("memories are compared in whole pages")
+    here, there, zero = _address(view), _address(base), _address(memoryview(_ZERO))
+    runs: list[tuple[int, Buffer]] = []
     start = -1
-    for index, off in enumerate(range(0, len(view), DIFF_PAGE)):
-        page = view[off:off + DIFF_PAGE]
-        if index < len(base):
-            same = hashlib.blake2b(page, digest_size=32).digest() == base[index]
-        else:
-            same = page == zero
-        if not same and start < 0:
-            start = off
-        elif same and start >= 0:
-            runs.append((start, bytes(view[start:off])))
+
+    def differs(off: int, n: int) -> bool:  # never straddles the end of the base
+        return int(_memcmp(here + off, there + off if off < known else zero, n)) != 0
+
+    def close(end: int) -> None:
+        nonlocal start
+        if start >= 0:
+            runs.append((start, bytes(view[start:end]) if copy else view[start:end]))
             start = -1
-    if start >= 0:
-        runs.append((start, bytes(view[start:])))
-    return StateDiff(len(view), runs, values)
+
+    for chunk in range(0, size, _CHUNK):
+        n = min(_CHUNK, size - chunk)
+        if (chunk + n <= known or chunk >= known) and not differs(chunk, n):
+            close(chunk)
+            continue
+        for off in range(chunk, chunk + n, DIFF_PAGE):
+            if differs(off, DIFF_PAGE):
+                if start < 0:
+                    start = off
+            else:
+                close(off)
+    close(size)
+    return StateDiff(size, runs, values)
 
 
 def _global_indices(module: wasmtime.Module) -> list[int]:
@@ -109,16 +132,24 @@ def capture(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtim
     return GuestState(bytes(memory.read(store, 0, memory.data_len(store))), values)
 
 
-def capture_diff(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtime.Store,
-                 base: list[bytes]) -> StateDiff:
-    """``diff(capture(...), base)`` without copying the whole memory first: the
-    pages are compared where they lie (between runs nothing else touches them)
-    and only those that differ are copied."""
-    values = capture_globals(module, instance, store)
-    memory = _memory(instance.exports(store))
+def memory_view(memory: wasmtime.Memory, store: wasmtime.Store) -> memoryview:
+    """The whole linear memory as a writable byte view, no copy. Valid only
+    until the memory grows or its store is dropped, and to be used only while
+    the guest is not running (between calls into it)."""
     size = memory.data_len(store)
     raw = (ctypes.c_ubyte * size).from_address(ctypes.addressof(memory.data_ptr(store).contents))
-    return _diff(memoryview(raw).cast("B"), values, base)
+    return memoryview(raw).cast("B")
+
+
+def capture_diff(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtime.Store,
+                 base: memoryview, *, copy: bool = True) -> StateDiff:
+    """``diff(capture(...), base)`` without copying the whole memory first: the
+    pages are compared where they lie (between runs nothing else touches them)
+    and only those that differ are copied; with ``copy=False`` not even those:
+    the runs are views of the live memory, to be written out before the guest
+    runs again or its session is closed."""
+    values = capture_globals(module, instance, store)
+    return _diff(memory_view(_memory(instance.exports(store)), store), values, base, copy)
 
 
 def capture_globals(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtime.Store) -> dict[int, int | float]:
@@ -149,12 +180,12 @@ def restore(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtim
         raise StateError(f"a capture of {want} bytes does not fit an instance of {have}")
     if want > have:
         memory.grow(store, (want - have) // wasmimage.PAGE)  # within the Store's limit, or a WasmtimeError
-    if isinstance(state, StateDiff):
-        for offset, data in state.runs:
-            if offset < 0 or offset + len(data) > want:
-                raise StateError("a captured page lies outside the memory")
-            memory.write(store, data, offset)
-    else:
-        memory.write(store, state.memory, 0)
+    view = memory_view(memory, store)  # after the grow: one copy of each run, straight into place
+    runs: list[tuple[int, Buffer]] = list(state.runs) if isinstance(state, StateDiff) else [(0, state.memory)]
+    for offset, data in runs:
+        n = memoryview(data).nbytes
+        if offset < 0 or offset + n > len(view):
+            raise StateError("a captured page lies outside the memory")
+        view[offset:offset + n] = data
     for index in indices:
         _global(ex, index).set_value(store, state.globals[index])

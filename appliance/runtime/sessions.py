@@ -218,12 +218,14 @@ class PythonSession:
             raise RuntimeError("session is closed")
         return guest_state.capture(self._module, self.instance, self.store)
 
-    def snapshot_diff(self, base: list[bytes]) -> guest_state.StateDiff:
-        """The state as the pages that differ from the image (``base``: its
-        page digests, guest_state.page_hashes); what snapshots and forks keep."""
+    def snapshot_diff(self, base: memoryview, *, copy: bool = True) -> guest_state.StateDiff:
+        """The state as the pages that differ from the image (``base``: the
+        memory of a fresh instance of it); what snapshots and forks keep.
+        ``copy=False``: views of this session's memory, valid until it runs
+        again or is closed (guest_state.capture_diff)."""
         if not self.alive:
             raise RuntimeError("session is closed")
-        return guest_state.capture_diff(self._module, self.instance, self.store, base)
+        return guest_state.capture_diff(self._module, self.instance, self.store, base, copy=copy)
 
     def set_envs(self, envs: dict[str, str]) -> None:
         if envs:

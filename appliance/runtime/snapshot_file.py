@@ -21,13 +21,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import stat
 from pathlib import Path
+from typing import Iterator
 
-from appliance.fileio import write_atomic
+from appliance.fileio import write_atomic, write_atomic_parts
 from appliance.runtime import wasmimage
-from appliance.runtime.guest_state import AnyState, GuestState, StateDiff
+from appliance.runtime.guest_state import AnyState, Buffer, GuestState, StateDiff
 
 MAGIC = b"CELLSNAP1\n"
 MAC_BYTES = 32
@@ -38,43 +40,74 @@ class SnapshotRefused(Exception):
     """The file is not a snapshot this node wrote for this cell: never restored."""
 
 
-def _mac(key: bytes, tenant_id: str, cell_id: str, body: bytes) -> bytes:
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+PIECE = 1 << 20  # written and read a piece at a time, each MACed while it is in cache
+
+
+def _mac(key: bytes, tenant_id: str, cell_id: str) -> "hmac.HMAC":
+    """The MAC of a snapshot, bound to its tenant and cell; the file's bytes are fed to it."""
     bound = json.dumps([tenant_id, cell_id]).encode()
-    m = hmac.new(key, len(bound).to_bytes(4, "big") + bound, hashlib.sha256)
-    m.update(body)
-    return m.digest()
+    return hmac.new(key, len(bound).to_bytes(4, "big") + bound, hashlib.sha256)
 
 
-def encode(state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> bytes:
-    """A ``StateDiff`` is written with ``"base": "image"``: its runs are the
-    pages that differ from a fresh instance of the image, not the non-zero ones."""
+def _layout(state: AnyState, image_key: str) -> list[Buffer]:
+    """The file's bytes but the MAC, as parts (the runs' bytes are not copied).
+    A ``StateDiff`` is written with ``"base": "image"``: its runs are the pages
+    that differ from a fresh instance of the image, not the non-zero ones."""
     fields: dict[str, object] = {"image": image_key, "globals": {str(k): v for k, v in sorted(state.globals.items())}}
+    parts: list[Buffer]
     if isinstance(state, StateDiff):
-        fields.update(memory=state.size, base="image", runs=[[a, a + len(d)] for a, d in state.runs])
+        fields.update(memory=state.size, base="image",
+                      runs=[[a, a + memoryview(d).nbytes] for a, d in state.runs])
         parts = [d for _, d in state.runs]
     else:
         runs = wasmimage.data_segments(state.memory)
         view = memoryview(state.memory)
         fields.update(memory=len(state.memory), runs=runs)
-        parts = [bytes(view[a:b]) for a, b in runs]
+        parts = [view[a:b] for a, b in runs]
     header = json.dumps(fields, sort_keys=True).encode("ascii")
-    body = b"".join([MAGIC, len(header).to_bytes(4, "big"), header, *parts])
-    return body + _mac(key, tenant_id, cell_id, body)
+    return [MAGIC + len(header).to_bytes(4, "big") + header, *parts]
+
+
+def _pieces(parts: list[Buffer], mac: "hmac.HMAC") -> Iterator[Buffer]:
+    """The parts a piece at a time, each fed to ``mac`` as it goes by; then the MAC."""
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for at in range(0, len(view), PIECE):
+            piece = view[at:at + PIECE]
+            mac.update(piece)
+            yield piece
+    yield mac.digest()
+
+
+def encode(state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> bytes:
+    return b"".join(bytes(p) for p in _pieces(_layout(state, image_key), _mac(key, tenant_id, cell_id)))
 
 
 def write(path: Path, state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> int:
-    """Write the snapshot (0600, atomically); its size in bytes (for the tenant's quota)."""
-    data = encode(state, image_key, tenant_id, cell_id, key)
-    write_atomic(path, data, 0o600)
-    return len(data)
+    """Write the snapshot (0600, atomically); its size in bytes (for the tenant's quota).
+    The runs' bytes go from where they lie (a live memory, between runs) to the file."""
+    parts = _layout(state, image_key)
+    write_atomic_parts(path, _pieces(parts, _mac(key, tenant_id, cell_id)), 0o600)
+    return sum(memoryview(p).nbytes for p in parts) + MAC_BYTES
 
 
-def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, AnyState]:
+def decode(data: Buffer, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, AnyState]:
     """(image key, state) of a snapshot, after its MAC is checked; refuses anything else."""
-    if len(data) < len(MAGIC) + 4 + MAC_BYTES or not data.startswith(MAGIC):
+    view = memoryview(data).cast("B")
+    mac = _mac(key, tenant_id, cell_id)
+    if len(view) >= MAC_BYTES:
+        mac.update(view[:-MAC_BYTES])
+    return _checked(view, mac, max_memory)
+
+
+def _checked(view: memoryview, mac: "hmac.HMAC", max_memory: int) -> tuple[str, AnyState]:
+    """``decode`` once ``mac`` has been fed every byte of ``view`` but its last
+    ``MAC_BYTES``. The runs of the state are views of ``view`` (no copy)."""
+    if len(view) < len(MAGIC) + 4 + MAC_BYTES or bytes(view[:len(MAGIC)]) != MAGIC:
         raise SnapshotRefused("not a cell snapshot")
-    body, mac = data[:-MAC_BYTES], data[-MAC_BYTES:]
-    if not hmac.compare_digest(mac, _mac(key, tenant_id, cell_id, body)):
+    body = view[:-MAC_BYTES]
+    if not hmac.compare_digest(bytes(view[-MAC_BYTES:]), mac.digest()):
         raise SnapshotRefused("the snapshot's integrity check failed (changed, truncated, or not this cell's)")
     # From here on the bytes are ours; they are still parsed strictly.
     pos = len(MAGIC)
@@ -83,7 +116,7 @@ def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: in
     if size > MAX_HEADER or pos + size > len(body):
         raise SnapshotRefused("snapshot header out of bounds")
     try:
-        header = json.loads(body[pos:pos + size].decode("ascii"))
+        header = json.loads(bytes(body[pos:pos + size]).decode("ascii"))
     except (UnicodeDecodeError, ValueError):
         raise SnapshotRefused("snapshot header is not JSON") from None
     pos += size
@@ -100,7 +133,7 @@ def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: in
     if base not in (None, "image"):
         raise SnapshotRefused("snapshot base is unknown")
     memory = bytearray(total) if base is None else None
-    pieces: list[tuple[int, bytes]] = []
+    pieces: list[tuple[int, Buffer]] = []
     last = 0
     runs = header.get("runs")
     if not isinstance(runs, list):
@@ -126,7 +159,8 @@ def decode(data: bytes, tenant_id: str, cell_id: str, key: bytes, max_memory: in
 
 
 def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, AnyState]:
-    """Read and check a snapshot file: a regular file of ours, no link followed."""
+    """Read and check a snapshot file: a regular file of ours, no link followed,
+    read once into one buffer (its MAC fed a piece at a time as it arrives)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO never blocks
     except FileNotFoundError:
@@ -140,19 +174,25 @@ def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) 
         cap = max_memory + MAX_HEADER + len(MAGIC) + 4 + MAC_BYTES
         if st.st_size > cap:
             raise SnapshotRefused("snapshot is larger than any this cell could have written")
-        chunks: list[bytes] = []
+        if st.st_size < len(MAGIC) + 4 + MAC_BYTES:
+            raise SnapshotRefused("not a cell snapshot")
+        # Private anonymous memory, its pages made in one go (not one fault per page as the read fills them).
+        view = memoryview(mmap.mmap(-1, st.st_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE))
+        mac = _mac(key, tenant_id, cell_id)
+        body = max(st.st_size - MAC_BYTES, 0)
         got = 0
-        while True:
-            chunk = os.read(fd, min(1 << 20, cap + 1 - got))
-            if not chunk:
+        while got < st.st_size:
+            n = os.readv(fd, [view[got:got + PIECE]])
+            if n == 0:
                 break
-            chunks.append(chunk)
-            got += len(chunk)
-            if got > cap:
-                raise SnapshotRefused("snapshot is larger than any this cell could have written")
+            if got < body:
+                mac.update(view[got:min(got + n, body)])
+            got += n
+        if got != st.st_size or os.read(fd, 1):
+            raise SnapshotRefused("snapshot changed while it was read")
     finally:
         os.close(fd)
-    return decode(b"".join(chunks), tenant_id, cell_id, key, max_memory)
+    return _checked(view, mac, max_memory)
 
 
 # -- where snapshots live, and their keys (T-IMAGE-2) ---------------------------

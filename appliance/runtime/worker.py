@@ -126,7 +126,8 @@ class Worker:
         self.pool_tmp_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.tenant: str | None = None  # the one tenant this worker serves, once bound (T-TENANT-1)
         self.snapshot_key = b""  # its snapshots' MAC key, from the bind (T-IMAGE-2)
-        self._base_pages: dict[str, list[bytes]] = {}  # image key -> page digests of a fresh instance
+        # image key -> (store, instance, memory view) of a fresh instance, never run: what captures diff against
+        self._base_pages: dict[str, tuple[wasmtime.Store, wasmtime.Instance, memoryview]] = {}
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         interpreters = [t.name for t in templates.interpreters()]
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
@@ -561,29 +562,32 @@ class Worker:
         if image is None:
             return protocol.ErrorReply(msg.req_id, 409, "not_capturable", "no Python image")
         # Only the pages that differ from the image: an idle cell's snapshot is its own few MB.
-        state = session.snapshot_diff(self._image_pages(image))
+        # Views of the idle cell's memory (no copy): written out before it runs again (its lock is held).
+        state = session.snapshot_diff(self._image_pages(image), copy=False)
         snapshot_file.write(path, state, image.key, self.tenant, msg.cell_id, self.snapshot_key)
+        del state
         if msg.release:  # paused: the next run restores it from the file
             self.sessions.pop(msg.cell_id, None)
             session.close()
         return protocol.OkReply(msg.req_id)
 
-    def _image_pages(self, image: Any) -> list[bytes]:
-        """Page digests of a fresh instance of the image, worked out once per image."""
+    def _image_pages(self, image: Any) -> memoryview:
+        """The memory of a fresh instance of the image, made once per image and
+        kept (never run, never written: its pages stay the image's, shared
+        copy-on-write with every cell started from it)."""
         with self._lock:
             known = self._base_pages.get(image.key)
         if known is not None:
-            return known
+            return known[2]
         store = wasmtime.Store(self.runtimes.engine)
         store.set_wasi(wasmtime.WasiConfig())  # nothing runs: instantiation only lays out the image's memory
         instance = on_guest_stack(lambda: image.pre.instantiate(store))
         memory = instance.exports(store)["memory"]
         assert isinstance(memory, wasmtime.Memory)
-        pages = guest_state.page_hashes(bytes(memory.read(store, 0, memory.data_len(store))))
-        del instance, memory, store
+        view = guest_state.memory_view(memory, store)  # only read (memcmp), never written
         with self._lock:
-            self._base_pages[image.key] = pages
-        return pages
+            self._base_pages.setdefault(image.key, (store, instance, view))
+            return self._base_pages[image.key][2]
 
     def _template_of(self, session: Any) -> str:
         for name, cls in self.session_classes.items():

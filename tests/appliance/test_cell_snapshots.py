@@ -300,7 +300,7 @@ def test_t_image_2_page_diff_round_trips_through_a_snapshot_file(tmp_path: Path)
     now = bytearray(base) + bytearray(wasmimage.PAGE)
     now[5] = 7  # a changed page of the image
     now[2 * wasmimage.PAGE + 9] = 1  # a page past the image
-    d = guest_state.diff(guest_state.GuestState(bytes(now), {0: 1}), guest_state.page_hashes(bytes(base)))
+    d = guest_state.diff(guest_state.GuestState(bytes(now), {0: 1}), base)
     assert [(a, len(b)) for a, b in d.runs] == [(0, guest_state.DIFF_PAGE), (2 * wasmimage.PAGE, guest_state.DIFF_PAGE)]
     path = tmp_path / "snap"
     size = snapshot_file.write(path, d, "img", "t", "c", b"k" * 32)
