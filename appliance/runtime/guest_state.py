@@ -11,7 +11,8 @@ afterwards (its descriptor answers EBADF).
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+import mmap
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import wasmtime
@@ -42,6 +43,10 @@ class StateDiff:
     size: int
     runs: list[tuple[int, Buffer]]
     globals: dict[int, int | float]
+    # The runs are views of a private anonymous mapping made for them alone
+    # (snapshot_file.read): restore may move its pages into the guest's memory
+    # instead of copying them, leaving zeros behind (the state is consumed).
+    movable: bool = field(default=False, compare=False)
 
 
 AnyState = Union[GuestState, StateDiff]
@@ -49,9 +54,18 @@ DIFF_PAGE = 4096
 _CHUNK = 16 * DIFF_PAGE  # pages are compared a chunk at a time first: most of an idle cell is the image's
 _ZERO = bytearray(_CHUNK)
 
-_memcmp = ctypes.CDLL(None).memcmp
+_libc = ctypes.CDLL(None, use_errno=True)
+_memcmp = _libc.memcmp
 _memcmp.restype = ctypes.c_int
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_mremap = _libc.mremap
+_mremap.restype = ctypes.c_void_p
+_mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
+MOVE_MIN = 1 << 20  # shorter runs are copied: each move splits the memory's mapping (vm.max_map_count)
 
 
 def _address(view: memoryview) -> int:
@@ -180,12 +194,33 @@ def restore(module: wasmtime.Module, instance: wasmtime.Instance, store: wasmtim
         raise StateError(f"a capture of {want} bytes does not fit an instance of {have}")
     if want > have:
         memory.grow(store, (want - have) // wasmimage.PAGE)  # within the Store's limit, or a WasmtimeError
-    view = memory_view(memory, store)  # after the grow: one copy of each run, straight into place
+    view = memory_view(memory, store)  # after the grow: each run straight into place
+    base = _address(view)
+    movable = isinstance(state, StateDiff) and state.movable
     runs: list[tuple[int, Buffer]] = list(state.runs) if isinstance(state, StateDiff) else [(0, state.memory)]
     for offset, data in runs:
         n = memoryview(data).nbytes
         if offset < 0 or offset + n > len(view):
             raise StateError("a captured page lies outside the memory")
-        view[offset:offset + n] = data
+        if not (movable and isinstance(data, memoryview) and _move_pages(data, base + offset)):
+            view[offset:offset + n] = data
     for index in indices:
         _global(ex, index).set_value(store, state.globals[index])
+
+
+def _move_pages(src: memoryview, dst: int) -> bool:
+    """Move the pages under ``src`` (in a private anonymous mapping) to ``dst``
+    in a linear memory: no copy, no page faults. False (nothing done) when the
+    run is short or not page-aligned: the caller copies it. Bounds are the
+    caller's (the run lies inside the memory). ``src`` is left mapped, zero."""
+    n = len(src)
+    addr = _address(src)
+    if n < MOVE_MIN or n % mmap.PAGESIZE or addr % mmap.PAGESIZE or dst % mmap.PAGESIZE:
+        return False
+    if _mremap(addr, n, n, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, dst) == dst:
+        return True
+    # A failed move may have unmapped the destination already: map fresh pages there, the run is then copied.
+    prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x10  # MAP_FIXED
+    if _mmap(dst, n, prot, flags, -1, 0) != dst:
+        raise StateError(f"the memory could not be restored in place (errno {ctypes.get_errno()})")
+    return False

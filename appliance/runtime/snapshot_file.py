@@ -24,12 +24,13 @@ import json
 import mmap
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Iterator
 
 from appliance.fileio import write_atomic, write_atomic_parts
 from appliance.runtime import wasmimage
-from appliance.runtime.guest_state import AnyState, Buffer, GuestState, StateDiff
+from appliance.runtime.guest_state import DIFF_PAGE, AnyState, Buffer, GuestState, StateDiff
 
 MAGIC = b"CELLSNAP1\n"
 MAC_BYTES = 32
@@ -41,7 +42,7 @@ class SnapshotRefused(Exception):
 
 
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-PIECE = 1 << 20  # written and read a piece at a time, each MACed while it is in cache
+PIECE = 1 << 20  # written and read a piece at a time (read: each MACed while it is in cache)
 
 
 def _mac(key: bytes, tenant_id: str, cell_id: str) -> "hmac.HMAC":
@@ -66,29 +67,48 @@ def _layout(state: AnyState, image_key: str) -> list[Buffer]:
         fields.update(memory=len(state.memory), runs=runs)
         parts = [view[a:b] for a, b in runs]
     header = json.dumps(fields, sort_keys=True).encode("ascii")
+    if isinstance(state, StateDiff):
+        # JSON's trailing spaces, so that the runs (whole pages) start at page
+        # offsets of the file: read() can then move them into a guest uncopied.
+        padded = header + b" " * (-(len(MAGIC) + 4 + len(header)) % DIFF_PAGE)
+        header = padded if len(padded) <= MAX_HEADER else header
     return [MAGIC + len(header).to_bytes(4, "big") + header, *parts]
 
 
-def _pieces(parts: list[Buffer], mac: "hmac.HMAC") -> Iterator[Buffer]:
-    """The parts a piece at a time, each fed to ``mac`` as it goes by; then the MAC."""
-    for part in parts:
-        view = memoryview(part).cast("B")
-        for at in range(0, len(view), PIECE):
-            piece = view[at:at + PIECE]
-            mac.update(piece)
-            yield piece
-    yield mac.digest()
-
-
 def encode(state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> bytes:
-    return b"".join(bytes(p) for p in _pieces(_layout(state, image_key), _mac(key, tenant_id, cell_id)))
+    """The file's bytes (``write`` writes the same, without joining them)."""
+    body = b"".join(_layout(state, image_key))
+    mac = _mac(key, tenant_id, cell_id)
+    mac.update(body)
+    return body + mac.digest()
 
 
 def write(path: Path, state: AnyState, image_key: str, tenant_id: str, cell_id: str, key: bytes) -> int:
     """Write the snapshot (0600, atomically); its size in bytes (for the tenant's quota).
     The runs' bytes go from where they lie (a live memory, between runs) to the file."""
     parts = _layout(state, image_key)
-    write_atomic_parts(path, _pieces(parts, _mac(key, tenant_id, cell_id)), 0o600)
+    mac = _mac(key, tenant_id, cell_id)
+    # The MAC is worked out on another thread while the same bytes are written
+    # (both let go of the GIL; nothing changes the bytes meanwhile); it goes last.
+    def feed() -> None:
+        for part in parts:
+            mac.update(part)
+
+    hasher = threading.Thread(target=feed, name="snapshot-mac", daemon=True)
+
+    def pieces() -> Iterator[Buffer]:
+        for part in parts:
+            view = memoryview(part).cast("B")
+            for at in range(0, len(view), PIECE):
+                yield view[at:at + PIECE]
+        hasher.join()
+        yield mac.digest()
+
+    hasher.start()
+    try:
+        write_atomic_parts(path, pieces(), 0o600)
+    finally:
+        hasher.join()
     return sum(memoryview(p).nbytes for p in parts) + MAC_BYTES
 
 
@@ -101,9 +121,10 @@ def decode(data: Buffer, tenant_id: str, cell_id: str, key: bytes, max_memory: i
     return _checked(view, mac, max_memory)
 
 
-def _checked(view: memoryview, mac: "hmac.HMAC", max_memory: int) -> tuple[str, AnyState]:
+def _checked(view: memoryview, mac: "hmac.HMAC", max_memory: int, movable: bool = False) -> tuple[str, AnyState]:
     """``decode`` once ``mac`` has been fed every byte of ``view`` but its last
-    ``MAC_BYTES``. The runs of the state are views of ``view`` (no copy)."""
+    ``MAC_BYTES``. The runs of the state are views of ``view`` (no copy);
+    ``movable``: ``view`` is a private anonymous mapping of its own (read())."""
     if len(view) < len(MAGIC) + 4 + MAC_BYTES or bytes(view[:len(MAGIC)]) != MAGIC:
         raise SnapshotRefused("not a cell snapshot")
     body = view[:-MAC_BYTES]
@@ -154,7 +175,7 @@ def _checked(view: memoryview, mac: "hmac.HMAC", max_memory: int) -> tuple[str, 
         raise SnapshotRefused("snapshot has trailing bytes")
     values = {int(k): v for k, v in globals_raw.items()}
     if memory is None:
-        return header["image"], StateDiff(total, pieces, values)
+        return header["image"], StateDiff(total, pieces, values, movable)
     return header["image"], GuestState(bytes(memory), values)
 
 
@@ -192,7 +213,7 @@ def read(path: Path, tenant_id: str, cell_id: str, key: bytes, max_memory: int) 
             raise SnapshotRefused("snapshot changed while it was read")
     finally:
         os.close(fd)
-    return _checked(view, mac, max_memory)
+    return _checked(view, mac, max_memory, movable=True)
 
 
 # -- where snapshots live, and their keys (T-IMAGE-2) ---------------------------

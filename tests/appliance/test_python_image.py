@@ -235,3 +235,42 @@ def test_t_image_2_snapshot_file_restores_a_cell_and_a_tampered_one_is_refused(r
     path.write_bytes(bytes(data))
     with pytest.raises(snapshot_file.SnapshotRefused, match="integrity"):
         snapshot_file.read(path, "t", "a", key, MEMORY)
+
+
+def test_t_image_2_large_cell_round_trips_through_its_snapshot_file_pages_moved(rt: Runtimes, tmp_path: Path) -> None:
+    """A cell holding several MB goes out as the pages that differ from a fresh
+    instance of the image (written from its live memory) and comes back with
+    every byte: the file's pages are moved into the new instance, not copied
+    (the buffer they were read into reads zeros afterwards)."""
+    import wasmtime
+
+    from appliance.runtime import guest_state, snapshot_file
+    from appliance.runtime.sessions import on_guest_stack
+
+    image = rt.get("python3").image
+    assert image is not None
+    store = wasmtime.Store(rt.engine)
+    store.set_wasi(wasmtime.WasiConfig())
+    fresh = on_guest_stack(lambda: image.pre.instantiate(store)).exports(store)["memory"]
+    assert isinstance(fresh, wasmtime.Memory)
+    base = guest_state.memory_view(fresh, store)
+    key = os.urandom(32)
+    a = _session(rt, tmp_path, "a")
+    digest = _out(a, "import hashlib, os\nbig = os.urandom(6_000_000) * 2\nprint(hashlib.sha256(big).hexdigest())")
+    state = a.snapshot_diff(base, copy=False)
+    assert sum(len(d) for _, d in state.runs) >= 12_000_000
+    path = tmp_path / "snapshots" / "t" / "a"
+    size = snapshot_file.write(path, state, image.key, "t", "a", key)
+    assert path.stat().st_size == size and size < state.size
+    a.close()
+    _, back = snapshot_file.read(path, "t", "a", key, MEMORY)
+    assert isinstance(back, guest_state.StateDiff) and back.movable
+    largest = max((d for _, d in back.runs), key=len)
+    assert len(largest) >= guest_state.MOVE_MIN and any(bytes(largest))
+    b = PythonSession(rt.get("python3"), str(tmp_path / "vols" / "t" / "a"), MEMORY, None, restore=back)
+    try:
+        assert not any(bytes(largest))  # moved into the instance, not copied
+        assert _out(b, "print(hashlib.sha256(big).hexdigest())") == digest
+        assert _out(b, "more = bytes(20_000_000)\ndel big\nimport gc; gc.collect()\nprint(len(more))") == "20000000\n"
+    finally:
+        b.close()
