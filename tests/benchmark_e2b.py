@@ -414,6 +414,100 @@ def image_rows(servers: dict[str, Any], engine: Engine, reps: int, checks: Check
     return rows, notes
 
 
+# -- snapshots of a large live cell: capture and resume (issue 17) ----------------
+BIG_CELL = "x = bytes(range(256)) * (100_000_000 // 256)\nprint(len(x))"  # ~100 MB of the cell's own pages
+BIG_CELL_OUT = "100000000\n"
+BIG_CHECK = "print(len(x), x[1000])"
+BIG_CHECK_OUT = "100000000 232\n"
+CAPTURE_GOAL_MS, RESUME_GOAL_MS = 200, 100
+
+
+def snapshot_rows(engine: Engine, reps: int, checks: Checks) -> tuple[list[Row], list[str]]:
+    """Capture and resume of a cell holding ~100 MB: in process, the worker's
+    own steps (capture: page diff against a fresh instance of the image, then
+    the MACed file written from the live memory; resume: the file read and
+    checked, then a fresh instance restored from it, and one run); over HTTP,
+    the first run of a cell paused to disk (SYNAPSE_CELL_PAUSE_IDLE_S)."""
+    import wasmtime
+
+    from appliance.runtime import snapshot_file
+    from appliance.runtime.guest_state import memory_view
+    from appliance.runtime.sessions import PythonSession, on_guest_stack
+
+    n = max(3, min(reps, 6))
+    rows: list[Row] = []
+    notes: list[str] = []
+    loaded = engine.rt.get("python3")
+    image = loaded.image
+    if image is None:
+        return rows, ["snapshot rows: no Python image"]
+    base_store = wasmtime.Store(engine.rt.engine)
+    base_store.set_wasi(wasmtime.WasiConfig())
+    base_memory = on_guest_stack(lambda: image.pre.instantiate(base_store)).exports(base_store)["memory"]
+    assert isinstance(base_memory, wasmtime.Memory)
+    base = memory_view(base_memory, base_store)
+    key, path, memory = os.urandom(32), Path(engine.volume()) / "snapshot", 256 << 20
+    volume = engine.volume()
+    cell = PythonSession(loaded, volume, memory)
+    capture = Row("capture of a 100 MB cell (off the request path)")
+    resume = Row("resume of a paused 100 MB cell + one run")
+    try:
+        checks.expect("big cell", cell.run(BIG_CELL.encode(), 120.0, 1 << 16, None, None).stdout, BIG_CELL_OUT)
+
+        def capture_once() -> None:
+            state = cell.snapshot_diff(base, copy=False)
+            snapshot_file.write(path, state, image.key, "bench", "c1", key)
+
+        capture.samples["engine"] = timed(capture_once, n)
+        notes.append(f"snapshot of the 100 MB cell: {path.stat().st_size / 1e6:.0f} MB on disk")
+
+        def resume_once() -> None:
+            _, state = snapshot_file.read(path, "bench", "c1", key, memory)
+            again = PythonSession(loaded, volume, memory, restore=state)
+            try:
+                checks.expect("engine resume", again.run(BIG_CHECK.encode(), 10.0, 1 << 16, None, None).stdout,
+                              BIG_CHECK_OUT)
+            finally:
+                again.close()
+
+        resume.samples["engine"] = timed(resume_once, n)
+    finally:
+        cell.close()
+        del base, base_memory, base_store
+    paused = start_server(env={"SYNAPSE_CELL_PAUSE_IDLE_S": "1"})
+    try:
+        with Sandbox("python3", api_url=paused.url, api_key=paused.api_key, timeout=600) as sbx:
+            checks.expect("http big cell", sbx.run_code(BIG_CELL, timeout=60).stdout, BIG_CELL_OUT)
+            snap = paused.root / "snapshots" / "default" / sbx.sandbox_id
+            samples = []
+
+            def paused_now() -> bool:
+                # The file is written, and the service counts it (it does so once it holds the cell paused).
+                size = snap.stat().st_size if snap.exists() else 0
+                return size > 0 and paused.request("GET", f"/v1/cells/{sbx.sandbox_id}")[1]["disk_bytes"] >= size
+
+            for _ in range(n):
+                deadline = time.monotonic() + 120
+                while not paused_now() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not paused_now():
+                    checks.failures.append("the 100 MB cell was not paused to its snapshot within 120 s")
+                    break
+                t0 = time.perf_counter()
+                checks.expect("http resume", sbx.run_code(BIG_CHECK, timeout=60).stdout, BIG_CHECK_OUT)
+                samples.append(time.perf_counter() - t0)
+            resume.samples["http"] = samples
+            live = timed(lambda: checks.expect("http live", sbx.run_code(BIG_CHECK, timeout=60).stdout, BIG_CHECK_OUT),
+                         n)
+            notes.append(f"the same run in the live (not paused) cell over HTTP: p50 {med(live) * 1000:.1f} ms")
+    finally:
+        paused.stop()
+    capture.notes["goal"] = f"<= {CAPTURE_GOAL_MS} ms"
+    resume.notes["goal"] = f"<= {RESUME_GOAL_MS} ms"
+    capture.notes["http"] = "in the worker, off the request path: the engine figure plus one IPC round trip"
+    return [capture, resume], notes
+
+
 COVERAGE = [
     ("Sandbox() / Sandbox.create(template, timeout, metadata, envs)", "supported", "templates python3 | javascript | wasm"),
     ("Sandbox.connect(sandbox_id, timeout)", "supported", ""),
@@ -488,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="~30 s version (fewer repetitions)")
     ap.add_argument("--reps", type=int, help="repetitions per row (default 15, quick 4)")
+    ap.add_argument("--snapshots-only", action="store_true", help="only the rows of capture/resume of a 100 MB cell")
     args = ap.parse_args(argv)
     reps = args.reps or (4 if args.quick else 15)
     cells_seconds = 3.0 if args.quick else 8.0
@@ -498,6 +593,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:  # pandas import in a Wasm guest costs seconds; keep --quick short
         wls = [w for w in wls if w.name != "pandas groupby"]
     t_start = time.perf_counter()
+    if args.snapshots_only:
+        engine = Engine(root)
+        try:
+            rows_only, notes_only = snapshot_rows(engine, reps, checks)
+        finally:
+            engine.close()
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"benchmark_e2b --snapshots-only: {time.perf_counter() - t_start:.0f} s; load average "
+              f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} (2 cores, shared)")
+        report(rows_only)
+        for note in notes_only:
+            print(f"  {note}")
+        for f in checks.failures:
+            print("FAIL:", f)
+        return 1 if checks.failures else 0
     server = start_server()
     rows: dict[str, Row] = {}
     image_notes: list[str] = []
@@ -514,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
                 extras += more
             finally:
                 plain.stop()
+            more, snapshot_notes = snapshot_rows(engine, reps, checks)
+            extras += more
+            image_notes += snapshot_notes
         finally:
             engine.close()
         _, verdict = server.verify_receipts()
