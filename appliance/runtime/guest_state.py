@@ -90,25 +90,24 @@ def _diff(view: memoryview, values: dict[int, int | float], base: memoryview, co
     runs: list[tuple[int, Buffer]] = []
     start = -1
 
-    def differs(off: int, n: int) -> bool:  # never straddles the end of the base
-        return int(_memcmp(here + off, there + off if off < known else zero, n)) != 0
-
     def close(end: int) -> None:
         nonlocal start
         if start >= 0:
             runs.append((start, bytes(view[start:end]) if copy else view[start:end]))
             start = -1
 
+    memcmp = _memcmp  # the loops below run once per page: kept short (no call but memcmp's)
     for chunk in range(0, size, _CHUNK):
-        n = min(_CHUNK, size - chunk)
-        if (chunk + n <= known or chunk >= known) and not differs(chunk, n):
-            close(chunk)
-            continue
-        for off in range(chunk, chunk + n, DIFF_PAGE):
-            if differs(off, DIFF_PAGE):
+        end = min(chunk + _CHUNK, size)
+        if end <= known or chunk >= known:  # all of the chunk on one side of the base's end
+            if not memcmp(here + chunk, there + chunk if chunk < known else zero, end - chunk):
+                close(chunk)
+                continue
+        for off in range(chunk, end, DIFF_PAGE):
+            if memcmp(here + off, there + off if off < known else zero, DIFF_PAGE):
                 if start < 0:
                     start = off
-            else:
+            elif start >= 0:
                 close(off)
     close(size)
     return StateDiff(size, runs, values)

@@ -311,6 +311,30 @@ def test_t_image_2_page_diff_round_trips_through_a_snapshot_file(tmp_path: Path)
     assert back == d
 
 
+@pytest.mark.parametrize("base_pages,extra_pages,changed", [
+    (16, 0, []),  # nothing changed: no runs
+    (16, 0, [0, 15]),  # first and last page of one chunk
+    (20, 5, [3, 16, 17, 19, 20, 24]),  # the base ends inside a chunk; pages past it compared with zeros
+    (33, 40, list(range(10, 60))),  # one run across the base's end and several chunks
+])
+def test_t_image_2_page_diff_matches_a_page_by_page_comparison(base_pages: int, extra_pages: int,
+                                                                changed: list[int]) -> None:
+    from appliance.runtime import guest_state
+    page = guest_state.DIFF_PAGE
+    base = bytes((i * 7) % 251 for i in range(base_pages * page))
+    now = bytearray(base) + bytearray(extra_pages * page)
+    for index in changed:
+        now[index * page + (index * 13) % page] ^= 0x5A
+    d = guest_state.diff(guest_state.GuestState(bytes(now), {0: 1}), base)
+    zero = bytes(page)
+    want = [i for i in range(base_pages + extra_pages)
+            if now[i * page:(i + 1) * page] != (base[i * page:(i + 1) * page] if i < base_pages else zero)]
+    got = [a // page + k for a, data in d.runs for k in range(len(data) // page)]
+    assert got == want == sorted(changed)
+    assert all(bytes(data) == bytes(now[a:a + len(data)]) for a, data in d.runs)
+    assert all(b1 < a2 for (a1, data), (a2, _) in zip(d.runs, d.runs[1:]) for b1 in [a1 + len(data)])  # runs merged
+
+
 # -- pausing idle cells to disk ---------------------------------------------------
 
 def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache: None, tmp_path: Path) -> None:
