@@ -222,7 +222,10 @@ def _cluster_tenant(args: argparse.Namespace, settings: Settings, store: Any) ->
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, core_only: bool = False) -> argparse.ArgumentParser:
+    """The `cell` parser; ``core_only`` leaves out the subcommands that live
+    beside the core (start-up: `cell serve` does not load them before its
+    workers are spawned)."""
     parser = argparse.ArgumentParser(prog="cell", description="Cell appliance")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service")
@@ -244,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     rev = tsub.add_parser("revoke")
     rev.add_argument("tenant_id")
     tenant.set_defaults(func=cmd_tenant)
+    if core_only:
+        return parser
     for module in SUBCOMMANDS:  # part of the appliance: a failure to import is a bug, and shows
         importlib.import_module(module).register(sub)
     try:
@@ -269,7 +274,8 @@ def _console_unavailable(why: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = build_parser(core_only=given[:1] == ["serve"]).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except Exception as e:
