@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -21,7 +23,7 @@ from appliance.runtime.pool import WorkerPool
 from appliance.runtime.worker import worker_main
 from appliance.services import Services, build_services, ensure_default_tenant
 from appliance.web.app import create_app
-from tests.liveserver import shared_cache, start_server
+from tests.liveserver import REPO, shared_cache, start_server
 
 
 def gated_worker(conn: Connection, config: dict[str, Any], *, gate: str) -> None:
@@ -153,3 +155,19 @@ def test_cell_serve_listens_before_its_workers_are_ready_and_answers_a_run_sent_
         assert lines == ["serving", "ready:"]  # the listener first, then the workers
     finally:
         assert srv.stop() == 0
+
+
+def test_t_escape_1_cell_serve_stops_with_exit_1_when_its_first_worker_cannot_start(tmp_path: Path) -> None:
+    # The real `cell serve` main path, with workers that die before they say ready.
+    code = ("import sys\nfrom appliance.runtime.pool import WorkerPool\nfrom appliance import cli\n"
+            "from tests.appliance.test_startup_ready import failing_worker\n"
+            "WorkerPool.__init__.__defaults__ = (None, failing_worker)\n"
+            "sys.exit(cli.main(['serve']))\n")
+    root = tmp_path / "root"
+    env = dict(os.environ, SYNAPSE_ROOT=str(root), SYNAPSE_CONFIG_DIR=str(root / "etc"), SYNAPSE_PORT="0",
+               SYNAPSE_HOST="127.0.0.1", SYNAPSE_MODULE_CACHE=str(shared_cache()))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "a worker did not start" in proc.stderr and "worker 0 died while starting" in proc.stderr
+    assert "cell: ready:" not in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
