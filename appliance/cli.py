@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import Settings, settings_for_command
+from appliance.datadir import prepare_root
 from appliance.errors import ConfigError
 from appliance.runtime import templates
 
@@ -29,20 +30,35 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    # start-up: only `cell serve` needs Flask, waitress and the worker pool (wasmtime)
-    from appliance.services import build_services, ensure_default_tenant
-    from appliance.web.app import create_app
-    from appliance.web.server import make_server
-
     settings = settings_from_args(args)
     started = time.monotonic()
     print(f"cell: data under {settings.root}; starting {settings.workers} worker(s)", flush=True)
-    from appliance.runtime.pool import cache_is_warm  # start-up: loads wasmtime, as above
+    prepare_root(settings)  # an unsafe data root is refused before any worker starts
+    # start-up: only `cell serve` needs Flask, waitress and the worker pool (wasmtime)
+    from appliance.runtime.pool import WorkerPool, cache_is_warm
 
     if not cache_is_warm(settings):
         print("cell: first start on this machine: compiling the guest runtimes "
               "(about 2 minutes and 2.5 GB of memory, once per machine)", flush=True)
-    services = build_services(settings, progress=lambda m: print(f"cell: {m}", flush=True))
+
+    def progress(message: str) -> None:
+        print(f"cell: {message}", flush=True)
+
+    # The first workers load and confine themselves while this process loads
+    # the rest of the service and opens the listener; /healthz says "starting"
+    # and runs wait for them until the first is up. The sandbox check refuses
+    # here, before anything is served (T-ESCAPE-1).
+    pool = WorkerPool(settings, progress=progress)
+    pool.start_in_background()
+    try:
+        # start-up: loaded while the workers start (see above)
+        from appliance.services import build_services, ensure_default_tenant
+        from appliance.web.app import create_app
+        from appliance.web.server import make_server
+    except BaseException:
+        pool.close()
+        raise
+    services = build_services(settings, progress=progress, pool=pool)
     key = ensure_default_tenant(services)
     key_file = settings.root / DEV_KEY_FILE
     if key is not None and args.dev:
@@ -60,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = make_server(app, services, settings.host, settings.port, threads=settings.http_threads, ident="cell")
     port = server.effective_port
     url = f"http://{settings.host}:{port}"
-    print(f"cell: serving on {url} (ready in {time.monotonic() - started:.2f}s)", flush=True)
+    print(f"cell: serving on {url} (listening after {time.monotonic() - started:.2f}s)", flush=True)
     if key:
         print(f"cell: API key of tenant 'default': {key}", flush=True)
         print("cell: try it:", flush=True)
@@ -100,6 +116,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, lambda _s, _f: services.reload_requested.set())
     if services.license is not None:
         services.license.install_sighup_handler()
+    start_failed = threading.Event()
+
+    def watch_start() -> None:
+        # Fail closed: if a first worker cannot start (no sandbox, a module
+        # that fails its integrity check, ...), the service stops, as it did
+        # when it waited for them before listening.
+        if pool.wait_started():
+            print(f"cell: ready: {len(pool.stats()['pids'])} worker(s) up after {time.monotonic() - started:.2f}s",
+                  flush=True)
+            return
+        print(f"cell: a worker did not start ({pool.start_error}); stopping", file=sys.stderr, flush=True)
+        start_failed.set()
+        on_term(signal.SIGTERM, None)
+
+    threading.Thread(target=watch_start, name="cell-start-watch", daemon=True).start()
     try:
         server.run()
     except (OSError, ValueError):
@@ -111,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ops = app.extensions.get("cell_ops")
         if ops is not None:
             ops.close()  # releases serve.lock and the log file
-    return 0
+    return 1 if start_failed.is_set() else 0
 
 
 def cmd_warm(args: argparse.Namespace) -> int:
@@ -191,7 +222,10 @@ def _cluster_tenant(args: argparse.Namespace, settings: Settings, store: Any) ->
         return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, core_only: bool = False) -> argparse.ArgumentParser:
+    """The `cell` parser; ``core_only`` leaves out the subcommands that live
+    beside the core (start-up: `cell serve` does not load them before its
+    workers are spawned)."""
     parser = argparse.ArgumentParser(prog="cell", description="Cell appliance")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the service")
@@ -213,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     rev = tsub.add_parser("revoke")
     rev.add_argument("tenant_id")
     tenant.set_defaults(func=cmd_tenant)
+    if core_only:
+        return parser
     for module in SUBCOMMANDS:  # part of the appliance: a failure to import is a bug, and shows
         importlib.import_module(module).register(sub)
     try:
@@ -238,15 +274,15 @@ def _console_unavailable(why: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args = build_parser(core_only=given[:1] == ["serve"]).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except Exception as e:
-        # start-up: appliance.services loads the worker pool (wasmtime), so it is not
-        # imported just to name its exception; a command that can raise UnsafeDataDir
-        # has already imported it.
-        services = sys.modules.get("appliance.services")
-        if not (isinstance(e, ConfigError) or (services is not None and isinstance(e, services.UnsafeDataDir))):
+        # start-up: appliance.datadir is not imported just to name its exception;
+        # a command that can raise UnsafeDataDir has already imported it.
+        datadir = sys.modules.get("appliance.datadir")
+        if not (isinstance(e, ConfigError) or (datadir is not None and isinstance(e, datadir.UnsafeDataDir))):
             raise
         print(f"cell: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -13,6 +12,8 @@ from appliance import __version__
 from appliance.cells import CellService, now_ms
 from appliance.cluster.node import ClusterNode
 from appliance.config import Settings, load_egress_hosts
+# re-exported: callers import them from here
+from appliance.datadir import UnsafeDataDir as UnsafeDataDir, check_data_dir as check_data_dir, prepare_root as prepare_root
 from appliance.license.manager import LicenseManager
 from appliance.license.verify import HOST_FUNCTION_FEATURES, Limits, config_limits
 from appliance.mcp import load_config
@@ -245,33 +246,21 @@ class Services:
         self.store.close()
 
 
-class UnsafeDataDir(Exception):
-    """Start-up refuses a data directory others could tamper with."""
-
-
-def check_data_dir(settings: Settings) -> None:
-    """The data root and its private subdirectories must be ours and closed to
-    others: guests' volumes, receipts, keys and native code live there."""
-    uid = os.getuid()
-    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir, settings.snapshots_dir):
-        st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise UnsafeDataDir(f"{path} is not a directory (a symlink?); fix: replace it with a real directory owned by uid {uid}")
-        if st.st_uid != uid:
-            raise UnsafeDataDir(f"{path} is owned by uid {st.st_uid}, not by the service (uid {uid}); "
-                                f"fix: chown -R {uid} {settings.root}")
-        if st.st_mode & 0o077:
-            raise UnsafeDataDir(f"{path} has mode {oct(st.st_mode & 0o777)}, open to other users; fix: chmod 700 {path}")
-
-
-def prepare_root(settings: Settings) -> None:
-    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir, settings.snapshots_dir):
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    check_data_dir(settings)
-
-
 def build_services(settings: Settings, *, license_factory: Callable[[Settings], Any] | None = None,
-                   progress: Callable[[str], None] | None = None) -> Services:
+                   progress: Callable[[str], None] | None = None, pool: WorkerPool | None = None) -> Services:
+    """The service graph. Without ``pool`` the worker pool is started here and
+    waited for; ``cell serve`` passes one it started earlier in the background
+    (``WorkerPool.start_in_background``), which is closed if this fails."""
+    try:
+        return _build_services(settings, license_factory=license_factory, progress=progress, pool=pool)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
+
+
+def _build_services(settings: Settings, *, license_factory: Callable[[Settings], Any] | None,
+                    progress: Callable[[str], None] | None, pool: WorkerPool | None) -> Services:
     prepare_root(settings)
     store = Store(settings.db_path)
     node_key = NodeKey.load_or_create(settings.keys_dir)
@@ -296,8 +285,9 @@ def build_services(settings: Settings, *, license_factory: Callable[[Settings], 
         log.warning("license subsystem unavailable, running free tier: %s", e)
     if settings.mcp_servers is not None:
         load_config(settings.mcp_servers)  # a bad MCP table stops start-up here, not in a worker
-    pool = WorkerPool(settings, progress=progress)
-    pool.start()
+    if pool is None:
+        pool = WorkerPool(settings, progress=progress)
+        pool.start()
     egress = egress_message(settings, load_egress_hosts(settings.egress_hosts))
 
     def pro_features() -> frozenset[str]:

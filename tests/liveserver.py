@@ -100,7 +100,11 @@ def _json(text: str) -> Any:
         return text
 
 
-def start_server(root: Path | None = None, env: dict[str, str] | None = None, timeout: float = 900) -> ServerProcess:
+def start_server(root: Path | None = None, env: dict[str, str] | None = None, timeout: float = 900,
+                 wait_ready: bool = True) -> ServerProcess:
+    """``cell serve --dev`` on ``root``; returns once it listens and, with
+    ``wait_ready``, once its first workers are up ("cell: ready:"): the server
+    listens before its workers are ready, and runs sent earlier wait for them."""
     root = Path(root or tempfile.mkdtemp(prefix="cell-live-"))
     full_env = dict(os.environ)
     full_env.update({
@@ -117,6 +121,7 @@ def start_server(root: Path | None = None, env: dict[str, str] | None = None, ti
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--dev"], env=full_env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = ServerProcess(url="", api_key="", root=root, proc=proc)
+    listening = threading.Event()
     ready = threading.Event()
 
     def pump() -> None:
@@ -129,13 +134,16 @@ def start_server(root: Path | None = None, env: dict[str, str] | None = None, ti
             m = re.search(r"API key of tenant 'default': (\S+)", line)
             if m:
                 server.api_key = m.group(1)
+                listening.set()
+            if line.startswith("cell: ready:"):
                 ready.set()
+        listening.set()
         ready.set()
 
     server.pump = threading.Thread(target=pump, daemon=True)
     server.pump.start()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not ready.wait(0.1):
+    while time.monotonic() < deadline and not (ready if wait_ready else listening).wait(0.1):
         pass
     if not server.url or not server.api_key:
         server.stop()

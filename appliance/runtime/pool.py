@@ -56,6 +56,8 @@ MAX_STALE_FRAMES = 16  # frames for no request in flight before the worker is di
 PLACE_TIMEOUT_S = 30.0  # how long a run waits for a worker of its tenant to be bound
 NO_WORKER_RETRY_S = 5  # Retry-After of 503 no_worker
 RECLAIM_GRACE_S = 0.5  # a worker just picked is not reclaimed for another tenant before its request reaches it
+FIRST_WORKER_WAIT_S = 30.0  # how long a run that arrives during start-up waits for the first worker
+NOT_READY_RETRY_S = 2  # Retry-After of 503 not_ready
 
 
 class _Violation:
@@ -221,6 +223,11 @@ class WorkerPool:
         self._sandbox_in_force: dict[str, Any] = {"volume_set": []}
         self.broker = broker.Broker(settings)  # host calls made for workers (T-ESCAPE-3)
         self._snapshot_secret: bytes | None = None  # read once, kept here: never sent to a worker (T-IMAGE-2)
+        self._up = False  # a worker has started and confined itself: a run can be served (guarded by _place)
+        self.start_error: str | None = None  # why the first workers did not start (start_in_background)
+        self._start_done = threading.Event()  # every first worker is up, or one failed
+        self._start_pending = 0  # first workers not yet up (guarded by _place)
+        self.waiting_for_start = 0  # requests waiting for the first worker (guarded by _place)
 
     def snapshot_key(self, tenant: str) -> bytes:
         """The MAC key of ``tenant``'s cell snapshots (T-IMAGE-2); empty when the
@@ -376,6 +383,90 @@ class WorkerPool:
         for handle in (first, *others):
             handle.state = "spare"
         self._workers = [first, *others]
+        with self._place:
+            self._up = True
+        self._start_done.set()
+
+    # -- start-up without waiting (issue 18, docs/operations.md) -------------
+    def start_in_background(self) -> None:
+        """Like :meth:`start`, but returns once the first spares are spawned:
+        the web server listens while they load and confine themselves.
+        The sandbox check still refuses here, before anything is served
+        (T-ESCAPE-1). Each spare is marked ready as soon as it says so; a run
+        that comes earlier waits for it (:meth:`_await_first_worker`). If one
+        of them fails, :attr:`start_error` says why and :meth:`wait_started`
+        returns False: the caller stops the service (fail closed)."""
+        self.check_sandbox()
+        warm = self._cache_warm()
+        with self._place:
+            # With a cold cache the first worker compiles the runtimes alone.
+            count = self._spare_target() if warm else 1
+            handles = [self._spawn(i) for i in range(count)]
+            self._workers = list(handles)
+            self._start_pending = count
+        for handle in handles:
+            threading.Thread(target=self._start_one, args=(handle, not warm), name=f"cell-start-{handle.index}",
+                             daemon=True).start()
+
+    def _start_one(self, handle: WorkerHandle, then_others: bool) -> None:
+        try:
+            self._await_ready(handle, START_TIMEOUT_S)
+        except (RuntimeError, OSError, EOFError) as e:
+            self._start_failed(handle, str(e) or type(e).__name__)
+            return
+        with self._place:
+            if handle.state == "starting" and handle.tenant is None:
+                handle.state = "spare"
+            self._up = True
+            self._place.notify_all()
+            rest = [self._spawn(i) for i in range(1, self._spare_target())] if then_others and not self.closed else []
+            self._workers.extend(rest)
+            self._start_pending += len(rest) - 1
+            done = self._start_pending == 0
+        for other in rest:
+            threading.Thread(target=self._start_one, args=(other, False), name=f"cell-start-{other.index}",
+                             daemon=True).start()
+        if done:
+            self._start_done.set()
+
+    def _start_failed(self, handle: WorkerHandle, why: str) -> None:
+        if not self.closed:
+            log.error("a worker did not start: %s", why)
+        with self._place:
+            if self.start_error is None:
+                self.start_error = why
+            self._retire_locked(handle)
+            self._place.notify_all()  # runs waiting for the first worker are refused (503 not_ready)
+        self._finish_retire(handle)  # no spare is started in its place: the caller stops the service
+        self._start_done.set()
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Block until every first worker is up (True) or one failed (False)."""
+        self._start_done.wait(timeout)
+        return self._start_done.is_set() and self.start_error is None
+
+    def ready(self) -> bool:
+        """True once a run can be served: a worker has started and confined itself."""
+        return self._up and self.start_error is None and not self.closed
+
+    def _await_first_worker(self) -> None:
+        """A run that arrives while the node starts waits, on the placement
+        condition, for the first worker; past FIRST_WORKER_WAIT_S, or if the
+        workers could not start, 503 not_ready with Retry-After."""
+        if self._up:
+            return
+        end = time.monotonic() + FIRST_WORKER_WAIT_S
+        with self._place:
+            self.waiting_for_start += 1
+            try:
+                while not self._up:
+                    left = end - time.monotonic()
+                    if self.closed or self.start_error is not None or left <= 0:
+                        raise Busy("the service is starting: no worker is ready yet; retry shortly", code="not_ready",
+                                   retry_after=NOT_READY_RETRY_S)
+                    self._place.wait(left)
+            finally:
+                self.waiting_for_start -= 1
 
     def _handles(self) -> list[WorkerHandle]:
         return [w for w in self._workers if w is not None]
@@ -451,6 +542,7 @@ class WorkerPool:
         ``SYNAPSE_WORKERS_MAX``; past it, 503 no_worker."""
         if not isinstance(tenant, str) or not protocol.TENANT_ID.fullmatch(tenant):
             raise CellError("this tenant id cannot be bound to a worker", code="bad_tenant")  # fail closed
+        self._await_first_worker()
         end = time.monotonic() + PLACE_TIMEOUT_S
         victim: WorkerHandle | None = None
         with self._place:

@@ -14,6 +14,8 @@ def healthz() -> Response | tuple[Response, int]:
         return jsonify({"status": "incident"}), 503  # a proxy takes the node out of rotation
     if services().draining.is_set():
         return jsonify({"status": "draining"}), 503  # HAProxy stops sending new work before it closes
+    if not services().pool.ready():
+        return jsonify({"status": "starting"}), 503  # listening, but no worker is up yet to serve a run
     return jsonify({"status": "ok"})
 
 
