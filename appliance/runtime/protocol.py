@@ -288,6 +288,7 @@ class RunOutcome:
     results_truncated: bool = False
     cancelled: bool = False  # stopped by a CancelRequest (its cell was deleted)
     restored: bool = False  # the cell's interpreter was restored from its snapshot before this run
+    rolled_back: bool = False  # the run killed the interpreter; the cell went back to its capture from before it
 
     def __post_init__(self) -> None:
         if len(self.results) > MAX_RESULTS:  # T-DOS-1

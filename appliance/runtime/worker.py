@@ -38,7 +38,7 @@ from appliance.runtime.volume_watch import VolumeWatch
 from appliance.runtime import code_prep, context, guest_state, landlock, protocol, sandbox, scratch, snapshot_file
 from appliance.runtime.broker_client import BrokerClient
 from appliance.runtime.governor import STOP_CANCEL
-from appliance.runtime.outcome import NO_EXIT, Outcome
+from appliance.runtime.outcome import CRASH_LOST, CRASH_ROLLED_BACK, NO_EXIT, Outcome
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
 from appliance.runtime import templates
@@ -127,6 +127,10 @@ class Worker:
         self.tenant: str | None = None  # the one tenant this worker serves, once bound (T-TENANT-1)
         self.snapshot_key = b""  # its snapshots' MAC key, from the bind (T-IMAGE-2)
         self._base_pages: dict[str, list[bytes]] = {}  # image key -> page digests of a fresh instance
+        # T-IMAGE-2: cells whose snapshot file holds exactly their live interpreter's
+        # state (captured, and no run since). Kept by this process from what it
+        # did itself, never from anything a guest wrote: a crash rolls back only to these.
+        self.current_capture: set[str] = set()
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         interpreters = [t.name for t in templates.interpreters()]
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
@@ -331,6 +335,7 @@ class Worker:
             return self._capture(request)
         if isinstance(request, protocol.DropRequest):
             session = self.sessions.pop(request.cell_id, None)
+            self.current_capture.discard(request.cell_id)
             if session is not None:
                 session.close()
             return protocol.OkReply(request.req_id)
@@ -462,6 +467,7 @@ class Worker:
             raise ValueError("a cell run needs the cell's volume")
         existing = self.sessions.get(cell_id)
         restarted = restored = False
+        python = "python" in templates.get(msg.template).languages
         if existing is not None and existing.alive:
             session = existing
         else:
@@ -471,12 +477,12 @@ class Worker:
             path = self._snapshot_path(cell_id)
             # A paused cell (or one captured before its worker was lost) goes on
             # from its snapshot, even when the request was built before the pause.
-            python = "python" in templates.get(msg.template).languages
             if python and (msg.restore or (existing is None and path is not None and os.path.lexists(path))):
                 restored_session = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None)
                 if isinstance(restored_session, protocol.ErrorReply):
                     raise _Refused(restored_session)
                 session, restored = restored_session, True
+                self.current_capture.discard(cell_id)  # the file was consumed
             else:
                 session = self._new_session(msg.template, msg.volume, run.memory, msg.envs or None)
                 restarted = msg.known_session
@@ -485,11 +491,16 @@ class Worker:
             flight = self.in_flight.get(cell_id)
         with self._watch(msg, msg.volume, _governor_of(run.ctx, session)) as watch:
             outcome = run_prepared(session, msg, run, flight)
+        cancelled = flight is not None and flight.cancelled and outcome.status == "killed"
         if not outcome.session_alive:
             session.close()
             self.sessions.pop(cell_id, None)
             outcome.note = "the interpreter was stopped; the next run in this cell starts a fresh one (files are kept)"
-        if flight is not None and flight.cancelled and outcome.status == "killed":
+            if python and msg.persistent and not cancelled:
+                self._roll_back(msg, cell_id, run, outcome)
+        else:
+            self.current_capture.discard(cell_id)  # the run may have changed its state: the capture is behind
+        if cancelled:
             outcome.cancelled = True
             outcome.note = "the run was stopped: its cell was deleted while it ran"
         _note_watch(outcome, watch)
@@ -507,9 +518,10 @@ class Worker:
         return snapshot_file.path_for(str(root), self.tenant, cell_id)
 
     def _restore(self, template: str, cell_id: str, volume: str, memory: int,
-                 envs: dict[str, str] | None) -> Session | protocol.ErrorReply:
+                 envs: dict[str, str] | None, keep: bool = False) -> Session | protocol.ErrorReply:
         """A new session of ``cell_id`` from its snapshot file, which is then
-        removed (consumed: a later loss never brings back an older state). A
+        removed (consumed: a later loss never brings back an older state)
+        unless ``keep`` (a roll-back: the file is still the session's state). A
         file that fails its check is removed too, and refused (409)."""
         path = self._snapshot_path(cell_id)
         if path is None:
@@ -538,8 +550,40 @@ class Worker:
             _unlink(path)
             return protocol.ErrorReply(0, 409, "snapshot_invalid",
                                        f"the cell's snapshot could not be restored and was discarded: {str(e)[:200]}")
-        _unlink(path)
+        if not keep:
+            _unlink(path)
         return session
+
+    def _roll_back(self, msg: protocol.ExecRequest, cell_id: str, run: _RunParams, outcome: Any) -> None:
+        """The run killed the cell's interpreter (trap, deadline, memory): go
+        back to the capture taken before it when that capture is current, and
+        say so in the answer. A capture that is behind (runs since) is removed,
+        so that no later run silently brings back older variables (T-IMAGE-2)."""
+        path = self._snapshot_path(cell_id)
+        current = cell_id in self.current_capture
+        self.current_capture.discard(cell_id)
+        if path is None:
+            return
+        if not current:
+            _unlink(path)
+            outcome.note = ("the interpreter was stopped and no capture of this cell from before this run was available "
+                            "(it had not been idle since its last run); the next run starts a fresh interpreter "
+                            "(files are kept)")
+            return
+        assert msg.volume is not None
+        restored = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None, keep=True)
+        if isinstance(restored, protocol.ErrorReply):
+            outcome.note = (f"the interpreter was stopped and the cell could not be rolled back ({restored.message}); "
+                            "the next run starts a fresh interpreter (files are kept)")[:4000]
+            return
+        self.sessions[cell_id] = restored
+        self.current_capture.add(cell_id)  # the new session is the file's state
+        outcome.session_alive = True
+        outcome.rolled_back = True
+        outcome.stderr = outcome.stderr.replace(CRASH_LOST, CRASH_ROLLED_BACK)
+        outcome.note = ("the interpreter was stopped; the cell was rolled back to its capture from before this run: "
+                        "its variables from before the run are kept, this run's changes to them are gone, its files "
+                        "are as the run left them")
 
     def _live_python(self, cell_id: str) -> Any:
         session = self.sessions.get(cell_id)
@@ -563,6 +607,7 @@ class Worker:
         # Only the pages that differ from the image: an idle cell's snapshot is its own few MB.
         state = session.snapshot_diff(self._image_pages(image))
         snapshot_file.write(path, state, image.key, self.tenant, msg.cell_id, self.snapshot_key)
+        self.current_capture.add(msg.cell_id)
         if msg.release:  # paused: the next run restores it from the file
             self.sessions.pop(msg.cell_id, None)
             session.close()
@@ -603,6 +648,7 @@ class Worker:
             if isinstance(restored, protocol.ErrorReply):
                 return dataclasses.replace(restored, req_id=msg.req_id)
             self.sessions[msg.cell_id] = restored
+            self.current_capture.discard(msg.cell_id)  # the file was consumed
         source = self._live_python(msg.cell_id)
         if source is None:
             return protocol.ErrorReply(msg.req_id, 409, "fork_unsupported",
