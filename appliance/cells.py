@@ -494,6 +494,7 @@ class CellService:
                 continue
             if self.pool.generation_of(binding.worker) != binding.generation:
                 continue
+            began = time.monotonic()
             try:
                 self.quota.check(record.tenant_id)  # T-DISK-1: a tenant already at its quota gets no capture
                 reply = self._call(self.pool.worker(binding.worker), protocol.CaptureRequest(0, cell_id), None,
@@ -515,6 +516,7 @@ class CellService:
             except PayloadTooLarge:
                 self._discard_capture(record)
                 continue
+            log.debug("cell %s captured while idle in %.0f ms", cell_id, (time.monotonic() - began) * 1000)
             taken += 1
         return taken
 

@@ -567,8 +567,8 @@ class Worker:
         if not current:
             _unlink(path)
             outcome.note = ("the interpreter was stopped and no capture of this cell from before this run was available "
-                            "(it had not been idle since its last run); the next run starts a fresh interpreter "
-                            "(files are kept)")
+                            "(a cell is captured once it has been idle for SYNAPSE_CELL_CAPTURE_IDLE_S after a run); "
+                            "the next run starts a fresh interpreter (files are kept)")
             return
         assert msg.volume is not None
         restored = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None, keep=True)
