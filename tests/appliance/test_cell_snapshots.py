@@ -467,3 +467,41 @@ def test_t_dos_1_worker_killed_by_the_supervisor_restores_the_cells_capture(live
     assert (code, body["code"]) == (409, "cell_lost"), body
     for c in (cell, bare):
         live.request("DELETE", f"/v1/cells/{c}")
+
+
+def test_t_dos_1_run_whose_worker_overran_rolls_back_to_the_idle_capture(live: ServerProcess) -> None:
+    """A worker that does not answer by the run's deadline plus the grace
+    (frozen here with SIGSTOP) is killed by the supervisor: that run answers
+    ``timeout`` with ``rolled_back``, and the cell's next run has the variables
+    from before it (restored from the capture on a new worker)."""
+    cell = new_cell(live)
+    run(live, cell, "x = 5")
+    _wait_for_capture(live, cell)
+    _, status, _ = live.request("GET", "/v1/status")
+    pids = status["workers"]["pids"]
+    answers: list[Any] = []
+    runner = threading.Thread(target=lambda: answers.append(live.request(
+        "POST", f"/v1/cells/{cell}/exec", {"code": "x = 0\nimport time\ntime.sleep(30)", "timeout_ms": 1000})))
+    runner.start()
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        runner.join(timeout=60)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # the one the supervisor killed
+    code, body, _ = answers[0]
+    assert code == 200 and body["status"] == "timeout" and body.get("rolled_back") is True, body
+    assert "replaced" in body["note"] and "rolled back" in body["note"], body
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        code, body, _ = live.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(x)"})
+        if code == 200 and body["status"] == "ok":
+            break
+        assert code == 503 or (code == 200 and body["status"] == "killed"), body
+        time.sleep(0.2)
+    assert body["stdout"] == "5\n" and body.get("restored") is True, body
+    live.request("DELETE", f"/v1/cells/{cell}")
