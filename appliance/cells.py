@@ -67,7 +67,7 @@ class CellService:
         # last capture (what a restore from that capture would lose); counted here,
         # from the worker's replies, never from anything the guest wrote. Absent: unknown.
         self._since_capture: dict[str, int] = {}
-        self._uncapturable: set[str] = set()  # live cells whose worker cannot capture them (no image)
+        self._uncapturable: set[str] = set()  # cells whose worker could not capture them since their last run
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
@@ -504,7 +504,11 @@ class CellService:
                 continue
             if not isinstance(reply, protocol.OkReply):
                 with self._lock:
-                    self._uncapturable.add(cell_id)  # e.g. started without the image: not asked again
+                    if isinstance(reply, protocol.ErrorReply) and reply.code == "not_capturable":
+                        self._uncapturable.add(cell_id)  # e.g. started without the image: not asked again
+                        continue
+                    self._used[cell_id] = moment  # another failure (disk?): asked again after the idle time
+                log.warning("cell %s not captured: %s", cell_id, getattr(reply, "message", type(reply).__name__))
                 continue
             with self._lock:
                 # Runs that landed between the count read above and the capture
@@ -616,6 +620,7 @@ class CellService:
         answer how far behind a capture it was restored from was."""
         with self._lock:
             before = self._since_capture.get(cell_id)
+            self._uncapturable.discard(cell_id)  # asked again: a new interpreter may be capturable
             if outcome.get("rolled_back"):
                 self._since_capture[cell_id] = 0  # the interpreter is the capture again
             elif not outcome.get("session_alive", True):
