@@ -162,7 +162,8 @@ class ForkRequest:
 @dataclass(frozen=True)
 class CaptureRequest:
     """Write the interpreter state of ``cell_id`` (idle, between runs) to its
-    snapshot file (T-IMAGE-2): on SIGTERM drain, and to pause an idle cell."""
+    snapshot file (T-IMAGE-2): on SIGTERM drain, to pause an idle cell, and
+    (session kept) as the idle capture a crash rolls back to."""
     TYPE: ClassVar[str] = "capture"
     req_id: int
     cell_id: str
