@@ -527,6 +527,8 @@ class CellService:
     def _discard_capture(self, record: CellRecord) -> None:
         """An idle capture that put the tenant over its quota goes (T-DISK-1): the
         tenant's runs stay possible; a crash then starts a fresh interpreter."""
+        log.info("cell %s: its idle capture was not kept: it would put tenant %s over its disk quota",
+                 record.id, record.tenant_id)
         try:
             snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)
         except OSError as exc:

@@ -341,7 +341,8 @@ def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache:
 
 
 def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, tmp_path: Path) -> None:
-    """With a 1 MB quota: a fork whose copy would cross it is 413; a snapshot
+    """With a 1 MB quota: a fork whose copy would cross it is 413; an idle
+    capture that would cross it is not kept, and runs go on; a snapshot
     alone puts the tenant over it after a restart, yet the run that restores
     (and so consumes) it is answered, adding nothing; then runs go on."""
     root = tmp_path / "small"
@@ -356,6 +357,14 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
         assert [c["cell_id"] for c in cells["cells"]] == [cell]  # nothing of the failed fork is left
         assert not (root / "sandbox_volumes" / "default").exists() or \
             sorted(p.name for p in (root / "sandbox_volumes" / "default").iterdir()) == [cell]
+        # An idle capture that would put the tenant over its quota is not kept:
+        # the tenant's runs go on (T-DISK-1).
+        deadline = time.monotonic() + 60
+        while not any(f"cell {cell}: its idle capture was not kept" in line for line in list(srv.log)):
+            assert time.monotonic() < deadline, "the idle capture was not tried"
+            time.sleep(0.1)
+        assert not (root / "snapshots" / "default" / cell).exists()
+        assert run(srv, cell, "print(v)")["stdout"] == "small\n"
     finally:
         srv.stop()
     snap = root / "snapshots" / "default" / cell
