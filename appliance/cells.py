@@ -63,6 +63,11 @@ class CellService:
         self._records: dict[str, CellRecord] = {}  # cells this process has looked up (it is their only writer)
         self._used: dict[str, float] = {}  # cell -> when a run of it last ended (monotonic): pausing idle cells
         self._paused: set[str] = set()  # cells whose state is only in their snapshot file
+        # T-IMAGE-2: per cell, runs answered with its interpreter alive since its
+        # last capture (what a restore from that capture would lose); counted here,
+        # from the worker's replies, never from anything the guest wrote. Absent: unknown.
+        self._since_capture: dict[str, int] = {}
+        self._uncapturable: set[str] = set()  # cells whose worker could not capture them since their last run
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
@@ -195,6 +200,8 @@ class CellService:
             self._lost.discard(record.id)
             self._paused.discard(record.id)
             self._used.pop(record.id, None)
+            self._since_capture.pop(record.id, None)
+            self._uncapturable.discard(record.id)
             self._expiry.pop(record.id, None)
             self._records.pop(record.id, None)
         if binding is not None:
@@ -452,12 +459,83 @@ class CellService:
             if isinstance(reply, protocol.OkReply):
                 with self._lock:
                     self._paused.add(cell_id)
+                    self._since_capture[cell_id] = 0
                 self.quota.record(record.tenant_id, cell_id, None)  # T-DISK-1: measured again, its snapshot with it
                 paused += 1
             else:
                 with self._lock:
                     self._used[cell_id] = moment  # not capturable (a plain-started cell): not asked again soon
         return paused
+
+    def capture_idle(self, now: float | None = None, budget_s: float = 1.0) -> int:
+        """Capture persistent Python cells that ran and then stayed idle for
+        ``SYNAPSE_CELL_CAPTURE_IDLE_S``, keeping their interpreter (unlike a
+        pause), so that a run that crashes it rolls back to that capture and a
+        cell whose worker is replaced continues from it (T-IMAGE-2). Off the
+        request path: a cell running code is skipped (asked again next time);
+        at most ``budget_s`` of captures per call. A capture that would put the
+        tenant over its quota is not kept (T-DISK-1). Returns how many were taken."""
+        idle_s = self.settings.cell_capture_idle_s
+        if idle_s <= 0:
+            return 0
+        moment = time.monotonic() if now is None else now
+        with self._lock:
+            due = [(c, b, self._since_capture.get(c, 1)) for c, b in self._bindings.items()
+                   if c not in self._paused and c not in self._uncapturable and self._since_capture.get(c, 1) > 0
+                   and c in self._used and moment - self._used[c] >= idle_s]
+        started = time.monotonic()
+        taken = 0
+        for cell_id, binding, seen in due:
+            if time.monotonic() - started >= budget_s:
+                break
+            with self._lock:
+                record = self._records.get(cell_id)
+            if record is None or not record.persistent or "python" not in templates.get(record.template).languages:
+                continue
+            if self.pool.generation_of(binding.worker) != binding.generation:
+                continue
+            began = time.monotonic()
+            try:
+                self.quota.check(record.tenant_id)  # T-DISK-1: a tenant already at its quota gets no capture
+                reply = self._call(self.pool.worker(binding.worker), protocol.CaptureRequest(0, cell_id), None,
+                                   tenant=record.tenant_id, cell_id=cell_id, cell_wait_s=0)
+            except Exception as exc:  # busy, over quota, or its worker is gone: another time
+                log.debug("cell %s not captured: %s", cell_id, exc)
+                continue
+            if not isinstance(reply, protocol.OkReply):
+                with self._lock:
+                    if isinstance(reply, protocol.ErrorReply) and reply.code == "not_capturable":
+                        self._uncapturable.add(cell_id)  # e.g. started without the image: not asked again
+                        continue
+                    self._used[cell_id] = moment  # another failure (disk?): asked again after the idle time
+                log.warning("cell %s not captured: %s", cell_id, getattr(reply, "message", type(reply).__name__))
+                continue
+            with self._lock:
+                # Runs that landed between the count read above and the capture
+                # stay counted: the capture is never thought newer than it is.
+                self._since_capture[cell_id] = max(0, self._since_capture.get(cell_id, seen) - seen)
+            self.quota.record(record.tenant_id, cell_id, None)  # measured again, its snapshot with it
+            try:
+                self.quota.check(record.tenant_id)
+            except PayloadTooLarge:
+                self._discard_capture(record)
+                continue
+            log.debug("cell %s captured while idle in %.0f ms", cell_id, (time.monotonic() - began) * 1000)
+            taken += 1
+        return taken
+
+    def _discard_capture(self, record: CellRecord) -> None:
+        """An idle capture that put the tenant over its quota goes (T-DISK-1): the
+        tenant's runs stay possible; a crash then starts a fresh interpreter."""
+        log.info("cell %s: its idle capture was not kept: it would put tenant %s over its disk quota",
+                 record.id, record.tenant_id)
+        try:
+            snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)
+        except OSError as exc:
+            log.error("could not remove the capture of cell %s: %s", record.id, exc)
+        with self._lock:
+            self._since_capture.pop(record.id, None)
+        self.quota.record(record.tenant_id, record.id, None)
 
     # -- disk quota (T-DISK-1): appliance/quota.py --------------------------
     def quota_bytes(self) -> int:
@@ -507,6 +585,68 @@ class CellService:
                 if binding.worker == index and binding.generation != self.pool.generation_of(index):
                     self._lost.add(cell_id)
                     del self._bindings[cell_id]
+
+    # -- roll-back and restore from idle captures (T-IMAGE-2) ---------------------
+    def _rebind_restoring(self, tenant: Tenant, cell_id: str, template: str) -> Any:
+        """A new worker for a cell whose worker is gone, when its capture can
+        bring it back (the run then says ``restored``); None when it cannot."""
+        if not self._restorable(templates.get(template), tenant.id, cell_id):
+            return None
+        handle = self.pool.pick_for_cell(tenant.id)
+        self.pool.assign(handle, cell_id)
+        with self._lock:
+            self._lost.discard(cell_id)
+            self._bindings[cell_id] = Binding(handle.index, handle.generation)
+        return handle
+
+    def _lost_in_run(self, tenant_id: str, cell_id: str, template: str, outcome: dict[str, Any]) -> None:
+        """The worker was killed during this run (it overran, died, broke the
+        protocol). With a capture, the cell's next run restores it: taken before
+        this run, that is a roll-back; else its state is gone, as this answer says."""
+        if not self._restorable(templates.get(template), tenant_id, cell_id):
+            with self._lock:
+                self._lost.discard(cell_id)  # this answer already says the state is gone
+            return
+        with self._lock:
+            self._lost.add(cell_id)  # restored on its next run
+            behind = self._since_capture.get(cell_id)
+        if behind == 0:
+            outcome["rolled_back"] = True
+            outcome["note"] = (f"{outcome['note']}; the cell is rolled back to its capture from before this run: its "
+                               "next run has the variables from before this one (files are as the run left them)")
+        else:
+            outcome["note"] = f"{outcome['note']}; {_behind_words(behind, 'its next run restores')}"
+
+    def _count_run(self, cell_id: str, outcome: dict[str, Any]) -> None:
+        """Keep the count of runs since the cell's capture, and say in the
+        answer how far behind a capture it was restored from was."""
+        with self._lock:
+            before = self._since_capture.get(cell_id)
+            self._uncapturable.discard(cell_id)  # asked again: a new interpreter may be capturable
+            if outcome.get("rolled_back"):
+                self._since_capture[cell_id] = 0  # the interpreter is the capture again
+            elif not outcome.get("session_alive", True):
+                self._since_capture.pop(cell_id, None)  # no interpreter; the worker dropped a capture that was behind
+            elif outcome.get("restored"):
+                self._since_capture[cell_id] = 1  # the capture was consumed; this run is counted
+            elif before is not None:
+                self._since_capture[cell_id] = before + 1
+            else:
+                self._since_capture[cell_id] = 1
+        if outcome.get("restored") and before:  # unknown (a capture from before a restart): nothing said
+            words = _behind_words(before, "this run was restored from")
+            outcome["note"] = f"{outcome['note']}; {words}" if outcome.get("note") else words
+
+    def _with_capture(self, tenant_id: str, cell_id: str, template: str, usage: Usage | None) -> Usage | None:
+        """A Python cell's volume as the worker walked it, plus its snapshot
+        file, which counts in the tenant's quota too (T-DISK-1, T-IMAGE-2)."""
+        if usage is None or "python" not in templates.get(template).languages:
+            return usage
+        try:
+            snap = snapshot_file.size(self.settings.snapshots_dir, tenant_id, cell_id)
+        except OSError:
+            return None  # unknown is never zero
+        return Usage(usage.bytes + snap, usage.entries + (1 if snap else 0), usage.complete) if snap else usage
 
     def exec_in_cell(self, tenant: Tenant, cell_id: str, code: bytes, is_text: bool, language: str | None,
                      on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None,
@@ -657,11 +797,18 @@ class CellService:
                                    on_result=take)
             except WorkerReplaced:
                 if cell_id is not None and templates.get(template).interpreter:
-                    with self._lock:
-                        self._lost.discard(cell_id)
-                    raise Conflict("the worker holding this cell's interpreter was replaced; its variables are gone, "
-                                   "its files are kept. The next run starts a fresh interpreter.", code="cell_lost") from None
-                handle = self.pool.pick_for_run(tenant.id)  # nothing ran: safe to send once more
+                    # T-IMAGE-2: its worker was gone before the run was sent (nothing
+                    # ran); with a capture, the run goes to a new worker that restores it.
+                    handle = self._rebind_restoring(tenant, cell_id, template)
+                    if handle is None:
+                        with self._lock:
+                            self._lost.discard(cell_id)
+                        raise Conflict("the worker holding this cell's interpreter was replaced; its variables are "
+                                       "gone, its files are kept. The next run starts a fresh interpreter.",
+                                       code="cell_lost") from None
+                    msg = dataclasses.replace(msg, restore=True, known_session=False)
+                else:
+                    handle = self.pool.pick_for_run(tenant.id)  # nothing ran: safe to send once more
                 reply = self._call(handle, msg, run_timeout_ms / 1000, on_chunk, tenant=tenant.id, cell_id=cell_id,
                                    on_result=take)
         except WorkerLost as e:
@@ -670,8 +817,7 @@ class CellService:
                        "truncated": False, "restarted": False, "note": str(e), "denials": [],
                        "results": shown, "results_truncated": bool(shown)}
             if cell_id is not None:
-                with self._lock:
-                    self._lost.discard(cell_id)  # this answer already says the state is gone
+                self._lost_in_run(tenant.id, cell_id, template, outcome)
         else:
             if not isinstance(reply, protocol.RunReply):
                 raise _refusal(reply, "run failed")
@@ -683,7 +829,9 @@ class CellService:
             outcome["results"] = shown
             guest_ms = reply.guest_ms
             if cell_id is not None:
-                self.note_usage(tenant.id, cell_id, _usage(reply.volume_usage))
+                self.note_usage(tenant.id, cell_id, self._with_capture(tenant.id, cell_id, template,
+                                                                        _usage(reply.volume_usage)))
+                self._count_run(cell_id, outcome)
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.runs += 1
         receipt = self.receipts.append(
@@ -717,6 +865,8 @@ class CellService:
             answer["denials"] = outcome["denials"]
         if outcome.get("restored"):
             answer["restored"] = True  # the interpreter came back from the cell's snapshot (T-IMAGE-2)
+        if outcome.get("rolled_back"):
+            answer["rolled_back"] = True  # the run crashed it; back to the capture from before the run (T-IMAGE-2)
         if outcome.get("cancelled"):
             answer["cell_deleted"] = True  # stopped by DELETE of its cell (E2B: kill() during run_code)
         event = {"execution_id": execution_id, "tenant_id": tenant.id, "cell_id": cell_id, "template": template,
@@ -737,6 +887,16 @@ def _refusal(reply: protocol.Reply, default: str) -> CellError:
     if isinstance(reply, protocol.ErrorReply):
         return CellError(reply.message or default, code=reply.code).with_status(reply.status)
     return CellError(f"{default}: the worker answered {type(reply).__name__}", code="internal")
+
+
+def _behind_words(behind: int | None, lead: str) -> str:
+    """How old the capture a cell is restored from is, in runs (T-IMAGE-2)."""
+    if behind is None:
+        return (f"{lead} its last capture, which may be older than its last run (how much older is not known to "
+                "this process): variables set since are gone (files are kept)")
+    runs = "run" if behind == 1 else f"{behind} runs"
+    return (f"{lead} its last capture, taken before its last {runs} that completed: what "
+            f"{'that run' if behind == 1 else 'those runs'} did to its variables is gone (files are kept)")
 
 
 def _usage(reported: protocol.VolumeUsage | None) -> Usage | None:

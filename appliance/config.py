@@ -101,6 +101,9 @@ class Settings:
     worker_spares: int = 1  # unbound, confined workers kept ready to bind to a new tenant
     worker_idle_s: int = 60  # a bound worker without cells or runs this long is reclaimed
     cell_pause_idle_s: int = 0  # a persistent Python cell idle this long is paused to its snapshot (0: never)
+    # A persistent Python cell that ran and then stayed idle this long is captured
+    # to its snapshot, its session kept: a later crash rolls back to it (0: never).
+    cell_capture_idle_s: int = 2
 
     @property
     def http_threads(self) -> int:
@@ -318,6 +321,7 @@ _FIELDS: dict[str, tuple[str, str, Callable[[str, Any], Any]]] = {
     "worker_spares": ("SYNAPSE_WORKER_SPARES", "worker_spares", _int(0, 16)),
     "worker_idle_s": ("SYNAPSE_WORKER_IDLE_S", "worker_idle_s", _int(1, 86400)),
     "cell_pause_idle_s": ("SYNAPSE_CELL_PAUSE_IDLE_S", "cell_pause_idle_s", _int(0, 30 * 86400)),
+    "cell_capture_idle_s": ("SYNAPSE_CELL_CAPTURE_IDLE_S", "cell_capture_idle_s", _int(0, 30 * 86400)),
     "log_level": ("SYNAPSE_LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
     "cluster_etcd": ("SYNAPSE_CLUSTER_ETCD", "cluster_etcd", _endpoints),
     "node_addr": ("SYNAPSE_NODE_ADDR", "node_addr", _addr),

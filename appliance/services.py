@@ -210,6 +210,7 @@ class Services:
                     (self.incident.set if in_incident(self.settings) else self.incident.clear)()
                     self.cells.reap_expired()
                     self.cells.pause_idle()
+                    self.cells.capture_idle()  # T-IMAGE-2: what a crash rolls back to
                     self.pool.check_alive()
                     if time.monotonic() - last_checkpoint >= self.settings.checkpoint_interval_s:
                         last_checkpoint = time.monotonic()

@@ -158,7 +158,11 @@ def _schemas() -> dict[str, Any]:
                 "results_truncated": {"type": "boolean"},
                 "cell_id": {"type": "string"}, "restarted": {"type": "boolean"}, "note": {"type": "string"},
                 "restored": {"const": True, "description": "the cell's interpreter was restored from its snapshot "
-                             "(taken when the service stopped) before this run"},
+                             "(taken when the service stopped, when it was paused or idle) before this run; the note "
+                             "says how many runs it is behind when it is not current"},
+                "rolled_back": {"const": True, "description": "the run crashed the interpreter (trap, memory, "
+                                "deadline) and the cell went back to its capture from before the run: the variables "
+                                "from before it are kept (the note says so)"},
                 "cell_deleted": {"const": True, "description": "the run was stopped (status killed) because its cell "
                                  "was deleted while it ran"},
                 "denials": {"type": "array", "items": {"type": "object", "properties": {

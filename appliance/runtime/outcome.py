@@ -12,6 +12,13 @@ from appliance.runtime.protocol import ResultBundle
 NO_EXIT = -1
 
 
+# What a crashed Python run's stderr says about the cell's variables; a roll-back
+# (worker.py, T-IMAGE-2) puts the second sentence in place of the first.
+CRASH_LOST = "Its variables are lost; in a cell, the next run starts a fresh interpreter (files are kept)."
+CRASH_ROLLED_BACK = ("The cell was rolled back to its capture from before this run: its variables from before the "
+                     "run are kept (files are as the run left them).")
+
+
 @dataclass
 class Outcome:
     exit_code: int
@@ -27,6 +34,7 @@ class Outcome:
     results_truncated: bool = False
     cancelled: bool = False  # stopped because its cell was deleted (worker.py, CancelRequest)
     restored: bool = False  # the interpreter was restored from the cell's snapshot first (T-IMAGE-2)
+    rolled_back: bool = False  # the run killed the interpreter; restored from the capture taken before it (T-IMAGE-2)
 
     def to_wire(self) -> dict[str, object]:
         return {
@@ -43,6 +51,7 @@ class Outcome:
             "results_truncated": self.results_truncated,
             "cancelled": self.cancelled,
             "restored": self.restored,
+            "rolled_back": self.rolled_back,
         }
 
 

@@ -162,7 +162,8 @@ class ForkRequest:
 @dataclass(frozen=True)
 class CaptureRequest:
     """Write the interpreter state of ``cell_id`` (idle, between runs) to its
-    snapshot file (T-IMAGE-2): on SIGTERM drain, and to pause an idle cell."""
+    snapshot file (T-IMAGE-2): on SIGTERM drain, to pause an idle cell, and
+    (session kept) as the idle capture a crash rolls back to."""
     TYPE: ClassVar[str] = "capture"
     req_id: int
     cell_id: str
@@ -288,6 +289,7 @@ class RunOutcome:
     results_truncated: bool = False
     cancelled: bool = False  # stopped by a CancelRequest (its cell was deleted)
     restored: bool = False  # the cell's interpreter was restored from its snapshot before this run
+    rolled_back: bool = False  # the run killed the interpreter; the cell went back to its capture from before it
 
     def __post_init__(self) -> None:
         if len(self.results) > MAX_RESULTS:  # T-DOS-1

@@ -26,7 +26,7 @@ from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.command_channel import ChannelClosed, CommandChannel
 from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor
 from appliance.runtime.loader import Loaded
-from appliance.runtime.outcome import NO_EXIT, Outcome, exited_status, trap_status, trap_words
+from appliance.runtime.outcome import CRASH_LOST, NO_EXIT, Outcome, exited_status, trap_status, trap_words
 from appliance.runtime.stack import on_guest_stack
 from appliance.runtime.templates import MPL_DATA_GUEST
 
@@ -265,8 +265,7 @@ class PythonSession:
             status = trap_status(trap, stop_reason)
             if status == "error":  # say what stopped it: an empty stderr explains nothing
                 err += ("\n" if err and not err.endswith("\n") else "") + (
-                    f"Cell: the Python interpreter crashed: {trap_words(trap)}. Its variables are lost; in a cell, "
-                    "the next run starts a fresh interpreter (files are kept).\n")
+                    f"Cell: the Python interpreter crashed: {trap_words(trap)}. {CRASH_LOST}\n")
             # Results already shown (and streamed) stay in the answer.
             return Outcome(NO_EXIT, status, out, err, truncated, session_alive=False, denials=run_ctx.denials,
                            results=results, results_truncated=results_truncated)

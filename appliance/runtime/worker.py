@@ -38,7 +38,7 @@ from appliance.runtime.volume_watch import VolumeWatch
 from appliance.runtime import code_prep, context, guest_state, landlock, protocol, sandbox, scratch, snapshot_file
 from appliance.runtime.broker_client import BrokerClient
 from appliance.runtime.governor import STOP_CANCEL
-from appliance.runtime.outcome import NO_EXIT, Outcome
+from appliance.runtime.outcome import CRASH_LOST, CRASH_ROLLED_BACK, NO_EXIT, Outcome
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import PRO_FUNCTIONS, ModuleRefused, ModuleRunner
 from appliance.runtime import templates
@@ -53,6 +53,9 @@ STOP_DISK = "disk_limit"  # governor stop reason (reported as status killed, wit
 CANCEL_REPEAT_S = 0.02  # a cancel stops the run again this often until it has ended
 CANCEL_WAIT_S = 5.0  # and answers after this long at most
 ENV_TURN_S = 1.0  # the most the turn setting a run's envs may take (out of the run's own limit)
+# A lower bound of how fast a snapshot is restored (T-IMAGE-2): ~100 MB measured
+# at 0.5 s; a roll-back that may not fit in the time left is left to the next run.
+RESTORE_BYTES_PER_S = 100 << 20
 ENV_RESTORE_S = 0.25  # the turn putting the cell's envs back (within the supervisor's grace, T-DOS-1)
 
 
@@ -128,6 +131,13 @@ class Worker:
         self.snapshot_key = b""  # its snapshots' MAC key, from the bind (T-IMAGE-2)
         # image key -> (store, instance, memory view) of a fresh instance, never run: what captures diff against
         self._base_pages: dict[str, tuple[wasmtime.Store, wasmtime.Instance, memoryview]] = {}
+        # T-IMAGE-2: cells whose snapshot file holds exactly their live interpreter's
+        # state (captured, and no run since). Kept by this process from what it
+        # did itself, never from anything a guest wrote: a crash rolls back only to these.
+        self.current_capture: set[str] = set()
+        # Roll-backs left to the cell's next run: restoring right after a run
+        # that used its whole time could outlast the supervisor's grace.
+        self.pending_rollback: set[str] = set()
         self.fifo_dir = tempfile.mkdtemp(prefix="cell-worker-")
         interpreters = [t.name for t in templates.interpreters()]
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
@@ -332,6 +342,8 @@ class Worker:
             return self._capture(request)
         if isinstance(request, protocol.DropRequest):
             session = self.sessions.pop(request.cell_id, None)
+            self.current_capture.discard(request.cell_id)
+            self.pending_rollback.discard(request.cell_id)
             if session is not None:
                 session.close()
             return protocol.OkReply(request.req_id)
@@ -463,6 +475,7 @@ class Worker:
             raise ValueError("a cell run needs the cell's volume")
         existing = self.sessions.get(cell_id)
         restarted = restored = False
+        python = "python" in templates.get(msg.template).languages
         if existing is not None and existing.alive:
             session = existing
         else:
@@ -472,25 +485,36 @@ class Worker:
             path = self._snapshot_path(cell_id)
             # A paused cell (or one captured before its worker was lost) goes on
             # from its snapshot, even when the request was built before the pause.
-            python = "python" in templates.get(msg.template).languages
             if python and (msg.restore or (existing is None and path is not None and os.path.lexists(path))):
-                restored_session = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None)
+                pending = cell_id in self.pending_rollback and not msg.restore  # the last answer said rolled_back
+                self.pending_rollback.discard(cell_id)
+                restored_session = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None,
+                                                 keep=pending)
                 if isinstance(restored_session, protocol.ErrorReply):
+                    self.current_capture.discard(cell_id)
                     raise _Refused(restored_session)
-                session, restored = restored_session, True
+                session, restored = restored_session, not pending
+                if not pending:
+                    self.current_capture.discard(cell_id)  # the file was consumed
             else:
                 session = self._new_session(msg.template, msg.volume, run.memory, msg.envs or None)
                 restarted = msg.known_session
             self.sessions[cell_id] = session
         with self._lock:
             flight = self.in_flight.get(cell_id)
+        began = time.monotonic()
         with self._watch(msg, msg.volume, _governor_of(run.ctx, session)) as watch:
             outcome = run_prepared(session, msg, run, flight)
+        cancelled = flight is not None and flight.cancelled and outcome.status == "killed"
         if not outcome.session_alive:
             session.close()
             self.sessions.pop(cell_id, None)
             outcome.note = "the interpreter was stopped; the next run in this cell starts a fresh one (files are kept)"
-        if flight is not None and flight.cancelled and outcome.status == "killed":
+            if python and msg.persistent and not cancelled:
+                self._roll_back(msg, cell_id, run, outcome, run.timeout_s - (time.monotonic() - began))
+        else:
+            self.current_capture.discard(cell_id)  # the run may have changed its state: the capture is behind
+        if cancelled:
             outcome.cancelled = True
             outcome.note = "the run was stopped: its cell was deleted while it ran"
         _note_watch(outcome, watch)
@@ -508,9 +532,10 @@ class Worker:
         return snapshot_file.path_for(str(root), self.tenant, cell_id)
 
     def _restore(self, template: str, cell_id: str, volume: str, memory: int,
-                 envs: dict[str, str] | None) -> Session | protocol.ErrorReply:
+                 envs: dict[str, str] | None, keep: bool = False) -> Session | protocol.ErrorReply:
         """A new session of ``cell_id`` from its snapshot file, which is then
-        removed (consumed: a later loss never brings back an older state). A
+        removed (consumed: a later loss never brings back an older state)
+        unless ``keep`` (a roll-back: the file is still the session's state). A
         file that fails its check is removed too, and refused (409)."""
         path = self._snapshot_path(cell_id)
         if path is None:
@@ -539,8 +564,54 @@ class Worker:
             _unlink(path)
             return protocol.ErrorReply(0, 409, "snapshot_invalid",
                                        f"the cell's snapshot could not be restored and was discarded: {str(e)[:200]}")
-        _unlink(path)
+        if not keep:
+            _unlink(path)
         return session
+
+    def _roll_back(self, msg: protocol.ExecRequest, cell_id: str, run: _RunParams, outcome: Any, left_s: float) -> None:
+        """The run killed the cell's interpreter (trap, deadline, memory): go
+        back to the capture taken before it when that capture is current, and
+        say so in the answer. A capture that is behind (runs since) is removed,
+        so that no later run silently brings back older variables (T-IMAGE-2).
+        The restore is done now when it fits in what is left of the run's time
+        plus half the supervisor's grace (``left_s``: time left), else by the
+        cell's next run; either way this answer says ``rolled_back``."""
+        path = self._snapshot_path(cell_id)
+        current = cell_id in self.current_capture
+        self.current_capture.discard(cell_id)
+        if path is None:
+            return
+        if not current:
+            _unlink(path)
+            outcome.note = ("the interpreter was stopped and no capture of this cell from before this run was available "
+                            "(a cell is captured once it has been idle for SYNAPSE_CELL_CAPTURE_IDLE_S after a run); "
+                            "the next run starts a fresh interpreter (files are kept)")
+            return
+        assert msg.volume is not None
+        outcome.note = ("the interpreter was stopped; the cell was rolled back to its capture from before this run: "
+                        "its variables from before the run are kept, this run's changes to them are gone, its files "
+                        "are as the run left them")
+        try:
+            size = os.lstat(path).st_size
+        except OSError:
+            size = 0
+        grace_s = int(self.cfg.get("kill_grace_ms", 1000)) / 1000
+        if size / RESTORE_BYTES_PER_S >= left_s + grace_s / 2:
+            self.pending_rollback.add(cell_id)  # the next run restores it, keeping the file
+            self.current_capture.add(cell_id)
+            outcome.rolled_back = True
+            outcome.stderr = _swap_last(outcome.stderr, CRASH_LOST, CRASH_ROLLED_BACK)
+            return
+        restored = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None, keep=True)
+        if isinstance(restored, protocol.ErrorReply):
+            outcome.note = (f"the interpreter was stopped and the cell could not be rolled back ({restored.message}); "
+                            "the next run starts a fresh interpreter (files are kept)")[:4000]
+            return
+        self.sessions[cell_id] = restored
+        self.current_capture.add(cell_id)  # the new session is the file's state
+        outcome.session_alive = True
+        outcome.rolled_back = True
+        outcome.stderr = _swap_last(outcome.stderr, CRASH_LOST, CRASH_ROLLED_BACK)
 
     def _live_python(self, cell_id: str) -> Any:
         session = self.sessions.get(cell_id)
@@ -566,6 +637,7 @@ class Worker:
         state = session.snapshot_diff(self._image_pages(image), copy=False)
         snapshot_file.write(path, state, image.key, self.tenant, msg.cell_id, self.snapshot_key)
         del state
+        self.current_capture.add(msg.cell_id)
         if msg.release:  # paused: the next run restores it from the file
             self.sessions.pop(msg.cell_id, None)
             session.close()
@@ -602,11 +674,16 @@ class Worker:
         if self.tenant is None:
             return protocol.ErrorReply(msg.req_id, 409, "fork_unsupported", "this worker is not bound")
         memory = int(msg.memory_mb or self.cfg["memory_mb"]) << 20
-        if self._live_python(msg.cell_id) is None and msg.restore:
-            restored = self._restore(msg.template, msg.cell_id, msg.volume, memory, msg.envs or None)
+        pending = msg.cell_id in self.pending_rollback and not msg.restore
+        if self._live_python(msg.cell_id) is None and (msg.restore or pending):
+            self.pending_rollback.discard(msg.cell_id)
+            restored = self._restore(msg.template, msg.cell_id, msg.volume, memory, msg.envs or None, keep=pending)
             if isinstance(restored, protocol.ErrorReply):
+                self.current_capture.discard(msg.cell_id)
                 return dataclasses.replace(restored, req_id=msg.req_id)
             self.sessions[msg.cell_id] = restored
+            if not pending:
+                self.current_capture.discard(msg.cell_id)  # the file was consumed
         source = self._live_python(msg.cell_id)
         if source is None:
             return protocol.ErrorReply(msg.req_id, 409, "fork_unsupported",
@@ -691,6 +768,12 @@ class _Refused(Exception):
     def __init__(self, reply: protocol.ErrorReply) -> None:
         super().__init__(reply.message)
         self.reply = reply
+
+
+def _swap_last(text: str, old: str, new: str) -> str:
+    """``text`` with its last ``old`` (the host's own words, after the guest's output) made ``new``."""
+    head, found, tail = text.rpartition(old)
+    return f"{head}{new}{tail}" if found else text
 
 
 def _unlink(path: Path) -> None:

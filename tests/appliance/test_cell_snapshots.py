@@ -3,6 +3,7 @@ restart. Real servers on loopback, real guests, real snapshot files."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import threading
 import time
@@ -366,7 +367,8 @@ def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache:
 
 
 def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, tmp_path: Path) -> None:
-    """With a 1 MB quota: a fork whose copy would cross it is 413; a snapshot
+    """With a 1 MB quota: a fork whose copy would cross it is 413; an idle
+    capture that would cross it is not kept, and runs go on; a snapshot
     alone puts the tenant over it after a restart, yet the run that restores
     (and so consumes) it is answered, adding nothing; then runs go on."""
     root = tmp_path / "small"
@@ -381,6 +383,14 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
         assert [c["cell_id"] for c in cells["cells"]] == [cell]  # nothing of the failed fork is left
         assert not (root / "sandbox_volumes" / "default").exists() or \
             sorted(p.name for p in (root / "sandbox_volumes" / "default").iterdir()) == [cell]
+        # An idle capture that would put the tenant over its quota is not kept:
+        # the tenant's runs go on (T-DISK-1).
+        deadline = time.monotonic() + 60
+        while not any(f"cell {cell}: its idle capture was not kept" in line for line in list(srv.log)):
+            assert time.monotonic() < deadline, "the idle capture was not tried"
+            time.sleep(0.1)
+        assert not (root / "snapshots" / "default" / cell).exists()
+        assert run(srv, cell, "print(v)")["stdout"] == "small\n"
     finally:
         srv.stop()
     snap = root / "snapshots" / "default" / cell
@@ -394,3 +404,144 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
         assert run(again, cell, "print(len(open('half.bin', 'rb').read()))")["stdout"] == "600000\n"
     finally:
         again.stop()
+
+
+# -- idle captures: roll back on a crash, restore after a worker is killed ----------
+
+def _wait_for_capture(live: ServerProcess, cell: str, since_ns: int = 0) -> Path:
+    """Until the cell's idle capture (SYNAPSE_CELL_CAPTURE_IDLE_S) is on disk,
+    written after ``since_ns``."""
+    snap = live.root / "snapshots" / "default" / cell
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if snap.stat().st_mtime_ns > since_ns:
+                return snap
+        except FileNotFoundError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the idle cell was not captured")
+
+
+CRASHES = [
+    # Freeing a list nested 400,000 deep recurses in C below any guard: a wasm stack overflow.
+    ("stack-overflow", "", "x = 0\nl = []\nfor _ in range(400_000):\n    l = [l]\ndel l", {}, "error"),
+    ("deadline", "", "x = 0\nwhile True:\n    pass", {"timeout_ms": 1000}, "timeout"),
+    # 64 MB of state cannot be restored within the grace left after a deadline: the next run restores it.
+    ("deadline-large-state", "big = bytes(range(256)) * (256 << 10)\n", "x = 0\nwhile True:\n    pass",
+     {"timeout_ms": 1000}, "timeout"),
+]
+
+
+@pytest.mark.parametrize("setup,code,extra,status", [c[1:] for c in CRASHES], ids=[c[0] for c in CRASHES])
+def test_t_image_2_crash_after_an_idle_capture_rolls_back(live: ServerProcess, setup: str, code: str,
+                                                          extra: dict[str, Any], status: str) -> None:
+    """A run that kills the interpreter goes back to the capture taken while the
+    cell was idle before it: its variables from before the run are kept, the
+    answer says ``rolled_back``; the capture counts in the quota and goes with
+    the cell (T-DISK-1)."""
+    cell = new_cell(live)
+    run(live, cell, setup + "x = 41\nopen('f.txt', 'w').write('kept')")
+    snap = _wait_for_capture(live, cell)
+    deadline = time.monotonic() + 30  # the file is in place a moment before the service measures it again
+    while live.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] < snap.stat().st_size + len("kept"):
+        assert time.monotonic() < deadline, "the capture is not counted in disk_bytes"
+        time.sleep(0.05)
+    out = run(live, cell, code, **extra)
+    assert out["status"] == status and out.get("rolled_back") is True, out
+    assert "rolled back" in out["note"] and "variables are lost" not in out["stderr"], out
+    after = run(live, cell, "print(x, open('f.txt').read())")
+    assert after["stdout"] == "41 kept\n" and not after["restarted"] and not after.get("restored"), after
+    assert snap.exists()  # still the capture: a second crash before the next idle one rolls back again
+    assert live.request("DELETE", f"/v1/cells/{cell}")[0] == 200
+    assert not snap.exists()
+
+
+def test_t_image_2_crash_with_a_capture_behind_starts_fresh_and_says_so(live: ServerProcess) -> None:
+    """A capture older than the cell's last run is never rolled back to: the
+    crash starts a fresh interpreter as without captures, the note says no
+    capture was available, and the stale capture is removed."""
+    cell = new_cell(live)
+    run(live, cell, "x = 1")
+    snap = _wait_for_capture(live, cell)
+    run(live, cell, "y = 2")  # the capture is now behind
+    out = run(live, cell, CRASHES[0][2])
+    assert out["status"] == "error" and not out.get("rolled_back"), out
+    assert "no capture" in out["note"] and "variables are lost" in out["stderr"], out
+    assert not snap.exists()
+    after = run(live, cell, "print('x' in globals(), 'y' in globals())")
+    assert after["stdout"] == "False False\n", after
+    live.request("DELETE", f"/v1/cells/{cell}")
+
+
+def test_t_dos_1_worker_killed_by_the_supervisor_restores_the_cells_capture(live: ServerProcess) -> None:
+    """Workers SIGKILLed (as the supervisor kills one that overran): a cell with
+    an idle capture continues from it on its next run (``restored``), and the
+    note says what the capture is behind by; a cell without one says cell_lost."""
+    cell = new_cell(live)
+    bare = new_cell(live)
+    run(live, cell, "x = 7")
+    _wait_for_capture(live, cell)
+    run(live, cell, "y = 8")  # one run past the capture
+    run(live, bare, "z = 1")
+    _, status, _ = live.request("GET", "/v1/status")
+    pids = status["workers"]["pids"]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    answers: list[Any] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        code, body, _ = live.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(x, 'y' in globals())"})
+        answers.append((code, body))
+        if code == 200 and body["status"] == "ok":
+            break
+        assert code == 503 or (code == 200 and body["status"] == "killed"), body  # replacements still settling
+        time.sleep(0.2)
+    assert body["stdout"] == "7 False\n" and body.get("restored") is True, answers
+    assert "last run" in body["note"], body
+    assert run(live, cell, "print(x)")["stdout"] == "7\n"
+    code, body, _ = live.request("POST", f"/v1/cells/{bare}/exec", {"code": "print(z)"})
+    while code == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        code, body, _ = live.request("POST", f"/v1/cells/{bare}/exec", {"code": "print(z)"})
+    assert (code, body["code"]) == (409, "cell_lost"), body
+    for c in (cell, bare):
+        live.request("DELETE", f"/v1/cells/{c}")
+
+
+def test_t_dos_1_run_whose_worker_overran_rolls_back_to_the_idle_capture(live: ServerProcess) -> None:
+    """A worker that does not answer by the run's deadline plus the grace
+    (frozen here with SIGSTOP) is killed by the supervisor: that run answers
+    ``timeout`` with ``rolled_back``, and the cell's next run has the variables
+    from before it (restored from the capture on a new worker)."""
+    cell = new_cell(live)
+    run(live, cell, "x = 5")
+    _wait_for_capture(live, cell)
+    _, status, _ = live.request("GET", "/v1/status")
+    pids = status["workers"]["pids"]
+    answers: list[Any] = []
+    runner = threading.Thread(target=lambda: answers.append(live.request(
+        "POST", f"/v1/cells/{cell}/exec", {"code": "x = 0\nimport time\ntime.sleep(30)", "timeout_ms": 1000})))
+    runner.start()
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        runner.join(timeout=60)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass  # the one the supervisor killed
+    code, body, _ = answers[0]
+    assert code == 200 and body["status"] == "timeout" and body.get("rolled_back") is True, body
+    assert "replaced" in body["note"] and "rolled back" in body["note"], body
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        code, body, _ = live.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(x)"})
+        if code == 200 and body["status"] == "ok":
+            break
+        assert code == 503 or (code == 200 and body["status"] == "killed"), body
+        time.sleep(0.2)
+    assert body["stdout"] == "5\n" and body.get("restored") is True, body
+    live.request("DELETE", f"/v1/cells/{cell}")

@@ -18,6 +18,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert (s.rate_limit_rps, s.egress, s.telemetry, s.host, s.port) == (20.0, "off", "off", "127.0.0.1", 8080)
     assert s.license_path == tmp_path / "license.json"
     assert s.db_path == s.root / "db" / "cell.sqlite"
+    assert (s.cell_capture_idle_s, s.cell_pause_idle_s) == (2, 0)  # idle captures on, pausing off
+    assert load_settings(env(tmp_path, SYNAPSE_CELL_CAPTURE_IDLE_S="0")).cell_capture_idle_s == 0  # off
 
 
 def test_environment_beats_file_beats_default(tmp_path: Path) -> None:
@@ -36,7 +38,7 @@ def test_environment_beats_file_beats_default(tmp_path: Path) -> None:
         ("SYNAPSE_EGRESS_DENY", "10.0.0.0/33"), ("SYNAPSE_EGRESS_DENY", "2001:db8::/64,example.com"),
         ("SYNAPSE_EGRESS_DENY", "fe80::1%eth0"),
         ("SYNAPSE_LANES_PER_WORKER", "0"), ("SYNAPSE_TENANT_MAX_RUNS", "-1"), ("SYNAPSE_TENANT_MAX_QUEUED", "lots"),
-        ("SYNAPSE_TENANT_MAX_CELLS", "-5"),
+        ("SYNAPSE_TENANT_MAX_CELLS", "-5"), ("SYNAPSE_CELL_CAPTURE_IDLE_S", "-1"), ("SYNAPSE_CELL_CAPTURE_IDLE_S", "2s"),
     ],
 )
 def test_bad_value_fails_naming_the_key(tmp_path: Path, key: str, value: str) -> None:
