@@ -116,6 +116,10 @@ def start_server(root: Path | None = None, env: dict[str, str] | None = None, ti
         "SYNAPSE_RATE_LIMIT_RPS": "100000",
         "SYNAPSE_RATE_LIMIT_BURST": "100000",
         "PYTHONUNBUFFERED": "1",
+        # Idle captures off unless a test asks (test_cell_snapshots.py's own server):
+        # with them on, whether a crash loses the interpreter or rolls back would
+        # depend on how long the machine took between a test's runs.
+        "SYNAPSE_CELL_CAPTURE_IDLE_S": "0",
     })
     full_env.update(env or {})
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "serve", "--dev"], env=full_env, cwd=REPO,

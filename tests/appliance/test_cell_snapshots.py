@@ -8,6 +8,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -351,8 +352,12 @@ def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache:
         while not snap.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert snap.exists()
-        _, info, _ = srv.request("GET", f"/v1/cells/{cell}")
-        assert info["disk_bytes"] >= snap.stat().st_size  # T-DISK-1: a paused cell's snapshot counts
+        # T-DISK-1: a paused cell's snapshot counts, once the capture's answer is in
+        # (the file is on disk a moment before the service has recorded it).
+        deadline = time.monotonic() + 60
+        while srv.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] < snap.stat().st_size:
+            assert time.monotonic() < deadline, "the paused cell's snapshot is not counted"
+            time.sleep(0.05)
         status, body = fork(srv, cell)  # a paused cell can be forked: it is resumed first
         assert status == 201, body
         assert run(srv, body["cell_id"], "print(q)")["stdout"] == "kept\n"
@@ -372,7 +377,7 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
     alone puts the tenant over it after a restart, yet the run that restores
     (and so consumes) it is answered, adding nothing; then runs go on."""
     root = tmp_path / "small"
-    env = {"SYNAPSE_TENANT_QUOTA_MB": "1"}
+    env = {"SYNAPSE_TENANT_QUOTA_MB": "1", "SYNAPSE_CELL_CAPTURE_IDLE_S": "1"}
     srv = start_server(root, env=env)
     try:
         cell = new_cell(srv, timeout_ms=600000)
@@ -408,10 +413,20 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
 
 # -- idle captures: roll back on a crash, restore after a worker is killed ----------
 
-def _wait_for_capture(live: ServerProcess, cell: str, since_ns: int = 0) -> Path:
+@pytest.fixture(scope="module")
+def capturing(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server of its own with idle captures on (1 s): the session-wide one has
+    them off, so tests elsewhere that expect a crash to lose the interpreter do
+    not depend on how soon after the previous run their crash comes; and the
+    workers SIGKILLed here are not the ones other tests use."""
+    server = start_server(tmp_path_factory.mktemp("capturing"), env={"SYNAPSE_CELL_CAPTURE_IDLE_S": "1"})
+    yield server
+    server.stop()
+
+def _wait_for_capture(capturing: ServerProcess, cell: str, since_ns: int = 0) -> Path:
     """Until the cell's idle capture (SYNAPSE_CELL_CAPTURE_IDLE_S) is on disk,
     written after ``since_ns``."""
-    snap = live.root / "snapshots" / "default" / cell
+    snap = capturing.root / "snapshots" / "default" / cell
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -434,64 +449,64 @@ CRASHES = [
 
 
 @pytest.mark.parametrize("setup,code,extra,status", [c[1:] for c in CRASHES], ids=[c[0] for c in CRASHES])
-def test_t_image_2_crash_after_an_idle_capture_rolls_back(live: ServerProcess, setup: str, code: str,
+def test_t_image_2_crash_after_an_idle_capture_rolls_back(capturing: ServerProcess, setup: str, code: str,
                                                           extra: dict[str, Any], status: str) -> None:
     """A run that kills the interpreter goes back to the capture taken while the
     cell was idle before it: its variables from before the run are kept, the
     answer says ``rolled_back``; the capture counts in the quota and goes with
     the cell (T-DISK-1)."""
-    cell = new_cell(live)
-    run(live, cell, setup + "x = 41\nopen('f.txt', 'w').write('kept')")
-    snap = _wait_for_capture(live, cell)
+    cell = new_cell(capturing)
+    run(capturing, cell, setup + "x = 41\nopen('f.txt', 'w').write('kept')")
+    snap = _wait_for_capture(capturing, cell)
     deadline = time.monotonic() + 30  # the file is in place a moment before the service measures it again
-    while live.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] < snap.stat().st_size + len("kept"):
+    while capturing.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] < snap.stat().st_size + len("kept"):
         assert time.monotonic() < deadline, "the capture is not counted in disk_bytes"
         time.sleep(0.05)
-    out = run(live, cell, code, **extra)
+    out = run(capturing, cell, code, **extra)
     assert out["status"] == status and out.get("rolled_back") is True, out
     assert "rolled back" in out["note"] and "variables are lost" not in out["stderr"], out
-    after = run(live, cell, "print(x, open('f.txt').read())")
+    after = run(capturing, cell, "print(x, open('f.txt').read())")
     assert after["stdout"] == "41 kept\n" and not after["restarted"] and not after.get("restored"), after
     assert snap.exists()  # still the capture: a second crash before the next idle one rolls back again
-    assert live.request("DELETE", f"/v1/cells/{cell}")[0] == 200
+    assert capturing.request("DELETE", f"/v1/cells/{cell}")[0] == 200
     assert not snap.exists()
 
 
-def test_t_image_2_crash_with_a_capture_behind_starts_fresh_and_says_so(live: ServerProcess) -> None:
+def test_t_image_2_crash_with_a_capture_behind_starts_fresh_and_says_so(capturing: ServerProcess) -> None:
     """A capture older than the cell's last run is never rolled back to: the
     crash starts a fresh interpreter as without captures, the note says no
     capture was available, and the stale capture is removed."""
-    cell = new_cell(live)
-    run(live, cell, "x = 1")
-    snap = _wait_for_capture(live, cell)
-    run(live, cell, "y = 2")  # the capture is now behind
-    out = run(live, cell, CRASHES[0][2])
+    cell = new_cell(capturing)
+    run(capturing, cell, "x = 1")
+    snap = _wait_for_capture(capturing, cell)
+    run(capturing, cell, "y = 2")  # the capture is now behind
+    out = run(capturing, cell, CRASHES[0][2])
     assert out["status"] == "error" and not out.get("rolled_back"), out
     assert "no capture" in out["note"] and "variables are lost" in out["stderr"], out
     assert not snap.exists()
-    after = run(live, cell, "print('x' in globals(), 'y' in globals())")
+    after = run(capturing, cell, "print('x' in globals(), 'y' in globals())")
     assert after["stdout"] == "False False\n", after
-    live.request("DELETE", f"/v1/cells/{cell}")
+    capturing.request("DELETE", f"/v1/cells/{cell}")
 
 
-def test_t_dos_1_worker_killed_by_the_supervisor_restores_the_cells_capture(live: ServerProcess) -> None:
+def test_t_dos_1_worker_killed_by_the_supervisor_restores_the_cells_capture(capturing: ServerProcess) -> None:
     """Workers SIGKILLed (as the supervisor kills one that overran): a cell with
     an idle capture continues from it on its next run (``restored``), and the
     note says what the capture is behind by; a cell without one says cell_lost."""
-    cell = new_cell(live)
-    bare = new_cell(live)
-    run(live, cell, "x = 7")
-    _wait_for_capture(live, cell)
-    run(live, cell, "y = 8")  # one run past the capture
-    run(live, bare, "z = 1")
-    _, status, _ = live.request("GET", "/v1/status")
+    cell = new_cell(capturing)
+    bare = new_cell(capturing)
+    run(capturing, cell, "x = 7")
+    _wait_for_capture(capturing, cell)
+    run(capturing, cell, "y = 8")  # one run past the capture
+    run(capturing, bare, "z = 1")
+    _, status, _ = capturing.request("GET", "/v1/status")
     pids = status["workers"]["pids"]
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     answers: list[Any] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        code, body, _ = live.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(x, 'y' in globals())"})
+        code, body, _ = capturing.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(x, 'y' in globals())"})
         answers.append((code, body))
         if code == 200 and body["status"] == "ok":
             break
@@ -499,28 +514,28 @@ def test_t_dos_1_worker_killed_by_the_supervisor_restores_the_cells_capture(live
         time.sleep(0.2)
     assert body["stdout"] == "7 False\n" and body.get("restored") is True, answers
     assert "last run" in body["note"], body
-    assert run(live, cell, "print(x)")["stdout"] == "7\n"
-    code, body, _ = live.request("POST", f"/v1/cells/{bare}/exec", {"code": "print(z)"})
+    assert run(capturing, cell, "print(x)")["stdout"] == "7\n"
+    code, body, _ = capturing.request("POST", f"/v1/cells/{bare}/exec", {"code": "print(z)"})
     while code == 503 and time.monotonic() < deadline:
         time.sleep(0.2)
-        code, body, _ = live.request("POST", f"/v1/cells/{bare}/exec", {"code": "print(z)"})
+        code, body, _ = capturing.request("POST", f"/v1/cells/{bare}/exec", {"code": "print(z)"})
     assert (code, body["code"]) == (409, "cell_lost"), body
     for c in (cell, bare):
-        live.request("DELETE", f"/v1/cells/{c}")
+        capturing.request("DELETE", f"/v1/cells/{c}")
 
 
-def test_t_dos_1_run_whose_worker_overran_rolls_back_to_the_idle_capture(live: ServerProcess) -> None:
+def test_t_dos_1_run_whose_worker_overran_rolls_back_to_the_idle_capture(capturing: ServerProcess) -> None:
     """A worker that does not answer by the run's deadline plus the grace
     (frozen here with SIGSTOP) is killed by the supervisor: that run answers
     ``timeout`` with ``rolled_back``, and the cell's next run has the variables
     from before it (restored from the capture on a new worker)."""
-    cell = new_cell(live)
-    run(live, cell, "x = 5")
-    _wait_for_capture(live, cell)
-    _, status, _ = live.request("GET", "/v1/status")
+    cell = new_cell(capturing)
+    run(capturing, cell, "x = 5")
+    _wait_for_capture(capturing, cell)
+    _, status, _ = capturing.request("GET", "/v1/status")
     pids = status["workers"]["pids"]
     answers: list[Any] = []
-    runner = threading.Thread(target=lambda: answers.append(live.request(
+    runner = threading.Thread(target=lambda: answers.append(capturing.request(
         "POST", f"/v1/cells/{cell}/exec", {"code": "x = 0\nimport time\ntime.sleep(30)", "timeout_ms": 1000})))
     runner.start()
     try:
@@ -538,10 +553,10 @@ def test_t_dos_1_run_whose_worker_overran_rolls_back_to_the_idle_capture(live: S
     assert "replaced" in body["note"] and "rolled back" in body["note"], body
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        code, body, _ = live.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(x)"})
+        code, body, _ = capturing.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(x)"})
         if code == 200 and body["status"] == "ok":
             break
         assert code == 503 or (code == 200 and body["status"] == "killed"), body
         time.sleep(0.2)
     assert body["stdout"] == "5\n" and body.get("restored") is True, body
-    live.request("DELETE", f"/v1/cells/{cell}")
+    capturing.request("DELETE", f"/v1/cells/{cell}")
