@@ -145,8 +145,14 @@ def _cell_fresh(env):
     tf = sys.modules.get('tempfile')
     if tf is not None:
         tf._name_sequence = None
-    for path in [p for p in sys.path_importer_cache if not (isinstance(p, str) and p.startswith('/usr/local/lib/'))]:
-        del sys.path_importer_cache[path]  # /data and /tmp listings were the build's (the stdlib's stay)
+    # A listing of /data or /tmp cached in the image would be the build's: the
+    # entries for the cell's own directories and for sys.path outside the
+    # stdlib are dropped. The image holds no other key outside the stdlib
+    # (images.py refuses to capture one), so the whole cache is not walked:
+    # that touched every key and copied ~80 image pages into each cell.
+    for path in ('', '.', '/data', '/tmp', *sys.path):
+        if not (isinstance(path, str) and path.startswith('/usr/local/lib/')):
+            sys.path_importer_cache.pop(path, None)
     os.chdir('/data')
 _cell_fresh(%s)
 del _cell_fresh
