@@ -45,7 +45,6 @@ from appliance.config import Settings
 from appliance.fileio import sha256_file
 from appliance.receipts import verify as rverify
 from appliance.receipts.nodekey import NodeKey, NodeKeyError
-from appliance.runtime import snapshot_file
 
 FORMAT = "cell-backup/2"
 FORMATS_READ = ("cell-backup/1", FORMAT)  # /1: the same members, without snapshots
@@ -79,6 +78,9 @@ MEMBERS = (
 
 
 def _targets(s: Settings) -> dict[str, Path]:
+    # Start-up: snapshot_file loads wasmtime, and light commands (`cell status`) import this module.
+    from appliance.runtime import snapshot_file
+
     return {
         "db/cell.sqlite": s.db_path,
         "keys/node_ed25519": s.keys_dir / "node_ed25519",
@@ -113,6 +115,9 @@ def _open_snapshot(s: Settings, tenant_id: str, cell_id: str) -> int | None:
     """A descriptor on the cell's snapshot when it is a private regular file of
     ours (no link followed, a FIFO never blocks); None otherwise: such a file
     would be refused at restore time anyway (T-IMAGE-2)."""
+    # Start-up: snapshot_file loads wasmtime, and light commands (`cell status`) import this module.
+    from appliance.runtime import snapshot_file
+
     name = f"snapshots/{tenant_id}/{cell_id}"
     if not SNAPSHOT_MEMBER.fullmatch(name):
         return None
