@@ -37,6 +37,15 @@ throws the corpus of tests/redteam_corpus.py at it:
             tries to read the node key, db, license, config, mirror, write the
             module cache, open sockets, execve, ptrace, read the supervisor's
             environ: one row per attempt, each EACCES/EPERM or SIGSYS
+  image     cells started from one pre-initialised image see nothing of each
+            other (module attributes, numpy, environ, sys.modules, rc, random)
+  snapshots a node of its own, stopped (SIGTERM captures every cell) and
+            restarted after its snapshot files were flipped, truncated, copied
+            from another cell or tenant, re-keyed to another image, replaced by
+            a link, a FIFO or a group-readable copy: each cell answers 409
+            snapshot_invalid (snapshot_stale for the other image) once, the
+            file is gone, the next run starts fresh; untouched cells (also the
+            other tenant's) come back with their variables (T-IMAGE-2)
   incident  `cell incident snapshot --with-volume-contents` while the volume
             holds links to the node key and a thread swaps a file with such a
             link: the key's bytes and hash never reach the tarball
@@ -781,6 +790,96 @@ def image(srv: ServerProcess) -> None:
     record("image", len(draws) == 3, f"random draws of three new cells: {sorted(draws)}")
 
 
+# T-IMAGE-2: snapshot files changed on disk between a stop and a start. Each
+# row: (cell name, what is done to its file, the code its next run answers).
+SNAPSHOT_ATTACKS = [
+    ("flipped", "a byte in the middle flipped", "snapshot_invalid"),
+    ("truncated", "the last 100 bytes cut off", "snapshot_invalid"),
+    ("other_cell", "replaced by another cell's snapshot (same tenant)", "snapshot_invalid"),
+    ("other_tenant", "replaced by the other tenant's snapshot", "snapshot_invalid"),
+    ("other_image", "re-encoded (validly keyed) for another image", "snapshot_stale"),
+    ("symlink", "a symlink to its own valid snapshot moved aside", "snapshot_invalid"),
+    ("fifo", "a FIFO planted in its place", "snapshot_invalid"),
+    ("group_readable", "made group- and world-readable (0644)", "snapshot_invalid"),
+]
+
+
+def _attack_snapshot(root: Path, kind: str, path: Path, donor: Path, foreign: Path, cell_id: str) -> None:
+    from appliance.runtime import snapshot_file
+
+    data = path.read_bytes()
+    if kind == "flipped":
+        path.write_bytes(data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 1]) + data[len(data) // 2 + 1:])
+    elif kind == "truncated":
+        path.write_bytes(data[:-100])
+    elif kind in ("other_cell", "other_tenant"):
+        path.write_bytes((donor if kind == "other_cell" else foreign).read_bytes())
+    elif kind == "other_image":
+        key = snapshot_file.tenant_key(snapshot_file.node_secret(root / "keys"), "default")
+        _, state = snapshot_file.decode(data, "default", cell_id, key, 1 << 32)
+        path.write_bytes(snapshot_file.encode(state, "0" * 64, "default", cell_id, key))
+    elif kind == "symlink":
+        aside = path.parent.parent / f"aside-{cell_id}"
+        os.replace(path, aside)
+        os.symlink(aside, path)
+    elif kind == "fifo":
+        path.unlink()
+        os.mkfifo(path, 0o600)
+    else:
+        os.chmod(path, 0o644)
+
+
+def snapshots() -> None:
+    srv = start_server()
+    root = srv.root
+    try:
+        cells = {}
+        for name in ["control", "donor"] + [a[0] for a in SNAPSHOT_ATTACKS]:
+            _, body, _ = srv.request("POST", "/v1/cells", {"template": "python3", "timeout_ms": 600000})
+            cells[name] = body["cell_id"]
+            srv.request("POST", f"/v1/cells/{cells[name]}/exec", {"code": f"import pandas as pd\nv = {name!r}"})
+        mallory = _add_tenant(srv, "snapshot-mallory")
+        _, other, _ = srv.request("POST", "/v1/cells", {"template": "python3", "timeout_ms": 600000}, key=mallory)
+        srv.request("POST", f"/v1/cells/{other['cell_id']}/exec", {"code": "v = 'mallory'"}, key=mallory)
+        other_tenant = next(p.name for p in (root / "snapshots").iterdir() if p.name != "default") \
+            if (root / "snapshots").is_dir() else ""
+    finally:
+        srv.stop()  # SIGTERM: every idle cell is captured
+    snaps = root / "snapshots" / "default"
+    foreign = root / "snapshots" / other_tenant / other["cell_id"]
+    captured = all((snaps / c).is_file() for c in cells.values()) and foreign.is_file()
+    record("snapshots", captured, f"SIGTERM captured every cell: {sorted(os.listdir(snaps)) if snaps.is_dir() else None}")
+    if not captured:
+        return
+    for name, _, _ in SNAPSHOT_ATTACKS:
+        _attack_snapshot(root, name, snaps / cells[name], snaps / cells["donor"], foreign, cells[name])
+    again = start_server(root)
+    try:
+        for name, what, want in SNAPSHOT_ATTACKS:
+            cid = cells[name]
+            t = time.monotonic()
+            code, body, _ = again.request("POST", f"/v1/cells/{cid}/exec", {"code": "print(v)"}, timeout=30)
+            got = (code, body.get("code") if isinstance(body, dict) else None)
+            record("snapshots", got == (409, want) and time.monotonic() - t < 30,
+                   f"{name} ({what}): {got}, want (409, {want!r}) {body if got != (409, want) else ''}")
+            record("snapshots", not os.path.lexists(snaps / cid), f"{name}: the refused file is gone")
+            code, body, _ = again.request("POST", f"/v1/cells/{cid}/exec", {"code": "print('v' in globals())"})
+            fresh = code == 200 and isinstance(body, dict) and body.get("stdout") == "False\n"
+            record("snapshots", fresh, f"{name}: the next run starts fresh: {code} {body}")
+        for name in ("control", "donor"):
+            code, body, _ = again.request("POST", f"/v1/cells/{cells[name]}/exec", {"code": "print(v)"})
+            record("snapshots", code == 200 and body.get("stdout") == f"{name}\n" and body.get("restored") is True,
+                   f"untouched cell {name} keeps its variables: {code} {body}")
+        code, body, _ = again.request("POST", f"/v1/cells/{other['cell_id']}/exec", {"code": "print(v)"},
+                                      key=mallory)
+        record("snapshots", code == 200 and body.get("stdout") == "mallory\n",
+               f"the other tenant's cell (whose snapshot was copied) keeps its variables: {code} {body}")
+        code, body, _ = again.request("POST", "/v1/execute", {"template": "python3", "code": "print(6 * 7)"})
+        record("snapshots", code == 200 and body.get("stdout") == "42\n", f"one-shot runs still answer: {code} {body}")
+    finally:
+        again.stop()
+
+
 def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     # --only ssrf,escape (or --family=tenants,escape): run just those families
@@ -802,7 +901,7 @@ def main(argv: list[str]) -> int:
                            ("tenants", lambda: tenants(srv)), ("fairness", lambda: fairness(srv)),
                            ("receipts", lambda: receipts(srv)),
                            ("requests", lambda: (requests(srv), bodies(srv))),
-                           ("disk", lambda: disk(srv)), ("image", lambda: image(srv)),
+                           ("disk", lambda: disk(srv)), ("image", lambda: image(srv)), ("snapshots", snapshots),
                            ("site", lambda: site(srv, own)), ("license", lambda: licenses(srv)),
                            ("incident", lambda: incident_snapshot(srv)),  # takes the node out of rotation: after every server row
                            ("escape", escape)):

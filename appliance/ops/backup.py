@@ -4,6 +4,14 @@ A backup is a tar.gz (mode 0600: it holds the node's signing key) with a
 fixed set of members and ``manifest.json`` listing each member's sha256:
 
     manifest.json  db/cell.sqlite  keys/node_ed25519  config/config.toml  config/license.json
+    keys/snapshot-secret  snapshots/<tenant>/<cell>...
+
+Persistent cells' snapshots travel with the secret their MACs are keyed by,
+never one without the other (T-IMAGE-2): a restore replaces both, so every
+snapshot on the node afterwards verifies under the node's secret, and a
+restored cell continues with its variables (its volume is not in a backup).
+``keys/verify-memo`` is not carried: it remembers this disk's inodes, and a
+missing memo only costs one full hash of each runtime.
 
 The database is copied with SQLite's online backup API, so a running node
 can be backed up. Restore reads only the allowlisted member names and
@@ -20,9 +28,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
+import stat
 import tarfile
 import tempfile
 import time
@@ -36,11 +46,15 @@ from appliance.fileio import sha256_file
 from appliance.receipts import verify as rverify
 from appliance.receipts.nodekey import NodeKey, NodeKeyError
 
-FORMAT = "cell-backup/1"
+FORMAT = "cell-backup/2"
+FORMATS_READ = ("cell-backup/1", FORMAT)  # /1: the same members, without snapshots
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_MEMBER_BYTES = 64 << 30
 LOCK_FILE = "serve.lock"
+SECRET_MEMBER = "keys/snapshot-secret"
+SNAPSHOT_MEMBER = re.compile(r"snapshots/([A-Za-z0-9_-]{1,64})/([A-Za-z0-9_-]{1,64})")  # tenant, cell
+MAX_SNAPSHOTS = 100_000
 
 
 class BackupError(Exception):
@@ -59,15 +73,20 @@ MEMBERS = (
     Member("keys/node_ed25519", 0o600, False),
     Member("config/config.toml", 0o600, True),
     Member("config/license.json", 0o640, True),
+    Member(SECRET_MEMBER, 0o600, True),
 )
 
 
 def _targets(s: Settings) -> dict[str, Path]:
+    # Start-up: snapshot_file loads wasmtime, and light commands (`cell status`) import this module.
+    from appliance.runtime import snapshot_file
+
     return {
         "db/cell.sqlite": s.db_path,
         "keys/node_ed25519": s.keys_dir / "node_ed25519",
         "config/config.toml": s.config_dir / "config.toml",
         "config/license.json": s.license_path,
+        SECRET_MEMBER: s.keys_dir / snapshot_file.SECRET_FILE,
     }
 
 
@@ -82,6 +101,51 @@ def _online_copy(db: Path, dest: Path) -> None:
             dst.close()
     finally:
         src.close()
+
+
+def _cells(db_copy: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(f"{db_copy.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return [(str(t), str(c)) for t, c in conn.execute("SELECT tenant_id, id FROM cells ORDER BY tenant_id, id")]
+    finally:
+        conn.close()
+
+
+def _open_snapshot(s: Settings, tenant_id: str, cell_id: str) -> int | None:
+    """A descriptor on the cell's snapshot when it is a private regular file of
+    ours (no link followed, a FIFO never blocks); None otherwise: such a file
+    would be refused at restore time anyway (T-IMAGE-2)."""
+    # Start-up: snapshot_file loads wasmtime, and light commands (`cell status`) import this module.
+    from appliance.runtime import snapshot_file
+
+    name = f"snapshots/{tenant_id}/{cell_id}"
+    if not SNAPSHOT_MEMBER.fullmatch(name):
+        return None
+    try:
+        fd = os.open(snapshot_file.path_for(s.snapshots_dir, tenant_id, cell_id),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        os.close(fd)
+        return None
+    return fd
+
+
+class _HashingReader:
+    """Reads a descriptor for tarfile while hashing what it hands over."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
 
 
 def create_backup(s: Settings, out: Path, *, now: float | None = None) -> dict[str, Any]:
@@ -100,23 +164,41 @@ def create_backup(s: Settings, out: Path, *, now: float | None = None) -> dict[s
                 staged[member.name] = src
             elif not member.optional:
                 raise BackupError(f"{src} is missing: nothing to back up")
-        manifest = {
-            "format": FORMAT, "version": __version__, "node_id": s.node_id,
-            "created_at": int((now if now is not None else time.time()) * 1000),
-            "files": {name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in staged.items()},
-        }
+        files: dict[str, dict[str, Any]] = {
+            name: {"sha256": sha256_file(p), "size": p.stat().st_size} for name, p in staged.items()}
         fd, tmp_out = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent if str(out.parent) else ".")
         try:
             os.fchmod(fd, 0o600)  # the node's signing key is inside
             with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                data = json.dumps(manifest, indent=2, sort_keys=True).encode()
-                _add_bytes(tar, MANIFEST, data)
                 for name, path in staged.items():
                     info = tarfile.TarInfo(name)
                     info.size = path.stat().st_size
                     info.mode = 0o600
                     with open(path, "rb") as fh:
                         tar.addfile(info, fh)
+                if SECRET_MEMBER in staged:
+                    # T-IMAGE-2: snapshots only beside the secret they verify
+                    # under. Each is read from one descriptor and hashed as it
+                    # is written, so a capture replacing the file (a rename)
+                    # meanwhile cannot make the manifest disagree with the bytes.
+                    for tenant_id, cell_id in _cells(db_copy):
+                        snap = _open_snapshot(s, tenant_id, cell_id)
+                        if snap is None:
+                            continue
+                        name = f"snapshots/{tenant_id}/{cell_id}"
+                        with os.fdopen(snap, "rb") as fh:
+                            info = tarfile.TarInfo(name)
+                            info.size = os.fstat(fh.fileno()).st_size
+                            info.mode = 0o600
+                            reader = _HashingReader(fh)
+                            tar.addfile(info, reader)
+                        files[name] = {"sha256": reader.sha.hexdigest(), "size": reader.size}
+                manifest = {
+                    "format": FORMAT, "version": __version__, "node_id": s.node_id,
+                    "created_at": int((now if now is not None else time.time()) * 1000), "files": files,
+                }
+                # Last: restore finds it by name, and it lists the snapshots' hashes.
+                _add_bytes(tar, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
             os.replace(tmp_out, out)
         except BaseException:
             Path(tmp_out).unlink(missing_ok=True)
@@ -171,8 +253,8 @@ def _read_manifest(tar: tarfile.TarFile) -> dict[str, Any]:
             manifest = json.loads(fh.read())
         except ValueError:
             raise BackupError("manifest.json is not JSON") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise BackupError(f"manifest.json is not a {FORMAT} manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") not in FORMATS_READ or not isinstance(manifest.get("files"), dict):
+        raise BackupError(f"manifest.json is not a {' or '.join(FORMATS_READ)} manifest")
     return manifest
 
 
@@ -192,8 +274,22 @@ def _copy_hashed(src: IO[bytes], dest: Path, limit: int) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _stage(tar: tarfile.TarFile, info: tarfile.TarInfo, name: str, expected: Any, dest: Path) -> None:
+    if not info.isfile():
+        raise BackupError(f"{name} is not a regular file (links and devices are refused)")
+    if not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str) or not isinstance(expected.get("size"), int):
+        raise BackupError(f"manifest entry for {name} is malformed")
+    fh = tar.extractfile(info)
+    assert fh is not None
+    with fh:
+        digest, size = _copy_hashed(fh, dest, min(expected["size"], MAX_MEMBER_BYTES))
+    if digest != expected["sha256"] or size != expected["size"]:
+        raise BackupError(f"{name}: sha256 does not match the manifest (tampered or corrupt archive)")
+
+
 def verify_archive(archive: Path, staging: Path) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Check every member against the manifest and stage the allowed ones."""
+    """Check every member against the manifest and stage the allowed ones.
+    Snapshots are staged below ``staging/snapshots/<tenant>/<cell>``."""
     allowed = {m.name: m for m in MEMBERS}
     staged: dict[str, Path] = {}
     try:
@@ -210,11 +306,22 @@ def verify_archive(archive: Path, staging: Path) -> tuple[dict[str, Any], dict[s
         names = [m.name for m in members]
         if len(names) != len(set(names)):
             raise BackupError("the archive has duplicate members")
-        unknown = sorted(set(names) - set(allowed) - {MANIFEST})
-        if unknown or set(files) - set(allowed):
-            # T-BACKUP-1: only fixed names are ever read; anything else means
-            # the archive was made by something else or altered.
-            raise BackupError(f"unexpected members: {', '.join(unknown or sorted(set(files) - set(allowed)))}")
+        snapshots = [m for m in members if SNAPSHOT_MEMBER.fullmatch(m.name)]
+        listed_snapshots = {n for n in files if SNAPSHOT_MEMBER.fullmatch(n)}
+        known = set(allowed) | {m.name for m in snapshots}
+        unknown = sorted(set(names) - known - {MANIFEST})
+        if unknown or set(files) - set(allowed) - listed_snapshots:
+            # T-BACKUP-1: only fixed names (and snapshot names of a fixed
+            # shape) are ever read; anything else means the archive was made
+            # by something else or altered.
+            raise BackupError(f"unexpected members: {', '.join(unknown or sorted(set(files) - set(allowed) - listed_snapshots))}")
+        if len(snapshots) > MAX_SNAPSHOTS:
+            raise BackupError(f"more than {MAX_SNAPSHOTS} snapshots")
+        if {m.name for m in snapshots} != listed_snapshots:
+            raise BackupError("the snapshots in the archive and in the manifest differ")
+        if snapshots and SECRET_MEMBER not in files:
+            # T-IMAGE-2: snapshots without their key would only ever be refused.
+            raise BackupError(f"the archive holds snapshots but not {SECRET_MEMBER}")
         for name, member in allowed.items():
             if name not in files:
                 if member.optional and name not in names:
@@ -223,19 +330,17 @@ def verify_archive(archive: Path, staging: Path) -> tuple[dict[str, Any], dict[s
             info = tar.getmember(name) if name in names else None
             if info is None:
                 raise BackupError(f"{name} is listed in the manifest but missing from the archive")
-            if not info.isfile():
-                raise BackupError(f"{name} is not a regular file (links and devices are refused)")
-            expected = files[name]
-            if not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str) or not isinstance(expected.get("size"), int):
-                raise BackupError(f"manifest entry for {name} is malformed")
-            fh = tar.extractfile(info)
-            assert fh is not None
             dest = staging / name.replace("/", "__")
-            with fh:
-                digest, size = _copy_hashed(fh, dest, min(expected["size"], MAX_MEMBER_BYTES))
-            if digest != expected["sha256"] or size != expected["size"]:
-                raise BackupError(f"{name}: sha256 does not match the manifest (tampered or corrupt archive)")
+            _stage(tar, info, name, files[name], dest)
             staged[name] = dest
+        for info in snapshots:  # archive order: the gzip stream is read forward once
+            match = SNAPSHOT_MEMBER.fullmatch(info.name)
+            assert match is not None
+            tenant_dir = staging / "snapshots" / match.group(1)
+            tenant_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            dest = tenant_dir / match.group(2)
+            _stage(tar, info, info.name, files[info.name], dest)
+            staged[info.name] = dest
     return manifest, staged
 
 
@@ -272,6 +377,8 @@ def restore_backup(s: Settings, archive: Path) -> dict[str, Any]:
             raise BackupError(f"the archived receipt chain does not verify: {chain['problem']}")
         targets = _targets(s)
         previous = _public_key_or_none(targets["keys/node_ed25519"])
+        if SECRET_MEMBER in staged:
+            _swap_snapshots(s, staging)
         for member in MEMBERS:
             if member.name not in staged:
                 continue
@@ -286,8 +393,26 @@ def restore_backup(s: Settings, archive: Path) -> dict[str, Any]:
                 for suffix in ("-wal", "-shm"):
                     Path(str(dest) + suffix).unlink(missing_ok=True)
             os.replace(tmp_dest, dest)
-    return {"manifest": manifest, "chain": chain, "restored": sorted(staged),
+    return {"manifest": manifest, "chain": chain,
+            "restored": sorted(n for n in staged if not SNAPSHOT_MEMBER.fullmatch(n)),
+            "snapshots": sum(1 for n in staged if SNAPSHOT_MEMBER.fullmatch(n)),
             "replaced_key": previous is not None and previous != chain["public_key"]}
+
+
+def _swap_snapshots(s: Settings, staging: Path) -> None:
+    """Replace the whole snapshot directory with the archived one (T-IMAGE-2):
+    the secret is replaced with it, so a snapshot left from before would only
+    be refused. The old directory is moved into the staging directory, which
+    is removed on the way out."""
+    new = staging / "snapshots"
+    new.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(new, 0o700)
+    old = staging / "snapshots.old"
+    try:
+        os.rename(s.snapshots_dir, old)
+    except FileNotFoundError:
+        pass
+    os.rename(new, s.snapshots_dir)
 
 
 def _public_key_or_none(key_file: Path) -> str | None:

@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     doctor.set_defaults(func=cmd_doctor)
 
-    backup = subparsers.add_parser("backup", help="database (online), node key, config and license into a tar.gz (0600)")
+    backup = subparsers.add_parser("backup", help="database (online), node key, config, license and cell snapshots into a tar.gz (0600)")
     backup.add_argument("--out", required=True, type=Path)
     backup.add_argument("--dev", action="store_true")
     backup.set_defaults(func=cmd_backup)
@@ -81,6 +81,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return 1
     chain = result["chain"]
     print(f"cell restore: restored {', '.join(result['restored'])}")
+    if "keys/snapshot-secret" in result["restored"]:
+        print(f"cell restore: replaced the cells' snapshots with the archived ones ({result['snapshots']})")
     print(f"cell restore: receipt chain verifies ({chain['count']} receipts, node key {chain['public_key']})")
     if result["replaced_key"]:
         print("cell restore: note: the node key differs from the one that was here; auditors need the restored public key")

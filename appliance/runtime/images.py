@@ -20,12 +20,13 @@ builds one. Without a usable image, cells start the plain way.
 What a snapshot must not freeze is redone in every new interpreter by
 ``PY_FRESH`` (sessions.py): the environment is the cell's own (libc and
 ``os.environ`` both), ``random``, numpy's global generator and tempfile's name
-sequence are reseeded from the host's random source, import caches are
-dropped (``/data`` and ``/tmp`` are the cell's own directories), and the
-working directory is ``/data`` again. The clock is always read from the host.
-The build checks that no file descriptor beyond the session's preopens is
-open when memory is captured, so the image holds no descriptor numbers that
-would mean something else in a cell.
+sequence are reseeded from the host's random source, the import cache
+entries of the cell's own directories are dropped (``/data`` and ``/tmp`` are
+the cell's own), and the working directory is ``/data`` again. The clock is
+always read from the host. The build checks that no file descriptor beyond
+the session's preopens is open when memory is captured, so the image holds no
+descriptor numbers that would mean something else in a cell, and that the
+import cache holds no entry outside the stdlib (so the reset need not walk it).
 """
 from __future__ import annotations
 
@@ -71,6 +72,15 @@ def _cell_fds():
     print(' '.join(map(str, open_fds)))
 _cell_fds()
 del _cell_fds
+"""
+
+# And no import cache entry outside the stdlib (T-IMAGE-1): PY_FRESH drops
+# only the cell's own directories' entries, trusting the image to hold no other.
+IMPORT_CACHE_CHECK = r"""
+import sys as _cell_sys
+print(sorted(str(p) for p in _cell_sys.path_importer_cache
+             if not (isinstance(p, str) and p.startswith('/usr/local/lib/'))))
+del _cell_sys
 """
 
 
@@ -186,6 +196,11 @@ def _build(runtimes: Runtimes, progress: Callable[[str], None] | None) -> Image:
             if out.stdout.strip() != expected:
                 raise ImageError(f"descriptors open at capture: {out.stdout.strip()!r}, expected the preopens {expected}")
             state = guest_state.capture(module, session.instance, session.store)
+            # Checked after the capture, so the captured bytes are what this
+            # builder version always wrote; the check's own turn is not in them.
+            out = session.run(IMPORT_CACHE_CHECK.encode(), 60.0, 1 << 16, None, None)
+            if out.status != "ok" or out.stdout.strip() != "[]":
+                raise ImageError(f"import cache entries outside the stdlib at capture: {out.stdout.strip()[:300]!r}")
         finally:
             session.close()
     finally:

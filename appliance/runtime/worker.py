@@ -57,6 +57,7 @@ ENV_TURN_S = 1.0  # the most the turn setting a run's envs may take (out of the 
 # at 0.5 s; a roll-back that may not fit in the time left is left to the next run.
 RESTORE_BYTES_PER_S = 100 << 20
 ENV_RESTORE_S = 0.25  # the turn putting the cell's envs back (within the supervisor's grace, T-DOS-1)
+ONE_SHOT_READY = 1  # prepared one-shot sessions kept per Python template (each ~4 MiB more than a warm one)
 
 
 def static_resolver(hosts: dict[str, list[str]]) -> Any:
@@ -113,6 +114,7 @@ class Worker:
         self._in_flight = 0
         self._refilling = False  # a warm session is being made (serve with refill_thread)
         self._stopping = False  # the pipe closed: no new warm session is started
+        self._refill_wake = threading.Event()  # set when the last request in flight ends
         hashes = _registry_hashes(config["registry_hashes"]) if "registry_hashes" in config \
             else _mirror_hashes(config.get("mirror_dir"))
         self.runtimes = Runtimes(Path(config["cache_dir"]), registry_hashes=hashes, confining=not start_threads,
@@ -142,6 +144,12 @@ class Worker:
         interpreters = [t.name for t in templates.interpreters()]
         self.warm: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
         self.targets = {name: int(config.get("warm", {}).get(name, 0)) for name in interpreters}
+        # One-shot sessions of the Python image with their first run's page
+        # faults paid (sessions.PY_ONE_SHOT_WARM_UP); only /v1/execute takes
+        # them, never a new cell (whose pages should stay the image's).
+        self.ready_once: dict[str, collections.deque[tuple[Any, str]]] = {name: collections.deque() for name in interpreters}
+        self.once_targets = {name: ONE_SHOT_READY if self.targets[name] and templates.get(name).interpreter
+                             and "python" in templates.get(name).languages else 0 for name in interpreters}
         self.preload: dict[str, list[str]] = {k: list(v) for k, v in config.get("preload", {}).items()}
         self.default_memory = int(config["memory_mb"]) << 20
         self.weights = _open_weights(config.get("weights_dir"))
@@ -163,6 +171,7 @@ class Worker:
             except (RuntimeMissing, ImportError, AttributeError) as e:  # that template is refused; the others keep working
                 self.untrusted[template] = str(e)
                 self.targets[template] = 0
+                self.once_targets[template] = 0
         self.runtimes.forget_memo()  # the memo's key stays behind the confinement wall (T-ESCAPE-1)
 
     def start_threads(self) -> None:
@@ -249,6 +258,8 @@ class Worker:
         finally:
             with self._lock:
                 self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._refill_wake.set()
                 flight = (self.in_flight.pop(request.cell_id, None)
                           if isinstance(request, protocol.ExecRequest) and request.cell_id is not None else None)
             if flight is not None:
@@ -283,6 +294,7 @@ class Worker:
         """Keep the warm pool full while no request is in flight (checked
         between sessions; a run in flight pauses it)."""
         while True:
+            self._refill_wake.clear()
             with self._lock:
                 if self._stopping:
                     return
@@ -295,7 +307,11 @@ class Worker:
                 with self._lock:
                     self._refilling = False
             if not made:
-                time.sleep(0.05)  # idle and full, or busy: look again shortly
+                # Idle and full, or busy: look again shortly, or at once when
+                # the last run ends. One-shot runs arriving back to back leave
+                # only a few ms between them; a fixed wait here missed every
+                # gap and left them making their sessions on the request path.
+                self._refill_wake.wait(0.05)
 
     def _refill_one(self) -> bool:
         for template, target in self.targets.items():
@@ -316,7 +332,42 @@ class Worker:
                 with self._lock:
                     self.warm[template].append((session, path))
                 return True
+        return self._refill_once()
+
+    def _refill_once(self) -> bool:
+        """Make one one-shot session (the warm pool proper comes first)."""
+        for template, target in self.once_targets.items():
+            if len(self.ready_once[template]) >= target:
+                continue
+            path = str(self.pool_root / uuid.uuid4().hex)
+            os.mkdir(path, 0o700)
+            session: Any = None
+            try:
+                session = self.session_classes[template](self.runtimes.get(template), path, self.default_memory,
+                                                         None, self.fifo_dir, warm_up=True)
+                ready = bool(getattr(session, "warmed_up", False))
+            except Exception:
+                ready = False
+            if not ready:  # no image here (or it failed): the warm pool serves one-shots as before
+                if session is not None:
+                    session.close()
+                _discard(path)
+                scratch.remove_tmp_dir(path)
+                self.once_targets[template] = 0
+                return False
+            with self._lock:
+                self.ready_once[template].append((session, path))
+            return True
         return False
+
+    def _take_once(self, template: str, memory: int, envs: dict[str, str] | None) -> tuple[Any, str] | None:
+        """A session for a one-shot run: a prepared one, else one of the warm pool."""
+        if memory == self.default_memory and not envs:
+            with self._lock:
+                queue = self.ready_once.get(template)
+                if queue:
+                    return queue.popleft()
+        return self._take_warm(template, memory, envs)
 
     def _take_warm(self, template: str, memory: int, envs: dict[str, str] | None) -> tuple[Any, str] | None:
         if memory != self.default_memory or envs:
@@ -451,7 +502,7 @@ class Worker:
     def _exec_once(self, msg: protocol.ExecRequest, run: _RunParams) -> tuple[Any, protocol.VolumeUsage | None]:
         """A one-shot run: a warm session and its scratch volume, then discarded."""
         envs = msg.envs or None
-        warm = self._take_warm(msg.template, run.memory, envs) if not msg.stdin else None
+        warm = self._take_once(msg.template, run.memory, envs) if not msg.stdin else None
         if warm is None:
             path = str(self.pool_root / uuid.uuid4().hex)
             os.mkdir(path, 0o700)
@@ -1053,7 +1104,7 @@ def worker_main(conn: Connection, config: dict[str, Any]) -> None:
             os._exit(0)
         for session in list(worker.sessions.values()):
             session.close()
-        for queue in worker.warm.values():
+        for queue in [*worker.warm.values(), *worker.ready_once.values()]:
             for session, path in queue:
                 session.close()
                 _discard(path)
