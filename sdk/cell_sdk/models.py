@@ -134,6 +134,11 @@ class Execution:
     stderr: str = ""
     receipt: dict[str, Any] = field(default_factory=dict)
     restarted: bool = False
+    # The cell's interpreter came back from its snapshot (after a restart, a
+    # pause or a lost worker), or went back to its idle capture because this
+    # run crashed it: ``note`` says how far back.
+    restored: bool = False
+    rolled_back: bool = False
     note: str | None = None
 
     @property

@@ -286,5 +286,7 @@ def execution_from_answer(answer: dict[str, Any], template: str, code: str | byt
         stderr=stderr,
         receipt=dict(answer.get("receipt") or {}),
         restarted=bool(answer.get("restarted", False)),
+        restored=bool(answer.get("restored", False)),
+        rolled_back=bool(answer.get("rolled_back", False)),
         note=note if isinstance(note, str) else None,
     )

@@ -472,6 +472,17 @@ def test_t_image_2_crash_after_an_idle_capture_rolls_back(capturing: ServerProce
     assert not snap.exists()
 
 
+def test_sdk_execution_says_rolled_back(capturing: ServerProcess) -> None:
+    """The SDK's Execution carries ``rolled_back`` (and ``restored``) as the answer gives them."""
+    from cell_sdk import Sandbox
+    with Sandbox("python3", api_url=capturing.url, api_key=capturing.api_key) as sbx:
+        sbx.run_code("x = 41")
+        _wait_for_capture(capturing, sbx.sandbox_id)
+        crashed = sbx.run_code(CRASHES[0][2])
+        assert crashed.rolled_back and not crashed.restored and crashed.note and "rolled back" in crashed.note
+        assert sbx.run_code("x + 1").text == "42"
+
+
 def test_t_image_2_crash_with_a_capture_behind_starts_fresh_and_says_so(capturing: ServerProcess) -> None:
     """A capture older than the cell's last run is never rolled back to: the
     crash starts a fresh interpreter as without captures, the note says no
