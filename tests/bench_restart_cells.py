@@ -93,6 +93,9 @@ def main() -> int:
     parser.add_argument("cells", nargs="?", type=int, default=500)
     parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
     parser.add_argument("--workers", type=int, default=4, help="SYNAPSE_WORKERS")
+    parser.add_argument("--idle", type=float, default=0.0,
+                        help="seconds the cells stay idle before SIGTERM (the service captures idle cells in the "
+                             "background; 0: stop at once, every capture is taken by the stop)")
     args = parser.parse_args()
     n = args.cells
     root = Path(tempfile.mkdtemp(prefix="cell-bench-restart-"))
@@ -118,6 +121,9 @@ def main() -> int:
         procs, rss, pss = memory(srv.proc.pid)
         print(f"memory with {n} idle cells: {procs} processes, RSS {rss / 2**20:.0f} MiB, PSS {pss / 2**20:.0f} MiB "
               f"({pss / n / 2**20:.2f} MiB PSS per cell, service included)", flush=True)
+        if args.idle > 0:
+            print(f"idle for {args.idle:.0f}s before SIGTERM", flush=True)
+            time.sleep(args.idle)
         t = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         srv.proc.wait(timeout=600)
