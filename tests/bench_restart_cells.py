@@ -42,6 +42,7 @@ def bench_env(cells: int, workers: int) -> dict[str, str]:
         "SYNAPSE_TENANT_MAX_CELLS": str(per_worker * workers),
         "SYNAPSE_TENANT_MAX_QUEUED": "0",
         "SYNAPSE_CELL_PAUSE_IDLE_S": "0",  # all N stay live until the SIGTERM captures them
+        "SYNAPSE_CELL_CAPTURE_IDLE_S": "2",  # the service's default (tests/liveserver.py turns it off)
     }
 
 
