@@ -54,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # start-up: loaded while the workers start (see above)
         from appliance.services import build_services, ensure_default_tenant
         from appliance.web.app import create_app
-        from appliance.web.server import make_server
+        from appliance.web.server import hang_up_idle, make_server, open_connections, stop_listening, stop_serving
     except BaseException:
         pool.close()
         raise
@@ -91,8 +91,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # allowed run plus grace), then close: no answered run loses its receipt.
         services.draining.set()
         limit = time.monotonic() + settings.run_timeout_ceiling_ms / 1000 + settings.kill_grace_ms / 1000 + 1
+        # Idle keep-alive connections are closed now, busy ones once answered:
+        # an open client connection must not keep the service from stopping.
+        hang_up_idle(server)
+        next_hang_up = time.monotonic() + 0.25
         while services.inflight() > 0 and time.monotonic() < limit:
             time.sleep(0.05)
+            if time.monotonic() >= next_hang_up:
+                hang_up_idle(server)
+                next_hang_up = time.monotonic() + 0.25
         try:
             # T-IMAGE-2: idle persistent Python cells continue after the restart.
             captured = services.cells.capture_cells()
@@ -100,7 +107,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(f"cell: captured {captured} cell(s) to snapshots", flush=True)
         except Exception:
             log.exception("capturing cells at shutdown failed")
-        server.close()
+        # No new connections; the ones still open get their answers sent (up
+        # to a short bound), then everything closes on waitress's own thread
+        # and server.run() returns.
+        stop_listening(server)
+        flush_limit = time.monotonic() + 2
+        while open_connections(server) and time.monotonic() < flush_limit:
+            hang_up_idle(server)
+            time.sleep(0.05)
+        stop_serving(server)
 
     def on_term(signum: int, _frame: Any) -> None:
         if not stop.is_set():
@@ -138,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
     finally:
         print("cell: shutting down", flush=True)
+        server.task_dispatcher.shutdown(timeout=1)  # its threads are idle once drained
         services.close()
         ops = app.extensions.get("cell_ops")
         if ops is not None:

@@ -36,7 +36,11 @@ Environment=PYTHONDONTWRITEBYTECODE=1
 ExecStart={layout.prefix}/current/venv/bin/cell serve
 ExecReload=/bin/kill -HUP $MAINPID
 KillSignal=SIGTERM
-TimeoutStopSec=30
+# A stop drains (runs in flight finish: up to the 60 s run ceiling plus grace),
+# then captures every idle Python cell so it keeps its variables across the
+# restart (hundreds of cells: tens of seconds on a busy 2-core node). Killed
+# before that ends, the cells not yet captured lose their variables.
+TimeoutStopSec=180
 Restart=on-failure
 RestartSec=5
 UMask=0077

@@ -30,6 +30,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -196,6 +197,30 @@ class WorkerHandle:
     @property
     def busy(self) -> bool:
         return self.running > 0
+
+
+def _hang_up(handle: WorkerHandle) -> None:
+    """Tell a worker the service is stopping: end-of-file on its pipe.
+
+    Closing our end is not enough while the pipe's reader thread is blocked
+    reading it: the kernel keeps the socket open until that read returns, so
+    the worker never sees EOF and is killed only after the close deadline.
+    shutdown() ends the socket itself: the worker reads EOF and exits, and our
+    reader wakes up, sees EOF and closes the connection (it is its only closer)."""
+    with handle.state_lock:
+        if handle.dead:  # the reader saw EOF already: it closes (or closed) the connection
+            return
+        try:
+            # Duplicated under the lock: the reader closes the connection only
+            # after it marks the handle dead, so the descriptor is still ours.
+            fd = os.dup(handle.conn.fileno())
+        except (OSError, ValueError):
+            return
+    try:
+        with socket.socket(fileno=fd) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class WorkerPool:
@@ -478,15 +503,13 @@ class WorkerPool:
             self._place.notify_all()
         self.broker.shutdown()  # the stdio MCP servers it started
         for handle in handles:
-            try:
-                handle.conn.close()
-            except OSError:
-                pass
+            _hang_up(handle)
+        # One deadline for all: the workers end at the same time, not one after the other.
+        deadline = time.monotonic() + 3
         for handle in handles:
             # Not join(timeout): a compromised worker can close its spawn
             # sentinel, and join() then blocks in waitpid for as long as the
             # worker lives (T-ESCAPE-1). is_alive() never blocks.
-            deadline = time.monotonic() + 3
             while handle.process.is_alive() and time.monotonic() < deadline:
                 time.sleep(0.02)
             if handle.process.is_alive():

@@ -683,6 +683,14 @@ class Worker:
         image = self.runtimes.get(self._template_of(session)).image
         if image is None:
             return protocol.ErrorReply(msg.req_id, 409, "not_capturable", "no Python image")
+        if msg.cell_id in self.current_capture and os.path.isfile(path):
+            # No run since its last capture (an idle capture, most often): the
+            # file already is this state. A stop with hundreds of long-idle
+            # cells writes nothing again.
+            if msg.release:
+                self.sessions.pop(msg.cell_id, None)
+                session.close()
+            return protocol.OkReply(msg.req_id)
         # Only the pages that differ from the image: an idle cell's snapshot is its own few MB.
         # Views of the idle cell's memory (no copy): written out before it runs again (its lock is held).
         state = session.snapshot_diff(self._image_pages(image), copy=False)

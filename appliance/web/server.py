@@ -43,6 +43,8 @@ from waitress.channel import HTTPChannel  # type: ignore[import-untyped]
 from waitress.parser import HTTPRequestParser  # type: ignore[import-untyped]
 from waitress.server import BaseWSGIServer, create_server  # type: ignore[import-untyped]
 from waitress.task import ErrorTask, WSGITask  # type: ignore[import-untyped]
+from waitress.trigger import trigger as Trigger  # type: ignore[import-untyped]
+from waitress.wasyncore import dispatcher  # type: ignore[import-untyped]
 
 from appliance.web.guard import AUTHENTICATED, BODY_REFUSED
 
@@ -228,3 +230,72 @@ def make_server(app: Any, services: Any, host: str, port: int, **adjustments: An
     for listener in listeners:
         listener.channel_class = channel  # before the loop runs: no connection accepted yet
     return server
+
+
+# -- stopping (SIGTERM) -------------------------------------------------------
+# waitress's loop runs while its socket map holds a dispatcher, and only its own
+# thread may touch that map: closing sockets from another thread makes its
+# select() fail on a closed descriptor, and a keep-alive connection left in the
+# map keeps the loop (and so the process) alive. The steps below therefore run
+# on waitress's I/O thread, handed over through its trigger.
+
+def _socket_map(server: Any) -> dict[int, Any]:
+    found = getattr(server, "map", None)  # MultiSocketServer (several listen addresses)
+    return found if isinstance(found, dict) else server._map
+
+
+def _on_io_thread(server: Any, thunk: Callable[[], None]) -> None:
+    wake = next((d for d in list(_socket_map(server).values()) if isinstance(d, Trigger)), None)
+    if wake is None:
+        return  # the loop has ended: nothing left to close
+    try:
+        wake.pull_trigger(thunk)
+    except (OSError, ValueError):  # closed meanwhile
+        pass
+
+
+def _idle(channel: Any) -> bool:
+    """A keep-alive connection between requests: nothing received, queued or unsent."""
+    return (not channel.requests and channel.request is None and not channel.total_outbufs_len
+            and not getattr(channel, "discarding", False))
+
+
+def hang_up_idle(server: Any) -> None:
+    """While draining: close the connections that wait for no answer (idle
+    keep-alive ones). A connection whose request is running keeps it and gets
+    its answer; called again, it is closed once it is idle."""
+    def close_idle() -> None:
+        for channel in list(_socket_map(server).values()):
+            if isinstance(channel, HTTPChannel) and _idle(channel):
+                channel.handle_close()
+    _on_io_thread(server, close_idle)
+
+
+def stop_listening(server: Any) -> None:
+    """Accept no more connections (the listening sockets close; the trigger stays)."""
+    def close_listeners() -> None:
+        for listener in list(_socket_map(server).values()):
+            if isinstance(listener, BaseWSGIServer):
+                dispatcher.close(listener)  # not listener.close(): that closes the trigger too
+    _on_io_thread(server, close_listeners)
+
+
+def open_connections(server: Any) -> int:
+    """How many client connections are open (read from any thread: a count only)."""
+    return sum(1 for d in list(_socket_map(server).values()) if isinstance(d, HTTPChannel))
+
+
+def stop_serving(server: Any) -> None:
+    """Close whatever is left (connections, listeners, the trigger), on the I/O
+    thread: ``server.run()`` then returns."""
+    def close_all() -> None:
+        sockets = _socket_map(server)
+        for item in list(sockets.values()):
+            try:
+                # A connection's own close also tells a request thread still
+                # writing to it that the client is gone.
+                (item.handle_close if isinstance(item, HTTPChannel) else item.close)()
+            except OSError:
+                pass
+        sockets.clear()
+    _on_io_thread(server, close_all)

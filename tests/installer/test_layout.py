@@ -71,6 +71,18 @@ def test_unit_is_hardened_and_uses_target_paths(tmp_path: Path) -> None:
     assert rw == ["ReadWritePaths=/var/lib/synapse"]
 
 
+def test_unit_stop_timeout_covers_the_drain_and_the_captures(tmp_path: Path) -> None:
+    """systemd SIGKILLs a service still stopping after TimeoutStopSec: the stop
+    must have room for the longest drain (a run at the ceiling plus the largest
+    kill grace) and then for the captures of hundreds of idle cells (T-IMAGE-2;
+    500 cells: tests/bench_restart_cells.py)."""
+    from appliance.config import HARD_RUN_TIMEOUT_MS
+    unit = render_unit(Layout(root=tmp_path)).splitlines()
+    [timeout] = [int(ln.split("=", 1)[1]) for ln in unit if ln.startswith("TimeoutStopSec=")]
+    drain_s = HARD_RUN_TIMEOUT_MS / 1000 + 10 + 1  # SYNAPSE_KILL_GRACE_MS is at most 10 s
+    assert timeout >= drain_s + 60
+
+
 def test_dry_run_verifies_and_changes_nothing(tmp_path: Path, release_key: ReleaseKey,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     tar = small_bundle(tmp_path, release_key)
