@@ -12,6 +12,10 @@ delete with 2 clients, and the rows of issue 18's table with their ratios.
 The machine is shared: the ratios to the same-run baseline are the figures
 to compare. A benchmark: exits non-zero only if a run fails.
 
+``--only create-run-delete`` measures just that row (one server, no
+baseline), with the CPU milliseconds per cycle of the web process and of
+the workers, ``--rounds`` times in a row.
+
 ``--tenants N`` spreads the clients over N tenants (client i is tenant
 i mod N): with tenant-bound workers (T-TENANT-1) each tenant's cells live in
 workers of their own.
@@ -131,12 +135,43 @@ def create_run_delete(srv: ServerProcess, clients: int, seconds: float) -> tuple
     return done[0] / (time.perf_counter() - t0), bad[0]
 
 
+def create_run_delete_only(seconds: float, rounds: int) -> int:
+    """The create + run + delete row alone, with CPU ms per cycle (web process, workers)."""
+    root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))
+    srv = start_server(root=root, env={"SYNAPSE_LOG_LEVEL": "warning"})
+    failed = 0
+    try:
+        create_run_delete(srv, 1, 1.0)  # the tenant's worker bound and its warm pool filled
+        for _ in range(rounds):
+            load = os.getloadavg()[0]
+            pids = [srv.proc.pid, *srv.request("GET", "/v1/status")[1]["workers"]["pids"]]
+            before = {p: _cpu_seconds(p) for p in pids}
+            rate, bad = create_run_delete(srv, 2, seconds)
+            cycles = max(1, round(rate * seconds))
+            cpu = {p: (_cpu_seconds(p) - before[p]) * 1000 / cycles for p in pids if os.path.exists(f"/proc/{p}")}
+            workers = sum(v for p, v in cpu.items() if p != srv.proc.pid)
+            failed += bad
+            print(f"create + run + delete, cells/s, 2 clients: {rate:.0f}   CPU ms/cycle: web {cpu[srv.proc.pid]:.2f}, "
+                  f"workers {workers:.2f}   (load average {load:.2f} before, {os.getloadavg()[0]:.2f} after)", flush=True)
+    finally:
+        srv.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if failed:
+        print(f"FAIL: {failed} runs did not answer as expected")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement (default 5)")
     ap.add_argument("--tenants", type=int, default=1, help="spread the clients over N tenants (default 1)")
+    ap.add_argument("--only", choices=["create-run-delete"], help="measure only this row")
+    ap.add_argument("--rounds", type=int, default=1, help="with --only: measurements in a row (default 1)")
     args = ap.parse_args(argv)
     seconds = args.seconds
+    if args.only == "create-run-delete":
+        return create_run_delete_only(seconds, args.rounds)
     load0 = os.getloadavg()
     floor_p50, floor_cpu = engine_floor(200)
     root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))
