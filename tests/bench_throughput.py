@@ -14,7 +14,7 @@ to compare. A benchmark: exits non-zero only if a run fails.
 
 ``--only create-run-delete`` measures just that row (one server, no
 baseline), with the CPU milliseconds per cycle of the web process and of
-the workers, ``--rounds`` times in a row.
+the workers and the p50 of each step, ``--rounds`` times in a row.
 
 ``--tenants N`` spreads the clients over N tenants (client i is tenant
 i mod N): with tenant-bound workers (T-TENANT-1) each tenant's cells live in
@@ -99,7 +99,9 @@ def timed_start(root: Path) -> tuple[ServerProcess, float]:
         time.sleep(0.01)
 
 
-def create_run_delete(srv: ServerProcess, clients: int, seconds: float) -> tuple[float, int]:
+def create_run_delete(srv: ServerProcess, clients: int, seconds: float,
+                      phases: list[tuple[float, float, float]] | None = None) -> tuple[float, int]:
+    """Cells per second and failed runs; ``phases`` gets each cycle's seconds in create, run and delete."""
     import http.client
 
     host, port = srv.url.split("//")[1].rsplit(":", 1)
@@ -112,19 +114,26 @@ def create_run_delete(srv: ServerProcess, clients: int, seconds: float) -> tuple
     def loop() -> None:
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         n = fails = 0
+        mine = []
         while time.monotonic() < stop:
+            t0 = time.perf_counter()
             conn.request("POST", "/v1/cells", json.dumps({"template": "python3"}), headers)
             cell = json.loads(conn.getresponse().read()).get("cell_id")
+            t1 = time.perf_counter()
             conn.request("POST", f"/v1/cells/{cell}/exec", json.dumps({"code": "print(1)"}), headers)
             ok = json.loads(conn.getresponse().read()).get("stdout") == "1\n"
+            t2 = time.perf_counter()
             conn.request("DELETE", f"/v1/cells/{cell}", None, headers)
             conn.getresponse().read()
+            mine.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
             n += 1
             fails += not ok
         conn.close()
         with lock:
             done[0] += n
             bad[0] += fails
+            if phases is not None:
+                phases.extend(mine)
 
     t0 = time.perf_counter()
     ts = [threading.Thread(target=loop) for _ in range(clients)]
@@ -146,13 +155,15 @@ def create_run_delete_only(seconds: float, rounds: int) -> int:
             load = os.getloadavg()[0]
             pids = [srv.proc.pid, *srv.request("GET", "/v1/status")[1]["workers"]["pids"]]
             before = {p: _cpu_seconds(p) for p in pids}
-            rate, bad = create_run_delete(srv, 2, seconds)
-            cycles = max(1, round(rate * seconds))
+            phases: list[tuple[float, float, float]] = []
+            rate, bad = create_run_delete(srv, 2, seconds, phases)
+            cycles = max(1, len(phases))
+            p50 = [statistics.median(p[i] for p in phases) * 1000 if phases else 0.0 for i in range(3)]
             cpu = {p: (_cpu_seconds(p) - before[p]) * 1000 / cycles for p in pids if os.path.exists(f"/proc/{p}")}
             workers = sum(v for p, v in cpu.items() if p != srv.proc.pid)
             failed += bad
             print(f"create + run + delete, cells/s, 2 clients: {rate:.0f}   CPU ms/cycle: web {cpu[srv.proc.pid]:.2f}, "
-                  f"workers {workers:.2f}   (load average {load:.2f} before, {os.getloadavg()[0]:.2f} after)", flush=True)
+                  f"workers {workers:.2f}   p50 ms: create {p50[0]:.1f}, run {p50[1]:.1f}, delete {p50[2]:.1f}   (load average {load:.2f} before, {os.getloadavg()[0]:.2f} after)", flush=True)
     finally:
         srv.stop()
         shutil.rmtree(root, ignore_errors=True)
