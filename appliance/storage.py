@@ -218,12 +218,6 @@ class Store:
             rows = self._read(f"SELECT {_CELL_COLUMNS} FROM cells WHERE tenant_id = ? ORDER BY created_at", (tenant_id,))
         return [self._cell(r) for r in rows]
 
-    def count_all_cells(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM cells")[0][0])
-
-    def count_cells(self, tenant_id: str) -> int:
-        return int(self._read("SELECT COUNT(*) FROM cells WHERE tenant_id = ?", (tenant_id,))[0][0])
-
     def room_counts(self, tenant_id: str) -> tuple[int, int, int]:
         """Cells on the node, cells of ``tenant_id``, tenants not revoked: one
         read (one snapshot) for a create's limit checks instead of three, and
