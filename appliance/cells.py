@@ -168,13 +168,13 @@ class CellService:
 
     def _check_room(self, tenant: Tenant) -> None:
         max_cells = self.limits().max_cells
-        if self.store.count_all_cells() >= max_cells:
+        on_node, of_tenant, tenants = self.store.room_counts(tenant.id)
+        if on_node >= max_cells:
             raise Forbidden(f"this appliance already runs its maximum of {max_cells} cells (license and configuration); "
                             "delete a cell or raise the limit", code="cell_limit")
         # T-FAIR-1: one tenant may not take every cell of a shared node.
-        tenant_cap = tenant_cell_cap(max_cells, self.settings.tenant_max_cells,
-                                     sum(1 for t in self.store.list_tenants() if not t.revoked))
-        if self.store.count_cells(tenant.id) >= tenant_cap:
+        tenant_cap = tenant_cell_cap(max_cells, self.settings.tenant_max_cells, tenants)
+        if of_tenant >= tenant_cap:
             raise Forbidden(f"this tenant already holds its maximum of {tenant_cap} cells on this appliance; delete a cell "
                             "or ask the operator to raise SYNAPSE_TENANT_MAX_CELLS", code="tenant_cell_limit")
 

@@ -218,11 +218,13 @@ class Store:
             rows = self._read(f"SELECT {_CELL_COLUMNS} FROM cells WHERE tenant_id = ? ORDER BY created_at", (tenant_id,))
         return [self._cell(r) for r in rows]
 
-    def count_all_cells(self) -> int:
-        return int(self._read("SELECT COUNT(*) FROM cells")[0][0])
-
-    def count_cells(self, tenant_id: str) -> int:
-        return int(self._read("SELECT COUNT(*) FROM cells WHERE tenant_id = ?", (tenant_id,))[0][0])
+    def room_counts(self, tenant_id: str) -> tuple[int, int, int]:
+        """Cells on the node, cells of ``tenant_id``, tenants not revoked: one
+        read (one snapshot) for a create's limit checks instead of three, and
+        no row of either table is built."""
+        row = self._read("SELECT (SELECT COUNT(*) FROM cells), (SELECT COUNT(*) FROM cells WHERE tenant_id = ?),"
+                         " (SELECT COUNT(*) FROM tenants WHERE revoked = 0)", (tenant_id,))[0]
+        return int(row[0]), int(row[1]), int(row[2])
 
     def touch_cell(self, cell_id: str, expires_at: int, timeout_ms: int | None = None) -> None:
         if timeout_ms is None:

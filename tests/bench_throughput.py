@@ -12,6 +12,10 @@ delete with 2 clients, and the rows of issue 18's table with their ratios.
 The machine is shared: the ratios to the same-run baseline are the figures
 to compare. A benchmark: exits non-zero only if a run fails.
 
+``--only create-run-delete`` measures just that row (one server, no
+baseline), with the CPU milliseconds per cycle of the web process and of
+the workers and the p50 of each step, ``--rounds`` times in a row.
+
 ``--tenants N`` spreads the clients over N tenants (client i is tenant
 i mod N): with tenant-bound workers (T-TENANT-1) each tenant's cells live in
 workers of their own.
@@ -95,7 +99,9 @@ def timed_start(root: Path) -> tuple[ServerProcess, float]:
         time.sleep(0.01)
 
 
-def create_run_delete(srv: ServerProcess, clients: int, seconds: float) -> tuple[float, int]:
+def create_run_delete(srv: ServerProcess, clients: int, seconds: float,
+                      phases: list[tuple[float, float, float]] | None = None) -> tuple[float, int]:
+    """Cells per second and failed runs; ``phases`` gets each cycle's seconds in create, run and delete."""
     import http.client
 
     host, port = srv.url.split("//")[1].rsplit(":", 1)
@@ -108,19 +114,26 @@ def create_run_delete(srv: ServerProcess, clients: int, seconds: float) -> tuple
     def loop() -> None:
         conn = http.client.HTTPConnection(host, int(port), timeout=60)
         n = fails = 0
+        mine = []
         while time.monotonic() < stop:
+            t0 = time.perf_counter()
             conn.request("POST", "/v1/cells", json.dumps({"template": "python3"}), headers)
             cell = json.loads(conn.getresponse().read()).get("cell_id")
+            t1 = time.perf_counter()
             conn.request("POST", f"/v1/cells/{cell}/exec", json.dumps({"code": "print(1)"}), headers)
             ok = json.loads(conn.getresponse().read()).get("stdout") == "1\n"
+            t2 = time.perf_counter()
             conn.request("DELETE", f"/v1/cells/{cell}", None, headers)
             conn.getresponse().read()
+            mine.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
             n += 1
             fails += not ok
         conn.close()
         with lock:
             done[0] += n
             bad[0] += fails
+            if phases is not None:
+                phases.extend(mine)
 
     t0 = time.perf_counter()
     ts = [threading.Thread(target=loop) for _ in range(clients)]
@@ -131,12 +144,45 @@ def create_run_delete(srv: ServerProcess, clients: int, seconds: float) -> tuple
     return done[0] / (time.perf_counter() - t0), bad[0]
 
 
+def create_run_delete_only(seconds: float, rounds: int) -> int:
+    """The create + run + delete row alone, with CPU ms per cycle (web process, workers)."""
+    root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))
+    srv = start_server(root=root, env={"SYNAPSE_LOG_LEVEL": "warning"})
+    failed = 0
+    try:
+        create_run_delete(srv, 1, 1.0)  # the tenant's worker bound and its warm pool filled
+        for _ in range(rounds):
+            load = os.getloadavg()[0]
+            pids = [srv.proc.pid, *srv.request("GET", "/v1/status")[1]["workers"]["pids"]]
+            before = {p: _cpu_seconds(p) for p in pids}
+            phases: list[tuple[float, float, float]] = []
+            rate, bad = create_run_delete(srv, 2, seconds, phases)
+            cycles = max(1, len(phases))
+            p50 = [statistics.median(p[i] for p in phases) * 1000 if phases else 0.0 for i in range(3)]
+            cpu = {p: (_cpu_seconds(p) - before[p]) * 1000 / cycles for p in pids if os.path.exists(f"/proc/{p}")}
+            workers = sum(v for p, v in cpu.items() if p != srv.proc.pid)
+            failed += bad
+            print(f"create + run + delete, cells/s, 2 clients: {rate:.0f}   CPU ms/cycle: web {cpu[srv.proc.pid]:.2f}, "
+                  f"workers {workers:.2f}   p50 ms: create {p50[0]:.1f}, run {p50[1]:.1f}, delete {p50[2]:.1f}   (load average {load:.2f} before, {os.getloadavg()[0]:.2f} after)", flush=True)
+    finally:
+        srv.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    if failed:
+        print(f"FAIL: {failed} runs did not answer as expected")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement (default 5)")
     ap.add_argument("--tenants", type=int, default=1, help="spread the clients over N tenants (default 1)")
+    ap.add_argument("--only", choices=["create-run-delete"], help="measure only this row")
+    ap.add_argument("--rounds", type=int, default=1, help="with --only: measurements in a row (default 1)")
     args = ap.parse_args(argv)
     seconds = args.seconds
+    if args.only == "create-run-delete":
+        return create_run_delete_only(seconds, args.rounds)
     load0 = os.getloadavg()
     floor_p50, floor_cpu = engine_floor(200)
     root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))

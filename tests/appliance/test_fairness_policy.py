@@ -1,9 +1,12 @@
 """The pure fair-share policy (T-FAIR-1): reserve lane, fair queue, caps."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from appliance.policy.fairness import FairShare, Ticket, tenant_cell_cap
+from appliance.storage import CellRecord, Store
 
 
 def start(share: FairShare, tenant: str, worker: int) -> Ticket:
@@ -102,3 +105,21 @@ def test_bad_shapes_are_refused(bad: dict[str, int]) -> None:
 ])
 def test_t_fair_1_tenant_cell_cap(node_max: int, configured: int, tenants: int, cap: int) -> None:
     assert tenant_cell_cap(node_max, configured, tenants) == cap
+
+
+def test_t_fair_1_room_counts_are_the_cells_and_the_tenants_not_revoked(tmp_path: Path) -> None:
+    """The counts a create checks its caps against, read in one statement (storage.Store.room_counts)."""
+    store = Store(tmp_path / "cell.sqlite")
+    a, _ = store.add_tenant("a", 0)
+    b, _ = store.add_tenant("b", 0)
+    gone, _ = store.add_tenant("gone", 0)
+    assert store.room_counts(a.id) == (0, 0, 3)
+    for i, owner in enumerate((a, a, b)):
+        store.add_cell(CellRecord(f"c{i}", owner.id, "python3", 0, 1000, 1000, True, {}, {}, 64))
+    store.revoke_tenant(gone.id)
+    assert store.room_counts(a.id) == (3, 2, 2)
+    assert store.room_counts(b.id) == (3, 1, 2)
+    assert store.room_counts("t-none") == (3, 0, 2)
+    store.delete_cell("c0")
+    assert store.room_counts(a.id) == (2, 1, 2)
+    store.close()
