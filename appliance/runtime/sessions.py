@@ -159,6 +159,55 @@ del _cell_fresh
 """
 
 
+# Run in every interpreter started from the image (after PY_FRESH) or restored
+# from a snapshot: each figure pyplot opens says so through the results door
+# (rich.py's ``cell-figures/1`` frame), so the host's figure-collecting turn
+# runs only after a run that opened one. Every run's collection closes what is
+# open, so a figure open at the end of a run was opened during it. Without
+# this, an image-started interpreter (pyplot loaded) paid that extra turn after
+# every run. Idempotent; a guest that removes the hook only loses its own
+# figures' automatic display (plt.show() still shows them).
+PY_FIGURE_SIGNAL = r"""
+def _cell_figure_signal():
+    from matplotlib._pylab_helpers import Gcf
+    if getattr(Gcf, '_cell_signals', False):
+        return
+    from _host import call
+    opened = Gcf._set_new_active_manager.__func__
+
+    def _set_new_active_manager(cls, manager):
+        opened(cls, manager)
+        try:
+            call(b'cell-figures/1\n')
+        except OSError:
+            pass
+    Gcf._set_new_active_manager = classmethod(_set_new_active_manager)
+    Gcf._cell_signals = True
+_cell_figure_signal()
+del _cell_figure_signal
+"""
+
+
+# Run first in an interpreter restored from a snapshot: matplotlib keeps each
+# font it has drawn with open (FreeType reads glyphs from the file as it
+# goes), and no descriptor survives a restore, so a cell that had drawn a chart
+# failed every later one ("failed to load glyph"). Its font cache is emptied;
+# fonts are opened again at the next draw. (Closing the dead files reports
+# EBADF through the unraisable hook: the boot turn's output is not kept.)
+PY_RESTORED = r"""
+def _cell_restored():
+    import sys
+    fm = sys.modules.get('matplotlib.font_manager')
+    if fm is not None:
+        try:
+            fm._get_font.cache_clear()
+        except Exception:
+            pass
+_cell_restored()
+del _cell_restored
+""" + PY_FIGURE_SIGNAL
+
+
 # Run before PY_FRESH in image-started interpreters kept for one-shot runs
 # (worker.py): a fresh instance maps the image's pages copy-on-write, and the
 # first pandas call in it spends ~10 ms faulting in the pages it touches (a
@@ -218,15 +267,21 @@ class PythonSession:
         self.alive = True
         self.runs = 0
         self._rich = False  # rich results are collected once their boot code has run
-        # pyplot is loaded: figures may be left open after a run (rich.py); an
-        # image-started interpreter has it loaded already.
-        self._figures = self.from_image
+        # pyplot is loaded: figures may be left open after a run (rich.py). An
+        # image-started interpreter has it loaded already, and signals each
+        # figure it opens (PY_FIGURE_SIGNAL): the collecting turn follows only
+        # the runs that opened one.
+        self._figures = False
+        self._figures_per_run = image is not None
         if restore is not None:
-            boot_codes = []  # the cell's own interpreter, as it was: nothing to redo
+            # The cell's own interpreter, as it was: only what a restore cannot
+            # carry (open font files), and the figure signal for a capture
+            # taken before it existed.
+            boot_codes = [PY_RESTORED.encode()]
         elif image is not None:
             full_env = dict(GUEST_ENV_BASE)
             full_env.update(env)
-            boot_codes = [(PY_FRESH % json.dumps(full_env)).encode()]
+            boot_codes = [(PY_FRESH % json.dumps(full_env) + PY_FIGURE_SIGNAL).encode()]  # one turn
             if warm_up:
                 boot_codes.insert(0, PY_ONE_SHOT_WARM_UP.encode())  # the reset still comes last
         else:
@@ -279,7 +334,10 @@ class PythonSession:
             exit_code, trap, stop_reason = self._turn_once(code, run_ctx, timeout_s)
             self.runs += 1
             out, err, truncated = self.capture.finish()
-            self._figures = self._figures or shown.figures
+            if self._figures_per_run:
+                self._figures = shown.figures  # this run opened a figure
+            else:
+                self._figures = self._figures or shown.figures  # pyplot was imported: after every run from now on
             if trap is None and self.alive and self._rich and self._figures and not truncated:
                 # The host's own turn: figures still open, once pyplot is loaded (rich.py).
                 left = max(RICH_MIN_S, timeout_s - (time.monotonic() - started))

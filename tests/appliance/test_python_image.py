@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,6 +61,47 @@ def test_t_image_1_new_cell_has_the_stack_imported(rt: Runtimes, tmp_path: Path)
         assert _out(s, "import os\nprint(os.getcwd())").strip() == "/data"
     finally:
         s.close()
+
+
+def test_image_cell_collects_figures_only_after_a_run_that_opened_one(rt: Runtimes, tmp_path: Path) -> None:
+    """pyplot is loaded in the image, so the host's figure-collecting turn used to
+    follow every run; each figure pyplot opens now says so, and only such runs
+    pay that turn. A restored interpreter keeps the signal, and draws again."""
+    s = _session(rt, tmp_path, "a")
+    turns: list[bytes] = []
+
+    def counting(session: PythonSession) -> None:
+        inner = session._turn_once
+
+        def turn_once(code: bytes, ctx: Any, timeout_s: float) -> Any:
+            turns.append(code)
+            return inner(code, ctx, timeout_s)
+        session._turn_once = turn_once  # type: ignore[method-assign]
+
+    def runs(session: PythonSession, code: str) -> tuple[int, int]:
+        turns.clear()
+        outcome = session.run(code.encode(), 60.0, 1 << 20, None, None)
+        assert outcome.status == "ok", outcome.stderr
+        return len(turns), sum("image/png" in r.data for r in outcome.results)
+
+    counting(s)
+    try:
+        assert runs(s, "x = 1") == (1, 0)
+        assert runs(s, "import matplotlib.pyplot as plt\nplt.figure()\nplt.plot([1, 2])") == (2, 1)
+        assert runs(s, "y = x + 1") == (1, 0)
+        assert runs(s, "plt.subplots()\nplt.show()") == (2, 1)  # shown by the run; the extra turn finds nothing
+        state = s.snapshot()
+    finally:
+        s.close()
+    b = PythonSession(rt.get("python3"), str(tmp_path / "vols" / "t" / "a"), MEMORY, None, restore=state)
+    counting(b)
+    try:
+        assert runs(b, "z = y") == (1, 0)
+        # Drawn after the restore although the cell had drawn before it (its
+        # font files, open in the capture, are opened again).
+        assert runs(b, "plt.plot([3, 1])") == (2, 1)
+    finally:
+        b.close()
 
 
 def test_t_image_1_random_state_is_reseeded_per_cell(rt: Runtimes, tmp_path: Path) -> None:
