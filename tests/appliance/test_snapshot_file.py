@@ -9,7 +9,7 @@ from typing import Callable
 
 import pytest
 
-from appliance.runtime import wasmimage
+from appliance.runtime import snapshot_file, wasmimage
 from appliance.runtime.guest_state import GuestState
 from appliance.runtime.snapshot_file import MAGIC, SnapshotRefused, decode, encode, read, write
 
@@ -85,3 +85,52 @@ def test_t_image_2_unsafe_files_are_refused(tmp_path: Path, kind: str) -> None:
 def test_missing_snapshot_is_not_a_refusal(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         read(tmp_path / "none", "t1", "c1", KEY, MAX)
+
+
+# The reader reads a piece at a time while a second thread MACs what has
+# arrived: small pieces here, so a file of a few pages spans many of them and
+# a change in the first, a middle, or the last piece (or across a boundary)
+# is still seen before anything is parsed.
+PIECE = 16 * 1024
+
+
+_BIG = os.urandom(4 * wasmimage.PAGE)
+
+
+def _big_state() -> GuestState:
+    return GuestState(_BIG, {0: 1, 3: 2})
+
+
+def test_t_image_2_pipelined_read_round_trips_over_many_pieces(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot_file, "READ_PIECE", PIECE)
+    path = tmp_path / "snap"
+    size = write(path, _big_state(), "imagekey", "t1", "c1", KEY)
+    assert size > 8 * PIECE
+    image, state = read(path, "t1", "c1", KEY, 8 * wasmimage.PAGE)
+    assert image == "imagekey" and state == _big_state()
+
+
+PIPELINE_TAMPERED: list[tuple[str, Callable[[bytes], bytes]]] = [
+    ("first_piece_header", lambda d: _flip(d, len(MAGIC) + 5)),
+    ("first_piece_memory", lambda d: _flip(d, PIECE - 100)),
+    ("last_byte_of_a_piece", lambda d: _flip(d, 3 * PIECE - 1)),
+    ("first_byte_of_a_piece", lambda d: _flip(d, 3 * PIECE)),
+    ("last_piece_memory", lambda d: _flip(d, len(d) - snapshot_file.MAC_BYTES - 1)),
+    ("last_piece_mac", lambda d: _flip(d, len(d) - 1)),
+    ("truncated_by_one", lambda d: d[:-1]),
+    ("truncated_to_whole_pieces", lambda d: d[:(len(d) // PIECE) * PIECE]),
+    ("extended_by_one", lambda d: d + b"\x00"),
+    ("extended_by_a_piece", lambda d: d + bytes(PIECE)),
+]
+
+
+@pytest.mark.parametrize("name,change", PIPELINE_TAMPERED, ids=[t[0] for t in PIPELINE_TAMPERED])
+def test_t_image_2_pipelined_read_refuses_a_change_in_any_piece(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                name: str, change: Callable[[bytes], bytes]) -> None:
+    monkeypatch.setattr(snapshot_file, "READ_PIECE", PIECE)
+    path = tmp_path / "snap"
+    write(path, _big_state(), "imagekey", "t1", "c1", KEY)
+    path.write_bytes(change(path.read_bytes()))  # still 0600, ours
+    with pytest.raises(SnapshotRefused):
+        read(path, "t1", "c1", KEY, 8 * wasmimage.PAGE)
