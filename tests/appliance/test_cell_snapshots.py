@@ -307,7 +307,7 @@ def test_t_image_2_page_diff_round_trips_through_a_snapshot_file(tmp_path: Path)
     path = tmp_path / "snap"
     size = snapshot_file.write(path, d, "img", "t", "c", b"k" * 32)
     # The two pages, after a header padded to a whole page (the runs start at a page offset of the file).
-    assert size == 3 * guest_state.DIFF_PAGE + snapshot_file.MAC_BYTES
+    assert size == 3 * guest_state.DIFF_PAGE + snapshot_file.TAG_BYTES
     assert path.read_bytes()[guest_state.DIFF_PAGE + 5] == 7
     _, back = snapshot_file.read(path, "t", "c", b"k" * 32, 4 * wasmimage.PAGE)
     assert back == d
