@@ -121,6 +121,8 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
         response.headers["X-Request-Id"] = rid
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         state.metrics.observe_request(request.method, route, response.status_code, seconds)
+        if not state.events.logs_request(response.status_code):
+            return response  # the access log is off at this level: nothing more to gather
         tenant = g.get("tenant")
         view_args = request.view_args or {}
         state.events.request(
