@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -832,7 +832,7 @@ class CellService:
         else:
             if not isinstance(reply, protocol.RunReply):
                 raise _refusal(reply, "run failed")
-            outcome = asdict(reply.outcome)
+            outcome = _outcome_fields(reply.outcome)
             # Rich results as the answer carries them: each bundle's MIME keys and is_main_result.
             # A streamed run sent them one by one (above); any in the reply come after, in order.
             for bundle in reply.outcome.results:
@@ -908,6 +908,20 @@ def _behind_words(behind: int | None, lead: str) -> str:
     runs = "run" if behind == 1 else f"{behind} runs"
     return (f"{lead} its last capture, taken before its last {runs} that completed: what "
             f"{'that run' if behind == 1 else 'those runs'} did to its variables is gone (files are kept)")
+
+
+_OUTCOME_FIELDS = tuple(f.name for f in fields(protocol.RunOutcome))
+
+
+def _outcome_fields(outcome: protocol.RunOutcome) -> dict[str, Any]:
+    """A run's outcome as a dict, as ``dataclasses.asdict`` gives it but without
+    its recursive deep copy (a hot-path cost): the fields are plain values, the
+    denials are copied one level (string to string), and ``results`` is left
+    for the caller, which replaces it with the bundles as the client sees them."""
+    out = {name: getattr(outcome, name) for name in _OUTCOME_FIELDS}
+    out["denials"] = [dict(d) for d in outcome.denials]
+    out["results"] = []
+    return out
 
 
 def _usage(reported: protocol.VolumeUsage | None) -> Usage | None:

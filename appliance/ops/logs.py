@@ -157,20 +157,26 @@ class OpsLog:
                                             extra={"fields": fields})
             self.logger.handle(record)
 
+    def logs_request(self, status: int) -> bool:
+        """Would :meth:`request` write a line for this status? (Callers skip
+        gathering its fields when not: the access log is on the hot path.)"""
+        return self.logger.isEnabledFor(logging.ERROR if status >= 500 else logging.INFO)
+
     def request(self, *, status: int, **fields: Any) -> None:
         level = logging.ERROR if status >= 500 else logging.INFO
         self.event(level, "request", status=status, **fields)
 
     def run(self, summary: dict[str, Any], request_id: str | None) -> None:
         """One line per run, then one per policy denial (allowlisted fields only)."""
-        self.event(logging.INFO, "run", request_id=request_id,
-                   execution_id=summary.get("execution_id"), receipt_seq=summary.get("receipt_seq"),
-                   tenant_id=summary.get("tenant_id"), cell_id=summary.get("cell_id"),
-                   template=summary.get("template"), status=summary.get("status"),
-                   exit_code=summary.get("exit_code"), latency_ms=summary.get("latency_ms"),
-                   guest_ms=summary.get("guest_ms"), code_bytes=summary.get("code_bytes"),
-                   stdout_bytes=summary.get("stdout_bytes"), stderr_bytes=summary.get("stderr_bytes"),
-                   truncated=summary.get("truncated"), denials=len(summary.get("denials") or []))
+        if self.logger.isEnabledFor(logging.INFO):  # the fields are gathered only for a line that is written
+            self.event(logging.INFO, "run", request_id=request_id,
+                       execution_id=summary.get("execution_id"), receipt_seq=summary.get("receipt_seq"),
+                       tenant_id=summary.get("tenant_id"), cell_id=summary.get("cell_id"),
+                       template=summary.get("template"), status=summary.get("status"),
+                       exit_code=summary.get("exit_code"), latency_ms=summary.get("latency_ms"),
+                       guest_ms=summary.get("guest_ms"), code_bytes=summary.get("code_bytes"),
+                       stdout_bytes=summary.get("stdout_bytes"), stderr_bytes=summary.get("stderr_bytes"),
+                       truncated=summary.get("truncated"), denials=len(summary.get("denials") or []))
         for denial in summary.get("denials") or []:
             self.event(logging.WARNING, "policy_denial", request_id=request_id,
                        execution_id=summary.get("execution_id"), tenant_id=summary.get("tenant_id"),

@@ -237,7 +237,11 @@ class WorkerPool:
         self._state_lock = threading.Lock()
         self._replace_locks: dict[int, threading.Lock] = {}  # per worker index: replacements run in parallel
         self._cell_locks: dict[str, threading.Lock] = {}
-        self._fair_cv = threading.Condition()
+        self._fair_lock = threading.RLock()
+        self._fair_cv = threading.Condition(self._fair_lock)
+        # A run waiting for a lane sleeps on a condition of its own (on the same
+        # lock): a freed lane wakes only the run it was granted to, not every waiter.
+        self._lane_waits: dict[Ticket, threading.Condition] = {}
         self.fair = FairShare(settings.workers, settings.lanes_per_worker, settings.tenant_max_runs,
                               tenant_queue_cap(settings))
         self._req_ids = itertools.count(1)
@@ -809,21 +813,33 @@ class WorkerPool:
         end = time.monotonic() + timeout
         with self._fair_cv:
             ticket = self.fair.request(tenant, index)
-            if any(other is not ticket for other in self.fair.dispatch()):
-                self._fair_cv.notify_all()
-            while not ticket.granted:
-                left = end - time.monotonic()
-                if left <= 0:
-                    self.fair.cancel(ticket)
-                    raise Busy("timed out waiting for a worker", retry_after=1)
-                self._fair_cv.wait(left)
+            self._wake_granted(self.fair.dispatch())
+            if ticket.granted:
+                return ticket
+            mine = threading.Condition(self._fair_lock)
+            self._lane_waits[ticket] = mine  # registered before the lock is let go: no grant is missed
+            try:
+                while not ticket.granted:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        self.fair.cancel(ticket)
+                        raise Busy("timed out waiting for a worker", retry_after=1)
+                    mine.wait(left)
+            finally:
+                del self._lane_waits[ticket]
         return ticket
+
+    def _wake_granted(self, granted: list[Ticket]) -> None:
+        """Wake the runs whose tickets were just granted (caller holds the fairness lock)."""
+        for ticket in granted:
+            waiting = self._lane_waits.get(ticket)
+            if waiting is not None:  # None: the caller's own ticket, granted before it waited
+                waiting.notify()
 
     def _free_lane(self, ticket: Ticket) -> None:
         with self._fair_cv:
             self.fair.release(ticket)
-            if self.fair.dispatch():
-                self._fair_cv.notify_all()
+            self._wake_granted(self.fair.dispatch())
 
     # -- calls -----------------------------------------------------------
     def call(self, handle: WorkerHandle, msg: Request, *, deadline_s: float | None, on_chunk: ChunkCallback | None = None,

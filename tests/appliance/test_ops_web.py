@@ -182,3 +182,12 @@ def test_each_app_has_its_own_registry(ops_app: OpsApp, tmp_path: Path) -> None:
         assert "cell_runs_total{" not in text  # no runs here, whatever the other app did
     finally:
         state.close()
+
+
+def test_request_ids_are_32_hex_digits_unique_within_and_across_processes() -> None:
+    from appliance.ops.web import RequestIds
+
+    one, two = RequestIds(), RequestIds()  # two processes (or restarts) draw their own random half
+    ids = [one() for _ in range(1000)] + [two() for _ in range(1000)]
+    assert all(len(i) == 32 and all(c in "0123456789abcdef" for c in i) for i in ids)
+    assert len(set(ids)) == len(ids)

@@ -127,6 +127,36 @@ def test_T_RCPT_1_duplicate_execution_id_refused_and_chain_intact(store: Receipt
     assert store.verify()["ok"]
 
 
+def _slot(store: ReceiptStore, execution_id: str) -> dict[str, Any]:
+    """One group-commit slot as ``append`` queues it (the fields it validated)."""
+    rh = v1.receipt_hash(execution_id=execution_id, code_hash=CODE_HASH, result_hash=RESULT_HASH,
+                         template="python3", timestamp=5)
+    return {"item": {"execution_id": execution_id, "code_hash": CODE_HASH, "result_hash": RESULT_HASH,
+                     "template": "python3", "timestamp": 5, "receipt_hash": rh, "cell_id": None,
+                     "tenant_id": "tenant-a", "extensions": {}}, "done": threading.Event()}
+
+
+@pytest.mark.parametrize("batch_ids", [["dup"], ["new1", "dup"], ["dup", "new1"], ["new1", "dup", "new2"]])
+def test_T_RCPT_1_duplicate_in_a_group_commit_fails_alone(store: ReceiptStore, batch_ids: list[str]) -> None:
+    # A batch of one writes without a savepoint (the failed INSERT backs itself
+    # out); a larger batch rolls back to the item's savepoint. Either way only the
+    # duplicate fails and the chain the others extend stays linear.
+    first = append_one(store)
+    ids = {name: (first["execution_id"] if name == "dup" else str(uuid.uuid4())) for name in batch_ids}
+    batch = [_slot(store, ids[name]) for name in batch_ids]
+    store._commit_batch(batch)
+    for name, slot in zip(batch_ids, batch):
+        assert slot["done"].is_set()
+        if name == "dup":
+            assert isinstance(slot.get("error"), DuplicateReceipt) and "receipt" not in slot
+        else:
+            assert "error" not in slot and slot["receipt"]["execution_id"] == ids[name]
+    assert store.count() == len(batch_ids)  # the first receipt and the new ones; the duplicate wrote nothing
+    assert_linear([first, *(s["receipt"] for s in batch if "receipt" in s)])
+    assert append_one(store)["seq"] == len(batch_ids) + 1
+    assert store.verify()["ok"]
+
+
 def test_get_hides_other_tenants_receipts(store: ReceiptStore) -> None:
     r = append_one(store, tenant="tenant-a")
     assert store.get(r["execution_id"]) == r
