@@ -8,7 +8,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 
 def sha256_file(path: Path | str) -> str:
@@ -24,9 +24,11 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, dir_mode: int | 
 
 
 def write_atomic_parts(path: Path, parts: Iterable[bytes | bytearray | memoryview], mode: int = 0o600, *,
-                       dir_mode: int | None = 0o700) -> None:
+                       dir_mode: int | None = 0o700,
+                       after_part: Callable[[int, int, int], None] | None = None) -> None:
     """``write_atomic`` of the bytes of ``parts`` in order, each written as it
-    comes (no joined copy of them all)."""
+    comes (no joined copy of them all). ``after_part(fd, offset, length)`` is
+    called once each part is written (e.g. to start its disk write early)."""
     if dir_mode is None:
         path.parent.mkdir(parents=True, exist_ok=True)
     else:
@@ -35,10 +37,15 @@ def write_atomic_parts(path: Path, parts: Iterable[bytes | bytearray | memoryvie
     try:
         try:
             os.fchmod(fd, mode)
+            at = 0
             for part in parts:
                 view = memoryview(part).cast("B")
+                start = at
                 while view:
-                    view = view[os.write(fd, view):]
+                    n = os.write(fd, view)
+                    view, at = view[n:], at + n
+                if after_part is not None:
+                    after_part(fd, start, at - start)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -32,13 +32,13 @@ import json
 import mmap
 import os
 import stat
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator
 
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from appliance import fileio
 from appliance.fileio import write_atomic
 from appliance.runtime import wasmimage
 from appliance.runtime.guest_state import DIFF_PAGE, AnyState, Buffer, GuestState, StateDiff
@@ -183,34 +183,18 @@ if _sync_file_range is not None:
 SYNC_FILE_RANGE_WRITE = 2
 
 
-def _write_atomic_flushing(path: Path, pieces: Iterator[Buffer]) -> None:
-    """``write_atomic_parts(path, pieces, 0o600)``, but once each piece is
-    written the disk write of its pages is started (sync_file_range, not
+def _kick(fd: int, offset: int, length: int) -> None:
+    """Start the disk write of a piece just written (sync_file_range, not
     waited for): the fsync at the end then finds most of the file on disk
-    already instead of all of it still to write. The kick is a hint only
-    (its failure is ignored); the fsync is what makes the file durable."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            at = 0
-            for piece in pieces:
-                view = memoryview(piece).cast("B")
-                start = at
-                while view:
-                    n = os.write(fd, view)
-                    view, at = view[n:], at + n
-                if _sync_file_range is not None:
-                    _sync_file_range(fd, start, at - start, SYNC_FILE_RANGE_WRITE)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    already instead of all of it still to write. A hint only (its failure is
+    ignored); the fsync is what makes the file durable."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def _write_atomic_flushing(path: Path, pieces: Iterator[Buffer]) -> None:
+    """``write_atomic_parts(path, pieces, 0o600)``, each piece's disk write started as it is written."""
+    fileio.write_atomic_parts(path, pieces, 0o600, after_part=_kick)
 
 
 def decode(data: Buffer, tenant_id: str, cell_id: str, key: bytes, max_memory: int) -> tuple[str, AnyState]:
