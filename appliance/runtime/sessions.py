@@ -24,7 +24,7 @@ from appliance.runtime.js_boot import JS_BOOT
 from appliance.runtime.js_node import JS_NODE
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.command_channel import ChannelClosed, CommandChannel
-from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor
+from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor, I32Call
 from appliance.runtime.loader import Loaded
 from appliance.runtime.outcome import CRASH_LOST, NO_EXIT, Outcome, exited_status, trap_status, trap_words
 from appliance.runtime.stack import on_guest_stack
@@ -227,6 +227,10 @@ del _cell_warm_up
 
 
 class PythonSession:
+    # ``host_alloc`` and ``turn`` as direct i32 calls (governor.I32Call), made
+    # at the first turn; each run makes both.
+    _i32_calls: tuple[I32Call, I32Call] | None = None
+
     def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
                  scratch_dir: str | None = None, *, use_image: bool = True,
                  restore: guest_state.AnyState | None = None, warm_up: bool = False) -> None:
@@ -369,14 +373,15 @@ class PythonSession:
         exit_code: int | None = None
         trap: BaseException | None = None
         try:
+            alloc, turn = self._calls()
             ptr = 0
             if code:
-                ptr = self._alloc(self.store, len(code)) & MASK32
+                ptr = alloc(self.store, len(code)) & MASK32
                 if ptr and ptr + len(code) <= self._memory.data_len(self.store):
                     self._memory.write(self.store, code, ptr)
                 else:
                     ptr = 0  # the guest reports MemoryError for its code
-            value = self._turn(self.store, ptr, len(code))
+            value = turn(self.store, ptr, len(code))
             if not isinstance(value, int) or not 0 <= value <= 511:
                 trap = RuntimeError(f"turn returned {value!r}")
             else:
@@ -393,6 +398,12 @@ class PythonSession:
             self.governor.disarm()
             context.enter(None)
         return exit_code, trap, stop_reason
+
+    def _calls(self) -> tuple[I32Call, I32Call]:
+        calls = self._i32_calls
+        if calls is None:
+            calls = self._i32_calls = (I32Call(self.store, self._alloc, 1), I32Call(self.store, self._turn, 2))
+        return calls
 
     def close(self) -> None:
         self.alive = False
