@@ -1004,7 +1004,7 @@ def _volume_usage(path: str, msg: protocol.ExecRequest) -> protocol.VolumeUsage:
     try:
         with Volume(path, resolver="walk") as vol:  # a walk by fds: no guest path is resolved, no openat2 probe
             usage = vol.usage(max_entries=None if bound is None else bound + 1)
-        tmp = scratch.tmp_usage(path, None if bound is None else bound + 1)  # the cell's /tmp counts too (scratch.py)
+        tmp = scratch.tmp_usage_after_run(path, None if bound is None else bound + 1)  # its /tmp counts too (scratch.py)
     except (ConfinementError, OSError):
         return protocol.VolumeUsage(measured=False)
     both = scratch.with_tmp(usage, tmp)
