@@ -57,6 +57,7 @@ ENV_TURN_S = 1.0  # the most the turn setting a run's envs may take (out of the 
 # at 0.5 s; a roll-back that may not fit in the time left is left to the next run.
 RESTORE_BYTES_PER_S = 100 << 20
 ENV_RESTORE_S = 0.25  # the turn putting the cell's envs back (within the supervisor's grace, T-DOS-1)
+REFILL_FULL_WAIT_S = 1.0  # the refill loop's own look when the pools are full (a taken session wakes it)
 ONE_SHOT_READY = 1  # prepared one-shot sessions kept per Python template (each ~4 MiB more than a warm one)
 
 
@@ -258,8 +259,8 @@ class Worker:
         finally:
             with self._lock:
                 self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._refill_wake.set()
+                if self._in_flight == 0 and self._pools_short():
+                    self._refill_wake.set()  # only when there is something to make: not a thread switch per run
                 flight = (self.in_flight.pop(request.cell_id, None)
                           if isinstance(request, protocol.ExecRequest) and request.cell_id is not None else None)
             if flight is not None:
@@ -311,7 +312,16 @@ class Worker:
                 # the last run ends. One-shot runs arriving back to back leave
                 # only a few ms between them; a fixed wait here missed every
                 # gap and left them making their sessions on the request path.
-                self._refill_wake.wait(0.05)
+                # Full: a request that takes a session wakes this loop when it
+                # ends, so it looks only now and then by itself.
+                with self._lock:
+                    short = self._pools_short()
+                self._refill_wake.wait(0.05 if short else REFILL_FULL_WAIT_S)
+
+    def _pools_short(self) -> bool:
+        """Whether a warm or one-shot session is missing (under ``_lock``)."""
+        return (any(len(self.warm[t]) < n for t, n in self.targets.items())
+                or any(len(self.ready_once[t]) < n for t, n in self.once_targets.items()))
 
     def _refill_one(self) -> bool:
         for template, target in self.targets.items():
