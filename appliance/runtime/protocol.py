@@ -455,21 +455,30 @@ def encode(msg: Any) -> bytes:
 _FIELD_NAMES: dict[type[Any], tuple[str, ...]] = {}  # a message class's field names, looked up once
 
 
+# The common leaves, passed through as they are (no call of _to_json each).
+_LEAVES = frozenset({str, int, bool, float, type(None)})
+
+
 def _to_json(value: Any) -> Any:
     kind = type(value)
-    if kind is str or kind is int or kind is bool or kind is float or value is None:
-        return value  # the common leaves, without the checks below
+    if kind in _LEAVES:
+        return value
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     names = _FIELD_NAMES.get(kind)
     if names is None and dataclasses.is_dataclass(value) and not isinstance(value, type):
         names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(value))
+    leaves = _LEAVES
     if names is not None:
-        return {name: _to_json(getattr(value, name)) for name in names}
+        out = {}
+        for name in names:
+            item = getattr(value, name)
+            out[name] = item if type(item) in leaves else _to_json(item)
+        return out
     if isinstance(value, dict):
-        return {k: _to_json(v) for k, v in value.items()}
+        return {k: v if type(v) in leaves else _to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
+        return [v if type(v) in leaves else _to_json(v) for v in value]
     return value
 
 
