@@ -44,16 +44,18 @@ from appliance.runtime import guest_state, rich, scratch, templates, wasi_shadow
 from appliance.runtime.engine import ModuleCache
 from appliance.runtime.governor import set_async_stack_size
 from appliance.runtime.loader import Loaded, Runtimes, define_custom_imports
-from appliance.runtime.sessions import PY_BOOT, PythonSession
+from appliance.runtime.sessions import PY_BOOT, PY_IMAGE_START, PythonSession
 from appliance.runtime.stack import WASM_STACK
 
 BUILDER_VERSION = 1
-# What the image has run after the session's own boot code.
+# What the image has run after the session's own boot code: the imports,
+# then the start module (sessions.PY_IMAGE_START: the per-start reset, defined
+# and settled once here, and the figure signal).
 # Then everything alive is moved to the collector's permanent generation: its
 # collections never walk (and so never write to) the image's objects, which
 # keeps their pages shared between cells.
 IMAGE_RECIPE = ("import numpy, pandas, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot\n"
-                "import gc\ngc.collect()\ngc.freeze()\ndel gc\n")
+                + PY_IMAGE_START + "import gc\ngc.collect()\ngc.freeze()\ndel gc\n")
 # The build's own session: enough memory for the imports, never a cell's limit.
 BUILD_MEMORY = 1 << 30
 

@@ -130,10 +130,16 @@ del _cell_boot
 """
 
 
-# Run first in every interpreter started from the pre-initialised image
+# The reset of an interpreter started from the pre-initialised image
 # (images.py, T-IMAGE-1): what the image must not freeze becomes the cell's
-# own. ``%s`` is the cell's environment as a JSON object.
-PY_FRESH = r"""
+# own. The image defines it once, as ``fresh`` of a module ``_cell_start``
+# (PY_IMAGE_START, in images.IMAGE_RECIPE), and has run it already, so a start
+# is one small call (PY_FRESH_CALL): no reset source is compiled per start, and
+# the interpreter's counters in the reset's own code were settled in the image
+# (a start no longer writes them, which copied image pages into every cell).
+# Nothing in it is the build's: each call reads the cell's environment from
+# its argument and reseeds from the host's random source.
+PY_FRESH_DEF = r"""
 def _cell_fresh(env):
     import os, sys, random
     os.environ.clear()
@@ -154,9 +160,15 @@ def _cell_fresh(env):
         if not (isinstance(path, str) and path.startswith('/usr/local/lib/')):
             sys.path_importer_cache.pop(path, None)
     os.chdir('/data')
-_cell_fresh(%s)
-del _cell_fresh
 """
+
+# The same reset as one turn's source (``%s``: the cell's environment as a
+# JSON object), for an interpreter whose image has no ``_cell_start``.
+PY_FRESH = PY_FRESH_DEF + "_cell_fresh(%s)\ndel _cell_fresh\n"
+
+# What a start from the image runs (``%s``: the cell's environment as a JSON
+# object). Leaves no name in the user's namespace.
+PY_FRESH_CALL = "__import__('_cell_start').fresh(%s)\n"
 
 
 # Run in every interpreter started from the image (after PY_FRESH) or restored
@@ -186,6 +198,26 @@ def _cell_figure_signal():
 _cell_figure_signal()
 del _cell_figure_signal
 """
+
+
+# Run once in the image build (images.IMAGE_RECIPE), never in a cell: the
+# module ``_cell_start`` with the reset (PY_FRESH_DEF), run a few times so its
+# code is settled before the capture, and the figure signal installed
+# (PY_FIGURE_SIGNAL, idempotent). The image's environment, seeds and working
+# directory after this are the build's; every start replaces them
+# (PY_FRESH_CALL). The module holds no state of its own.
+PY_IMAGE_START = PY_FRESH_DEF + r"""
+def _cell_start_module():
+    import os, sys, types
+    module = types.ModuleType('_cell_start', 'Cell: the reset of an interpreter started from the Python image.')
+    module.fresh = _cell_fresh
+    sys.modules['_cell_start'] = module
+    env = dict(os.environ)
+    for _ in range(8):
+        __import__('_cell_start').fresh(env)
+_cell_start_module()
+del _cell_start_module, _cell_fresh
+""" + PY_FIGURE_SIGNAL
 
 
 # Run first in an interpreter restored from a snapshot: matplotlib keeps each
@@ -281,7 +313,8 @@ class PythonSession:
         elif image is not None:
             full_env = dict(GUEST_ENV_BASE)
             full_env.update(env)
-            boot_codes = [(PY_FRESH % json.dumps(full_env) + PY_FIGURE_SIGNAL).encode()]  # one turn
+            # The image defined the reset and installed the figure signal (PY_IMAGE_START).
+            boot_codes = [(PY_FRESH_CALL % json.dumps(full_env)).encode()]  # one turn
             if warm_up:
                 boot_codes.insert(0, PY_ONE_SHOT_WARM_UP.encode())  # the reset still comes last
         else:
