@@ -147,7 +147,13 @@ def _cell_fresh(env):
     random.seed()
     nr = sys.modules.get('numpy.random')
     if nr is not None:
-        nr.seed()
+        # numpy's global generator: its whole MT19937 key from the host's
+        # random source, the first word's top bit set as numpy's own seeding
+        # sets it (never an all-zero state). Set directly: nr.seed() builds a
+        # SeedSequence and arrays, writing ~180 KiB of image pages per start.
+        key = bytearray(os.urandom(2496))
+        key[0:4] = (0x80000000).to_bytes(4, 'little')
+        nr.set_state(('MT19937', memoryview(key).cast('I'), 624, 0, 0.0))
     tf = sys.modules.get('tempfile')
     if tf is not None:
         tf._name_sequence = None
@@ -163,7 +169,8 @@ def _cell_fresh(env):
 """
 
 # The same reset as one turn's source (``%s``: the cell's environment as a
-# JSON object), for an interpreter whose image has no ``_cell_start``.
+# JSON object): what a start compiled and ran before the image defined it;
+# tests run it in a live interpreter.
 PY_FRESH = PY_FRESH_DEF + "_cell_fresh(%s)\ndel _cell_fresh\n"
 
 # What a start from the image runs (``%s``: the cell's environment as a JSON
@@ -171,7 +178,7 @@ PY_FRESH = PY_FRESH_DEF + "_cell_fresh(%s)\ndel _cell_fresh\n"
 PY_FRESH_CALL = "__import__('_cell_start').fresh(%s)\n"
 
 
-# Run in every interpreter started from the image (after PY_FRESH) or restored
+# Installed in the image (PY_IMAGE_START), and run in every interpreter restored
 # from a snapshot: each figure pyplot opens says so through the results door
 # (rich.py's ``cell-figures/1`` frame), so the host's figure-collecting turn
 # runs only after a run that opened one. Every run's collection closes what is
@@ -240,12 +247,12 @@ del _cell_restored
 """ + PY_FIGURE_SIGNAL
 
 
-# Run before PY_FRESH in image-started interpreters kept for one-shot runs
-# (worker.py): a fresh instance maps the image's pages copy-on-write, and the
-# first pandas call in it spends ~10 ms faulting in the pages it touches (a
-# small groupby: ~1,200 faults). This pays that while no request waits. It
-# keeps no name (a function, deleted), reads no environment, draws no random
-# number, opens no file; PY_FRESH then resets what a cell must own as usual.
+# Run before the reset (PY_FRESH_CALL) in image-started interpreters kept for
+# one-shot runs (worker.py): a fresh instance maps the image's pages
+# copy-on-write, and the first pandas call in it spends ~10 ms faulting in the
+# pages it touches (a small groupby: ~1,200 faults). This pays that while no
+# request waits. It keeps no name (a function, deleted), reads no environment,
+# draws no random number, opens no file; the reset then comes last as usual.
 # Never run in sessions that become persistent cells: their pages stay shared.
 PY_ONE_SHOT_WARM_UP = r"""
 def _cell_warm_up():
