@@ -73,8 +73,8 @@ _cell_image_warm()
 del _cell_image_warm
 """
 
-# Run last before the freeze (T-IMAGE-1 is unaffected: it holds only empty
-# bytes): the allocator's free blocks left between the image's live objects
+# Run last before the freeze (T-IMAGE-1 is unaffected: it holds only zeroed
+# bytes objects and ints it counted itself): the allocator's free blocks left between the image's live objects
 # are taken, size by size, until allocations come out contiguous, and kept.
 # Otherwise each allocation in a cell landed in a free block on another image
 # page and copied that page into the cell (a fresh interpreter's first turn
