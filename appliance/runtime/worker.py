@@ -57,7 +57,7 @@ ENV_TURN_S = 1.0  # the most the turn setting a run's envs may take (out of the 
 # at 0.5 s; a roll-back that may not fit in the time left is left to the next run.
 RESTORE_BYTES_PER_S = 100 << 20
 ENV_RESTORE_S = 0.25  # the turn putting the cell's envs back (within the supervisor's grace, T-DOS-1)
-# Prepared one-shot sessions kept per Python template (each ~4 MiB more than a
+# Prepared one-shot sessions kept per Python template (each ~3 MiB more than a
 # warm one). Two, so that one-shot runs sent back to back find one: one is made
 # in the gap after a run and is often still being made when the next run
 # arrives, which then takes the other (with one, every other run took a cold one).
