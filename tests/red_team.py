@@ -766,6 +766,12 @@ IMAGE_CASES = [
      "import sys\nprint('planted' in sys.modules)", "False"),
     ("matplotlib rc", "import matplotlib\nmatplotlib.rcParams['lines.linewidth'] = 9",
      "import matplotlib\nprint(matplotlib.rcParams['lines.linewidth'])", "1.5"),
+    # The reset lives in the image (sessions.PY_IMAGE_START): a cell that replaces
+    # it, or seeds numpy, changes only its own interpreter.
+    ("the image's reset replaced", "import sys\nsys.modules['_cell_start'].fresh = lambda env: None",
+     "import sys\nprint(sys.modules['_cell_start'].fresh.__name__)", "_cell_fresh"),
+    ("numpy seeded", "import numpy as np\nnp.random.seed(7)",
+     "import numpy as np\nprint(np.random.random() == np.random.RandomState(7).random())", "False"),
 ]
 
 

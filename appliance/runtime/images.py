@@ -17,10 +17,12 @@ image is discarded and never run (T-CACHE-1). A worker only ever *looks up*
 the image (before it confines itself, like the other runtime files); it never
 builds one. Without a usable image, cells start the plain way.
 
-What a snapshot must not freeze is redone in every new interpreter by
-``PY_FRESH`` (sessions.py): the environment is the cell's own (libc and
-``os.environ`` both), ``random``, numpy's global generator and tempfile's name
-sequence are reseeded from the host's random source, the import cache
+What a snapshot must not freeze is redone in every new interpreter by the
+reset (sessions.py ``PY_FRESH_DEF``; the image defines it as
+``_cell_start.fresh`` and every start calls it once, ``PY_FRESH_CALL``): the
+environment is the cell's own (libc and ``os.environ`` both), ``random``,
+numpy's global generator (its whole key) and tempfile's name sequence are
+reseeded from the host's random source, the import cache
 entries of the cell's own directories are dropped (``/data`` and ``/tmp`` are
 the cell's own), and the working directory is ``/data`` again. The clock is
 always read from the host. The build checks that no file descriptor beyond
@@ -44,16 +46,72 @@ from appliance.runtime import guest_state, rich, scratch, templates, wasi_shadow
 from appliance.runtime.engine import ModuleCache
 from appliance.runtime.governor import set_async_stack_size
 from appliance.runtime.loader import Loaded, Runtimes, define_custom_imports
-from appliance.runtime.sessions import PY_BOOT, PythonSession
+from appliance.runtime.sessions import PY_BOOT, PY_IMAGE_START, PythonSession
 from appliance.runtime.stack import WASM_STACK
 
 BUILDER_VERSION = 1
-# What the image has run after the session's own boot code.
-# Then everything alive is moved to the collector's permanent generation: its
-# collections never walk (and so never write to) the image's objects, which
-# keeps their pages shared between cells.
+# Modules a first run would still load lazily (measured: a pandas groupby
+# loads numpy.rec, a frame's repr pandas' string formatter, the first chart
+# matplotlib's Agg backend and Pillow's format plugins), and one small pandas
+# workload run a few times, so that its first-call caches (numpy's ufunc loops,
+# pandas' dispatch) and the interpreter's counters in its code are settled in
+# the image rather than written in every cell. Names are kept in a function,
+# deleted: the user's namespace gets none of them. No file is left open (a
+# chart is not drawn here: its fonts would stay open; FD_CHECK), no random
+# number is drawn, no environment is read.
+IMAGE_WARM = r"""
+def _cell_image_warm():
+    import numpy.rec, pandas.io.formats.string, matplotlib.backends.backend_agg, PIL.Image
+    import pandas
+    PIL.Image.preinit()
+    for _ in range(4):
+        frame = pandas.DataFrame({'k': list('xyzxy'), 'v': [1, 2, 3, 4, 5]})
+        frame.groupby('k')['v'].sum().to_dict()
+        repr(frame)
+        str(frame.describe())
+_cell_image_warm()
+del _cell_image_warm
+"""
+
+# Run last before the freeze (T-IMAGE-1 is unaffected: it holds only zeroed
+# bytes objects and ints it counted itself): the allocator's free blocks left between the image's live objects
+# are taken, size by size, until allocations come out contiguous, and kept.
+# Otherwise each allocation in a cell landed in a free block on another image
+# page and copied that page into the cell (a fresh interpreter's first turn
+# wrote ~500 KiB of pages, most a block or two each); now a cell's new objects
+# sit together in memory of its own. Costs the image ~2 MiB of memory.
+IMAGE_FILL = r"""
+def _cell_image_fill():
+    import sys
+    held = []
+
+    def fill(make, step_most, enough):
+        last = prev = run = 0
+        for i in range(50000):
+            block = make(i)
+            held.append(block)
+            d = id(block) - last
+            run = run + 1 if d == prev and 0 < d <= step_most else 0
+            prev, last = d, id(block)
+            if run >= enough:
+                return
+    for n in reversed([*range(2, 512, 4), *range(512, 2048, 32), *range(2048, 8192, 256)]):
+        fill(lambda i, n=n: bytes(n), n + 64, 16 if n < 2048 else 4)
+    fill(lambda i: i + (1 << 20), 64, 16)  # the smallest blocks: ints and floats
+    sys.modules['_cell_start']._held = held
+_cell_image_fill()
+del _cell_image_fill
+"""
+
+# What the image has run after the session's own boot code: the imports and
+# their warm-up (IMAGE_WARM), then the start module (sessions.PY_IMAGE_START:
+# the per-start reset, defined and settled once here, and the figure signal).
+# Then the allocator's holes are filled (IMAGE_FILL) and everything alive is
+# moved to the collector's permanent generation: its collections never walk
+# (and so never write to) the image's objects, which keeps their pages shared
+# between cells.
 IMAGE_RECIPE = ("import numpy, pandas, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot\n"
-                "import gc\ngc.collect()\ngc.freeze()\ndel gc\n")
+                + IMAGE_WARM + PY_IMAGE_START + "import gc\ngc.collect()\n" + IMAGE_FILL + "gc.freeze()\ndel gc\n")
 # The build's own session: enough memory for the imports, never a cell's limit.
 BUILD_MEMORY = 1 << 30
 
@@ -74,7 +132,7 @@ _cell_fds()
 del _cell_fds
 """
 
-# And no import cache entry outside the stdlib (T-IMAGE-1): PY_FRESH drops
+# And no import cache entry outside the stdlib (T-IMAGE-1): the reset drops
 # only the cell's own directories' entries, trusting the image to hold no other.
 IMPORT_CACHE_CHECK = r"""
 import sys as _cell_sys

@@ -130,10 +130,16 @@ del _cell_boot
 """
 
 
-# Run first in every interpreter started from the pre-initialised image
+# The reset of an interpreter started from the pre-initialised image
 # (images.py, T-IMAGE-1): what the image must not freeze becomes the cell's
-# own. ``%s`` is the cell's environment as a JSON object.
-PY_FRESH = r"""
+# own. The image defines it once, as ``fresh`` of a module ``_cell_start``
+# (PY_IMAGE_START, in images.IMAGE_RECIPE), and has run it already, so a start
+# is one small call (PY_FRESH_CALL): no reset source is compiled per start, and
+# the interpreter's counters in the reset's own code were settled in the image
+# (a start no longer writes them, which copied image pages into every cell).
+# Nothing in it is the build's: each call reads the cell's environment from
+# its argument and reseeds from the host's random source.
+PY_FRESH_DEF = r"""
 def _cell_fresh(env):
     import os, sys, random
     os.environ.clear()
@@ -141,7 +147,13 @@ def _cell_fresh(env):
     random.seed()
     nr = sys.modules.get('numpy.random')
     if nr is not None:
-        nr.seed()
+        # numpy's global generator: its whole MT19937 key from the host's
+        # random source, the first word's top bit set as numpy's own seeding
+        # sets it (never an all-zero state). Set directly: nr.seed() builds a
+        # SeedSequence and arrays, writing ~180 KiB of image pages per start.
+        key = bytearray(os.urandom(2496))
+        key[0:4] = (0x80000000).to_bytes(4, 'little')
+        nr.set_state(('MT19937', memoryview(key).cast('I'), 624, 0, 0.0))
     tf = sys.modules.get('tempfile')
     if tf is not None:
         tf._name_sequence = None
@@ -154,12 +166,19 @@ def _cell_fresh(env):
         if not (isinstance(path, str) and path.startswith('/usr/local/lib/')):
             sys.path_importer_cache.pop(path, None)
     os.chdir('/data')
-_cell_fresh(%s)
-del _cell_fresh
 """
 
+# The same reset as one turn's source (``%s``: the cell's environment as a
+# JSON object): what a start compiled and ran before the image defined it;
+# tests run it in a live interpreter.
+PY_FRESH = PY_FRESH_DEF + "_cell_fresh(%s)\ndel _cell_fresh\n"
 
-# Run in every interpreter started from the image (after PY_FRESH) or restored
+# What a start from the image runs (``%s``: the cell's environment as a JSON
+# object). Leaves no name in the user's namespace.
+PY_FRESH_CALL = "__import__('_cell_start').fresh(%s)\n"
+
+
+# Installed in the image (PY_IMAGE_START), and run in every interpreter restored
 # from a snapshot: each figure pyplot opens says so through the results door
 # (rich.py's ``cell-figures/1`` frame), so the host's figure-collecting turn
 # runs only after a run that opened one. Every run's collection closes what is
@@ -188,6 +207,26 @@ del _cell_figure_signal
 """
 
 
+# Run once in the image build (images.IMAGE_RECIPE), never in a cell: the
+# module ``_cell_start`` with the reset (PY_FRESH_DEF), run a few times so its
+# code is settled before the capture, and the figure signal installed
+# (PY_FIGURE_SIGNAL, idempotent). The image's environment, seeds and working
+# directory after this are the build's; every start replaces them
+# (PY_FRESH_CALL). The module holds no state of its own.
+PY_IMAGE_START = PY_FRESH_DEF + r"""
+def _cell_start_module():
+    import os, sys, types
+    module = types.ModuleType('_cell_start', 'Cell: the reset of an interpreter started from the Python image.')
+    module.fresh = _cell_fresh
+    sys.modules['_cell_start'] = module
+    env = dict(os.environ)
+    for _ in range(8):
+        __import__('_cell_start').fresh(env)
+_cell_start_module()
+del _cell_start_module, _cell_fresh
+""" + PY_FIGURE_SIGNAL
+
+
 # Run first in an interpreter restored from a snapshot: matplotlib keeps each
 # font it has drawn with open (FreeType reads glyphs from the file as it
 # goes), and no descriptor survives a restore, so a cell that had drawn a chart
@@ -208,19 +247,21 @@ del _cell_restored
 """ + PY_FIGURE_SIGNAL
 
 
-# Run before PY_FRESH in image-started interpreters kept for one-shot runs
-# (worker.py): a fresh instance maps the image's pages copy-on-write, and the
-# first pandas call in it spends ~10 ms faulting in the pages it touches (a
-# small groupby: ~1,200 faults). This pays that while no request waits. It
-# keeps no name (a function, deleted), reads no environment, draws no random
-# number, opens no file; PY_FRESH then resets what a cell must own as usual.
+# Run before the reset (PY_FRESH_CALL) in image-started interpreters kept for
+# one-shot runs (worker.py): a fresh instance maps the image's pages
+# copy-on-write, and the first pandas call in it spends ~10 ms faulting in the
+# pages it touches (a small groupby: ~1,200 faults). This pays that while no
+# request waits. It keeps no name (a function, deleted), reads no environment,
+# draws no random number, opens no file; the reset then comes last as usual.
 # Never run in sessions that become persistent cells: their pages stay shared.
+# The frame is not printed here (it was): that cost each prepared session ~6-10
+# ms more CPU, made while the next run of a back-to-back stream was arriving,
+# and gained a groupby nothing (measured: 2.9-3.9 ms CPU either way).
 PY_ONE_SHOT_WARM_UP = r"""
 def _cell_warm_up():
     import pandas
     frame = pandas.DataFrame({'k': list('xyzxy'), 'v': [1, 2, 3, 4, 5]})
     frame.groupby('k')['v'].sum().to_dict()
-    repr(frame)
 _cell_warm_up()
 del _cell_warm_up
 """
@@ -285,7 +326,8 @@ class PythonSession:
         elif image is not None:
             full_env = dict(GUEST_ENV_BASE)
             full_env.update(env)
-            boot_codes = [(PY_FRESH % json.dumps(full_env) + PY_FIGURE_SIGNAL).encode()]  # one turn
+            # The image defined the reset and installed the figure signal (PY_IMAGE_START).
+            boot_codes = [(PY_FRESH_CALL % json.dumps(full_env)).encode()]  # one turn
             if warm_up:
                 boot_codes.insert(0, PY_ONE_SHOT_WARM_UP.encode())  # the reset still comes last
         else:

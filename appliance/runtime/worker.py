@@ -58,7 +58,11 @@ ENV_TURN_S = 1.0  # the most the turn setting a run's envs may take (out of the 
 RESTORE_BYTES_PER_S = 100 << 20
 ENV_RESTORE_S = 0.25  # the turn putting the cell's envs back (within the supervisor's grace, T-DOS-1)
 REFILL_FULL_WAIT_S = 1.0  # the refill loop's own look when the pools are full (a taken session wakes it)
-ONE_SHOT_READY = 1  # prepared one-shot sessions kept per Python template (each ~4 MiB more than a warm one)
+# Prepared one-shot sessions kept per Python template (each ~3 MiB more than a
+# warm one). Two, so that one-shot runs sent back to back find one: one is made
+# in the gap after a run and is often still being made when the next run
+# arrives, which then takes the other (with one, every other run took a cold one).
+ONE_SHOT_READY = 2
 
 
 def static_resolver(hosts: dict[str, list[str]]) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from appliance.runtime.protocol import BindRequest, ExecRequest
-from appliance.runtime.worker import Worker
+from appliance.runtime.worker import ONE_SHOT_READY, Worker
 from tests.liveserver import shared_cache
 
 PROBE = ("import os, sys, random, numpy as np, pandas as pd\n"
@@ -69,10 +69,11 @@ def test_t_image_1_prepared_one_shot_session_keeps_nothing_of_its_warm_up(worker
         plain.close()
     assert baseline[0].endswith(" /data /data True") and not plain.warmed_up
     _fill(worker)
-    assert len(worker.warm["python3"]) == 1 and len(worker.ready_once["python3"]) == 1
-    assert worker.ready_once["python3"][0][0].warmed_up and not worker.warm["python3"][0][0].warmed_up
+    assert len(worker.warm["python3"]) == 1 and len(worker.ready_once["python3"]) == ONE_SHOT_READY
+    assert all(s.warmed_up for s, _ in worker.ready_once["python3"]) and not worker.warm["python3"][0][0].warmed_up
     first = _one_shot(worker, 1)
-    assert not worker.ready_once["python3"] and len(worker.warm["python3"]) == 1  # the prepared one was taken
+    # A prepared one was taken.
+    assert len(worker.ready_once["python3"]) == ONE_SHOT_READY - 1 and len(worker.warm["python3"]) == 1
     _fill(worker)
     second = _one_shot(worker, 2)
     for out in (first, second):
@@ -88,7 +89,7 @@ def test_t_image_1_new_cells_never_get_a_warmed_up_session(worker: Worker, tmp_p
                                       memory_mb=256))
     assert reply.warm is True
     assert not worker.sessions["c1"].warmed_up  # its pages stay the image's, shared (idle cell PSS)
-    assert len(worker.ready_once["python3"]) == 1
+    assert len(worker.ready_once["python3"]) == ONE_SHOT_READY
 
 
 def test_one_shot_with_other_memory_or_envs_takes_no_prepared_session(worker: Worker) -> None:
@@ -96,4 +97,4 @@ def test_one_shot_with_other_memory_or_envs_takes_no_prepared_session(worker: Wo
     reply = worker.handle(ExecRequest(1, template="python3", code=b"import os\nprint(os.environ['X'])", is_text=True,
                                       timeout_ms=30000, memory_mb=256, tenant_id="t", envs={"X": "own"}))
     assert reply.outcome.stdout == "own\n"
-    assert len(worker.ready_once["python3"]) == 1 and len(worker.warm["python3"]) == 1
+    assert len(worker.ready_once["python3"]) == ONE_SHOT_READY and len(worker.warm["python3"]) == 1
