@@ -106,6 +106,12 @@ class _CleanSpawnPopen(popen_spawn_posix.Popen):
         fds: list[int] = self._fds  # type: ignore[attr-defined]
         fds.append(tracker_fd)
         prep_data = spawn.get_preparation_data(process_obj._name)
+        if getattr(process_obj._target, "__module__", "__main__") != "__main__":
+            # Start-up: the child need not run the service's main module (`cell
+            # serve`'s CLI, its settings and their imports): the target is
+            # found by its own module's name.
+            prep_data.pop("init_main_from_name", None)
+            prep_data.pop("init_main_from_path", None)
         fp = io.BytesIO()
         popen_spawn_posix.set_spawning_popen(self)  # type: ignore[attr-defined]
         try:
