@@ -23,7 +23,6 @@ Licenses (recorded in THIRD_PARTY.md as well):
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import io
 import os
@@ -85,6 +84,8 @@ def _python_artifacts() -> Path:
 
 
 def _qjs_wasm() -> Path:
+    import importlib.metadata  # start-up: ~25 ms of imports; `cell serve` spawns its first worker before it needs them
+
     try:
         dist = importlib.metadata.distribution("qjs-wasi-reactor.wasm")
     except importlib.metadata.PackageNotFoundError:
