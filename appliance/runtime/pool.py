@@ -44,9 +44,9 @@ from appliance.confine import ConfinementError, remove_tree
 from appliance.errors import Busy, CellError, Conflict, RateLimited
 from appliance.policy.fairness import FairShare, Ticket
 from appliance.runtime import broker, protocol, sandbox, snapshot_file, templates
-from appliance.runtime.engine import ENGINE_TAG, WASMTIME_VERSION
+from appliance.runtime.cache_key import ENGINE_TAG, WASMTIME_VERSION
 from appliance.runtime.protocol import ProtocolError, Reply, Request
-from appliance.runtime.worker import worker_main
+from appliance.runtime.worker_entry import worker_main  # start-up: not the worker's module (worker_entry.py)
 from mirror.registry import Mirror
 
 ChunkCallback = Callable[[int, bytes], None]
@@ -106,9 +106,9 @@ class _CleanSpawnPopen(popen_spawn_posix.Popen):
         fds: list[int] = self._fds  # type: ignore[attr-defined]
         fds.append(tracker_fd)
         prep_data = spawn.get_preparation_data(process_obj._name)
-        if getattr(process_obj._target, "__module__", "__main__") != "__main__":
-            # Start-up: the child need not run the service's main module (`cell
-            # serve`'s CLI, its settings and their imports): the target is
+        if process_obj._target is worker_main:
+            # Start-up: the worker need not run the service's main module (`cell
+            # serve`'s CLI, its settings and their imports): its entry point is
             # found by its own module's name.
             prep_data.pop("init_main_from_name", None)
             prep_data.pop("init_main_from_path", None)
