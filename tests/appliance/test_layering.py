@@ -106,12 +106,13 @@ def test_unsafe_data_dir_is_still_a_clear_exit_2(tmp_path: Path) -> None:
 # What `cell serve`'s web process imports (cli.cmd_serve). Start-up: it spawns
 # its first worker and listens while that worker loads the engine; it never
 # runs a guest, so it never needs the engine, the worker's code, the TUF
-# client (only the first /mirror/ request loads it) or the etcd client (only
-# a cluster node).
+# client (only the first /mirror/ request loads it), the etcd client (only
+# a cluster node) or sqlite_utils (only a database with a migration to apply).
 SERVE_IMPORTS = ["appliance.cli", "appliance.runtime.pool", "appliance.services", "appliance.web.app",
                  "appliance.web.server", "mirror.web"]
 NOT_IN_THE_WEB_PROCESS = {"wasmtime", "appliance.runtime.worker", "appliance.runtime.engine", "appliance.runtime.sessions",
-                          "mirror.fetcher", "tuf.ngclient", "urllib3", "appliance.cluster.node", "appliance.cluster.etcd"}
+                          "mirror.fetcher", "tuf.ngclient", "urllib3", "appliance.cluster.node", "appliance.cluster.etcd",
+                          "sqlite_utils"}
 
 
 def test_serve_web_process_loads_no_engine_worker_or_network_clients() -> None:
