@@ -6,11 +6,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from appliance import __version__
 from appliance.cells import CellService, now_ms
-from appliance.cluster.node import ClusterNode
 from appliance.config import Settings, load_egress_hosts
 # re-exported: callers import them from here
 from appliance.datadir import UnsafeDataDir as UnsafeDataDir, check_data_dir as check_data_dir, prepare_root as prepare_root
@@ -26,6 +25,9 @@ from appliance.runtime import templates
 from appliance.runtime.pool import WorkerPool
 from appliance.storage import Store
 from mirror.registry import Mirror
+
+if TYPE_CHECKING:
+    from appliance.cluster.node import ClusterNode
 
 log = logging.getLogger("cell")
 
@@ -300,6 +302,8 @@ def _build_services(settings: Settings, *, license_factory: Callable[[Settings],
     services = Services(settings, store, receipts, node_key, pool, cells, license=lic, mirror=mirror)
     cells.limits = services.limits
     if settings.clustered:
+        from appliance.cluster.node import ClusterNode  # start-up: the etcd client (http.client, ssl) only when clustered
+
         services.cluster = ClusterNode(settings, store, node_key.key_id, node_key.public_key_hex,
                                        draining=lambda: services.draining.is_set() or services.incident.is_set())
         try:

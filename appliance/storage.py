@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 KEY_PREFIX = "cell_"
 # Named, so a column added by a migration never shifts the fields of a row.
 _CELL_COLUMNS = "id, tenant_id, template, created_at, timeout_ms, expires_at, persistent, metadata, envs, memory_mb, internet"
@@ -97,7 +95,7 @@ class Store:
         # instead of one per request. A revocation from this process clears it;
         # one from another process (the CLI) applies within AUTH_CACHE_S.
         self._auth_cache: dict[str, tuple[Tenant | None, float]] = {}
-        self.db = sqlite_utils.Database(self._conn)
+        self._conn.execute("PRAGMA recursive_triggers = on")  # as sqlite_utils.Database(conn) set it (start-up: not loaded)
         with self._lock:
             self._migrate()
 

@@ -12,13 +12,14 @@ import os
 from flask import Blueprint, Flask, Response, abort, send_file
 
 from mirror.checks import UnsafePath, split_relative_path
-from mirror.fetcher import open_confined
 from mirror.registry import Mirror
 
 _TYPES = {"metadata": "application/json", "targets": "application/octet-stream"}
 
 
 def mirror_response(mirror: Mirror, subpath: str) -> Response:
+    from mirror.fetcher import open_confined  # start-up: the fetcher loads the TUF client (urllib3); first request only
+
     try:
         parts = split_relative_path(subpath)
     except UnsafePath:

@@ -16,6 +16,11 @@ to compare. A benchmark: exits non-zero only if a run fails.
 baseline), with the CPU milliseconds per cycle of the web process and of
 the workers and the p50 of each step, ``--rounds`` times in a row.
 
+``--only start`` measures just the start row: one first start on a fresh
+data root, then ``--rounds`` restarts on it (each to its first answered
+run), and prints each restart and their median. The start rows are measured
+with the tree's bytecode compiled, as an installed appliance has it.
+
 ``--tenants N`` spreads the clients over N tenants (client i is tenant
 i mod N): with tenant-bound workers (T-TENANT-1) each tenant's cells live in
 workers of their own.
@@ -173,16 +178,52 @@ def create_run_delete_only(seconds: float, rounds: int) -> int:
     return 0
 
 
+def compile_bytecode() -> None:
+    """Compile the tree's modules as an installed appliance has them (pip
+    compiles them at install): a checkout run with PYTHONDONTWRITEBYTECODE=1
+    would otherwise compile every module at every start, in every process."""
+    import compileall
+
+    for package in ("appliance", "mirror", "tui", "sdk"):
+        compileall.compile_dir(REPO / package, quiet=1)
+    print("bytecode: compiled, as an installed appliance has it", flush=True)
+
+
+def start_only(rounds: int) -> int:
+    """The start row alone: a first start, then ``rounds`` restarts of the same data root; prints the median."""
+    compile_bytecode()
+    root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))
+    load = os.getloadavg()[0]
+    try:
+        srv, first = timed_start(root)
+        srv.stop()
+        times = []
+        for _ in range(max(1, rounds)):
+            srv, t = timed_start(root)
+            srv.stop()
+            times.append(t)
+            print(f"restart to first answered run: {t:.2f} s", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"start to first answered run: first start {first:.2f} s, restart median {statistics.median(times):.2f} s "
+          f"(min {min(times):.2f}, max {max(times):.2f}, {len(times)} restarts; "
+          f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after)", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0, help="per measurement (default 5)")
     ap.add_argument("--tenants", type=int, default=1, help="spread the clients over N tenants (default 1)")
-    ap.add_argument("--only", choices=["create-run-delete"], help="measure only this row")
-    ap.add_argument("--rounds", type=int, default=1, help="with --only: measurements in a row (default 1)")
+    ap.add_argument("--only", choices=["create-run-delete", "start"], help="measure only this row")
+    ap.add_argument("--rounds", type=int, default=1, help="with --only: measurements (restarts) in a row (default 1)")
     args = ap.parse_args(argv)
     seconds = args.seconds
     if args.only == "create-run-delete":
         return create_run_delete_only(seconds, args.rounds)
+    if args.only == "start":
+        return start_only(args.rounds)
+    compile_bytecode()
     load0 = os.getloadavg()
     floor_p50, floor_cpu = engine_floor(200)
     root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))

@@ -26,16 +26,17 @@ from typing import Callable
 import wasmtime
 
 from appliance.fileio import write_atomic
+from appliance.runtime import cache_key
 from appliance.runtime.governor import set_async_stack_size
 from appliance.runtime.stack import WASM_STACK
 from appliance.runtime.verify_memo import VerifyMemo, same_identity, sha256_fd
 
-# Engine settings are part of the cache key: a .cwasm only loads into an
+# Engine settings are part of the cache key (cache_key.py): a .cwasm only loads into an
 # engine configured exactly like the one that wrote it. The stack sizes are
 # not: they are limits the running code reads from its context, not compiled
 # in (a .cwasm written before they were raised loads and runs unchanged).
-ENGINE_TAG = "epoch1-fuel0"
-WASMTIME_VERSION = getattr(wasmtime, "__version__", None) or "49.0.0"
+ENGINE_TAG = cache_key.ENGINE_TAG
+WASMTIME_VERSION = getattr(wasmtime, "__version__", None) or cache_key.WASMTIME_VERSION
 
 
 def make_engine(parallel_compilation: bool = True) -> wasmtime.Engine:

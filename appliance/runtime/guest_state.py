@@ -13,11 +13,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass, field
-from typing import Any, Union
-
-import wasmtime
+from typing import TYPE_CHECKING, Any, Union
 
 from appliance.runtime import wasmimage
+
+if TYPE_CHECKING:  # start-up: the web process imports this module (via snapshot_file) but never wasmtime
+    import wasmtime
 
 
 class StateError(Exception):
@@ -125,6 +126,8 @@ def _global_indices(module: wasmtime.Module) -> list[int]:
 
 
 def _memory(ex: Any) -> wasmtime.Memory:
+    import wasmtime  # loaded already: only a worker captures or restores guest state
+
     memory = ex["memory"]
     if not isinstance(memory, wasmtime.Memory):
         raise StateError("export 'memory' is not a memory")
@@ -132,6 +135,8 @@ def _memory(ex: Any) -> wasmtime.Memory:
 
 
 def _global(ex: Any, index: int) -> wasmtime.Global:
+    import wasmtime  # as in _memory
+
     item = ex[wasmimage.global_export_name(index)]
     if not isinstance(item, wasmtime.Global):
         raise StateError(f"global {index} is not exported")

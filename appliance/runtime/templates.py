@@ -23,7 +23,6 @@ Licenses (recorded in THIRD_PARTY.md as well):
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import io
 import os
@@ -34,7 +33,10 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from appliance.runtime.verify_memo import VerifyMemo
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ def _python_artifacts() -> Path:
 
 
 def _qjs_wasm() -> Path:
+    import importlib.metadata  # start-up: ~25 ms of imports; `cell serve` spawns its first worker before it needs them
+
     try:
         dist = importlib.metadata.distribution("qjs-wasi-reactor.wasm")
     except importlib.metadata.PackageNotFoundError:
@@ -258,17 +262,43 @@ MPL_DATA_MEMBER = "matplotlib/mpl-data.zip"
 MPL_DATA_GUEST = "/usr/local/lib/python315.zip/matplotlib/mpl-data"
 
 
-def prepare_mpl_data(runtime: Runtime, stdlib_dir: Path, cache_root: Path) -> Path | None:
+def prepare_mpl_data(runtime: Runtime, stdlib_dir: Path, cache_root: Path,
+                     memo: VerifyMemo | None = None) -> Path | None:
     """matplotlib's data (fonts, matplotlibrc, styles), extracted from the
     pinned stdlib zip into a private directory next to it (T-SUPPLY-1).
 
     ``stdlib_dir`` holds the zip copy ``prepare_stdlib_dir`` checked against
-    its pin. Every load compares each extracted file with the archive (size
+    its pin. A load compares each extracted file with the archive (size
     and CRC-32) and extracts afresh on any difference; a member that is not a
     plain relative path or not a regular file is refused. None when the zip
     carries no such archive.
+
+    With ``memo`` (verify_memo.py) a load whose tree has exactly the
+    fingerprint of one that passed this full check earlier (every entry's
+    name, type, inode, size, mtime and ctime: ctime cannot be set back from
+    user space) skips it; any difference means the full check again.
     """
 
+    assert runtime.stdlib_sha256 is not None
+    if memo is None:
+        return _prepare_mpl_data(runtime, stdlib_dir, cache_root)
+    from appliance.runtime.verify_memo import tree_fingerprint  # start-up: only workers load the memo
+
+    target = cache_root / "python-mpl-data" / runtime.stdlib_sha256[:16]
+    label = f"mpl-data|{runtime.stdlib_sha256}|{MPL_DATA_MEMBER}|{target}"
+    seen = tree_fingerprint(target)
+    if seen is not None and memo.knows_tree(label, seen[0]):
+        return target  # T-SUPPLY-1: exactly the tree that was checked in full
+    found = _prepare_mpl_data(runtime, stdlib_dir, cache_root)
+    # Remembered only when the tree was the same before and after the full
+    # check: nothing changed in it while it was being checked.
+    if found is not None and seen is not None and tree_fingerprint(found) == seen:
+        memo.remember_tree(label, *seen)
+    return found
+
+
+def _prepare_mpl_data(runtime: Runtime, stdlib_dir: Path, cache_root: Path) -> Path | None:
+    """:func:`prepare_mpl_data` without the memo: the full check against the archive."""
     assert runtime.stdlib_sha256 is not None
     with zipfile.ZipFile(stdlib_dir / "python315.zip") as outer:
         try:

@@ -14,6 +14,12 @@ after that ``keys/`` is outside their Landlock rules (T-ESCAPE-1).
 Callers check the descriptor they will load, not a path, and check its
 identity again after loading (``same_identity``), so no file can be swapped
 in between the check and the load.
+
+A tree (matplotlib's data extracted from the pinned stdlib zip, T-SUPPLY-1)
+is remembered the same way: its fingerprint lists every entry's relative
+name, type and identity (the root's own included), so a changed, added,
+removed or replaced file or directory gives another fingerprint; a record
+says "the tree with this fingerprint was checked in full against ``label``".
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ KEY_FILE = "key"
 KEY_BYTES = 32
 RACY_NS = 2_000_000_000  # only files unchanged for this long are remembered
 _MAX_RECORD = 4096
+MAX_TREE_ENTRIES = 10_000  # a larger tree is never fingerprinted (checked in full instead)
 
 Identity = tuple[int, int, int, int, int]
 
@@ -62,6 +69,42 @@ def sha256_fd(fd: int, size: int) -> str | None:
     if os.pread(fd, 1, offset):
         return None  # grew meanwhile
     return digest.hexdigest()
+
+
+def tree_fingerprint(root: Path) -> tuple[str, int] | None:
+    """The fingerprint of the tree at ``root`` and the newest mtime/ctime in
+    it; None when it holds anything but directories and regular files (a
+    symlink, say), cannot be read, or is larger than MAX_TREE_ENTRIES.
+    The walk is iterative and holds one directory descriptor at a time."""
+    lines: list[str] = []
+    newest = 0
+    pending = [""]
+    try:
+        while pending:
+            rel = pending.pop()
+            st = os.lstat(os.path.join(root, rel) if rel else root)
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            with os.scandir(os.path.join(root, rel) if rel else root) as it:
+                entries = list(it)
+            lines.append(f"d {rel!r} " + " ".join(str(v) for v in identity(st)))
+            newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+            for entry in entries:
+                name = f"{rel}/{entry.name}" if rel else entry.name
+                if len(lines) + len(pending) > MAX_TREE_ENTRIES:
+                    return None
+                est = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(est.st_mode):
+                    pending.append(name)  # its own line is written when it is walked
+                elif stat.S_ISREG(est.st_mode):
+                    lines.append(f"f {name!r} " + " ".join(str(v) for v in identity(est)))
+                    newest = max(newest, est.st_mtime_ns, est.st_ctime_ns)
+                else:
+                    return None
+    except OSError:
+        return None
+    lines.sort()
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest(), newest
 
 
 class VerifyMemo:
@@ -131,6 +174,48 @@ class VerifyMemo:
             write_atomic(self._record_path(ident), json.dumps(record).encode(), 0o600)
         except OSError:
             pass  # only a later start pays the full hash again
+
+    def _tree_mac(self, label: str, fingerprint: str) -> str:
+        msg = "cell-verify-memo-tree/1|" + label + "|" + fingerprint
+        return hmac.new(self._key, msg.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
+
+    def _tree_record_path(self, label: str) -> Path:
+        return self.directory / f"tree-{hashlib.sha256(label.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}.json"
+
+    def knows_tree(self, label: str, fingerprint: str) -> bool:
+        """True when a record with a valid MAC says the tree with exactly this
+        fingerprint was checked in full against ``label``."""
+        try:
+            fd = os.open(self._tree_record_path(label), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            raw = os.read(fd, _MAX_RECORD + 1)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        if len(raw) > _MAX_RECORD:
+            return False
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return False
+        if not isinstance(record, dict) or record.get("label") != label or record.get("fingerprint") != fingerprint:
+            return False
+        mac = record.get("mac")
+        return isinstance(mac, str) and hmac.compare_digest(mac, self._tree_mac(label, fingerprint))
+
+    def remember_tree(self, label: str, fingerprint: str, newest_ns: int) -> None:
+        """Record that the tree with this fingerprint was just checked in full;
+        not when any of it changed moments ago (racy timestamps, see digest_of)."""
+        if time.time_ns() - newest_ns <= RACY_NS:
+            return
+        record = {"label": label, "fingerprint": fingerprint, "mac": self._tree_mac(label, fingerprint)}
+        try:
+            write_atomic(self._tree_record_path(label), json.dumps(record).encode(), 0o600)
+        except OSError:
+            pass  # only a later start pays the full check again
 
     def digest_of(self, fd: int) -> tuple[str | None, Identity]:
         """The SHA-256 of the open file (remembered or computed now) and the identity it is valid for."""

@@ -101,3 +101,33 @@ def test_unsafe_data_dir_is_still_a_clear_exit_2(tmp_path: Path) -> None:
     rc, stderr, _loaded = _cell(["tenant", "list"], tmp_path)
     assert rc == 2
     assert "open to other users" in stderr
+
+
+# What `cell serve`'s web process imports (cli.cmd_serve). Start-up: it spawns
+# its first worker and listens while that worker loads the engine; it never
+# runs a guest, so it never needs the engine, the worker's code, the TUF
+# client (only the first /mirror/ request loads it), the etcd client (only
+# a cluster node) or sqlite_utils (only a database with a migration to apply).
+SERVE_IMPORTS = ["appliance.cli", "appliance.runtime.pool", "appliance.services", "appliance.web.app",
+                 "appliance.web.server", "mirror.web"]
+NOT_IN_THE_WEB_PROCESS = {"wasmtime", "appliance.runtime.worker", "appliance.runtime.engine", "appliance.runtime.sessions",
+                          "mirror.fetcher", "tuf.ngclient", "urllib3", "appliance.cluster.node", "appliance.cluster.etcd",
+                          "sqlite_utils"}
+
+
+def test_serve_web_process_loads_no_engine_worker_or_network_clients() -> None:
+    code = f"import sys, json; import {', '.join(SERVE_IMPORTS)}; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                           cwd=REPO).stdout))
+    assert not (loaded & NOT_IN_THE_WEB_PROCESS), loaded & NOT_IN_THE_WEB_PROCESS
+
+
+def test_the_cache_key_without_wasmtime_is_the_engine_s() -> None:
+    # The web process names compiled modules (pool.cache_is_warm) with
+    # cache_key.py; workers load them with engine.py's names.
+    from importlib.metadata import version
+
+    from appliance.runtime import cache_key, engine
+
+    assert (engine.ENGINE_TAG, engine.WASMTIME_VERSION) == (cache_key.ENGINE_TAG, cache_key.WASMTIME_VERSION)
+    assert version("wasmtime") == cache_key.WASMTIME_VERSION

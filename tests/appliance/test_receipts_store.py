@@ -189,6 +189,58 @@ def test_migrations_are_named_and_idempotent(db_path: Path, key: NodeKey) -> Non
     assert {"receipts", "checkpoints", "receipt_keys"} <= tables
 
 
+def test_migration_names_are_the_steps_of_the_set() -> None:
+    from appliance.receipts import store as store_module
+
+    assert [m.name for m in store_module._migrations()._migrations] == list(store_module.MIGRATIONS)
+
+
+def test_a_migrated_database_opens_without_sqlite_utils(db_path: Path, key: NodeKey) -> None:
+    # Start-up: a restart has no migration to apply, so sqlite_utils (~50 ms of
+    # imports) is not loaded; the writer's settings are those it always had.
+    from appliance.storage import Store
+
+    ReceiptStore(db_path, key).close()
+    Store(db_path).close()
+    code = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        from appliance.receipts.nodekey import NodeKey
+        from appliance.receipts.store import ReceiptStore
+        from appliance.storage import Store
+        store = ReceiptStore(Path({str(db_path)!r}), NodeKey.generate())
+        tenants = Store(Path({str(db_path)!r}))
+        pragmas = [c.execute("PRAGMA " + p).fetchone()[0] for c in (store._conn, tenants._conn)
+                   for p in ("recursive_triggers", "journal_mode", "synchronous")]
+        store.close(); tenants.close()
+        print(json.dumps(["sqlite_utils" in sys.modules, pragmas]))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    loaded, pragmas = __import__("json").loads(done.stdout)
+    assert not loaded
+    assert pragmas[:3] == [1, "wal", 2]  # receipts: recursive triggers, WAL, synchronous FULL
+    assert pragmas[3:5] == [1, "wal"]
+
+
+def test_t_rcpt_1_a_pending_migration_is_applied_on_open(db_path: Path, key: NodeKey) -> None:
+    ReceiptStore(db_path, key).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP TRIGGER receipts_no_delete")
+    conn.execute("DELETE FROM _sqlite_migrations WHERE name = '0004_append_only_triggers'")
+    conn.commit()
+    conn.close()
+    store = ReceiptStore(db_path, key)
+    append_one(store)
+    store.close()
+    conn = sqlite3.connect(db_path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        conn.execute("DELETE FROM receipts")
+    names = [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations WHERE migration_set = 'cell.receipts'")]
+    conn.close()
+    assert sorted(names) == ["0001_receipts", "0002_checkpoints", "0003_receipt_keys", "0004_append_only_triggers",
+                             "0005_receipt_envelopes"]
+
+
 @pytest.mark.parametrize("sql", ["UPDATE receipts SET template = 'wasm'", "DELETE FROM receipts",
                                  "UPDATE checkpoints SET count = 0", "DELETE FROM checkpoints"])
 def test_T_RCPT_1_tables_are_append_only(store: ReceiptStore, db_path: Path, sql: str) -> None:

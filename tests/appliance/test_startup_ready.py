@@ -171,3 +171,28 @@ def test_t_escape_1_cell_serve_stops_with_exit_1_when_its_first_worker_cannot_st
     assert "a worker did not start" in proc.stderr and "worker 0 died while starting" in proc.stderr
     assert "cell: ready:" not in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_worker_s_start_data_loads_without_the_pool_module() -> None:
+    # Start-up: what a new worker unpickles is a plain SpawnProcess naming its
+    # entry point (runtime/worker_entry.py), so the worker does not import
+    # pool.py and all that the web process's side needs (broker, TUF registry).
+    import io
+    import json
+    from multiprocessing import popen_spawn_posix, reduction
+
+    from appliance.runtime import worker_entry
+
+    proc = pool_module._WorkerProcess(target=worker_entry.worker_main, args=("conn", {"index": 0}), name="cell-worker-0")
+    fp = io.BytesIO()
+    popen_spawn_posix.set_spawning_popen(object())  # type: ignore[attr-defined]  # as while a worker is spawned
+    try:
+        reduction.dump(proc, fp)
+    finally:
+        popen_spawn_posix.set_spawning_popen(None)  # type: ignore[attr-defined]
+    code = ("import json, pickle, sys\np = pickle.loads(sys.stdin.buffer.read())\n"
+            "print(json.dumps([type(p).__name__, p._target.__module__, sorted(sys.modules)]))\n")
+    done = subprocess.run([sys.executable, "-c", code], input=fp.getvalue(), cwd=REPO, capture_output=True, check=True)
+    kind, target, loaded = json.loads(done.stdout)
+    assert (kind, target) == ("SpawnProcess", "appliance.runtime.worker_entry")
+    assert not {"appliance.runtime.pool", "appliance.runtime.broker", "mirror.registry", "appliance.config"} & set(loaded)

@@ -7,7 +7,7 @@ import hmac
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import wasmtime
@@ -211,3 +211,187 @@ def test_t_cache_1_a_file_changed_moments_ago_is_not_remembered_racy(tmp_path: P
         assert _runs_42(engine, module)
     assert hashes.n == 2 and len(calls) == 1  # both loads hashed in full
     assert not [p for p in (tmp_path / "keys" / "verify-memo").iterdir() if p.suffix == ".json"]
+
+
+# -- matplotlib's data tree (T-SUPPLY-1): remembered by its fingerprint ----------------------
+MPL_FILES = {"matplotlibrc": b"backend: agg\n", "fonts/ttf/DejaVuSans.ttf": b"\x00\x01\x00\x00" + b"f" * 4000,
+             "stylelib/classic.mplstyle": b"lines.linewidth: 1.0\n"}
+
+
+def _mpl_runtime(tmp_path: Path) -> tuple[Any, Path]:
+    """A runtime whose stdlib zip carries a small matplotlib data archive (the real one is ~10 MB)."""
+    import io
+    import zipfile
+
+    from appliance.runtime import templates
+
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in MPL_FILES.items():
+            z.writestr(name, data)
+    stdlib_dir = tmp_path / "python-stdlib"
+    stdlib_dir.mkdir()
+    with zipfile.ZipFile(stdlib_dir / "python315.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(templates.MPL_DATA_MEMBER, inner.getvalue())
+    runtime = templates.Runtime(template="python3", version="test", wasm=tmp_path / "none.wasm", sha256="00" * 32,
+                                license="test", stdlib_zip=stdlib_dir / "python315.zip", stdlib_sha256="ab" * 32)
+    return runtime, stdlib_dir
+
+
+class FullChecks:
+    """Counts the full checks of the tree against the archive."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from appliance.runtime import templates
+
+        self.n = 0
+        real = templates._prepare_mpl_data
+
+        def counted(*a: Any) -> Path | None:
+            self.n += 1
+            return real(*a)
+
+        monkeypatch.setattr(templates, "_prepare_mpl_data", counted)
+
+
+def _intact(data: Path) -> bool:
+    found = {str(p.relative_to(data)): p.read_bytes() for p in data.rglob("*") if p.is_file() and not p.is_symlink()}
+    return found == MPL_FILES and not [p for p in data.rglob("*") if p.is_symlink()]
+
+
+def test_t_supply_1_an_unchanged_mpl_tree_is_checked_in_full_once(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.runtime import templates
+
+    runtime, stdlib_dir = _mpl_runtime(tmp_path)
+    checks, memo = FullChecks(monkeypatch), _memo(tmp_path)
+    first = templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo)  # extracted: nothing to remember yet
+    assert first is not None and _intact(first)
+    for _ in range(3):  # checked in full (and remembered), then vouched for by the memo
+        assert templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo) == first
+    assert checks.n == 2
+    assert templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, None) == first  # no memo: the full check
+    assert checks.n == 3
+
+
+def _touch_back(path: Path, st: os.stat_result) -> None:
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back: only ctime tells
+
+
+def _rewrite_same_size(data: Path) -> None:
+    rc = data / "matplotlibrc"
+    st = rc.stat()
+    os.chmod(rc, 0o644)
+    rc.write_bytes(b"backend: evil\n"[:st.st_size].ljust(st.st_size, b"\n"))
+    os.chmod(rc, 0o444)
+    _touch_back(rc, st)
+
+
+def _replace_by_rename(data: Path) -> None:
+    font = data / "fonts" / "ttf" / "DejaVuSans.ttf"
+    st = font.stat()
+    other = data / "fonts" / "ttf" / ".planted"
+    other.write_bytes(b"P" * st.st_size)
+    _touch_back(other, st)
+    os.rename(other, font)
+
+
+def _symlink(data: Path) -> None:
+    rc = data / "matplotlibrc"
+    rc.unlink()
+    rc.symlink_to("/etc/passwd")
+
+
+def _planted(data: Path) -> None:
+    (data / "stylelib" / "planted.mplstyle").write_text("axes.prop_cycle: cycler('color', ['r'])\n")
+
+
+def _removed(data: Path) -> None:
+    (data / "stylelib" / "classic.mplstyle").unlink()
+
+
+def _whole_tree_swapped(data: Path) -> None:
+    import shutil
+
+    copy = data.with_name(data.name + ".copy")
+    shutil.copytree(data, copy, symlinks=True)
+    os.chmod(copy / "matplotlibrc", 0o644)
+    (copy / "matplotlibrc").write_bytes(b"backend: evl\n")
+    shutil.rmtree(data)
+    os.rename(copy, data)
+
+
+TREE_ATTACKS = [
+    pytest.param(_rewrite_same_size, id="rewritten-in-place-same-size-mtime-set-back"),
+    pytest.param(_replace_by_rename, id="replaced-by-rename-same-size-mtime-set-back"),
+    pytest.param(_symlink, id="file-replaced-by-symlink"),
+    pytest.param(_planted, id="file-planted"),
+    pytest.param(_removed, id="file-removed"),
+    pytest.param(_whole_tree_swapped, id="whole-tree-swapped"),
+]
+
+
+@pytest.mark.parametrize("attack", TREE_ATTACKS)
+def test_t_supply_1_memo_never_vouches_for_a_changed_mpl_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              attack: Callable[[Path], None]) -> None:
+    from appliance.runtime import templates
+
+    runtime, stdlib_dir = _mpl_runtime(tmp_path)
+    memo = _memo(tmp_path)
+    data = templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo)
+    assert data is not None
+    assert templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo) == data  # remembered now
+    checks = FullChecks(monkeypatch)
+    attack(data)
+    assert templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo) == data
+    assert checks.n == 1 and _intact(data)  # the full check ran and extracted the archive afresh
+
+
+def test_t_supply_1_a_forged_tree_record_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record whose MAC is not made with the memo's key vouches for nothing,
+    even one naming the tree's true fingerprint."""
+    from appliance.runtime import templates
+
+    runtime, stdlib_dir = _mpl_runtime(tmp_path)
+    memo = _memo(tmp_path)
+    data = templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo)
+    assert data is not None
+    templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo)
+    records = [p for p in (tmp_path / "keys" / "verify-memo").iterdir() if p.name.startswith("tree-")]
+    assert len(records) == 1
+    record = json.loads(records[0].read_bytes())
+    _rewrite_same_size(data)
+    seen = verify_memo.tree_fingerprint(data)
+    assert seen is not None and seen[0] != record["fingerprint"]
+    msg = f"cell-verify-memo-tree/1|{record['label']}|{seen[0]}".encode()
+    record.update(fingerprint=seen[0], mac=hmac.new(b"\0" * 32, msg, hashlib.sha256).hexdigest())
+    records[0].write_text(json.dumps(record))
+    checks = FullChecks(monkeypatch)
+    assert templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo) == data
+    assert checks.n == 1 and _intact(data)
+
+
+def test_t_supply_1_an_mpl_tree_changed_moments_ago_is_not_remembered_racy(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.runtime import templates
+
+    runtime, stdlib_dir = _mpl_runtime(tmp_path)
+    memo, checks = _memo(tmp_path), FullChecks(monkeypatch)
+    for _ in range(3):
+        assert templates.prepare_mpl_data(runtime, stdlib_dir, tmp_path, memo) is not None
+    assert checks.n == 3  # just extracted: checked in full at every load until it has settled
+    assert not [p for p in (tmp_path / "keys" / "verify-memo").iterdir() if p.name.startswith("tree-")]
+
+
+def test_tree_fingerprint_refuses_what_is_not_a_plain_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "tree"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_text("x")
+    assert verify_memo.tree_fingerprint(root) is not None
+    assert verify_memo.tree_fingerprint(tmp_path / "missing") is None
+    (root / "a" / "fifo").unlink(missing_ok=True)
+    os.mkfifo(root / "a" / "fifo")
+    assert verify_memo.tree_fingerprint(root) is None  # not a regular file
+    os.unlink(root / "a" / "fifo")
+    monkeypatch.setattr(verify_memo, "MAX_TREE_ENTRIES", 2)
+    assert verify_memo.tree_fingerprint(root) is None  # too large: checked in full instead
