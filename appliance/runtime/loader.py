@@ -106,7 +106,7 @@ class Runtimes:
             # Looked up (hash-checked, T-IMAGE-1) here, before a worker confines itself; never built here.
             image = images.lookup(self.cache, self.engine, linker, runtime)
         if runtime.stdlib_zip is not None:
-            stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root)
+            stdlib_dir = templates.prepare_stdlib_dir(runtime, self.cache_root, self.memo)
             mpl_data_dir = templates.prepare_mpl_data(runtime, stdlib_dir, self.cache_root, self.memo)
         if runtime.command_channel:
             # T-DOS-1: fd 0 is the host's command channel; the end of a run is

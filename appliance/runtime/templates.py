@@ -23,6 +23,7 @@ Licenses (recorded in THIRD_PARTY.md as well):
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib.util
 import io
 import os
@@ -225,19 +226,22 @@ def verified_bytes(path: Path, expected: str) -> bytes:
     return data
 
 
-def prepare_stdlib_dir(runtime: Runtime, cache_root: Path) -> Path:
+def prepare_stdlib_dir(runtime: Runtime, cache_root: Path, memo: VerifyMemo | None = None) -> Path:
     """A private directory holding ``python315.zip`` as a real file.
 
     The guest sees it read-only at /usr/local/lib; WASI refuses a symlink that
     points out of a preopen, so the zip is hard-linked (or copied) in, then
-    checked against its pin.
+    checked against its pin. Every load checks the copy against the pin again
+    (T-SUPPLY-1): by its SHA-256, which ``memo`` (verify_memo.py) may vouch for
+    when the file's identity (inode, size, mtime, ctime) is exactly that of one
+    hashed before; a file rewritten in place, even at the same size, is hashed
+    again and, not matching, replaced.
     """
     assert runtime.stdlib_zip is not None and runtime.stdlib_sha256 is not None
     target_dir = cache_root / "python-stdlib"
     target = target_dir / "python315.zip"
-    stamp = target_dir / ".verified"
     target_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if target.is_file() and stamp.is_file() and stamp.read_text() == f"{runtime.stdlib_sha256} {target.stat().st_size}":
+    if _stdlib_copy_matches(target, runtime.stdlib_sha256, memo):
         return target_dir
     tmp = target_dir / ".python315.zip.tmp"
     tmp.unlink(missing_ok=True)
@@ -251,8 +255,26 @@ def prepare_stdlib_dir(runtime: Runtime, cache_root: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise RuntimeMissing("python-stdlib.zip does not match its pinned sha256")
     os.replace(tmp, target)
-    stamp.write_text(f"{runtime.stdlib_sha256} {target.stat().st_size}")
     return target_dir
+
+
+def _stdlib_copy_matches(target: Path, pinned: str, memo: VerifyMemo | None) -> bool:
+    """True when ``target`` is a regular file whose SHA-256 is ``pinned``
+    (remembered by ``memo`` for exactly this file's identity, or hashed now)."""
+    from appliance.runtime.verify_memo import sha256_fd  # start-up: only workers load the memo
+
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not st.S_ISREG(info.st_mode):
+            return False
+        digest = memo.digest_of(fd)[0] if memo is not None else sha256_fd(fd, info.st_size)
+    finally:
+        os.close(fd)
+    return digest is not None and hmac.compare_digest(digest, pinned)
 
 
 # matplotlib computes its data directory from its own __file__, which lies

@@ -395,3 +395,103 @@ def test_tree_fingerprint_refuses_what_is_not_a_plain_tree(tmp_path: Path, monke
     os.unlink(root / "a" / "fifo")
     monkeypatch.setattr(verify_memo, "MAX_TREE_ENTRIES", 2)
     assert verify_memo.tree_fingerprint(root) is None  # too large: checked in full instead
+
+
+# -- the stdlib zip copy the guest imports from (T-SUPPLY-1) ------------------------
+STDLIB_ZIP = b"PK pinned stdlib bytes " * 64
+
+
+def _stdlib_runtime(tmp_path: Path) -> Any:
+    from appliance.runtime import templates
+
+    source = tmp_path / "pkg" / "python315.zip"
+    source.parent.mkdir()
+    source.write_bytes(STDLIB_ZIP)
+    return templates.Runtime(template="python3", version="test", wasm=tmp_path / "none.wasm", sha256="00" * 32,
+                             license="test", stdlib_zip=source, stdlib_sha256=hashlib.sha256(STDLIB_ZIP).hexdigest())
+
+
+def _same_size_rewrite(target: Path) -> None:
+    st = target.stat()
+    target.unlink()  # a hard link to the package's file: write a file of its own, as an attacker would
+    target.write_bytes(b"X" * st.st_size)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime set back; ctime cannot be
+
+
+def _rewrite_in_place(target: Path) -> None:
+    with open(target, "r+b") as f:
+        f.write(b"evil")
+
+
+def _symlink(target: Path) -> None:
+    evil = target.parent / "evil.zip"
+    evil.write_bytes(b"X" * len(STDLIB_ZIP))
+    target.unlink()
+    target.symlink_to(evil)
+
+
+def _truncate(target: Path) -> None:
+    target.unlink()
+    target.write_bytes(STDLIB_ZIP[:10])
+
+
+def _directory(target: Path) -> None:
+    target.unlink()
+    target.mkdir()
+
+
+@pytest.mark.parametrize("with_memo", [True, False], ids=["memo", "no-memo"])
+@pytest.mark.parametrize("tamper", [_same_size_rewrite, _symlink, _truncate],
+                         ids=["same-size-rewrite-mtime-kept", "symlink", "truncated"])
+def test_t_supply_1_a_tampered_stdlib_copy_is_replaced_by_the_pinned_one(tmp_path: Path, tamper: Callable[[Path], None],
+                                                                         with_memo: bool) -> None:
+    from appliance.runtime import templates
+
+    runtime = _stdlib_runtime(tmp_path)
+    memo = VerifyMemo.open(tmp_path / "memo") if with_memo else None
+    cache_root = tmp_path / "cache"
+    target = templates.prepare_stdlib_dir(runtime, cache_root, memo) / "python315.zip"
+    assert target.read_bytes() == STDLIB_ZIP
+    templates.prepare_stdlib_dir(runtime, cache_root, memo)  # remembered now (settled), when there is a memo
+    tamper(target)
+    assert templates.prepare_stdlib_dir(runtime, cache_root, memo) == target.parent
+    assert not target.is_symlink() and target.read_bytes() == STDLIB_ZIP
+
+
+@pytest.mark.parametrize("with_memo", [True, False], ids=["memo", "no-memo"])
+@pytest.mark.parametrize("tamper", [_rewrite_in_place, _directory], ids=["rewritten-in-place-with-its-source", "directory"])
+def test_t_supply_1_a_stdlib_copy_that_cannot_be_made_right_fails_closed(tmp_path: Path, tamper: Callable[[Path], None],
+                                                                       with_memo: bool) -> None:
+    """The copy is a hard link of the package's own file: written in place, the
+    source is wrong too and the start is refused; a directory in its place is
+    never replaced by us, nor served."""
+    from appliance.runtime import templates
+
+    runtime = _stdlib_runtime(tmp_path)
+    memo = VerifyMemo.open(tmp_path / "memo") if with_memo else None
+    cache_root = tmp_path / "cache"
+    target = templates.prepare_stdlib_dir(runtime, cache_root, memo) / "python315.zip"
+    templates.prepare_stdlib_dir(runtime, cache_root, memo)
+    tamper(target)
+    with pytest.raises((templates.RuntimeMissing, OSError)):
+        templates.prepare_stdlib_dir(runtime, cache_root, memo)
+
+
+def test_t_supply_1_an_unchanged_stdlib_copy_is_hashed_once_with_the_memo(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from appliance.runtime import templates
+
+    runtime = _stdlib_runtime(tmp_path)
+    memo = VerifyMemo.open(tmp_path / "memo")
+    hashed: list[int] = []
+    real = verify_memo.sha256_fd
+
+    def counted(fd: int, size: int) -> str | None:
+        hashed.append(size)
+        return real(fd, size)
+
+    monkeypatch.setattr(verify_memo, "sha256_fd", counted)
+    cache_root = tmp_path / "cache"
+    for _ in range(3):
+        templates.prepare_stdlib_dir(runtime, cache_root, memo)
+    assert len(hashed) == 1  # the first check of the copy; the later ones by its remembered identity
