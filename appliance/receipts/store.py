@@ -36,6 +36,12 @@ RECEIPT_FIELDS = _verify.RECEIPT_FIELDS
 ROW_FIELDS = (*RECEIPT_FIELDS, *_verify.BINDING_FIELDS)
 _COLUMNS = ", ".join(ROW_FIELDS)
 _INSERT_RECEIPT = f"INSERT INTO receipts ({_COLUMNS}) VALUES ({', '.join('?' * len(ROW_FIELDS))})"
+# One receipt on a tail this store wrote last, in one autocommit statement: the
+# row goes in only if that tail is still the last row (seq and chain hash), read
+# and written under the same write lock, so it can never fork the chain (T-RCPT-1).
+# Else nothing is written and the full transaction (tail read, insert) is used.
+_INSERT_ON_TAIL = (f"INSERT INTO receipts ({_COLUMNS}) SELECT {', '.join('?' * len(ROW_FIELDS))} "
+                   "WHERE (SELECT MAX(seq) FROM receipts) = ? AND (SELECT chain_hash FROM receipts WHERE seq = ?) = ?")
 _CHECKPOINT_FIELDS = ("count", "root_hash", "timestamp", "key_id", "signature")
 BUSY_TIMEOUT_S = 30.0
 
@@ -179,6 +185,7 @@ class ReceiptStore:
         self._queue_lock = threading.Lock()  # group commit: appends waiting for the next transaction
         self._pending: list[dict[str, Any]] = []
         self._leading = False
+        self._tail: tuple[int, str] | None = None  # (seq, chain_hash) of the last row this store committed
         self._frontier = merkle.Frontier()
         self._readers = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
@@ -288,7 +295,68 @@ class ReceiptStore:
         result: dict[str, Any] = slot["receipt"]
         return result
 
+    def _seal(self, seq: int, prev: str, it: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
+        """The receipt of ``it`` as row ``seq`` after chain hash ``prev``, signed,
+        and its INSERT parameters."""
+        ch = v1.chain_hash(prev, it["receipt_hash"])
+        # T-RCPT-2: sign the envelope (tenant, cell, chain hash), not the bare chain hash.
+        signed = envelope.envelope_message(
+            seq=seq, receipt_hash=it["receipt_hash"], chain_hash=ch, tenant_id=it["tenant_id"],
+            cell_id=it["cell_id"], key_id=self._key.key_id, extensions=it["extensions"])
+        receipt = {
+            "schema": v1.SCHEMA, "execution_id": it["execution_id"], "code_hash": it["code_hash"],
+            "result_hash": it["result_hash"], "template": it["template"], "timestamp": it["timestamp"],
+            "receipt_hash": it["receipt_hash"], "seq": seq, "prev_chain_hash": prev, "chain_hash": ch,
+            "signature": base64.b64encode(self._key.sign(signed)).decode("ascii"),
+            "key_id": self._key.key_id, "cell_id": it["cell_id"],
+            "tenant_id": it["tenant_id"], "envelope": envelope.ENVELOPE, "extensions": it["extensions"],
+        }
+        params = (*(receipt[f] for f in RECEIPT_FIELDS), it["tenant_id"], envelope.ENVELOPE,
+                  envelope.canonical_json(receipt["extensions"]).decode("utf-8"))
+        return receipt, params
+
+    def _commit_on_tail(self, slot: dict[str, Any]) -> bool:
+        """The usual case, one receipt after the last one this store wrote: one
+        autocommit statement (FULL sync: durable when it returns) instead of four
+        (BEGIN, tail read, INSERT, COMMIT), each of which lets go of the GIL.
+        False when the tail is unknown or moved (another writer): nothing was
+        written and the caller takes the full transaction."""
+        it = slot["item"]
+        with self._lock:
+            if self._closed:
+                raise StoreClosed("receipt store is closed")
+            tail = self._tail
+            if tail is None:
+                return False
+            receipt, params = self._seal(tail[0] + 1, tail[1], it)
+            try:
+                written = self._conn.execute(_INSERT_ON_TAIL, (*params, tail[0], tail[0], tail[1])).rowcount
+            except sqlite3.IntegrityError as exc:
+                if "execution_id" not in str(exc):
+                    self._tail = None
+                    return False
+                slot["error"] = DuplicateReceipt(f"execution_id {it['execution_id']} already has a receipt")
+                return True
+            if written != 1:
+                self._tail = None  # another writer extended the chain: read it again
+                return False
+            self._tail = (receipt["seq"], receipt["chain_hash"])
+        slot["receipt"] = receipt
+        return True
+
     def _commit_batch(self, batch: list[dict[str, Any]]) -> None:
+        if len(batch) == 1:
+            try:
+                if self._commit_on_tail(batch[0]):
+                    batch[0]["done"].set()
+                    return
+            except BaseException as exc:
+                batch[0].pop("receipt", None)
+                batch[0].setdefault("error", exc)
+                batch[0]["done"].set()
+                return
+        last: list[tuple[int, str]] = []
+
         def body() -> list[dict[str, Any]]:
             # Tail read and inserts in one IMMEDIATE transaction: no other
             # thread or process can chain onto the same tail (T-RCPT-1 fork).
@@ -304,25 +372,9 @@ class ReceiptStore:
                 it = slot["item"]
                 if savepoints:
                     self._conn.execute("SAVEPOINT one")
-                ch = v1.chain_hash(prev, it["receipt_hash"])
-                # T-RCPT-2: sign the envelope (tenant, cell, chain hash), not the bare chain hash.
-                signed = envelope.envelope_message(
-                    seq=seq + 1, receipt_hash=it["receipt_hash"], chain_hash=ch, tenant_id=it["tenant_id"],
-                    cell_id=it["cell_id"], key_id=self._key.key_id, extensions=it["extensions"])
-                receipt = {
-                    "schema": v1.SCHEMA, "execution_id": it["execution_id"], "code_hash": it["code_hash"],
-                    "result_hash": it["result_hash"], "template": it["template"], "timestamp": it["timestamp"],
-                    "receipt_hash": it["receipt_hash"], "seq": seq + 1, "prev_chain_hash": prev, "chain_hash": ch,
-                    "signature": base64.b64encode(self._key.sign(signed)).decode("ascii"),
-                    "key_id": self._key.key_id, "cell_id": it["cell_id"],
-                    "tenant_id": it["tenant_id"], "envelope": envelope.ENVELOPE, "extensions": it["extensions"],
-                }
+                receipt, params = self._seal(seq + 1, prev, it)
                 try:
-                    self._conn.execute(
-                        _INSERT_RECEIPT,
-                        (*(receipt[f] for f in RECEIPT_FIELDS), it["tenant_id"], envelope.ENVELOPE,
-                         envelope.canonical_json(receipt["extensions"]).decode("utf-8")),
-                    )
+                    self._conn.execute(_INSERT_RECEIPT, params)
                 except sqlite3.IntegrityError as exc:
                     # Only this item fails (e.g. a duplicate execution_id); the rest of the batch goes on.
                     if savepoints:
@@ -335,14 +387,17 @@ class ReceiptStore:
                     continue
                 if savepoints:
                     self._conn.execute("RELEASE one")
-                seq, prev = seq + 1, ch
+                seq, prev = seq + 1, receipt["chain_hash"]
                 slot["receipt"] = receipt
                 out.append(receipt)
+            last.append((seq, prev))
             return out
 
         try:
             self._write(body)
+            self._tail = last[-1]  # committed: the next single receipt chains onto it
         except BaseException as exc:  # the whole batch failed: every caller hears why
+            self._tail = None
             for slot in batch:
                 slot.pop("receipt", None)
                 slot.setdefault("error", exc)
