@@ -417,7 +417,8 @@ def path_for(snapshots_dir: Path | str, tenant_id: str, cell_id: str) -> Path:
 
 def _tenant_fd(snapshots_dir: Path | str, tenant_id: str) -> int | None:
     try:
-        return os.open(Path(snapshots_dir) / tenant_id, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # os.path.join, not pathlib: this runs once per run (cells.py _with_capture).
+        return os.open(os.path.join(snapshots_dir, tenant_id), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
 
