@@ -282,6 +282,29 @@ def test_T_RCPT_1_eight_threads_by_200_appends_stay_linear(store: ReceiptStore) 
     assert store.verify() == {"ok": True, "count": 1600, "first_problem": None}
 
 
+def test_T_RCPT_1_single_receipt_on_a_moved_tail_is_not_forked(db_path: Path, key: NodeKey) -> None:
+    # A receipt after the tail this store wrote last is one statement guarded by
+    # that tail; when another writer extended the chain meanwhile, the guard
+    # writes nothing and the full transaction chains onto the real tail.
+    a = ReceiptStore(db_path, key, checkpoint_every=0)
+    b = ReceiptStore(db_path, key, checkpoint_every=0)
+    try:
+        written = [append_one(a), append_one(a)]  # a now knows its tail
+        written.append(append_one(b))  # moves the tail under a
+        written += [append_one(a), append_one(b), append_one(a)]
+        assert [r["seq"] for r in written] == [1, 2, 3, 4, 5, 6]
+        assert_linear(written)
+        assert a.verify() == {"ok": True, "count": 6, "first_problem": None}
+        dup = written[-1]["execution_id"]
+        with pytest.raises(DuplicateReceipt):  # on a known tail too
+            a.append(execution_id=dup, tenant_id="t", cell_id=None, template="python3",
+                     code_hash=CODE_HASH, result_hash=RESULT_HASH, timestamp_ms=2)
+        assert append_one(a)["seq"] == 7
+    finally:
+        a.close()
+        b.close()
+
+
 def _process_appender(db: str, seed_hex: str, n: int, go: Any) -> None:
     """Child process body (spawned): its own ReceiptStore on the same file."""
     go.wait()
