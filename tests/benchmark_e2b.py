@@ -527,7 +527,7 @@ COVERAGE = [
     ("files.watch_dir", "not applicable", "no inotify in a Wasm guest"),
     ("commands.run / pty / git", "not applicable", "the guest is Wasm, not a VM: no shell"),
     ("create_code_context / list / restart / remove", "not applicable", "one interpreter per sandbox"),
-    ("pause / resume / fork / snapshots", "not applicable", "persistent cells; no snapshot API"),
+    ("pause / resume / fork / snapshots", "differs", "fork() supported; idle cells pause to disk and resume on their next run; no pause() call"),
     ("get_metrics", "not applicable", "node RSS in /v1/status"),
     ("get_host(port) / upload_url / download_url / MCP", "not applicable", "no inbound ports; air-gapped"),
     ("network allow_out / deny_out", "differs", "egress off by default; node-wide SYNAPSE_EGRESS_ALLOW"),

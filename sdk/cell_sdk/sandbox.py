@@ -98,6 +98,19 @@ class Sandbox:
             sbx.set_timeout(timeout)
         return sbx
 
+    def fork(self) -> Sandbox:
+        """A new sandbox of the same tenant starting from this one's variables
+        and files (``POST /v1/cells/<id>/fork``; Python cells, between runs).
+        The two then go their own ways. A cell that is running answers 409
+        ``cell_busy``; a JavaScript or Wasm cell 409 ``fork_unsupported``."""
+        transport = Transport(self._http.config)
+        try:
+            info = transport.request("POST", f"/v1/cells/{self.sandbox_id}/fork")
+        except BaseException:
+            transport.close()
+            raise
+        return type(self)(_attach=info, _transport=transport)
+
     @staticmethod
     @contextlib.contextmanager
     def _transport_for(target: Any, opts: dict[str, Any]) -> Iterator[Transport]:

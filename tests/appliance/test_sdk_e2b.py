@@ -302,3 +302,25 @@ def test_t_dos_1_node_import_rewrite_is_linear_in_guest_source(source: str) -> N
     started = time.monotonic()
     code_prep.node_imports(source.encode())
     assert time.monotonic() - started < 5.0
+
+
+# -- fork from the SDK (POST /v1/cells/<id>/fork) ---------------------------------
+def test_sdk_fork_keeps_variables_and_files_then_diverges(py: Sandbox) -> None:
+    py.run_code("x = 41\nopen('/data/note.txt', 'w').write('kept')")
+    child = py.fork()
+    try:
+        assert child.sandbox_id != py.sandbox_id
+        assert child.run_code("x += 1\nprint(x, open('/data/note.txt').read())").stdout == "42 kept\n"
+        assert py.run_code("print(x)").stdout == "41\n"  # the parent is untouched
+        assert Sandbox.connect(child.sandbox_id, api_url=child._http.config.api_url,
+                               api_key=child._http.config.api_key).is_running()
+    finally:
+        child.kill()
+
+
+def test_sdk_fork_of_a_javascript_cell_is_a_clear_error(js: Sandbox) -> None:
+    from cell_sdk import SandboxException
+
+    with pytest.raises(SandboxException) as err:
+        js.fork()
+    assert getattr(err.value, "code", None) == "fork_unsupported"
