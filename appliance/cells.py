@@ -409,6 +409,7 @@ class CellService:
                 by_worker.setdefault(binding.worker, []).append((record, binding))
         done = [0]
         count_lock = threading.Lock()
+        quota_lock = threading.Lock()  # T-DISK-1: captures landing at once are counted one after another
 
         def capture(items: queue.SimpleQueue[tuple[CellRecord, Binding]]) -> None:
             while True:
@@ -417,6 +418,12 @@ class CellService:
                 except queue.Empty:
                     return
                 try:
+                    self.quota.check(record.tenant_id)  # T-DISK-1: a tenant already at its quota gets no capture
+                except PayloadTooLarge:
+                    log.info("cell %s: its capture was not kept: it would put tenant %s over its disk quota",
+                             record.id, record.tenant_id)
+                    continue
+                try:
                     handle = self.pool.worker(binding.worker)
                     reply = self._call(handle, protocol.CaptureRequest(0, cell_id=record.id), None,
                                        tenant=record.tenant_id, cell_id=record.id)
@@ -424,6 +431,14 @@ class CellService:
                     log.warning("could not capture cell %s: %s", record.id, exc)
                     continue
                 if isinstance(reply, protocol.OkReply):
+                    with quota_lock:
+                        # T-DISK-1: as an idle capture, one that puts the tenant over its quota is not kept.
+                        self.quota.record(record.tenant_id, record.id, None)
+                        try:
+                            self.quota.check(record.tenant_id)
+                        except PayloadTooLarge:
+                            self._discard_capture(record)
+                            continue
                     with count_lock:
                         done[0] += 1
                 elif isinstance(reply, protocol.ErrorReply) and reply.code != "not_capturable":
@@ -536,9 +551,10 @@ class CellService:
         return taken
 
     def _discard_capture(self, record: CellRecord) -> None:
-        """An idle capture that put the tenant over its quota goes (T-DISK-1): the
-        tenant's runs stay possible; a crash then starts a fresh interpreter."""
-        log.info("cell %s: its idle capture was not kept: it would put tenant %s over its disk quota",
+        """A capture (idle, or at a stop) that put the tenant over its quota goes
+        (T-DISK-1): the tenant's runs stay possible; a crash then starts a fresh
+        interpreter, and after a restart the cell answers ``cell_lost``."""
+        log.info("cell %s: its capture was not kept: it would put tenant %s over its disk quota",
                  record.id, record.tenant_id)
         try:
             snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)
@@ -692,7 +708,9 @@ class CellService:
         restore = (lost or paused) and self._restorable(tmpl, tenant.id, cell_id)
         if lost and not restore:
             raise Conflict("the worker holding this cell's interpreter was replaced and no snapshot of its state was "
-                           "taken; its variables are gone, its files are kept. The next run starts a fresh interpreter.",
+                           "taken (a cell is captured once it has been idle after a run and at a stop, and a capture "
+                           "is not kept when it would put the tenant over its disk quota); its variables are gone, its "
+                           "files are kept. The next run starts a fresh interpreter.",
                            code="cell_lost")
         if restore and lost:
             binding = None

@@ -383,9 +383,9 @@ def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache:
 
 def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, tmp_path: Path) -> None:
     """With a 1 MB quota: a fork whose copy would cross it is 413; an idle
-    capture that would cross it is not kept, and runs go on; a snapshot
-    alone puts the tenant over it after a restart, yet the run that restores
-    (and so consumes) it is answered, adding nothing; then runs go on."""
+    capture that would cross it is not kept, and runs go on; nor is the
+    capture at a stop: after the restart the cell answers ``cell_lost`` saying
+    why, its files kept, and runs go on."""
     root = tmp_path / "small"
     env = {"SYNAPSE_TENANT_QUOTA_MB": "1", "SYNAPSE_CELL_CAPTURE_IDLE_S": "1"}
     srv = start_server(root, env=env)
@@ -401,7 +401,7 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
         # An idle capture that would put the tenant over its quota is not kept:
         # the tenant's runs go on (T-DISK-1).
         deadline = time.monotonic() + 60
-        while not any(f"cell {cell}: its idle capture was not kept" in line for line in list(srv.log)):
+        while not any(f"cell {cell}: its capture was not kept" in line for line in list(srv.log)):
             assert time.monotonic() < deadline, "the idle capture was not tried"
             time.sleep(0.1)
         while (root / "snapshots" / "default" / cell).exists():  # logged just before it is removed
@@ -410,15 +410,43 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
         assert run(srv, cell, "print(v)")["stdout"] == "small\n"
     finally:
         srv.stop()
-    snap = root / "snapshots" / "default" / cell
-    assert snap.stat().st_size > (1 << 20) - 600_000  # together over the quota
+    assert not (root / "snapshots" / "default" / cell).exists()  # T-DISK-1: not kept at the stop either
     again = start_server(root, env=env)
     try:
-        status, info, _ = again.request("GET", f"/v1/cells/{cell}")
-        assert info["disk_bytes"] >= 600_000 + snap.stat().st_size
-        out = run(again, cell, "print(v)")
-        assert out["stdout"] == "small\n" and out.get("restored") is True, out
+        status, body, _ = again.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(v)"})
+        assert (status, body["code"]) == (409, "cell_lost") and "disk quota" in body["error"], body
         assert run(again, cell, "print(len(open('half.bin', 'rb').read()))")["stdout"] == "600000\n"
+    finally:
+        again.stop()
+
+
+@pytest.mark.parametrize("cells", [1, 3], ids=["one-cell", "three-cells-captured-at-once"])
+def test_t_disk_1_captures_at_sigterm_stay_within_the_quota(module_cache: None, tmp_path: Path, cells: int) -> None:
+    """T-DISK-1 / T-IMAGE-2: a tenant at its quota with live cells is stopped
+    (SIGTERM): no capture over the quota is kept, whichever lands first; after
+    the restart the quota counts exactly the volumes, and each cell answers
+    ``cell_lost`` once, saying why, then runs on with its files."""
+    root = tmp_path / "stop"
+    env = {"SYNAPSE_TENANT_QUOTA_MB": "1"}
+    srv = start_server(root, env=env)
+    try:
+        ids = [new_cell(srv, timeout_ms=600000) for _ in range(cells)]
+        for cell in ids:
+            run(srv, cell, f"open('part.bin', 'wb').write(b'x' * {900_000 // cells})\nv = 1")
+        before = {cell: srv.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] for cell in ids}
+    finally:
+        srv.stop()
+    snaps = root / "snapshots" / "default"
+    assert not snaps.exists() or sorted(p.name for p in snaps.iterdir()) == []
+    assert sum(1 for line in srv.log if "its capture was not kept" in line) == cells
+    again = start_server(root, env=env)
+    try:
+        after = {cell: again.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] for cell in ids}
+        assert after == before  # the volumes, and nothing else
+        for cell in ids:
+            status, body, _ = again.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(v)"})
+            assert (status, body["code"]) == (409, "cell_lost") and "disk quota" in body["error"], body
+            assert run(again, cell, "print(len(open('part.bin', 'rb').read()))")["stdout"] == f"{900_000 // cells}\n"
     finally:
         again.stop()
 
