@@ -564,6 +564,15 @@ class CellService:
             self._since_capture.pop(record.id, None)
         self.quota.record(record.tenant_id, record.id, None)
 
+    def _keep_restored_capture(self, record: CellRecord) -> None:
+        """The file a run restored from stays, what a crash of the cell's next
+        run rolls back to (T-IMAGE-2), counted in the quota; when the tenant is
+        over its quota with it, it goes, as an idle capture would (T-DISK-1)."""
+        try:
+            self.quota.check(record.tenant_id)
+        except PayloadTooLarge:
+            self._discard_capture(record)
+
     # -- disk quota (T-DISK-1): appliance/quota.py --------------------------
     def quota_bytes(self) -> int:
         return self.settings.tenant_quota_mb * 1024 * 1024
@@ -655,7 +664,7 @@ class CellService:
             elif not outcome.get("session_alive", True):
                 self._since_capture.pop(cell_id, None)  # no interpreter; the worker dropped a capture that was behind
             elif outcome.get("restored"):
-                self._since_capture[cell_id] = 1  # the capture was consumed; this run is counted
+                self._since_capture[cell_id] = 1  # restored from the capture, which stays; this run is counted
             elif before is not None:
                 self._since_capture[cell_id] = before + 1
             else:
@@ -706,6 +715,9 @@ class CellService:
             paused = cell_id in self._paused
             self._paused.discard(cell_id)
         restore = (lost or paused) and self._restorable(tmpl, tenant.id, cell_id)
+        if restore:
+            with self._lock:
+                self._since_capture.setdefault(cell_id, 0)  # T-IMAGE-2: restored, the file is its state before this run
         if lost and not restore:
             raise Conflict("the worker holding this cell's interpreter was replaced and no snapshot of its state was "
                            "taken (a cell is captured once it has been idle after a run and at a stop, and a capture "
@@ -745,6 +757,8 @@ class CellService:
         finally:
             with self._lock:
                 self._used[cell_id] = time.monotonic()
+        if restore and answer.get("restored"):
+            self._keep_restored_capture(record)
         self._touch(record)
         return answer
 
