@@ -467,10 +467,10 @@ class CellService:
             return 0
         moment = time.monotonic() if now is None else now
         with self._lock:
-            due = [(c, b) for c, b in self._bindings.items()
+            due = [(c, b, self._used[c]) for c, b in self._bindings.items()
                    if c not in self._paused and moment - self._used.setdefault(c, moment) >= idle_s]
         paused = 0
-        for cell_id, binding in due:
+        for cell_id, binding, used in due:
             record = self._records.get(cell_id) or next((c for c in self.store.list_cells() if c.id == cell_id), None)
             if record is None or not record.persistent or "python" not in templates.get(record.template).languages:
                 continue
@@ -484,8 +484,11 @@ class CellService:
                 continue
             if isinstance(reply, protocol.OkReply):
                 with self._lock:
-                    self._paused.add(cell_id)
-                    self._since_capture[cell_id] = 0
+                    # T-IMAGE-2: a run that came in meanwhile (it notes its start) goes on
+                    # from the file, restored by its worker: the cell is not marked paused.
+                    if self._used.get(cell_id) == used:
+                        self._paused.add(cell_id)
+                        self._since_capture[cell_id] = 0
                 self.quota.record(record.tenant_id, cell_id, None)  # T-DISK-1: measured again, its snapshot with it
                 paused += 1
             else:
@@ -714,6 +717,7 @@ class CellService:
         with self._lock:
             paused = cell_id in self._paused
             self._paused.discard(cell_id)
+            self._used[cell_id] = time.monotonic()  # a pause under way sees this run (T-IMAGE-2)
         restore = (lost or paused) and self._restorable(tmpl, tenant.id, cell_id)
         if restore:
             with self._lock:
@@ -757,7 +761,9 @@ class CellService:
         finally:
             with self._lock:
                 self._used[cell_id] = time.monotonic()
-        if restore and answer.get("restored"):
+        if answer.get("restored"):
+            with self._lock:
+                self._paused.discard(cell_id)  # T-IMAGE-2: restored by its worker, as after a pause it raced
             self._keep_restored_capture(record)
         self._touch(record)
         return answer
