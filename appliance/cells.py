@@ -445,6 +445,7 @@ class CellService:
                 by_worker.setdefault(binding.worker, []).append((record, binding))
         done = [0]
         count_lock = threading.Lock()
+        quota_lock = threading.Lock()  # T-DISK-1: captures landing at once are counted one after another
 
         def capture(items: queue.SimpleQueue[tuple[CellRecord, Binding]]) -> None:
             while True:
@@ -453,6 +454,12 @@ class CellService:
                 except queue.Empty:
                     return
                 try:
+                    self.quota.check(record.tenant_id)  # T-DISK-1: a tenant already at its quota gets no capture
+                except PayloadTooLarge:
+                    log.info("cell %s: its capture was not kept: it would put tenant %s over its disk quota",
+                             record.id, record.tenant_id)
+                    continue
+                try:
                     handle = self.pool.worker(binding.worker)
                     reply = self._call(handle, protocol.CaptureRequest(0, cell_id=record.id), None,
                                        tenant=record.tenant_id, cell_id=record.id)
@@ -460,6 +467,14 @@ class CellService:
                     log.warning("could not capture cell %s: %s", record.id, exc)
                     continue
                 if isinstance(reply, protocol.OkReply):
+                    with quota_lock:
+                        # T-DISK-1: as an idle capture, one that puts the tenant over its quota is not kept.
+                        self.quota.record(record.tenant_id, record.id, None)
+                        try:
+                            self.quota.check(record.tenant_id)
+                        except PayloadTooLarge:
+                            self._discard_capture(record)
+                            continue
                     with count_lock:
                         done[0] += 1
                 elif isinstance(reply, protocol.ErrorReply) and reply.code != "not_capturable":
@@ -488,10 +503,10 @@ class CellService:
             return 0
         moment = time.monotonic() if now is None else now
         with self._lock:
-            due = [(c, b) for c, b in self._bindings.items()
+            due = [(c, b, self._used[c]) for c, b in self._bindings.items()
                    if c not in self._paused and moment - self._used.setdefault(c, moment) >= idle_s]
         paused = 0
-        for cell_id, binding in due:
+        for cell_id, binding, used in due:
             record = self._records.get(cell_id) or next((c for c in self.store.list_cells() if c.id == cell_id), None)
             if record is None or not record.persistent or "python" not in templates.get(record.template).languages:
                 continue
@@ -505,8 +520,11 @@ class CellService:
                 continue
             if isinstance(reply, protocol.OkReply):
                 with self._lock:
-                    self._paused.add(cell_id)
-                    self._since_capture[cell_id] = 0
+                    # T-IMAGE-2: a run that came in meanwhile (it notes its start) goes on
+                    # from the file, restored by its worker: the cell is not marked paused.
+                    if self._used.get(cell_id) == used:
+                        self._paused.add(cell_id)
+                        self._since_capture[cell_id] = 0
                 self.quota.record(record.tenant_id, cell_id, None)  # T-DISK-1: measured again, its snapshot with it
                 paused += 1
             else:
@@ -572,9 +590,10 @@ class CellService:
         return taken
 
     def _discard_capture(self, record: CellRecord) -> None:
-        """An idle capture that put the tenant over its quota goes (T-DISK-1): the
-        tenant's runs stay possible; a crash then starts a fresh interpreter."""
-        log.info("cell %s: its idle capture was not kept: it would put tenant %s over its disk quota",
+        """A capture (idle, or at a stop) that put the tenant over its quota goes
+        (T-DISK-1): the tenant's runs stay possible; a crash then starts a fresh
+        interpreter, and after a restart the cell answers ``cell_lost``."""
+        log.info("cell %s: its capture was not kept: it would put tenant %s over its disk quota",
                  record.id, record.tenant_id)
         try:
             snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)
@@ -583,6 +602,15 @@ class CellService:
         with self._lock:
             self._since_capture.pop(record.id, None)
         self.quota.record(record.tenant_id, record.id, None)
+
+    def _keep_restored_capture(self, record: CellRecord) -> None:
+        """The file a run restored from stays, what a crash of the cell's next
+        run rolls back to (T-IMAGE-2), counted in the quota; when the tenant is
+        over its quota with it, it goes, as an idle capture would (T-DISK-1)."""
+        try:
+            self.quota.check(record.tenant_id)
+        except PayloadTooLarge:
+            self._discard_capture(record)
 
     # -- disk quota (T-DISK-1): appliance/quota.py --------------------------
     def quota_bytes(self) -> int:
@@ -675,7 +703,7 @@ class CellService:
             elif not outcome.get("session_alive", True):
                 self._since_capture.pop(cell_id, None)  # no interpreter; the worker dropped a capture that was behind
             elif outcome.get("restored"):
-                self._since_capture[cell_id] = 1  # the capture was consumed; this run is counted
+                self._since_capture[cell_id] = 1  # restored from the capture, which stays; this run is counted
             elif before is not None:
                 self._since_capture[cell_id] = before + 1
             else:
@@ -725,10 +753,16 @@ class CellService:
         with self._lock:
             paused = cell_id in self._paused
             self._paused.discard(cell_id)
+            self._used[cell_id] = time.monotonic()  # a pause under way sees this run (T-IMAGE-2)
         restore = (lost or paused) and self._restorable(tmpl, tenant.id, cell_id)
+        if restore:
+            with self._lock:
+                self._since_capture.setdefault(cell_id, 0)  # T-IMAGE-2: restored, the file is its state before this run
         if lost and not restore:
             raise Conflict("the worker holding this cell's interpreter was replaced and no snapshot of its state was "
-                           "taken; its variables are gone, its files are kept. The next run starts a fresh interpreter.",
+                           "taken (a cell is captured once it has been idle after a run and at a stop, and a capture "
+                           "is not kept when it would put the tenant over its disk quota); its variables are gone, its "
+                           "files are kept. The next run starts a fresh interpreter.",
                            code="cell_lost")
         if restore and lost:
             binding = None
@@ -763,6 +797,10 @@ class CellService:
         finally:
             with self._lock:
                 self._used[cell_id] = time.monotonic()
+        if answer.get("restored"):
+            with self._lock:
+                self._paused.discard(cell_id)  # T-IMAGE-2: restored by its worker, as after a pause it raced
+            self._keep_restored_capture(record)
         self._touch(record)
         return answer
 

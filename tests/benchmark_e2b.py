@@ -483,11 +483,18 @@ def snapshot_rows(engine: Engine, reps: int, checks: Checks) -> tuple[list[Row],
             checks.expect("http big cell", sbx.run_code(BIG_CELL, timeout=60).stdout, BIG_CELL_OUT)
             snap = paused.root / "snapshots" / "default" / sbx.sandbox_id
             samples = []
+            resumed_from: list[tuple[int, int]] = []
 
             def paused_now() -> bool:
-                # The file is written, and the service counts it (it does so once it holds the cell paused).
-                size = snap.stat().st_size if snap.exists() else 0
-                return size > 0 and paused.request("GET", f"/v1/cells/{sbx.sandbox_id}")[1]["disk_bytes"] >= size
+                # A new file is written (a resumed cell keeps the file it came from until
+                # its next pause replaces it), and the service counts it.
+                try:
+                    st = snap.stat()
+                except FileNotFoundError:
+                    return False
+                if resumed_from and (st.st_ino, st.st_mtime_ns) == resumed_from[-1]:
+                    return False
+                return bool(paused.request("GET", f"/v1/cells/{sbx.sandbox_id}")[1]["disk_bytes"] >= st.st_size)
 
             for _ in range(n):
                 deadline = time.monotonic() + 120
@@ -496,6 +503,8 @@ def snapshot_rows(engine: Engine, reps: int, checks: Checks) -> tuple[list[Row],
                 if not paused_now():
                     checks.failures.append("the 100 MB cell was not paused to its snapshot within 120 s")
                     break
+                st = snap.stat()
+                resumed_from.append((st.st_ino, st.st_mtime_ns))
                 t0 = time.perf_counter()
                 checks.expect("http resume", sbx.run_code(BIG_CHECK, timeout=60).stdout, BIG_CHECK_OUT)
                 samples.append(time.perf_counter() - t0)

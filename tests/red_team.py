@@ -45,7 +45,8 @@ throws the corpus of tests/redteam_corpus.py at it:
             a link, a FIFO or a group-readable copy: each cell answers 409
             snapshot_invalid (snapshot_stale for the other image) once, the
             file is gone, the next run starts fresh; untouched cells (also the
-            other tenant's) come back with their variables (T-IMAGE-2)
+            other tenant's) come back with their variables, and the run that
+            restores one and crashes it is rolled back to it (T-IMAGE-2)
   incident  `cell incident snapshot --with-volume-contents` while the volume
             holds links to the node key and a thread swaps a file with such a
             link: the key's bytes and hash never reach the tarball
@@ -840,7 +841,7 @@ def snapshots() -> None:
     root = srv.root
     try:
         cells = {}
-        for name in ["control", "donor"] + [a[0] for a in SNAPSHOT_ATTACKS]:
+        for name in ["control", "donor", "crasher"] + [a[0] for a in SNAPSHOT_ATTACKS]:
             _, body, _ = srv.request("POST", "/v1/cells", {"template": "python3", "timeout_ms": 600000})
             cells[name] = body["cell_id"]
             srv.request("POST", f"/v1/cells/{cells[name]}/exec", {"code": f"import pandas as pd\nv = {name!r}"})
@@ -876,6 +877,14 @@ def snapshots() -> None:
             code, body, _ = again.request("POST", f"/v1/cells/{cells[name]}/exec", {"code": "print(v)"})
             record("snapshots", code == 200 and body.get("stdout") == f"{name}\n" and body.get("restored") is True,
                    f"untouched cell {name} keeps its variables: {code} {body}")
+        # The run that restores a cell and crashes it (a wasm stack overflow) rolls back to the restored state.
+        code, body, _ = again.request("POST", f"/v1/cells/{cells['crasher']}/exec", {
+            "code": "v = 'changed'\nl = []\nfor _ in range(400_000):\n    l = [l]\ndel l"})
+        record("snapshots", code == 200 and body.get("status") == "error" and body.get("rolled_back") is True,
+               f"a crash in the restoring run is rolled back: {code} {body}")
+        code, body, _ = again.request("POST", f"/v1/cells/{cells['crasher']}/exec", {"code": "print(v)"})
+        record("snapshots", code == 200 and body.get("stdout") == "crasher\n",
+               f"the crashed cell has its variables from before the crash: {code} {body}")
         code, body, _ = again.request("POST", f"/v1/cells/{other['cell_id']}/exec", {"code": "print(v)"},
                                       key=mallory)
         record("snapshots", code == 200 and body.get("stdout") == "mallory\n",

@@ -553,14 +553,13 @@ class Worker:
             if python and (msg.restore or (existing is None and path is not None and os.path.lexists(path))):
                 pending = cell_id in self.pending_rollback and not msg.restore  # the last answer said rolled_back
                 self.pending_rollback.discard(cell_id)
-                restored_session = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None,
-                                                 keep=pending)
+                restored_session = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None)
                 if isinstance(restored_session, protocol.ErrorReply):
                     self.current_capture.discard(cell_id)
                     raise _Refused(restored_session)
                 session, restored = restored_session, not pending
-                if not pending:
-                    self.current_capture.discard(cell_id)  # the file was consumed
+                # T-IMAGE-2: the file stays, the session's state: a crash in this run rolls back to it.
+                self.current_capture.add(cell_id)
             else:
                 session = self._new_session(msg.template, msg.volume, run.memory, msg.envs or None)
                 restarted = msg.known_session
@@ -597,11 +596,12 @@ class Worker:
         return snapshot_file.path_for(str(root), self.tenant, cell_id)
 
     def _restore(self, template: str, cell_id: str, volume: str, memory: int,
-                 envs: dict[str, str] | None, keep: bool = False) -> Session | protocol.ErrorReply:
-        """A new session of ``cell_id`` from its snapshot file, which is then
-        removed (consumed: a later loss never brings back an older state)
-        unless ``keep`` (a roll-back: the file is still the session's state). A
-        file that fails its check is removed too, and refused (409)."""
+                 envs: dict[str, str] | None) -> Session | protocol.ErrorReply:
+        """A new session of ``cell_id`` from its snapshot file. The file is kept:
+        it is the new session's state, what a crash in its next run rolls back
+        to, until a capture replaces it (or a run that kills the interpreter
+        after others deletes it as behind, T-IMAGE-2). A file that fails its
+        check is removed, and refused (409)."""
         path = self._snapshot_path(cell_id)
         if path is None:
             return protocol.ErrorReply(0, 409, "cell_lost", "this node keeps no snapshots; the cell's variables are gone")
@@ -629,8 +629,6 @@ class Worker:
             _unlink(path)
             return protocol.ErrorReply(0, 409, "snapshot_invalid",
                                        f"the cell's snapshot could not be restored and was discarded: {str(e)[:200]}")
-        if not keep:
-            _unlink(path)
         return session
 
     def _roll_back(self, msg: protocol.ExecRequest, cell_id: str, run: _RunParams, outcome: Any, left_s: float) -> None:
@@ -667,7 +665,7 @@ class Worker:
             outcome.rolled_back = True
             outcome.stderr = _swap_last(outcome.stderr, CRASH_LOST, CRASH_ROLLED_BACK)
             return
-        restored = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None, keep=True)
+        restored = self._restore(msg.template, cell_id, msg.volume, run.memory, msg.envs or None)
         if isinstance(restored, protocol.ErrorReply):
             outcome.note = (f"the interpreter was stopped and the cell could not be rolled back ({restored.message}); "
                             "the next run starts a fresh interpreter (files are kept)")[:4000]
@@ -750,13 +748,12 @@ class Worker:
         pending = msg.cell_id in self.pending_rollback and not msg.restore
         if self._live_python(msg.cell_id) is None and (msg.restore or pending):
             self.pending_rollback.discard(msg.cell_id)
-            restored = self._restore(msg.template, msg.cell_id, msg.volume, memory, msg.envs or None, keep=pending)
+            restored = self._restore(msg.template, msg.cell_id, msg.volume, memory, msg.envs or None)
             if isinstance(restored, protocol.ErrorReply):
                 self.current_capture.discard(msg.cell_id)
                 return dataclasses.replace(restored, req_id=msg.req_id)
             self.sessions[msg.cell_id] = restored
-            if not pending:
-                self.current_capture.discard(msg.cell_id)  # the file was consumed
+            self.current_capture.add(msg.cell_id)  # the file stays the session's state (T-IMAGE-2)
         source = self._live_python(msg.cell_id)
         if source is None:
             return protocol.ErrorReply(msg.req_id, 409, "fork_unsupported",

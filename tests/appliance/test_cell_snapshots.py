@@ -169,8 +169,8 @@ def test_t_image_2_cells_survive_sigterm_and_restart(module_cache: None, tmp_pat
     root = tmp_path / "restart"
     srv = start_server(root)
     try:
-        kept, tampered, deleted = (new_cell(srv, timeout_ms=600000) for _ in range(3))
-        for i, cell in enumerate((kept, tampered, deleted)):
+        kept, tampered, deleted, rolled = (new_cell(srv, timeout_ms=600000) for _ in range(4))
+        for i, cell in enumerate((kept, tampered, deleted, rolled)):
             run(srv, cell, f"import pandas as pd\nv = {i} + 100\nopen('kept.txt', 'w').write('yes')")
         js = new_cell(srv, template="javascript", timeout_ms=600000)
         run(srv, js, "globalThis.w = 1")
@@ -191,10 +191,14 @@ def test_t_image_2_cells_survive_sigterm_and_restart(module_cache: None, tmp_pat
         assert status == 200 and info["disk_bytes"] >= size  # T-DISK-1: the snapshot counts
         out = run(again, kept, "print(v, pd.__name__, open('kept.txt').read())")
         assert out["stdout"] == "100 pandas yes\n" and out.get("restored") is True, out
-        assert not (snaps / kept).exists()  # consumed by the restore
+        assert (snaps / kept).stat().st_size == size  # the file stays the restored state
+        # The run that restores a cell and crashes it rolls back to that state.
+        status, body, _ = again.request("POST", f"/v1/cells/{rolled}/exec", {"code": "v = -1\n" + CRASHES[0][2]})
+        assert status == 200 and body["status"] == "error" and body.get("rolled_back") is True, body
+        assert run(again, rolled, "print(v)")["stdout"] == "103\n"
         assert run(again, kept, "v += 1; print(v)")["stdout"] == "101\n"
         _, info, _ = again.request("GET", f"/v1/cells/{kept}")
-        assert info["disk_bytes"] < size
+        assert info["disk_bytes"] >= size  # T-DISK-1: still counted while it exists
         # A changed snapshot is refused, discarded, and nothing else breaks.
         status, body, _ = again.request("POST", f"/v1/cells/{tampered}/exec", {"code": "print(v)"})
         assert (status, body["code"]) == (409, "snapshot_invalid"), body
@@ -351,41 +355,43 @@ def test_t_image_2_page_diff_matches_a_page_by_page_comparison(base_pages: int, 
 
 def test_t_image_2_idle_cell_is_paused_to_its_snapshot_and_resumed(module_cache: None, tmp_path: Path) -> None:
     """SYNAPSE_CELL_PAUSE_IDLE_S: an idle cell's state goes to its snapshot and
-    its interpreter is closed; its next run (or a fork) resumes it."""
+    its interpreter is closed; its next run (or a fork) resumes it, and the
+    resumed state stays what a crash in the next run rolls back to."""
     root = tmp_path / "pause"
     srv = start_server(root, env={"SYNAPSE_CELL_PAUSE_IDLE_S": "1"})
     try:
-        cell = new_cell(srv, timeout_ms=600000)
-        run(srv, cell, "import pandas as pd\nq = 'kept'")
-        snap = root / "snapshots" / "default" / cell
-        deadline = time.monotonic() + 60
-        while not snap.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert snap.exists()
+        cell, forked = new_cell(srv, timeout_ms=600000), new_cell(srv, timeout_ms=600000)
+        for c in (cell, forked):
+            run(srv, c, "import pandas as pd\nq = 'kept'")
+        snap, fsnap = (root / "snapshots" / "default" / c for c in (cell, forked))
         # T-DISK-1: a paused cell's snapshot counts, once the capture's answer is in
         # (the file is on disk a moment before the service has recorded it).
         deadline = time.monotonic() + 60
-        while srv.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] < snap.stat().st_size:
-            assert time.monotonic() < deadline, "the paused cell's snapshot is not counted"
-            time.sleep(0.05)
-        status, body = fork(srv, cell)  # a paused cell can be forked: it is resumed first
+        for c, f in ((cell, snap), (forked, fsnap)):
+            while not f.exists() or srv.request("GET", f"/v1/cells/{c}")[1]["disk_bytes"] < f.stat().st_size:
+                assert time.monotonic() < deadline, "the paused cell's snapshot is not counted"
+                time.sleep(0.05)
+        status, body = fork(srv, forked)  # a paused cell can be forked: it is resumed first
         assert status == 201, body
         assert run(srv, body["cell_id"], "print(q)")["stdout"] == "kept\n"
-        deadline = time.monotonic() + 60
-        while not snap.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # The resumed state stays a roll-back source: the run that resumes the
+        # cell and crashes it rolls back to it.
+        crash = run(srv, cell, "q = 'changed'\n" + CRASHES[0][2])
+        assert crash["status"] == "error" and crash.get("rolled_back") is True, crash
+        assert snap.exists()
         out = run(srv, cell, "print(q, pd.__name__)")
-        assert out["stdout"] == "kept pandas\n" and out.get("restored") is True, out
-        assert not snap.exists()
+        assert out["stdout"] == "kept pandas\n", out
+        assert srv.request("DELETE", f"/v1/cells/{cell}")[0] == 200
+        assert not snap.exists()  # files never outlive their cell
     finally:
         srv.stop()
 
 
 def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, tmp_path: Path) -> None:
     """With a 1 MB quota: a fork whose copy would cross it is 413; an idle
-    capture that would cross it is not kept, and runs go on; a snapshot
-    alone puts the tenant over it after a restart, yet the run that restores
-    (and so consumes) it is answered, adding nothing; then runs go on."""
+    capture that would cross it is not kept, and runs go on; nor is the
+    capture at a stop: after the restart the cell answers ``cell_lost`` saying
+    why, its files kept, and runs go on."""
     root = tmp_path / "small"
     env = {"SYNAPSE_TENANT_QUOTA_MB": "1", "SYNAPSE_CELL_CAPTURE_IDLE_S": "1"}
     srv = start_server(root, env=env)
@@ -401,7 +407,7 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
         # An idle capture that would put the tenant over its quota is not kept:
         # the tenant's runs go on (T-DISK-1).
         deadline = time.monotonic() + 60
-        while not any(f"cell {cell}: its idle capture was not kept" in line for line in list(srv.log)):
+        while not any(f"cell {cell}: its capture was not kept" in line for line in list(srv.log)):
             assert time.monotonic() < deadline, "the idle capture was not tried"
             time.sleep(0.1)
         while (root / "snapshots" / "default" / cell).exists():  # logged just before it is removed
@@ -410,15 +416,68 @@ def test_t_disk_1_snapshots_and_forks_within_a_small_quota(module_cache: None, t
         assert run(srv, cell, "print(v)")["stdout"] == "small\n"
     finally:
         srv.stop()
-    snap = root / "snapshots" / "default" / cell
-    assert snap.stat().st_size > (1 << 20) - 600_000  # together over the quota
+    assert not (root / "snapshots" / "default" / cell).exists()  # T-DISK-1: not kept at the stop either
     again = start_server(root, env=env)
     try:
-        status, info, _ = again.request("GET", f"/v1/cells/{cell}")
-        assert info["disk_bytes"] >= 600_000 + snap.stat().st_size
-        out = run(again, cell, "print(v)")
-        assert out["stdout"] == "small\n" and out.get("restored") is True, out
+        status, body, _ = again.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(v)"})
+        assert (status, body["code"]) == (409, "cell_lost") and "disk quota" in body["error"], body
         assert run(again, cell, "print(len(open('half.bin', 'rb').read()))")["stdout"] == "600000\n"
+    finally:
+        again.stop()
+
+
+def test_t_disk_1_a_restored_file_over_the_quota_is_not_kept(module_cache: None, tmp_path: Path) -> None:
+    """A pause is taken whatever the quota (it gives RAM back); the run that
+    resumes a cell whose snapshot puts the tenant over is answered, adding
+    nothing, and the file then goes (it is not kept as the cell's capture
+    over the quota): the accounting is the volume alone, and runs go on."""
+    root = tmp_path / "paused-over"
+    srv = start_server(root, env={"SYNAPSE_TENANT_QUOTA_MB": "1", "SYNAPSE_CELL_PAUSE_IDLE_S": "3"})
+    try:
+        cell = new_cell(srv, timeout_ms=600000)
+        run(srv, cell, "open('half.bin', 'wb').write(b'x' * 600_000)\nv = 'paused'")
+        volume = srv.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"]
+        snap = root / "snapshots" / "default" / cell
+        deadline = time.monotonic() + 60
+        while not snap.exists() or srv.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] <= volume:
+            assert time.monotonic() < deadline, "the cell was not paused"
+            time.sleep(0.05)
+        out = run(srv, cell, "print(v)")
+        assert out["stdout"] == "paused\n" and out.get("restored") is True, out
+        assert not snap.exists()
+        assert srv.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] == volume
+        assert run(srv, cell, "print(len(open('half.bin', 'rb').read()), v)")["stdout"] == "600000 paused\n"
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("cells", [1, 3], ids=["one-cell", "three-cells-captured-at-once"])
+def test_t_disk_1_captures_at_sigterm_stay_within_the_quota(module_cache: None, tmp_path: Path, cells: int) -> None:
+    """T-DISK-1 / T-IMAGE-2: a tenant at its quota with live cells is stopped
+    (SIGTERM): no capture over the quota is kept, whichever lands first; after
+    the restart the quota counts exactly the volumes, and each cell answers
+    ``cell_lost`` once, saying why, then runs on with its files."""
+    root = tmp_path / "stop"
+    env = {"SYNAPSE_TENANT_QUOTA_MB": "1"}
+    srv = start_server(root, env=env)
+    try:
+        ids = [new_cell(srv, timeout_ms=600000) for _ in range(cells)]
+        for cell in ids:
+            run(srv, cell, f"open('part.bin', 'wb').write(b'x' * {900_000 // cells})\nv = 1")
+        before = {cell: srv.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] for cell in ids}
+    finally:
+        srv.stop()
+    snaps = root / "snapshots" / "default"
+    assert not snaps.exists() or sorted(p.name for p in snaps.iterdir()) == []
+    assert sum(1 for line in srv.log if "its capture was not kept" in line) == cells
+    again = start_server(root, env=env)
+    try:
+        after = {cell: again.request("GET", f"/v1/cells/{cell}")[1]["disk_bytes"] for cell in ids}
+        assert after == before  # the volumes, and nothing else
+        for cell in ids:
+            status, body, _ = again.request("POST", f"/v1/cells/{cell}/exec", {"code": "print(v)"})
+            assert (status, body["code"]) == (409, "cell_lost") and "disk quota" in body["error"], body
+            assert run(again, cell, "print(len(open('part.bin', 'rb').read()))")["stdout"] == f"{900_000 // cells}\n"
     finally:
         again.stop()
 
