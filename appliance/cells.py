@@ -197,6 +197,9 @@ class CellService:
             self.store.add_cell(record)
             with self._lock:
                 self._records[record.id] = record
+                # The row just written holds this expiry: the first run's touch
+                # is throttled like any later one's (no second write per cell).
+                self._expiry[record.id] = (record.expires_at, created)
         except Exception:
             self._drop(record)  # no session or volume may outlive a cell that was never recorded
             raise

@@ -1073,12 +1073,29 @@ def _remove_cell_dir(tenant: int, cell_id: str) -> bool:
         s = os.stat(_enc(cell_id), dir_fd=tenant, follow_symlinks=False)
         if not st.S_ISDIR(s.st_mode):
             raise _denied("symlink" if st.S_ISLNK(s.st_mode) else "special_file")
-        _rmtree_at(tenant, _enc(cell_id), os.fstat(tenant).st_dev)
+        dev = os.fstat(tenant).st_dev
+        if s.st_dev != dev or not _rmdir_if_empty(tenant, _enc(cell_id)):
+            _rmtree_at(tenant, _enc(cell_id), dev)
         return True
     except FileNotFoundError:
         return False
     finally:
         os.close(tenant)
+
+
+def _rmdir_if_empty(parent_fd: int, name: bytes) -> bool:
+    """Remove directory ``name`` under ``parent_fd`` if it is empty (most
+    deleted cells' volume and /tmp are): one rmdir, which follows no link and
+    refuses a mount point, instead of the walk. False when it is not empty or
+    the rmdir failed otherwise (the walk then decides); FileNotFoundError
+    when it is gone."""
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+        return True
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return False
 
 
 def remove_volume_in(tenant_dir: Path, cell_id: str) -> bool:

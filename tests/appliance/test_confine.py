@@ -382,6 +382,26 @@ def test_volume_lifecycle_modes_and_remove(tmp_path: Path) -> None:
     assert outside.read_bytes() == SECRET
 
 
+def test_t_path_2_remove_empty_volume_fast_path(tmp_path: Path) -> None:
+    """An empty volume goes with one rmdir; a cell name that is a symlink to an
+    empty directory is refused, and neither the link nor its target is removed."""
+    create_volume(tmp_path / "vols", "tenant", "empty")
+    assert remove_volume(tmp_path / "vols", "tenant", "empty") is True
+    assert not (tmp_path / "vols" / "tenant" / "empty").exists()
+    target = tmp_path / "empty-target"
+    target.mkdir()
+    os.symlink(target, tmp_path / "vols" / "tenant" / "link")
+    with pytest.raises(ConfinementError) as info:
+        remove_volume(tmp_path / "vols", "tenant", "link")
+    assert info.value.code == "denied"
+    assert target.is_dir() and (tmp_path / "vols" / "tenant" / "link").is_symlink()
+    path = create_volume(tmp_path / "vols", "tenant", "full")
+    (path / "d").mkdir()
+    (path / "d" / "f").write_bytes(b"x")
+    assert remove_volume(tmp_path / "vols", "tenant", "full") is True  # not empty: the walk
+    assert not path.exists()
+
+
 def test_volume_usable_after_fork(world: World) -> None:
     world.vol.write_bytes("f", b"public")
     pid = os.fork()

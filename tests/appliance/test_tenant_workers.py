@@ -267,3 +267,27 @@ def test_t_tenant_1_status_reports_binding_without_tenant_ids(live: ServerProces
     assert {w["state"] for w in box["workers"]} <= {"spare", "binding", "bound"}
     assert all(w["seccomp"] == 2 and w["no_new_privs"] == 1 for w in box["workers"])
     assert "default" not in json.dumps(box)  # the live server's tenant: any tenant's key reads this
+
+
+def test_a_new_cells_first_run_does_not_write_its_row_again(service: CellService, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The create wrote the row with its expiry: the first run moves the expiry
+    in memory (authoritative, throttled to the DB) and costs no second write."""
+    tenant = _tenant(service, "alpha")
+    touched: list[str] = []
+    real_touch = service.store.touch_cell
+
+    def touch(cell_id: str, *args: Any, **kwargs: Any) -> None:
+        touched.append(cell_id)
+        real_touch(cell_id, *args, **kwargs)
+
+    monkeypatch.setattr(service.store, "touch_cell", touch)
+    cell = service.create(tenant, "python3", 60_000, True, {}, {}, 64)
+    written = cell.expires_at
+    try:
+        assert service.exec_in_cell(tenant, cell.id, b"print(1)", True, None)["stdout"] == "1\n"
+        assert touched == []
+        assert service.cell(tenant, cell.id).expires_at >= written  # the run's expiry, from memory
+        stored = service.store.get_cell(cell.id, tenant.id)
+        assert stored is not None and stored.expires_at == written
+    finally:
+        service.delete(tenant, cell.id)
