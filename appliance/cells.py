@@ -31,6 +31,7 @@ from appliance.runtime import protocol, scratch, snapshot_file, templates
 from appliance.runtime.pool import ChunkCallback, ResultCallback, WorkerLost, WorkerOverran, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
+DRAIN_QUOTA_TRIES = 3  # quota checks of a drain capture before it is given up (T-DISK-1)
 log = logging.getLogger("cell.cells")
 
 _VOLUME_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -450,15 +451,30 @@ class CellService:
         count_lock = threading.Lock()
         quota_lock = threading.Lock()  # T-DISK-1: captures landing at once are counted one after another
 
+        def within_quota(record: CellRecord) -> bool:
+            """T-DISK-1, under ``quota_lock``: False when the tenant is over its
+            quota. A cell whose walk failed counts as over it; as such a walk
+            can fail for a moment while other cells are captured, the check is
+            made again (the failed cells walked afresh) before a capture is
+            given up; one that still fails is over (fail closed)."""
+            for attempt in range(DRAIN_QUOTA_TRIES):
+                try:
+                    self.quota.check(record.tenant_id)
+                    return True
+                except PayloadTooLarge as exc:
+                    if attempt == DRAIN_QUOTA_TRIES - 1:
+                        log.info("cell %s: not captured at the stop: %s", record.id, exc)
+            return False
+
         def capture(items: queue.SimpleQueue[tuple[CellRecord, Binding]]) -> None:
             while True:
                 try:
                     record, binding = items.get_nowait()
                 except queue.Empty:
                     return
-                try:
-                    self.quota.check(record.tenant_id)  # T-DISK-1: a tenant already at its quota gets no capture
-                except PayloadTooLarge:
+                with quota_lock:
+                    allowed = within_quota(record)  # T-DISK-1: a tenant already at its quota gets no capture
+                if not allowed:
                     log.info("cell %s: its capture was not kept: it would put tenant %s over its disk quota",
                              record.id, record.tenant_id)
                     continue
@@ -473,9 +489,7 @@ class CellService:
                     with quota_lock:
                         # T-DISK-1: as an idle capture, one that puts the tenant over its quota is not kept.
                         self.quota.record(record.tenant_id, record.id, None)
-                        try:
-                            self.quota.check(record.tenant_id)
-                        except PayloadTooLarge:
+                        if not within_quota(record):
                             self._discard_capture(record)
                             continue
                     with count_lock:
