@@ -31,6 +31,7 @@ import secrets
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance.fileio import write_atomic
 
@@ -143,23 +144,8 @@ class VerifyMemo:
 
     def lookup(self, ident: Identity) -> str | None:
         """The digest remembered for exactly this identity, or None."""
-        try:
-            fd = os.open(self._record_path(ident), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            raw = os.read(fd, _MAX_RECORD + 1)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if len(raw) > _MAX_RECORD:
-            return None
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            return None
-        if not isinstance(record, dict):
+        record = _read_record(self._record_path(ident))
+        if record is None:
             return None
         digest, mac, ident_seen = record.get("sha256"), record.get("mac"), record.get("identity")
         if not isinstance(digest, str) or not isinstance(mac, str) or ident_seen != list(ident):
@@ -185,23 +171,8 @@ class VerifyMemo:
     def knows_tree(self, label: str, fingerprint: str) -> bool:
         """True when a record with a valid MAC says the tree with exactly this
         fingerprint was checked in full against ``label``."""
-        try:
-            fd = os.open(self._tree_record_path(label), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            raw = os.read(fd, _MAX_RECORD + 1)
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-        if len(raw) > _MAX_RECORD:
-            return False
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            return False
-        if not isinstance(record, dict) or record.get("label") != label or record.get("fingerprint") != fingerprint:
+        record = _read_record(self._tree_record_path(label))
+        if record is None or record.get("label") != label or record.get("fingerprint") != fingerprint:
             return False
         mac = record.get("mac")
         return isinstance(mac, str) and hmac.compare_digest(mac, self._tree_mac(label, fingerprint))
@@ -231,6 +202,27 @@ class VerifyMemo:
         if digest is not None and settled and same_identity(fd, ident):
             self.remember(ident, digest)
         return digest, ident
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A memo record: a small JSON object in a file that is not a link; None otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, _MAX_RECORD + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) > _MAX_RECORD:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _read_key(path: Path) -> bytes | None:
