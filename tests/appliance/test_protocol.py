@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,8 @@ HOSTILE_FRAMES: list[tuple[str, bytes]] = [
     ("huge_int", b'{"type": "ready", "pid": 1' + b"0" * 30 + b"}"),
     ("nan", b'{"type": "result", "req_id": 1, "guest_ms": NaN, "outcome": {}}'),
     ("infinity", b'{"type": "pong", "req_id": Infinity}'),
+    ("minus_infinity", b'{"type": "pong", "req_id": -Infinity}'),
+    ("utf8_bom", b'\xef\xbb\xbf{"type": "pong", "req_id": 1}'),
     ("deep_nesting", b'{"type": "pong", "req_id": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
     ("bytes_not_base64", b'{"type": "chunk", "req_id": 1, "fd": 1, "data": "!!"}'),
     ("bytes_as_list", b'{"type": "chunk", "req_id": 1, "fd": 1, "data": [104, 105]}'),
@@ -128,6 +131,47 @@ def test_t_proto_1_oversized_frame_is_refused_before_parsing() -> None:
 def test_t_proto_1_encode_refuses_what_is_not_a_message() -> None:
     with pytest.raises(TypeError):
         protocol.encode({"type": "ready", "pid": 1})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "minus_inf"])
+def test_t_proto_1_encode_refuses_a_float_json_has_not(value: float) -> None:
+    outcome = protocol.RunOutcome(0, "ok", "", "", False)
+    with pytest.raises(ValueError):
+        protocol.encode(protocol.RunReply(1, outcome=outcome, guest_ms=value))
+
+
+def test_t_proto_1_frames_are_compact_utf8() -> None:
+    frame = protocol.encode(protocol.RunChunk(1, fd=1, data=b"x"))
+    assert b" " not in frame
+    reply = protocol.ErrorReply(2, 500, "internal", "caf\u00e9 \u2603")
+    assert "caf\u00e9 \u2603".encode() in protocol.encode(reply)  # as UTF-8, not \u escapes
+
+
+def test_t_proto_1_one_codec_serves_many_threads() -> None:
+    """The module's one encoder and decoder are used by every thread of a
+    process at once (a worker's request threads, the pool's readers)."""
+    requests = tuple(protocol.TO_WORKER.values())
+    frames = [(m, protocol.encode(m), protocol.TO_WORKER if isinstance(m, requests) else protocol.FROM_WORKER)
+              for m in SAMPLES]
+    wrong: list[str] = []
+
+    def work() -> None:
+        for _ in range(200):
+            for message, frame, table in frames:
+                if protocol.encode(message) != frame or protocol.decode(frame, table, MAX) != message:
+                    wrong.append(type(message).__name__)
+            try:
+                protocol.decode(b'{"type": "pong", "req_id": NaN}', protocol.FROM_WORKER, MAX)
+                wrong.append("NaN decoded")
+            except protocol.ProtocolError:
+                pass
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 # -- the pool and the cell service against a compromised worker ----------------
