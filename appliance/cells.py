@@ -89,6 +89,7 @@ class CellService:
                  pro_features: Callable[[], Collection[str]] = lambda: ()) -> None:
         self.settings = settings
         self._dir_strs: tuple[Settings, str, str] | None = None
+        self._dir_objs: tuple[Settings, Path, Path] | None = None
         self.store = store
         self.pool = pool
         self.receipts = receipts
@@ -136,6 +137,16 @@ class CellService:
         known = self._dir_strs
         if known is None or known[0] is not s:
             known = self._dir_strs = (s, str(s.volumes_dir), str(s.snapshots_dir))
+        return known[1], known[2]
+
+    def _dir_paths(self) -> tuple[Path, Path]:
+        """The volumes directory and the cells' /tmp root under it (scratch.py)
+        as paths, made once per settings object (a delete removes under both)."""
+        s = self.settings
+        known = self._dir_objs
+        if known is None or known[0] is not s:
+            volumes = s.volumes_dir
+            known = self._dir_objs = (s, volumes, volumes / scratch.TMP_ROOT)
         return known[1], known[2]
 
     def volume_path(self, tenant_id: str, cell_id: str) -> str:
@@ -282,18 +293,17 @@ class CellService:
         # then the row. A failure or a crash in between leaves the row, so the
         # volume still counts against the quota and a repeated DELETE (or the
         # reaper) finishes the job: a volume is never orphaned.
+        volumes, tmp_root = self._dir_paths()
         try:
-            remove_volume(self.settings.volumes_dir, record.tenant_id, record.id)
-            tmp = scratch.tmp_dir_for(self.volume_path(record.tenant_id, record.id))
-            if not scratch.remove_tmp_dir(self.volume_path(record.tenant_id, record.id)) and os.path.lexists(tmp):
-                raise ConfinementError("io", "the cell's /tmp could not be removed")  # its /tmp goes with it
+            remove_volume(volumes, record.tenant_id, record.id)
+            _remove_tmp(tmp_root, record.tenant_id, record.id)  # its /tmp goes with it
         except ConfinementError as exc:
             self.quota.record(record.tenant_id, record.id, None)  # partly removed: measure again
             log.error("could not remove the volume of cell %s: %s", record.id, exc.message)
             raise CellError("the cell's volume could not be removed; the cell is kept, retry the delete",
                             code="delete_failed") from None
         try:
-            snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)  # T-IMAGE-2: gone with its cell
+            snapshot_file.remove(self._dirs()[1], record.tenant_id, record.id)  # T-IMAGE-2: gone with its cell
         except OSError as exc:
             log.error("could not remove the snapshot of cell %s: %s", record.id, exc)
             raise CellError("the cell's snapshot could not be removed; the cell is kept, retry the delete",
@@ -1092,6 +1102,18 @@ def _outcome_fields(outcome: protocol.RunOutcome) -> dict[str, Any]:
     out["denials"] = [dict(d) for d in outcome.denials]
     out["results"] = []
     return out
+
+
+def _remove_tmp(tmp_root: Path, tenant_id: str, cell_id: str) -> None:
+    """Remove a deleted cell's /tmp (``<volumes>/.tmp/<tenant>/<cell>``, scratch.py)
+    as its volume is removed, from the root down by descriptors, no link
+    followed (T-DOS-1, T-PATH-2); the start-up sweep removes orphans the same
+    way. Nothing there is fine; ConfinementError when it is left in place."""
+    try:
+        remove_volume(tmp_root, tenant_id, cell_id)
+    except OSError:  # e.g. no /tmp root yet; anything else that leaves it there is a failure
+        if os.path.lexists(os.path.join(tmp_root, tenant_id, cell_id)):
+            raise ConfinementError("io", "the cell's /tmp could not be removed") from None
 
 
 def _keeps_snapshot(msg: protocol.Request, reply: protocol.Reply) -> bool:
