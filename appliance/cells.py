@@ -828,7 +828,9 @@ class CellService:
         """After a worker request that may have written or removed the snapshot
         of the cell it is about (captures, pauses, forks, restores, drops,
         roll-backs, and any request that failed): its size is stat'ed again."""
-        self._forget_snapshot_size(getattr(msg, "cell_id", None), getattr(msg, "new_cell_id", None))
+        cell_id, new_cell_id = getattr(msg, "cell_id", None), getattr(msg, "new_cell_id", None)
+        if cell_id is not None or new_cell_id is not None:  # a one-shot run is about no cell
+            self._forget_snapshot_size(cell_id, new_cell_id)
 
     def exec_in_cell(self, tenant: Tenant, cell_id: str, code: bytes, is_text: bool, language: str | None,
                      on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None,
