@@ -1119,10 +1119,13 @@ def _remove_tmp(tmp_root: Path, tenant_id: str, cell_id: str) -> None:
 
 
 def _keeps_snapshot(msg: protocol.Request, reply: protocol.Reply) -> bool:
-    """True when the worker cannot have touched the cell's snapshot file in
-    answering ``msg`` (T-DISK-1): a run answered with its interpreter alive,
-    neither restored nor rolled back (the only case a worker opens the file
-    in a run). Anything else may have written or removed it."""
+    """True when the worker cannot have written or removed the cell's snapshot
+    file in answering ``msg`` (T-DISK-1): a run answered with its interpreter
+    alive, neither restored nor rolled back. A worker writes the file only in
+    a capture, and removes it in a run only when a restore refuses it (an
+    error answer) or a roll-back drops a capture that is behind (the
+    interpreter not alive); a restore that succeeds reads it and keeps it.
+    Anything else may have changed it."""
     if not isinstance(msg, protocol.ExecRequest) or not isinstance(reply, protocol.RunReply):
         return False
     outcome = reply.outcome
