@@ -72,12 +72,24 @@ class Binding:
     generation: int
 
 
+class _SnapshotSize:
+    """A cell's snapshot size as remembered (T-DISK-1), told apart by identity:
+    once forgotten, a size learnt again is another object. ``bytes`` None:
+    being stat'ed."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self, size: int | None) -> None:
+        self.bytes = size
+
+
 class CellService:
     def __init__(self, settings: Settings, store: Store, pool: WorkerPool, receipts: ReceiptStore,
                  egress: dict[str, Any] | None = None,
                  pro_features: Callable[[], Collection[str]] = lambda: ()) -> None:
         self.settings = settings
         self._dir_strs: tuple[Settings, str, str] | None = None
+        self._dir_objs: tuple[Settings, Path, Path] | None = None
         self.store = store
         self.pool = pool
         self.receipts = receipts
@@ -96,6 +108,13 @@ class CellService:
         # from the worker's replies, never from anything the guest wrote. Absent: unknown.
         self._since_capture: dict[str, int] = {}
         self._uncapturable: set[str] = set()  # cells whose worker could not capture them since their last run
+        # T-DISK-1 / T-IMAGE-2: per cell, the size of its snapshot file as this
+        # process last learnt it (a stat, or none for a cell it just created),
+        # so that a run does not stat the file. Only host code changes the file,
+        # each time in a request about the cell: every request that may have
+        # changed it forgets the size (_call, _forget_snapshot_size), and a cell
+        # absent here is stat'ed. Empty at start: nothing is assumed.
+        self._snap_sizes: dict[str, _SnapshotSize] = {}
         self._lock = threading.Lock()
         self._expiry: dict[str, tuple[int, int]] = {}  # cell -> (expires_at, when written to the DB)
         self.runs = 0
@@ -118,6 +137,16 @@ class CellService:
         known = self._dir_strs
         if known is None or known[0] is not s:
             known = self._dir_strs = (s, str(s.volumes_dir), str(s.snapshots_dir))
+        return known[1], known[2]
+
+    def _dir_paths(self) -> tuple[Path, Path]:
+        """The volumes directory and the cells' /tmp root under it (scratch.py)
+        as paths, made once per settings object (a delete removes under both)."""
+        s = self.settings
+        known = self._dir_objs
+        if known is None or known[0] is not s:
+            volumes = s.volumes_dir
+            known = self._dir_objs = (s, volumes, volumes / scratch.TMP_ROOT)
         return known[1], known[2]
 
     def volume_path(self, tenant_id: str, cell_id: str) -> str:
@@ -201,6 +230,9 @@ class CellService:
                 # The row just written holds this expiry: the first run's touch
                 # is throttled like any later one's (no second write per cell).
                 self._expiry[record.id] = (record.expires_at, created)
+                # T-DISK-1: no snapshot of an id drawn just now exists: only a capture
+                # writes one, a request about the cell (which forgets this).
+                self._snap_sizes[record.id] = _SnapshotSize(0)
         except Exception:
             self._drop(record)  # no session or volume may outlive a cell that was never recorded
             raise
@@ -245,6 +277,8 @@ class CellService:
             self._uncapturable.discard(record.id)
             self._expiry.pop(record.id, None)
             self._records.pop(record.id, None)
+            # T-DISK-1: its snapshot is removed below; not remembered again (_snapshot_size) unless looked up anew.
+            self._snap_sizes.pop(record.id, None)
         if binding is not None:
             self.pool.release(binding.worker, record.id)
             if self.pool.generation_of(binding.worker) == binding.generation:
@@ -259,18 +293,17 @@ class CellService:
         # then the row. A failure or a crash in between leaves the row, so the
         # volume still counts against the quota and a repeated DELETE (or the
         # reaper) finishes the job: a volume is never orphaned.
+        volumes, tmp_root = self._dir_paths()
         try:
-            remove_volume(self.settings.volumes_dir, record.tenant_id, record.id)
-            tmp = scratch.tmp_dir_for(self.volume_path(record.tenant_id, record.id))
-            if not scratch.remove_tmp_dir(self.volume_path(record.tenant_id, record.id)) and os.path.lexists(tmp):
-                raise ConfinementError("io", "the cell's /tmp could not be removed")  # its /tmp goes with it
+            remove_volume(volumes, record.tenant_id, record.id)
+            _remove_tmp(tmp_root, record.tenant_id, record.id)  # its /tmp goes with it
         except ConfinementError as exc:
             self.quota.record(record.tenant_id, record.id, None)  # partly removed: measure again
             log.error("could not remove the volume of cell %s: %s", record.id, exc.message)
             raise CellError("the cell's volume could not be removed; the cell is kept, retry the delete",
                             code="delete_failed") from None
         try:
-            snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)  # T-IMAGE-2: gone with its cell
+            snapshot_file.remove(self._dirs()[1], record.tenant_id, record.id)  # T-IMAGE-2: gone with its cell
         except OSError as exc:
             log.error("could not remove the snapshot of cell %s: %s", record.id, exc)
             raise CellError("the cell's snapshot could not be removed; the cell is kept, retry the delete",
@@ -307,6 +340,7 @@ class CellService:
                         removed += snapshot_file.remove(self.settings.snapshots_dir, tenant_id, name)
                     except OSError as exc:
                         log.error("could not remove orphan snapshot %s/%s: %s", tenant_id, name, exc)
+                    self._forget_snapshot_size(name)
         return removed
 
     def _sweep(self, root: Path, known: set[tuple[str, str]]) -> int:
@@ -616,6 +650,7 @@ class CellService:
             snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)
         except OSError as exc:
             log.error("could not remove the capture of cell %s: %s", record.id, exc)
+        self._forget_snapshot_size(record.id)
         with self._lock:
             self._since_capture.pop(record.id, None)
         self.quota.record(record.tenant_id, record.id, None)
@@ -665,11 +700,16 @@ class CellService:
               on_chunk: ChunkCallback | None = None, *, tenant: str = "", cell_id: str | None = None,
               on_result: ResultCallback | None = None, cell_wait_s: float = 30.0) -> protocol.Reply:
         try:
-            return self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk, tenant=tenant, cell_id=cell_id,
-                                  on_result=on_result, cell_wait_s=cell_wait_s)
-        except WorkerLost:
-            self._mark_lost(handle.index)
+            reply = self.pool.call(handle, msg, deadline_s=deadline_s, on_chunk=on_chunk, tenant=tenant, cell_id=cell_id,
+                                   on_result=on_result, cell_wait_s=cell_wait_s)
+        except BaseException as exc:
+            self._snapshot_may_have_changed(msg)  # T-DISK-1: whatever the worker did before it failed
+            if isinstance(exc, WorkerLost):
+                self._mark_lost(handle.index)
             raise
+        if not _keeps_snapshot(msg, reply):
+            self._snapshot_may_have_changed(msg)
+        return reply
 
     def _mark_lost(self, index: int) -> None:
         with self._lock:
@@ -729,16 +769,68 @@ class CellService:
             words = _behind_words(before, "this run was restored from")
             outcome["note"] = f"{outcome['note']}; {words}" if outcome.get("note") else words
 
-    def _with_capture(self, tenant_id: str, cell_id: str, template: str, usage: Usage | None) -> Usage | None:
+    def _with_capture(self, tenant_id: str, cell_id: str, template: str, usage: Usage | None,
+                      fresh: bool = False) -> tuple[Usage | None, _SnapshotSize | None]:
         """A Python cell's volume as the worker walked it, plus its snapshot
-        file, which counts in the tenant's quota too (T-DISK-1, T-IMAGE-2)."""
+        file, which counts in the tenant's quota too (T-DISK-1, T-IMAGE-2);
+        and the remembered size used (None: stat'ed, ``fresh``)."""
         if usage is None or "python" not in templates.get(template).languages:
-            return usage
+            return usage, None
         try:
-            snap = snapshot_file.size(self._dirs()[1], tenant_id, cell_id)
+            if fresh:
+                snap, known = snapshot_file.size(self._dirs()[1], tenant_id, cell_id), None
+            else:
+                snap, known = self._snapshot_size(tenant_id, cell_id)
         except OSError:
-            return None  # unknown is never zero
-        return Usage(usage.bytes + snap, usage.entries + (1 if snap else 0), usage.complete) if snap else usage
+            return None, None  # unknown is never zero
+        return (Usage(usage.bytes + snap, usage.entries + (1 if snap else 0), usage.complete) if snap else usage), known
+
+    def _note_run_usage(self, tenant_id: str, cell_id: str, template: str, usage: Usage | None) -> None:
+        """Record a cell's usage after a run: the worker's walk plus its snapshot
+        (T-DISK-1). When the file was noted as changed while this was worked
+        out (a capture landing right after the run), it is stat'ed again and
+        recorded once more, as every run did before sizes were remembered."""
+        counted, known = self._with_capture(tenant_id, cell_id, template, usage)
+        self.note_usage(tenant_id, cell_id, counted)
+        if known is not None:
+            with self._lock:
+                current = self._snap_sizes.get(cell_id) is known
+            if not current:
+                self.note_usage(tenant_id, cell_id, self._with_capture(tenant_id, cell_id, template, usage, True)[0])
+
+    def _snapshot_size(self, tenant_id: str, cell_id: str) -> tuple[int, _SnapshotSize]:
+        """The cell's snapshot size (0: none) and the remembered entry it came
+        from: from memory when known, else a stat, remembered only when no
+        change was noted while it ran (T-DISK-1). A stat error raises OSError
+        and nothing is remembered."""
+        with self._lock:
+            known = self._snap_sizes.get(cell_id)
+            if known is not None and known.bytes is not None:
+                return known.bytes, known
+            mark = _SnapshotSize(None)
+            if cell_id in self._records:  # a cell being dropped is not remembered again
+                self._snap_sizes[cell_id] = mark
+        size = snapshot_file.size(self._dirs()[1], tenant_id, cell_id)
+        with self._lock:
+            if self._snap_sizes.get(cell_id) is mark:  # not forgotten since the stat began
+                mark.bytes = size
+        return size, mark
+
+    def _forget_snapshot_size(self, *cell_ids: str | None) -> None:
+        """The host changed, or may have changed, these cells' snapshot files
+        (T-DISK-1): their next use stats them. Called after the change."""
+        with self._lock:
+            for cell_id in cell_ids:
+                if cell_id is not None:
+                    self._snap_sizes.pop(cell_id, None)
+
+    def _snapshot_may_have_changed(self, msg: protocol.Request) -> None:
+        """After a worker request that may have written or removed the snapshot
+        of the cell it is about (captures, pauses, forks, restores, drops,
+        roll-backs, and any request that failed): its size is stat'ed again."""
+        cell_id, new_cell_id = getattr(msg, "cell_id", None), getattr(msg, "new_cell_id", None)
+        if cell_id is not None or new_cell_id is not None:  # a one-shot run is about no cell
+            self._forget_snapshot_size(cell_id, new_cell_id)
 
     def exec_in_cell(self, tenant: Tenant, cell_id: str, code: bytes, is_text: bool, language: str | None,
                      on_chunk: ChunkCallback | None = None, timeout_ms: int | None = None,
@@ -931,8 +1023,7 @@ class CellService:
             outcome["results"] = shown
             guest_ms = reply.guest_ms
             if cell_id is not None:
-                self.note_usage(tenant.id, cell_id, self._with_capture(tenant.id, cell_id, template,
-                                                                        _usage(reply.volume_usage)))
+                self._note_run_usage(tenant.id, cell_id, template, _usage(reply.volume_usage))
                 self._count_run(cell_id, outcome)
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
         self.runs += 1
@@ -1013,6 +1104,32 @@ def _outcome_fields(outcome: protocol.RunOutcome) -> dict[str, Any]:
     out["denials"] = [dict(d) for d in outcome.denials]
     out["results"] = []
     return out
+
+
+def _remove_tmp(tmp_root: Path, tenant_id: str, cell_id: str) -> None:
+    """Remove a deleted cell's /tmp (``<volumes>/.tmp/<tenant>/<cell>``, scratch.py)
+    as its volume is removed, from the root down by descriptors, no link
+    followed (T-DOS-1, T-PATH-2); the start-up sweep removes orphans the same
+    way. Nothing there is fine; ConfinementError when it is left in place."""
+    try:
+        remove_volume(tmp_root, tenant_id, cell_id)
+    except OSError:  # e.g. no /tmp root yet; anything else that leaves it there is a failure
+        if os.path.lexists(os.path.join(tmp_root, tenant_id, cell_id)):
+            raise ConfinementError("io", "the cell's /tmp could not be removed") from None
+
+
+def _keeps_snapshot(msg: protocol.Request, reply: protocol.Reply) -> bool:
+    """True when the worker cannot have written or removed the cell's snapshot
+    file in answering ``msg`` (T-DISK-1): a run answered with its interpreter
+    alive, neither restored nor rolled back. A worker writes the file only in
+    a capture, and removes it in a run only when a restore refuses it (an
+    error answer) or a roll-back drops a capture that is behind (the
+    interpreter not alive); a restore that succeeds reads it and keeps it.
+    Anything else may have changed it."""
+    if not isinstance(msg, protocol.ExecRequest) or not isinstance(reply, protocol.RunReply):
+        return False
+    outcome = reply.outcome
+    return outcome.session_alive and not outcome.restored and not outcome.rolled_back
 
 
 def _usage(reported: protocol.VolumeUsage | None) -> Usage | None:
