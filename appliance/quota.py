@@ -17,6 +17,7 @@ call in hostfuncs.py).
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -42,6 +43,9 @@ def measure_volume(volumes_dir: Path, tenant_id: str, cell_id: str, max_entries:
         return None
 
 
+GONE_KEPT = 4096  # deleted cells remembered, so a late "measure again" of one is dropped
+
+
 class DiskQuota:
     """Usage per cell, as last measured, and the tenant checks built on it.
 
@@ -61,6 +65,12 @@ class DiskQuota:
         self._lock = threading.Lock()
         self._usage: dict[str, tuple[str, Usage | None]] = {}  # cell -> (tenant, usage or None = unmeasured)
         self._loaded: set[str] = set()  # tenants whose every cell has been measured once
+        # Cells deleted lately. A capture or pause that ends while its cell is
+        # deleted asks for a new walk after the delete forgot the cell: that
+        # walk can never succeed, and the tenant would stay over quota (an
+        # unmeasurable cell counts as over it) until a restart. Ids are never
+        # reused, so a record for one of these is late and is dropped.
+        self._gone: OrderedDict[str, None] = OrderedDict()
 
     def _walk(self, tenant_id: str, cell_id: str) -> Usage | None:
         # A single volume over the tenant's file limit is over it already: stop there.
@@ -81,12 +91,17 @@ class DiskQuota:
         self.record(tenant_id, cell_id, Usage(0, 0))
 
     def forget(self, cell_id: str) -> None:
+        """A deleted cell: no longer counted, and any later record of it dropped."""
         with self._lock:
             self._usage.pop(cell_id, None)
+            self._gone[cell_id] = None
+            if len(self._gone) > GONE_KEPT:
+                self._gone.popitem(last=False)
 
     def record(self, tenant_id: str, cell_id: str, usage: Usage | None) -> None:
         with self._lock:
-            self._usage[cell_id] = (tenant_id, usage)
+            if cell_id not in self._gone:
+                self._usage[cell_id] = (tenant_id, usage)
 
     def remeasure(self, tenant_id: str, cell_id: str, vol: Volume) -> None:
         """Walk an open volume after a file change; a failed walk is recorded as unmeasured."""

@@ -157,3 +157,32 @@ def test_t_disk_1_volume_watch_checks(tmp_path: Path) -> None:
     assert watch.watch(str(tmp_path), 5, 10, stop=lambda: None).check() == "quota_exceeded"
     assert watch.watch(str(tmp_path), 1000, 0, stop=lambda: None).check() == "file_limit_exceeded"
     assert watch.watch(str(tmp_path / "missing"), 1, 1, stop=lambda: None).check() == "unmeasured"
+
+
+@pytest.mark.parametrize("late", [None, Usage(10, 1)], ids=["measure-again", "a-walk"])
+def test_t_disk_1_a_late_record_of_a_deleted_cell_does_not_hold_the_tenant_over_quota(tmp_path: Path,
+                                                                                         late: Usage | None) -> None:
+    """A capture or pause ending while its cell is deleted asks for a new walk
+    after the delete forgot the cell; that walk can never succeed, so the
+    tenant must not be held over its quota by it."""
+    create_volume(tmp_path, "t", "kept")
+    cells = {"t": ["kept", "deleted"]}
+    quota = ledger(tmp_path, cells)
+    create_volume(tmp_path, "t", "deleted")
+    assert quota.tenant("t")[2] == []
+    (tmp_path / "t" / "deleted").rmdir()
+    cells["t"].remove("deleted")
+    quota.forget("deleted")
+    quota.record("t", "deleted", late)  # the capture's late "measure again", or a late walk
+    assert quota.tenant("t")[:3] == (0, 0, [])
+    assert quota.check("t").bytes_left == MB
+
+
+def test_t_disk_1_an_unmeasured_live_cell_still_holds_the_tenant_over_quota(tmp_path: Path) -> None:
+    """The tombstone is for deleted cells only: a live cell whose walk fails is over quota."""
+    create_volume(tmp_path, "t", "c")
+    quota = ledger(tmp_path, {"t": ["c"]})
+    quota.forget("other")
+    quota.record("t", "c", None)
+    (tmp_path / "t" / "c").rmdir()  # its walk now fails
+    assert refused(quota, "t") == "quota_exceeded"
