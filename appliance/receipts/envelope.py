@@ -77,6 +77,8 @@ def check_cell_id(value: object) -> str | None:
 def check_extensions(value: object) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise v1.ReceiptFieldError("extensions", "must be an object")
+    if not value:  # the usual run: nothing to look at
+        return value
     unknown = sorted(k for k in value if k not in KNOWN_EXTENSIONS)
     if unknown:
         raise v1.ReceiptFieldError("extensions", f"unknown extension(s) {', '.join(map(repr, unknown))}")
@@ -104,9 +106,40 @@ def envelope(*, seq: int, receipt_hash: str, chain_hash: str, tenant_id: str, ce
     }
 
 
-def envelope_message(**fields: Any) -> bytes:
-    """Bytes the node signs for one receipt: canonical JSON of :func:`envelope`."""
-    return canonical_json(envelope(**fields))
+def envelope_message(*, seq: int, receipt_hash: str, chain_hash: str, tenant_id: str, cell_id: str | None,
+                     key_id: str, extensions: Mapping[str, Any] | None = None) -> bytes:
+    """Bytes the node signs for one receipt: canonical JSON of :func:`envelope`.
+
+    Written out in the sorted key order rather than through json.dumps (run
+    path): every field is checked as :func:`envelope` checks it, and a checked
+    id, hash or key id is plain ASCII with nothing to escape, so the bytes are
+    those of ``canonical_json(envelope(...))``; a test pins this over a table.
+    """
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise v1.ReceiptFieldError("seq", "must be a positive integer")
+    v1.check_hex64("receipt_hash", receipt_hash)
+    v1.check_hex64("chain_hash", chain_hash)
+    if not isinstance(key_id, str) or _KEY_ID.fullmatch(key_id) is None:
+        raise v1.ReceiptFieldError("key_id", "must be 16 lowercase hex characters")
+    tenant = check_tenant_id(tenant_id)
+    cell = check_cell_id(cell_id)
+    cell_json = "null" if cell is None else '"' + cell + '"'
+    return (f'{{"cell_id":{cell_json},"chain_hash":"{chain_hash}",'
+            f'"envelope":"{ENVELOPE}","extensions":{extensions_json(extensions)},"key_id":"{key_id}",'
+            f'"receipt_hash":"{receipt_hash}","schema":"{v1.SCHEMA}","seq":{int.__repr__(seq)},'
+            f'"tenant_id":"{tenant}"}}').encode("utf-8")
+
+
+def extensions_json(extensions: Mapping[str, Any] | None) -> str:
+    """Canonical JSON text of a receipt's extensions, checked (:func:`check_extensions`).
+    None or empty is ``{}``; a lone "results/1" (its one hex field checked) is
+    written out directly, anything else goes through :func:`canonical_json`."""
+    ext = check_extensions(dict(extensions or {}))
+    if not ext:
+        return "{}"
+    if len(ext) == 1 and RESULTS_EXTENSION in ext:
+        return f'{{"{RESULTS_EXTENSION}":{{"results_hash":"{ext[RESULTS_EXTENSION]["results_hash"]}"}}}}'
+    return canonical_json(ext).decode("utf-8")
 
 
 def seal(*, count: int, last_chain_hash: str, root_hash: str, timestamp: int, key_id: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import stat
 import tempfile
 from pathlib import Path
 
+import nacl.bindings
 import nacl.signing
 
 KEY_FILE = "node_ed25519"
@@ -28,6 +29,9 @@ class NodeKeyError(RuntimeError):
 class NodeKey:
     def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
         self._signing_key = signing_key
+        # The 64-byte libsodium secret key of the same seed, for sign() (run path:
+        # the signature without PyNaCl's SignedMessage object around it).
+        self._secret = nacl.bindings.crypto_sign_seed_keypair(bytes(signing_key))[1]
         self.verify_key: nacl.signing.VerifyKey = signing_key.verify_key
         public = bytes(self.verify_key)
         self.public_key_hex: str = public.hex()
@@ -48,8 +52,9 @@ class NodeKey:
         return cls(nacl.signing.SigningKey(seed))
 
     def sign(self, data: bytes) -> bytes:
-        """Detached 64-byte Ed25519 signature."""
-        return self._signing_key.sign(data).signature
+        """Detached 64-byte Ed25519 signature (what ``SigningKey.sign(data).signature`` is:
+        the first 64 bytes of libsodium's signed message)."""
+        return nacl.bindings.crypto_sign(data, self._secret)[:nacl.bindings.crypto_sign_BYTES]
 
     @classmethod
     def load(cls, keys_dir: Path) -> NodeKey:

@@ -154,6 +154,13 @@ def _migrated(conn: sqlite3.Connection) -> bool:
     return keys == ["id"] and done.issuperset(MIGRATIONS)
 
 
+def _done(slot: dict[str, Any]) -> None:
+    """Wake the append waiting on ``slot`` (the leader's own slot has no event: it does not wait)."""
+    done: threading.Event | None = slot.get("done")
+    if done is not None:
+        done.set()
+
+
 def _connect(db_path: Path, *, read_only: bool) -> sqlite3.Connection:
     if read_only:
         conn = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True,
@@ -275,21 +282,25 @@ class ReceiptStore:
         them. Each caller returns only once its own batch is durable, so the
         rule "receipt on disk before the answer" holds; the chain order is
         the commit order (T-RCPT-1)."""
-        slot: dict[str, Any] = {"item": item, "done": threading.Event()}
+        slot: dict[str, Any] = {"item": item}
         with self._queue_lock:
-            self._pending.append(slot)
             lead = not self._leading
-            if lead:
+            if lead:  # nothing is pending while no one leads: this receipt goes first
                 self._leading = True
+            else:  # only a follower waits, so only a follower needs an event (run path: one less per receipt)
+                slot["done"] = threading.Event()
+                self._pending.append(slot)
         if lead:
+            batch = [slot]
             while True:
+                self._commit_batch(batch)
                 with self._queue_lock:
                     batch, self._pending = self._pending, []
                     if not batch:
                         self._leading = False
                         break
-                self._commit_batch(batch)
-        slot["done"].wait()
+        else:
+            slot["done"].wait()
         if "error" in slot:
             raise slot["error"]
         result: dict[str, Any] = slot["receipt"]
@@ -298,21 +309,23 @@ class ReceiptStore:
     def _seal(self, seq: int, prev: str, it: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
         """The receipt of ``it`` as row ``seq`` after chain hash ``prev``, signed,
         and its INSERT parameters."""
-        ch = v1.chain_hash(prev, it["receipt_hash"])
+        rh, ext, key_id = it["receipt_hash"], it["extensions"], self._key.key_id
+        ch = v1.chain_hash(prev, rh)
         # T-RCPT-2: sign the envelope (tenant, cell, chain hash), not the bare chain hash.
-        signed = envelope.envelope_message(
-            seq=seq, receipt_hash=it["receipt_hash"], chain_hash=ch, tenant_id=it["tenant_id"],
-            cell_id=it["cell_id"], key_id=self._key.key_id, extensions=it["extensions"])
+        signed = envelope.envelope_message(seq=seq, receipt_hash=rh, chain_hash=ch, tenant_id=it["tenant_id"],
+                                           cell_id=it["cell_id"], key_id=key_id, extensions=ext)
+        signature = base64.b64encode(self._key.sign(signed)).decode("ascii")
         receipt = {
             "schema": v1.SCHEMA, "execution_id": it["execution_id"], "code_hash": it["code_hash"],
             "result_hash": it["result_hash"], "template": it["template"], "timestamp": it["timestamp"],
-            "receipt_hash": it["receipt_hash"], "seq": seq, "prev_chain_hash": prev, "chain_hash": ch,
-            "signature": base64.b64encode(self._key.sign(signed)).decode("ascii"),
-            "key_id": self._key.key_id, "cell_id": it["cell_id"],
-            "tenant_id": it["tenant_id"], "envelope": envelope.ENVELOPE, "extensions": it["extensions"],
+            "receipt_hash": rh, "seq": seq, "prev_chain_hash": prev, "chain_hash": ch,
+            "signature": signature, "key_id": key_id, "cell_id": it["cell_id"],
+            "tenant_id": it["tenant_id"], "envelope": envelope.ENVELOPE, "extensions": ext,
         }
-        params = (*(receipt[f] for f in RECEIPT_FIELDS), it["tenant_id"], envelope.ENVELOPE,
-                  envelope.canonical_json(receipt["extensions"]).decode("utf-8"))
+        # In ROW_FIELDS order (RECEIPT_FIELDS, then tenant_id, envelope, extensions as canonical JSON).
+        params = (v1.SCHEMA, it["execution_id"], it["code_hash"], it["result_hash"], it["template"], it["timestamp"],
+                  rh, seq, prev, ch, signature, key_id, it["cell_id"],
+                  it["tenant_id"], envelope.ENVELOPE, envelope.extensions_json(ext))
         return receipt, params
 
     def _commit_on_tail(self, slot: dict[str, Any]) -> bool:
@@ -348,12 +361,12 @@ class ReceiptStore:
         if len(batch) == 1:
             try:
                 if self._commit_on_tail(batch[0]):
-                    batch[0]["done"].set()
+                    _done(batch[0])
                     return
             except BaseException as exc:
                 batch[0].pop("receipt", None)
                 batch[0].setdefault("error", exc)
-                batch[0]["done"].set()
+                _done(batch[0])
                 return
         last: list[tuple[int, str]] = []
 
@@ -363,30 +376,24 @@ class ReceiptStore:
             tail = self._conn.execute("SELECT seq, chain_hash FROM receipts ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = (tail[0], tail[1]) if tail else (0, v1.GENESIS)
             out: list[dict[str, Any]] = []
-            # A failed INSERT backs out its own changes (SQLite's default ABORT)
-            # and leaves the transaction open; the savepoint only matters when
-            # later items of the batch follow it. A batch of one, the usual case,
-            # skips it: two statements (and two GIL round trips) less per run.
-            savepoints = len(batch) > 1
+            # A failed INSERT backs out its own changes and leaves the transaction
+            # and the items before it in place (SQLite's default ABORT; the schema
+            # declares no other conflict resolution), so no savepoint is needed
+            # around each item: two statements (and GIL round trips) less per item.
             for slot in batch:
                 it = slot["item"]
-                if savepoints:
-                    self._conn.execute("SAVEPOINT one")
                 receipt, params = self._seal(seq + 1, prev, it)
                 try:
                     self._conn.execute(_INSERT_RECEIPT, params)
                 except sqlite3.IntegrityError as exc:
+                    if not self._conn.in_transaction:
+                        raise  # the transaction itself is gone: the whole batch fails (T-RCPT-1)
                     # Only this item fails (e.g. a duplicate execution_id); the rest of the batch goes on.
-                    if savepoints:
-                        self._conn.execute("ROLLBACK TO one")
-                        self._conn.execute("RELEASE one")
                     if "execution_id" in str(exc):
                         slot["error"] = DuplicateReceipt(f"execution_id {it['execution_id']} already has a receipt")
                     else:
                         slot["error"] = exc
                     continue
-                if savepoints:
-                    self._conn.execute("RELEASE one")
                 seq, prev = seq + 1, receipt["chain_hash"]
                 slot["receipt"] = receipt
                 out.append(receipt)
@@ -403,7 +410,7 @@ class ReceiptStore:
                 slot.setdefault("error", exc)
         finally:
             for slot in batch:
-                slot["done"].set()
+                _done(slot)
 
     def checkpoint(self) -> dict[str, Any]:
         """Sign a tree head over every receipt so far (no new row if nothing changed)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 import re
 
 SCHEMA = "v1"
@@ -30,6 +31,8 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TEMPLATE = re.compile(r"[a-z0-9_-]{1,64}")
 # SQLite stores INTEGER as signed 64-bit; a larger timestamp could not be kept.
 _MAX_TIMESTAMP = 2**63 - 1
+# JSON text of a str exactly as json.dumps(..., ensure_ascii=False) writes it.
+_json_str = json.encoder.encode_basestring
 
 
 class ReceiptFieldError(ValueError):
@@ -81,7 +84,28 @@ def code_hash(code: bytes) -> str:
 
 
 def canonical_result(*, exit_code: int, status: str, stderr: str, stdout: str) -> bytes:
-    """The exact bytes hashed into ``result_hash``: sorted keys, no spaces, UTF-8."""
+    """The exact bytes hashed into ``result_hash``: sorted keys, no spaces, UTF-8.
+
+    Built by hand from the four fixed keys in sorted order, the same bytes as
+    :func:`canonical_result_json` (the json.dumps definition), which a test
+    pins over a table of inputs; that definition also gives every error, so a
+    bad field is refused exactly as before (run path: one JSON string escape
+    per text and one UTF-8 encode, not an encoder per call and three encodes).
+    """
+    if (isinstance(exit_code, int) and not isinstance(exit_code, bool) and isinstance(status, str)
+            and status in STATUSES and isinstance(stderr, str) and isinstance(stdout, str)):
+        # The json module writes an int as int.__repr__ and a str with encode_basestring (ensure_ascii=False).
+        body = (f'{{"exit_code":{int.__repr__(exit_code)},"status":{_json_str(status)},'
+                f'"stderr":{_json_str(stderr)},"stdout":{_json_str(stdout)}}}')
+        try:
+            return body.encode("utf-8")
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: the definition below names the field
+    return canonical_result_json(exit_code=exit_code, status=status, stderr=stderr, stdout=stdout)
+
+
+def canonical_result_json(*, exit_code: int, status: str, stderr: str, stdout: str) -> bytes:
+    """The definition of :func:`canonical_result`, through json.dumps; every field checked."""
     if isinstance(exit_code, bool) or not isinstance(exit_code, int):
         raise ReceiptFieldError("exit_code", "must be an integer")
     if status not in STATUSES:

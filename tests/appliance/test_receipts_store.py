@@ -138,9 +138,9 @@ def _slot(store: ReceiptStore, execution_id: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("batch_ids", [["dup"], ["new1", "dup"], ["dup", "new1"], ["new1", "dup", "new2"]])
 def test_T_RCPT_1_duplicate_in_a_group_commit_fails_alone(store: ReceiptStore, batch_ids: list[str]) -> None:
-    # A batch of one writes without a savepoint (the failed INSERT backs itself
-    # out); a larger batch rolls back to the item's savepoint. Either way only the
-    # duplicate fails and the chain the others extend stays linear.
+    # A failed INSERT backs itself out (SQLite's ABORT), with no savepoint around
+    # each item: in a batch of any size only the duplicate fails and the chain
+    # the others extend stays linear.
     first = append_one(store)
     ids = {name: (first["execution_id"] if name == "dup" else str(uuid.uuid4())) for name in batch_ids}
     batch = [_slot(store, ids[name]) for name in batch_ids]
@@ -154,6 +154,27 @@ def test_T_RCPT_1_duplicate_in_a_group_commit_fails_alone(store: ReceiptStore, b
     assert store.count() == len(batch_ids)  # the first receipt and the new ones; the duplicate wrote nothing
     assert_linear([first, *(s["receipt"] for s in batch if "receipt" in s)])
     assert append_one(store)["seq"] == len(batch_ids) + 1
+    assert store.verify()["ok"]
+
+
+@pytest.mark.parametrize("batch_ids", [["boom"], ["new1", "boom"], ["new1", "boom", "new2"]])
+def test_T_RCPT_1_an_error_that_ends_the_transaction_fails_the_whole_batch(store: ReceiptStore,
+                                                                          batch_ids: list[str]) -> None:
+    # RAISE(ROLLBACK) is a constraint error that also rolls the transaction
+    # back: the items before it are gone, so no caller may be told it has a
+    # receipt and no later item may be written outside the transaction.
+    first = append_one(store)
+    ids = {name: str(uuid.uuid4()) for name in batch_ids}
+    store._conn.execute(f"CREATE TEMP TRIGGER boom BEFORE INSERT ON main.receipts WHEN NEW.execution_id = "
+                        f"'{ids['boom']}' BEGIN SELECT RAISE(ROLLBACK, 'boom'); END")
+    batch = [_slot(store, ids[name]) for name in batch_ids]
+    store._commit_batch(batch)
+    for slot in batch:
+        assert slot["done"].is_set() and isinstance(slot.get("error"), sqlite3.IntegrityError) and "receipt" not in slot
+    assert store.count() == 1 and not store._conn.in_transaction
+    store._conn.execute("DROP TRIGGER temp.boom")
+    assert append_one(store)["seq"] == 2
+    assert_linear([first, *store.page(tenant_id=None, after=1, limit=10)])
     assert store.verify()["ok"]
 
 
