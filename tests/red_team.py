@@ -55,6 +55,8 @@ Exits non-zero on any failure; prints a table of counts per family.
 """
 from __future__ import annotations
 
+import argparse
+
 import ctypes
 import gzip
 import hashlib
@@ -895,14 +897,28 @@ def snapshots() -> None:
         again.stop()
 
 
+FAMILIES = ("ssrf", "paths", "trailing", "dos", "tenants", "fairness", "receipts", "requests", "disk", "image",
+            "snapshots", "site", "license", "incident", "escape")
+
+
+def _families(text: str) -> set[str]:
+    names = {f for f in text.split(",") if f}
+    unknown = names - set(FAMILIES)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown family {sorted(unknown) or text!r}; known: {', '.join(FAMILIES)}")
+    return names
+
+
 def main(argv: list[str]) -> int:
-    quick = "--quick" in argv
-    # --only ssrf,escape (or --family=tenants,escape): run just those families
-    # (the server still starts for server rows); all by default.
-    only: set[str] | None = set(argv[argv.index("--only") + 1].split(",")) if "--only" in argv and argv.index("--only") + 1 < len(argv) else None
-    family_flag = {f for a in argv if a.startswith("--family=") for f in a.split("=", 1)[1].split(",") if f}
-    if family_flag:
-        only = (only or set()) | family_flag
+    parser = argparse.ArgumentParser(description="Attack tables against a live Cell server on loopback: every row "
+                                     "must be refused or contained. Exit 1 when any row fails.")
+    parser.add_argument("--quick", action="store_true", help="a sample of the SSRF inputs instead of all")
+    parser.add_argument("--only", "--family", dest="only", type=_families, action="append", metavar="F1,F2",
+                        help=f"run just these families (the server still starts); all by default. "
+                             f"Families: {', '.join(FAMILIES)}")
+    args = parser.parse_args(argv)  # --help prints this and exits; an unknown flag is an error, never "run all"
+    quick = args.quick
+    only: set[str] | None = set().union(*args.only) if args.only else None
     hosts = Path(tempfile.mkdtemp(prefix="cell-redteam-")) / "hosts.json"
     own = own_address_hosts()
     hosts.write_text(json.dumps({**EGRESS_HOSTS, **own}))
