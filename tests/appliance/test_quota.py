@@ -3,10 +3,12 @@ volume cannot be measured. Real volumes on disk; the ledger walks them."""
 from __future__ import annotations
 
 import json
+import random
 
 import os
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ import pytest
 from appliance.confine import Usage, create_volume
 from appliance.errors import PayloadTooLarge
 from appliance.cells import _usage as cells_usage
-from appliance.quota import DiskQuota, measure_volume
+from appliance import quota as quota_module
+from appliance.quota import Allowance, DiskQuota, measure_volume
 from appliance.runtime import volume_watch
 from appliance.runtime.volume_watch import VolumeWatch
 from appliance.runtime import protocol
@@ -186,3 +189,96 @@ def test_t_disk_1_an_unmeasured_live_cell_still_holds_the_tenant_over_quota(tmp_
     quota.record("t", "c", None)
     (tmp_path / "t" / "c").rmdir()  # its walk now fails
     assert refused(quota, "t") == "quota_exceeded"
+
+
+class _Reference:
+    """The ledger as plain data, summed by brute force on every question: what
+    ``DiskQuota.tenant`` must answer, whatever running totals it keeps."""
+
+    def __init__(self, disk: dict[str, Usage | None], listing: dict[str, list[str]]) -> None:
+        self.usage: dict[str, tuple[str, Usage | None]] = {}
+        self.gone: OrderedDict[str, None] = OrderedDict()
+        self.loaded: set[str] = set()
+        self.disk, self.listing = disk, listing
+
+    def record(self, tenant: str, cell: str, usage: Usage | None) -> None:
+        if cell not in self.gone:
+            self.usage[cell] = (tenant, usage)
+
+    def forget(self, cell: str) -> None:
+        self.usage.pop(cell, None)
+        self.gone[cell] = None
+        if len(self.gone) > quota_module.GONE_KEPT:
+            self.gone.popitem(last=False)
+
+    def tenant(self, tenant: str) -> tuple[int, int, list[str]]:
+        if tenant in self.loaded:
+            walk = [c for c, (owner, u) in self.usage.items() if owner == tenant and u is None]
+        else:
+            walk = list(self.listing.get(tenant, []))
+        for cell in walk:
+            known = self.usage.get(cell)
+            if known is None or known[1] is None:
+                self.record(tenant, cell, self.disk.get(cell))
+        self.loaded.add(tenant)
+        mine = [(c, u) for c, (owner, u) in self.usage.items() if owner == tenant]
+        return (sum(u.bytes for _, u in mine if u is not None), sum(u.entries for _, u in mine if u is not None),
+                [c for c, u in mine if u is None])
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_t_disk_1_running_totals_match_a_brute_force_sum(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of random records, forgets, unmeasured walks and owner changes
+    over several tenants: after each, the tenant's totals and its unmeasured
+    cells (in order: the refusal names the first) are what a sum over every
+    cell gives. Unknown is never zero."""
+    monkeypatch.setattr(quota_module, "GONE_KEPT", 16)  # forgotten ids fall out of the tombstones and come back
+    rng = random.Random(seed)
+    tenants = [f"t{i}" for i in range(6)]
+    cells = [f"c{i}" for i in range(80)]
+
+    def usage() -> Usage | None:
+        if rng.random() < 0.3:
+            return None
+        return Usage(rng.randrange(0, 10 ** 6), rng.randrange(0, 50), rng.random() < 0.9)
+
+    disk: dict[str, Usage | None] = {c: usage() for c in cells}  # what a walk of each cell finds now
+    listing = {t: rng.sample(cells, 8) for t in tenants}  # a tenant's first check lists these
+    ref = _Reference(disk, listing)
+    limits = (10 ** 12, 10 ** 9)  # only an unmeasured cell refuses, so check() answers on every tenant
+    quota = DiskQuota(limits=lambda: limits, measure=lambda tenant, cell, bound: disk[cell],
+                      cells=lambda tenant: listing.get(tenant, []))
+    home = {c: rng.choice(tenants) for c in cells}
+    for _ in range(3000):
+        op, cell = rng.random(), rng.choice(cells)
+        if op < 0.55:
+            # a walk or "measure again" (None), mostly under the cell's tenant, sometimes under another
+            tenant, value = home[cell] if op < 0.45 else rng.choice(tenants), usage()
+            quota.record(tenant, cell, value)
+            ref.record(tenant, cell, value)
+        elif op < 0.7:
+            quota.forget(cell)
+            ref.forget(cell)
+        elif op < 0.8:
+            quota.start_cell(home[cell], cell)
+            ref.record(home[cell], cell, Usage(0, 0))
+        else:
+            disk[cell] = usage()  # what the next walk of the cell finds
+        for tenant in rng.sample(tenants, 2):
+            expected = ref.tenant(tenant)  # the same walks the ledger is about to make
+            if rng.random() < 0.5:
+                assert quota.tenant(tenant) == expected
+            elif expected[2]:
+                assert cell_named(quota, tenant) == expected[2][0]
+            else:
+                assert quota.check(tenant) == Allowance(limits[0] - expected[0], limits[1] - expected[1])
+    for tenant in tenants:
+        assert quota.tenant(tenant) == ref.tenant(tenant)
+
+
+def cell_named(quota: DiskQuota, tenant: str) -> str:
+    """The cell an unmeasured-volume refusal names."""
+    with pytest.raises(PayloadTooLarge) as info:
+        quota.check(tenant)
+    assert info.value.code == "quota_exceeded"
+    return str(info.value).split("cell ")[1].split(" ")[0]
