@@ -4,7 +4,8 @@ A tenant's usage is the sum over its cells' volumes of what the last walk
 measured (``confine.Volume.usage``): bytes of regular files and entries
 (every name costs an inode, so millions of empty files are refused like a
 huge one). Walks happen once per cell, then after every run and file change;
-a check reads memory, except that it walks again a volume it could not measure.
+a check reads memory (running sums per tenant, so its cost does not grow with
+the cells on the node), except that it walks again a volume it could not measure.
 
 Fail closed: a volume that could not be measured (walk error, volume not
 ours) counts as over quota until a later walk succeeds; a walk stopped at its
