@@ -54,6 +54,11 @@ BUSY_TIMEOUT_S = 30.0
 # thread can never let the WAL grow without bound.
 WAL_WAKE_RECEIPTS = 100
 WAL_WRITER_RECEIPTS = 4000
+# A background checkpoint races the writer, so under steady appends the WAL
+# seldom restarts from the top by itself; once it holds this many frames
+# (SQLite's own autocheckpoint default) the thread finishes the backfill under
+# the writer lock (short: the frames written meanwhile) so the next commit restarts it.
+WAL_RESTART_FRAMES = 1000
 
 
 class DuplicateReceipt(ValueError):
@@ -538,9 +543,10 @@ class ReceiptStore:
             self._wake.clear()
             if self._stopping:
                 return
-            self.maintain()
+            # Wakes that arrived while the last pass ran are spent unless WAL_WAKE_RECEIPTS more receipts came.
+            self.maintain(min_receipts=WAL_WAKE_RECEIPTS)
 
-    def maintain(self) -> None:
+    def maintain(self, *, min_receipts: int = 1) -> None:
         """One maintenance step: sign the tree head that is owed, and run a PASSIVE
         WAL checkpoint on this store's maintenance connection. Runs on the
         maintenance thread and on the service's maintenance tick; safe from any thread."""
@@ -557,7 +563,7 @@ class ReceiptStore:
             except (sqlite3.Error, StoreClosed, RuntimeError) as exc:
                 # The receipts are durable; the head is retried at the next wake or by the service's interval.
                 log.warning("receipt checkpoint at seq %s failed: %s", due, exc)
-        if since_wal:
+        if since_wal >= min_receipts:
             with self._lock:
                 if self._closed:
                     return
@@ -568,7 +574,7 @@ class ReceiptStore:
                     self._reader_conns.append(self._maint_conn)  # closed with the others
                 conn = self._maint_conn
             done = self._checkpoint_wal(conn, since_wal, lock=self._maint_lock)
-            if done is not None and done[0] == 0:
+            if done is not None and done[0] == 0 and done[1] >= WAL_RESTART_FRAMES:
                 # Under steady appends the bulk copy above races the writer (an
                 # append in flight lands after it), so the WAL would seldom restart
                 # from the top and would only grow. Backfill what was written since

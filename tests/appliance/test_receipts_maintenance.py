@@ -58,7 +58,7 @@ def wait_for(cond: Any, what: str, timeout: float = 30.0) -> None:
 def stuck(db_path: Path, key: NodeKey) -> Iterator[ReceiptStore]:
     """A store whose maintenance thread is stuck: it wakes but does nothing."""
     s = ReceiptStore(db_path, key, checkpoint_every=0)
-    s.maintain = lambda: None  # type: ignore[method-assign]
+    s.maintain = lambda **_: None  # type: ignore[method-assign]
     try:
         yield s
     finally:
@@ -83,8 +83,9 @@ def test_maintenance_thread_keeps_the_wal_bounded(db_path: Path, key: NodeKey) -
             append_one(s)
         wait_for(lambda: s.wal_checkpoints["maintenance"] >= 5, "background WAL checkpoints")
         assert s.wal_checkpoints["writer"] == 0
-        # The WAL file never held much more than one wake interval's pages (not 1,000 receipts' worth).
-        assert wal_frames(db_path) < 6.6 * store_mod.WAL_WAKE_RECEIPTS * 4
+        # The WAL restarted from the top along the way: its file never held 1,000
+        # receipts' pages (~6,500), only about WAL_RESTART_FRAMES plus what one wake adds.
+        assert wal_frames(db_path) < 4 * store_mod.WAL_RESTART_FRAMES
         assert s.verify()["ok"]
 
 
