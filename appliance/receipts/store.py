@@ -543,8 +543,11 @@ class ReceiptStore:
             self._wake.clear()
             if self._stopping:
                 return
-            # Wakes that arrived while the last pass ran are spent unless WAL_WAKE_RECEIPTS more receipts came.
-            self.maintain(min_receipts=WAL_WAKE_RECEIPTS)
+            try:
+                # Wakes that arrived while the last pass ran are spent unless WAL_WAKE_RECEIPTS more receipts came.
+                self.maintain(min_receipts=WAL_WAKE_RECEIPTS)
+            except Exception:  # the thread outlives one bad pass; the writer's bound still holds
+                log.exception("receipt maintenance failed")
 
     def maintain(self, *, min_receipts: int = 1) -> None:
         """One maintenance step: sign the tree head that is owed, and run a PASSIVE
@@ -710,7 +713,7 @@ class ReceiptStore:
             self.checkpoint()
         except sqlite3.Error as exc:
             log.warning("final receipt checkpoint failed: %s", exc)
-        with self._lock:
+        with self._lock, self._maint_lock:  # never under a maintenance checkpoint in flight
             self._closed = True
             for conn in [*self._reader_conns, self._conn]:
                 conn.close()
