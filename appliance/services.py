@@ -214,6 +214,7 @@ class Services:
                     self.cells.pause_idle()
                     self.cells.capture_idle()  # T-IMAGE-2: what a crash rolls back to
                     self.pool.check_alive()
+                    self.receipts.maintain()  # WAL checkpoint, a tree head owed since a crash (off the run path)
                     if time.monotonic() - last_checkpoint >= self.settings.checkpoint_interval_s:
                         last_checkpoint = time.monotonic()
                         self._checkpoint_if_grown()

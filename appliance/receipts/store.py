@@ -44,6 +44,21 @@ _INSERT_ON_TAIL = (f"INSERT INTO receipts ({_COLUMNS}) SELECT {', '.join('?' * l
                    "WHERE (SELECT MAX(seq) FROM receipts) = ? AND (SELECT chain_hash FROM receipts WHERE seq = ?) = ?")
 _CHECKPOINT_FIELDS = ("count", "root_hash", "timestamp", "key_id", "signature")
 BUSY_TIMEOUT_S = 30.0
+# WAL upkeep off the answering thread: the writer connection never checkpoints
+# on its own (wal_autocheckpoint=0, SQLite's default would run one inside the
+# COMMIT of whichever run crosses 1,000 WAL pages). Every WAL_WAKE_RECEIPTS
+# receipts (~6.6 pages each: under SQLite's 1,000-page default, so the other
+# connections on this file seldom cross it either) the maintenance thread runs
+# a PASSIVE checkpoint on its own connection. If that thread falls behind by
+# WAL_WRITER_RECEIPTS receipts, the writer checkpoints itself once, so a stuck
+# thread can never let the WAL grow without bound.
+WAL_WAKE_RECEIPTS = 100
+WAL_WRITER_RECEIPTS = 4000
+# A background checkpoint races the writer, so under steady appends the WAL
+# seldom restarts from the top by itself; once it holds this many frames
+# (SQLite's own autocheckpoint default) the thread finishes the backfill under
+# the writer lock (short: the frames written meanwhile) so the next commit restarts it.
+WAL_RESTART_FRAMES = 1000
 
 
 class DuplicateReceipt(ValueError):
@@ -197,6 +212,18 @@ class ReceiptStore:
         self._readers = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
         self._closed = False
+        # Maintenance (WAL checkpoint, due tree heads), off the run path. The
+        # counters below are guarded by _queue_lock, which the group-commit
+        # leader takes after every batch anyway.
+        self._since_wal = 0  # receipts committed since the last WAL checkpoint was started
+        self._head_due = 0  # the highest seq (a multiple of checkpoint_every) still owed a signed head
+        self._wake = threading.Event()
+        self._stopping = False
+        self._maint_thread: threading.Thread | None = None
+        self._maint_conn: sqlite3.Connection | None = None
+        self._maint_lock = threading.Lock()  # the maintenance connection: one thread at a time
+        self._start_checked = False
+        self.wal_checkpoints = {"maintenance": 0, "writer": 0}  # PASSIVE checkpoints run, by whom
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = _connect(self._path, read_only=False)
         # What sqlite_utils.Database(conn) and enable_wal() did here: recursive
@@ -208,6 +235,8 @@ class ReceiptStore:
         # FULL: the WAL is fsynced at every commit — a receipt that was
         # answered is never lost to a power cut (issue: durable BEFORE the answer).
         self._conn.execute("PRAGMA synchronous = FULL")
+        # The maintenance thread checkpoints the WAL, never a run's COMMIT (see WAL_WAKE_RECEIPTS).
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
         def setup() -> None:
             if not _migrated(self._conn):
                 import sqlite_utils  # start-up: only when a migration is pending (_migrated)
@@ -269,11 +298,11 @@ class ReceiptStore:
             "tenant_id": tenant_id, "extensions": ext,
         })
         if self._checkpoint_every and receipt["seq"] % self._checkpoint_every == 0:
-            try:
-                self.checkpoint()
-            except (sqlite3.Error, StoreClosed) as exc:
-                # The receipt is already durable; a late checkpoint is retried at the next interval.
-                log.warning("receipt checkpoint at seq %s failed: %s", receipt["seq"], exc)
+            # The run only notes that a head is owed; the maintenance thread signs it
+            # (T-RCPT-1: the receipt itself is already chained, signed and durable).
+            with self._queue_lock:
+                self._head_due = max(self._head_due, receipt["seq"])
+            self._wake_maintenance()
         return receipt
 
     def _commit_grouped(self, item: dict[str, Any]) -> dict[str, Any]:
@@ -295,10 +324,14 @@ class ReceiptStore:
             while True:
                 self._commit_batch(batch)
                 with self._queue_lock:
+                    self._since_wal += len(batch)
+                    since_wal = self._since_wal
                     batch, self._pending = self._pending, []
                     if not batch:
                         self._leading = False
                         break
+                self._note_wal(since_wal)
+            self._note_wal(since_wal)
         else:
             slot["done"].wait()
         if "error" in slot:
@@ -412,14 +445,19 @@ class ReceiptStore:
             for slot in batch:
                 _done(slot)
 
-    def checkpoint(self) -> dict[str, Any]:
-        """Sign a tree head over every receipt so far (no new row if nothing changed)."""
+    def checkpoint(self, upto: int | None = None) -> dict[str, Any]:
+        """Sign a tree head over every receipt so far, or over the first ``upto``
+        (no new row if nothing changed, or a head already counts ``upto``)."""
 
         def body() -> dict[str, Any]:
             latest = self._conn.execute(
                 "SELECT count, root_hash, timestamp, key_id, signature FROM checkpoints ORDER BY id DESC LIMIT 1"
             ).fetchone()
             count = self._conn.execute("SELECT COALESCE(MAX(seq), 0) FROM receipts").fetchone()[0]
+            if upto is not None:
+                if latest is not None and latest[0] >= upto:
+                    return dict(zip(_CHECKPOINT_FIELDS, latest))  # heads only grow (T-RCPT-1)
+                count = min(count, upto)
             if latest is not None and latest[0] == count:
                 return dict(zip(_CHECKPOINT_FIELDS, latest))
             if self._frontier.count > count:
@@ -443,6 +481,120 @@ class ReceiptStore:
 
         result: dict[str, Any] = self._write(body)
         return result
+
+    # -- maintenance (off the answering thread) -------------------------------
+
+    def _note_wal(self, since_wal: int) -> None:
+        """Called by the group-commit leader after a batch: wake the maintenance
+        thread when the WAL has grown; checkpoint here only if it fell far behind."""
+        if since_wal >= WAL_WRITER_RECEIPTS:
+            # Bound: the thread is stuck or starved; one PASSIVE checkpoint here keeps the WAL finite.
+            log.warning("receipt WAL maintenance is %s receipts behind; the writer checkpoints", since_wal)
+            self._checkpoint_wal(self._conn, since_wal, lock=self._lock)
+        elif since_wal >= WAL_WAKE_RECEIPTS:
+            self._wake_maintenance()
+
+    def _checkpoint_wal(self, conn: sqlite3.Connection, since_wal: int,
+                        lock: threading.Lock | None = None) -> tuple[int, int, int] | None:
+        """One PASSIVE checkpoint (never waits on, nor blocks, the writer);
+        the receipts it started from no longer count towards the next one."""
+        with self._queue_lock:
+            self._since_wal = max(0, self._since_wal - since_wal)
+            self.wal_checkpoints["maintenance" if conn is not self._conn else "writer"] += 1
+        try:
+            if lock is None:
+                row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            else:
+                with lock:
+                    if self._closed:
+                        return None
+                    row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("receipt WAL checkpoint failed: %s", exc)
+            return None
+        return (int(row[0]), int(row[1]), int(row[2]))
+
+    def _wake_maintenance(self) -> None:
+        if self._maint_thread is None:
+            with self._queue_lock:
+                if self._maint_thread is None and not self._stopping:
+                    t = threading.Thread(target=self._maintenance_loop, name="receipt-maintenance", daemon=True)
+                    self._maint_thread = t
+                    t.start()
+        self._wake.set()
+
+    def _owed_since_start(self) -> None:
+        """A head owed from before a crash or restart (checkpoint_every rows or
+        more since the last signed head): noted once, signed by ``maintain``."""
+        self._start_checked = True
+        try:
+            latest = self.latest_checkpoint()
+            total = self.count()
+        except (sqlite3.Error, StoreClosed) as exc:
+            log.warning("receipt maintenance start-up check failed: %s", exc)
+            return
+        if self._checkpoint_every and total - (latest["count"] if latest else 0) >= self._checkpoint_every:
+            with self._queue_lock:
+                self._head_due = max(self._head_due, total - total % self._checkpoint_every)
+
+    def _maintenance_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                # Wakes that arrived while the last pass ran are spent unless WAL_WAKE_RECEIPTS more receipts came.
+                self.maintain(min_receipts=WAL_WAKE_RECEIPTS)
+            except Exception:  # the thread outlives one bad pass; the writer's bound still holds
+                log.exception("receipt maintenance failed")
+
+    def maintain(self, *, min_receipts: int = 1) -> None:
+        """One maintenance step: sign the tree head that is owed, and run a PASSIVE
+        WAL checkpoint on this store's maintenance connection. Runs on the
+        maintenance thread and on the service's maintenance tick; safe from any thread."""
+        if not self._start_checked:
+            self._owed_since_start()
+        with self._queue_lock:
+            due, since_wal = self._head_due, self._since_wal
+        if due:
+            try:
+                self.checkpoint(upto=due)
+                with self._queue_lock:
+                    if self._head_due == due:
+                        self._head_due = 0
+            except (sqlite3.Error, StoreClosed, RuntimeError) as exc:
+                # The receipts are durable; the head is retried at the next wake or by the service's interval.
+                log.warning("receipt checkpoint at seq %s failed: %s", due, exc)
+        if since_wal >= min_receipts:
+            with self._lock:
+                if self._closed:
+                    return
+                if self._maint_conn is None:
+                    self._maint_conn = _connect(self._path, read_only=False)
+                    self._maint_conn.execute("PRAGMA synchronous = FULL")
+                    self._maint_conn.execute("PRAGMA wal_autocheckpoint = 0")
+                    self._reader_conns.append(self._maint_conn)  # closed with the others
+                conn = self._maint_conn
+            done = self._checkpoint_wal(conn, since_wal, lock=self._maint_lock)
+            if done is not None and done[0] == 0 and done[1] >= WAL_RESTART_FRAMES:
+                # Under steady appends the bulk copy above races the writer (an
+                # append in flight lands after it), so the WAL would seldom restart
+                # from the top and would only grow. Backfill what was written since
+                # while holding the writer lock: short (those frames and one fsync,
+                # none if there are none), and the next commit restarts the WAL.
+                with self._lock:
+                    if self._closed:
+                        return
+                    self._checkpoint_wal(conn, 0, lock=self._maint_lock)
+
+    def _stop_maintenance(self) -> None:
+        with self._queue_lock:
+            self._stopping = True
+            t = self._maint_thread
+        self._wake.set()
+        if t is not None and t is not threading.current_thread():
+            t.join()
 
     # -- readers --------------------------------------------------------------
 
@@ -556,11 +708,12 @@ class ReceiptStore:
         """Sign a final checkpoint (shutdown), then close every connection."""
         if self._closed:
             return
+        self._stop_maintenance()
         try:
             self.checkpoint()
         except sqlite3.Error as exc:
             log.warning("final receipt checkpoint failed: %s", exc)
-        with self._lock:
+        with self._lock, self._maint_lock:  # never under a maintenance checkpoint in flight
             self._closed = True
             for conn in [*self._reader_conns, self._conn]:
                 conn.close()
