@@ -137,29 +137,47 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
         response.headers["X-Request-Id"] = rid
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         state.metrics.observe_request(request.method, route, response.status_code, seconds)
-        if not state.events.logs_request(response.status_code):
-            return response  # the access log is off at this level: nothing more to gather
-        tenant = g.get("tenant")
-        view_args = request.view_args or {}
-        state.events.request(
-            status=response.status_code, request_id=rid, method=request.method, route=route,
-            tenant_id=getattr(tenant, "id", None), cell_id=view_args.get("cell_id"),
-            latency_ms=round(seconds * 1000, 3), bytes_in=request.content_length or 0,
-            bytes_out=response.content_length, remote_addr=request.remote_addr,
-            execution_id=g.get("ops_execution_id"), receipt_seq=g.get("ops_receipt_seq"),
-            error_code=_error_code(response),
-            **({"mcp_tool": g.mcp_tool} if "mcp_tool" in g else {}),
-        )
+        line = ""
+        if state.events.logs_request(response.status_code):  # else nothing more to gather: the access log is off
+            tenant = g.get("tenant")
+            view_args = request.view_args or {}
+            fields = {
+                "request_id": rid, "method": request.method, "route": route,
+                "tenant_id": getattr(tenant, "id", None), "cell_id": view_args.get("cell_id"),
+                "latency_ms": round(seconds * 1000, 3), "bytes_in": request.content_length or 0,
+                "bytes_out": response.content_length, "remote_addr": request.remote_addr,
+                "execution_id": g.get("ops_execution_id"), "receipt_seq": g.get("ops_receipt_seq"),
+                "error_code": _error_code(response),
+            }
+            if "mcp_tool" in g:
+                fields["mcp_tool"] = g.mcp_tool
+            line = state.events.request_line(response.status_code, fields)
+        # The run's lines, held by observe(), go out with the access line in
+        # one write: the same lines in the same order, one system call.
+        state.events.write(g.pop("ops_lines", "") + line)
+        g.ops_logged = True
         return response
 
+    @app.teardown_request
+    def flush_lines(_exc: BaseException | None) -> None:
+        # A request that never reached finish() (another after_request hook
+        # raised) still writes the lines of its runs.
+        held = g.pop("ops_lines", "")
+        if held:
+            state.events.write(held)
+
     def observe(summary: dict[str, Any]) -> None:
-        rid = None
+        state.metrics.observe_run(summary)
         if has_request_context():  # streaming runs finish on their own thread
-            rid = g.get("request_id")
             g.ops_execution_id = summary.get("execution_id")
             g.ops_receipt_seq = summary.get("receipt_seq")
-        state.metrics.observe_run(summary)
-        state.events.run(summary, rid)
+            lines = state.events.run_lines(summary, g.get("request_id"))
+            if not g.get("ops_logged"):  # held for finish(): written with the access line
+                g.ops_lines = g.get("ops_lines", "") + lines
+                return
+            state.events.write(lines)
+            return
+        state.events.run(summary, None)
 
     services.cells.observers.append(observe)
 
