@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 EXCERPT_CHARS = 64
@@ -60,6 +60,26 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
 # One encoder for every line: json.dumps with these arguments builds a new
 # JSONEncoder per call, a noticeable part of a line's cost on the run path.
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
+
+
+def _c_encoder() -> Callable[[object], str]:
+    """``_ENCODER.encode``'s output, from one C encoder made once: encode()
+    makes a new one per call (and a dict of markers), about half the cost of
+    a line's fields. Without the circular-reference markers, so it keeps no
+    state between calls (threads share it); the fields are flat values the
+    callers build, and a cycle would still fail (RecursionError), not loop."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # an interpreter without the C accelerator
+        return _ENCODER.encode
+    chunks = make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+
+    def encode(value: object) -> str:
+        return "".join(chunks(value, 0))
+
+    return encode
+
+
+_ENCODE = _c_encoder()
 
 
 class JsonFormatter(logging.Formatter):
@@ -127,15 +147,30 @@ class _LineFormat:
             known = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
         # LogRecord's msecs, as the formatter prints it.
         start = f'{{"time":"{known[1]}.{int((created - second) * 1000):03d}Z",{head}'
-        # As the formatter's setdefault: a field never replaces time, level, logger or event.
-        out = {key: scrub(value) if isinstance(value, str) else value
-               for key, value in fields.items() if key not in _HEAD_KEYS}
+        out = fields
+        if not (_HEAD_KEYS.isdisjoint(fields) and _scrub_keeps([v for v in fields.values() if isinstance(v, str)])):
+            # As the formatter's setdefault: a field never replaces time, level, logger or event.
+            out = {key: scrub(value) if isinstance(value, str) else value
+                   for key, value in fields.items() if key not in _HEAD_KEYS}
         if not out:
             return start + "}"
-        return start + "," + _ENCODER.encode(out)[1:]
+        return start + "," + _ENCODE(out)[1:]
 
 
 _HEAD_KEYS = frozenset(("time", "level", "logger", "event"))
+
+
+def _scrub_keeps(texts: list[str]) -> bool:
+    """True only if :func:`scrub` returns each of ``texts`` as it is by its
+    fast path (ASCII, under 86 characters, no "bearer" or "authorization" in
+    any case): one check of them all, instead of a call per field (T-LOG-1)."""
+    if not texts:
+        return True
+    joined = "\n".join(texts)  # a newline is in neither word: no match across two fields
+    if not joined.isascii() or max(map(len, texts)) >= 86:
+        return False
+    low = joined.lower()
+    return "bearer" not in low and "authorization" not in low
 
 
 class _StderrSink:
@@ -227,7 +262,14 @@ class OpsLog:
         """The event's line with its newline, or "" at a level that is off."""
         if level < self.level:
             return ""
-        return self._format.line(level, name, fields, time.time()) + "\n"
+        try:
+            return self._format.line(level, name, fields, time.time()) + "\n"
+        except (ValueError, TypeError, RecursionError) as exc:  # as logging's handlers: never fail the caller
+            try:
+                sys.stderr.write(f"cell: could not format the {excerpt(name, 32)} log line: {type(exc).__name__}\n")
+            except Exception:
+                pass
+            return ""
 
     def write(self, text: str) -> None:
         """Whole lines, one write per sink (nothing for "")."""

@@ -125,6 +125,12 @@ def test_rotated_files_stay_within_their_size(tmp_path: Path) -> None:
     (logging.INFO, "request", {"level": "error", "event": "forged", "time": "x", "logger": "y", "tenant_id": "t"}),
     (logging.INFO, "request", {"note": "Authorization: Bearer sk-abc123", "sig": "A" * 86 + "=="}),
     (logging.DEBUG, "weird \"name\"\n", {"nested": {"a": [1, "b\n"]}, "big": 10 ** 30, "obj": Path("/x")}),
+    (logging.INFO, "run", {"a": "x" * 85, "b": "bear", "c": "er", "d": "authoriz", "e": "ation: y"}),
+    (logging.INFO, "run", {"a": "x" * 86, "b": "y"}),
+    (logging.INFO, "run", {"a": "A" * 86 + "==", "b": "plain"}),
+    (logging.INFO, "run", {"a": "plain", "b": "BeArEr token"}),
+    (logging.INFO, "run", {"a": "plain", "b": "authorızation: x"}),
+    (logging.INFO, "run", {"a": "plain", "n": 5, "f": None, "event": "forged"}),
 ])
 @pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.9999, 1_700_000_001.5004, 86_399.001])
 def test_t_log_2_line_writer_gives_the_formatters_bytes(level: int, name: str, fields: dict[str, object],
@@ -206,3 +212,18 @@ def test_a_failed_log_file_write_does_not_raise(tmp_path: Path, capsys: pytest.C
         events.close()
     assert "could not write the log file: OSError" in capsys.readouterr().err
     assert [json.loads(x)["request_id"] for x in (tmp_path / "cell.log").read_text().splitlines()] == ["r1"]
+
+
+def test_a_line_that_cannot_be_encoded_is_reported_not_raised(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    loop: dict[str, object] = {}
+    loop["self"] = loop
+    path = tmp_path / "cell.log"
+    events = OpsLog(log_file=path, stderr=False)
+    try:
+        events.event(logging.INFO, "odd", value=loop)  # never raised into the request that logs it
+        events.event(logging.INFO, "next", value=1)
+    finally:
+        events.close()
+    assert "could not format the odd log line" in capsys.readouterr().err
+    assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["next"]
