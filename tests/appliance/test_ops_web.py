@@ -193,7 +193,7 @@ def test_request_ids_are_32_hex_digits_unique_within_and_across_processes() -> N
     assert len(set(ids)) == len(ids)
 
 
-def _app_with_a_run_route(tmp_path: Path, ops_app: OpsApp) -> tuple[Flask, OpsState, Path]:
+def _app_with_a_run_route(tmp_path: Path, ops_app: OpsApp, level: str = "info") -> tuple[Flask, OpsState, Path]:
     """A bare app with the ops layer: /run reports one run to the observers (with a
     denial), /run-then-fail too, and another after_request hook then raises."""
     from types import SimpleNamespace
@@ -202,7 +202,7 @@ def _app_with_a_run_route(tmp_path: Path, ops_app: OpsApp) -> tuple[Flask, OpsSt
     fake = SimpleNamespace(settings=ops_app.services.settings.with_overrides(root=tmp_path),
                            cells=SimpleNamespace(observers=[]), pool=None, store=None, receipts=None)
     log_file = tmp_path / "cell.log"
-    state = register_ops(other, fake, log_stderr=False, log_file=log_file)
+    state = register_ops(other, fake, log_stderr=False, log_file=log_file, log_level=level)
     summary = {"execution_id": "e1", "receipt_seq": 4, "tenant_id": "t", "cell_id": None, "template": "wasm",
                "status": "ok", "exit_code": 0, "latency_ms": 1.0, "guest_ms": 0.5, "code_bytes": 3,
                "stdout_bytes": 0, "stderr_bytes": 0, "truncated": False,
@@ -249,3 +249,13 @@ def test_run_lines_are_not_lost_when_the_access_line_is_never_written(ops_app: O
         state.close()
     lines = [json.loads(x) for x in log_file.read_text().splitlines()]
     assert [(x["event"], x["request_id"]) for x in lines] == [("run", "rid-2"), ("policy_denial", "rid-2")]
+
+
+def test_at_warning_level_a_runs_denials_are_written_alone(ops_app: OpsApp, tmp_path: Path) -> None:
+    app, state, log_file = _app_with_a_run_route(tmp_path, ops_app, level="warning")
+    try:
+        assert app.test_client().post("/run", headers={"X-Request-Id": "rid-3"}).status_code == 200
+    finally:
+        state.close()
+    lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert [(x["event"], x["request_id"], x["level"]) for x in lines] == [("policy_denial", "rid-3", "warning")]
