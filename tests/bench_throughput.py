@@ -89,10 +89,10 @@ def engine_floor(reps: int) -> tuple[float, float]:
     return statistics.median(times) * 1000, cpu
 
 
-def timed_start(root: Path) -> tuple[ServerProcess, float]:
+def timed_start(root: Path, log_level: str = "warning") -> tuple[ServerProcess, float]:
     """A server on ``root`` and the seconds from launch to its first answered run."""
     t0 = time.perf_counter()
-    srv = start_server(root=root, env={"SYNAPSE_LOG_LEVEL": "warning"}, wait_ready=False)  # the first run waits
+    srv = start_server(root=root, env={"SYNAPSE_LOG_LEVEL": log_level}, wait_ready=False)  # the first run waits
     deadline = time.monotonic() + 120
     while True:
         status, body, _ = srv.request("POST", "/v1/execute", {"template": "python3", "code": "print(1+1)"})
@@ -149,10 +149,10 @@ def create_run_delete(srv: ServerProcess, clients: int, seconds: float,
     return done[0] / (time.perf_counter() - t0), bad[0]
 
 
-def create_run_delete_only(seconds: float, rounds: int) -> int:
+def create_run_delete_only(seconds: float, rounds: int, log_level: str = "warning") -> int:
     """The create + run + delete row alone, with CPU ms per cycle (web process, workers)."""
     root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))
-    srv = start_server(root=root, env={"SYNAPSE_LOG_LEVEL": "warning"})
+    srv = start_server(root=root, env={"SYNAPSE_LOG_LEVEL": log_level})
     failed = 0
     try:
         create_run_delete(srv, 1, 1.0)  # the tenant's worker bound and its warm pool filled
@@ -189,17 +189,17 @@ def compile_bytecode() -> None:
     print("bytecode: compiled, as an installed appliance has it", flush=True)
 
 
-def start_only(rounds: int) -> int:
+def start_only(rounds: int, log_level: str = "warning") -> int:
     """The start row alone: a first start, then ``rounds`` restarts of the same data root; prints the median."""
     compile_bytecode()
     root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))
     load = os.getloadavg()[0]
     try:
-        srv, first = timed_start(root)
+        srv, first = timed_start(root, log_level)
         srv.stop()
         times = []
         for _ in range(max(1, rounds)):
-            srv, t = timed_start(root)
+            srv, t = timed_start(root, log_level)
             srv.stop()
             times.append(t)
             print(f"restart to first answered run: {t:.2f} s", flush=True)
@@ -217,19 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tenants", type=int, default=1, help="spread the clients over N tenants (default 1)")
     ap.add_argument("--only", choices=["create-run-delete", "start"], help="measure only this row")
     ap.add_argument("--rounds", type=int, default=1, help="with --only: measurements (restarts) in a row (default 1)")
+    ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
+                    help="the server's SYNAPSE_LOG_LEVEL (default warning; an appliance runs at info)")
     args = ap.parse_args(argv)
     seconds = args.seconds
     if args.only == "create-run-delete":
-        return create_run_delete_only(seconds, args.rounds)
+        return create_run_delete_only(seconds, args.rounds, args.log_level)
     if args.only == "start":
-        return start_only(args.rounds)
+        return start_only(args.rounds, args.log_level)
     compile_bytecode()
     load0 = os.getloadavg()
     floor_p50, floor_cpu = engine_floor(200)
     root = Path(tempfile.mkdtemp(prefix="cell-bench-root-"))
-    first, first_start = timed_start(root)
+    first, first_start = timed_start(root, args.log_level)
     first.stop()
-    srv, restart = timed_start(root)  # the same data root: the restart an operator sees
+    srv, restart = timed_start(root, args.log_level)  # the same data root: the restart an operator sees
     hello = start_hello()
     failed = 0
     rows: dict[int, tuple[Drive, Drive, float, float, float, float]] = {}
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         host, port = srv.url.split("//")[1].rsplit(":", 1)
         headers = {"Authorization": f"Bearer {srv.api_key}", "Content-Type": "application/json"}
         keys = add_tenants(srv, args.tenants) if args.tenants > 1 else [srv.api_key]
-        print(f"{args.tenants} tenant(s)")
+        print(f"{args.tenants} tenant(s), server log level {args.log_level}")
         print(f"engine floor, print(1+1) in-process: p50 {floor_p50:.2f} ms, CPU {floor_cpu:.2f} ms/run")
         print(f"start to first answered run: first start {first_start:.2f} s, restart {restart:.2f} s")
         print(f"{'clients':>7} {'hello/s':>8} {'runs/s':>7} {'ratio':>6} {'hello p50':>9} {'run p50':>8} {'p99':>7} "

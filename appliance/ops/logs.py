@@ -14,9 +14,10 @@ import os
 import re
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 EXCERPT_CHARS = 64
@@ -61,6 +62,26 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
 
 
+def _c_encoder() -> Callable[[object], str]:
+    """``_ENCODER.encode``'s output, from one C encoder made once: encode()
+    makes a new one per call (and a dict of markers), about half the cost of
+    a line's fields. Without the circular-reference markers, so it keeps no
+    state between calls (threads share it); the fields are flat values the
+    callers build, and a cycle would still fail (RecursionError), not loop."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # an interpreter without the C accelerator
+        return _ENCODER.encode
+    chunks = make(None, str, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+
+    def encode(value: object) -> str:
+        return "".join(chunks(value, 0))
+
+    return encode
+
+
+_ENCODE = _c_encoder()
+
+
 class JsonFormatter(logging.Formatter):
     """``{"time", "level", "logger", "event", ...fields}`` on one line."""
 
@@ -97,24 +118,85 @@ class JsonFormatter(logging.Formatter):
         return _ENCODER.encode(out)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Resolve sys.stderr at each write, so a replaced stream (pytest capture,
-    a daemon redirect) never receives writes after it was closed."""
+class _LineFormat:
+    """The lines :class:`JsonFormatter` writes, byte for byte, built without a
+    ``LogRecord``: the run path writes two lines per run, and the record, the
+    logger's handler walk and the handler locks cost more than the line.
+
+    ``{"time":…,"level":…,"logger":…,"event":…`` is one cached head per
+    (level, event); the fields are scrubbed and encoded as the formatter does
+    and spliced after it (T-LOG-1, T-LOG-2: the same encoder escapes them)."""
+
+    _second: tuple[int, str] = (-1, "")
+    _MAX_HEADS = 64  # event names are the code's own constants; a bound all the same
+
+    def __init__(self, logger: str) -> None:
+        self._logger = logger
+        self._heads: dict[tuple[int, str], str] = {}
+
+    def line(self, level: int, name: str, fields: dict[str, Any], created: float) -> str:
+        head = self._heads.get((level, name))
+        if head is None:
+            head = _ENCODER.encode({"level": logging.getLevelName(level).lower(), "logger": self._logger,
+                                    "event": scrub(name)})[1:-1]
+            if len(self._heads) < self._MAX_HEADS:
+                self._heads[(level, name)] = head
+        second = int(created)
+        known = self._second
+        if known[0] != second:
+            known = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+        # LogRecord's msecs, as the formatter prints it.
+        start = f'{{"time":"{known[1]}.{int((created - second) * 1000):03d}Z",{head}'
+        out = fields
+        if not (_HEAD_KEYS.isdisjoint(fields) and _scrub_keeps([v for v in fields.values() if isinstance(v, str)])):
+            # As the formatter's setdefault: a field never replaces time, level, logger or event.
+            out = {key: scrub(value) if isinstance(value, str) else value
+                   for key, value in fields.items() if key not in _HEAD_KEYS}
+        if not out:
+            return start + "}"
+        return start + "," + _ENCODE(out)[1:]
+
+
+_HEAD_KEYS = frozenset(("time", "level", "logger", "event"))
+
+
+def _scrub_keeps(texts: list[str]) -> bool:
+    """True only if :func:`scrub` returns each of ``texts`` as it is by its
+    fast path (ASCII, under 86 characters, no "bearer" or "authorization" in
+    any case): one check of them all, instead of a call per field (T-LOG-1)."""
+    if not texts:
+        return True
+    joined = "\n".join(texts)  # a newline is in neither word: no match across two fields
+    if not joined.isascii() or max(map(len, texts)) >= 86:
+        return False
+    low = joined.lower()
+    return "bearer" not in low and "authorization" not in low
+
+
+class _StderrSink:
+    """Writes to ``sys.stderr`` resolved at each write, so a replaced stream
+    (pytest capture, a daemon redirect) never receives writes after it was
+    closed. One write and flush per call, under a lock: lines never interleave."""
 
     def __init__(self) -> None:
-        super().__init__(sys.stderr)
+        self._lock = threading.Lock()
 
-    @property
-    def stream(self) -> TextIO:
-        return sys.stderr
+    def write(self, text: str) -> None:
+        with self._lock:
+            try:
+                stream = sys.stderr
+                stream.write(text)
+                stream.flush()
+            except Exception:  # as logging's handlers: a log write never fails the request it describes
+                pass
 
-    @stream.setter
-    def stream(self, _value: TextIO) -> None:
+    def close(self) -> None:
         pass
 
 
 class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    """Rotating file created 0600: logs name tenants and cells."""
+    """Rotating file created 0600: logs name tenants and cells. Written
+    through :meth:`write_text` (whole lines), rotated by the base class."""
 
     _regular = True
 
@@ -123,80 +205,118 @@ class _PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
         self._regular = stat.S_ISREG(os.fstat(fd).st_mode)  # never roll over anything else (as the base class)
         return os.fdopen(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)
 
-    def shouldRollover(self, record: logging.LogRecord) -> bool:
-        """The base class's rule without its two stat() calls and a seek per
-        line: the file's size comes from one fstat of the open descriptor."""
-        if self.stream is None:  # delay=True: opened at the first line
-            self.stream = self._open()
-        if self.maxBytes <= 0 or not self._regular:
-            return False
-        self.stream.flush()
-        return bool(os.fstat(self.stream.fileno()).st_size + len(self.format(record)) + 1 >= self.maxBytes)
+    def write_text(self, text: str) -> None:
+        """Append whole lines, rolling over first when they would reach
+        ``maxBytes`` (the base class's rule; the size from one fstat of the
+        open descriptor, not two stat() calls and a seek)."""
+        with self.lock:  # type: ignore[union-attr]  # createLock() made it in __init__
+            try:
+                if self.stream is None:  # delay=True: opened at the first line
+                    self.stream = self._open()
+                if (self.maxBytes > 0 and self._regular
+                        and os.fstat(self.stream.fileno()).st_size + len(text) >= self.maxBytes):
+                    self.doRollover()
+                    if self.stream is None:
+                        self.stream = self._open()
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception as exc:  # a full disk must not fail a request; say so where journald sees it
+                try:
+                    sys.stderr.write(f"cell: could not write the log file: {type(exc).__name__}\n")
+                except Exception:
+                    pass
+
+    def write(self, text: str) -> None:
+        self.write_text(text)
 
 
 class OpsLog:
-    """The per-app event logger.
+    """The per-app event logger: whole JSON lines written to stderr and,
+    optionally, a rotating file.
 
-    A ``logging.Logger`` built directly, not through ``logging.getLogger``:
-    it is not registered process-wide, so several apps in one process (tests)
-    keep their own handlers and nothing leaks between them.
-    """
+    Not a ``logging.Logger``: nothing is registered process-wide, so several
+    apps in one process (tests) keep their own sinks, and a line is built once
+    and written with one call per sink (the lines of a run and its request
+    together, see :meth:`run_lines`)."""
+
+    NAME = "cell.ops"
 
     def __init__(self, *, level: str = "info", log_file: Path | None = None,
                  max_bytes: int = 10 * 1024 * 1024, backups: int = 5, stderr: bool = True) -> None:
         if level not in LEVELS:
             raise ValueError(f"log level must be one of {', '.join(LEVELS)}")
-        self.logger = logging.Logger("cell.ops", LEVELS[level])
-        self.logger.propagate = False
-        formatter = JsonFormatter()
-        self._handlers: list[logging.Handler] = []
+        self.level = LEVELS[level]
+        self._format = _LineFormat(self.NAME)
+        self._sinks: list[_StderrSink | _PrivateRotatingFileHandler] = []
         if stderr:
-            self._handlers.append(_StderrHandler())
+            self._sinks.append(_StderrSink())
         if log_file is not None:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._handlers.append(_PrivateRotatingFileHandler(str(log_file), maxBytes=max_bytes,
-                                                              backupCount=backups, encoding="utf-8", delay=True))
-        for handler in self._handlers:
-            handler.setFormatter(formatter)
-            self.logger.addHandler(handler)
+            self._sinks.append(_PrivateRotatingFileHandler(str(log_file), maxBytes=max_bytes,
+                                                           backupCount=backups, encoding="utf-8", delay=True))
+
+    def enabled(self, level: int) -> bool:
+        return level >= self.level
+
+    def line(self, level: int, name: str, fields: dict[str, Any]) -> str:
+        """The event's line with its newline, or "" at a level that is off."""
+        if level < self.level:
+            return ""
+        try:
+            return self._format.line(level, name, fields, time.time()) + "\n"
+        except (ValueError, TypeError, RecursionError) as exc:  # as logging's handlers: never fail the caller
+            try:
+                sys.stderr.write(f"cell: could not format the {excerpt(name, 32)} log line: {type(exc).__name__}\n")
+            except Exception:
+                pass
+            return ""
+
+    def write(self, text: str) -> None:
+        """Whole lines, one write per sink (nothing for "")."""
+        if text:
+            for sink in self._sinks:
+                sink.write(text)
 
     def event(self, level: int, name: str, **fields: Any) -> None:
-        if self.logger.isEnabledFor(level):
-            # The record is built directly: Logger.log would walk the stack
-            # for a caller's file and line that these lines never print.
-            record = self.logger.makeRecord(self.logger.name, level, "(ops)", 0, name, (), None,
-                                            extra={"fields": fields})
-            self.logger.handle(record)
+        self.write(self.line(level, name, fields))
 
     def logs_request(self, status: int) -> bool:
         """Would :meth:`request` write a line for this status? (Callers skip
         gathering its fields when not: the access log is on the hot path.)"""
-        return self.logger.isEnabledFor(logging.ERROR if status >= 500 else logging.INFO)
+        return self.enabled(logging.ERROR if status >= 500 else logging.INFO)
+
+    def request_line(self, status: int, fields: dict[str, Any]) -> str:
+        """The access-log line; ``fields`` are the other fields, in order after ``status``."""
+        return self.line(logging.ERROR if status >= 500 else logging.INFO, "request", {"status": status, **fields})
 
     def request(self, *, status: int, **fields: Any) -> None:
-        level = logging.ERROR if status >= 500 else logging.INFO
-        self.event(level, "request", status=status, **fields)
+        self.write(self.request_line(status, fields))
+
+    def run_lines(self, summary: dict[str, Any], request_id: str | None) -> str:
+        """One line per run, then one per policy denial (allowlisted fields only)."""
+        text = ""
+        if self.level <= logging.INFO:  # the fields are gathered only for a line that is written
+            text = self.line(logging.INFO, "run", {
+                "request_id": request_id, "execution_id": summary.get("execution_id"),
+                "receipt_seq": summary.get("receipt_seq"), "tenant_id": summary.get("tenant_id"),
+                "cell_id": summary.get("cell_id"), "template": summary.get("template"),
+                "status": summary.get("status"), "exit_code": summary.get("exit_code"),
+                "latency_ms": summary.get("latency_ms"), "guest_ms": summary.get("guest_ms"),
+                "code_bytes": summary.get("code_bytes"), "stdout_bytes": summary.get("stdout_bytes"),
+                "stderr_bytes": summary.get("stderr_bytes"), "truncated": summary.get("truncated"),
+                "denials": len(summary.get("denials") or [])})
+        for denial in summary.get("denials") or []:
+            text += self.line(logging.WARNING, "policy_denial", {
+                "request_id": request_id, "execution_id": summary.get("execution_id"),
+                "tenant_id": summary.get("tenant_id"), "cell_id": summary.get("cell_id"),
+                "threat": excerpt(denial.get("threat", ""), 16), "function": excerpt(denial.get("function", ""), 32),
+                "reason": excerpt(denial.get("reason", ""))})
+        return text
 
     def run(self, summary: dict[str, Any], request_id: str | None) -> None:
-        """One line per run, then one per policy denial (allowlisted fields only)."""
-        if self.logger.isEnabledFor(logging.INFO):  # the fields are gathered only for a line that is written
-            self.event(logging.INFO, "run", request_id=request_id,
-                       execution_id=summary.get("execution_id"), receipt_seq=summary.get("receipt_seq"),
-                       tenant_id=summary.get("tenant_id"), cell_id=summary.get("cell_id"),
-                       template=summary.get("template"), status=summary.get("status"),
-                       exit_code=summary.get("exit_code"), latency_ms=summary.get("latency_ms"),
-                       guest_ms=summary.get("guest_ms"), code_bytes=summary.get("code_bytes"),
-                       stdout_bytes=summary.get("stdout_bytes"), stderr_bytes=summary.get("stderr_bytes"),
-                       truncated=summary.get("truncated"), denials=len(summary.get("denials") or []))
-        for denial in summary.get("denials") or []:
-            self.event(logging.WARNING, "policy_denial", request_id=request_id,
-                       execution_id=summary.get("execution_id"), tenant_id=summary.get("tenant_id"),
-                       cell_id=summary.get("cell_id"), threat=excerpt(denial.get("threat", ""), 16),
-                       function=excerpt(denial.get("function", ""), 32),
-                       reason=excerpt(denial.get("reason", "")))
+        self.write(self.run_lines(summary, request_id))
 
     def close(self) -> None:
-        for handler in self._handlers:
-            self.logger.removeHandler(handler)
-            handler.close()
-        self._handlers.clear()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks.clear()

@@ -129,6 +129,13 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
     # first: a 401 or 429 from the guard needs a start time and a request id too.
     app.before_request(start)
 
+    # At info level (and debug) every answer gets an access line: a run's
+    # lines are held in g.ops_lines until then and go out with it in one write
+    # (the same lines in the same order, one system call). g.ops_lines is None
+    # once finish() has written, so a later run's lines are written at once.
+    # At warning or error nothing is held, so nothing is added per request.
+    hold = state.events.enabled(logging.INFO)
+
     @app.after_request
     def finish(response: Response) -> Response:
         started = g.get("ops_started")
@@ -138,28 +145,50 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         state.metrics.observe_request(request.method, route, response.status_code, seconds)
         if not state.events.logs_request(response.status_code):
-            return response  # the access log is off at this level: nothing more to gather
+            return response  # the access log is off at this level: nothing more to gather (and nothing held)
         tenant = g.get("tenant")
         view_args = request.view_args or {}
-        state.events.request(
-            status=response.status_code, request_id=rid, method=request.method, route=route,
-            tenant_id=getattr(tenant, "id", None), cell_id=view_args.get("cell_id"),
-            latency_ms=round(seconds * 1000, 3), bytes_in=request.content_length or 0,
-            bytes_out=response.content_length, remote_addr=request.remote_addr,
-            execution_id=g.get("ops_execution_id"), receipt_seq=g.get("ops_receipt_seq"),
-            error_code=_error_code(response),
-            **({"mcp_tool": g.mcp_tool} if "mcp_tool" in g else {}),
-        )
+        fields = {
+            "request_id": rid, "method": request.method, "route": route,
+            "tenant_id": getattr(tenant, "id", None), "cell_id": view_args.get("cell_id"),
+            "latency_ms": round(seconds * 1000, 3), "bytes_in": request.content_length or 0,
+            "bytes_out": response.content_length, "remote_addr": request.remote_addr,
+            "execution_id": g.get("ops_execution_id"), "receipt_seq": g.get("ops_receipt_seq"),
+            "error_code": _error_code(response),
+        }
+        if "mcp_tool" in g:
+            fields["mcp_tool"] = g.mcp_tool
+        line = state.events.request_line(response.status_code, fields)
+        if hold:
+            line = (g.get("ops_lines") or "") + line
+            g.ops_lines = None
+        state.events.write(line)
         return response
 
+    def flush_lines(_exc: BaseException | None) -> None:
+        # A request that never reached finish() (another after_request hook
+        # raised) still writes the lines of its runs.
+        held = g.get("ops_lines")
+        if held:
+            state.events.write(held)
+
+    if hold:
+        app.teardown_request(flush_lines)
+
     def observe(summary: dict[str, Any]) -> None:
-        rid = None
+        state.metrics.observe_run(summary)
         if has_request_context():  # streaming runs finish on their own thread
-            rid = g.get("request_id")
             g.ops_execution_id = summary.get("execution_id")
             g.ops_receipt_seq = summary.get("receipt_seq")
-        state.metrics.observe_run(summary)
-        state.events.run(summary, rid)
+            lines = state.events.run_lines(summary, g.get("request_id"))
+            if hold:
+                held = g.get("ops_lines", "")
+                if held is not None:  # finish() has not written yet: held for it
+                    g.ops_lines = held + lines
+                    return
+            state.events.write(lines)
+            return
+        state.events.run(summary, None)
 
     services.cells.observers.append(observe)
 

@@ -191,3 +191,71 @@ def test_request_ids_are_32_hex_digits_unique_within_and_across_processes() -> N
     ids = [one() for _ in range(1000)] + [two() for _ in range(1000)]
     assert all(len(i) == 32 and all(c in "0123456789abcdef" for c in i) for i in ids)
     assert len(set(ids)) == len(ids)
+
+
+def _app_with_a_run_route(tmp_path: Path, ops_app: OpsApp, level: str = "info") -> tuple[Flask, OpsState, Path]:
+    """A bare app with the ops layer: /run reports one run to the observers (with a
+    denial), /run-then-fail too, and another after_request hook then raises."""
+    from types import SimpleNamespace
+
+    other = Flask("other")
+    fake = SimpleNamespace(settings=ops_app.services.settings.with_overrides(root=tmp_path),
+                           cells=SimpleNamespace(observers=[]), pool=None, store=None, receipts=None)
+    log_file = tmp_path / "cell.log"
+    state = register_ops(other, fake, log_stderr=False, log_file=log_file, log_level=level)
+    summary = {"execution_id": "e1", "receipt_seq": 4, "tenant_id": "t", "cell_id": None, "template": "wasm",
+               "status": "ok", "exit_code": 0, "latency_ms": 1.0, "guest_ms": 0.5, "code_bytes": 3,
+               "stdout_bytes": 0, "stderr_bytes": 0, "truncated": False,
+               "denials": [{"threat": "T-SSRF-1", "function": "host_fetch", "reason": "egress_off"}]}
+
+    @other.post("/run")
+    @other.post("/run-then-fail")
+    def run() -> str:
+        for observe in fake.cells.observers:
+            observe(dict(summary))
+        return "ok"
+
+    @other.after_request  # registered after the ops layer's hook: Flask runs it first
+    def fail(response: Any) -> Any:
+        from flask import request
+
+        if request.path == "/run-then-fail":
+            raise RuntimeError("a later hook failed")
+        return response
+
+    return other, state, log_file
+
+
+def test_run_lines_are_written_with_the_access_line_in_order(ops_app: OpsApp, tmp_path: Path) -> None:
+    app, state, log_file = _app_with_a_run_route(tmp_path, ops_app)
+    try:
+        r = app.test_client().post("/run", headers={"X-Request-Id": "rid-1"})
+        assert r.status_code == 200
+    finally:
+        state.close()
+    lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert [(x["event"], x["request_id"]) for x in lines] == [
+        ("run", "rid-1"), ("policy_denial", "rid-1"), ("request", "rid-1")]
+    assert lines[2]["execution_id"] == "e1" and lines[2]["receipt_seq"] == 4
+
+
+def test_run_lines_are_not_lost_when_the_access_line_is_never_written(ops_app: OpsApp, tmp_path: Path) -> None:
+    app, state, log_file = _app_with_a_run_route(tmp_path, ops_app)
+    app.logger.disabled = True  # Flask's own report of the failing hook is not what this test reads
+    try:
+        r = app.test_client().post("/run-then-fail", headers={"X-Request-Id": "rid-2"})
+        assert r.status_code == 500
+    finally:
+        state.close()
+    lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert [(x["event"], x["request_id"]) for x in lines] == [("run", "rid-2"), ("policy_denial", "rid-2")]
+
+
+def test_at_warning_level_a_runs_denials_are_written_alone(ops_app: OpsApp, tmp_path: Path) -> None:
+    app, state, log_file = _app_with_a_run_route(tmp_path, ops_app, level="warning")
+    try:
+        assert app.test_client().post("/run", headers={"X-Request-Id": "rid-3"}).status_code == 200
+    finally:
+        state.close()
+    lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+    assert [(x["event"], x["request_id"], x["level"]) for x in lines] == [("policy_denial", "rid-3", "warning")]
