@@ -31,7 +31,6 @@ from appliance.runtime import protocol, scratch, snapshot_file, templates
 from appliance.runtime.pool import ChunkCallback, ResultCallback, WorkerLost, WorkerOverran, WorkerPool, WorkerReplaced
 from appliance.storage import CellRecord, Store, Tenant
 
-DRAIN_QUOTA_TRIES = 3  # quota checks of a drain capture before it is given up (T-DISK-1)
 log = logging.getLogger("cell.cells")
 
 _VOLUME_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -298,7 +297,7 @@ class CellService:
             remove_volume(volumes, record.tenant_id, record.id)
             _remove_tmp(tmp_root, record.tenant_id, record.id)  # its /tmp goes with it
         except ConfinementError as exc:
-            self.quota.record(record.tenant_id, record.id, None)  # partly removed: measure again
+            self.quota.refresh(record.tenant_id, record.id)  # partly removed: measured again
             log.error("could not remove the volume of cell %s: %s", record.id, exc.message)
             raise CellError("the cell's volume could not be removed; the cell is kept, retry the delete",
                             code="delete_failed") from None
@@ -446,8 +445,7 @@ class CellService:
             raise _refusal(reply, "could not fork the cell")
         with self._lock:
             self._bindings[record.id] = Binding(handle.index, handle.generation)
-        self.quota.record(tenant.id, record.id, None)
-        self.quota.cell(tenant.id, record.id)  # T-DISK-1: the copy measured by the service's own walk
+        self.quota.refresh(tenant.id, record.id)  # T-DISK-1: the copy measured by the service's own walk
         try:
             self.store.add_cell(record)
             with self._lock:
@@ -487,18 +485,13 @@ class CellService:
 
         def within_quota(record: CellRecord) -> bool:
             """T-DISK-1, under ``quota_lock``: False when the tenant is over its
-            quota. A cell whose walk failed counts as over it; as such a walk
-            can fail for a moment while other cells are captured, the check is
-            made again (the failed cells walked afresh) before a capture is
-            given up; one that still fails is over (fail closed)."""
-            for attempt in range(DRAIN_QUOTA_TRIES):
-                try:
-                    self.quota.check(record.tenant_id)
-                    return True
-                except PayloadTooLarge as exc:
-                    if attempt == DRAIN_QUOTA_TRIES - 1:
-                        log.info("cell %s: not captured at the stop: %s", record.id, exc)
-            return False
+            quota (a cell whose walk failed counts as over it)."""
+            try:
+                self.quota.check(record.tenant_id)
+                return True
+            except PayloadTooLarge as exc:
+                log.info("cell %s: not captured at the stop: %s", record.id, exc)
+                return False
 
         def capture(items: queue.SimpleQueue[tuple[CellRecord, Binding]]) -> None:
             while True:
@@ -522,7 +515,7 @@ class CellService:
                 if isinstance(reply, protocol.OkReply):
                     with quota_lock:
                         # T-DISK-1: as an idle capture, one that puts the tenant over its quota is not kept.
-                        self.quota.record(record.tenant_id, record.id, None)
+                        self.quota.refresh(record.tenant_id, record.id)
                         if not within_quota(record):
                             self._discard_capture(record)
                             continue
@@ -576,7 +569,7 @@ class CellService:
                     if self._used.get(cell_id) == used:
                         self._paused.add(cell_id)
                         self._since_capture[cell_id] = 0
-                self.quota.record(record.tenant_id, cell_id, None)  # T-DISK-1: measured again, its snapshot with it
+                self.quota.refresh(record.tenant_id, cell_id)  # T-DISK-1: measured again, its snapshot with it
                 paused += 1
             else:
                 with self._lock:
@@ -630,7 +623,7 @@ class CellService:
                 # Runs that landed between the count read above and the capture
                 # stay counted: the capture is never thought newer than it is.
                 self._since_capture[cell_id] = max(0, self._since_capture.get(cell_id, seen) - seen)
-            self.quota.record(record.tenant_id, cell_id, None)  # measured again, its snapshot with it
+            self.quota.refresh(record.tenant_id, cell_id)  # measured again, its snapshot with it
             try:
                 self.quota.check(record.tenant_id)
             except PayloadTooLarge:
@@ -653,7 +646,7 @@ class CellService:
         self._forget_snapshot_size(record.id)
         with self._lock:
             self._since_capture.pop(record.id, None)
-        self.quota.record(record.tenant_id, record.id, None)
+        self.quota.refresh(record.tenant_id, record.id)
 
     def _keep_restored_capture(self, record: CellRecord) -> None:
         """The file a run restored from stays, what a crash of the cell's next

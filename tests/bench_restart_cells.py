@@ -161,6 +161,11 @@ def main() -> int:
               f"{args.clients} clients); {n - len(failures)}/{n} answered with their variable", flush=True)
         for f in failures[:10]:
             print("  lost:", f, flush=True)
+            cell_id = f.split("(", 1)[1].split(")", 1)[0]
+            for name, server in (("before the stop", srv), ("after the restart", again)):
+                for line in server.log:
+                    if cell_id in line:
+                        print(f"    log {name}: {line[:400]}", flush=True)
         procs, rss, pss = memory(again.proc.pid)
         print(f"memory after the first runs: {procs} processes, RSS {rss / 2**20:.0f} MiB, PSS {pss / 2**20:.0f} MiB",
               flush=True)
