@@ -310,7 +310,13 @@ class ReceiptStore:
         written together in the next transaction, with one fsync for all of
         them. Each caller returns only once its own batch is durable, so the
         rule "receipt on disk before the answer" holds; the chain order is
-        the commit order (T-RCPT-1)."""
+        the commit order (T-RCPT-1).
+
+        The thread that commits a batch commits only that one: the appends
+        that queued meanwhile are handed, as the next batch, to the first of
+        them, which wakes to commit it and wakes the others. A leader that
+        went on committing until nobody queued kept its own (long answered)
+        append waiting 200-740 ms under four busy threads."""
         slot: dict[str, Any] = {"item": item}
         with self._queue_lock:
             lead = not self._leading
@@ -320,20 +326,23 @@ class ReceiptStore:
                 slot["done"] = threading.Event()
                 self._pending.append(slot)
         if lead:
-            batch = [slot]
-            while True:
-                self._commit_batch(batch)
-                with self._queue_lock:
-                    self._since_wal += len(batch)
-                    since_wal = self._since_wal
-                    batch, self._pending = self._pending, []
-                    if not batch:
-                        self._leading = False
-                        break
-                self._note_wal(since_wal)
-            self._note_wal(since_wal)
+            batch: list[dict[str, Any]] | None = [slot]
         else:
             slot["done"].wait()
+            batch = slot.pop("lead", None)  # set when this append is handed the next batch to commit
+        if batch is not None:
+            self._commit_batch(batch)  # never raises: each slot gets its receipt or its error
+            with self._queue_lock:
+                self._since_wal += len(batch)
+                since_wal = self._since_wal
+                queued, self._pending = self._pending, []
+                if queued:
+                    queued[0]["lead"] = queued  # the lead passes on; _leading stays set
+                else:
+                    self._leading = False
+            self._note_wal(since_wal)  # before the hand-off: one committing thread at a time calls it
+            if queued:
+                queued[0]["done"].set()
         if "error" in slot:
             raise slot["error"]
         result: dict[str, Any] = slot["receipt"]

@@ -275,6 +275,50 @@ def test_T_RCPT_1_tables_are_append_only(store: ReceiptStore, db_path: Path, sql
 
 # --- concurrency ------------------------------------------------------------
 
+def test_T_RCPT_1_an_append_commits_at_most_one_batch_however_busy(store: ReceiptStore,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit under four busy threads: the appends queued during a commit
+    go together in the next one, committed by one of them; the thread that
+    committed a batch returns after it (it once went on committing for the
+    others until nobody queued: 200-740 ms for its own, long durable, receipt).
+    The chain stays one line and every caller gets its own receipt."""
+    commits = threading.local()
+    sizes: list[int] = []
+    most: list[int] = []
+    real = store._commit_batch
+
+    def commit_batch(batch: list[dict[str, Any]]) -> None:
+        commits.n = getattr(commits, "n", 0) + 1
+        sizes.append(len(batch))
+        time.sleep(0.002)  # a slow fsync: the other threads queue meanwhile
+        real(batch)
+
+    monkeypatch.setattr(store, "_commit_batch", commit_batch)
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    start = threading.Barrier(4)
+
+    def worker() -> None:
+        start.wait()
+        for _ in range(60):
+            commits.n = 0
+            r = append_one(store)
+            with lock:
+                results.append(r)
+                most.append(commits.n)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 240 and max(most) == 1
+    assert max(sizes) > 1 and sum(sizes) == 240  # grouped, and each receipt committed once
+    assert len({r["execution_id"] for r in results}) == 240
+    assert_linear(results)
+    assert store.verify()["ok"] is True
+
+
 def test_T_RCPT_1_eight_threads_by_200_appends_stay_linear(store: ReceiptStore) -> None:
     results: list[dict[str, Any]] = []
     errors: list[BaseException] = []
