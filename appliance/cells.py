@@ -483,15 +483,14 @@ class CellService:
         count_lock = threading.Lock()
         quota_lock = threading.Lock()  # T-DISK-1: captures landing at once are counted one after another
 
-        def within_quota(record: CellRecord) -> bool:
-            """T-DISK-1, under ``quota_lock``: False when the tenant is over its
-            quota (a cell whose walk failed counts as over it)."""
+        def over_quota(record: CellRecord) -> str | None:
+            """T-DISK-1, under ``quota_lock``: why the tenant is over its quota
+            (a cell whose walk failed counts as over it), or None."""
             try:
                 self.quota.check(record.tenant_id)
-                return True
+                return None
             except PayloadTooLarge as exc:
-                log.info("cell %s: not captured at the stop: %s", record.id, exc)
-                return False
+                return str(exc)
 
         def capture(items: queue.SimpleQueue[tuple[CellRecord, Binding]]) -> None:
             while True:
@@ -500,10 +499,9 @@ class CellService:
                 except queue.Empty:
                     return
                 with quota_lock:
-                    allowed = within_quota(record)  # T-DISK-1: a tenant already at its quota gets no capture
-                if not allowed:
-                    log.info("cell %s: its capture was not kept: it would put tenant %s over its disk quota",
-                             record.id, record.tenant_id)
+                    refused = over_quota(record)  # T-DISK-1: a tenant already at its quota gets no capture
+                if refused is not None:
+                    _log_not_kept(record, refused)
                     continue
                 try:
                     handle = self.pool.worker(binding.worker)
@@ -516,8 +514,9 @@ class CellService:
                     with quota_lock:
                         # T-DISK-1: as an idle capture, one that puts the tenant over its quota is not kept.
                         self.quota.refresh(record.tenant_id, record.id)
-                        if not within_quota(record):
-                            self._discard_capture(record)
+                        refused = over_quota(record)
+                        if refused is not None:
+                            self._discard_capture(record, refused)
                             continue
                     with count_lock:
                         done[0] += 1
@@ -626,19 +625,18 @@ class CellService:
             self.quota.refresh(record.tenant_id, cell_id)  # measured again, its snapshot with it
             try:
                 self.quota.check(record.tenant_id)
-            except PayloadTooLarge:
-                self._discard_capture(record)
+            except PayloadTooLarge as exc:
+                self._discard_capture(record, str(exc))
                 continue
             log.debug("cell %s captured while idle in %.0f ms", cell_id, (time.monotonic() - began) * 1000)
             taken += 1
         return taken
 
-    def _discard_capture(self, record: CellRecord) -> None:
+    def _discard_capture(self, record: CellRecord, reason: str) -> None:
         """A capture (idle, or at a stop) that put the tenant over its quota goes
         (T-DISK-1): the tenant's runs stay possible; a crash then starts a fresh
         interpreter, and after a restart the cell answers ``cell_lost``."""
-        log.info("cell %s: its capture was not kept: it would put tenant %s over its disk quota",
-                 record.id, record.tenant_id)
+        _log_not_kept(record, reason)
         try:
             snapshot_file.remove(self.settings.snapshots_dir, record.tenant_id, record.id)
         except OSError as exc:
@@ -654,8 +652,8 @@ class CellService:
         over its quota with it, it goes, as an idle capture would (T-DISK-1)."""
         try:
             self.quota.check(record.tenant_id)
-        except PayloadTooLarge:
-            self._discard_capture(record)
+        except PayloadTooLarge as exc:
+            self._discard_capture(record, str(exc))
 
     # -- disk quota (T-DISK-1): appliance/quota.py --------------------------
     def quota_bytes(self) -> int:
@@ -1066,6 +1064,12 @@ class CellService:
             except Exception:
                 pass  # an observer must never fail a run that already has its receipt
         return answer
+
+
+def _log_not_kept(record: CellRecord, reason: str) -> None:
+    """One line per capture given up for the quota (T-DISK-1), with the check's own reason."""
+    log.info("cell %s: its capture was not kept: it would put tenant %s over its disk quota (%s)",
+             record.id, record.tenant_id, reason)
 
 
 def _refusal(reply: protocol.Reply, default: str) -> CellError:

@@ -340,9 +340,11 @@ class ReceiptStore:
                     queued[0]["lead"] = queued  # the lead passes on; _leading stays set
                 else:
                     self._leading = False
-            self._note_wal(since_wal)  # before the hand-off: one committing thread at a time calls it
-            if queued:
-                queued[0]["done"].set()
+            try:
+                self._note_wal(since_wal)  # before the hand-off: one committing thread at a time calls it
+            finally:
+                if queued:  # even if it raised: the queued appends must not wait forever
+                    queued[0]["done"].set()
         if "error" in slot:
             raise slot["error"]
         result: dict[str, Any] = slot["receipt"]

@@ -102,7 +102,7 @@ def _drain_capture(cells: CellService, tenant: Tenant, cell_id: str) -> bool:
 def _capture_removed_over_quota(cells: CellService, tenant: Tenant, cell_id: str) -> bool:
     _idle_capture(cells, tenant, cell_id)
     _run(cells, tenant, cell_id, b"y = 2")  # this run learns the captured size
-    cells._discard_capture(cells.cell(tenant, cell_id))  # as when the capture put the tenant over (T-DISK-1)
+    cells._discard_capture(cells.cell(tenant, cell_id), "over the quota")  # as when the capture put the tenant over (T-DISK-1)
     return False
 
 
