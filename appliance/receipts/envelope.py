@@ -90,15 +90,20 @@ def check_extensions(value: object) -> dict[str, Any]:
     return value
 
 
-def envelope(*, seq: int, receipt_hash: str, chain_hash: str, tenant_id: str, cell_id: str | None,
-             key_id: str, extensions: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The object the node signs for one receipt; every field validated (T-RCPT-2)."""
+def _check_head(seq: int, receipt_hash: str, chain_hash: str, key_id: str) -> None:
+    """The envelope's own fields, checked (T-RCPT-2); ids and extensions are checked by their own functions."""
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise v1.ReceiptFieldError("seq", "must be a positive integer")
     v1.check_hex64("receipt_hash", receipt_hash)
     v1.check_hex64("chain_hash", chain_hash)
     if not isinstance(key_id, str) or _KEY_ID.fullmatch(key_id) is None:
         raise v1.ReceiptFieldError("key_id", "must be 16 lowercase hex characters")
+
+
+def envelope(*, seq: int, receipt_hash: str, chain_hash: str, tenant_id: str, cell_id: str | None,
+             key_id: str, extensions: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The object the node signs for one receipt; every field validated (T-RCPT-2)."""
+    _check_head(seq, receipt_hash, chain_hash, key_id)
     return {
         "envelope": ENVELOPE, "schema": v1.SCHEMA, "seq": seq, "receipt_hash": receipt_hash,
         "chain_hash": chain_hash, "tenant_id": check_tenant_id(tenant_id), "cell_id": check_cell_id(cell_id),
@@ -115,12 +120,7 @@ def envelope_message(*, seq: int, receipt_hash: str, chain_hash: str, tenant_id:
     id, hash or key id is plain ASCII with nothing to escape, so the bytes are
     those of ``canonical_json(envelope(...))``; a test pins this over a table.
     """
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
-        raise v1.ReceiptFieldError("seq", "must be a positive integer")
-    v1.check_hex64("receipt_hash", receipt_hash)
-    v1.check_hex64("chain_hash", chain_hash)
-    if not isinstance(key_id, str) or _KEY_ID.fullmatch(key_id) is None:
-        raise v1.ReceiptFieldError("key_id", "must be 16 lowercase hex characters")
+    _check_head(seq, receipt_hash, chain_hash, key_id)
     tenant = check_tenant_id(tenant_id)
     cell = check_cell_id(cell_id)
     cell_json = "null" if cell is None else '"' + cell + '"'
