@@ -15,13 +15,10 @@ from typing import Any, Callable
 import pytest
 
 from appliance.cells import CellService
-from appliance.config import load_settings
-from appliance.receipts.nodekey import NodeKey
-from appliance.receipts.store import ReceiptStore
 from appliance.runtime import protocol
 from appliance.runtime.pool import WorkerPool
-from appliance.storage import Store, Tenant
-from tests.liveserver import shared_cache
+from appliance.storage import Tenant
+from tests.in_process import cell_service, named_tenant
 
 
 class PausePool(WorkerPool):
@@ -40,29 +37,13 @@ class PausePool(WorkerPool):
 
 @pytest.fixture(scope="module")
 def service(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellService]:
-    root = tmp_path_factory.mktemp("pause-race")
-    settings = load_settings({"SYNAPSE_ROOT": str(root / "root"), "SYNAPSE_CONFIG_DIR": str(root / "etc"),
-                              "SYNAPSE_MODULE_CACHE": str(shared_cache()), "SYNAPSE_WARM_PYTHON": "0",
-                              "SYNAPSE_WARM_JAVASCRIPT": "0", "SYNAPSE_WORKERS": "1",
-                              "SYNAPSE_CELL_PAUSE_IDLE_S": "3600", "SYNAPSE_CELL_CAPTURE_IDLE_S": "0"})
-    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir,
-                 settings.snapshots_dir):
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = Store(settings.db_path)
-    receipts = ReceiptStore(settings.db_path, NodeKey.generate())
-    pool = PausePool(settings)
-    pool.start()
-    try:
-        yield CellService(settings, store, pool, receipts)
-    finally:
-        pool.close()
-        receipts.close()
-        store.close()
+    with cell_service(tmp_path_factory.mktemp("pause-race"), PausePool, SYNAPSE_WARM_PYTHON="0", SYNAPSE_WORKERS="1",
+                      SYNAPSE_CELL_PAUSE_IDLE_S="3600", SYNAPSE_CELL_CAPTURE_IDLE_S="0") as cells:
+        yield cells
 
 
 def _tenant(cells: CellService) -> Tenant:
-    existing = [t for t in cells.store.list_tenants() if t.id == "racer"]
-    return existing[0] if existing else cells.store.add_tenant("racer", 0, tenant_id="racer")[0]
+    return named_tenant(cells, "racer")
 
 
 def _wait_for(cond: Callable[[], bool], timeout: float = 120.0) -> None:

@@ -17,13 +17,9 @@ from typing import Callable
 import pytest
 
 from appliance.cells import CellService
-from appliance.config import load_settings
 from appliance.quota import measure_volume
-from appliance.receipts.nodekey import NodeKey
-from appliance.receipts.store import ReceiptStore
-from appliance.runtime.pool import WorkerPool
-from appliance.storage import Store, Tenant
-from tests.liveserver import shared_cache
+from appliance.storage import Tenant
+from tests.in_process import cell_service, named_tenant
 
 # Freeing a list nested 400,000 deep recurses in C below any guard: a wasm stack
 # overflow that kills the interpreter (as in test_cell_snapshots.py).
@@ -33,29 +29,13 @@ LATER = 7200.0  # seconds ahead: every cell counts as idle for captures and paus
 
 @pytest.fixture(scope="module")
 def service(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellService]:
-    root = tmp_path_factory.mktemp("snapshot-memo")
-    settings = load_settings({"SYNAPSE_ROOT": str(root / "root"), "SYNAPSE_CONFIG_DIR": str(root / "etc"),
-                              "SYNAPSE_MODULE_CACHE": str(shared_cache()), "SYNAPSE_WARM_JAVASCRIPT": "0",
-                              "SYNAPSE_WORKERS": "1", "SYNAPSE_CELL_PAUSE_IDLE_S": "3600",
-                              "SYNAPSE_CELL_CAPTURE_IDLE_S": "3600"})
-    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir,
-                 settings.snapshots_dir):
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = Store(settings.db_path)
-    receipts = ReceiptStore(settings.db_path, NodeKey.generate())
-    pool = WorkerPool(settings)
-    pool.start()
-    try:
-        yield CellService(settings, store, pool, receipts)
-    finally:
-        pool.close()
-        receipts.close()
-        store.close()
+    with cell_service(tmp_path_factory.mktemp("snapshot-memo"), SYNAPSE_WORKERS="1",
+                      SYNAPSE_CELL_PAUSE_IDLE_S="3600", SYNAPSE_CELL_CAPTURE_IDLE_S="3600") as cells:
+        yield cells
 
 
 def _tenant(cells: CellService) -> Tenant:
-    existing = [t for t in cells.store.list_tenants() if t.id == "memo"]
-    return existing[0] if existing else cells.store.add_tenant("memo", 0, tenant_id="memo")[0]
+    return named_tenant(cells, "memo")
 
 
 def _run(cells: CellService, tenant: Tenant, cell_id: str, code: bytes) -> dict[str, object]:

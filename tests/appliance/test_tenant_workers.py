@@ -22,11 +22,10 @@ from appliance.cells import CellService
 from appliance.config import load_settings
 from appliance.errors import Busy, CellError
 from appliance.policy.fairness import FairShare
-from appliance.receipts.nodekey import NodeKey
-from appliance.receipts.store import ReceiptStore
 from appliance.runtime import landlock, protocol, sandbox, seccomp
 from appliance.runtime.pool import WorkerPool, sandbox_config
-from appliance.storage import Store, Tenant
+from appliance.storage import Tenant
+from tests.in_process import cell_service, named_tenant
 from tests.liveserver import ServerProcess, shared_cache
 
 BAD_TENANT_IDS = ["", "../b", "a/b", ".tmp", ".pool", "x" * 65, "a\x00b", "a b", "ä", "..", "/"]
@@ -88,7 +87,7 @@ def test_t_tenant_1_only_a_spare_may_narrow_itself(arch: str, name: str) -> None
     assert seccomp.evaluate(spare, seccomp.ARCHES[arch], seccomp._nr("execve", arch) or 0) == seccomp.RET_KILL_PROCESS
 
 
-def test_t_fair_1_a_dedicated_worker_keeps_no_reserve_lane_from_its_tenant() -> None:
+def test_t_fair_1_a_dedicated_worker_keeps_no_reserve_lane_from_itsnamed_tenant() -> None:
     fair = FairShare(workers=2, lanes=2)
     for worker in (0, 1):
         first = fair.request("a", worker)
@@ -118,33 +117,11 @@ class RecordingPool(WorkerPool):
         return reply
 
 
-def _service(tmp_path: Path, **env: str) -> tuple[CellService, Store, ReceiptStore]:
-    settings = load_settings({"SYNAPSE_ROOT": str(tmp_path / "root"), "SYNAPSE_CONFIG_DIR": str(tmp_path / "etc"),
-                              "SYNAPSE_MODULE_CACHE": str(shared_cache()), "SYNAPSE_WARM_PYTHON": "0",
-                              "SYNAPSE_WARM_JAVASCRIPT": "0", **env})
-    for path in (settings.root, settings.volumes_dir, settings.db_path.parent, settings.keys_dir):
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = Store(settings.db_path)
-    receipts = ReceiptStore(settings.db_path, NodeKey.generate())
-    pool = RecordingPool(settings)
-    pool.start()
-    return CellService(settings, store, pool, receipts), store, receipts
-
-
 @pytest.fixture(scope="module")
 def service(module_cache: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellService]:
-    cells, store, receipts = _service(tmp_path_factory.mktemp("tenants"), SYNAPSE_WORKERS="2", SYNAPSE_WORKERS_MAX="4")
-    try:
+    with cell_service(tmp_path_factory.mktemp("tenants"), RecordingPool, SYNAPSE_WARM_PYTHON="0",
+                      SYNAPSE_WORKERS="2", SYNAPSE_WORKERS_MAX="4") as cells:
         yield cells
-    finally:
-        cells.pool.close()
-        receipts.close()
-        store.close()
-
-
-def _tenant(cells: CellService, name: str) -> Tenant:
-    existing = [t for t in cells.store.list_tenants() if t.id == name]
-    return existing[0] if existing else cells.store.add_tenant(name, 0, tenant_id=name)[0]
 
 
 def _pool(cells: CellService) -> RecordingPool:
@@ -167,7 +144,7 @@ def _run(cells: CellService, tenant: Tenant, code: bytes = b"print(6 * 7)") -> d
 
 def test_t_tenant_1_two_tenants_never_share_a_worker(service: CellService) -> None:
     pool = _pool(service)
-    a, b = _tenant(service, "alpha"), _tenant(service, "beta")
+    a, b = named_tenant(service, "alpha"), named_tenant(service, "beta")
     start = len(pool.sent)
     cell_a = service.create(a, "python3", 60_000, True, {}, {}, 64)
     cell_b = service.create(b, "python3", 60_000, True, {}, {}, 64)
@@ -197,7 +174,7 @@ def test_t_tenant_1_a_spare_is_bound_on_a_first_run_and_replaced(service: CellSe
     pool.reclaim_idle(now=time.monotonic() + service.settings.worker_idle_s + 1)
     _wait_for(lambda: pool.stats()["spares"] >= 1)
     spare_pid = next(w["pid"] for w in pool.sandbox_status()["workers"] if w["state"] == "spare")
-    gamma = _tenant(service, "gamma")
+    gamma = named_tenant(service, "gamma")
     start = len(pool.sent)
     _run(service, gamma)
     assert [pid for pid, t in pool.sent[start:] if t == "gamma"] == [spare_pid]  # the spare, now gamma's
@@ -213,7 +190,7 @@ def test_t_tenant_1_a_spare_is_bound_on_a_first_run_and_replaced(service: CellSe
 
 def test_t_tenant_1_idle_workers_are_reclaimed_but_never_one_holding_a_cell(service: CellService) -> None:
     pool = _pool(service)
-    delta, eps = _tenant(service, "delta"), _tenant(service, "epsilon")
+    delta, eps = named_tenant(service, "delta"), named_tenant(service, "epsilon")
     _run(service, delta)
     cell = service.create(eps, "python3", 60_000, True, {}, {}, 64)
     idle_d, holding_e = pool.pick_for_run("delta"), pool.pick_for_cell("epsilon")
@@ -228,13 +205,12 @@ def test_t_tenant_1_idle_workers_are_reclaimed_but_never_one_holding_a_cell(serv
     assert _run(service, delta)["stdout"] == "42\n"
 
 
-def test_t_tenant_1_spent_budget_answers_no_worker_then_reclaims_for_the_next_tenant(
+def test_t_tenant_1_spent_budget_answers_no_worker_then_reclaims_for_the_nextnamed_tenant(
         module_cache: None, tmp_path: Path) -> None:
-    cells, store, receipts = _service(tmp_path, SYNAPSE_WORKERS="1", SYNAPSE_WORKERS_MAX="2",
-                                      SYNAPSE_WORKER_SPARES="1")
-    pool = _pool(cells)
-    try:
-        a, b, c = _tenant(cells, "ta"), _tenant(cells, "tb"), _tenant(cells, "tc")
+    with cell_service(tmp_path, RecordingPool, SYNAPSE_WARM_PYTHON="0", SYNAPSE_WORKERS="1",
+                      SYNAPSE_WORKERS_MAX="2", SYNAPSE_WORKER_SPARES="1") as cells:
+        pool = _pool(cells)
+        a, b, c = named_tenant(cells, "ta"), named_tenant(cells, "tb"), named_tenant(cells, "tc")
         cell_a = cells.create(a, "python3", 60_000, True, {}, {}, 64)
         cell_b = cells.create(b, "python3", 60_000, True, {}, {}, 64)  # past the budget: the pool grows to the max
         assert pool.binding_status()["bound"] == 2
@@ -251,10 +227,6 @@ def test_t_tenant_1_spent_budget_answers_no_worker_then_reclaims_for_the_next_te
         assert all(len(ts) == 1 for ts in tenants_by_pid.values()), tenants_by_pid
         assert len(pool.stats()["pids"]) <= 2
         cells.delete(b, cell_b.id)
-    finally:
-        pool.close()
-        receipts.close()
-        store.close()
 
 
 def test_t_tenant_1_status_reports_binding_without_tenant_ids(live: ServerProcess) -> None:
@@ -272,7 +244,7 @@ def test_t_tenant_1_status_reports_binding_without_tenant_ids(live: ServerProces
 def test_a_new_cells_first_run_does_not_write_its_row_again(service: CellService, monkeypatch: pytest.MonkeyPatch) -> None:
     """The create wrote the row with its expiry: the first run moves the expiry
     in memory (authoritative, throttled to the DB) and costs no second write."""
-    tenant = _tenant(service, "alpha")
+    tenant = named_tenant(service, "alpha")
     touched: list[str] = []
     real_touch = service.store.touch_cell
 
