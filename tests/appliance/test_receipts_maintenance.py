@@ -13,17 +13,7 @@ import pytest
 from appliance.receipts import merkle, store as store_mod
 from appliance.receipts.nodekey import NodeKey
 from appliance.receipts.store import ReceiptStore
-from tests.appliance.test_receipts_store import append_one
-
-
-@pytest.fixture
-def key() -> NodeKey:
-    return NodeKey.generate()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "db" / "cell.sqlite"
+from tests.appliance.test_receipts_store import append_one, db_path, key  # noqa: F401 (the store tests' fixtures)
 
 
 def wal_frames(db: Path) -> int:
