@@ -125,9 +125,9 @@ def drive_hello(hello: Hello, clients: int, seconds: float) -> Drive:
                  {"Content-Type": "application/json"}, seconds, lambda a: a.get("stdout") == "2\n")
 
 
-def _serve(threads: int) -> None:
+def hello_app() -> Any:
+    """The baseline's Flask app: POST /run parses a JSON body and answers JSON."""
     from flask import Flask, jsonify, request
-    from waitress import create_server  # type: ignore[import-untyped]
 
     app = Flask("hello")
 
@@ -136,7 +136,13 @@ def _serve(threads: int) -> None:
         body = request.get_json()
         return jsonify({"status": "ok", "stdout": "2\n", "stderr": "", "code_bytes": len(body.get("code", ""))})
 
-    server = create_server(app, host="127.0.0.1", port=0, threads=threads)
+    return app
+
+
+def _serve(threads: int) -> None:
+    from waitress import create_server  # type: ignore[import-untyped]
+
+    server = create_server(hello_app(), host="127.0.0.1", port=0, threads=threads)
     print(f"hello: serving on http://127.0.0.1:{server.effective_port}", flush=True)
     server.run()
 
