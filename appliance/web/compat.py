@@ -14,8 +14,10 @@ import re
 _CELL = r"/v1/cells/[^/]+"
 _NO_SHELL = ("Cell has no shell and no processes: run Python or JavaScript with POST /v1/cells/<id>/exec "
              "(a cell is a WebAssembly sandbox, not a container)")
-_NO_PAUSE = ("Cell has no pause, resume or snapshots: a cell lives until it is deleted or idle past its timeout; "
-             "its files stay in /data meanwhile (POST /v1/cells/<id>/refresh restarts the idle clock)")
+_NO_PAUSE = ("Cell has no pause, resume or snapshot calls: an idle Python cell is paused to its snapshot and "
+             "resumed on its next run by the node itself (when the operator set SYNAPSE_CELL_PAUSE_IDLE_S); "
+             "POST /v1/cells/<id>/fork copies a cell; its files stay in /data "
+             "(POST /v1/cells/<id>/refresh restarts the idle clock)")
 
 # (pattern over the path, reason); first match wins.
 _NOT_OFFERED: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), why) for p, why in (
