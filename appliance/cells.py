@@ -925,7 +925,14 @@ class CellService:
 
     def execute_once(self, tenant: Tenant, template: str, code: bytes, is_text: bool, stdin: bytes | None,
                      timeout_ms: int | None, memory_mb: int | None, on_chunk: ChunkCallback | None = None,
-                     on_result: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                     on_result: Callable[[int, dict[str, Any]], None] | None = None,
+                     run_envs: dict[str, str] | None = None) -> dict[str, Any]:
+        """A run in a throw-away session. ``run_envs`` (validate.run_envs) are
+        set for this run over the session's own environment, as an exec's are
+        over its cell's (worker.run_prepared): a name given replaces the default
+        of that name (HOME, TMPDIR, ...), the others stay."""
+        if run_envs and not templates.get(template).interpreter:  # T-ENV-1: as exec_in_cell refuses them
+            raise BadRequest("envs: a wasm module gets no environment variables", code="invalid_field")
         self.check_memory(memory_mb or self.settings.memory_mb)
         handle = self.pool.pick_for_run(tenant.id)  # T-TENANT-1: only a worker bound to this tenant
         # T-DISK-1: a throw-away volume is not charged to the tenant, but while the run
@@ -934,6 +941,8 @@ class CellService:
                                  on_chunk, stdin=stdin, quota_left=self.quota_bytes(),
                                  files_left=self.settings.tenant_file_limit,
                                  volume_limit=protocol.VolumeLimit(self.quota_bytes(), self.settings.tenant_file_limit))
+        if run_envs:
+            msg = dataclasses.replace(msg, run_envs=dict(run_envs))  # never logged: values may be secrets
         return self._run(handle, msg, tenant, None, on_chunk, on_result)
 
     def _exec_request(self, tenant: Tenant, template: str, code: bytes, is_text: bool, timeout_ms: int | None,

@@ -64,6 +64,8 @@ def _query(name: str, schema: dict[str, Any], required: bool = False, descriptio
 
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string", "maxLength": 4096}}
+# A run's own envs (web/validate.py::run_envs): exec, one-shot runs, MCP run_code.
+_RUN_ENVS = {**_STRING_MAP, "maxProperties": 64, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"}}
 _TEMPLATE = {"type": "string", "enum": sorted(templates.aliases())}
 _LANGUAGE = {"type": "string", "enum": sorted({lang for t in templates.all_templates() for lang in t.languages})}
 
@@ -126,17 +128,20 @@ def _schemas() -> dict[str, Any]:
             "properties": {"code": {"oneOf": [{"type": "string"}, {"type": "object", "properties": {"code_b64": {"type": "string"}}}]},
                            "code_b64": {"type": "string", "contentEncoding": "base64"},
                            "language": {"type": "string"}, "timeout_ms": {"type": "integer", "minimum": 10},
-                           "envs": {**_STRING_MAP, "maxProperties": 64, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
-                                    "description": "environment variables for this run only (Python, JavaScript), over "
-                                                   "the cell's own; not part of the receipt; a bad name or value is a "
-                                                   "400 invalid_field"}},
+                           "envs": {**_RUN_ENVS, "description": "environment variables for this run only (Python, "
+                                    "JavaScript), over the cell's own; not part of the receipt; a bad name or value "
+                                    "is a 400 invalid_field"}},
         },
         "Execute": {
             "type": "object", "additionalProperties": False,
             "properties": {"template": _TEMPLATE, "language": _LANGUAGE, "code": {"type": "string"},
                            "code_b64": {"type": "string", "contentEncoding": "base64"},
                            "stdin": {"type": "string", "maxLength": 1_000_000},
-                           "timeout_ms": {"type": "integer", "minimum": 10}, "memory_mb": {"type": "integer", "minimum": 16}},
+                           "timeout_ms": {"type": "integer", "minimum": 10}, "memory_mb": {"type": "integer", "minimum": 16},
+                           "envs": {**_RUN_ENVS, "description": "environment variables for this run (Python, "
+                                    "JavaScript), over the throw-away session's defaults (HOME, TMPDIR, ...); not part "
+                                    "of the receipt; a bad name or value, or any envs for a wasm module, is a 400 "
+                                    "invalid_field"}},
         },
         "RunResult": {
             "type": "object",

@@ -172,6 +172,13 @@ _LANGUAGE = {"type": "string", "enum": ["python", "javascript"], "description": 
 _PATH = {"type": "string", "maxLength": 4096,
          "description": "A path inside the cell's volume, relative (results/out.csv) or under /data."}
 
+# The same rules as the HTTP API's per-run envs (web/validate.py::run_envs,
+# which the tool applies: a bad value is the same invalid_field, T-ENV-1).
+_RUN_ENVS = {"type": "object", "maxProperties": 64, "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$"},
+             "additionalProperties": {"type": "string", "maxLength": 4096},
+             "description": "Environment variables for this run only (os.environ in Python, process.env in "
+                            "JavaScript), over the cell's own; never logged and not part of the receipt."}
+
 TOOLS: list[dict[str, Any]] = [
     {"name": "run_code",
      "description": (
@@ -183,7 +190,8 @@ TOOLS: list[dict[str, Any]] = [
      "inputSchema": {"type": "object", "additionalProperties": False, "required": ["code"], "properties": {
          "code": {"type": "string", "description": "The source code to run."},
          "language": _LANGUAGE, "cell_id": _CELL_ID,
-         "timeout_ms": {"type": "integer", "minimum": 10, "description": "Run time limit in milliseconds."}}}},
+         "timeout_ms": {"type": "integer", "minimum": 10, "description": "Run time limit in milliseconds."},
+         "envs": _RUN_ENVS}}},
     {"name": "create_cell",
      "description": "Create a persistent cell (an isolated interpreter with its own /data volume) and return its "
                     "cell_id. " + _SANDBOX + " A cell is removed after it has been idle for its timeout.",
@@ -251,4 +259,8 @@ def tool_args(name: str, args: Any) -> dict[str, Any]:
                 raise ToolArgsError(f"{field} must be an integer")
             if value < spec.get("minimum", 0):
                 raise ToolArgsError(f"{field} must be at least {spec.get('minimum', 0)}")
+        elif spec["type"] == "object":
+            pass  # its tool checks it in full with the HTTP API's rules and codes (run_code's envs: validate.run_envs)
+        else:
+            raise ToolArgsError(f"{field}: no rule for this argument")  # T-MCP-1: unknown means refused
     return dict(args)

@@ -75,6 +75,8 @@ def _run_code(ctx: Ctx, args: dict[str, Any]) -> dict[str, Any]:
         exec_req["language"] = language
     if "timeout_ms" in args:
         exec_req["timeout_ms"] = args["timeout_ms"]
+    if "envs" in args:
+        exec_req["envs"] = args["envs"]  # validate.run_envs: the HTTP API's rules and codes (T-ENV-1)
     cell_id = args.get("cell_id")
     if cell_id is None:
         template = rules.LANGUAGE_TEMPLATE[language or "python"]
@@ -84,7 +86,7 @@ def _run_code(ctx: Ctx, args: dict[str, Any]) -> dict[str, Any]:
         run = validate.exec_body(exec_req, cells.cell(tenant, cell_id).template, svc.settings)
     try:
         answer = cells.exec_in_cell(tenant, cell_id, run["code"], run["is_text"], run["language"],
-                                    on_chunk=ctx.on_chunk, timeout_ms=run["timeout_ms"])
+                                    on_chunk=ctx.on_chunk, timeout_ms=run["timeout_ms"], run_envs=run["envs"])
     except CellError as exc:
         if "cell_id" not in args:  # the model must learn the id of the cell it now holds
             exc.message = f"{exc.message} (cell {cell_id} was created for this run; pass it as cell_id or delete it)"

@@ -107,4 +107,4 @@ def execute() -> Response:
     svc = services()
     args = validate.execute_body(json_body(), svc.settings)
     return jsonify(svc.cells.execute_once(g.tenant, args["template"], args["code"], args["is_text"], args["stdin"],
-                                          args["timeout_ms"], args["memory_mb"]))
+                                          args["timeout_ms"], args["memory_mb"], run_envs=args["envs"]))

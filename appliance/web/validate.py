@@ -206,8 +206,13 @@ def code_of(body: dict[str, Any], tmpl: str) -> tuple[bytes, bool]:
 
 
 def run_envs(body: dict[str, Any]) -> dict[str, str]:
-    """An exec's own ``envs`` (E2B's ``run_code(envs=)``): the same rules as a
-    cell's, and each value must be valid UTF-8 text (no lone surrogate)."""
+    """A run's own ``envs`` (E2B's ``run_code(envs=)``; an exec, a one-shot
+    run, the MCP ``run_code`` tool): the same rules as a cell's, and each value
+    must be valid UTF-8 text (no lone surrogate). T-ENV-1: an error names the
+    variable, never its value (values may be secrets)."""
+    given = body.get("envs")
+    if given is not None and not isinstance(given, dict):  # [] or false is not "no envs": refused like ["A=1"]
+        raise BadRequest(f"envs must be an object of at most {MAX_ENVS} string values", code="invalid_field")
     envs = string_map(body, "envs", ENV_NAME, MAX_ENVS)
     for k, v in envs.items():
         try:
@@ -229,7 +234,7 @@ def exec_body(body: dict[str, Any], tmpl: str, s: Settings) -> dict[str, Any]:
 
 
 def execute_body(body: dict[str, Any], s: Settings) -> dict[str, Any]:
-    unknown_fields(body, {"template", "code", "code_b64", "stdin", "timeout_ms", "memory_mb", "language"})
+    unknown_fields(body, {"template", "code", "code_b64", "stdin", "timeout_ms", "memory_mb", "language", "envs"})
     tmpl = template_or_language(body)
     code, is_text = code_of(body, tmpl)
     stdin = body.get("stdin")
@@ -240,6 +245,7 @@ def execute_body(body: dict[str, Any], s: Settings) -> dict[str, Any]:
         "stdin": stdin.encode("utf-8") if stdin else None,
         "timeout_ms": int_field(body, "timeout_ms", s.run_timeout_ms, 10, s.run_timeout_ceiling_ms),
         "memory_mb": int_field(body, "memory_mb", s.memory_mb, 16, s.memory_ceiling_mb),
+        "envs": run_envs(body),
     }
 
 

@@ -24,8 +24,9 @@ class CellClient:
         self.close()
 
     def execute(self, code: str | bytes, template: str = DEFAULT_TEMPLATE, *, stdin: str | None = None, timeout: float | None = None,
-                memory_mb: int | None = None) -> Execution:
-        """Run once in a throw-away cell (``POST /v1/execute``); sent once, never retried after it may have run."""
+                memory_mb: int | None = None, envs: dict[str, str] | None = None) -> Execution:
+        """Run once in a throw-away cell (``POST /v1/execute``); sent once, never retried after it may have run.
+        ``envs``: environment variables for this run, over the throw-away cell's defaults (not for wasm)."""
         tmpl = LANGUAGE_TEMPLATES.get(template, template)
         body: dict[str, Any] = {"template": tmpl, **_code_body(code)}
         if stdin is not None:
@@ -34,6 +35,8 @@ class CellClient:
             body["timeout_ms"] = max(10, int(timeout * 1000))
         if memory_mb is not None:
             body["memory_mb"] = memory_mb
+        if envs:
+            body["envs"] = dict(envs)
         wait = max(self._http.config.request_timeout, (timeout or RUN_CEILING_S) + 30.0)
         return execution_from_answer(self._http.request("POST", "/v1/execute", body=body, timeout=wait), tmpl, code, None)
 

@@ -368,6 +368,40 @@ def test_javascript_cell_envs(live: ServerProcess) -> None:
     assert run(live, cell, "console.log(std.getenv('GREETING'), std.getenv('PATH'))")["stdout"] == "hej undefined\n"
 
 
+# A one-shot run's envs are set over its throw-away session's defaults, as an
+# exec's are over its cell's: a name given replaces that default (HOME here),
+# the others stay (TMPDIR, and Python's MPLBACKEND).
+EXECUTE_ENVS = [
+    pytest.param({"template": "python3", "code": "import os; e = os.environ; print(e['A'], e['HOME'], e['TMPDIR'], "
+                  "e['MPLBACKEND'])"}, "run /over /tmp Agg\n", id="python"),
+    # With stdin the worker starts a new session instead of taking a prepared one.
+    pytest.param({"language": "python", "stdin": "in", "code": "import os; print(os.environ['A'], os.environ['HOME'])"},
+                 "run /over\n", id="python-new-session"),
+    pytest.param({"template": "javascript", "code": "console.log(process.env.A, std.getenv('A'), process.env.HOME, "
+                  "std.getenv('TMPDIR'))"}, "run run /over /data\n", id="javascript"),
+]
+
+
+@pytest.mark.parametrize("body, stdout", EXECUTE_ENVS)
+def test_execute_envs_reach_the_run_over_the_defaults(live: ServerProcess, body: dict[str, Any], stdout: str) -> None:
+    status, out, _ = live.request("POST", "/v1/execute", {**body, "envs": {"A": "run", "HOME": "/over"}})
+    assert status == 200 and out["status"] == "ok", out
+    assert out["stdout"] == stdout
+    # The next one-shot run has only the defaults.
+    read_a = ("console.log(process.env.A ?? null, process.env.HOME)" if body.get("template") == "javascript"
+              else "import os; print(os.environ.get('A'), os.environ['HOME'])")
+    status, out, _ = live.request("POST", "/v1/execute", {**body, "code": read_a})
+    assert status == 200 and out["stdout"] in ("None /data\n", "null /data\n"), out
+
+
+def test_t_env_1_execute_envs_refused_for_a_wasm_module(live: ServerProcess) -> None:
+    wat = (REPO / "tests" / "wasm" / "hello_wasi.wat").read_text()
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "wasm", "code": wat, "envs": {"A": "x"}})
+    assert (status, body["code"]) == (400, "invalid_field") and "wasm module" in body["error"]
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "wasm", "code": wat, "envs": {}})
+    assert (status, body["stdout"]) == (200, "hello from wasm\n"), body  # no envs at all is no refusal
+
+
 def test_mirror_serves_the_trust_root_read_only(live: ServerProcess) -> None:
     with urllib.request.urlopen(live.url + "/mirror/metadata/root.json", timeout=10) as resp:
         root = json.loads(resp.read())

@@ -60,6 +60,8 @@ def test_mcp_lists_the_tools_with_schemas(live: ServerProcess) -> None:
     assert set(tools) == {"run_code", "create_cell", "delete_cell", "list_cells", "read_file", "write_file", "list_files"}
     assert "no network" in (tools["run_code"].description or "").lower()
     assert tools["run_code"].input_schema["required"] == ["code"]
+    envs = tools["run_code"].input_schema["properties"]["envs"]
+    assert envs["type"] == "object" and envs["maxProperties"] == 64 and envs["additionalProperties"]["type"] == "string"
 
 
 def test_mcp_high_level_client_in_auto_mode_falls_back_to_initialize(live: ServerProcess) -> None:
@@ -136,6 +138,28 @@ def test_mcp_run_code_streams_output_as_progress_when_asked(live: ServerProcess)
     assert [p for p, _ in seen] == sorted(p for p, _ in seen)  # progress only grows
 
 
+def test_mcp_run_code_envs_are_for_that_run_only(live: ServerProcess) -> None:
+    # As an exec's envs: set over the cell's own environment (HOME replaced, TMPDIR
+    # kept) for this run, gone for the next run in the same cell.
+    async def body(session: Any) -> Any:
+        envs = {"A": "run", "HOME": "/over"}
+        py = await session.call_tool("run_code", {"code": "import os; e = os.environ; print(e['A'], e['HOME'], e['TMPDIR'])",
+                                                  "envs": envs})
+        py_after = await session.call_tool("run_code", {"code": "import os; print(os.environ.get('A'), os.environ['HOME'])",
+                                                        "cell_id": py.structured_content["cell_id"]})
+        js = await session.call_tool("run_code", {"code": "console.log(process.env.A, std.getenv('HOME'))",
+                                                  "language": "javascript", "envs": envs})
+        js_after = await session.call_tool("run_code", {"code": "console.log(process.env.A ?? null, process.env.HOME)",
+                                                        "cell_id": js.structured_content["cell_id"], "envs": {}})
+        return py, py_after, js, js_after
+
+    py, py_after, js, js_after = _session_run(live, live.api_key, body)
+    assert not py.is_error and py.structured_content["stdout"] == "run /over /tmp\n", _text(py)
+    assert py_after.structured_content["stdout"] == "None /data\n"
+    assert not js.is_error and js.structured_content["stdout"] == "run /over\n", _text(js)
+    assert js_after.structured_content["stdout"] == "null /data\n"
+
+
 def test_mcp_guest_error_is_a_tool_error_with_stderr(live: ServerProcess) -> None:
     async def body(session: Any) -> Any:
         return await session.call_tool("run_code", {"code": "raise ValueError('boom')"})
@@ -176,6 +200,11 @@ def test_mcp_file_round_trip_and_cell_lifecycle(live: ServerProcess) -> None:
     ("run_code", {"code": "1", "cell_id": "{cid}", "language": "javascript"}, "language_mismatch"),
     ("run_code", {"code": "1", "timeout_ms": 10**9}, "out_of_range"),
     ("run_code", {"code": "1", "shell": True}, "unknown argument"),
+    # T-ENV-1: the HTTP API's code for the same envs, from the same rules (validate.run_envs).
+    ("run_code", {"code": "1", "envs": {"1BAD": "x"}}, "invalid_field: envs: invalid key"),
+    ("run_code", {"code": "1", "envs": {"A": 5}}, "invalid_field: envs.A must be a string"),
+    ("run_code", {"code": "1", "envs": ["A=1"]}, "invalid_field: envs must be an object"),
+    ("run_code", {"code": "1", "cell_id": "{cid}", "envs": {"A": "x\x00"}}, "invalid_field: envs.A must be a string"),
     ("create_cell", {"timeout_ms": "soon"}, "timeout_ms must be an integer"),
     ("delete_cell", {}, "cell_id is required"),
 ])
@@ -330,6 +359,18 @@ def test_messages_requests_notifications_and_responses() -> None:
 def test_t_mcp_1_tool_arguments_outside_the_schema_are_refused(tool: str, args: Any) -> None:
     with pytest.raises(rules.ToolArgsError):
         rules.tool_args(tool, args)
+
+
+def test_t_mcp_1_run_code_envs_pass_the_schema_check_to_the_tool() -> None:
+    # The schema check lets an object through; the tool checks it in full (validate.run_envs).
+    assert rules.tool_args("run_code", {"code": "1", "envs": {"A": "b"}})["envs"] == {"A": "b"}
+
+
+def test_t_mcp_1_an_argument_type_without_a_rule_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    props = next(t for t in rules.TOOLS if t["name"] == "run_code")["inputSchema"]["properties"]
+    monkeypatch.setitem(props, "extra", {"type": "array"})
+    with pytest.raises(rules.ToolArgsError, match="no rule"):
+        rules.tool_args("run_code", {"code": "1", "extra": []})
 
 
 def test_t_mcp_1_unknown_tool_is_invalid_params() -> None:

@@ -174,6 +174,10 @@ def test_one_shot_execute_and_status(live: ServerProcess) -> None:
         ex = client.execute("print(6 * 7)")
         assert ex.stdout == "42\n" and ex.receipt_matches("print(6 * 7)")
         assert client.execute("1 + 1", template="javascript").text == "2"
+        assert client.execute("import os; os.environ['A']", envs={"A": "run"}).text == "'run'"
+        assert client.execute("process.env.A", template="javascript", envs={"A": "run"}).text == "run"
+        with pytest.raises(InvalidArgumentException):
+            client.execute("1", envs={"1BAD": "x"})
         assert "python3" in client.status()["templates"]
         assert {t["name"] for t in client.templates()} >= {"python3", "javascript", "wasm"}
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,7 +73,47 @@ def test_run_envs_not_in_the_receipt(py: Sandbox) -> None:
     assert "s3cr3t" not in repr(py.get_receipt(ex.execution_id))
 
 
-@pytest.mark.parametrize("envs, why", [
+def _mcp_session(live: ServerProcess) -> str:
+    status, _, headers = live.request("POST", "/mcp", {
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+    assert status == 200
+    return {k.lower(): v for k, v in headers.items()}["mcp-session-id"]
+
+
+def _mcp_run_code(live: ServerProcess, arguments: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+    """The MCP run_code tool over raw JSON-RPC (a lone surrogate goes as the \\ud800 escape)."""
+    headers = {"Mcp-Session-Id": _mcp_session(live), **({"X-Request-Id": request_id} if request_id else {})}
+    status, answer, _ = live.request("POST", "/mcp", {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                                      "params": {"name": "run_code", "arguments": arguments}},
+                                     headers=headers)
+    assert status == 200, answer
+    result: dict[str, Any] = answer["result"]
+    return result
+
+
+def _refused_code(live: ServerProcess, entry: str, envs: Any) -> tuple[int, str, str]:
+    """(status, machine code, whole answer) of a run whose envs should be refused, at ``entry``."""
+    if entry == "mcp":
+        before = len(live.request("GET", "/v1/cells")[1]["cells"])
+        result = _mcp_run_code(live, {"code": "1", "envs": envs})
+        text = result["content"][0]["text"]
+        # A tool error's text starts with the HTTP API's code; refused before a cell was made for it.
+        assert result["isError"] and "was created" not in text and len(live.request("GET", "/v1/cells")[1]["cells"]) == before
+        return 400, text.split(":", 1)[0], json.dumps(result)
+    if entry == "execute":
+        status, body, _ = live.request("POST", "/v1/execute", {"template": "python3", "code": "1", "envs": envs})
+        return status, body.get("code", ""), json.dumps(body)
+    status, body, _ = live.request("POST", "/v1/cells", {"template": "python3"})
+    cid = body["cell_id"]
+    try:
+        status, body, _ = live.request("POST", f"/v1/cells/{cid}/{entry}", {"code": "1", "envs": envs})
+        return status, body.get("code", ""), json.dumps(body)
+    finally:
+        live.request("DELETE", f"/v1/cells/{cid}")
+
+
+BAD_RUN_ENVS = [
     ({"1BAD": "x"}, "name starting with a digit"),
     ({"A-B": "x"}, "name with a dash"),
     ({"": "x"}, "empty name"),
@@ -79,18 +121,86 @@ def test_run_envs_not_in_the_receipt(py: Sandbox) -> None:
     ({"A": "x\x00y"}, "NUL in a value"),
     ({"A": "x" * 4097}, "value too long"),
     ({"A": 5}, "value not a string"),
+    ({"A": None}, "value null"),
     ({"A": "\ud800"}, "lone surrogate"),
     ({f"K{i}": "v" for i in range(65)}, "too many"),
     (["A=1"], "not an object"),
-])
-def test_t_env_1_run_envs_refused(live: ServerProcess, envs: Any, why: str) -> None:
-    status, body, _ = live.request("POST", "/v1/cells", {"template": "python3"})
-    cid = body["cell_id"]
+    ([], "an empty list"),
+    ("A=1", "a string"),
+    (False, "false"),
+]
+
+
+@pytest.mark.parametrize("entry", ["exec", "exec/stream", "execute", "mcp"])
+@pytest.mark.parametrize("envs, why", BAD_RUN_ENVS)
+def test_t_env_1_run_envs_refused(live: ServerProcess, entry: str, envs: Any, why: str) -> None:
+    """The same refusal at each door a run's envs come through: exec (and its
+    stream), the one-shot /v1/execute, and the MCP run_code tool."""
+    status, code, _ = _refused_code(live, entry, envs)
+    assert (status, code) == (400, "invalid_field"), why
+
+
+READ_TOKEN = {"python3": "import os; print(os.environ['TOKEN'][::-1])",  # the value reversed: delivered, never echoed
+              "javascript": "console.log(process.env.TOKEN.split('').reverse().join(''))"}
+
+
+def _run_with_envs(live: ServerProcess, entry: str, template: str, envs: dict[str, str], rid: str) -> tuple[str, str]:
+    """(stdout, execution_id) of a run with ``envs`` at ``entry``, sent with request id ``rid``."""
+    code, headers = READ_TOKEN[template], {"X-Request-Id": rid}
+    if entry == "execute":
+        status, body, _ = live.request("POST", "/v1/execute", {"template": template, "code": code, "envs": envs},
+                                       headers=headers)
+        assert status == 200, body
+        return body["stdout"], body["execution_id"]
+    if entry == "mcp":
+        result = _mcp_run_code(live, {"code": code, "envs": envs, "language": template.rstrip("3")}, rid)
+        return result["structuredContent"]["stdout"], result["structuredContent"]["execution_id"]
+    status, cell, _ = live.request("POST", "/v1/cells", {"template": template})
+    cid = cell["cell_id"]
     try:
-        status, body, _ = live.request("POST", f"/v1/cells/{cid}/exec", {"code": "1", "envs": envs})
-        assert (status, body["code"]) == (400, "invalid_field"), why
+        if entry == "exec":
+            status, body, _ = live.request("POST", f"/v1/cells/{cid}/exec", {"code": code, "envs": envs}, headers=headers)
+            assert status == 200, body
+            return body["stdout"], body["execution_id"]
+        req = urllib.request.Request(f"{live.url}/v1/cells/{cid}/exec/stream", method="POST",
+                                     data=json.dumps({"code": code, "envs": envs}).encode(),
+                                     headers={"Authorization": f"Bearer {live.api_key}", **headers})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            events = [json.loads(line[6:]) for line in (raw.decode().strip() for raw in resp) if line.startswith("data: ")]
+        assert events[-1]["type"] == "result", events
+        return events[-1]["stdout"], events[-1]["execution_id"]
     finally:
         live.request("DELETE", f"/v1/cells/{cid}")
+
+
+@pytest.mark.parametrize("entry, template", [("exec", "python3"), ("exec/stream", "javascript"), ("execute", "python3"),
+                                             ("execute", "javascript"), ("mcp", "python3"), ("mcp", "javascript")])
+def test_t_env_1_run_env_values_never_in_logs_receipts_or_errors(live: ServerProcess, entry: str, template: str) -> None:
+    """A secret passed as a run's envs reaches the run, and appears in none of
+    the server's log output, the run's receipt (fetched and listed), the
+    database's files, or the error answered for a refused envs holding it."""
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    rid = "envs-" + uuid.uuid4().hex[:16]
+    stdout, execution_id = _run_with_envs(live, entry, template, {"TOKEN": secret, "OTHER": "x"}, rid)
+    assert stdout == secret[::-1] + "\n"
+    answers = []
+    for bad in ({"TOKEN": secret + "\x00"}, {"TOKEN": secret + "\ud800"}, {"TOKEN": secret * 200}):
+        status, code, answer = _refused_code(live, entry if entry != "exec/stream" else "exec", bad)
+        assert (status, code) == (400, "invalid_field") and "TOKEN" in answer
+        answers.append(answer)
+    receipt = live.request("GET", f"/v1/receipts/{execution_id}")[1]
+    listed = live.request("GET", "/v1/receipts?limit=100")[1]
+    assert execution_id in json.dumps(listed)
+    # The run's own log lines (its access line carries our request id, its run
+    # line the execution id) are out before the log is searched.
+    deadline = time.monotonic() + 30
+    while not (any(rid in line for line in live.log) and any(execution_id in line for line in live.log)):
+        assert time.monotonic() < deadline, "the run's log lines never came"
+        time.sleep(0.05)
+    stored = b"".join(f.read_bytes() for f in (live.root / "db").iterdir() if f.is_file())
+    for where, text in (("log", "\n".join(live.log)), ("receipt", json.dumps(receipt)), ("receipts", json.dumps(listed)),
+                        ("errors", "\n".join(answers)), ("database", stored.decode("latin-1"))):
+        assert secret not in text, where
 
 
 TRICKY_VALUES = ["'); import os; os._exit(3) #", '"); std.exit(3); ("', "a\nb\r\n\tc", "\\x00 \\u2028 \u2028 \u2029",
