@@ -67,7 +67,9 @@ def bool_field(body: dict[str, Any], name: str, default: bool) -> bool:
 
 
 def string_map(body: dict[str, Any], name: str, key_re: re.Pattern[str], limit: int) -> dict[str, str]:
-    value = body.get(name) or {}
+    value = body.get(name)
+    if value is None:
+        value = {}  # absent or null: none given ([] or false is not "none": refused below)
     if not isinstance(value, dict) or len(value) > limit:
         raise BadRequest(f"{name} must be an object of at most {limit} string values", code="invalid_field")
     out: dict[str, str] = {}
@@ -210,9 +212,6 @@ def run_envs(body: dict[str, Any]) -> dict[str, str]:
     run, the MCP ``run_code`` tool): the same rules as a cell's, and each value
     must be valid UTF-8 text (no lone surrogate). T-ENV-1: an error names the
     variable, never its value (values may be secrets)."""
-    given = body.get("envs")
-    if given is not None and not isinstance(given, dict):  # [] or false is not "no envs": refused like ["A=1"]
-        raise BadRequest(f"envs must be an object of at most {MAX_ENVS} string values", code="invalid_field")
     envs = string_map(body, "envs", ENV_NAME, MAX_ENVS)
     for k, v in envs.items():
         try:
