@@ -24,6 +24,20 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 RUN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+# T-DOS-2 (metrics): every label value of a series comes from a bounded set.
+# The HTTP method is the one a client picks freely (waitress takes any
+# upper-case token), so any method outside this set is counted as "other";
+# otherwise each made-up method, even unauthenticated, would add series.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+# Labelled children kept for reuse (label checks cost more than the count);
+# the label sets are bounded, this is a bound on the memo all the same.
+MAX_CACHED_CHILDREN = 4096
+
+
+def method_label(method: str) -> str:
+    """The method as a metric label: one of :data:`HTTP_METHODS` or "other"."""
+    return method if method in HTTP_METHODS else "other"
+
 
 class _LiveCollector(Collector):
     """Gauges read from the services at scrape time."""
@@ -111,10 +125,21 @@ class OpsMetrics:
         self.denials = Counter("cell_policy_denials", "Host-function calls denied by policy.", ["threat", "function"], registry=r)
         self.receipts = Counter("cell_receipts_written", "Receipts written by this process.", registry=r)
         r.register(_LiveCollector(services))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}  # see MAX_CACHED_CHILDREN
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < MAX_CACHED_CHILDREN:
+                self._children[key] = child
+        return child
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
-        self.http_latency.labels(method, route).observe(seconds)
+        method = method_label(method)
+        self._child(self.http_requests, (method, route, str(status))).inc()
+        self._child(self.http_latency, (method, route)).observe(seconds)
         if status == 429:
             self.rate_limited.inc()
         elif status == 503:
@@ -122,11 +147,11 @@ class OpsMetrics:
 
     def observe_run(self, summary: dict[str, Any]) -> None:
         template = str(summary.get("template", ""))[:32]
-        self.runs.labels(template, str(summary.get("status", ""))[:32]).inc()
+        self._child(self.runs, (template, str(summary.get("status", ""))[:32])).inc()
         if isinstance(summary.get("latency_ms"), (int, float)):
-            self.run_latency.labels(template).observe(summary["latency_ms"] / 1000)
+            self._child(self.run_latency, (template,)).observe(summary["latency_ms"] / 1000)
         if isinstance(summary.get("guest_ms"), (int, float)):
-            self.guest_latency.labels(template).observe(summary["guest_ms"] / 1000)
+            self._child(self.guest_latency, (template,)).observe(summary["guest_ms"] / 1000)
         if summary.get("receipt_seq") is not None:
             self.receipts.inc()
         for denial in summary.get("denials") or []:

@@ -3,6 +3,7 @@ run logs, /metrics access rule (T-OPS-1) and the counters a scrape shows."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from appliance.config import load_settings
 from appliance.ops.web import OpsState, register_ops
 from appliance.services import Services, build_services, ensure_default_tenant
 from appliance.web.app import create_app
-from tests.liveserver import shared_cache
+from tests.liveserver import ServerProcess, shared_cache
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +125,50 @@ def test_metrics_show_the_live_gauges(ops_app: OpsApp) -> None:
                  "cell_http_request_duration_seconds_bucket", "cell_build_info{"):
         assert name in text, name
     assert "cell_live_cells 0.0" not in text
+
+
+def _metrics_series(text: str, name: str) -> dict[str, float]:
+    """The series of ``name`` (its labels) and their values."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name + "{")}
+
+
+# T-DOS-2 (metrics): methods a client may make up (waitress takes any upper-case
+# token), each sent with ten variants; none may add a series of its own.
+MADE_UP_METHODS = [
+    pytest.param("ZZ", id="made-up-token"),
+    pytest.param("PROPFIND", id="webdav-method"),
+    pytest.param("TRACE", id="trace"),
+    pytest.param("X" * 300, id="long-token"),
+    pytest.param("GET_", id="near-a-real-method"),
+]
+
+
+@pytest.mark.parametrize("method", MADE_UP_METHODS)
+def test_t_dos_2_made_up_http_methods_add_no_metric_series(ops_app: OpsApp, method: str) -> None:
+    before = ops_app.client.get("/metrics").get_data(as_text=True)
+    for i in range(10):
+        answer = ops_app.client.open(f"/v1/cells/nope{i}", method=f"{method}{i}")  # unauthenticated
+        assert answer.status_code in (401, 405), answer.status_code
+    text = ops_app.client.get("/metrics").get_data(as_text=True)
+    assert method not in text
+    for name in ("cell_http_requests_total", "cell_http_request_duration_seconds_count"):
+        new = set(_metrics_series(text, name)) - set(_metrics_series(before, name))
+        assert all('method="other"' in series for series in new), new
+    counted = {k: v for k, v in _metrics_series(text, "cell_http_requests_total").items() if 'method="other"' in k}
+    assert sum(counted.values()) >= 10
+
+
+def test_t_dos_2_made_up_methods_over_http_add_no_metric_series(live: ServerProcess) -> None:
+    """The same through waitress: it hands the app any upper-case method."""
+    for i in range(5):
+        status, _, _ = live.request(f"MADEUP{i}", "/v1/cells", key="not-a-key")
+        assert status in (401, 405), status
+    status, _, _ = live.request("GET", "/metrics")
+    assert status == 200
+    with urllib.request.urlopen(live.url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    assert "MADEUP" not in text and 'method="other"' in text
 
 
 @pytest.mark.parametrize("remote, headers, status", [
