@@ -119,11 +119,12 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
     new_id = RequestIds()
 
     def start() -> None:
-        g.ops_started = time.perf_counter()
+        ctx = g._get_current_object()  # one context lookup per hook
+        ctx.ops_started = time.perf_counter()
         incoming = request.headers.get("X-Request-Id", "")
         # A client may correlate with its own id, but only a short, plain one
         # (T-LOG-2: a header must not inject into the log).
-        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else new_id()
+        ctx.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else new_id()
 
     # The factory registers the ops layer before the guard, so this hook runs
     # first: a 401 or 429 from the guard needs a start time and a request id too.
@@ -138,30 +139,33 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
 
     @app.after_request
     def finish(response: Response) -> Response:
-        started = g.get("ops_started")
+        ctx = g._get_current_object()  # one context lookup per hook
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        started = ctx.get("ops_started")
         seconds = time.perf_counter() - started if started is not None else 0.0
-        rid = g.get("request_id") or new_id()
+        rid = ctx.get("request_id") or new_id()
         response.headers["X-Request-Id"] = rid
-        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        state.metrics.observe_request(request.method, route, response.status_code, seconds)
-        if not state.events.logs_request(response.status_code):
+        status = response.status_code
+        route = req.url_rule.rule if req.url_rule is not None else "unmatched"
+        state.metrics.observe_request(req.method, route, status, seconds)
+        if not state.events.logs_request(status):
             return response  # the access log is off at this level: nothing more to gather (and nothing held)
-        tenant = g.get("tenant")
-        view_args = request.view_args or {}
+        tenant = ctx.get("tenant")
+        view_args = req.view_args or {}
         fields = {
-            "request_id": rid, "method": request.method, "route": route,
+            "request_id": rid, "method": req.method, "route": route,
             "tenant_id": getattr(tenant, "id", None), "cell_id": view_args.get("cell_id"),
-            "latency_ms": round(seconds * 1000, 3), "bytes_in": request.content_length or 0,
-            "bytes_out": response.content_length, "remote_addr": request.remote_addr,
-            "execution_id": g.get("ops_execution_id"), "receipt_seq": g.get("ops_receipt_seq"),
+            "latency_ms": round(seconds * 1000, 3), "bytes_in": req.content_length or 0,
+            "bytes_out": response.content_length, "remote_addr": req.remote_addr,
+            "execution_id": ctx.get("ops_execution_id"), "receipt_seq": ctx.get("ops_receipt_seq"),
             "error_code": _error_code(response),
         }
-        if "mcp_tool" in g:
-            fields["mcp_tool"] = g.mcp_tool
-        line = state.events.request_line(response.status_code, fields)
+        if "mcp_tool" in ctx:
+            fields["mcp_tool"] = ctx.mcp_tool
+        line = state.events.request_line(status, fields)
         if hold:
-            line = (g.get("ops_lines") or "") + line
-            g.ops_lines = None
+            line = (ctx.get("ops_lines") or "") + line
+            ctx.ops_lines = None
         state.events.write(line)
         return response
 
@@ -178,13 +182,14 @@ def register_ops(app: Flask, services: Any, *, metrics_token: str | None = None,
     def observe(summary: dict[str, Any]) -> None:
         state.metrics.observe_run(summary)
         if has_request_context():  # streaming runs finish on their own thread
-            g.ops_execution_id = summary.get("execution_id")
-            g.ops_receipt_seq = summary.get("receipt_seq")
-            lines = state.events.run_lines(summary, g.get("request_id"))
+            ctx = g._get_current_object()  # one context lookup
+            ctx.ops_execution_id = summary.get("execution_id")
+            ctx.ops_receipt_seq = summary.get("receipt_seq")
+            lines = state.events.run_lines(summary, ctx.get("request_id"))
             if hold:
-                held = g.get("ops_lines", "")
+                held = ctx.get("ops_lines", "")
                 if held is not None:  # finish() has not written yet: held for it
-                    g.ops_lines = held + lines
+                    ctx.ops_lines = held + lines
                     return
             state.events.write(lines)
             return

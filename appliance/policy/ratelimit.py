@@ -114,6 +114,7 @@ def _key(ip: IPAddress) -> str:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its inputs; bounded, so rotating headers only evict
 def client_key(remote_addr: str, forwarded_for: str | None, trusted_proxies: tuple[str, ...]) -> str:
     """The rate-limit key for a request.
 

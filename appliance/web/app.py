@@ -9,7 +9,7 @@ part of the API: status, cells and runs, files, receipts, the MCP server
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from flask import Flask
 
@@ -21,8 +21,26 @@ from appliance.web.guard import BODY_REFUSED, install_guard
 __all__ = ["BODY_REFUSED", "create_app"]
 
 
+class _CellFlask(Flask):
+    """Flask, with the answer of ``ensure_sync`` kept per function: Flask asks
+    it for every hook and view on every request, and a function does not turn
+    into a coroutine function after it is registered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        sync = self._sync.get(func)
+        if sync is None:
+            sync = super().ensure_sync(func)
+            if len(self._sync) < 1024:  # hooks and views are few; a bound all the same
+                self._sync[func] = sync
+        return sync
+
+
 def create_app(services: Any) -> Flask:
-    app = Flask("cell", static_folder=None)
+    app = _CellFlask("cell", static_folder=None)
     s = services.settings
     app.config["MAX_CONTENT_LENGTH"] = s.max_body_bytes  # 413 before the body is read whole (T-DOS-2)
     app.json.sort_keys = False  # type: ignore[attr-defined]

@@ -25,31 +25,34 @@ def install_guard(app: Flask, services: Any) -> None:
 
     @app.before_request
     def guard() -> None:
-        if not request.path.startswith((*AUTHENTICATED, "/mirror")):
+        req = request._get_current_object()  # type: ignore[attr-defined]  # one context lookup, not one per use
+        path = req.path
+        if not path.startswith((*AUTHENTICATED, "/mirror")):
             return
+        headers = req.headers
         # T-DOS-2: rate limit per client (XFF only from trusted proxies).
-        key = client_key(request.remote_addr or "", request.headers.get("X-Forwarded-For"), s.trusted_proxies)
+        key = client_key(req.remote_addr or "", headers.get("X-Forwarded-For"), s.trusted_proxies)
         rate = services.limits().rate_limit_rps
         allowed, retry = services.limiter_for(rate).check(key, time.monotonic())
         if not allowed:
             raise RateLimited("too many requests", retry_after=max(1, int(math.ceil(retry))))
-        if not request.path.startswith(AUTHENTICATED):
+        if not path.startswith(AUTHENTICATED):
             return  # the mirror is read-only and public to LAN peers
         if services.incident.is_set():
             raise Busy("this node is out of rotation for an incident investigation", code="incident", retry_after=60)
         if services.draining.is_set():
             raise Busy("the appliance is shutting down; retry on another node or after restart", code="draining", retry_after=5)
-        length = request.content_length
+        length = req.content_length
         if length is not None and length > s.max_body_bytes:
             raise PayloadTooLarge(f"request body over {s.max_body_bytes} bytes")
-        auth = request.headers.get("Authorization", "")
+        auth = headers.get("Authorization", "")
         if not auth.startswith("Bearer ") or len(auth) > 512:
             raise Unauthorized("missing or malformed Authorization: Bearer <api key>")
         tenant = services.store.tenant_for_key(auth[7:].strip())
         if tenant is None:
             raise Unauthorized("unknown or revoked API key", code="bad_key")
         g.tenant = tenant
-        if request.environ.get(BODY_REFUSED):
+        if req.environ.get(BODY_REFUSED):
             # T-DOS-2: the server did not read this body (the key was not valid
             # when the headers arrived); it must never pass for an empty one.
             raise BadRequest("the request body was refused before it was read; send it again", code="body_refused")
