@@ -933,6 +933,11 @@ class CellService:
         of that name (HOME, TMPDIR, ...), the others stay."""
         if run_envs and not templates.get(template).interpreter:  # T-ENV-1: as exec_in_cell refuses them
             raise BadRequest("envs: a wasm module gets no environment variables", code="invalid_field")
+        if stdin and "javascript" in templates.get(template).languages:
+            # A JavaScript session's stdin carries the host's commands; a run's
+            # data there would be read as one (sessions.py, JS_FOREIGN_READ).
+            raise BadRequest("stdin: a JavaScript run reads no stdin; pass the data in the code or in a file",
+                             code="invalid_field")
         self.check_memory(memory_mb or self.settings.memory_mb)
         handle = self.pool.pick_for_run(tenant.id)  # T-TENANT-1: only a worker bound to this tenant
         # T-DISK-1: a throw-away volume is not charged to the tenant, but while the run

@@ -136,7 +136,9 @@ def _schemas() -> dict[str, Any]:
             "type": "object", "additionalProperties": False,
             "properties": {"template": _TEMPLATE, "language": _LANGUAGE, "code": {"type": "string"},
                            "code_b64": {"type": "string", "contentEncoding": "base64"},
-                           "stdin": {"type": "string", "maxLength": 1_000_000},
+                           "stdin": {"type": "string", "maxLength": 1_000_000,
+                                     "description": "what a Python or wasm run reads on its standard input; "
+                                                    "refused (invalid_field) for JavaScript"},
                            "timeout_ms": {"type": "integer", "minimum": 10}, "memory_mb": {"type": "integer", "minimum": 16},
                            "envs": {**_RUN_ENVS, "description": "environment variables for this run (Python, "
                                     "JavaScript), over the throw-away session's defaults (HOME, TMPDIR, ...); not part "

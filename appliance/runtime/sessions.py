@@ -24,7 +24,7 @@ from appliance.runtime.js_boot import JS_BOOT
 from appliance.runtime.js_node import JS_NODE
 from appliance.runtime.capture import Capture, ChunkSink
 from appliance.runtime.command_channel import ChannelClosed, CommandChannel
-from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor, I32Call
+from appliance.runtime.governor import STOP_CANCEL, STOP_TIMEOUT, Governor, I32Call, set_stdin_bytes
 from appliance.runtime.loader import Loaded
 from appliance.runtime.outcome import CRASH_LOST, NO_EXIT, Outcome, exited_status, trap_status, trap_words
 from appliance.runtime.stack import on_guest_stack
@@ -274,17 +274,21 @@ class PythonSession:
 
     def __init__(self, loaded: Loaded, volume: str, memory_bytes: int, envs: dict[str, str] | None = None,
                  scratch_dir: str | None = None, *, use_image: bool = True,
-                 restore: guest_state.AnyState | None = None, warm_up: bool = False) -> None:
+                 restore: guest_state.AnyState | None = None, warm_up: bool = False,
+                 stdin: bytes | None = None) -> None:
         """``restore``: the state of a cell captured by :meth:`snapshot`,
         continued in this new instance (same volume, so the same preopens).
         ``warm_up``: an image-started interpreter meant for one run runs
-        PY_ONE_SHOT_WARM_UP before its reset (``self.warmed_up`` says so)."""
+        PY_ONE_SHOT_WARM_UP before its reset (``self.warmed_up`` says so).
+        ``stdin``: what the guest reads on its standard input (a one-shot run's)."""
         self.capture = Capture()
         self.store = wasmtime.Store(loaded.engine)
         self.store.set_limits(memory_size=memory_bytes)
         self.governor = Governor(self.store)
         env = {**dict(PY_ENV), **(envs or {})}
         w = _wasi(volume, env, self.capture, ["/usr/local/bin/python.wasm"])
+        if stdin:
+            set_stdin_bytes(w, stdin)
         assert loaded.stdlib_dir is not None
         # T-IMAGE-1: these preopens, in this order, are the ones the image was
         # built with (images.py): the guest's libc keeps their numbers in memory.

@@ -288,11 +288,15 @@ class Worker:
             return protocol.ErrorReply(req_id, 500, "internal", type(e).__name__, traceback.format_exc()[-2000:])
 
     # -- warm pool -------------------------------------------------------
-    def _new_session(self, template: str, volume: str, memory: int, envs: dict[str, str] | None) -> Session:
+    def _new_session(self, template: str, volume: str, memory: int, envs: dict[str, str] | None,
+                     stdin: bytes | None = None) -> Session:
+        """``stdin``: a one-shot Python run's standard input (the service refuses
+        it for JavaScript, whose stdin carries the session's commands)."""
         if template in self.untrusted:
             raise ModuleRefused(403, "template_untrusted", self.untrusted[template])
         loaded = self.runtimes.get(template)
-        session: Session = self.session_classes[template](loaded, volume, memory, envs, self.fifo_dir)
+        extra = {"stdin": stdin} if stdin else {}
+        session: Session = self.session_classes[template](loaded, volume, memory, envs, self.fifo_dir, **extra)
         return session
 
     def _refill_loop(self) -> None:
@@ -520,7 +524,7 @@ class Worker:
         if warm is None:
             path = str(self.pool_root / uuid.uuid4().hex)
             os.mkdir(path, 0o700)
-            session = self._new_session(msg.template, path, run.memory, envs)
+            session = self._new_session(msg.template, path, run.memory, envs, msg.stdin)
         else:
             session, path = warm
         try:

@@ -406,6 +406,30 @@ def test_t_env_1_execute_envs_refused_for_a_wasm_module(live: ServerProcess) -> 
     assert (status, body["stdout"]) == (200, "hello from wasm\n"), body  # no envs at all is no refusal
 
 
+# A one-shot Python run reads the request's stdin; the next run reads nothing.
+EXECUTE_STDIN = [
+    pytest.param("hello\n", "import sys; print(repr(sys.stdin.read()))", "'hello\\n'\n", id="read-all"),
+    pytest.param("first line\nsecond\n", "print(input()); print(input())", "first line\nsecond\n", id="input"),
+    pytest.param("héllo ✓", "import sys; print(sys.stdin.read())", "héllo ✓\n", id="utf-8"),
+    pytest.param("x" * 100_000, "import sys; print(len(sys.stdin.read()))", "100000\n", id="large"),
+]
+
+
+@pytest.mark.parametrize("stdin, code, stdout", EXECUTE_STDIN)
+def test_execute_stdin_reaches_a_python_run(live: ServerProcess, stdin: str, code: str, stdout: str) -> None:
+    status, out, _ = live.request("POST", "/v1/execute", {"template": "python3", "code": code, "stdin": stdin})
+    assert status == 200 and out["status"] == "ok", out
+    assert out["stdout"] == stdout
+    status, out, _ = live.request("POST", "/v1/execute", {"template": "python3", "code": "import sys; print(repr(sys.stdin.read()))"})
+    assert (status, out["stdout"]) == (200, "''\n"), out
+
+
+def test_execute_stdin_refused_for_javascript(live: ServerProcess) -> None:
+    """A JavaScript session's stdin carries the host's commands: a run's data is refused, not dropped."""
+    status, body, _ = live.request("POST", "/v1/execute", {"template": "javascript", "code": "console.log(1)", "stdin": "x"})
+    assert (status, body["code"]) == (400, "invalid_field") and "stdin" in body["error"], body
+
+
 def test_mirror_serves_the_trust_root_read_only(live: ServerProcess) -> None:
     with urllib.request.urlopen(live.url + "/mirror/metadata/root.json", timeout=10) as resp:
         root = json.loads(resp.read())
