@@ -69,6 +69,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -549,6 +550,12 @@ def requests(srv: ServerProcess) -> None:
     record("requests", status == 413 and body.get("code") == "payload_too_large", f"11 MB body -> {status}")
     status, body, _ = srv.request("GET", "/v1/cells", headers={"Authorization": "Basic Zm9vOmJhcg=="})
     record("requests", status == 401, f"Basic auth header -> {status}")
+    # T-DOS-2 (metrics): made-up methods, without a key, add no metric series of their own.
+    for i in range(20):
+        srv.request(f"REDTEAM{i}", "/v1/cells", key="not-a-key")
+    with urllib.request.urlopen(srv.url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    record("requests", "REDTEAM" not in text and 'method="other"' in text, "20 made-up HTTP methods -> counted as other")
 
 
 # T-LIC-2: each Pro host function, with its real and a wrong signature, alone and together.
