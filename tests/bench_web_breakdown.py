@@ -5,7 +5,9 @@ hello-world baseline measured the same way in the same run.
 Rows, each per request, 1 client:
   - the hello-world app (tests/hello_baseline.py) on waitress in its own
     process, and the same app called in-process through WSGI with no server:
-    the difference is waitress's own share;
+    the difference is waitress's own share; and the hello-world app on
+    waitress sleeping as long as an in-process run's request thread waits
+    (for its worker and the receipt's fsync): what waiting alone costs;
   - Cell's app on waitress (a real server, `print(1+1)` in a persistent
     Python cell) and the same app built in-process exactly as `cell serve`
     builds it (real pool, workers, stores, signatures), called through WSGI
@@ -186,21 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     ok_cell: Callable[[bytes], bool] = lambda raw: json.loads(raw).get("stdout") == "2\n"  # noqa: E731
     failed = 0
 
-    hello = start_hello()
-    try:
-        h_cpu0 = _cpu_seconds(hello.proc.pid)
-        h = drive_hello(hello, 1, seconds)
-        h_http = (_cpu_seconds(hello.proc.pid) - h_cpu0) * 1000 / max(1, h.requests)
-        failed += h.failures
-    finally:
-        hello.stop()
-    hello_call = wsgi_caller(hello_app(), "/run", {"Content-Type": "application/json"})
-    for _ in range(200):
-        hello_call()
-    h_proc, h_thread, bad = cpu_per_call(hello_call, n, ok_cell)
-    failed += bad
-    h_calls = python_calls(hello_call, 200)
-
     root = Path(tempfile.mkdtemp(prefix="cell-breakdown-"))
     srv = start_server(root / "http", env={"SYNAPSE_LOG_LEVEL": "warning"})
     try:
@@ -226,18 +213,40 @@ def main(argv: list[str] | None = None) -> int:
                                                           "Content-Type": "application/json"})
         for _ in range(200):
             call()
+        wall0 = time.perf_counter()
         c_proc, c_thread, bad = cpu_per_call(call, n, ok_cell)
+        # What the request thread spends not running: waiting for the worker and the receipt's fsync.
+        c_wait = (time.perf_counter() - wall0) * 1000 / n - c_thread
         failed += bad
         c_calls = python_calls(call, 200)
         profiled, shares = parts(call, n)
     finally:
         services.close()
         shutil.rmtree(root, ignore_errors=True)
+
+    hello_http: list[float] = []
+    for wait_ms in (0.0, c_wait):
+        hello = start_hello(wait_ms=wait_ms)
+        try:
+            h_cpu0 = _cpu_seconds(hello.proc.pid)
+            h = drive_hello(hello, 1, seconds)
+            hello_http.append((_cpu_seconds(hello.proc.pid) - h_cpu0) * 1000 / max(1, h.requests))
+            failed += h.failures
+        finally:
+            hello.stop()
+    h_http, h_wait = hello_http
+    hello_call = wsgi_caller(hello_app(), "/run", {"Content-Type": "application/json"})
+    for _ in range(200):
+        hello_call()
+    h_proc, h_thread, bad = cpu_per_call(hello_call, n, ok_cell)
+    failed += bad
+    h_calls = python_calls(hello_call, 200)
     direct, hopped = pipe_hop(n)
 
     print(f"web-process CPU per request, 1 client (load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end)")
     print(f"{'':44} {'hello-world':>12} {'Cell run':>10}")
     print(f"{'on waitress, over HTTP (server process)':44} {h_http:>9.3f} ms {c_http:>7.3f} ms")
+    print(f"{f'  the same, each request sleeping {c_wait:.2f} ms':44} {h_wait:>9.3f} ms   (as long as a run waits: worker, fsync)")
     print(f"{'in-process WSGI call, no server: process':44} {h_proc:>9.3f} ms {c_proc:>7.3f} ms")
     print(f"{'  of which the request thread':44} {h_thread:>9.3f} ms {c_thread:>7.3f} ms")
     print(f"{'  other threads (pipe reader, stores)':44} {h_proc - h_thread:>9.3f} ms {c_proc - c_thread:>7.3f} ms")

@@ -46,9 +46,10 @@ class Hello:
             self.proc.stdout.close()
 
 
-def start_hello(threads: int = 36) -> Hello:
-    """``threads``: as many request threads as Cell's server gets by default."""
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(threads)], cwd=REPO,
+def start_hello(threads: int = 36, wait_ms: float = 0.0) -> Hello:
+    """``threads``: as many request threads as Cell's server gets by default;
+    ``wait_ms``: each request also sleeps that long, as a run waits for its worker."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(threads), str(wait_ms)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -125,8 +126,9 @@ def drive_hello(hello: Hello, clients: int, seconds: float) -> Drive:
                  {"Content-Type": "application/json"}, seconds, lambda a: a.get("stdout") == "2\n")
 
 
-def hello_app() -> Any:
-    """The baseline's Flask app: POST /run parses a JSON body and answers JSON."""
+def hello_app(wait_s: float = 0.0) -> Any:
+    """The baseline's Flask app: POST /run parses a JSON body and answers JSON
+    (after sleeping ``wait_s``, when given)."""
     from flask import Flask, jsonify, request
 
     app = Flask("hello")
@@ -134,18 +136,20 @@ def hello_app() -> Any:
     @app.post("/run")
     def run() -> Any:
         body = request.get_json()
+        if wait_s:
+            time.sleep(wait_s)
         return jsonify({"status": "ok", "stdout": "2\n", "stderr": "", "code_bytes": len(body.get("code", ""))})
 
     return app
 
 
-def _serve(threads: int) -> None:
+def _serve(threads: int, wait_ms: float) -> None:
     from waitress import create_server  # type: ignore[import-untyped]
 
-    server = create_server(hello_app(), host="127.0.0.1", port=0, threads=threads)
+    server = create_server(hello_app(wait_ms / 1000), host="127.0.0.1", port=0, threads=threads)
     print(f"hello: serving on http://127.0.0.1:{server.effective_port}", flush=True)
     server.run()
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]) if len(sys.argv) > 1 else 36)
+    _serve(int(sys.argv[1]) if len(sys.argv) > 1 else 36, float(sys.argv[2]) if len(sys.argv) > 2 else 0.0)
