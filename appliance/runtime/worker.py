@@ -255,6 +255,11 @@ class Worker:
         return True
 
     def _serve_one(self, request: protocol.Request) -> None:
+        cell_id = request.cell_id if isinstance(request, protocol.ExecRequest) else None
+        flight = None
+        if cell_id is not None:
+            with self._lock:
+                flight = self.in_flight.get(cell_id)  # this run's: _receive_one put it there before handing it on
         try:
             try:
                 self.send(self.answer(request))
@@ -265,8 +270,10 @@ class Worker:
                 self._in_flight -= 1
                 if self._in_flight == 0 and self._pools_short():
                     self._refill_wake.set()  # only when there is something to make: not a thread switch per run
-                flight = (self.in_flight.pop(request.cell_id, None)
-                          if isinstance(request, protocol.ExecRequest) and request.cell_id is not None else None)
+                # Only this run's entry: once its answer is sent, the cell's next
+                # run may already be registered, and a cancel must find that one.
+                if cell_id is not None and flight is not None and self.in_flight.get(cell_id) is flight:
+                    del self.in_flight[cell_id]
             if flight is not None:
                 flight.done.set()
 
