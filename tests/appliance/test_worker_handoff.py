@@ -1,10 +1,15 @@
-"""How a worker keeps track of the run in flight in each cell (worker.py
-``in_flight``, what a cancel stops: T-DOS-1): the bookkeeping of a run that
-has been answered never removes the cell's next run, which the supervisor
-may send the moment it reads the answer."""
+"""How a worker hands requests to its threads (worker.py ``RequestThreads``)
+and keeps track of the run in flight in each cell (``in_flight``, what a
+cancel stops: T-DOS-1).
+
+A request goes to the thread that became idle last (only that thread wakes),
+never waits behind a run in progress, and the bookkeeping of a run that has
+been answered never removes the cell's next run, which the supervisor may
+send the moment it reads the answer."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from appliance.runtime import protocol
-from appliance.runtime.worker import Worker
+from appliance.runtime.worker import RequestThreads, Worker
 from tests.liveserver import shared_cache
 
 
@@ -22,6 +27,59 @@ def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.001)
+
+
+class _Served:
+    """A serve function that records which thread served each request; a
+    request given an Event is held until the Event is set."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by: dict[str, int] = {}
+        self.done: set[str] = set()
+
+    def __call__(self, request: tuple[str, threading.Event | None]) -> None:
+        name, hold = request
+        with self.lock:
+            self.by[name] = threading.get_ident()
+        if hold is not None:
+            assert hold.wait(10.0), f"{name} was never released"
+        with self.lock:
+            self.done.add(name)
+
+
+def test_a_request_goes_to_the_thread_that_became_idle_last() -> None:
+    served = _Served()
+    threads = RequestThreads(served, keep=3)
+    first, second = threading.Event(), threading.Event()
+    threads.submit(("a", first))
+    threads.submit(("b", second))  # "a" is running: a second thread
+    _until(lambda: {"a", "b"} <= set(served.by), "both runs to start")
+    assert served.by["a"] != served.by["b"]
+    first.set()
+    _until(lambda: len(threads._idle) == 1, "the first thread to be idle")
+    second.set()
+    _until(lambda: len(threads._idle) == 2, "the second thread to be idle")
+    for name in ("c", "d", "e"):
+        threads.submit((name, None))
+        _until(lambda: name in served.done and len(threads._idle) == 2, f"{name} to end")
+        assert served.by[name] == served.by["b"], "the thread idle last (warm) serves the next request"
+
+
+def test_a_request_never_waits_behind_a_run_in_progress() -> None:
+    served = _Served()
+    threads = RequestThreads(served, keep=1)
+    threads.submit(("warm", None))
+    _until(lambda: "warm" in served.done and len(threads._idle) == 1, "an idle thread")
+    held = threading.Event()
+    threads.submit(("long", held))  # takes the one idle thread
+    _until(lambda: "long" in served.by, "the long run to start")
+    threads.submit(("quick", None))  # no idle thread: a new one, at once
+    _until(lambda: "quick" in served.done, "the second run to end while the first still runs")
+    assert "long" not in served.done
+    held.set()
+    _until(lambda: "long" in served.done and len(threads._idle) == 1, "the long run to end")
+    assert served.by["quick"] != served.by["long"]
 
 
 class _NextRunArrivesAtOnce(Worker):
