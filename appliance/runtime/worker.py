@@ -26,7 +26,6 @@ import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from queue import SimpleQueue
 from typing import Any, Callable
 
 import wasmtime
@@ -255,6 +254,11 @@ class Worker:
         return True
 
     def _serve_one(self, request: protocol.Request) -> None:
+        cell_id = request.cell_id if isinstance(request, protocol.ExecRequest) else None
+        flight = None
+        if cell_id is not None:
+            with self._lock:
+                flight = self.in_flight.get(cell_id)  # this run's: _receive_one put it there before handing it on
         try:
             try:
                 self.send(self.answer(request))
@@ -265,8 +269,10 @@ class Worker:
                 self._in_flight -= 1
                 if self._in_flight == 0 and self._pools_short():
                     self._refill_wake.set()  # only when there is something to make: not a thread switch per run
-                flight = (self.in_flight.pop(request.cell_id, None)
-                          if isinstance(request, protocol.ExecRequest) and request.cell_id is not None else None)
+                # Only this run's entry: once its answer is sent, the cell's next
+                # run may already be registered, and a cancel must find that one.
+                if cell_id is not None and flight is not None and self.in_flight.get(cell_id) is flight:
+                    del self.in_flight[cell_id]
             if flight is not None:
                 flight.done.set()
 
@@ -869,33 +875,56 @@ class RequestThreads:
     stack (stack.py, T-DOS-1), so a run pays neither a thread start nor the
     stack check. Never a queue: a request goes to a thread already waiting
     for one, or to a new thread when none is, so a cancel or a run is never
-    held behind another run. At most ``keep`` idle threads stay; more end."""
+    held behind another run. At most ``keep`` idle threads stay; more end.
+
+    Each idle thread waits on a hand-off of its own, and a request goes to
+    the one that became idle last: its stack and caches are the warmest, and
+    only that thread wakes. (One queue shared by all idle threads woke them
+    in turn, and a thread could take the request another had just been woken
+    for, which then went back to sleep: ~3 context switches more per run,
+    measured with runs sent back to back.)"""
 
     def __init__(self, serve: Callable[[Any], None], keep: int) -> None:
         self._serve = serve
         self._keep = max(1, keep)
         self._lock = threading.Lock()
-        self._idle = 0  # threads waiting on _handoff that no request has been promised to
-        self._handoff: SimpleQueue[Any] = SimpleQueue()
+        self._idle: list[_HandOff] = []  # waiting threads, the last to become idle last; none promised a request
 
     def submit(self, request: Any) -> None:
         with self._lock:
-            waiting = self._idle > 0
-            if waiting:
-                self._idle -= 1  # that thread is this request's: every item put has its own taker
-        if waiting:
-            self._handoff.put(request)
+            waiting = self._idle.pop() if self._idle else None  # that thread is this request's alone
+        if waiting is not None:
+            waiting.give(request)
         else:
             start_guest_thread(lambda: self._loop(request), "cell-request")
 
     def _loop(self, request: Any) -> None:
+        mine = _HandOff()
         while True:
             self._serve(request)
             with self._lock:
-                if self._idle >= self._keep:
+                if len(self._idle) >= self._keep:
                     return
-                self._idle += 1
-            request = self._handoff.get()
+                self._idle.append(mine)
+            request = mine.take()
+
+
+class _HandOff:
+    """One idle request thread's slot: ``give`` (once per wait) wakes only that thread."""
+
+    def __init__(self) -> None:
+        self._full = threading.Lock()
+        self._full.acquire()  # held while empty: ``take`` blocks on it
+        self._request: Any = None
+
+    def give(self, request: Any) -> None:
+        self._request = request
+        self._full.release()
+
+    def take(self) -> Any:
+        self._full.acquire()
+        request, self._request = self._request, None
+        return request
 
 
 @dataclass
