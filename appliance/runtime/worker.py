@@ -535,7 +535,7 @@ class Worker:
             session, path = warm
         try:
             with self._watch(msg, path, _governor_of(run.ctx, session)) as watch:
-                outcome = run_prepared(session, msg, run, None)
+                outcome = run_prepared(session, msg, run, None, kept=False)
         finally:
             session.close()
             _discard(path)  # T-DOS-1: a deep scratch tree never turns a run into a 500
@@ -934,12 +934,14 @@ class _InFlight:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def run_prepared(session: Session, msg: protocol.ExecRequest, run: _RunParams, flight: _InFlight | None) -> Any:
+def run_prepared(session: Session, msg: protocol.ExecRequest, run: _RunParams, flight: _InFlight | None,
+                 *, kept: bool = True) -> Any:
     """One run in an interpreter session, with the host's preparation of its
     source (code_prep.py: Python's common indentation, Node's imports) and, when
     the request has ``run_envs``, a turn that sets them before and one that puts
     the cell's own back after, so they are seen by this run only. The setting
-    turn's time comes out of the run's own limit."""
+    turn's time comes out of the run's own limit. ``kept=False``: the session
+    is closed after this run (a one-shot), so nothing is put back."""
     python = "python" in templates.get(msg.template).languages
     code = code_prep.dedent_python(msg.code) if python else code_prep.node_imports(msg.code)
     language = "python" if python else "javascript"
@@ -958,7 +960,7 @@ def run_prepared(session: Session, msg: protocol.ExecRequest, run: _RunParams, f
         return setup
     left = max(0.01, run.timeout_s - (time.monotonic() - started))
     outcome = session.run(code, left, run.cap, run.sink, run.ctx)
-    if session.alive and not (flight is not None and flight.cancelled):
+    if kept and session.alive and not (flight is not None and flight.cancelled):
         restore = session.run(code_prep.env_restore(language), ENV_RESTORE_S, 1 << 16, None, None)
         if restore.status != "ok" or not session.alive:
             outcome.session_alive = False  # the cell's environment is unknown now: the caller drops the session
