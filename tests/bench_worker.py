@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from appliance.runtime import protocol  # noqa: E402
 from appliance.runtime.stack import on_guest_stack, start_guest_thread  # noqa: E402
 from appliance.runtime.worker import Worker, _volume_usage  # noqa: E402
-from tests.liveserver import shared_cache  # noqa: E402
+from tests.in_process import worker_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = ap.parse_args(argv).runs
     root = tempfile.mkdtemp(prefix="cell-bench-worker-")
     parent, child = multiprocessing.Pipe()
-    config = {"index": 0, "cache_dir": str(shared_cache()), "volumes_dir": f"{root}/vols", "memory_mb": 256,
-              "output_cap_bytes": 1 << 20, "module_max_bytes": 1 << 20, "mirror_dir": f"{root}/no-mirror",
-              "lanes": 2}
+    config = worker_config(root, lanes=2)
     worker = Worker(child, config)
     start_guest_thread(lambda: worker.serve(announce=False, refill_thread=True), "bench-serve")
     volume = f"{root}/vols/bench/c1"

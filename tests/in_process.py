@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from appliance.cells import CellService
 from appliance.config import load_settings
@@ -42,3 +43,10 @@ def named_tenant(cells: CellService, name: str) -> Tenant:
     """The tenant whose id and name are ``name``, added on first use."""
     existing = [t for t in cells.store.list_tenants() if t.id == name]
     return existing[0] if existing else cells.store.add_tenant(name, 0, tenant_id=name)[0]
+
+
+def worker_config(root: Path | str, **extra: Any) -> dict[str, Any]:
+    """The settings a worker process is started with (pool._config), for a
+    worker built in the test's own process on ``root``; ``extra`` adds or replaces."""
+    return {"index": 0, "cache_dir": str(shared_cache()), "volumes_dir": f"{root}/vols", "memory_mb": 256,
+            "output_cap_bytes": 1 << 20, "module_max_bytes": 1 << 20, "mirror_dir": f"{root}/no-mirror", **extra}

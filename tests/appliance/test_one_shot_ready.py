@@ -13,7 +13,7 @@ import pytest
 
 from appliance.runtime.protocol import BindRequest, ExecRequest
 from appliance.runtime.worker import ONE_SHOT_READY, Worker
-from tests.liveserver import shared_cache
+from tests.in_process import worker_config
 
 PROBE = ("import os, sys, random, numpy as np, pandas as pd\n"
          "names = sorted(k for k in globals() if not k.startswith('__') and k not in "
@@ -27,9 +27,7 @@ PROBE = ("import os, sys, random, numpy as np, pandas as pd\n"
 @pytest.fixture()
 def worker(module_cache: None, tmp_path: Path) -> Any:
     parent, child = multiprocessing.Pipe()
-    config = {"index": 0, "cache_dir": str(shared_cache()), "volumes_dir": str(tmp_path / "vols"), "memory_mb": 256,
-              "output_cap_bytes": 1 << 20, "module_max_bytes": 1 << 20, "warm": {"python3": 1, "javascript": 0},
-              "mirror_dir": str(tmp_path / "no-mirror")}
+    config = worker_config(tmp_path, warm={"python3": 1, "javascript": 0})
     w = Worker(child, config)
     try:
         yield w

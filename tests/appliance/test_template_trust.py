@@ -15,7 +15,7 @@ from appliance.runtime import templates
 from appliance.runtime.loader import Runtimes
 from appliance.runtime.modules import ModuleRefused
 from tests import guests
-from tests.liveserver import shared_cache
+from tests.in_process import worker_config
 
 
 def _swap_js_runtime(monkeypatch: pytest.MonkeyPatch, replacement: Path) -> None:
@@ -64,9 +64,7 @@ def test_t_supply_1_worker_refuses_runs_of_an_untrusted_template(module_cache: N
     tampered.write_bytes(b"\0asm\1\0\0\0" + b"not the runtime")
     _swap_js_runtime(monkeypatch, tampered)
     parent, child = multiprocessing.Pipe()
-    config = {"index": 0, "cache_dir": str(shared_cache()), "volumes_dir": str(tmp_path / "vols"), "memory_mb": 256,
-              "output_cap_bytes": 1 << 20, "module_max_bytes": 1 << 20, "warm_python": 0, "warm_javascript": 1,
-              "mirror_dir": str(tmp_path / "no-mirror")}
+    config = worker_config(tmp_path, warm_python=0, warm_javascript=1)
     worker = Worker(child, config)
     try:
         assert "javascript" in worker.untrusted and "python3" not in worker.untrusted

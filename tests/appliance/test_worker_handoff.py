@@ -18,7 +18,7 @@ import pytest
 
 from appliance.runtime import protocol
 from appliance.runtime.worker import RequestThreads, Worker
-from tests.liveserver import shared_cache
+from tests.in_process import worker_config
 
 
 def _until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
@@ -100,9 +100,7 @@ class _NextRunArrivesAtOnce(Worker):
 @pytest.fixture()
 def worker(module_cache: None, tmp_path: Path) -> Any:
     parent, child = multiprocessing.Pipe()
-    config = {"index": 0, "cache_dir": str(shared_cache()), "volumes_dir": str(tmp_path / "vols"), "memory_mb": 256,
-              "output_cap_bytes": 1 << 20, "module_max_bytes": 1 << 20, "warm": {"python3": 0, "javascript": 0},
-              "mirror_dir": str(tmp_path / "no-mirror")}
+    config = worker_config(tmp_path, warm={"python3": 0, "javascript": 0})
     w = _NextRunArrivesAtOnce(child, config)
     w.supervisor = parent
     w.start_threads()
